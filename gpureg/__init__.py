@@ -1,0 +1,47 @@
+"""gpureg: GPU engine for synchrotron spectro-tomography (TXM-XANES).
+
+FBP per energy, Otsu binarization, 3D affine MSE registration of every energy
+to a reference, and per-voxel edge-energy maps; NumPy on the CPU, CuPy raw
+CUDA kernels on an NVIDIA GPU.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from .backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
+from .metric import MetricTerms, mse_terms
+from .phantom import two_particle_phantom
+from .register import RegistrationResult, SeriesResult, register_affine, register_series
+from .segment import binarize, otsu_threshold
+from .transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
+                        params_from_matrix, rotation_matrix, scale_matrix)
+
+try:
+    __version__ = _version("gpureg")
+except PackageNotFoundError:  # running from a source checkout
+    __version__ = "0.1.0+src"
+
+__all__ = [
+    "GPUUnavailableError",
+    "MetricTerms",
+    "RegistrationResult",
+    "SeriesResult",
+    "__version__",
+    "apply_affine",
+    "binarize",
+    "compose",
+    "displacement_error",
+    "get_xp",
+    "gpu_available",
+    "invert",
+    "matrix_from_params",
+    "mse_terms",
+    "otsu_threshold",
+    "params_from_matrix",
+    "register_affine",
+    "register_series",
+    "rotation_matrix",
+    "scale_matrix",
+    "to_device",
+    "to_host",
+    "two_particle_phantom",
+]
