@@ -1,0 +1,23 @@
+"""Shared fixtures: backend-parametrized ``xp`` and the ``gpu`` marker."""
+
+import numpy as np
+import pytest
+
+from gpureg.backend import cupy_or_none
+
+
+def pytest_collection_modifyitems(config, items):
+    if cupy_or_none() is not None:
+        return
+    skip = pytest.mark.skip(reason="needs CuPy and a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """NumPy, and CuPy when a GPU is usable (skipped otherwise)."""
+    if request.param == "numpy":
+        return np
+    return cupy_or_none()
