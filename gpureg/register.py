@@ -19,6 +19,7 @@ from . import transform as tf
 from .backend import array_device, ndimage_of, resolve_device, to_device, to_host, xp_of
 from .metric import MetricTerms, mse_terms
 from .segment import binarize as _binarize
+from .segment import denoise as denoise_volume
 
 __all__ = [
     "MODELS",
@@ -111,7 +112,8 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
     model : {"affine", "translation"}
         Free parameters: all 12, or the 3 shifts only.
     denoise : {None, "median", "gaussian"}
-        Filter before binarization (with ``binarize=True``).
+        Filter both volumes first (before binarization when that is asked);
+        ``"median"`` removes salt-and-pepper noise.
     smooth : float
         With ``binarize=True``, Gaussian sigma (voxels) applied to the binary
         volumes before registering. The MSE of two binary volumes is nearly
@@ -332,9 +334,10 @@ def prepare_volume(volume, device: str, *, name: str = "volume", binarize: bool 
         raise ValueError(f"{name} contains NaN or inf values")
     if float(v.max()) == float(v.min()):
         raise ValueError(f"{name} is constant (all values {float(v.max()):g}); there is nothing to register")
+    v = denoise_volume(v, denoise)
     if binarize:
         try:
-            v = _binarize(v, denoise=denoise)
+            v = _binarize(v)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         if smooth > 0:

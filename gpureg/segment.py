@@ -6,7 +6,7 @@ import numpy as np
 
 from .backend import array_device, ndimage_of, xp_of
 
-__all__ = ["DENOISE", "binarize", "otsu_threshold"]
+__all__ = ["DENOISE", "binarize", "denoise", "otsu_threshold"]
 
 DENOISE = (None, "median", "gaussian")
 
@@ -49,6 +49,20 @@ def otsu_threshold(volume, *, bins: int = 256) -> float:
     return float(edges[k + 1])
 
 
+def denoise(volume, method: str | None = "median", *, size: float = 3):
+    """Filter a volume (same device): ``"median"`` (``size`` voxels wide, removes
+    salt-and-pepper noise), ``"gaussian"`` (sigma ``size / 3``) or ``None`` (unchanged).
+    """
+    if method not in DENOISE:
+        raise ValueError(f"denoise must be one of {DENOISE}, got {method!r}")
+    if method is None:
+        return volume
+    nd = ndimage_of(volume)
+    if method == "median":
+        return nd.median_filter(volume, size=int(size))
+    return nd.gaussian_filter(volume, sigma=size / 3.0)
+
+
 def binarize(volume, *, threshold: float | None = None, denoise: str | None = None, size: float = 3):
     """Binary (0/1 float32) volume, foreground ``volume > threshold`` (Otsu by default).
 
@@ -69,15 +83,13 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
     (Z, Y, X) ndarray of float32
         1 for foreground, 0 for background.
     """
-    if denoise not in DENOISE:
-        raise ValueError(f"denoise must be one of {DENOISE}, got {denoise!r}")
     xp = xp_of(volume)
-    v = xp.asarray(volume, dtype=xp.float32)
-    if denoise is not None:
-        nd = ndimage_of(v)
-        v = nd.median_filter(v, size=int(size)) if denoise == "median" else nd.gaussian_filter(v, sigma=size / 3.0)
+    v = _denoise(xp.asarray(volume, dtype=xp.float32), denoise, size=size)
     t = otsu_threshold(v) if threshold is None else float(threshold)
     out = (v > t).astype(xp.float32)
     if not bool(out.any()):
         raise ValueError(f"binarization at threshold {t:g} leaves no foreground voxel (empty mask)")
     return out
+
+
+_denoise = denoise  # the module-level name is shadowed by binarize's keyword
