@@ -21,7 +21,7 @@ import numpy as np
 
 from .backend import array_device
 
-__all__ = ["MetricTerms", "mse_terms", "trilinear_sample", "voxel_jacobian"]
+__all__ = ["MetricTerms", "cell_support", "mse_terms", "trilinear_sample", "voxel_jacobian"]
 
 # Reference voxels processed per chunk on the CPU (bounds temporary memory to ~100 MB).
 _CHUNK = 1 << 18
@@ -54,7 +54,7 @@ class MetricTerms:
         return 2.0 * self.jtj / max(self.count, 1)
 
 
-def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = True) -> MetricTerms:
+def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = True, support=None) -> MetricTerms:
     """One metric pass: MSE, its gradient and Gauss-Newton sums.
 
     Parameters
@@ -71,6 +71,10 @@ def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = 
         Restrict the metric to these reference voxels.
     hessian : bool
         Also accumulate ``sum J J^T``.
+    support : (Z', Y', X') ndarray of bool, optional
+        CPU speed-up: :func:`cell_support` of ``moving``. Voxels where the
+        fixed volume is 0 and the sample's cell has no non-zero corner add
+        nothing but their count, so only the others are interpolated. Exact.
 
     Returns
     -------
@@ -83,7 +87,16 @@ def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = 
         from . import cuda
 
         return cuda.mse_terms(fixed, moving, m, c, mask=mask, hessian=hessian)
-    return _mse_terms_cpu(fixed, moving, m, c, mask, hessian)
+    return _mse_terms_cpu(fixed, moving, m, c, mask, hessian, support)
+
+
+def cell_support(moving) -> np.ndarray:
+    """``out[i, j, k]`` is True when any corner of the trilinear cell with lower
+    corner ``(i, j, k)`` (voxels ``i..i+1, j..j+1, k..k+1``) is non-zero."""
+    from scipy import ndimage
+
+    nz = np.asarray(moving) != 0
+    return ndimage.maximum_filter(nz, size=2, mode="constant", cval=False, origin=-1)
 
 
 def trilinear_sample(volume, q, *, gradient: bool = True):
@@ -148,37 +161,42 @@ def voxel_jacobian(grad, p, center) -> np.ndarray:
     return jac
 
 
-def _mse_terms_cpu(fixed, moving, matrix, center, mask, hessian):
+def _mse_terms_cpu(fixed, moving, matrix, center, mask, hessian, support):
     fixed = np.asarray(fixed, dtype=np.float32)
     moving = np.asarray(moving, dtype=np.float32)
     nz, ny, nx = fixed.shape
+    n = np.asarray(moving.shape)
     a, t = matrix[:3, :3], matrix[:3, 3]
     count, sse = 0, 0.0
     rj = np.zeros(12)
     jtj = np.zeros((12, 12)) if hessian else None
-    fflat = fixed.reshape(-1)
-    mflat = None if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
-    plane = ny * nx
-    zstep = max(1, _CHUNK // plane)
-    yy, xx = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
+    msk = None if mask is None else np.asarray(mask) > 0.5
+    zstep = max(1, _CHUNK // (ny * nx))
+    yy = np.arange(ny, dtype=np.float64)[None, :, None]
+    xx = np.arange(nx, dtype=np.float64)[None, None, :]
     for z0 in range(0, nz, zstep):
         z1 = min(nz, z0 + zstep)
-        zz = np.repeat(np.arange(z0, z1, dtype=np.float64), plane)
-        p = np.stack([zz, np.tile(yy.ravel(), z1 - z0), np.tile(xx.ravel(), z1 - z0)], axis=1)
-        sel = slice(z0 * plane, z1 * plane)
-        if mflat is not None:
-            keep = mflat[sel]
-            p = p[keep]
-            fvals = fflat[sel][keep]
-        else:
-            fvals = fflat[sel]
-        q = p @ a.T + t
-        val, grad, valid = trilinear_sample(moving, q)
-        if not valid.any():
+        zz = np.arange(z0, z1, dtype=np.float64)[:, None, None]
+        q = [a[k, 0] * zz + a[k, 1] * yy + a[k, 2] * xx + t[k] for k in range(3)]
+        valid = (q[0] >= 0) & (q[0] <= n[0] - 1) & (q[1] >= 0) & (q[1] <= n[1] - 1) & (q[2] >= 0) & (q[2] <= n[2] - 1)
+        if msk is not None:
+            valid &= msk[z0:z1]
+        fs = fixed[z0:z1]
+        if support is not None:
+            # Valid voxels with F = 0 whose cell has no non-zero corner add r = 0, g = 0.
+            count += int(valid.sum())
+            cell = [np.clip(np.floor(q[k]), 0, n[k] - 2).astype(np.intp) for k in range(3)]
+            valid &= (fs != 0) | support[cell[0], cell[1], cell[2]]
+        idx = np.flatnonzero(valid)
+        if idx.size == 0:
             continue
-        p, grad = p[valid], grad[valid]
-        r = val[valid] - fvals[valid]
-        count += int(valid.sum())
+        qv = np.stack([qk.reshape(-1)[idx] for qk in q], axis=1)
+        val, grad, _ = trilinear_sample(moving, qv)
+        r = val - fs.reshape(-1)[idx]
+        pz, py, px = np.unravel_index(idx, valid.shape)
+        p = np.stack([pz + z0, py, px], axis=1).astype(np.float64)
+        if support is None:
+            count += idx.size
         sse += float(r @ r)
         jac = voxel_jacobian(grad, p, center)
         rj += r @ jac

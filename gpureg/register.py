@@ -17,7 +17,7 @@ import numpy as np
 
 from . import transform as tf
 from .backend import array_device, ndimage_of, resolve_device, to_device, to_host, xp_of
-from .metric import MetricTerms, mse_terms
+from .metric import MetricTerms, cell_support, mse_terms
 from .segment import binarize as _binarize
 from .segment import denoise as denoise_volume
 
@@ -153,15 +153,18 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
         center = tf.grid_center(fl.shape)
         params0 = tf.params_from_matrix(np.linalg.inv(to_fine) @ matrix @ to_fine, center)
 
-        def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask):
-            return mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask)
+        support = _support(ml)
+
+        def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask, support=support):
+            return mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask, support=support)
 
         params, n_pass, converged = levenberg_marquardt(terms, params0, fl.shape, free=free,
                                                         max_iter=max_iter, tol=tol)
         matrix = to_fine @ tf.matrix_from_params(params, center) @ np.linalg.inv(to_fine)
         iterations.append(n_pass)
-    before = mse_terms(f, m, np.eye(4), mask=msk, hessian=False)
-    after = mse_terms(f, m, matrix, mask=msk, hessian=False)
+    support = _support(m)
+    before = mse_terms(f, m, np.eye(4), mask=msk, hessian=False, support=support)
+    after = mse_terms(f, m, matrix, mask=msk, hessian=False, support=support)
     if after.count == 0:
         raise RuntimeError("registration diverged: the moving volume no longer overlaps the reference")
     return RegistrationResult(matrix=matrix, mse_before=before.mse, mse_after=after.mse, iterations=iterations,
@@ -383,6 +386,11 @@ def _downsample2(v):
     nz, ny, nx = (n // 2 for n in v.shape)
     c = v[: 2 * nz, : 2 * ny, : 2 * nx]
     return c.reshape(nz, 2, ny, 2, nx, 2).mean(axis=(1, 3, 5), dtype=c.dtype)
+
+
+def _support(moving):
+    # CPU only: lets the metric skip voxels that cannot contribute (exact).
+    return None if array_device(moving) == "gpu" else cell_support(moving)
 
 
 def _level_to_fine(level: int) -> np.ndarray:
