@@ -14,6 +14,7 @@ from .register import RegistrationResult, SeriesResult, register_affine, registe
 from .segment import binarize, otsu_threshold
 from .transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
                         params_from_matrix, rotation_matrix, scale_matrix)
+from .xanes import edge_energy, edge_energy_map, particle_labels
 
 try:
     __version__ = _version("gpureg")
@@ -44,4 +45,7 @@ __all__ = [
     "to_device",
     "to_host",
     "two_particle_phantom",
+    "edge_energy",
+    "edge_energy_map",
+    "particle_labels",
 ]

@@ -104,6 +104,42 @@ def register(
                f"(passes per level {res.iterations}); matrix written to {output}")
 
 
+@app.command()
+@friendly
+def xanes(
+    aligned: Path = typer.Argument(..., help="HDF5 with /aligned + /energy, or /exchange/recon + /exchange/energy."),
+    output: Path = typer.Argument(..., help="New HDF5 file for /energy and the /xanes group."),
+    method: str = typer.Option("half", "--method", help="half (0.5 crossing) | derivative (max dmu/dE) | both"),
+    min_jump: Optional[float] = typer.Option(None, "--min-jump", help="Edge-jump threshold (default: automatic)."),
+    min_voxels: int = typer.Option(64, "--min-voxels", help="Smallest particle kept in the labels."),
+    slab: int = typer.Option(16, "--slab", help="z-planes per slab (memory bound)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Stack dataset (n_energy, Z, Y, X)."),
+    energy_dataset: Optional[str] = typer.Option(None, "--energy-dataset", help="Energy dataset (eV)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    device: str = DeviceOpt,
+):
+    """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack."""
+    from .xanes import write_xanes
+
+    s = write_xanes(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=method,
+                    min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device, overwrite=overwrite)
+    typer.echo(f"{s['valid']} of {s['voxels']} voxels mapped, {s['particles']} particles, median edge energy "
+               f"{s['edge_energy_median']:.2f} eV (pre {s['pre']}, post {s['post']} eV); written to {output}")
+
+
+@app.command()
+@friendly
+def plot(
+    result: Path = typer.Argument(..., help="Pipeline or `gpureg xanes` output HDF5."),
+    outdir: Path = typer.Argument(..., help="Folder for the PNG figures (created)."),
+):
+    """Every figure the RESULT file has data for (edge-energy maps, spectra, registration checks)."""
+    from .plots import plot_result
+
+    paths = plot_result(result, outdir)
+    typer.echo(f"{len(paths)} figures written to {outdir}: " + ", ".join(p.name for p in paths))
+
+
 def main(argv=None):
     """Entry point of the ``gpureg`` command."""
     return app(args=argv, prog_name="gpureg")
