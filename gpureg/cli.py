@@ -6,6 +6,7 @@ output) into one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -137,7 +138,134 @@ def plot(
     from .plots import plot_result
 
     paths = plot_result(result, outdir)
-    typer.echo(f"{len(paths)} figures written to {outdir}: " + ", ".join(p.name for p in paths))
+    typer.echo(f"{len(paths)} figure(s) written to {outdir}: " + ", ".join(p.name for p in paths))
+
+
+@app.command("run")
+@friendly
+def run_cmd(
+    input: Path = typer.Argument(..., help="Data Exchange HDF5 (projections or /exchange/recon) or folder of per-energy files."),
+    output: Path = typer.Argument(..., help="Result HDF5 (a report folder RESULT_report/ is written beside it)."),
+    device: str = DeviceOpt,
+    reference: str = typer.Option("highest", "--reference", help="Reference energy: highest | lowest | energy in eV."),
+    raw: bool = typer.Option(False, "--raw", help="Register grey levels instead of Otsu-binarized tomograms."),
+    denoise: Optional[str] = typer.Option(None, "--denoise", help="median | gaussian filter before binarizing."),
+    model: str = typer.Option("affine", "--model", help="affine | translation"),
+    center: Optional[float] = typer.Option(None, "--center", help="Rotation-axis detector column for FBP."),
+    fbp_filter: str = typer.Option("ram-lak", "--filter", help="FBP filter."),
+    xanes_method: str = typer.Option("half", "--edge", help="Edge energy: half (0.5 crossing) | derivative (max dmu/dE)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished OUTPUT (and discard a partial run)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip figures and report."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (multi-GPU/multi-node)."),
+):
+    """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
+    from .pipeline import run
+
+    with _energy_progress("run") as on_energy:
+        res = run(input, output, device=device, reference=reference, binarize=not raw, denoise=denoise, model=model,
+                  center=center, filter=fbp_filter, xanes_method=xanes_method, overwrite=overwrite,
+                  report=not no_report, progress=on_energy, scheduler=scheduler)
+    _print_result(res)
+
+
+@app.command()
+@friendly
+def demo(
+    outdir: Path = typer.Argument(Path("gpureg-demo"), help="Folder for the simulated input, result and figures."),
+    size: int = typer.Option(48, "--size", help="Volume size (voxels per side)."),
+    angles: int = typer.Option(91, "--angles", help="Projection angles over -90..90 degrees."),
+    device: str = DeviceOpt,
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Replace an earlier demo result in OUTDIR."),
+):
+    """Simulate a small Mn K-edge TXM-XANES experiment and run the whole pipeline on it."""
+    from .pipeline import run
+    from .synth import simulate
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    raw = outdir / "demo_input.h5"
+    typer.echo(f"simulating {size}^3 x {angles} angles -> {raw}")
+    simulate(raw, size=size, n_angles=angles, seed=seed)
+    with _energy_progress("demo") as on_energy:
+        res = run(raw, outdir / "demo_result.h5", device=device, overwrite=overwrite, progress=on_energy)
+    _print_result(res)
+
+
+@app.command("watch")
+@friendly
+def watch_cmd(
+    directory: Path = typer.Argument(..., help="Folder the acquisition writes per-energy files into."),
+    output: Path = typer.Argument(..., help="Result HDF5 written when the series ends."),
+    pattern: str = typer.Option("*.h5", "--pattern", help="Glob of the per-energy files."),
+    expect: Optional[int] = typer.Option(None, "--expect", help="Stop after this many energies."),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Stop after this many idle seconds."),
+    device: str = DeviceOpt,
+    raw: bool = typer.Option(False, "--raw", help="Register grey levels instead of binarized tomograms."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Process energies as their files appear (stop with --expect, --idle-timeout or a DONE file)."""
+    from .watch import watch
+
+    def on_energy(ev):
+        typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV registered in {ev['latency_s']:.2f} s "
+                   f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {ev['count']} energies so far)")
+
+    res = watch(directory, output, pattern=pattern, expect=expect, idle_timeout=idle_timeout, device=device,
+                binarize=not raw, overwrite=overwrite, on_energy=on_energy)
+    _print_result(res)
+
+
+@app.command()
+@friendly
+def bench(
+    names: Optional[list[str]] = typer.Argument(None, help="Benchmarks to run (default: all in bench/)."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes, one repeat."),
+):
+    """Run the benchmarks in bench/ (source checkout); each prints and saves JSON in bench/results/."""
+    import subprocess
+
+    folder = next((p for p in (Path(__file__).resolve().parents[1] / "bench", Path.cwd() / "bench") if p.is_dir()), None)
+    if folder is None:
+        raise ValueError("bench/ not found: gpureg bench runs from a source checkout of gpureg")
+    scripts = sorted(p for p in folder.glob("*.py") if p.stem != "common")
+    if names:
+        unknown = set(names) - {p.stem for p in scripts}
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; available: {[p.stem for p in scripts]}")
+        scripts = [p for p in scripts if p.stem in names]
+    failed = []
+    for script in scripts:
+        typer.echo(f"== {script.stem}")
+        rc = subprocess.call([sys.executable, str(script), *(["--quick"] if quick else [])])
+        if rc != 0:
+            failed.append(script.stem)
+    if failed:
+        raise RuntimeError(f"benchmark(s) failed: {failed}")
+
+
+@contextlib.contextmanager
+def _energy_progress(label):
+    """A rich progress bar fed by the pipeline's per-energy events."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), transient=False) as bar:
+        task = bar.add_task(label, total=None, status="")
+
+        def on_energy(ev):
+            bar.update(task, total=ev["total"], completed=ev["done"],
+                       status=f"{ev['energy']:.1f} eV: MSE {ev['mse_before']:.3g} -> {ev['mse_after']:.3g} "
+                              f"({ev['seconds']:.1f} s)")
+
+        yield on_energy
+
+
+def _print_result(res):
+    typer.echo(f"result: {res.output}")
+    if res.resumed:
+        typer.echo(f"resumed an interrupted run ({res.resumed} energies were already done)")
+    if res.report_dir is not None:
+        typer.echo(f"report: {res.report_dir / 'report.md'} ({len(res.figures)} figures in {res.report_dir})")
 
 
 def main(argv=None):

@@ -19,7 +19,14 @@ from .backend import to_host
 
 __all__ = [
     "canny_overlay",
+    "edge_distributions",
+    "edge_energy_3d",
+    "edge_energy_slice",
     "mse_per_energy",
+    "orthogonal_slices",
+    "plot_result",
+    "roi_spectra",
+    "squared_difference",
 ]
 
 _log = logging.getLogger("gpureg")
@@ -47,7 +54,7 @@ def canny_overlay(reference_slice, aligned_slice, path, *, sigma: float = 2.0, t
     sigma : float
         Gaussian width (pixels) of :func:`skimage.feature.canny`.
     title : str, optional
-        Figure title (a default naming the agreement is used).
+        Figure title (the agreement statistic is added below it).
     units : str
         Units of the grey values, for the colour bar.
     figsize : (float, float)
@@ -91,7 +98,8 @@ def canny_overlay(reference_slice, aligned_slice, path, *, sigma: float = 2.0, t
               loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_xlabel("x (voxel)")
     ax.set_ylabel("y (voxel)")
-    ax.set_title(title or f"Canny edges: {100 * agree:.0f}% of aligned edges within 1 px of reference")
+    stat = f"{100 * agree:.0f}% of aligned edges within 1 px of reference"
+    ax.set_title(f"{title}\n{stat}" if title else f"Canny edges: {stat}", fontsize=10 if title else None)
     return _save(fig, path, dpi)
 
 
@@ -145,6 +153,437 @@ def mse_per_energy(energies, mse_before, mse_after, path, *, title: str | None =
     gain = f"; median reduction x{np.median(before[ok] / after[ok]):.3g}" if ok.any() else ""
     ax.set_title(title or f"Registration quality per energy{gain}")
     return _save(fig, path, dpi)
+
+
+def squared_difference(reference_slice, before_slice, after_slice, path, *, vmax: float | None = None,
+                       title: str | None = None, units: str = "a.u.", figsize=(10.0, 4.4), dpi: int = DPI) -> Path:
+    """Squared difference to the reference of one slice before and after registration (shared colour scale).
+
+    Parameters
+    ----------
+    reference_slice, before_slice, after_slice : (H, W) ndarray
+        Same shape; ``before`` is the unregistered volume's slice, ``after``
+        the aligned one, both at the same index as the reference's.
+    path : str or Path
+        Output PNG.
+    vmax : float, optional
+        Top of the colour scale (default: 99.5th percentile of "before").
+    units : str
+        Units of the grey values (the colour bar shows their square).
+    figsize, dpi
+        See :func:`canny_overlay`.
+
+    Returns
+    -------
+    Path
+    """
+    ref = _slice2d(reference_slice, "reference_slice")
+    before = _slice2d(before_slice, "before_slice")
+    after = _slice2d(after_slice, "after_slice")
+    if not (ref.shape == before.shape == after.shape):
+        raise ValueError(f"squared_difference: slices must have the same shape, got reference {ref.shape}, "
+                         f"before {before.shape}, after {after.shape}")
+    d_before, d_after = (before - ref) ** 2, (after - ref) ** 2
+    if vmax is None:
+        fin = d_before[np.isfinite(d_before)]
+        vmax = float(np.percentile(fin, 99.5)) if fin.size else 1.0
+        vmax = vmax if vmax > 0 else float(np.nanmax(np.r_[d_before.ravel(), d_after.ravel(), 1e-12]))
+    fig, axes = _figure(figsize, dpi, ncols=2)
+    for ax, d, name in zip(axes, (d_before, d_after), ("before", "after")):
+        im = ax.imshow(d, cmap="inferno", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"{name} registration: mean {np.nanmean(d):.3g}")
+        ax.set_xlabel("x (voxel)")
+        ax.set_ylabel("y (voxel)")
+    cb = fig.colorbar(im, ax=list(axes), shrink=0.9)
+    cb.set_label(f"(volume - reference)$^2$ ({units}$^2$)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def edge_energy_slice(edge_map, path, *, axis: int = 0, index: int | None = None, mask=None, background=None,
+                      vmin: float | None = None, vmax: float | None = None, cmap: str = EDGE_CMAP,
+                      title: str | None = None, figsize=(6.4, 5.2), dpi: int = DPI) -> Path:
+    """Edge-energy map of one slice, with a colour bar in eV.
+
+    Parameters
+    ----------
+    edge_map : (Z, Y, X) or (H, W) ndarray
+        Edge energies (eV); NaN where masked (drawn as the background).
+    path : str or Path
+        Output PNG.
+    axis : int
+        Axis normal to the slice (0: a z-slice, shown as y down, x across).
+    index : int, optional
+        Slice index along ``axis``; default the slice with most valid voxels.
+    mask : ndarray of bool, optional
+        Same shape as ``edge_map``; False hides a voxel.
+    background : ndarray, optional
+        Grey image (same shape as ``edge_map``) drawn under masked voxels,
+        e.g. the reference volume.
+    vmin, vmax : float, optional
+        Colour range (eV); default the 1-99 % percentiles of the whole map,
+        so slices of one map share a scale.
+    cmap : str
+        Matplotlib colour map.
+    figsize, dpi
+        See :func:`canny_overlay`.
+
+    Returns
+    -------
+    Path
+    """
+    em = _masked_map(edge_map, mask, "edge_map")
+    if em.ndim not in (2, 3):
+        raise ValueError(f"edge_energy_slice: edge_map must be 2D or 3D, got shape {em.shape}")
+    lo, hi = _map_limits(em, vmin, vmax)
+    bg = None if background is None else np.asarray(to_host(background), dtype=np.float64)
+    if bg is not None and bg.shape != em.shape:
+        raise ValueError(f"edge_energy_slice: background {bg.shape} must have the shape of edge_map {em.shape}")
+    if em.ndim == 3:
+        if axis not in (0, 1, 2):
+            raise ValueError(f"edge_energy_slice: axis must be 0, 1 or 2, got {axis}")
+        if index is None:
+            index = int(np.argmax(np.isfinite(em).sum(axis=tuple(a for a in range(3) if a != axis))))
+        if not 0 <= index < em.shape[axis]:
+            raise ValueError(f"edge_energy_slice: index {index} is outside 0..{em.shape[axis] - 1} along axis {axis}")
+        sl = np.take(em, index, axis=axis)
+        bg = None if bg is None else np.take(bg, index, axis=axis)
+        where = f"{'zyx'[axis]} = {index}"
+    else:
+        sl, where = em, "slice"
+    fig, ax = _figure(figsize, dpi)
+    ax.set_facecolor("0.15")
+    if bg is not None:
+        b0, b1 = _robust_limits(bg)
+        ax.imshow(bg, cmap="gray", vmin=b0, vmax=b1, interpolation="nearest")
+    im = ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    _colorbar(fig, ax, im, "Edge energy (eV)")
+    names = [n for a, n in enumerate("zyx") if em.ndim == 2 or a != axis][-2:]
+    ax.set_xlabel(f"{names[1]} (voxel)")
+    ax.set_ylabel(f"{names[0]} (voxel)")
+    n = int(np.isfinite(sl).sum())
+    ax.set_title(title or f"Edge energy, {where} ({n} voxels, median {np.nanmedian(sl) if n else np.nan:.1f} eV)")
+    return _save(fig, path, dpi)
+
+
+def orthogonal_slices(volume, path, *, center=None, mask=None, vmin: float | None = None, vmax: float | None = None,
+                      cmap: str = EDGE_CMAP, label: str = "Edge energy (eV)", title: str | None = None,
+                      figsize=(12.0, 4.4), dpi: int = DPI) -> Path:
+    """Three orthogonal slices (z, y, x) through one point of a 3D map, one colour scale.
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) ndarray
+        A map (e.g. edge energies, eV); NaN is drawn as the dark background.
+    path : str or Path
+        Output PNG.
+    center : (int, int, int), optional
+        Voxel ``(z, y, x)`` the slices pass through; default the centroid of
+        the finite voxels (the volume centre when none).
+    mask : (Z, Y, X) bool ndarray, optional
+        False hides a voxel.
+    vmin, vmax : float, optional
+        Colour range; default the 1-99 % percentiles.
+    label : str
+        Colour-bar label with units.
+    figsize, dpi
+        See :func:`canny_overlay`.
+
+    Returns
+    -------
+    Path
+    """
+    v = _masked_map(volume, mask, "volume")
+    if v.ndim != 3:
+        raise ValueError(f"orthogonal_slices: volume must be 3D (Z, Y, X), got shape {v.shape}")
+    lo, hi = _map_limits(v, vmin, vmax)
+    if center is None:
+        pts = np.argwhere(np.isfinite(v))
+        center = pts.mean(axis=0) if pts.size else (np.asarray(v.shape) - 1) / 2
+    c = [int(round(float(x))) for x in center]
+    if len(c) != 3 or any(not 0 <= ci < n for ci, n in zip(c, v.shape)):
+        raise ValueError(f"orthogonal_slices: center must be a voxel (z, y, x) inside {v.shape}, got {center}")
+    fig, axes = _figure(figsize, dpi, ncols=3)
+    panels = ((v[c[0]], "x", "y", (c[2], c[1]), f"z = {c[0]}"),
+              (v[:, c[1]], "x", "z", (c[2], c[0]), f"y = {c[1]}"),
+              (v[:, :, c[2]], "y", "z", (c[1], c[0]), f"x = {c[2]}"))
+    for ax, (img, xl, yl, (cx, cy), name) in zip(axes, panels):
+        ax.set_facecolor("0.15")
+        im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.axvline(cx, color="w", lw=0.6, ls="--", alpha=0.7)
+        ax.axhline(cy, color="w", lw=0.6, ls="--", alpha=0.7)
+        ax.set_xlabel(f"{xl} (voxel)")
+        ax.set_ylabel(f"{yl} (voxel)")
+        ax.set_title(name)
+    cb = fig.colorbar(im, ax=list(axes), shrink=0.9)
+    cb.set_label(label)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def edge_energy_3d(edge_map, path, *, mask=None, max_points: int = 20000, vmin: float | None = None,
+                   vmax: float | None = None, cmap: str = EDGE_CMAP, seed: int = 0, title: str | None = None,
+                   figsize=(7.2, 6.0), dpi: int = DPI) -> Path:
+    """Simple 3D view: valid voxels as points coloured by edge energy (random subset when many).
+
+    Parameters
+    ----------
+    edge_map : (Z, Y, X) ndarray
+        Edge energies (eV); NaN where masked (not drawn).
+    path : str or Path
+        Output PNG.
+    mask : (Z, Y, X) bool ndarray, optional
+        False hides a voxel.
+    max_points : int
+        At most this many points are drawn (seeded random subset).
+    vmin, vmax, cmap
+        Colour range (eV) and map.
+    figsize, dpi
+        See :func:`canny_overlay`.
+
+    Returns
+    -------
+    Path
+    """
+    em = _masked_map(edge_map, mask, "edge_map")
+    if em.ndim != 3:
+        raise ValueError(f"edge_energy_3d: edge_map must be 3D (Z, Y, X), got shape {em.shape}")
+    pts = np.argwhere(np.isfinite(em))
+    if pts.shape[0] == 0:
+        raise ValueError("edge_energy_3d: no finite voxel to draw (everything masked)")
+    if pts.shape[0] > max_points:
+        pts = pts[np.random.default_rng(seed).choice(pts.shape[0], int(max_points), replace=False)]
+    vals = em[tuple(pts.T)]
+    lo, hi = _map_limits(em, vmin, vmax)
+    fig, ax = _figure(figsize, dpi, subplot_kw={"projection": "3d"})
+    sc = ax.scatter(pts[:, 2], pts[:, 1], pts[:, 0], c=vals, cmap=cmap, vmin=lo, vmax=hi, s=4, alpha=0.8,
+                    depthshade=False, linewidths=0)
+    ax.set_xlim(0, em.shape[2])
+    ax.set_ylim(0, em.shape[1])
+    ax.set_zlim(0, em.shape[0])
+    ax.set_xlabel("x (voxel)")
+    ax.set_ylabel("y (voxel)")
+    ax.set_zlabel("z (voxel)")
+    _colorbar(fig, ax, sc, "Edge energy (eV)")
+    ax.set_title(title or f"Edge energy, {vals.size} voxels shown")
+    return _save(fig, path, dpi)
+
+
+def roi_spectra(roi: dict, path, *, title: str | None = None, units: str = "a.u.", figsize=(11.0, 4.4),
+                dpi: int = DPI) -> Path:
+    """Mean spectrum (+- one standard deviation) of each region, raw and normalised.
+
+    Parameters
+    ----------
+    roi : dict
+        As returned by :func:`gpureg.xanes.roi_spectra`: ``energy``,
+        ``names``, ``mean``, ``std`` and optionally ``norm``, ``edge_energy``.
+    path : str or Path
+        Output PNG.
+    units : str
+        Units of the raw spectra.
+    figsize, dpi
+        See :func:`canny_overlay`.
+
+    Returns
+    -------
+    Path
+    """
+    try:
+        e = _vector(roi["energy"], "roi['energy']")
+        mean = np.atleast_2d(np.asarray(to_host(roi["mean"]), dtype=np.float64))
+        std = np.atleast_2d(np.asarray(to_host(roi["std"]), dtype=np.float64))
+    except KeyError as exc:
+        raise ValueError(f"roi_spectra: roi must hold 'energy', 'mean' and 'std' (from xanes.roi_spectra); "
+                         f"missing {exc}") from None
+    if mean.shape != std.shape or mean.shape[1] != e.size:
+        raise ValueError(f"roi_spectra: mean {mean.shape} and std {std.shape} must be (n_roi, n_energy={e.size})")
+    names = list(roi.get("names") or [f"region {k + 1}" for k in range(mean.shape[0])])
+    norm = roi.get("norm")
+    edge = roi.get("edge_energy")
+    fig, axes = _figure(figsize, dpi, ncols=2 if norm is not None else 1)
+    axes = np.atleast_1d(axes)
+    colours = _colours(mean.shape[0])
+    for k in range(mean.shape[0]):
+        axes[0].fill_between(e, mean[k] - std[k], mean[k] + std[k], color=colours[k], alpha=0.25, lw=0)
+        axes[0].plot(e, mean[k], "-o", ms=2.5, lw=1.2, color=colours[k], label=names[k])
+    axes[0].set_xlabel("Energy (eV)")
+    axes[0].set_ylabel(f"Absorption $\\mu$ ({units})")
+    axes[0].set_title("Mean spectra (band: $\\pm$1 s.d. over voxels)")
+    axes[0].legend(fontsize=7)
+    if norm is not None:
+        nm = np.atleast_2d(np.asarray(to_host(norm), dtype=np.float64))
+        for k in range(nm.shape[0]):
+            lab = names[k]
+            if edge is not None and np.isfinite(edge[k]):
+                lab += f" (E$_{{1/2}}$ {float(edge[k]):.1f} eV)"
+                axes[1].axvline(float(edge[k]), color=colours[k], lw=0.8, ls=":")
+            axes[1].plot(e, nm[k], "-o", ms=2.5, lw=1.2, color=colours[k], label=lab)
+        axes[1].axhline(0.5, color="0.5", lw=0.6, ls="--")
+        axes[1].set_xlabel("Energy (eV)")
+        axes[1].set_ylabel("Normalised $\\mu$ (edge jump = 1)")
+        axes[1].set_title("Normalised mean spectra")
+        axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def edge_distributions(dist: dict, path, *, title: str | None = None, figsize=(6.4, 4.4), dpi: int = DPI) -> Path:
+    """Per-particle edge-energy distributions: histogram (bars) and kernel density (line).
+
+    Parameters
+    ----------
+    dist : dict
+        As returned by :func:`gpureg.xanes.edge_distribution`.
+    path : str or Path
+        Output PNG.
+    figsize, dpi
+        See :func:`canny_overlay`.
+
+    Returns
+    -------
+    Path
+    """
+    try:
+        label, edges, hist = dist["label"], np.asarray(dist["bin_edges"]), np.atleast_2d(dist["hist"])
+        grid, dens = np.asarray(dist["grid"]), np.atleast_2d(dist["density"])
+    except KeyError as exc:
+        raise ValueError(f"edge_distributions: dist must come from xanes.edge_distribution; missing {exc}") from None
+    if hist.shape != (len(label), edges.size - 1) or dens.shape != (len(label), grid.size):
+        raise ValueError(f"edge_distributions: inconsistent shapes: {len(label)} labels, hist {hist.shape}, "
+                         f"bin_edges {edges.shape}, density {dens.shape}, grid {grid.shape}")
+    fig, ax = _figure(figsize, dpi)
+    colours = _colours(len(label))
+    for k, lb in enumerate(label):
+        n = int(dist["count"][k]) if "count" in dist else None
+        med = dist["median"][k] if "median" in dist else np.nan
+        name = f"particle {int(lb)}" + (f" (n={n}, median {med:.1f} eV)" if n else "")
+        ax.stairs(hist[k], edges, fill=True, alpha=0.3, color=colours[k])
+        ax.plot(grid, dens[k], color=colours[k], lw=1.6, label=name)
+        if np.isfinite(med):
+            ax.axvline(med, color=colours[k], lw=0.8, ls="--")
+    ax.set_xlabel("Edge energy (eV)")
+    ax.set_ylabel("Probability density (1/eV)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "Edge-energy distribution per particle")
+    return _save(fig, path, dpi)
+
+
+def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
+    """Every figure a result file has the data for, written as PNGs into ``outdir``.
+
+    Reads (each optional; figures whose datasets are absent are skipped):
+    ``/energy`` (or ``/exchange/energy``); ``/xanes/edge_energy``, ``mask``,
+    ``labels``, ``roi_*`` (from ``gpureg xanes``); ``/registration/mse_before``
+    and ``mse_after``; ``/aligned`` and ``/recon`` (n_energy, Z, Y, X), of
+    which only single slices are read.
+
+    Figures: ``edge_energy_slice.png``, ``edge_energy_orthogonal.png``,
+    ``edge_energy_3d.png``, ``edge_distributions.png``, ``roi_spectra.png``,
+    ``mse_per_energy.png``, ``canny_overlay.png`` and
+    ``squared_difference.png`` (the energy registered worst before
+    registration, or the lowest, against the reference: the highest energy,
+    or ``/registration`` attribute ``reference_index``).
+
+    Parameters
+    ----------
+    result_h5 : str or Path
+        Pipeline output or ``gpureg xanes`` output.
+    outdir : str or Path
+        Created when missing.
+    z : int, optional
+        z-slice for the 2D figures (default: the middle, or the plane with the
+        most valid edge-energy voxels).
+
+    Returns
+    -------
+    list of Path
+        The figures written, in the order above.
+    """
+    import h5py
+
+    from . import xanes as xn
+    from .io import InputError
+
+    src, out = Path(result_h5), Path(outdir)
+    if not src.exists():
+        raise InputError(f"{src}: file not found")
+    if not h5py.is_hdf5(src):
+        raise InputError(f"{src}: not an HDF5 file")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with h5py.File(src, "r") as h5:
+        energy = None
+        for name in ("energy", "exchange/energy"):
+            if name in h5:
+                energy = np.asarray(h5[name][()], dtype=np.float64).ravel()
+                break
+        if "xanes/edge_energy" in h5:
+            g = h5["xanes"]
+            em = np.asarray(g["edge_energy"][()], dtype=np.float64)
+            mask = np.asarray(g["mask"][()], dtype=bool) if "mask" in g else None
+            if mask is not None and mask.shape != em.shape:
+                raise InputError(f"{src}: /xanes/mask {mask.shape} does not match /xanes/edge_energy {em.shape}")
+            vis = em if mask is None else np.where(mask, em, np.nan)
+            if np.isfinite(vis).any():
+                zi = z if z is not None else None
+                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", index=zi))
+                paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png"))
+                if vis.ndim == 3:
+                    paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png"))
+                if "labels" in g and int(np.max(g["labels"][()], initial=0)) > 0:
+                    labels = np.asarray(g["labels"][()])
+                    try:
+                        dist = xn.edge_distribution(vis, labels)
+                    except ValueError as exc:
+                        _log.warning("plot_result: no edge-energy distributions (%s)", exc)
+                    else:
+                        paths.append(edge_distributions(dist, out / "edge_distributions.png"))
+            else:
+                _log.warning("plot_result: %s:/xanes/edge_energy has no valid voxel; edge-energy figures skipped", src)
+            if "roi_mean" in g and energy is not None and g["roi_mean"].shape[-1] == energy.size:
+                roi = {"energy": np.sort(energy), "mean": g["roi_mean"][()], "std": g["roi_std"][()],
+                       "names": [f"particle {int(k)}" for k in g["roi_label"][()]]}
+                if "roi_norm" in g:
+                    roi["norm"] = g["roi_norm"][()]
+                if "roi_edge_energy" in g:
+                    roi["edge_energy"] = g["roi_edge_energy"][()]
+                paths.append(roi_spectra(roi, out / "roi_spectra.png"))
+        reg = h5.get("registration")
+        before = after = None
+        if reg is not None and "mse_before" in reg and "mse_after" in reg:
+            before, after = reg["mse_before"][()], reg["mse_after"][()]
+            e = energy if energy is not None and energy.size == np.size(before) else np.arange(np.size(before))
+            paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png"))
+        if "aligned" in h5 and h5["aligned"].ndim == 4:
+            al = h5["aligned"]
+            n_e, nz = al.shape[0], al.shape[1]
+            ref = int(reg.attrs["reference_index"]) if reg is not None and "reference_index" in reg.attrs else (
+                int(np.argmax(energy)) if energy is not None and energy.size == n_e else n_e - 1)
+            if before is not None and np.size(before) == n_e and np.isfinite(before).any():
+                k = int(np.nanargmax(np.where(np.arange(n_e) == ref, -np.inf, before)))
+            else:
+                k = int(np.argmin(energy)) if energy is not None and energy.size == n_e else 0
+            zi = nz // 2 if z is None else int(z)
+            if not 0 <= zi < nz:
+                raise InputError(f"{src}: z={zi} is outside the /aligned stack (0..{nz - 1})")
+            if n_e > 1 and k != ref:
+                ref_sl, ali_sl = al[ref, zi], al[k, zi]
+                tag = f"E = {energy[k]:.1f} eV vs reference {energy[ref]:.1f} eV" if energy is not None and energy.size == n_e else f"energy {k} vs reference {ref}"
+                paths.append(canny_overlay(ref_sl, ali_sl, out / "canny_overlay.png",
+                                           title=f"Canny edges, z = {zi}: {tag}"))
+                if "recon" in h5 and h5["recon"].shape == al.shape:
+                    paths.append(squared_difference(ref_sl, h5["recon"][k, zi], ali_sl, out / "squared_difference.png",
+                                                    title=f"z = {zi}: {tag}"))
+    if not paths:
+        raise InputError(f"{src}: nothing to plot (no /xanes, /registration/mse_* or /aligned datasets)")
+    return paths
 
 
 # --------------------------------------------------------------------------- helpers
@@ -205,3 +644,31 @@ def _robust_limits(a, lo=1.0, hi=99.0):
 def _unit_range(a):
     lo, hi = _robust_limits(a)
     return np.clip((np.nan_to_num(a, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _masked_map(a, mask, name):
+    m = np.asarray(to_host(a), dtype=np.float64)
+    if m.size == 0:
+        raise ValueError(f"{name} is empty")
+    if mask is not None:
+        mk = np.asarray(to_host(mask), dtype=bool)
+        if mk.shape != m.shape:
+            raise ValueError(f"mask {mk.shape} must have the shape of {name} {m.shape}")
+        m = np.where(mk, m, np.nan)
+    return m
+
+
+def _map_limits(m, vmin, vmax):
+    lo, hi = _robust_limits(m)
+    lo = lo if vmin is None else float(vmin)
+    hi = hi if vmax is None else float(vmax)
+    if not hi > lo:
+        raise ValueError(f"colour range must be increasing, got vmin={lo}, vmax={hi}")
+    return lo, hi
+
+
+def _colours(n):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(k % 10) for k in range(n)]

@@ -80,3 +80,141 @@ def test_mse_per_energy_png(tmp_path):
     assert _count_colour(rgb, (31, 119, 180)) > 50      # tab:blue line (after)
     with pytest.raises(ValueError, match="same length"):
         plots.mse_per_energy(e, before[:-1], after, tmp_path / "bad.png")
+
+
+# ----------------------------------------------------------------------------- XANES figures
+
+@pytest.fixture(scope="module")
+def xanes_maps():
+    from gpureg import xanes
+
+    energies = xanes.scan_energies()
+    density, truth = two_particle_phantom((24, 40, 40), seed=2, return_labels=True)
+    e0 = np.where(truth == 2, 6551.0, 6542.0) + 0.2 * (np.arange(40)[None, None, :] - 20)
+    stack = xanes.synthetic_spectra(energies, e0) * density[None]
+    maps = xanes.edge_energy(stack, energies)
+    return energies, stack, maps, truth.astype(np.int32)
+
+
+def test_edge_energy_slice_png(tmp_path, xanes_maps):
+    energies, stack, maps, _ = xanes_maps
+    rgb = _assert_figure(plots.edge_energy_slice(maps["edge_energy"], tmp_path / "s.png", background=stack[-1]),
+                         (640, 520), min_colours=30)
+    # viridis spans dark purple (6542 eV particle) to yellow (6551 eV particle).
+    assert _count_colour(rgb, (253, 231, 37), tol=60) > 20
+    assert _count_colour(rgb, (68, 1, 84), tol=60) > 20
+    with pytest.raises(ValueError, match="outside"):
+        plots.edge_energy_slice(maps["edge_energy"], tmp_path / "x.png", index=99)
+
+
+def test_orthogonal_slices_png(tmp_path, xanes_maps):
+    _, _, maps, _ = xanes_maps
+    _assert_figure(plots.orthogonal_slices(maps["edge_energy"], tmp_path / "o.png"), (1200, 440), min_colours=30)
+    with pytest.raises(ValueError, match="3D"):
+        plots.orthogonal_slices(maps["edge_energy"][0], tmp_path / "x.png")
+
+
+def test_edge_energy_3d_png(tmp_path, xanes_maps):
+    _, _, maps, _ = xanes_maps
+    _assert_figure(plots.edge_energy_3d(maps["edge_energy"], tmp_path / "3d.png", max_points=3000), (720, 600),
+                   min_colours=30)
+    with pytest.raises(ValueError, match="no finite voxel"):
+        plots.edge_energy_3d(np.full((4, 4, 4), np.nan), tmp_path / "x.png")
+
+
+def test_roi_spectra_png(tmp_path, xanes_maps):
+    from gpureg import xanes
+
+    energies, stack, _, labels = xanes_maps
+    roi = xanes.roi_spectra(stack, energies, labels)
+    rgb = _assert_figure(plots.roi_spectra(roi, tmp_path / "r.png"), (1100, 440), min_colours=20, min_std=10)
+    assert _count_colour(rgb, (31, 119, 180)) > 100 and _count_colour(rgb, (255, 127, 14)) > 100   # two regions
+    with pytest.raises(ValueError, match="missing"):
+        plots.roi_spectra({"energy": energies}, tmp_path / "x.png")
+
+
+def test_edge_distributions_png(tmp_path, xanes_maps):
+    from gpureg import xanes
+
+    _, _, maps, labels = xanes_maps
+    dist = xanes.edge_distribution(maps["edge_energy"], labels)
+    rgb = _assert_figure(plots.edge_distributions(dist, tmp_path / "d.png"), (640, 440), min_colours=20, min_std=10)
+    assert _count_colour(rgb, (31, 119, 180)) > 100 and _count_colour(rgb, (255, 127, 14)) > 100
+
+
+def test_squared_difference_png(tmp_path, slices):
+    ref, before, after = slices
+    rgb = _assert_figure(plots.squared_difference(ref, before, after, tmp_path / "sq.png"), (1000, 440),
+                         min_colours=20, min_std=10)
+    # Left (before) panel is brighter than the right (after) one: the residual shrinks.
+    grey = rgb.mean(axis=2)
+    assert grey[80:400, 100:440].mean() > grey[80:400, 540:880].mean() + 3
+    with pytest.raises(ValueError, match="same shape"):
+        plots.squared_difference(ref, before[:-1], after, tmp_path / "x.png")
+
+
+# ----------------------------------------------------------------------------- whole result file + CLI
+
+@pytest.fixture(scope="module")
+def result_h5(tmp_path_factory, xanes_maps, slices):
+    h5py = pytest.importorskip("h5py")
+    from gpureg import xanes
+
+    energies, stack, maps, labels = xanes_maps
+    path = tmp_path_factory.mktemp("res") / "result.h5"
+    shifted = np.roll(stack, 3, axis=3)
+    with h5py.File(path, "w") as h5:
+        h5["energy"] = energies
+        h5["aligned"] = stack
+        h5["recon"] = shifted
+        h5["registration/mse_before"] = ((shifted - stack[-1]) ** 2).mean(axis=(1, 2, 3))
+        h5["registration/mse_after"] = ((stack - stack[-1]) ** 2).mean(axis=(1, 2, 3))
+        for k, v in maps.items():
+            h5[f"xanes/{k}"] = v
+        h5["xanes/labels"] = labels
+        roi = xanes.roi_spectra(stack, energies, labels)
+        for k in ("mean", "std", "norm", "edge_energy"):
+            h5[f"xanes/roi_{k}"] = roi[k]
+        h5["xanes/roi_label"] = roi["region"]
+    return path
+
+
+def test_plot_result_makes_every_figure(tmp_path, result_h5):
+    paths = plots.plot_result(result_h5, tmp_path / "figs")
+    assert [p.name for p in paths] == ["edge_energy_slice.png", "edge_energy_orthogonal.png", "edge_energy_3d.png",
+                                       "edge_distributions.png", "roi_spectra.png", "mse_per_energy.png",
+                                       "canny_overlay.png", "squared_difference.png"]
+    for p in paths:
+        _assert_figure(p, PIL.open(p).size, min_colours=15, min_std=10)
+
+
+def test_plot_result_skips_absent_datasets(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "only_mse.h5"
+    with h5py.File(path, "w") as h5:
+        h5["energy"] = np.linspace(6500, 6600, 6)
+        h5["registration/mse_before"] = np.linspace(1, 2, 6)
+        h5["registration/mse_after"] = np.linspace(0.1, 0.2, 6)
+    assert [p.name for p in plots.plot_result(path, tmp_path / "f")] == ["mse_per_energy.png"]
+    empty = tmp_path / "empty.h5"
+    h5py.File(empty, "w").close()
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plots.plot_result(empty, tmp_path / "f2")
+
+
+def test_cli_plot(tmp_path, capsys):
+    h5py = pytest.importorskip("h5py")
+    from gpureg.cli import main
+
+    path = tmp_path / "mse.h5"
+    with h5py.File(path, "w") as h5:
+        h5["registration/mse_before"] = np.linspace(1, 2, 6)
+        h5["registration/mse_after"] = np.linspace(0.1, 0.2, 6)
+    with pytest.raises(SystemExit) as exc:
+        main(["plot", str(path), str(tmp_path / "cli_figs")])
+    assert exc.value.code in (0, None)
+    assert "1 figure(s) written" in capsys.readouterr().out
+    assert (tmp_path / "cli_figs" / "mse_per_energy.png").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["plot", str(tmp_path / "nope.h5"), str(tmp_path / "x")])
+    assert exc.value.code == 2 and "gpureg: error:" in capsys.readouterr().err
