@@ -203,19 +203,42 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
     ref = reference_index(energies, reference)
     dev = resolve_device(device)
     prep = {"binarize": binarize, "denoise": options.pop("denoise", None), "smooth": options.pop("smooth", 1.0)}
-    f = prepare_volume(volumes[ref], dev, name=f"volume {ref} (reference)", **prep)
-    results = [None] * len(energies)
-    t0 = time.perf_counter()
-    results[ref] = RegistrationResult(np.eye(4), 0.0, 0.0, [], 0.0, dev, True)
-    done = [ref]
-    for i in registration_order(energies, ref)[1:]:
-        m = prepare_volume(volumes[i], dev, name=f"volume {i}", **prep)
-        nearest = min(done, key=lambda j: abs(energies[j] - energies[i]))
-        init = None if nearest == ref else results[nearest].matrix
-        results[i] = register_affine(f, m, device=dev, init=init, binarize=False, **options)
-        done.append(i)
-        if progress is not None:
-            progress(i, results[i])
+    order = registration_order(energies, ref)
+    # On the GPU only the reference, the current and the next volume are on the device: the next
+    # one is read and copied host->device on a side stream (cuda.HostToDevicePrefetcher) while the
+    # current one registers.
+    fetch = None
+    if dev == "gpu":
+        from . import cuda
+
+        fetch = cuda.HostToDevicePrefetcher(volumes)
+        fetch.submit(ref)
+    try:
+        source = fetch.take(ref) if fetch else volumes[ref]
+        if fetch and len(order) > 1:
+            fetch.submit(order[1])
+        f = prepare_volume(source, dev, name=f"volume {ref} (reference)", **prep)
+        del source
+        results = [None] * len(energies)
+        t0 = time.perf_counter()
+        results[ref] = RegistrationResult(np.eye(4), 0.0, 0.0, [], 0.0, dev, True)
+        done = [ref]
+        for n, i in enumerate(order[1:], start=1):
+            source = fetch.take(i) if fetch else volumes[i]
+            if fetch and n + 1 < len(order):
+                fetch.submit(order[n + 1])
+            m = prepare_volume(source, dev, name=f"volume {i}", **prep)
+            del source
+            nearest = min(done, key=lambda j: abs(energies[j] - energies[i]))
+            init = None if nearest == ref else results[nearest].matrix
+            results[i] = register_affine(f, m, device=dev, init=init, binarize=False, **options)
+            del m
+            done.append(i)
+            if progress is not None:
+                progress(i, results[i])
+    finally:
+        if fetch is not None:
+            fetch.close()
     _log.info("registered %d energies in %.2f s", len(energies) - 1, time.perf_counter() - t0)
     return SeriesResult(energies=energies, reference_index=ref, results=results)
 
@@ -350,6 +373,10 @@ def prepare_volume(volume, device: str, *, name: str = "volume", binarize: bool 
 
 def center_of_mass(volume) -> np.ndarray:
     """Centre of mass ``(z, y, x)`` of ``max(volume - median, 0)`` (robust to a flat background)."""
+    if array_device(volume) == "gpu":
+        from . import cuda
+
+        return cuda.center_of_mass(volume)  # exact radix-select median + one moments pass, no sort
     xp = xp_of(volume)
     w = xp.maximum(volume - xp.median(volume), 0)
     total = float(w.sum())
@@ -383,6 +410,10 @@ def pyramid(volume, min_size: int = 24) -> list:
 
 
 def _downsample2(v):
+    if array_device(v) == "gpu" and v.dtype == np.float32:
+        from . import cuda
+
+        return cuda.downsample2(v)
     nz, ny, nx = (n // 2 for n in v.shape)
     c = v[: 2 * nz, : 2 * ny, : 2 * nx]
     return c.reshape(nz, 2, ny, 2, nx, 2).mean(axis=(1, 3, 5), dtype=c.dtype)
