@@ -8,13 +8,17 @@ CUDA kernels on an NVIDIA GPU.
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
+from .io import open_input, write_dataexchange
 from .metric import MetricTerms, mse_terms
 from .phantom import two_particle_phantom
+from .recon import normalize, reconstruct_energy, reconstruct_fbp
 from .register import RegistrationResult, SeriesResult, register_affine, register_series
 from .segment import binarize, otsu_threshold
+from .synth import simulate
 from .transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
                         params_from_matrix, rotation_matrix, scale_matrix)
 from .xanes import edge_energy, edge_energy_map, particle_labels
+from .validate import run_validation
 
 try:
     __version__ = _version("gpureg")
@@ -36,15 +40,22 @@ __all__ = [
     "invert",
     "matrix_from_params",
     "mse_terms",
+    "normalize",
+    "open_input",
     "otsu_threshold",
     "params_from_matrix",
+    "reconstruct_energy",
+    "reconstruct_fbp",
     "register_affine",
     "register_series",
+    "run_validation",
     "rotation_matrix",
     "scale_matrix",
+    "simulate",
     "to_device",
     "to_host",
     "two_particle_phantom",
+    "write_dataexchange",
     "edge_energy",
     "edge_energy_map",
     "particle_labels",
