@@ -9,11 +9,14 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from .backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
 from .io import open_input, write_dataexchange
+from .io import open_input, write_dataexchange
 from .metric import MetricTerms, mse_terms
 from .phantom import two_particle_phantom
 from .recon import normalize, reconstruct_energy, reconstruct_fbp
+from .recon import normalize, reconstruct_energy, reconstruct_fbp
 from .register import RegistrationResult, SeriesResult, register_affine, register_series
 from .segment import binarize, otsu_threshold
+from .synth import simulate
 from .synth import simulate
 from .transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
                         params_from_matrix, rotation_matrix, scale_matrix)
@@ -42,8 +45,12 @@ __all__ = [
     "mse_terms",
     "normalize",
     "open_input",
+    "normalize",
+    "open_input",
     "otsu_threshold",
     "params_from_matrix",
+    "reconstruct_energy",
+    "reconstruct_fbp",
     "reconstruct_energy",
     "reconstruct_fbp",
     "register_affine",
@@ -52,9 +59,11 @@ __all__ = [
     "rotation_matrix",
     "scale_matrix",
     "simulate",
+    "simulate",
     "to_device",
     "to_host",
     "two_particle_phantom",
+    "write_dataexchange",
     "write_dataexchange",
     "edge_energy",
     "edge_energy_map",
