@@ -41,6 +41,7 @@ __all__ = [
     "kernel_source",
     "median",
     "mse_terms",
+    "mse_terms_device",
     "resample_affine",
     "unpack_terms",
 ]
@@ -228,6 +229,21 @@ def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True) ->
     (no atomics, no full-size temporaries); a second tiny kernel adds the
     partials. The host receives 192 doubles.
     """
+    sums = mse_terms_device(fixed, moving, matrix, center, mask=mask, hessian=hessian)
+    return unpack_terms(sums.get(), hessian)
+
+
+def mse_terms_device(fixed, moving, matrix, center, mask=None, hessian: bool = True):
+    """The fused pass of :func:`mse_terms` without the copy to the host.
+
+    Parameters are those of :func:`mse_terms`.
+
+    Returns
+    -------
+    (32, 6) cupy.ndarray of float64
+        The raw sums (see :func:`unpack_terms`), queued on the current stream
+        (nothing waits for them: for pipelining and for timing the kernels).
+    """
     cp = _cupy()
     fixed = _as_volume(cp, fixed, "fixed")
     moving = _as_volume(cp, moving, "moving")
@@ -243,18 +259,15 @@ def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True) ->
     nz, ny, nx = fixed.shape
     mz, my, mx = moving.shape
     with fixed.device:
-        rows = nz * ny
-        if rows == 0 or nx == 0:
-            return unpack_terms(np.zeros((N_TERMS, N_MONOMIALS)), hessian)
         kernel = _kernel("affine.cu", name)
-        warps = _THREADS // 32
-        blocks = max(1, min(-(-rows // warps), _resident_blocks("affine.cu", name)))
+        rows = nz * ny
+        blocks = max(1, min(-(-rows // (_THREADS // 32)), _resident_blocks("affine.cu", name)))
         partials = cp.empty(N_TERMS * N_MONOMIALS * blocks, dtype=cp.float64)
         kernel((blocks,), (_THREADS,),
                (fixed, moving, mask, np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz), np.int32(my),
                 np.int32(mx), *affine_args(matrix, center), partials))
         sums = _reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks)
-    return unpack_terms(sums.reshape(N_TERMS, N_MONOMIALS), hessian)
+    return sums.reshape(N_TERMS, N_MONOMIALS)
 
 
 def downsample2(volume):
@@ -377,7 +390,7 @@ def center_of_mass(volume) -> np.ndarray:
         partials = cp.empty(4 * blocks, dtype=cp.float64)
         _kernel("volume.cu", name)((blocks,), (_THREADS,),
                                    (volume, np.int32(nz), np.int32(ny), np.int32(nx), med, partials))
-        m = _reduce_partials("volume.cu", partials, 4, blocks)
+        m = _reduce_partials("volume.cu", partials, 4, blocks).get()
     if not m[0] > 0:
         return (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
     return m[1:] / m[0]
@@ -404,6 +417,7 @@ class HostToDevicePrefetcher:
         self._cp = cp
         self._volumes = volumes
         self._device = cp.cuda.Device()
+        self._consumer = cp.cuda.get_current_stream()  # where the caller's kernels run
         self._stream = cp.cuda.Stream(non_blocking=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpureg-h2d")
         self._pending = {}
@@ -448,7 +462,11 @@ class HostToDevicePrefetcher:
             np.copyto(pinned, host, casting="unsafe")
             with self._stream:
                 out = cp.empty(host.shape, dtype=cp.float32)
-                out.set(pinned, stream=self._stream)
+            # The pool may hand out memory that the consumer freed while its kernels still read it:
+            # order the copy after everything queued on the consumer's stream (recorded after the
+            # allocation, so after those frees).
+            self._stream.wait_event(self._consumer.record())
+            out.set(pinned, stream=self._stream)
             # The pinned buffer is reused by the next load: wait for this copy (in the worker thread only).
             self._stream.synchronize()
         return out
@@ -582,8 +600,9 @@ def _resident_blocks_on(name: str, function: str, device_id: int) -> int:
     return sms * max(per_sm, 1)
 
 
-def _reduce_partials(name: str, partials, n_terms: int, blocks: int) -> np.ndarray:
+def _reduce_partials(name: str, partials, n_terms: int, blocks: int):
+    """(n_terms,) cupy float64: the sums over blocks of term-major partials (n_terms, blocks)."""
     cp = _cupy()
     out = cp.empty(n_terms, dtype=cp.float64)
     _kernel(name, "reduce_partials")((n_terms,), (_THREADS,), (partials, np.int32(blocks), out))
-    return out.get()
+    return out
