@@ -784,10 +784,8 @@ def _write_group(group, items):
         elif isinstance(v, str):
             group.attrs[k] = v
         else:
-            a = np.asarray(v)
-            if a.dtype == np.float64 and a.ndim >= 3:
-                a = a.astype(np.float32)
-            kw = {"chunks": (1,) * (a.ndim - 3) + a.shape[-3:]} if a.ndim == 4 else {}
+            a = np.asarray(v)  # dtype kept: float64 matrices stay exact
+            kw = {"chunks": (1,) * (a.ndim - 3) + a.shape[-3:]} if a.ndim == 4 and min(a.shape) > 0 else {}
             group.create_dataset(k, data=a, **kw)
 
 

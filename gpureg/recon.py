@@ -455,7 +455,10 @@ def _backproject3d(a, xp, sino, pg, vg, shape):
     sid = a.data3d("-sino", pg, sino, link=True)
     vid = a.data3d("-vol", vg, vol, link=True)
     aid = a.algorithm({"type": "BP3D_CUDA", "ProjectionDataId": sid, "ReconstructionDataId": vid})
+    # ASTRA runs on its own CUDA stream: finish CuPy's filtering before, and ASTRA's kernels after.
+    xp.cuda.Device().synchronize()
     a.astra.algorithm.run(aid)
+    xp.cuda.Device().synchronize()
     return vol
 
 

@@ -56,6 +56,7 @@ def test_round_trip_single_file(tmp_path):
         np.testing.assert_array_equal(r.dark(), dark)
         t = r.truth()
         np.testing.assert_array_equal(t["matrices"], truth["matrices"])
+        assert t["matrices"].dtype == np.float64
         np.testing.assert_array_equal(t["labels"], truth["labels"])
         assert t["note"] == "hello"
         assert r.attrs["parameters"] == {"a": 1} and r.attrs["who"] == "test"
