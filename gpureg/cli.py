@@ -336,6 +336,53 @@ def _step_progress(label, total):
 
         yield step
 
+@app.command()
+@friendly
+def validate(
+    outdir: Path = typer.Argument(Path("gpureg-validation"), help="Output folder: validation.csv/.json, summary.md, figures."),
+    size: int = typer.Option(64, "--size", help="Grid edge of the synthetic tomogram (voxels)."),
+    noise: str = typer.Option("0,2,5,10,30", "--noise", help="Salt-and-pepper levels in percent, comma-separated."),
+    distortions: str = typer.Option("translation,rotation,scale,shear,deformation", "--distortions",
+                                    help="Comma-separated subset of translation,rotation,scale,shear,deformation."),
+    modes: str = typer.Option("binarized,raw", "--modes", help="Comma-separated subset of binarized,raw."),
+    sitk: Optional[bool] = typer.Option(None, "--sitk/--no-sitk",
+                                        help="Also run SimpleITK (default: when installed, the 'bench' extra)."),
+    quick: bool = typer.Option(False, "--quick", help="32^3, largest magnitudes, 0 and 10 % noise, binarized "
+                                                      "(overrides --size, --noise, --modes)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the PNG figures."),
+    device: str = DeviceOpt,
+):
+    """Registration accuracy on known synthetic distortions x noise (reference study's Fig. S1-S3), vs SimpleITK."""
+    from .validate import QUICK, run_validation
+
+    def split(text, option):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise ValueError(f"{option} needs at least one comma-separated value, got {text!r}")
+        return items
+
+    try:
+        levels = [float(x) / 100 for x in split(noise, "--noise")]
+    except ValueError:
+        raise ValueError(f"--noise must be percentages separated by commas (e.g. 0,10,30), got {noise!r}") from None
+    kw = dict(size=size, noise=levels, modes=split(modes, "--modes"))
+    if quick:
+        kw = dict(QUICK)
+
+    def progress(done, total, rows):
+        typer.echo(f"[{done}/{total}] " + " | ".join(
+            f"{r['method']} {r['distortion']} {r['magnitude']:g} noise {100 * r['noise']:g}% {r['mode']}: "
+            + (f"{r['error_vox']:.3f} vox, {r['seconds']:.2f} s" if r["status"] == "ok" else r["status"])
+            for r in rows))
+
+    res = run_validation(outdir, device=device, distortions=split(distortions, "--distortions"), sitk=sitk,
+                         figures=figures, progress=progress, **kw)
+    typer.echo(f"{len(res.rows)} registrations ({len(res.failures)} failed) on {res.settings['device']}; "
+               f"summary in {outdir / 'summary.md'}")
+    if res.failures:
+        raise typer.Exit(1)
+
+
 def main(argv=None):
     """Entry point of the ``gpureg`` command."""
     return app(args=argv, prog_name="gpureg")
