@@ -397,9 +397,15 @@ class _DataExchangeFile(InputReader):
             self.kind, name = "recon", "recon"
         else:
             raise InputError(f"{where}: dataset /exchange/data (projections) or /exchange/recon (volumes) not found")
-        if "energy" not in ex:
+        mono = "measurement/instrument/monochromator/energy"
+        if "energy" in ex:
+            energies = _energies_ev(ex["energy"], where)
+        elif mono in h5 and hasattr(h5[mono], "shape"):  # Data Exchange's instrument record
+            energies = _energies_ev(h5[mono], where, "/" + mono)
+        elif single_energy and _energy_from_name(where) is not None:  # per-energy file named '..._6552eV.h5'
+            energies = np.array([_energy_from_name(where)])
+        else:
             raise InputError(f"{where}: dataset /exchange/energy not found")
-        energies = _energies_ev(ex["energy"], where)
         n_e = energies.size
         ds = _dataset(ex, name, where)
         _check_numeric(ds, f"{where}: /exchange/{name}")
@@ -656,21 +662,21 @@ def _check_numeric(ds, where):
         raise InputError(f"{where}: expected integer or float values, got dtype {dt}")
 
 
-def _energies_ev(ds, where):
+def _energies_ev(ds, where, name="/exchange/energy"):
     try:
         e = np.asarray(ds[()], dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise InputError(f"{where}: /exchange/energy: expected numbers, got dtype {ds.dtype}") from None
+        raise InputError(f"{where}: {name}: expected numbers, got dtype {ds.dtype}") from None
     units = _attr_text(ds.attrs.get("units", "")).lower()
     if units == "kev":
         e = e * 1000.0
     elif units not in ("", "ev"):
-        raise InputError(f"{where}: /exchange/energy: units {units!r} not understood (expected 'eV' or 'keV')")
+        raise InputError(f"{where}: {name}: units {units!r} not understood (expected 'eV' or 'keV')")
     elif units == "" and e.size and np.nanmax(np.abs(e)) < 200.0:
-        _log.warning("gpureg: %s: /exchange/energy has no units and values below 200; reading them as keV", where)
+        _log.warning("gpureg: %s: %s has no units and values below 200; reading them as keV", where, name)
         e = e * 1000.0
     try:
-        _check_energies(e, "/exchange/energy")
+        _check_energies(e, name)
     except ValueError as exc:
         raise InputError(f"{where}: {exc}") from None
     return e

@@ -276,3 +276,21 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_dataexchange(target, data=dying(), data_white=white, data_dark=dark, theta=theta, energy=energy)
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["scan.h5"]
+
+
+def test_energy_from_instrument_record_or_file_name(tmp_path):
+    data, white, dark, theta, energy = _arrays()
+    path = _valid_raw(tmp_path / "mono.h5", **{"exchange/energy": None,
+                                               "measurement/instrument/monochromator/energy": energy / 1000})
+    with h5py.File(path, "a") as h5:
+        h5["measurement/instrument/monochromator/energy"].attrs["units"] = "keV"
+    with open_input(path) as r:
+        np.testing.assert_allclose(r.energies, energy)
+    folder = tmp_path / "named"
+    folder.mkdir()
+    for i, e in enumerate(energy):  # per-energy files without an energy dataset: read from the name
+        _write_raw(folder / f"scan_{e:.1f}eV.h5", **{"exchange/data": data[i], "exchange/data_white": white[i],
+                                                     "exchange/theta": theta})
+    with open_input(folder) as r:
+        np.testing.assert_array_equal(r.energies, energy)
+        np.testing.assert_array_equal(r.projections(2), data[2])
