@@ -405,16 +405,8 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     fixed_noisy = {k: salt_and_pepper(fixed_clean, x, seed=seed * 7919 + 2 * k + 1) for k, x in enumerate(noise)}
     for di, dist in enumerate(distortions):
         for mi, mag in enumerate(mags[dist]):
-            if dist == "deformation":
-                warp = SmoothDeformation(shape, mag * size, seed=seed)  # same field, growing amplitude
-                moving_clean = warp.warp(fixed_clean)
-                true_points = warp.moving_from_reference(points)
-                floor = float(_distances(warp.best_affine(points), points, true_points).mean())
-            else:
-                truth = distortion_matrix(dist, mag, shape, index=mi)
-                moving_clean = two_particle_phantom(shape, truth, seed=seed, edge_width=edge_width)
-                true_points = points @ truth[:3, :3].T + truth[:3, 3]
-                floor = 0.0
+            moving_clean, true_points, floor = _moving_case(dist, mag, mi, fixed_clean, points, seed=seed,
+                                                            edge_width=edge_width)
             mse_clean_before = mse_terms(fixed_clean, moving_clean, np.eye(4), hessian=False).mse
             for ni, level in enumerate(noise):
                 moving_noisy = salt_and_pepper(moving_clean, level, seed=seed * 7919 + 1000 * (di + 1) + 10 * mi + 2 * ni)
@@ -426,30 +418,16 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
                     prep = time.perf_counter() - t0
                     mse_before = mse_terms(a, b, np.eye(4), hessian=False).mse
                     case = {"distortion": dist, "magnitude": mag, "noise": level, "mode": mode, "filter": filt or "none",
-                            "size": size,
-                            "floor_vox": floor, "mse_before": mse_before, "mse_clean_before": mse_clean_before,
+                            "size": size, "floor_vox": floor, "mse_before": mse_before, "mse_clean_before": mse_clean_before,
                             "prep_seconds": prep}
                     methods = [("gpureg", dev, lambda a=a, b=b: _run_gpureg(register_affine, a, b, dev))]
                     if use_sitk:
                         methods.append(("SimpleITK", "cpu", lambda a=a, b=b: _run_sitk(register_sitk, a, b)))
                     case_rows = []
                     for method, where, fn in methods:
-                        row = {**case, "method": method, "device": where}
-                        try:
-                            matrix, seconds, iterations = fn()
-                        except Exception as exc:  # one failing case must not end the sweep; it is reported
-                            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                            warnings.warn(f"validation case {dist} {mag:g} noise {level:g} {mode} {method} failed: {msg}",
-                                          RuntimeWarning, stacklevel=2)
-                            row.update(error_vox=math.nan, error_max_vox=math.nan, mse_after=math.nan,
-                                       mse_clean_after=math.nan, seconds=math.nan, iterations="",
-                                       status=f"error: {msg}")
-                        else:
-                            dist_vox = _distances(matrix, points, true_points)
-                            row.update(error_vox=float(dist_vox.mean()), error_max_vox=float(dist_vox.max()),
-                                       mse_after=mse_terms(a, b, matrix, hessian=False).mse,
-                                       mse_clean_after=mse_terms(fixed_clean, moving_clean, matrix, hessian=False).mse,
-                                       seconds=seconds, iterations=iterations, status="ok")
+                        row, matrix = _evaluate(fn, {**case, "method": method, "device": where}, points, true_points,
+                                                (a, b), (fixed_clean, moving_clean))
+                        if matrix is not None:
                             examples.setdefault((dist, method), {})[(mag, level, mode)] = matrix
                         case_rows.append(row)
                         if writer is not None:
@@ -508,6 +486,42 @@ def summarize(rows, *, noise=None, mode=None) -> list:
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _moving_case(dist, mag, index, fixed_clean, points, *, seed, edge_width):
+    """Noise-free moving volume, true moving positions of ``points`` and the best-affine floor."""
+    from .phantom import two_particle_phantom
+
+    shape = fixed_clean.shape
+    if dist == "deformation":
+        warp = SmoothDeformation(shape, mag * min(shape), seed=seed)  # same field, growing amplitude
+        true_points = warp.moving_from_reference(points)
+        floor = float(_distances(warp.best_affine(points), points, true_points).mean())
+        return warp.warp(fixed_clean), true_points, floor
+    truth = distortion_matrix(dist, mag, shape, index=index)
+    moving = two_particle_phantom(shape, truth, seed=seed, edge_width=edge_width)
+    return moving, points @ truth[:3, :3].T + truth[:3, 3], 0.0
+
+
+def _evaluate(fn, row, points, true_points, inputs, clean):
+    """Run one registration ``fn() -> (matrix, seconds, iterations)``; fill ``row``; return (row, matrix or None)."""
+    from .metric import mse_terms
+
+    try:
+        matrix, seconds, iterations = fn()
+    except Exception as exc:  # one failing case must not end the sweep; it is reported
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        warnings.warn(f"validation case {row['distortion']} {row['magnitude']:g} noise {row['noise']:g} {row['mode']} "
+                      f"{row['method']} failed: {msg}", RuntimeWarning, stacklevel=3)
+        row.update(error_vox=math.nan, error_max_vox=math.nan, mse_after=math.nan, mse_clean_after=math.nan,
+                   seconds=math.nan, iterations="", status=f"error: {msg}")
+        return row, None
+    d = _distances(matrix, points, true_points)
+    row.update(error_vox=float(d.mean()), error_max_vox=float(d.max()),
+               mse_after=mse_terms(*inputs, matrix, hessian=False).mse,
+               mse_clean_after=mse_terms(*clean, matrix, hessian=False).mse,
+               seconds=seconds, iterations=iterations, status="ok")
+    return row, matrix
+
 
 def _distances(matrix, points, true_points):
     """Distance (voxels) from ``matrix @ points`` to ``true_points``, both (N, 3)."""

@@ -177,9 +177,8 @@ def test_sitk_required_but_missing(monkeypatch):
 
 def test_reports_and_figures(tmp_path):
     use_sitk = sitk_available()
-    res = gpureg.run_validation(tmp_path, size=SIZE, device="cpu", distortions=("rotation",),
-                                magnitudes={"rotation": (10.0,)}, noise=(0.10,), modes=("binarized",),
-                                sitk=use_sitk)
+    res = gpureg.run_validation(tmp_path, size=SIZE, device="cpu", distortions=("scale",),
+                                magnitudes={"scale": (1.15,)}, noise=(0.0,), modes=("binarized",), sitk=use_sitk)
     methods = ["gpureg"] + (["SimpleITK"] if use_sitk else [])
     assert [r["method"] for r in res.rows] == methods and res.failures == []
     with open(tmp_path / "validation.csv", newline="") as fh:
@@ -191,12 +190,12 @@ def test_reports_and_figures(tmp_path):
     doc = json.loads((tmp_path / "validation.json").read_text())
     assert doc["settings"]["size"] == SIZE and len(doc["rows"]) == len(methods)
     md = (tmp_path / "summary.md").read_text()
-    assert "## Noise 10 %" in md and "| rotation | binarized |" in md
+    assert "## Noise 0 %" in md and "| scale | binarized |" in md
     if use_sitk:
         assert "SimpleITK error" in md and "time ratio SimpleITK/gpureg" in md
         assert res.rows[1]["error_vox"] < 1.0  # the reference registers the same arrays
-    pngs = ["error_vs_magnitude_binarized.png", "time_binarized.png", "examples/rotation_before.png",
-            "examples/rotation_after_gpureg.png"] + (["examples/rotation_after_simpleitk.png"] if use_sitk else [])
+    pngs = ["error_vs_magnitude_binarized.png", "time_binarized.png", "examples/scale_before.png",
+            "examples/scale_after_gpureg.png"] + (["examples/scale_after_simpleitk.png"] if use_sitk else [])
     for name in pngs:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert tmp_path / name in res.files
