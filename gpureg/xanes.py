@@ -751,7 +751,7 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
                 g.create_dataset("roi_edge_energy", data=roi["edge_energy"])
             g.attrs.update({"method": method, "smooth_ev": float(smooth), "n_particles": n, "source": str(src),
                             "source_dataset": name, "gpureg_version": __version__,
-                            "min_voxels": int(min_voxels), "device": resolve_device(device),
+                            "min_voxels": int(min_voxels), "device": rng["device"],
                             "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
                             "min_jump_rule": "auto" if min_jump is None else "given"})
             g.attrs["pre_ev"], g.attrs["post_ev"] = rng["pre"], rng["post"]
@@ -793,7 +793,7 @@ def _edge_core(xp, mu, E, rng, method, smooth, ec):
     if method in ("derivative", "both"):
         K = _derivative_operator(E, smooth)[w]             # (W, n): smoothed d/dE
         der = xp.asarray(K.astype(np.float32)) @ mu
-        e_der = _peak(xp, der, Ew_x, xp.zeros(der.shape[1], dtype=bool), interior=True)
+        e_der = _peak(xp, der, Ew_x, Ew, interior=True)
         del der
         if method == "derivative":
             edge = e_der
@@ -801,9 +801,8 @@ def _edge_core(xp, mu, E, rng, method, smooth, ec):
             out["e0_derivative"] = e_der
     jump = jump_at(xp.where(xp.isfinite(edge), edge, xp.float32(ec)))
     # White line: highest point of the pre-subtracted spectrum above the edge (window only).
-    above = Ew_x[:, None] > xp.where(xp.isfinite(edge), edge, xp.float32(np.inf))[None, :]
-    out["white_line"] = _peak(xp, xp.where(above, d, xp.float32(-np.inf)), Ew_x, ~above.any(axis=0), interior=False,
-                              values=d)
+    out["white_line"] = _peak(xp, d, Ew_x, Ew, interior=False,
+                              lower=xp.where(xp.isfinite(edge), edge, xp.float32(np.inf)))
     out["edge_energy"] = edge
     out["edge_jump"] = jump
     return out
@@ -826,44 +825,73 @@ def _stack_ranges(read, shape, E, pre, post):
 
 
 def _first_crossing(xp, d, level, Ew):
-    """Energy where ``d`` (W, N) first rises through ``level`` (N,), linear interpolation; NaN if never."""
-    up = d >= level[None, :]
-    cond = ~up[:-1] & up[1:]
-    found = cond.any(axis=0)
-    i = cond.argmax(axis=0)[None, :]
-    d0 = xp.take_along_axis(d, i, axis=0)[0]
-    d1 = xp.take_along_axis(d, i + 1, axis=0)[0]
-    e0, e1 = Ew[i[0]], Ew[i[0] + 1]
+    """Energy where ``d`` (W, N) first rises through ``level`` (N,), linear interpolation; NaN if never.
+
+    A loop over the W energies of the window with whole-row operations: rows
+    are contiguous, so this is cache-friendly on the CPU and a handful of
+    small kernels per energy on the GPU (an ``argmax`` over axis 0 is a
+    strided reduction, several times slower on the CPU).
+    """
+    W, N = d.shape
+    idx = xp.zeros(N, dtype=xp.int32)
+    todo = xp.ones(N, dtype=bool)
+    prev = d[0] >= level
+    up = xp.empty_like(prev)
+    hit = xp.empty_like(prev)
+    for j in range(1, W):
+        # In-place, branch-free row operations: masked copies (where/copyto) with scattered
+        # masks are ~30x slower than arithmetic in NumPy.
+        xp.greater_equal(d[j], level, out=up)
+        xp.greater(up, prev, out=hit)           # up and not prev (bool order False < True)
+        xp.logical_and(hit, todo, out=hit)      # only the first crossing counts
+        idx += hit.astype(xp.int32) * xp.int32(j - 1)
+        xp.greater(todo, hit, out=todo)         # todo and not hit
+        prev, up = up, prev
+    found = ~todo
+    i = xp.where(found, idx, xp.int32(0))
+    cols = xp.arange(N)
+    d0, d1 = d[i, cols], d[i + 1, cols]
+    e0, e1 = Ew[i], Ew[i + 1]
     denom = xp.where(found, d1 - d0, xp.float32(1))
     t = xp.clip((level - d0) / denom, 0, 1)
     return xp.where(found, e0 + t * (e1 - e0), xp.float32(np.nan))
 
 
-def _peak(xp, score, Ew, none, *, interior, values=None):
-    """Energy of the maximum of ``score`` (W, N) along axis 0, refined by a parabola through 3 samples.
+def _peak(xp, v, Ew, Ew_host, *, interior, lower=None):
+    """Energy of the maximum of ``v`` (W, N) along axis 0, refined by a parabola through 3 samples.
 
-    ``values`` (default ``score``) are the samples fitted. With ``interior``
-    the peak index is kept off the window ends; otherwise a maximum at the
-    last sample (no peak inside the window) gives NaN. ``none`` (N,) marks
-    columns without a candidate (NaN).
+    Only rows with energy above ``lower`` (N,) are candidates when given.
+    With ``interior`` the parabola is centred off the window ends; otherwise
+    a maximum on the last sample (no peak inside the window) gives NaN, as
+    does a column without candidates. Running maximum over rows (see
+    :func:`_first_crossing` for why not ``argmax``).
     """
-    W = score.shape[0]
-    k = score.argmax(axis=0)
+    W, N = v.shape
+    best = xp.full(N, -np.inf, dtype=xp.float32)
+    k = xp.zeros(N, dtype=xp.int32)
+    better = xp.empty(N, dtype=bool)
+    ok = xp.empty(N, dtype=bool)
+    for j in range(W):                         # branch-free row operations, as in _first_crossing
+        xp.greater(v[j], best, out=better)
+        if lower is not None:
+            xp.less(lower, xp.float32(Ew_host[j]), out=ok)
+            xp.logical_and(better, ok, out=better)
+        k += better.astype(xp.int32) * (xp.int32(j) - k)
+        xp.maximum(best, v[j] - xp.float32(3e38) * (~better), out=best)
+    none = ~xp.isfinite(best)
     at_end = k >= W - 1
-    kc = xp.clip(k, 1, W - 2)[None, :]
-    v = score if values is None else values
-    y0 = xp.take_along_axis(v, kc - 1, axis=0)[0]
-    y1 = xp.take_along_axis(v, kc, axis=0)[0]
-    y2 = xp.take_along_axis(v, kc + 1, axis=0)[0]
-    x0, x1, x2 = Ew[kc[0] - 1], Ew[kc[0]], Ew[kc[0] + 1]
+    kc = xp.clip(k, 1, W - 2)
+    cols = xp.arange(N)
+    y0, y1, y2 = v[kc - 1, cols], v[kc, cols], v[kc + 1, cols]
+    x0, x1, x2 = Ew[kc - 1], Ew[kc], Ew[kc + 1]
     a, b = x1 - x0, x1 - x2
     num = a * a * (y1 - y2) - b * b * (y1 - y0)
     den = a * (y1 - y2) - b * (y1 - y0)
     safe = xp.abs(den) > 0
     vertex = x1 - 0.5 * num / xp.where(safe, den, xp.float32(1))
     vertex = xp.where(safe, xp.clip(vertex, x0, x2), x1)
-    # Where the argmax sat on a window end without 'interior', the parabola is not centred on it.
-    vertex = xp.where(k == kc[0], vertex, Ew[k])
+    # Where the maximum sat on a window end, the parabola is not centred on it: keep the sample.
+    vertex = xp.where(k == kc, vertex, Ew[k])
     bad = none if interior else (none | at_end)
     return xp.where(bad, xp.float32(np.nan), vertex).astype(xp.float32)
 

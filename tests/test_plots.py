@@ -185,7 +185,10 @@ def test_plot_result_makes_every_figure(tmp_path, result_h5):
                                        "edge_distributions.png", "roi_spectra.png", "mse_per_energy.png",
                                        "canny_overlay.png", "squared_difference.png"]
     for p in paths:
-        _assert_figure(p, PIL.open(p).size, min_colours=15, min_std=10)
+        with PIL.open(p) as im:
+            size = im.size
+        assert size[0] >= 600 and size[1] >= 400
+        _assert_figure(p, size, min_colours=15, min_std=10)
 
 
 def test_plot_result_skips_absent_datasets(tmp_path):
