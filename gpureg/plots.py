@@ -475,12 +475,14 @@ def edge_distributions(dist: dict, path, *, title: str | None = None, figsize=(6
     return _save(fig, path, dpi)
 
 
-def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
+def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> list:
     """Every figure a result file has the data for, written as PNGs into ``outdir``.
 
     Reads (each optional; figures whose datasets are absent are skipped):
     ``/energy`` (or ``/exchange/energy``); ``/xanes/edge_energy``, ``mask``,
-    ``labels``, ``roi_*`` (from ``gpureg xanes``); ``/registration/mse_before``
+    ``labels``, ``roi_*`` (from ``gpureg xanes``; without them the particle
+    spectra are computed from ``/aligned`` and ``/xanes/labels``, reading
+    one energy volume at a time); ``/registration/mse_before``
     and ``mse_after``; ``/aligned`` and ``/recon`` (n_energy, Z, Y, X), of
     which only single slices are read.
 
@@ -500,6 +502,8 @@ def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
     z : int, optional
         z-slice for the 2D figures (default: the middle, or the plane with the
         most valid edge-energy voxels).
+    dpi : int
+        Resolution of every figure (sizes are fixed in inches).
 
     Returns
     -------
@@ -533,10 +537,10 @@ def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
             vis = em if mask is None else np.where(mask, em, np.nan)
             if np.isfinite(vis).any():
                 zi = z if z is not None else None
-                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", index=zi))
-                paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png"))
+                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", dpi=dpi, index=zi))
+                paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png", dpi=dpi))
                 if vis.ndim == 3:
-                    paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png"))
+                    paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png", dpi=dpi))
                 if "labels" in g and int(np.max(g["labels"][()], initial=0)) > 0:
                     labels = np.asarray(g["labels"][()])
                     try:
@@ -544,7 +548,7 @@ def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
                     except ValueError as exc:
                         _log.warning("plot_result: no edge-energy distributions (%s)", exc)
                     else:
-                        paths.append(edge_distributions(dist, out / "edge_distributions.png"))
+                        paths.append(edge_distributions(dist, out / "edge_distributions.png", dpi=dpi))
             else:
                 _log.warning("plot_result: %s:/xanes/edge_energy has no valid voxel; edge-energy figures skipped", src)
             if "roi_mean" in g and energy is not None and g["roi_mean"].shape[-1] == energy.size:
@@ -554,13 +558,20 @@ def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
                     roi["norm"] = g["roi_norm"][()]
                 if "roi_edge_energy" in g:
                     roi["edge_energy"] = g["roi_edge_energy"][()]
-                paths.append(roi_spectra(roi, out / "roi_spectra.png"))
+                paths.append(roi_spectra(roi, out / "roi_spectra.png", dpi=dpi))
+            elif ("labels" in g and "aligned" in h5 and energy is not None and h5["aligned"].ndim == 4
+                  and h5["aligned"].shape[0] == energy.size and h5["aligned"].shape[1:] == g["labels"].shape):
+                labels = np.asarray(g["labels"][()])
+                if labels.max(initial=0) > 0 and np.unique(energy).size == energy.size:
+                    order = np.argsort(energy, kind="stable")     # spectra are read one energy volume at a time
+                    roi = xn.roi_spectra(xn._Reordered(h5["aligned"], order), energy[order], labels)
+                    paths.append(roi_spectra(roi, out / "roi_spectra.png", dpi=dpi))
         reg = h5.get("registration")
         before = after = None
         if reg is not None and "mse_before" in reg and "mse_after" in reg:
             before, after = reg["mse_before"][()], reg["mse_after"][()]
             e = energy if energy is not None and energy.size == np.size(before) else np.arange(np.size(before))
-            paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png"))
+            paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png", dpi=dpi))
         if "aligned" in h5 and h5["aligned"].ndim == 4:
             al = h5["aligned"]
             n_e, nz = al.shape[0], al.shape[1]
@@ -575,12 +586,15 @@ def plot_result(result_h5, outdir, *, z: int | None = None) -> list:
                 raise InputError(f"{src}: z={zi} is outside the /aligned stack (0..{nz - 1})")
             if n_e > 1 and k != ref:
                 ref_sl, ali_sl = al[ref, zi], al[k, zi]
-                tag = f"E = {energy[k]:.1f} eV vs reference {energy[ref]:.1f} eV" if energy is not None and energy.size == n_e else f"energy {k} vs reference {ref}"
-                paths.append(canny_overlay(ref_sl, ali_sl, out / "canny_overlay.png",
+                if energy is not None and energy.size == n_e:
+                    tag = f"E = {energy[k]:.1f} eV vs reference {energy[ref]:.1f} eV"
+                else:
+                    tag = f"energy {k} vs reference {ref}"
+                paths.append(canny_overlay(ref_sl, ali_sl, out / "canny_overlay.png", dpi=dpi,
                                            title=f"Canny edges, z = {zi}: {tag}"))
                 if "recon" in h5 and h5["recon"].shape == al.shape:
                     paths.append(squared_difference(ref_sl, h5["recon"][k, zi], ali_sl, out / "squared_difference.png",
-                                                    title=f"z = {zi}: {tag}"))
+                                                    dpi=dpi, title=f"z = {zi}: {tag}"))
     if not paths:
         raise InputError(f"{src}: nothing to plot (no /xanes, /registration/mse_* or /aligned datasets)")
     return paths

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import array_device, ndimage_of, resolve_device, to_device, to_host, xp_of
+from .backend import ndimage_of, resolve_device, to_device, to_host, xp_of
 
 __all__ = [
     "METHODS",
@@ -126,7 +126,8 @@ def synthetic_spectra(energies, e0, *, jump=1.0, width=3.0, white_line=0.5, wl_o
     erf = _erf(xp)
     step = 0.5 * (1.0 + erf(x / width))
     pre = pre_offset + pre_slope * x
-    mu = pre + step * jump * (1.0 + post_slope * x) + jump * white_line * xp.exp(-0.5 * ((x - wl_offset) / wl_width) ** 2)
+    peak = white_line * xp.exp(-0.5 * ((x - wl_offset) / wl_width) ** 2)
+    mu = pre + step * jump * (1.0 + post_slope * x) + jump * peak
     return mu.astype(xp.float32)
 
 
@@ -267,7 +268,8 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
     if mask is not None:
         mask = xp.asarray(mask)
         if tuple(mask.shape) != out_shape:
-            raise ValueError(f"edge_energy: mask must have shape {out_shape} (spectra.shape[1:]), got {tuple(mask.shape)}")
+            raise ValueError(f"edge_energy: mask must have shape {out_shape} (spectra.shape[1:]), "
+                             f"got {tuple(mask.shape)}")
         mask = mask.reshape(-1).astype(bool)
     finite = xp.isfinite(mu.sum(axis=0))
     n_finite = int(finite.sum())
@@ -407,7 +409,8 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
                 raise
             res = None   # an all-NaN slab: leave it masked
         if out is None:
-            keys = ("edge_energy", "edge_jump", "white_line", "mask") + (("e0_derivative",) if kw.get("method") == "both" else ())
+            keys = ("edge_energy", "edge_jump", "white_line", "mask")
+            keys += ("e0_derivative",) if kw.get("method") == "both" else ()
             out = {k: (np.zeros(shape, bool) if k == "mask" else np.full(shape, np.nan, np.float32)) for k in keys}
         if res is not None:
             for k, v in res.items():
@@ -1013,7 +1016,8 @@ def _slab_reader(stack, n_e, order):
     try:
         n = len(stack)
     except TypeError:
-        raise ValueError(f"stack must be an (n_energy, Z, Y, X) array or a sequence of volumes, got {type(stack)!r}") from None
+        raise ValueError(f"stack must be an (n_energy, Z, Y, X) array or a sequence of volumes, "
+                         f"got {type(stack)!r}") from None
     if n != n_e:
         raise ValueError(f"stack holds {n} volumes but {n_e} energies were given")
     first = stack[0]
