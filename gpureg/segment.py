@@ -63,7 +63,8 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
     return nd.gaussian_filter(volume, sigma=size / 3.0)
 
 
-def binarize(volume, *, threshold: float | None = None, denoise: str | None = None, size: float = 3):
+def binarize(volume, *, threshold: float | None = None, denoise: str | None = None, size: float = 3,
+             fraction: float | None = None, fraction_tol: float = 0.05):
     """Binary (0/1 float32) volume, foreground ``volume > threshold`` (Otsu by default).
 
     Parameters
@@ -77,6 +78,16 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
         Gaussian: sigma ``size / 3``). Median removes salt-and-pepper noise.
     size : float
         Filter size in voxels.
+    fraction : float, optional
+        Expected foreground fraction (e.g. the reference energy's). When the
+        Otsu foreground's fraction differs from it by more than ``fraction_tol``
+        (relative), the threshold becomes the ``1 - fraction`` quantile instead.
+        Across an absorption edge the particles' contrasts change differently:
+        mid-edge, Otsu can split the bright particle from the faint one and drop
+        the faint one; the sample's volume does not change, so matching the
+        reference's fraction keeps it (demo data: worst energy 0.75 -> 0.24 voxel).
+    fraction_tol : float
+        Relative tolerance on the fraction before the quantile is used.
 
     Returns
     -------
@@ -86,6 +97,11 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
     xp = xp_of(volume)
     v = _denoise(xp.asarray(volume, dtype=xp.float32), denoise, size=size)
     t = otsu_threshold(v) if threshold is None else float(threshold)
+    if threshold is None and fraction is not None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        if abs(float((v > t).mean()) / fraction - 1) > fraction_tol:
+            t = float(xp.quantile(v, 1 - fraction))
     out = (v > t).astype(xp.float32)
     if not bool(out.any()):
         raise ValueError(f"binarization at threshold {t:g} leaves no foreground voxel (empty mask)")
