@@ -66,7 +66,7 @@ def _register_one(path, i, fixed_grey, opts):
     from .backend import to_host
     from .io import open_input
     from .pipeline import _Loader, reference_prep
-    from .register import prepare_volume, register_affine
+    from .register import prepare_volume, register_prepared
     from .transform import apply_affine
 
     with open_input(path) as reader:
@@ -75,7 +75,7 @@ def _register_one(path, i, fixed_grey, opts):
     prep = reference_prep(fixed_grey, opts)
     fixed = prepare_volume(fixed_grey, opts["device"], name="reference", **prep)
     moving = prepare_volume(vol, opts["device"], name=f"energy index {i}", **prep)
-    res = register_affine(fixed, moving, device=opts["device"], model=opts["model"])
+    res = register_prepared(fixed, moving, model=opts["model"])
     t1 = time.perf_counter()
     aligned = to_host(apply_affine(vol, res.matrix, device=opts["device"]))
     return i, vol, aligned, res, {"load": t_load, "register": t1 - t0, "apply": time.perf_counter() - t1}

@@ -53,16 +53,7 @@ def two_particle_phantom(shape=(64, 64, 64), moving_from_reference=None, *, per_
     labels : (Z, Y, X) ndarray of uint8
         Only when ``return_labels``.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be 3 axes of at least 8 voxels, got {shape}")
-    rng = np.random.default_rng(seed)
-    params = [_particle_params(rng, spec) for spec in PARTICLES]
-    center = (np.asarray(shape, dtype=np.float64) - 1) / 2
-    half = min(shape) / 2.0
-    default = np.eye(4) if moving_from_reference is None else np.asarray(moving_from_reference, dtype=np.float64)
-    per_particle = per_particle or {}
-    inverses = [np.linalg.inv(np.asarray(per_particle.get(k + 1, default), dtype=np.float64)) for k in range(len(params))]
+    shape, params, center, half, inverses = _setup(shape, moving_from_reference, per_particle, seed)
     out = np.zeros(int(np.prod(shape)), dtype=np.float32)
     labels = np.zeros(out.shape, dtype=np.uint8) if return_labels else None
     grid = np.stack(np.meshgrid(np.arange(shape[1], dtype=np.float64), np.arange(shape[2], dtype=np.float64),
@@ -125,16 +116,7 @@ def particle_fields(shape=(64, 64, 64), moving_from_reference=None, *, per_parti
         the occupancy is below 1e-7);
         ``level`` : (P,) float64, mean grey level of each particle.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be 3 axes of at least 8 voxels, got {shape}")
-    rng = np.random.default_rng(seed)
-    params = [_particle_params(rng, spec) for spec in PARTICLES]
-    center = (np.asarray(shape, dtype=np.float64) - 1) / 2
-    half = min(shape) / 2.0
-    default = np.eye(4) if moving_from_reference is None else np.asarray(moving_from_reference, dtype=np.float64)
-    per_particle = per_particle or {}
-    inverses = [np.linalg.inv(np.asarray(per_particle.get(k + 1, default), dtype=np.float64)) for k in range(len(params))]
+    shape, params, center, half, inverses = _setup(shape, moving_from_reference, per_particle, seed)
     p = len(params)
     occupancy = np.zeros((p, *shape), dtype=np.float32)
     texture = np.zeros((p, *shape), dtype=np.float32)
@@ -166,6 +148,20 @@ def particle_fields(shape=(64, 64, 64), moving_from_reference=None, *, per_parti
             coords[k][gidx] = flat_uvw
     return {"occupancy": occupancy, "texture": texture, "coords": coords,
             "level": np.array([par["level"] for par in params])}
+
+
+def _setup(shape, moving_from_reference, per_particle, seed):
+    """Checked shape, seeded particle parameters, grid centre, half-size and per-particle inverse motions."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 axes of at least 8 voxels, got {shape}")
+    rng = np.random.default_rng(seed)
+    params = [_particle_params(rng, spec) for spec in PARTICLES]
+    center = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    default = np.eye(4) if moving_from_reference is None else np.asarray(moving_from_reference, dtype=np.float64)
+    per_particle = per_particle or {}
+    inverses = [np.linalg.inv(np.asarray(per_particle.get(k + 1, default), dtype=np.float64)) for k in range(len(params))]
+    return shape, params, center, min(shape) / 2.0, inverses
 
 
 def _particle_params(rng, spec):

@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import resolve_device, to_host
 from .io import InputError
-from .register import prepare_volume, reference_index, register_affine, registration_order
+from .register import prepare_volume, reference_index, register_prepared, registration_order
 
 __all__ = ["PipelineResult", "STAGES", "file_checksum", "reference_prep", "report_dir_for", "run", "write_report"]
 
@@ -249,7 +249,7 @@ def _register_all(store, loader, ref, params, progress):
             t0 = time.perf_counter()
             moving = prepare_volume(vol, dev, name=f"energy {energies[i]:g} eV", **prep)
             if params["matrices"] is None:
-                res = register_affine(fixed, moving, device=dev, init=warm_start(store, i, ref), model=params["model"])
+                res = register_prepared(fixed, moving, init=warm_start(store, i, ref), model=params["model"])
             else:
                 res = score_matrix(fixed, moving, params["matrices"][i])
             t1 = time.perf_counter()

@@ -31,6 +31,7 @@ __all__ = [
     "prepare_volume",
     "pyramid",
     "register_affine",
+    "register_prepared",
     "register_series",
 ]
 
@@ -136,11 +137,26 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
         ``apply_affine(moving, result.matrix)`` lies on the grid of ``fixed``.
     """
     t0 = time.perf_counter()
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     dev = "gpu" if array_device(fixed) == "gpu" else resolve_device(device)
     f = prepare_volume(fixed, dev, name="fixed", binarize=binarize, denoise=denoise, smooth=smooth)
     m = prepare_volume(moving, dev, name="moving", binarize=binarize, denoise=denoise, smooth=smooth)
+    return register_prepared(f, m, init=init, mask=mask, model=model, min_size=min_size, max_iter=max_iter, tol=tol,
+                             t0=t0)
+
+
+def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affine", min_size: int = 24,
+                      max_iter: int = 60, tol: float = 1e-3, t0: float | None = None) -> RegistrationResult:
+    """Register volumes already made by :func:`prepare_volume` (no further filtering).
+
+    Series, the pipeline and watch mode prepare the reference once and call
+    this for every energy. Parameters as in :func:`register_affine`; the
+    device is that of ``fixed`` (NumPy or CuPy float32 arrays).
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    f, m = fixed, moving
+    dev = array_device(f)
     if f.shape != m.shape:
         raise ValueError(f"fixed and moving must have the same shape, got {tuple(f.shape)} and {tuple(m.shape)}")
     msk = _check_mask(mask, f.shape, dev)
@@ -236,7 +252,7 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
             del source
             nearest = min(done, key=lambda j: abs(energies[j] - energies[i]))
             init = None if nearest == ref else results[nearest].matrix
-            results[i] = register_affine(f, m, device=dev, init=init, binarize=False, **options)
+            results[i] = register_prepared(f, m, init=init, **options)
             del m
             done.append(i)
             if progress is not None:

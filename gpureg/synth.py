@@ -396,6 +396,10 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     rng_flat, rng_data = (np.random.default_rng(s) for s in ss.spawn(2))
     beam = _beam_profile(size) * photons  # (ny, nx) counts at flux 1
     flux = (1.0 - 0.08 * (e - e.min()) / max(np.ptp(e), 1e-9)) * (1.0 + 0.01 * rng_flat.normal(size=e.size))
+    brightest = float(beam.max() * flux.max()) * (1 + 5 / np.sqrt(photons)) + _DARK_COUNTS
+    if brightest > _SATURATION:
+        raise ValueError(f"photons={photons:g} saturates the simulated 16-bit detector (open beam up to "
+                         f"{brightest:.0f} > {_SATURATION} counts); use photons <= {0.8 * photons * _SATURATION / brightest:.0f}")
     dark = _counts(rng_flat, np.full((n_dark, size, size), 0.0), noise)
     white = np.stack([_counts(rng_flat, np.broadcast_to(beam * flux[i], (n_flat, size, size)), noise)
                       for i in range(e.size)])

@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import resolve_device, to_host
 from .io import InputError, atomic_path
-from .register import prepare_volume, register_affine
+from .register import prepare_volume, register_prepared
 
 __all__ = ["WatchState", "rereference", "watch"]
 
@@ -162,7 +162,7 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
                 fixed = prepare_volume(vol, dev, name=f"{path.name} (provisional reference)", **prep)
             else:
                 moving = prepare_volume(vol, dev, name=path.name, **prep)
-                res = register_affine(fixed, moving, device=dev, model=model, init=_nearest(state, energy))
+                res = register_prepared(fixed, moving, model=model, init=_nearest(state, energy))
                 matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
             latency = time.monotonic() - seen_at[path.name]
             state.add(path.name, energy, vol, matrix, latency, provisional)

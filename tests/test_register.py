@@ -12,29 +12,7 @@ import pytest
 import gpureg
 from gpureg import transform as tf
 from gpureg.metric import mse_terms
-
-SHAPE = (64, 64, 64)
-C = tf.grid_center(SHAPE)
-
-
-def _affine(angle=0.0, axis=(1, 1, 0.5), scale=1.0, shear=0.0, shift=(0, 0, 0)):
-    m = tf.compose(tf.rotation_matrix(angle, axis, C), tf.scale_matrix(scale, C))
-    if shear:
-        sh = np.eye(4)
-        sh[0, 1] = sh[1, 2] = shear
-        sh[:3, 3] = C - sh[:3, :3] @ C
-        m = m @ sh
-    m[:3, 3] += shift
-    return m
-
-
-CASES = {
-    "translation": _affine(shift=(8.0, -6.0, 5.0)),
-    "rotation": _affine(angle=10.0),
-    "scale": _affine(scale=(1.1, 0.9, 1.05)),
-    "shear": _affine(shear=0.05),
-    "combined": _affine(angle=6.0, axis=(0.3, 1, 1), scale=(1.04, 0.96, 1.02), shear=0.03, shift=(3.0, -4.0, 2.5)),
-}
+from known_transforms import CASES, SHAPE, affine
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +36,7 @@ def test_gradient_matches_finite_differences():
     shape = (32, 32, 32)
     c = tf.grid_center(shape)
     fixed = gpureg.two_particle_phantom(shape)
-    moving = gpureg.two_particle_phantom(shape, _affine(angle=3, shift=(1.0, -0.5, 0.7)) * 1.0, seed=0)
+    moving = gpureg.two_particle_phantom(shape, affine(angle=3, shift=(1.0, -0.5, 0.7)) * 1.0, seed=0)
     params = np.array([0.02, -0.01, 0.015, 0.01, -0.02, 0.005, -0.01, 0.02, 0.01, 0.4, -0.3, 0.25])
     # Interior mask: every sample stays inside the moving volume for all perturbations,
     # so the valid count is constant and the MSE is differentiable.
@@ -85,7 +63,7 @@ def test_gradient_matches_finite_differences():
 
 def test_identity_is_exact(fixed):
     vol, _ = fixed
-    res = gpureg.register_affine(vol, vol)
+    res = gpureg.registeraffine(vol, vol)
     np.testing.assert_allclose(res.matrix, np.eye(4), atol=1e-6)
     assert res.mse_before == 0.0 and res.mse_after == 0.0
 
@@ -95,7 +73,7 @@ def test_identity_is_exact(fixed):
 def test_recovers_known_transform(fixed, case, binarize):
     vol, labels = fixed
     truth = CASES[case]
-    res = gpureg.register_affine(vol, _moving(truth), binarize=binarize, device="cpu")
+    res = gpureg.registeraffine(vol, _moving(truth), binarize=binarize, device="cpu")
     mean, _ = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)
     assert mean <= 0.1, f"{case}: mean displacement error {mean:.3f} voxel"
     assert res.mse_after < res.mse_before
@@ -108,7 +86,7 @@ def test_salt_and_pepper_10_percent(fixed, binarize):
     truth = CASES["combined"]
     f = _salt_pepper(vol, 0.10, seed=1)
     m = _salt_pepper(_moving(truth), 0.10, seed=2)
-    res = gpureg.register_affine(f, m, binarize=binarize, denoise="median")
+    res = gpureg.registeraffine(f, m, binarize=binarize, denoise="median")
     mean, _ = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)
     assert mean <= 0.25, f"mean displacement error {mean:.3f} voxel"
 
@@ -146,7 +124,7 @@ def test_series_reference_energy_must_exist():
 def test_translation_model_keeps_linear_part_identity(fixed):
     vol, labels = fixed
     truth = CASES["translation"]
-    res = gpureg.register_affine(vol, _moving(truth), model="translation")
+    res = gpureg.registeraffine(vol, _moving(truth), model="translation")
     np.testing.assert_array_equal(res.matrix[:3, :3], np.eye(3))
     assert gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0] <= 0.1
 
@@ -154,7 +132,7 @@ def test_translation_model_keeps_linear_part_identity(fixed):
 def test_mask_restricts_metric(fixed):
     vol, labels = fixed
     truth = CASES["translation"]
-    res = gpureg.register_affine(vol, _moving(truth), mask=labels == 1)
+    res = gpureg.registeraffine(vol, _moving(truth), mask=labels == 1)
     assert gpureg.displacement_error(res.matrix, truth, mask=labels == 1)[0] <= 0.1
 
 
@@ -163,12 +141,12 @@ def test_mask_restricts_metric(fixed):
 def test_different_shapes():
     a = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
     with pytest.raises(ValueError, match=r"same shape.*\(16, 16, 16\) and \(16, 16, 12\)"):
-        gpureg.register_affine(a, a[:, :, :12])
+        gpureg.registeraffine(a, a[:, :, :12])
 
 
 def test_not_3d():
     with pytest.raises(ValueError, match="fixed must be a 3D"):
-        gpureg.register_affine(np.zeros((16, 16)), np.zeros((16, 16)))
+        gpureg.registeraffine(np.zeros((16, 16)), np.zeros((16, 16)))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -177,13 +155,13 @@ def test_non_finite(bad):
     b = a.copy()
     b[3, 4, 5] = bad
     with pytest.raises(ValueError, match="moving contains NaN or inf"):
-        gpureg.register_affine(a, b)
+        gpureg.registeraffine(a, b)
 
 
 def test_constant_volume():
     a = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
     with pytest.raises(ValueError, match="fixed is constant"):
-        gpureg.register_affine(np.full_like(a, 3.0), a)
+        gpureg.registeraffine(np.full_like(a, 3.0), a)
 
 
 def test_empty_after_binarization():
@@ -191,9 +169,9 @@ def test_empty_after_binarization():
     a = np.zeros((16, 16, 16), np.float32)
     a[4, 4, 4] = a[10, 9, 8] = 1.0
     with pytest.raises(ValueError, match="fixed: .*constant"):
-        gpureg.register_affine(a, a, binarize=True, denoise="median")
+        gpureg.registeraffine(a, a, binarize=True, denoise="median")
     with pytest.raises(ValueError, match="mask selects no voxel"):
-        gpureg.register_affine(a, a, mask=np.zeros(a.shape, bool))
+        gpureg.registeraffine(a, a, mask=np.zeros(a.shape, bool))
 
 
 def test_integer_dtypes_are_converted(fixed):
@@ -201,14 +179,14 @@ def test_integer_dtypes_are_converted(fixed):
     truth = CASES["translation"]
     f16 = (vol * 4000).astype(np.uint16)
     m16 = (_moving(truth) * 4000).astype(np.uint16)
-    res = gpureg.register_affine(f16, m16)
+    res = gpureg.registeraffine(f16, m16)
     assert gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0] <= 0.1
 
 
 def test_complex_dtype_rejected():
     a = np.ones((8, 8, 8), np.complex64)
     with pytest.raises(TypeError, match="real numbers, got dtype complex64"):
-        gpureg.register_affine(a, a)
+        gpureg.registeraffine(a, a)
 
 
 def test_gpu_without_gpu_is_clear(monkeypatch):
@@ -216,4 +194,4 @@ def test_gpu_without_gpu_is_clear(monkeypatch):
         pytest.skip("a GPU is present")
     a = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
     with pytest.raises(gpureg.GPUUnavailableError, match="device='gpu' was requested but no GPU is usable"):
-        gpureg.register_affine(a, a, device="gpu")
+        gpureg.registeraffine(a, a, device="gpu")

@@ -360,3 +360,11 @@ def test_reconstruct_file_and_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gpureg", "recon", str(raw), str(tmp_path / "x.h5"), "--filter", "nope"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().startswith("gpureg: error: filter must be one of")
+
+
+def test_simulate_refuses_saturating_photon_counts(tmp_path):
+    from gpureg.synth import simulate
+
+    with pytest.raises(ValueError, match="saturates the simulated 16-bit detector"):
+        simulate(tmp_path / "x.h5", size=16, n_angles=8, photons=1e5)
+    assert not (tmp_path / "x.h5").exists()

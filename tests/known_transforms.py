@@ -1,0 +1,29 @@
+"""Known affine transforms shared by the CPU and GPU registration tests (64^3 grid)."""
+
+import numpy as np
+
+from gpureg import transform as tf
+
+SHAPE = (64, 64, 64)
+C = tf.grid_center(SHAPE)
+
+
+def affine(angle=0.0, axis=(1, 1, 0.5), scale=1.0, shear=0.0, shift=(0, 0, 0), center=C):
+    """Rotation (deg, about ``axis``), scale and shear about ``center``, then a shift (voxels)."""
+    m = tf.compose(tf.rotation_matrix(angle, axis, center), tf.scale_matrix(scale, center))
+    if shear:
+        sh = np.eye(4)
+        sh[0, 1] = sh[1, 2] = shear
+        sh[:3, 3] = center - sh[:3, :3] @ center
+        m = m @ sh
+    m[:3, 3] += shift
+    return m
+
+
+CASES = {
+    "translation": affine(shift=(8.0, -6.0, 5.0)),
+    "rotation": affine(angle=10.0),
+    "scale": affine(scale=(1.1, 0.9, 1.05)),
+    "shear": affine(shear=0.05),
+    "combined": affine(angle=6.0, axis=(0.3, 1, 1), scale=(1.04, 0.96, 1.02), shear=0.03, shift=(3.0, -4.0, 2.5)),
+}
