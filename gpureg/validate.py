@@ -36,11 +36,14 @@ reference and the moving volume. Both volumes are then prepared once by
 :func:`gpureg.register.prepare_volume`: a median filter 3 voxels wide on the
 noisy cases (``denoise="auto"``, what a user seeing salt-and-pepper noise
 would switch on; on clean data the median costs accuracy: 0.13-0.17 instead
-of 0.03-0.09 voxel binarized at 64^3) and, in ``binarized`` mode, Otsu
-binarization and a Gaussian of sigma 1 voxel: exactly what
-``register_affine(..., binarize=True, denoise="median")`` registers. gpureg (:func:`gpureg.register_affine`) and
-SimpleITK (:func:`gpureg.sitk_reference.register_sitk`) register those same
-prepared arrays; their times exclude the common preparation (``prep_seconds``).
+of 0.03-0.09 voxel binarized at 64^3), in ``binarized`` mode Otsu
+binarization (each volume its own threshold, as in :func:`gpureg.register_affine`),
+then a Gaussian of sigma ``smooth`` = 1 voxel (gpureg's default, grey and binary):
+exactly what ``register_affine(..., binarize=..., denoise=...)`` registers.
+gpureg (:func:`gpureg.register.register_prepared`, the registration of
+:func:`gpureg.register_affine` without its preparation) and SimpleITK
+(:func:`gpureg.sitk_reference.register_sitk`) register those same prepared
+arrays; their times exclude the common preparation (``prep_seconds``).
 The MSE columns are computed by one function (:func:`gpureg.metric.mse_terms`)
 for both methods: on the registration inputs (``mse_before``/``mse_after``) and
 on the noise-free grey volumes (``mse_clean_before``/``mse_clean_after``).
@@ -302,8 +305,8 @@ class SmoothDeformation:
 
 def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distortions=DISTORTIONS,
                    magnitudes=None, noise=NOISE_LEVELS, modes=MODES, sitk: bool | None = None,
-                   denoise: str | None = "auto", edge_width: float = 1.0, seed: int = 0, figures: bool = True,
-                   progress=None) -> ValidationResult:
+                   denoise: str | None = "auto", smooth: float = 1.0, edge_width: float = 1.0, seed: int = 0,
+                   figures: bool = True, progress=None) -> ValidationResult:
     """Run the validation sweep and (with ``outdir``) write its table, summary and figures.
 
     Parameters
@@ -330,6 +333,9 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     denoise : {"auto", "median", None, "gaussian"}
         Filter applied to both volumes before registering (both methods);
         ``"auto"``: median on the noisy cases, none at noise 0.
+    smooth : float
+        Gaussian sigma (voxels) applied to both prepared volumes (after
+        binarization), as ``register_affine(smooth=...)``; 0 = off.
     edge_width : float
         Soft edge of the phantom particles in voxels (1 voxel: a sharp but
         realistic tomographic edge).
@@ -345,9 +351,9 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     -------
     ValidationResult
     """
-    from . import __version__, register_affine, two_particle_phantom
+    from . import __version__, two_particle_phantom
     from .metric import mse_terms
-    from .register import prepare_volume
+    from .register import prepare_volume, register_prepared
     from .segment import DENOISE
     from .sitk_reference import register_sitk, sitk_available
 
@@ -371,6 +377,8 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     modes = tuple(modes)
     if not modes or any(m not in MODES for m in modes):
         raise ValueError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
+    if not smooth >= 0:
+        raise ValueError(f"smooth must be a Gaussian sigma >= 0 voxels, got {smooth}")
     if denoise != "auto" and denoise not in DENOISE:
         raise ValueError(f"denoise must be 'auto' or one of {DENOISE}, got {denoise!r}")
     have_sitk = sitk_available()
@@ -391,12 +399,12 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     settings = {
         "size": size, "device": dev, "distortions": list(distortions), "magnitudes": {d: list(v) for d, v in mags.items()},
         "magnitude_units": {d: MAGNITUDE_UNITS[d] for d in distortions}, "noise": list(noise), "modes": list(modes),
-        "denoise": denoise, "binarize_smooth_sigma": 1.0, "edge_width": edge_width, "seed": seed,
+        "denoise": denoise, "smooth_sigma": smooth, "edge_width": edge_width, "seed": seed,
         "simpleitk": use_sitk, "gpureg_version": __version__, **_environment(dev, use_sitk),
     }
     if dev == "gpu":  # compile kernels and warm the memory pool outside the timings
         warm = prepare_volume(fixed_clean, dev, binarize=True)
-        register_affine(warm, warm, device=dev, max_iter=2)
+        register_prepared(warm, warm, max_iter=2)
 
     writer = _CsvRows(out / "validation.csv") if out is not None else None
     rows, examples = [], {}
@@ -413,14 +421,15 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
                 filt = ("median" if level > 0 else None) if denoise == "auto" else denoise
                 for mode in modes:
                     t0 = time.perf_counter()
-                    a = prepare_volume(fixed_noisy[ni], dev, name="fixed", binarize=mode == "binarized", denoise=filt)
-                    b = prepare_volume(moving_noisy, dev, name="moving", binarize=mode == "binarized", denoise=filt)
+                    prep_kw = dict(binarize=mode == "binarized", denoise=filt, smooth=smooth)
+                    a = prepare_volume(fixed_noisy[ni], dev, name="fixed", **prep_kw)
+                    b = prepare_volume(moving_noisy, dev, name="moving", **prep_kw)
                     prep = time.perf_counter() - t0
                     mse_before = mse_terms(a, b, np.eye(4), hessian=False).mse
                     case = {"distortion": dist, "magnitude": mag, "noise": level, "mode": mode, "filter": filt or "none",
                             "size": size, "floor_vox": floor, "mse_before": mse_before, "mse_clean_before": mse_clean_before,
                             "prep_seconds": prep}
-                    methods = [("gpureg", dev, lambda a=a, b=b: _run_gpureg(register_affine, a, b, dev))]
+                    methods = [("gpureg", dev, lambda a=a, b=b: _run_gpureg(register_prepared, a, b))]
                     if use_sitk:
                         methods.append(("SimpleITK", "cpu", lambda a=a, b=b: _run_sitk(register_sitk, a, b)))
                     case_rows = []
@@ -529,8 +538,8 @@ def _distances(matrix, points, true_points):
     return np.sqrt((d * d).sum(axis=1))
 
 
-def _run_gpureg(register_affine, a, b, dev):
-    res = register_affine(a, b, device=dev)
+def _run_gpureg(register_prepared, a, b):
+    res = register_prepared(a, b)
     return res.matrix, res.seconds, "/".join(str(n) for n in res.iterations)
 
 
@@ -632,8 +641,8 @@ def _markdown(result):
         "",
         "Every case: salt-and-pepper noise, then both volumes filtered ("
         + ("3-voxel median on the noisy cases, none at 0 %" if s["denoise"] == "auto" else str(s["denoise"] or "no filter"))
-        + "), and in "
-        "`binarized` mode Otsu-binarized and smoothed (Gaussian sigma 1 voxel); both methods register those "
+        + "), in `binarized` mode Otsu-binarized, then smoothed (Gaussian sigma "
+        + f"{s['smooth_sigma']:g} voxel, gpureg's default, both modes); gpureg and SimpleITK register those "
         "same arrays (times exclude this common preparation). Error: mean distance (voxels) between the "
         "estimated and the true transform over the particle voxels; for the non-affine deformation, to the "
         "true warp (`floor` = error of the best least-squares affine, the lower bound of any affine method).",

@@ -1,9 +1,9 @@
 """Validation suite: a reduced sweep at 32^3 on the CPU, its ground truth, reports and CLI.
 
 Tolerances. At 32^3 the particles are about 5 voxels in radius. Raw grey
-registration (3-voxel median first on the noisy cases) recovers translation,
-rotation and scale within 0.2 voxel up to 10 % salt-and-pepper noise (measured
-0.02-0.18). Binarized registration is limited by the binarization itself (a
+registration (3-voxel median on the noisy cases, then gpureg's Gaussian sigma 1)
+recovers translation, rotation and scale within 0.2 voxel up to 10 %
+salt-and-pepper noise (measured 0.02-0.09). Binarized registration is limited by the binarization itself (a
 binary mask of a sub-voxel-shifted particle is not the shifted mask): measured
 0.08-0.25 voxel clean and 0.25-0.55 at 10 % noise at this size (0.03-0.2 at
 64^3, see bench/results/validation/), so binarized cases are held to sub-voxel
@@ -72,11 +72,13 @@ def test_error_grows_with_deformation_amplitude(raw_sweep):
         err = [r["error_vox"] for r in rows]
         floor = [r["floor_vox"] for r in rows]
         assert err[0] < err[1] < err[2], err
-        # The warp is fixed and only scaled, so no affine fits it better than a
-        # proportional floor; the registration lands near the best affine.
+        # The warp is fixed and only scaled, so the best affine's residual (floor)
+        # grows with it and no affine does much better; the registration lands
+        # near the best affine (measured at 32^3: within 0.07 voxel clean, 0.22 at 10 %).
         assert floor[0] < floor[1] < floor[2]
+        margin = 0.12 if level == 0 else 0.35
         for e, f in zip(err, floor):
-            assert f - 0.05 < e < f + 0.15, (err, floor)
+            assert f - 0.05 < e < f + margin, (err, floor)
         assert err[2] > 2 * err[0]
 
 
@@ -162,6 +164,7 @@ def test_smooth_deformation_truth():
     (dict(modes=("grey",)), "modes"),
     (dict(size=16), "size"),
     (dict(denoise="bilateral"), "denoise"),
+    (dict(smooth=-1.0), "smooth"),
     (dict(magnitudes={"twist": (1.0,)}), "unknown distortions"),
 ])
 def test_bad_options(kwargs, match):
