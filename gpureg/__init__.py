@@ -11,6 +11,7 @@ from .backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_h
 from .io import open_input, write_dataexchange
 from .io import open_input, write_dataexchange
 from .metric import MetricTerms, mse_terms
+from .particles import ParticleResult, apply_piecewise, detect_relative_motion, register_particles
 from .phantom import two_particle_phantom
 from .recon import normalize, reconstruct_energy, reconstruct_fbp
 from .recon import normalize, reconstruct_energy, reconstruct_fbp
@@ -68,4 +69,8 @@ __all__ = [
     "edge_energy",
     "edge_energy_map",
     "particle_labels",
+    "ParticleResult",
+    "apply_piecewise",
+    "detect_relative_motion",
+    "register_particles",
 ]
