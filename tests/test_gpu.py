@@ -90,7 +90,7 @@ def test_apply_affine_matches_scipy(cp, case, out_shape):
     vol = gpureg.two_particle_phantom((48, 56, 64), seed=4)
     matrix = KNOWN[case]
     shape = vol.shape if out_shape is None else out_shape
-    got = gpureg.applyaffine(cp.asarray(vol), matrix, output_shape=out_shape, cval=-1.0)
+    got = gpureg.apply_affine(cp.asarray(vol), matrix, output_shape=out_shape, cval=-1.0)
     assert isinstance(got, cp.ndarray) and got.dtype == np.float32 and got.shape == shape
     ref = ndimage.affine_transform(vol.astype(np.float64), matrix[:3, :3], offset=matrix[:3, 3], output_shape=shape,
                                    order=1, mode="constant", cval=-1.0)
@@ -99,7 +99,7 @@ def test_apply_affine_matches_scipy(cp, case, out_shape):
     near_face = np.any((np.abs(q) < 1e-4) | (np.abs(q - (n - 1)) < 1e-4), axis=1).reshape(shape)
     np.testing.assert_allclose(got.get()[~near_face], ref[~near_face], rtol=0, atol=1e-4)
     # a NumPy input with device="gpu" comes back on the host, equal
-    host = gpureg.applyaffine(vol, matrix, output_shape=out_shape, cval=-1.0, device="gpu")
+    host = gpureg.apply_affine(vol, matrix, output_shape=out_shape, cval=-1.0, device="gpu")
     assert isinstance(host, np.ndarray)
     np.testing.assert_array_equal(host, got.get())
 
@@ -131,8 +131,8 @@ def test_registration_recovers_known_transform_like_cpu(cp, fixed, case):
     vol, labels = fixed
     truth = KNOWN[case]
     moving = gpureg.two_particle_phantom(SHAPE, truth)
-    gpu = gpureg.registeraffine(cp.asarray(vol), cp.asarray(moving), binarize=True)
-    cpu = gpureg.registeraffine(vol, moving, binarize=True, device="cpu")
+    gpu = gpureg.register_affine(cp.asarray(vol), cp.asarray(moving), binarize=True)
+    cpu = gpureg.register_affine(vol, moving, binarize=True, device="cpu")
     assert gpu.device == "gpu"
     err, _ = gpureg.displacement_error(gpu.matrix, truth, mask=labels > 0)
     diff, _ = gpureg.displacement_error(gpu.matrix, cpu.matrix, mask=labels > 0)
@@ -140,7 +140,7 @@ def test_registration_recovers_known_transform_like_cpu(cp, fixed, case):
     assert diff <= 0.05, f"{case}: GPU and CPU results differ by {diff:.3f} voxel"
     assert gpu.mse_after < gpu.mse_before
     # NumPy inputs with device="gpu" run the same kernels
-    host = gpureg.registeraffine(vol, moving, binarize=True, device="gpu")
+    host = gpureg.register_affine(vol, moving, binarize=True, device="gpu")
     np.testing.assert_allclose(host.matrix, gpu.matrix, atol=1e-6)
 
 
@@ -185,9 +185,9 @@ def test_prefetcher_returns_the_volumes(cp):
 def test_bad_inputs_are_clear(cp):
     v = cp.zeros((8, 8, 8), cp.float32)
     with pytest.raises(TypeError, match="CuPy array"):
-        cuda.resampleaffine(np.zeros((8, 8, 8), np.float32), np.eye(4), (8, 8, 8))
+        cuda.resample_affine(np.zeros((8, 8, 8), np.float32), np.eye(4), (8, 8, 8))
     with pytest.raises(ValueError, match="3D"):
-        cuda.resampleaffine(cp.zeros((8, 8), cp.float32), np.eye(4), (8, 8))
+        cuda.resample_affine(cp.zeros((8, 8), cp.float32), np.eye(4), (8, 8))
     with pytest.raises(ValueError, match="at least 2 voxels"):
         cuda.mse_terms(v, cp.zeros((8, 1, 8), cp.float32), np.eye(4), C)
     with pytest.raises(ValueError, match="mask must have the shape"):

@@ -63,7 +63,7 @@ def test_gradient_matches_finite_differences():
 
 def test_identity_is_exact(fixed):
     vol, _ = fixed
-    res = gpureg.registeraffine(vol, vol)
+    res = gpureg.register_affine(vol, vol)
     np.testing.assert_allclose(res.matrix, np.eye(4), atol=1e-6)
     assert res.mse_before == 0.0 and res.mse_after == 0.0
 
@@ -73,7 +73,7 @@ def test_identity_is_exact(fixed):
 def test_recovers_known_transform(fixed, case, binarize):
     vol, labels = fixed
     truth = CASES[case]
-    res = gpureg.registeraffine(vol, _moving(truth), binarize=binarize, device="cpu")
+    res = gpureg.register_affine(vol, _moving(truth), binarize=binarize, device="cpu")
     mean, _ = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)
     assert mean <= 0.1, f"{case}: mean displacement error {mean:.3f} voxel"
     assert res.mse_after < res.mse_before
@@ -86,7 +86,7 @@ def test_salt_and_pepper_10_percent(fixed, binarize):
     truth = CASES["combined"]
     f = _salt_pepper(vol, 0.10, seed=1)
     m = _salt_pepper(_moving(truth), 0.10, seed=2)
-    res = gpureg.registeraffine(f, m, binarize=binarize, denoise="median")
+    res = gpureg.register_affine(f, m, binarize=binarize, denoise="median")
     mean, _ = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)
     assert mean <= 0.25, f"mean displacement error {mean:.3f} voxel"
 
@@ -124,7 +124,7 @@ def test_series_reference_energy_must_exist():
 def test_translation_model_keeps_linear_part_identity(fixed):
     vol, labels = fixed
     truth = CASES["translation"]
-    res = gpureg.registeraffine(vol, _moving(truth), model="translation")
+    res = gpureg.register_affine(vol, _moving(truth), model="translation")
     np.testing.assert_array_equal(res.matrix[:3, :3], np.eye(3))
     assert gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0] <= 0.1
 
@@ -132,7 +132,7 @@ def test_translation_model_keeps_linear_part_identity(fixed):
 def test_mask_restricts_metric(fixed):
     vol, labels = fixed
     truth = CASES["translation"]
-    res = gpureg.registeraffine(vol, _moving(truth), mask=labels == 1)
+    res = gpureg.register_affine(vol, _moving(truth), mask=labels == 1)
     assert gpureg.displacement_error(res.matrix, truth, mask=labels == 1)[0] <= 0.1
 
 
@@ -141,12 +141,12 @@ def test_mask_restricts_metric(fixed):
 def test_different_shapes():
     a = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
     with pytest.raises(ValueError, match=r"same shape.*\(16, 16, 16\) and \(16, 16, 12\)"):
-        gpureg.registeraffine(a, a[:, :, :12])
+        gpureg.register_affine(a, a[:, :, :12])
 
 
 def test_not_3d():
     with pytest.raises(ValueError, match="fixed must be a 3D"):
-        gpureg.registeraffine(np.zeros((16, 16)), np.zeros((16, 16)))
+        gpureg.register_affine(np.zeros((16, 16)), np.zeros((16, 16)))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -155,13 +155,13 @@ def test_non_finite(bad):
     b = a.copy()
     b[3, 4, 5] = bad
     with pytest.raises(ValueError, match="moving contains NaN or inf"):
-        gpureg.registeraffine(a, b)
+        gpureg.register_affine(a, b)
 
 
 def test_constant_volume():
     a = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
     with pytest.raises(ValueError, match="fixed is constant"):
-        gpureg.registeraffine(np.full_like(a, 3.0), a)
+        gpureg.register_affine(np.full_like(a, 3.0), a)
 
 
 def test_empty_after_binarization():
@@ -169,9 +169,9 @@ def test_empty_after_binarization():
     a = np.zeros((16, 16, 16), np.float32)
     a[4, 4, 4] = a[10, 9, 8] = 1.0
     with pytest.raises(ValueError, match="fixed: .*constant"):
-        gpureg.registeraffine(a, a, binarize=True, denoise="median")
+        gpureg.register_affine(a, a, binarize=True, denoise="median")
     with pytest.raises(ValueError, match="mask selects no voxel"):
-        gpureg.registeraffine(a, a, mask=np.zeros(a.shape, bool))
+        gpureg.register_affine(a, a, mask=np.zeros(a.shape, bool))
 
 
 def test_integer_dtypes_are_converted(fixed):
@@ -179,14 +179,14 @@ def test_integer_dtypes_are_converted(fixed):
     truth = CASES["translation"]
     f16 = (vol * 4000).astype(np.uint16)
     m16 = (_moving(truth) * 4000).astype(np.uint16)
-    res = gpureg.registeraffine(f16, m16)
+    res = gpureg.register_affine(f16, m16)
     assert gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0] <= 0.1
 
 
 def test_complex_dtype_rejected():
     a = np.ones((8, 8, 8), np.complex64)
     with pytest.raises(TypeError, match="real numbers, got dtype complex64"):
-        gpureg.registeraffine(a, a)
+        gpureg.register_affine(a, a)
 
 
 def test_gpu_without_gpu_is_clear(monkeypatch):
@@ -194,4 +194,4 @@ def test_gpu_without_gpu_is_clear(monkeypatch):
         pytest.skip("a GPU is present")
     a = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
     with pytest.raises(gpureg.GPUUnavailableError, match="device='gpu' was requested but no GPU is usable"):
-        gpureg.registeraffine(a, a, device="gpu")
+        gpureg.register_affine(a, a, device="gpu")
