@@ -53,6 +53,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-repeats", type=int, default=1, help="SimpleITK repeats (minutes each at 128^3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="64^3 only, one repeat, no warm-up")
     ap.add_argument("--no-sitk", action="store_true", help="skip SimpleITK")
@@ -68,8 +69,10 @@ def main(argv=None):
         row = {"case": "binarized two-particle, known affine", "size": size, "registration_ms": round(ms, 1),
                "passes_per_level": res.iterations, "error_vox": round(gpureg.displacement_error(res.matrix, truth, mask=mask)[0], 4)}
         if use_sitk:
-            ref_ms, (mat, _) = median_time(lambda: register_sitk(f, m, threads=args.threads), repeats=repeats, warmup=0)
+            ref_ms, (mat, _) = median_time(lambda: register_sitk(f, m, threads=args.threads),
+                                         repeats=1 if args.quick else args.ref_repeats, warmup=0)
             row.update(reference="SimpleITK", reference_ms=round(ref_ms, 1), reference_threads=args.threads,
+                       reference_repeats=1 if args.quick else args.ref_repeats,
                        reference_error_vox=round(gpureg.displacement_error(mat, truth, mask=mask)[0], 4),
                        ratio=round(ref_ms / ms, 2))
         print(row, flush=True)
