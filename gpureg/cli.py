@@ -157,6 +157,9 @@ def run_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished OUTPUT (and discard a partial run)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip figures and report."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (multi-GPU/multi-node)."),
+    per_particle: bool = typer.Option(False, "--per-particle",
+                                      help="Also register every particle on its own (particles that move "
+                                           "relative to each other); stores per-particle transforms."),
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from .pipeline import run
@@ -164,7 +167,7 @@ def run_cmd(
     with _energy_progress("run") as on_energy:
         res = run(input, output, device=device, reference=reference, binarize=not raw, denoise=denoise, model=model,
                   center=center, filter=fbp_filter, xanes_method=xanes_method, overwrite=overwrite,
-                  report=not no_report, progress=on_energy, scheduler=scheduler)
+                  report=not no_report, progress=on_energy, scheduler=scheduler, per_particle=per_particle)
     _print_result(res)
 
 
@@ -177,6 +180,9 @@ def demo(
     device: str = DeviceOpt,
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(True, "--overwrite/--keep", help="Replace an earlier demo result in OUTDIR."),
+    per_particle: bool = typer.Option(False, "--per-particle",
+                                      help="Simulate particle 2 tilting relative to particle 1 and register "
+                                           "each particle on its own (report: global vs per-particle)."),
 ):
     """Simulate a small Mn K-edge TXM-XANES experiment and run the whole pipeline on it."""
     from .pipeline import run
@@ -185,9 +191,10 @@ def demo(
     outdir.mkdir(parents=True, exist_ok=True)
     raw = outdir / "demo_input.h5"
     typer.echo(f"simulating {size}^3 x {angles} angles -> {raw}")
-    simulate(raw, size=size, n_angles=angles, seed=seed)
+    simulate(raw, size=size, n_angles=angles, seed=seed, relative_motion=per_particle)
     with _energy_progress("demo") as on_energy:
-        res = run(raw, outdir / "demo_result.h5", device=device, overwrite=overwrite, progress=on_energy)
+        res = run(raw, outdir / "demo_result.h5", device=device, overwrite=overwrite, progress=on_energy,
+                  per_particle=per_particle)
     _print_result(res)
 
 

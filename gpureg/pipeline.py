@@ -53,7 +53,7 @@ class PipelineResult:
 def run(input, output, *, device: str = "auto", reference="highest", binarize: bool = True,
         denoise: str | None = None, model: str = "affine", center: float | None = None, filter: str = "ram-lak",
         xanes_method: str = "half", overwrite: bool = False, report: bool = True, progress=None,
-        scheduler: str | None = None, matrices=None) -> PipelineResult:
+        scheduler: str | None = None, matrices=None, per_particle: bool = False) -> PipelineResult:
     """Run the whole pipeline on one measurement.
 
     Parameters
@@ -94,6 +94,12 @@ def run(input, output, *, device: str = "auto", reference="highest", binarize: b
     matrices : (n_energy, 4, 4) array_like, optional
         Known ``moving_from_reference`` transforms: no registration, they are
         applied as given (``gpureg watch`` uses this after re-referencing).
+    per_particle : bool
+        After each energy's global registration, register every particle of
+        the reference on its own (:func:`gpureg.register_particles`) and
+        resample piecewise into ``/aligned``; ``/aligned_global``,
+        ``/registration/particle_*`` and ``/xanes_global`` keep the comparison.
+        Not with ``scheduler`` or ``matrices``.
 
     Returns
     -------
@@ -106,7 +112,10 @@ def run(input, output, *, device: str = "auto", reference="highest", binarize: b
     _check_output(output, overwrite)
     params = {"device": dev, "reference": reference, "binarize": binarize, "denoise": denoise, "model": model,
               "center": center, "filter": filter, "xanes_method": xanes_method,
-              "matrices": None if matrices is None else np.asarray(matrices, dtype=np.float64).round(12).tolist()}
+              "matrices": None if matrices is None else np.asarray(matrices, dtype=np.float64).round(12).tolist(),
+              "per_particle": bool(per_particle)}
+    if per_particle and (scheduler or matrices is not None):
+        raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
     checksum = file_checksum(input)
     with open_input(input) as reader:
         energies = np.asarray(reader.energies, dtype=np.float64)
@@ -125,6 +134,8 @@ def run(input, output, *, device: str = "auto", reference="highest", binarize: b
             else:
                 _register_all(store, loader, ref, params, progress)
             _xanes(store, ref, params)
+            if per_particle:
+                _per_particle_xanes(store, params)
             store.finish()
         except BaseException:
             store.close()
@@ -152,6 +163,8 @@ def write_report(result_h5, outdir) -> list:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     figures = [Path(p) for p in plot_result(result_h5, outdir)]
+    pp_figures, pp_summary, pp_lines = _per_particle_report(result_h5, outdir)  # nothing unless per_particle
+    figures += pp_figures
     res = _result_from_file(result_h5, 0)
     import h5py
 
@@ -176,6 +189,7 @@ def write_report(result_h5, outdir) -> list:
         "total_s": {k: float(np.sum(v)) for k, v in res.timings.items()}, "particles": xanes,
         "figures": [p.name for p in figures],
     }
+    summary.update(pp_summary)
     with atomic_path(outdir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
     lines = [f"# gpureg report: {Path(result_h5).name}", "",
@@ -189,6 +203,7 @@ def write_report(result_h5, outdir) -> list:
     for name, st in xanes.items():
         lines.append(f"- {name}: {st['voxels']} voxels, edge energy median {st['edge_energy_median_ev']:.2f} eV "
                      f"(IQR {st['edge_energy_iqr_ev']:.2f} eV)")
+    lines += pp_lines
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "Numbers: [summary.json](summary.json)", ""]
     with atomic_path(outdir / "report.md") as tmp:
@@ -240,6 +255,7 @@ def _register_all(store, loader, ref, params, progress):
         _notify(progress, store, ref, 0.0, 0.0, t_load)
     prep = reference_prep(store.recon(ref), params)
     fixed = prepare_volume(store.recon(ref), dev, name=f"reference energy {energies[ref]:g} eV", **prep)
+    particles = _PerParticle(store, ref, params) if params.get("per_particle") else None
     pending = [i for i in registration_order(energies, ref) if not store.done[i]]
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(loader, pending[0]) if pending else None
@@ -252,8 +268,10 @@ def _register_all(store, loader, ref, params, progress):
                 res = register_prepared(fixed, moving, init=warm_start(store, i, ref), model=params["model"])
             else:
                 res = score_matrix(fixed, moving, params["matrices"][i])
+            if particles is not None:
+                particles.register(i, fixed, moving, res)
             t1 = time.perf_counter()
-            aligned = to_host(_apply(vol, res.matrix, dev))
+            aligned = to_host(_apply(vol, res.matrix, dev)) if particles is None else particles.apply(i, vol)
             t2 = time.perf_counter()
             store.write_energy(i, vol, aligned, res.matrix, res.mse_before, res.mse_after,
                                {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
@@ -428,3 +446,176 @@ def _result_from_file(path, resumed):
             matrices=h5["registration/matrix"][...], mse_before=h5["registration/mse_before"][...],
             mse_after=h5["registration/mse_after"][...], timings={k: h5[f"timings/{k}"][...] for k in h5["timings"]},
             resumed=resumed)
+
+
+# --- per-particle registration (run(per_particle=True), issue 8) -------------------------
+
+class _PerParticle:
+    """Per-particle registration of each energy after its global one.
+
+    Labels are the connected components of the binarized reference, computed
+    once and kept in the result file (``/registration/particle_labels``), so a
+    resumed run uses the same ones. Per energy it stores
+    ``/registration/particle_matrix`` (n_energy, n_labels + 1, 4, 4) (row 0:
+    the global transform, for the background), ``particle_mse_global`` and
+    ``particle_mse`` (n_energy, n_labels + 1) (column 0: the whole grid), and
+    ``/aligned_global`` (the global alignment, for comparison); ``/aligned``
+    holds the piecewise alignment.
+    """
+
+    def __init__(self, store, ref, params):
+        from .segment import binarize
+        from .xanes import particle_labels
+
+        self.store, self.device, self.result = store, params["device"], None
+        h5 = store.h5
+        if "registration/particle_labels" not in h5:
+            labels, _ = particle_labels(to_host(binarize(store.recon(ref), denoise=params["denoise"])) > 0.5)
+            labels = np.asarray(to_host(labels), dtype=np.int32)
+            n, k = len(store.energies), int(labels.max())
+            h5["registration/particle_labels"] = labels
+            h5["registration/particle_matrix"] = np.tile(np.eye(4), (n, k + 1, 1, 1))
+            for name in ("particle_mse_global", "particle_mse"):
+                h5[f"registration/{name}"] = np.full((n, k + 1), np.nan)
+                h5[f"registration/{name}"][ref] = 0.0
+            h5.create_dataset("aligned_global", shape=h5["aligned"].shape, dtype="f4", chunks=h5["aligned"].chunks)
+            h5["aligned_global"][ref] = store.recon(ref)
+            h5.flush()
+        self.labels = h5["registration/particle_labels"][...]
+        self.n_labels = int(self.labels.max())
+
+    def register(self, i, fixed, moving, global_result):
+        """Particles of energy ``i`` from its (prepared) volume and global result; rows ``i`` written."""
+        from .particles import register_particles
+
+        if self.n_labels == 0:
+            _log.warning("gpureg: --per-particle: the reference has no particle of >= 64 voxels; global only")
+        self.result = register_particles(fixed, moving, self.labels, prepared=True, global_result=global_result,
+                                         device=self.device)
+        reg = self.store.h5["registration"]
+        reg["particle_matrix"][i] = self.result.stack(self.n_labels)
+        reg["particle_mse_global"][i], reg["particle_mse"][i] = self.result.mse_arrays(self.n_labels)
+
+    def apply(self, i, volume):
+        """Piecewise-aligned grey volume of energy ``i`` (host); the global alignment goes to ``/aligned_global``."""
+        from .particles import apply_piecewise
+
+        self.store.h5["aligned_global"][i] = to_host(_apply(volume, self.result.matrices[0], self.device))
+        return to_host(apply_piecewise(volume, self.result.matrices, self.result.regions, device=self.device))
+
+
+def _per_particle_xanes(store, params):
+    """Edge-energy maps of the global alignment too (``/xanes_global``), for the side-by-side figure."""
+    from .xanes import edge_energy_map
+
+    maps = edge_energy_map(store.h5["aligned_global"], store.energies, device=params["device"],
+                           method=params["xanes_method"])
+    grp = store.h5.require_group("xanes_global")
+    for key in ("edge_energy", "mask"):
+        if key in grp:
+            del grp[key]
+        grp[key] = np.asarray(to_host(maps[key]))
+    grp["edge_energy"].attrs["units"] = "eV"
+
+
+def _per_particle_report(result_h5, outdir):
+    """Figures, summary entries and report lines of a per-particle run (nothing for other runs).
+
+    ``particle_mse_per_energy.png``: residual MSE of each particle per energy
+    after the global and after the per-particle registration.
+    ``edge_energy_global_vs_particles.png``: the edge-energy slice from the
+    global alignment beside the one from the per-particle alignment (and the
+    ground truth for simulated data), one colour scale.
+    """
+    import h5py
+
+    with h5py.File(result_h5, "r") as h5:
+        if "registration/particle_mse" not in h5:
+            return [], {}, []
+        energies = h5["energy"][...]
+        mse_g, mse_p = h5["registration/particle_mse_global"][...], h5["registration/particle_mse"][...]
+        maps = {name: np.where(h5[f"{grp}/mask"][...].astype(bool), h5[f"{grp}/edge_energy"][...], np.nan)
+                for name, grp in (("global alignment", "xanes_global"), ("per-particle alignment", "xanes"))
+                if f"{grp}/edge_energy" in h5}
+        truth = h5["truth/edge_energy"][...] if "truth/edge_energy" in h5 else None
+    if truth is not None and truth.shape == next(iter(maps.values()), truth).shape:
+        maps["ground truth"] = truth
+    else:
+        truth = None
+    outdir = Path(outdir)
+    figures = [_particle_mse_figure(energies, mse_g, mse_p, outdir / "particle_mse_per_energy.png")]
+    if len(maps) >= 2:
+        figures.append(_edge_maps_figure(maps, outdir / "edge_energy_global_vs_particles.png"))
+    ratio = np.nanmedian(mse_g[:, 1:] / np.where(mse_p[:, 1:] > 0, mse_p[:, 1:], np.nan), axis=0) \
+        if mse_g.shape[1] > 1 else np.array([])
+    summary = {"per_particle": {"particles": int(mse_g.shape[1] - 1), "mse_global": mse_g.tolist(),
+                                "mse_particle": mse_p.tolist(),
+                                "median_mse_ratio_global_over_particle": [float(r) for r in ratio]}}
+    lines = ["- per-particle registration: residual MSE inside each particle, global / per-particle (median over "
+             "energies): " + ", ".join(f"particle {k + 1} x{r:.2f}" for k, r in enumerate(ratio))]
+    if truth is not None:
+        err = {}
+        for name in ("global alignment", "per-particle alignment"):
+            if name in maps:
+                d = np.abs(maps[name] - truth)
+                err[name] = float(np.nanmedian(d)) if np.isfinite(d).any() else float("nan")
+        summary["per_particle"]["edge_energy_abs_error_median_ev"] = err
+        lines.append("- edge energy vs ground truth, median |error|: "
+                     + ", ".join(f"{k} {v:.2f} eV" for k, v in err.items()))
+    return figures, summary, lines
+
+
+def _particle_mse_figure(energies, mse_g, mse_p, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .io import atomic_path
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    order = np.argsort(energies)
+    colours = ["0.3", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for k in range(mse_g.shape[1]):
+        name, c = ("whole grid" if k == 0 else f"particle {k}"), colours[k % len(colours)]
+        for y, style, what in ((mse_g, "--", "global"), (mse_p, "-", "per-particle")):
+            v = y[order, k].copy()
+            v[~(v > 0)] = np.nan
+            ax.plot(energies[order], v, style, color=c, marker="o" if style == "-" else None, ms=3, lw=1.2,
+                    label=f"{name}, {what}")
+    if np.isfinite(np.where(mse_g > 0, mse_g, np.nan)).any():
+        ax.set_yscale("log")
+    ax.set_xlabel("Energy (eV)")
+    ax.set_ylabel("Residual MSE (registration inputs)")
+    ax.set_title("Residual inside each particle: global vs per-particle registration", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def _edge_maps_figure(maps, path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .io import atomic_path
+
+    first = next(iter(maps.values()))
+    z = int(np.argmax(np.isfinite(first).sum(axis=(1, 2))))
+    vals = np.concatenate([m[z][np.isfinite(m[z])] for m in maps.values()])
+    lo, hi = (np.percentile(vals, [1, 99]) if vals.size else (0.0, 1.0))
+    fig = Figure(figsize=(4.2 * len(maps) + 1.0, 4.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(maps))
+    for ax, (name, m) in zip(axes, maps.items()):
+        ax.set_facecolor("0.15")
+        im = ax.imshow(m[z], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("x (voxel)")
+    axes[0].set_ylabel("y (voxel)")
+    fig.colorbar(im, ax=list(axes), shrink=0.85).set_label("Edge energy (eV)")
+    fig.suptitle(f"Edge energy, z = {z}")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
