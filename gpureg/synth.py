@@ -344,8 +344,8 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
         Fraction of projection pixels replaced by dead (0) or saturated
         (65535) values, half each.
     relative_motion : bool
-        Particle 2 also turns (up to 3 degrees) and shifts (up to 1.5 voxels)
-        relative to particle 1; ``/truth/matrices`` then follow particle 1 and
+        Particle 2 also turns (up to about 4 degrees) and shifts (up to 3 voxels at
+        64^3, scaled with the size) relative to particle 1; ``/truth/matrices`` then follow particle 1 and
         ``/truth/particle_matrices`` hold both.
     seed : int
         Everything (geometry, motion, noise) is deterministic per seed.
@@ -475,10 +475,12 @@ def _relative(base, e, shape, seed, ref):
     rng = np.random.default_rng([int(seed), 7102])
     half = min(shape) / 2.0
     c2 = grid_center(shape) + np.asarray(PARTICLES[1]["center"]) * half
-    angle = rng.uniform(2.0, 3.0)
+    # Up to about 4 degrees and 3 voxels (at 64^3) far from the reference: enough that one
+    # global affine cannot align both particles (the reference study's case).
+    angle = rng.uniform(3.5, 4.5)
     axis = rng.normal(size=3)
     shift = rng.normal(size=3)
-    shift *= 1.5 / np.linalg.norm(shift)
+    shift *= 3.0 * min(shape) / 64 / np.linalg.norm(shift)
     t = np.abs(e - e[ref]) / max(float(np.ptp(e)), 1e-9)
     out = np.empty((e.size, 2, 4, 4))
     for i, ti in enumerate(t):
