@@ -38,7 +38,9 @@ def register_energies_dask(scheduler: str, store, loader, ref: int, params: dict
         from dask.distributed import Client, as_completed
     except ImportError as exc:
         raise RuntimeError("--scheduler needs Dask: pip install 'gpureg[dask]'") from exc
-    from .pipeline import _notify
+    from .backend import to_host
+    from .pipeline import _notify, reference_prep
+    from .register import prepare_volume
 
     if not store.done[ref]:
         vol, t_load = loader(ref)
@@ -48,9 +50,12 @@ def register_energies_dask(scheduler: str, store, loader, ref: int, params: dict
     except OSError as exc:
         raise RuntimeError(f"cannot reach the Dask scheduler at {scheduler!r} ({exc})") from None
     try:
-        fixed = client.scatter(store.recon(ref), broadcast=True)
-        opts = {"center": loader.center, "filter": loader.filter, "device": params["device"],
-                "binarize": params["binarize"], "denoise": params["denoise"], "model": params["model"]}
+        # The reference is prepared once here (binarized, smoothed) and shipped to every worker.
+        prep = reference_prep(store.recon(ref), params)
+        fixed = client.scatter(to_host(prepare_volume(store.recon(ref), params["device"], name="reference", **prep)),
+                               broadcast=True)
+        opts = {"center": loader.center, "filter": loader.filter, "device": params["device"], "prep": prep,
+                "model": params["model"]}
         pending = [i for i in range(len(store.energies)) if not store.done[i]]
         futures = [client.submit(_register_one, str(loader.reader.path), i, fixed, opts, pure=False) for i in pending]
         for fut in as_completed(futures):
@@ -61,20 +66,19 @@ def register_energies_dask(scheduler: str, store, loader, ref: int, params: dict
         client.close()
 
 
-def _register_one(path, i, fixed_grey, opts):
+def _register_one(path, i, fixed_prepared, opts):
     """Worker task: reconstruct energy ``i`` of ``path``, register it to the reference, resample it."""
-    from .backend import to_host
+    from .backend import to_device, to_host
     from .io import open_input
-    from .pipeline import _Loader, reference_prep
+    from .pipeline import _Loader
     from .register import prepare_volume, register_prepared
     from .transform import apply_affine
 
     with open_input(path) as reader:
         vol, t_load = _Loader(reader, center=opts["center"], filter=opts["filter"], device=opts["device"])(i)
     t0 = time.perf_counter()
-    prep = reference_prep(fixed_grey, opts)
-    fixed = prepare_volume(fixed_grey, opts["device"], name="reference", **prep)
-    moving = prepare_volume(vol, opts["device"], name=f"energy index {i}", **prep)
+    fixed = to_device(fixed_prepared, opts["device"])
+    moving = prepare_volume(vol, opts["device"], name=f"energy index {i}", **opts["prep"])
     res = register_prepared(fixed, moving, model=opts["model"])
     t1 = time.perf_counter()
     aligned = to_host(apply_affine(vol, res.matrix, device=opts["device"]))

@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import resolve_device, to_host
 from .io import InputError
-from .register import prepare_volume, reference_index, register_prepared, registration_order
+from .register import prepare_volume, reference_index, register_prepared, registration_order, warm_start
 
 __all__ = ["PipelineResult", "STAGES", "file_checksum", "reference_prep", "report_dir_for", "run", "write_report"]
 
@@ -265,7 +265,7 @@ def _register_all(store, loader, ref, params, progress):
             t0 = time.perf_counter()
             moving = prepare_volume(vol, dev, name=f"energy {energies[i]:g} eV", **prep)
             if params["matrices"] is None:
-                res = register_prepared(fixed, moving, init=warm_start(store, i, ref), model=params["model"])
+                res = register_prepared(fixed, moving, init=_warm_start(store, i, ref), model=params["model"])
             else:
                 res = score_matrix(fixed, moving, params["matrices"][i])
             if particles is not None:
@@ -298,11 +298,10 @@ def score_matrix(fixed, moving, matrix):
     return RegistrationResult(m, before, mse_terms(fixed, moving, m, hessian=False).mse, [], 0.0, "given", True)
 
 
-def warm_start(store, i, ref):
-    """Matrix of the registered energy nearest to ``i`` (None for the reference: centre-of-mass start)."""
+def _warm_start(store, i, ref):
+    # Done energies in index order, so a resumed run picks the same neighbour as an uninterrupted one.
     done = [j for j in np.flatnonzero(store.done) if j != i]
-    nearest = min(done, key=lambda j: (abs(store.energies[j] - store.energies[i]), j))
-    return None if nearest == ref else store.matrix(nearest)
+    return warm_start(((store.energies[j], None if j == ref else store.matrix(j)) for j in done), store.energies[i])
 
 
 def _apply(volume, matrix, device):

@@ -250,8 +250,7 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
                 fetch.submit(order[n + 1])
             m = prepare_volume(source, dev, name=f"volume {i}", **prep)
             del source
-            nearest = min(done, key=lambda j: abs(energies[j] - energies[i]))
-            init = None if nearest == ref else results[nearest].matrix
+            init = warm_start(((energies[j], None if j == ref else results[j].matrix) for j in done), energies[i])
             results[i] = register_prepared(f, m, init=init, **options)
             del m
             done.append(i)
@@ -283,6 +282,16 @@ def reference_index(energies, reference="highest") -> int:
         raise ValueError(f"reference energy {reference} eV is not one of the energies "
                          f"({energies.min():g}..{energies.max():g} eV, {energies.size} values)")
     return k
+
+
+def warm_start(done, energy):
+    """Starting matrix for ``energy``: that of the nearest already-registered energy.
+
+    ``done`` is an iterable of ``(energy, matrix)`` pairs, with ``matrix=None``
+    for the reference (which means a centre-of-mass start). Ties go to the
+    first pair in ``done``'s order.
+    """
+    return min(done, key=lambda pair: abs(pair[0] - energy))[1]
 
 
 def registration_order(energies, ref: int) -> list:

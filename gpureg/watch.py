@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import resolve_device, to_host
 from .io import InputError, atomic_path
-from .register import prepare_volume, register_prepared
+from .register import prepare_volume, register_prepared, warm_start
 
 __all__ = ["WatchState", "rereference", "watch"]
 
@@ -162,7 +162,8 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
                 fixed = prepare_volume(vol, dev, name=f"{path.name} (provisional reference)", **prep)
             else:
                 moving = prepare_volume(vol, dev, name=path.name, **prep)
-                res = register_prepared(fixed, moving, model=model, init=_nearest(state, energy))
+                res = register_prepared(fixed, moving, model=model, init=warm_start(((v["energy"], None if v["provisional"] else v["matrix"])
+                                                                           for v in state.entries.values()), energy))
                 matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
             latency = time.monotonic() - seen_at[path.name]
             state.add(path.name, energy, vol, matrix, latency, provisional)
@@ -191,9 +192,3 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
                            attrs={"source": str(directory)})
     return run(stack, output, device=device, reference="highest", binarize=binarize, denoise=denoise, model=model,
                xanes_method=xanes_method, overwrite=overwrite, report=report, matrices=final)
-
-
-def _nearest(state, energy):
-    """Provisional-frame matrix of the done energy nearest to ``energy`` (None: the provisional itself)."""
-    best = min(state.entries.values(), key=lambda v: abs(v["energy"] - energy))
-    return None if best["provisional"] else best["matrix"]

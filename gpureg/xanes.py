@@ -258,13 +258,7 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
     if smooth is None or not smooth >= 0:
         raise ValueError(f"edge_energy: smooth must be >= 0 eV, got {smooth!r}")
     E = _check_energies(energies)
-    if not hasattr(spectra, "shape"):
-        spectra = np.asarray(spectra)
-    if spectra.ndim < 1 or spectra.shape[0] != E.size:
-        raise ValueError(f"edge_energy: spectra must have shape (n_energy={E.size}, ...), got {tuple(spectra.shape)}")
-    xp = xp_of(spectra)
-    out_shape = tuple(spectra.shape[1:])
-    mu = xp.asarray(spectra, dtype=xp.float32).reshape(E.size, -1)
+    xp, mu, out_shape = _spectra_matrix(spectra, E, "edge_energy")
     if mask is not None:
         mask = xp.asarray(mask)
         if tuple(mask.shape) != out_shape:
@@ -320,12 +314,7 @@ def normalize(spectra, energies, *, pre=None, post=None, e0=None):
         the jump is not positive or a value is non-finite.
     """
     E = _check_energies(energies)
-    if not hasattr(spectra, "shape"):
-        spectra = np.asarray(spectra)
-    if spectra.ndim < 1 or spectra.shape[0] != E.size:
-        raise ValueError(f"normalize: spectra must have shape (n_energy={E.size}, ...), got {tuple(spectra.shape)}")
-    xp = xp_of(spectra)
-    mu = xp.asarray(spectra, dtype=xp.float32).reshape(E.size, -1)
+    xp, mu, voxels = _spectra_matrix(spectra, E, "normalize")
     finite = xp.isfinite(mu.sum(axis=0))
     mu0 = xp.where(finite[None, :], mu, xp.float32(0))
     if pre is None or post is None:
@@ -341,7 +330,7 @@ def normalize(spectra, energies, *, pre=None, post=None, e0=None):
     ok = finite & (jump > 0)
     norm = (mu - pre_line) / xp.where(ok, jump, xp.float32(1))[None, :]
     norm = xp.where(ok[None, :], norm, xp.float32(np.nan))
-    return norm.astype(xp.float32, copy=False).reshape(spectra.shape)
+    return norm.astype(xp.float32, copy=False).reshape(E.size, *voxels)
 
 
 def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", mask=None,
@@ -981,6 +970,16 @@ def _as_energy_vector(energies, where="energies"):
     if np.unique(E).size != E.size:
         raise ValueError(f"{where}: repeated energies {np.unique(E[np.r_[np.diff(np.sort(E)) == 0, False]]).tolist()}")
     return E
+
+
+def _spectra_matrix(spectra, E, caller):
+    """(xp, spectra as float32 (n_energy, n_voxel), voxel shape), checking the energy axis."""
+    if not hasattr(spectra, "shape"):
+        spectra = np.asarray(spectra)
+    if spectra.ndim < 1 or spectra.shape[0] != E.size:
+        raise ValueError(f"{caller}: spectra must have shape (n_energy={E.size}, ...), got {tuple(spectra.shape)}")
+    xp = xp_of(spectra)
+    return xp, xp.asarray(spectra, dtype=xp.float32).reshape(E.size, -1), tuple(spectra.shape[1:])
 
 
 def _check_energies(energies):
