@@ -30,7 +30,7 @@ def cpu_name() -> str:
 def device_name(device: str) -> str:
     """GPU name for ``device="gpu"``, else the CPU description."""
     if device == "gpu":
-        from gpureg.backend import gpu_name
+        from gpureg.core.backend import gpu_name
 
         return gpu_name() or "gpu"
     return cpu_name()
@@ -39,7 +39,7 @@ def device_name(device: str) -> str:
 def synchronize(device: str) -> None:
     """Wait for queued GPU work (no-op on the CPU)."""
     if device == "gpu":
-        from gpureg.backend import cupy_or_none
+        from gpureg.core.backend import cupy_or_none
 
         cupy_or_none().cuda.Device().synchronize()
 

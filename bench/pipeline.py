@@ -1,7 +1,7 @@
 """End-to-end pipeline benchmark: N energies x 181 projections x n^2, with the per-stage split.
 
 Simulates a Mn K-edge experiment (gpureg.synth, not timed), then times
-``gpureg.pipeline.run`` from raw projections to edge-energy maps (report
+``gpureg.pipeline.runner.run`` from raw projections to edge-energy maps (report
 figures excluded) and reads the per-stage seconds the result file records.
 Reference, measured in the same run on the same data: SimpleITK's affine
 registration of one energy (the median-distance one) to the reference,
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import gpureg  # noqa: E402
 from common import save  # noqa: E402
-from gpureg.backend import resolve_device  # noqa: E402
+from gpureg.core.backend import resolve_device  # noqa: E402
 
 
 def main(argv=None):
@@ -73,7 +73,7 @@ def main(argv=None):
 
 def _sitk_reference(h5, res, register_s):
     from gpureg.register import prepare_volume, registration_order
-    from gpureg.sitk_reference import register_sitk, sitk_available
+    from gpureg.validate.sitk import register_sitk, sitk_available
 
     if not sitk_available():
         return {}

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import gpureg  # noqa: E402
 from common import median_time, save  # noqa: E402
-from gpureg import transform as tf  # noqa: E402
+from gpureg.core import transform as tf  # noqa: E402
 from gpureg.register import prepare_volume, register_prepared  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main(argv=None):
     ap.add_argument("--no-sitk", action="store_true", help="skip SimpleITK")
     args = ap.parse_args(argv)
     sizes, repeats, warmup = ([64], 1, 0) if args.quick else (args.sizes, args.repeats, 1)
-    from gpureg.sitk_reference import register_sitk, sitk_available
+    from gpureg.validate.sitk import register_sitk, sitk_available
 
     use_sitk = sitk_available() and not args.no_sitk
     rows = []

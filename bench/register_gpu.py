@@ -17,7 +17,7 @@ one run, on one device:
   (median of ``--repeats`` >= 5 after a warm-up, synchronised), and
   ``registration_binarize_ms`` including Otsu + smoothing of both raw volumes;
 - ``error_vox``: mean displacement error over the particles' voxels;
-- SimpleITK (:func:`gpureg.sitk_reference.register_sitk`, all CPU cores) on
+- SimpleITK (:func:`gpureg.validate.sitk.register_sitk`, all CPU cores) on
   the same prepared arrays for sizes <= ``--sitk-max`` (256): time, error and
   ``ratio`` = SimpleITK time / gpureg time.
 
@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 
 import gpureg  # noqa: E402
 from common import RESULTS, median_time, save  # noqa: E402
-from gpureg import transform as tf  # noqa: E402
+from gpureg.core import transform as tf  # noqa: E402
 from gpureg.register import register_prepared  # noqa: E402
 
 DESIGN = ("single fused pass: warps own reference rows, lanes x = lane + 32k; 26 float row sums per lane "
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="sizes 64 and 128, 3 repeats, 10 pass timings")
     args = ap.parse_args(argv)
 
-    from gpureg.backend import GPUUnavailableError, resolve_device
+    from gpureg.core.backend import GPUUnavailableError, resolve_device
 
     try:
         resolve_device("gpu")
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     sitk = None
     if not args.no_sitk:
         try:
-            from gpureg.sitk_reference import register_sitk, sitk_available
+            from gpureg.validate.sitk import register_sitk, sitk_available
 
             sitk = register_sitk if sitk_available() else None
         except ImportError:
@@ -105,8 +105,8 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
     """All measurements of one size (see the module docstring)."""
     from register_cpu import known_affine
 
-    from gpureg import cuda
-    from gpureg.backend import cupy_or_none
+    from gpureg.core import cuda, cuda_loader
+    from gpureg.core.backend import cupy_or_none
     from gpureg.register import prepare_volume
 
     cp = cupy_or_none()
@@ -127,7 +127,7 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
     dst = cp.empty_like(f)
     copy_ms = event_ms(lambda: dst.data.copy_from_device_async(f.data, f.nbytes), repeats=n_pass)
     name = "mse_terms_pass<true, float>"
-    kernel = cuda._kernel("affine.cu", name)
+    kernel = cuda_loader.get_kernel("affine.cu", name)
 
     reg_ms, res = median_time(lambda: register_prepared(f, m), repeats=repeats, warmup=1,
                               device="gpu")
@@ -143,7 +143,7 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
         "pass_ms": round(pass_ms, 4), "pass_call_ms": round(pass_call_ms, 4), "copy_ms": round(copy_ms, 4),
         "pass_gb_per_s": round(2 * f.nbytes / pass_ms / 1e6, 1), "copy_gb_per_s": round(2 * f.nbytes / copy_ms / 1e6, 1),
         "bandwidth_fraction": round(copy_ms / pass_ms, 3),
-        "kernel_registers": int(kernel.num_regs), "resident_blocks": cuda._resident_blocks("affine.cu", name),
+        "kernel_registers": int(kernel.num_regs), "resident_blocks": cuda_loader.resident_blocks("affine.cu", name),
         "phantom_s": round(phantom_s, 1),
     }
     if sitk is not None:
@@ -162,7 +162,7 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
 
 def event_ms(fn, *, repeats: int, warmup: int = 3) -> float:
     """Median GPU time (ms, CUDA events on the current stream) of the work ``fn`` queues."""
-    from gpureg.backend import cupy_or_none
+    from gpureg.core.backend import cupy_or_none
 
     cp = cupy_or_none()
     for _ in range(warmup):
@@ -203,7 +203,7 @@ def phantoms(shape, truth, workers: int):
 
 def _slab(shape, matrix, z0, z1, seed=0):
     """Planes ``z0:z1`` of ``two_particle_phantom(shape, matrix, return_labels=True)`` (defaults otherwise)."""
-    from gpureg import phantom as ph
+    from gpureg.synth import phantom as ph
 
     rng = np.random.default_rng(seed)
     params = [ph._particle_params(rng, spec) for spec in ph.PARTICLES]

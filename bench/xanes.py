@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, save, synchronize  # noqa: E402
 
 from gpureg import xanes  # noqa: E402
-from gpureg.backend import resolve_device, to_host  # noqa: E402
+from gpureg.core.backend import resolve_device, to_host  # noqa: E402
 
 
 def make_stack(energies, size, xp=np, seed=0):
@@ -118,7 +118,7 @@ def main(argv=None):
     for size in sizes:
         voxels = size ** 3
         if device == "gpu":
-            from gpureg.backend import get_xp
+            from gpureg.core.backend import get_xp
 
             cp = get_xp("gpu")
             dstack = make_stack(energies, size, xp=cp)

@@ -2,43 +2,55 @@
 
 FBP per energy, Otsu binarization, 3D affine MSE registration of every energy
 to a reference, and per-voxel edge-energy maps; NumPy on the CPU, CuPy raw
-CUDA kernels on an NVIDIA GPU.
+CUDA kernels on an NVIDIA GPU. The public API is listed here once; the layers
+below (``core`` -> ``io``/``recon``/``register``/``xanes`` -> ``figures`` ->
+``synth`` -> ``pipeline``/``validate`` -> ``cli``) are described in README.md.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-from .backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
-from .io import open_input, write_dataexchange
-from .io import open_input, write_dataexchange
-from .metric import MetricTerms, mse_terms
-from .particles import ParticleResult, apply_piecewise, detect_relative_motion, register_particles
-from .phantom import two_particle_phantom
-from .recon import normalize, reconstruct_energy, reconstruct_fbp
-from .recon import normalize, reconstruct_energy, reconstruct_fbp
-from .register import RegistrationResult, SeriesResult, register_affine, register_series
-from .segment import binarize, otsu_threshold
-from .synth import simulate
-from .synth import simulate
-from .transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
-                        params_from_matrix, rotation_matrix, scale_matrix)
-from .xanes import edge_energy, edge_energy_map, particle_labels
-from .validate import run_validation
-
-try:
-    __version__ = _version("gpureg")
-except PackageNotFoundError:  # running from a source checkout
-    __version__ = "0.1.0+src"
+from .core.backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
+from .core.metric import MetricTerms, mse_terms
+from .core.segment import binarize, otsu_threshold, particle_labels
+from .core.transform import (
+                             apply_affine,
+                             compose,
+                             displacement_error,
+                             invert,
+                             matrix_from_params,
+                             params_from_matrix,
+                             rotation_matrix,
+                             scale_matrix,
+)
+from .core.version import __version__
+from .io.dataexchange import write_dataexchange
+from .io.readers import open_input
+from .pipeline.runner import run
+from .recon.fbp import reconstruct_energy, reconstruct_fbp
+from .recon.flatfield import normalize
+from .register.affine import RegistrationResult, register_affine, register_prepared
+from .register.particle_check import detect_relative_motion
+from .register.particles import ParticleResult, apply_piecewise, register_particles
+from .register.series import SeriesResult, register_series
+from .synth.phantom import two_particle_phantom
+from .synth.scan import simulate
+from .validate.sweep import run_validation
+from .xanes.edge import edge_energy
+from .xanes.stack import edge_energy_map
 
 __all__ = [
     "GPUUnavailableError",
     "MetricTerms",
+    "ParticleResult",
     "RegistrationResult",
     "SeriesResult",
     "__version__",
     "apply_affine",
+    "apply_piecewise",
     "binarize",
     "compose",
+    "detect_relative_motion",
     "displacement_error",
+    "edge_energy",
+    "edge_energy_map",
     "get_xp",
     "gpu_available",
     "invert",
@@ -46,31 +58,22 @@ __all__ = [
     "mse_terms",
     "normalize",
     "open_input",
-    "normalize",
-    "open_input",
     "otsu_threshold",
     "params_from_matrix",
-    "reconstruct_energy",
-    "reconstruct_fbp",
+    "particle_labels",
     "reconstruct_energy",
     "reconstruct_fbp",
     "register_affine",
+    "register_particles",
+    "register_prepared",
     "register_series",
-    "run_validation",
     "rotation_matrix",
+    "run",
+    "run_validation",
     "scale_matrix",
-    "simulate",
     "simulate",
     "to_device",
     "to_host",
     "two_particle_phantom",
     "write_dataexchange",
-    "write_dataexchange",
-    "edge_energy",
-    "edge_energy_map",
-    "particle_labels",
-    "ParticleResult",
-    "apply_piecewise",
-    "detect_relative_motion",
-    "register_particles",
 ]

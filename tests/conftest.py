@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gpureg.backend import cupy_or_none
+from gpureg.core.backend import cupy_or_none
 
 
 def pytest_collection_modifyitems(config, items):

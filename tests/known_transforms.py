@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from gpureg import transform as tf
+from gpureg.core import transform as tf
 
 SHAPE = (64, 64, 64)
 C = tf.grid_center(SHAPE)

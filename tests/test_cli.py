@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpureg
-from gpureg import transform as tf
+from gpureg.core import transform as tf
 from gpureg.cli import main
 
 

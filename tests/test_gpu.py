@@ -17,11 +17,11 @@ import pytest
 from scipy import ndimage
 
 import gpureg
-from gpureg import cuda
+from gpureg.core import cuda, cuda_loader
 from gpureg import register as reg
-from gpureg import transform as tf
-from gpureg.backend import cupy_or_none
-from gpureg.metric import mse_terms
+from gpureg.core import transform as tf
+from gpureg.core.backend import cupy_or_none
+from gpureg.core.metric import mse_terms
 from known_transforms import C, CASES, SHAPE
 
 pytestmark = pytest.mark.gpu
@@ -106,8 +106,8 @@ def test_apply_affine_matches_scipy(cp, case, out_shape):
 
 def test_pyramid_step_matches_numpy(cp):
     v = np.random.default_rng(5).random((33, 46, 51)).astype(np.float32)
-    got = reg._downsample2(cp.asarray(v))
-    np.testing.assert_allclose(got.get(), reg._downsample2(v), rtol=0, atol=3e-7)
+    got = reg.downsample2(cp.asarray(v))
+    np.testing.assert_allclose(got.get(), reg.downsample2(v), rtol=0, atol=3e-7)
     levels = reg.pyramid(cp.asarray(v), min_size=8)
     assert [lv.shape for lv in levels] == [lv.shape for lv in reg.pyramid(v, min_size=8)]
 

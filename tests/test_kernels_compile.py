@@ -4,7 +4,7 @@ A broken kernel is caught on every CI run even though CI has no GPU:
 
 - nvcc --cubin for sm_90 and sm_80 (and no register spills);
 - NVRTC on exactly the source text, options and name expressions that
-  :mod:`gpureg.cuda` hands to ``cupy.RawModule`` (needs libnvrtc, e.g. from the
+  :mod:`gpureg.core.cuda` hands to ``cupy.RawModule`` (needs libnvrtc, e.g. from the
   ``nvidia-cuda-nvrtc`` wheel; skipped without it);
 - the kernels themselves, unchanged, compiled with g++ against a small
   emulation of the CUDA thread model (every thread a fiber, ``__syncthreads``
@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from gpureg import cuda, metric
+from gpureg.core import cuda, cuda_loader, metric
 from gpureg import register as reg
-from gpureg import transform as tf
-from gpureg.phantom import two_particle_phantom
+from gpureg.core import transform as tf
+from gpureg.synth.phantom import two_particle_phantom
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = sorted(p.name for p in KERNELS.glob("*.cu"))
@@ -44,7 +44,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
 def test_every_source_is_loaded_by_gpureg_cuda():
     # A .cu file that gpureg.cuda does not know would never be compiled at run time.
-    assert SOURCES and set(SOURCES) == set(cuda.KERNEL_FILES)
+    assert SOURCES and set(SOURCES) == set(cuda_loader.KERNEL_FILES)
 
 
 @needs_nvcc
@@ -61,7 +61,7 @@ def test_nvcc_cubin_without_register_spills(source, arch, tmp_path):
 
 
 def test_import_needs_no_cupy():
-    code = "import sys, gpureg.cuda; print('cupy' in sys.modules)"
+    code = "import sys, gpureg.core.cuda; print('cupy' in sys.modules)"
     env = dict(os.environ, GPUREG_DISABLE_GPU="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=KERNELS.parent, check=True)
@@ -69,30 +69,30 @@ def test_import_needs_no_cupy():
 
 
 def test_kernel_dir_finds_checkout_and_wheel_layouts(tmp_path):
-    assert cuda.kernel_dir() == KERNELS
+    assert cuda_loader.kernel_dir() == KERNELS
     # Installed wheel: gpureg/kernels/*.cuh beside gpureg/cuda.py.
     wheel = tmp_path / "site" / "gpureg"
     (wheel / "kernels").mkdir(parents=True)
     (wheel / "kernels" / "voxel_math.cuh").write_text("")
-    assert cuda._find_kernel_dir(wheel) == wheel / "kernels"
+    assert cuda_loader._find_kernel_dir(wheel) == wheel / "kernels"
     # Source checkout: kernels/ beside gpureg/.
     checkout = tmp_path / "src"
     (checkout / "gpureg").mkdir(parents=True)
     (checkout / "kernels").mkdir()
     (checkout / "kernels" / "voxel_math.cuh").write_text("")
-    assert cuda._find_kernel_dir(checkout / "gpureg") == checkout / "kernels"
+    assert cuda_loader._find_kernel_dir(checkout / "gpureg") == checkout / "kernels"
     with pytest.raises(FileNotFoundError, match="voxel_math.cuh"):
-        cuda._find_kernel_dir(tmp_path / "nowhere" / "gpureg")
+        cuda_loader._find_kernel_dir(tmp_path / "nowhere" / "gpureg")
 
 
 def test_kernel_source_has_line_directive_and_header_digest():
-    src = cuda.kernel_source("affine.cu")
+    src = cuda_loader.kernel_source("affine.cu")
     lines = src.splitlines()
     assert lines[1] == '#line 1 "kernels/affine.cu"'
     assert lines[2:] == (KERNELS / "affine.cu").read_text().splitlines()
     assert lines[0].startswith("// gpureg headers ")
     with pytest.raises(FileNotFoundError, match="nope.cu"):
-        cuda.kernel_source("nope.cu")
+        cuda_loader.kernel_source("nope.cu")
 
 
 def _nvrtc():
@@ -121,15 +121,15 @@ def test_nvrtc_compiles_what_cupy_gets(source, arch):
     lib = _nvrtc()
     if lib is None:
         pytest.skip("libnvrtc not found (install nvidia-cuda-nvrtc or set GPUREG_NVRTC)")
-    code = cuda.kernel_source(source).encode()
+    code = cuda_loader.kernel_source(source).encode()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), code, f"{source}".encode(), 0, None, None) == 0
     try:
-        names = cuda.KERNEL_FILES[source]
+        names = cuda_loader.KERNEL_FILES[source]
         for name in names:
             assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0, name
         # The options CuPy adds for NVRTC (cupy/cuda/compiler.py) after ours.
-        options = [*cuda.compile_options(), f"-arch={arch}", "--device-as-default-execution-space", "-ftz=true"]
+        options = [*cuda_loader.compile_options(), f"-arch={arch}", "--device-as-default-execution-space", "-ftz=true"]
         argv = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
         status = lib.nvrtcCompileProgram(prog, len(options), argv)
         size = ctypes.c_size_t()
@@ -422,7 +422,7 @@ def _emulated_mse(emu, fixed, moving, matrix, center, mask, hessian, blocks):
             maskf = mask.ctypes.data
     out = np.empty(cuda.N_TERMS * cuda.N_MONOMIALS)
     assert emu.e_mse(fixed, moving, maskf, maskb, *fixed.shape, *moving.shape, aff, int(hessian), blocks,
-                     cuda._THREADS, out) == 0
+                     cuda_loader.THREADS, out) == 0
     return cuda.unpack_terms(out.reshape(cuda.N_TERMS, cuda.N_MONOMIALS), hessian)
 
 
@@ -479,7 +479,7 @@ def test_emulated_downsample_matches_numpy(emu):
     out = np.full(shape, np.nan, np.float32)
     assert emu.e_downsample2(v, v.shape[1], v.shape[2], out, *shape, np.array(cuda._grid_3d(shape), np.int32),
                              np.array(cuda._BLOCK_3D, np.int32)) == 0
-    np.testing.assert_allclose(out, reg._downsample2(v), rtol=0, atol=3e-7)
+    np.testing.assert_allclose(out, reg.downsample2(v), rtol=0, atol=3e-7)
 
 
 @pytest.mark.parametrize("data", ["phantom", "even"])
@@ -493,11 +493,11 @@ def test_emulated_median_and_center_of_mass(emu, data):
     def histogram(prefix, prefix_mask, shift, bits):
         hist[:] = 0
         assert emu.e_radix(flat, flat.size, prefix, prefix_mask, shift, (1 << bits) - 1, hist, 3,
-                           cuda._THREADS) == 0
+                           cuda_loader.THREADS) == 0
         return hist[: 1 << bits].astype(np.int64)
 
     med = cuda.median_from_histograms(histogram, flat.size)
     assert med == np.median(v)
     moments = np.empty(4)
-    assert emu.e_moments(v, *v.shape, med, 2, cuda._THREADS, moments) == 0
+    assert emu.e_moments(v, *v.shape, med, 2, cuda_loader.THREADS, moments) == 0
     np.testing.assert_allclose(moments[1:] / moments[0], reg.center_of_mass(v), rtol=0, atol=1e-5)

@@ -3,8 +3,8 @@
 import numpy as np
 
 import gpureg
-from gpureg import transform as tf
-from gpureg.metric import cell_support, mse_terms
+from gpureg.core import transform as tf
+from gpureg.core.metric import cell_support, mse_terms
 
 
 def test_cell_support_brute_force():

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import gpureg
-from gpureg import transform as tf
-from gpureg.particles import (ParticleResult, RelativeMotionWarning, apply_piecewise, detect_relative_motion,
+from gpureg.core import transform as tf
+from gpureg.register import (ParticleResult, RelativeMotionWarning, apply_piecewise, detect_relative_motion,
                               particle_regions, register_particles)
-from gpureg.phantom import PARTICLES
+from gpureg.synth.phantom import PARTICLES
 
 SHAPE = (64, 64, 64)
 C = tf.grid_center(SHAPE)
@@ -197,7 +197,7 @@ def test_particle_regions():
 
 @pytest.mark.gpu
 def test_gpu_matches_cpu(case, result):
-    from gpureg.backend import cupy_or_none
+    from gpureg.core.backend import cupy_or_none
 
     cp = cupy_or_none()
     fixed, moving, labels, truth = case
@@ -264,7 +264,7 @@ def test_pipeline_per_particle(series, tmp_path):
         mse_g, mse_p = reg["particle_mse_global"][...], reg["particle_mse"][...]
         assert np.all(mse_p[:-1] <= mse_g[:-1])
         # /aligned is the piecewise resampling of /recon with the stored transforms.
-        from gpureg.particles import particle_regions
+        from gpureg.register import particle_regions
 
         regions = particle_regions(reg["particle_labels"][...], 3)
         np.testing.assert_allclose(h5["aligned"][0], apply_piecewise(h5["recon"][0], pm[0], regions), atol=1e-5)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import gpureg
-from gpureg import transform as tf
+from gpureg.core import transform as tf
 from gpureg.io import write_dataexchange
 from gpureg.pipeline import run
-from gpureg.watch import rereference, watch
+from gpureg.pipeline.watch import rereference, watch
 
 SIZE = 48  # at <= 40^3 the trilinear "grid effect" biases near-identity motions by up to 0.4 voxel
 ENERGIES = np.array([6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6620.0])

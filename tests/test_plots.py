@@ -8,9 +8,9 @@ must contain, e.g. the Canny overlay's magenta/green edges).
 import numpy as np
 import pytest
 
-from gpureg import plots
-from gpureg.phantom import two_particle_phantom
-from gpureg.transform import apply_affine, matrix_from_params
+from gpureg import figures as plots
+from gpureg.synth.phantom import two_particle_phantom
+from gpureg.core.transform import apply_affine, matrix_from_params
 
 PIL = pytest.importorskip("PIL.Image")
 

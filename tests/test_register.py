@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import gpureg
-from gpureg import transform as tf
-from gpureg.metric import mse_terms
+from gpureg.core import transform as tf
+from gpureg.core.metric import mse_terms
 from known_transforms import CASES, SHAPE, affine
 
 

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from gpureg import recon, synth
-from gpureg.backend import GPUUnavailableError
+from gpureg.recon import fbp, flatfield, project
+from gpureg.core.backend import GPUUnavailableError
 from gpureg.io import open_input
-from gpureg.phantom import particle_fields, two_particle_phantom
-from gpureg.transform import apply_affine, displacement_error, grid_center, invert, rotation_matrix
+from gpureg.synth.phantom import particle_fields, two_particle_phantom
+from gpureg.core.transform import apply_affine, displacement_error, grid_center, invert, rotation_matrix
 
 SIZE = 40
 ENERGIES = np.array([6485.0, 6545.0, 6551.0, 6557.0, 6710.0])  # far pre-edge, near-edge, reference (highest)
@@ -207,7 +208,7 @@ def test_normalize_exact_and_clipped(monkeypatch):
     proj = np.stack([100.0 + 1000.0 * t, 100.0 + 1000.0 * t * 0.5])
     np.testing.assert_allclose(recon.normalize(proj, flat, dark), -np.log(np.stack([t, t * 0.5])), rtol=1e-5)
     proj[0, 0, :3] = [0.0, 100.0, 50.0]  # dead pixels: at or below the dark
-    monkeypatch.setattr(recon, "_WARNED", False)
+    monkeypatch.setattr(flatfield, "_WARNED", False)
     with pytest.warns(recon.NonPositiveTransmissionWarning, match="3 of 40"):
         out, n = recon.normalize(proj, flat, dark, return_count=True)
     assert n == 3 and np.all(np.isfinite(out)) and out.max() == pytest.approx(-np.log(1e-3), rel=1e-5)
@@ -270,7 +271,7 @@ def _fake_bp3d(flip_y, flip_x, scale):
     def bp(a, xp, sino, pg, vg, shape):
         rows, n_angle, n = sino.shape
         out = np.empty(shape, dtype=np.float32)
-        with recon._Astra() as b:
+        with project.Astra() as b:
             vg2 = b.astra.create_vol_geom(n, n)
             pg2 = b.astra.create_proj_geom("parallel", 1.0, n, pg["ProjectionAngles"])
             pid = b.projector("linear", pg2, vg2)
@@ -291,32 +292,32 @@ def _fake_bp3d(flip_y, flip_x, scale):
 @pytest.mark.parametrize("flips", [(False, False, 1.0), (True, False, 0.5), (False, True, 3.0), (True, True, 1.0)])
 def test_cuda_path_logic_matches_cpu_fbp(monkeypatch, flips):
     """The GPU path's host logic (filter, centre shift, slabs, calibration of flips/scale) on a stand-in BP."""
-    monkeypatch.setattr(recon, "_backproject3d", _fake_bp3d(*flips))
-    monkeypatch.setattr(recon, "_slab_size", lambda cp, n_angle, nx, nz: 4)
-    monkeypatch.setattr(recon, "cupy_or_none", lambda: None)
-    recon._cuda_calibration.cache_clear()
+    monkeypatch.setattr(fbp, "_backproject3d", _fake_bp3d(*flips))
+    monkeypatch.setattr(fbp, "_slab_size", lambda cp, n_angle, nx, nz: 4)
+    monkeypatch.setattr(fbp, "cupy_or_none", lambda: None)
+    fbp._cuda_calibration.cache_clear()
     try:
         _, proj, theta = _phantom_projections(n=28, n_angle=91)
         proj = np.concatenate([proj, proj[:, :3] * 0.5], axis=1)  # 9 slices: slabs of 4, 4, 1
         rad = np.deg2rad(theta)
         for filt, shift in (("ram-lak", 0.0), ("shepp-logan", 0.0), ("hann", 1.7)):
-            cpu = recon._fbp_cpu(proj, rad, shift, filt)
-            gpu = recon._fbp_cuda(proj, rad, shift, filt)
+            cpu = fbp._fbp_cpu(proj, rad, shift, filt)
+            gpu = fbp._fbp_cuda(proj, rad, shift, filt)
             np.testing.assert_allclose(gpu, cpu, atol=2e-3 * np.abs(cpu).max())
         # and reconstruct_fbp dispatches to it when ASTRA CUDA is usable
-        monkeypatch.setattr(recon, "_astra_cuda_probe", lambda: (True, ""))
+        monkeypatch.setattr(fbp, "_astra_cuda_probe", lambda: (True, ""))
         np.testing.assert_allclose(recon.reconstruct_fbp(proj, theta, device="gpu"),
                                    recon.reconstruct_fbp(proj, theta, device="cpu"), atol=2e-3 * np.abs(cpu).max())
     finally:
-        recon._cuda_calibration.cache_clear()
+        fbp._cuda_calibration.cache_clear()
 
 
 def test_cuda_failure_falls_back_only_under_auto(monkeypatch):
     def broken(*args):
         raise RuntimeError("no kernel image for this device")
 
-    monkeypatch.setattr(recon, "_astra_cuda_probe", lambda: (True, ""))
-    monkeypatch.setattr(recon, "_fbp_cuda", broken)
+    monkeypatch.setattr(fbp, "_astra_cuda_probe", lambda: (True, ""))
+    monkeypatch.setattr(fbp, "_fbp_cuda", broken)
     _, proj, theta = _phantom_projections(n=16, n_angle=31)
     with pytest.warns(RuntimeWarning, match="using the CPU"):
         out = recon.reconstruct_fbp(proj, theta, device="auto")

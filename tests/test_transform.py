@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 
 import gpureg
-from gpureg import transform as tf
-from gpureg.metric import trilinear_sample
+from gpureg.core import transform as tf
+from gpureg.core.metric import trilinear_sample
 
 
 def test_params_roundtrip():

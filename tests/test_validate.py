@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import gpureg
 from gpureg import validate as val
 from gpureg.cli import app
-from gpureg.sitk_reference import sitk_available
+from gpureg.validate.sitk import sitk_available
 
 SIZE = 32
 AFFINE = ("translation", "rotation", "scale")
@@ -118,7 +118,7 @@ def test_salt_and_pepper_fraction_and_seed():
 
 def test_distortion_matrices():
     shape = (40, 40, 40)
-    c = gpureg.transform.grid_center(shape)
+    c = gpureg.core.transform.grid_center(shape)
     t = val.distortion_matrix("translation", 0.1, shape)
     assert np.linalg.norm(t[:3, 3]) == pytest.approx(4.0)
     np.testing.assert_allclose(t[:3, :3], np.eye(3))
@@ -173,7 +173,7 @@ def test_bad_options(kwargs, match):
 
 
 def test_sitk_required_but_missing(monkeypatch):
-    monkeypatch.setattr("gpureg.sitk_reference.sitk_available", lambda: False)
+    monkeypatch.setattr("gpureg.validate.sitk.sitk_available", lambda: False)
     with pytest.raises(RuntimeError, match="SimpleITK is not installed"):
         gpureg.run_validation(None, device="cpu", sitk=True)
 

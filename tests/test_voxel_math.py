@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from gpureg import cuda, metric
+from gpureg.core import cuda, cuda_loader, metric
 from gpureg import register as reg
-from gpureg import transform as tf
-from gpureg.phantom import two_particle_phantom
+from gpureg.core import transform as tf
+from gpureg.synth.phantom import two_particle_phantom
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -361,7 +361,7 @@ def test_downsample_matches_numpy_pyramid(lib):
     oz, oy, ox = (n // 2 for n in v.shape)
     out = np.empty((oz, oy, ox), np.float32)
     lib.h_downsample2(v, v.shape[1], v.shape[2], out, oz, oy, ox)
-    np.testing.assert_allclose(out, reg._downsample2(v), rtol=0, atol=3e-7)
+    np.testing.assert_allclose(out, reg.downsample2(v), rtol=0, atol=3e-7)
 
 
 def test_moments_give_the_cpu_center_of_mass(lib):

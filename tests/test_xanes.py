@@ -12,7 +12,7 @@ from scipy.special import erf
 
 import gpureg
 from gpureg import xanes
-from gpureg.phantom import two_particle_phantom
+from gpureg.synth.phantom import two_particle_phantom
 
 E = xanes.scan_energies()                       # 36 energies, 3 eV over 6528-6600 eV, 15 eV elsewhere
 N_SPEC = 300
@@ -178,7 +178,7 @@ def test_labels_find_the_two_particles(particles):
     _, density, truth, _ = particles
     mask = density > gpureg.otsu_threshold(density)
     mask[0, 0, 0] = True                                          # an isolated speck: dropped by min_voxels
-    labels, n = xanes.particle_labels(mask, min_voxels=20)
+    labels, n = gpureg.particle_labels(mask, min_voxels=20)
     assert n == 2 and labels.dtype == np.int32 and labels[0, 0, 0] == 0
     found = set()
     for k in (1, 2):
@@ -188,9 +188,9 @@ def test_labels_find_the_two_particles(particles):
         found.add(t)
     assert found == {0, 1}
     assert (labels == 1).sum() >= (labels == 2).sum()             # numbered by size
-    assert xanes.particle_labels(np.zeros((4, 4, 4)))[1] == 0
+    assert gpureg.particle_labels(np.zeros((4, 4, 4)))[1] == 0
     with pytest.raises(ValueError, match="2D or 3D"):
-        xanes.particle_labels(np.ones(5))
+        gpureg.particle_labels(np.ones(5))
 
 
 def test_roi_spectra_labels_and_boxes(particles):

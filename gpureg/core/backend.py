@@ -1,0 +1,156 @@
+"""Array backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+This is the only module that imports CuPy. Everything else asks it for the
+array module (``xp``) and moves arrays with :func:`to_device` / :func:`to_host`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+
+__all__ = ["array_device", "cupy_or_none", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+_log = logging.getLogger("gpureg")
+
+
+class GPUUnavailableError(RuntimeError):
+    """``device="gpu"`` was asked for but CuPy or a CUDA device is missing."""
+
+
+def cupy_or_none():
+    """Return the ``cupy`` module when it imports and sees a device, else ``None``.
+
+    Setting the environment variable ``GPUREG_DISABLE_GPU=1`` hides the GPU
+    (useful to force the CPU path in tests and benchmarks).
+    """
+    return _cupy_probe()[0]
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and at least one CUDA device answers."""
+    return cupy_or_none() is not None
+
+
+def gpu_name() -> str | None:
+    """Name of the current CUDA device, or ``None`` without one."""
+    cp = cupy_or_none()
+    if cp is None:
+        return None
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Turn ``"auto" | "cpu" | "gpu"`` into ``"cpu"`` or ``"gpu"``.
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"`` picks the GPU when CuPy and a device are usable and falls
+        back to the CPU otherwise (logged once). ``"gpu"`` without a usable
+        GPU raises :class:`GPUUnavailableError`.
+
+    Returns
+    -------
+    str
+        ``"cpu"`` or ``"gpu"``.
+    """
+    if not isinstance(device, str) or device.lower() not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    device = device.lower()
+    if device == "cpu":
+        return "cpu"
+    cp, why = _cupy_probe()
+    if cp is not None:
+        return "gpu"
+    if device == "gpu":
+        raise GPUUnavailableError(f"device='gpu' was requested but no GPU is usable: {why}")
+    _note_fallback(why)
+    return "cpu"
+
+
+def get_xp(device: str = "auto"):
+    """Array module for ``device``: ``numpy`` or ``cupy``.
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"gpu"`` (see :func:`resolve_device`).
+    """
+    return cupy_or_none() if resolve_device(device) == "gpu" else np
+
+
+def array_device(array) -> str:
+    """``"gpu"`` for a CuPy array, ``"cpu"`` for anything else."""
+    return "gpu" if type(array).__module__.split(".")[0] == "cupy" else "cpu"
+
+
+def xp_of(array):
+    """Array module of ``array``: ``cupy`` for a CuPy array, else ``numpy``."""
+    return cupy_or_none() if array_device(array) == "gpu" else np
+
+
+def ndimage_of(array):
+    """``cupyx.scipy.ndimage`` for a CuPy array, else ``scipy.ndimage``."""
+    if array_device(array) == "gpu":
+        import cupyx.scipy.ndimage as nd
+    else:
+        from scipy import ndimage as nd
+    return nd
+
+
+def to_device(array, device: str = "auto", dtype=None):
+    """Return ``array`` on ``device`` (a no-op when it is already there).
+
+    Parameters
+    ----------
+    array : array_like
+        NumPy or CuPy array (or anything ``numpy.asarray`` takes).
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"gpu"``.
+    dtype : dtype, optional
+        Convert to this dtype on the way.
+    """
+    target = resolve_device(device)
+    if target == "gpu":
+        cp = cupy_or_none()
+        return cp.asarray(array, dtype=dtype)
+    return np.asarray(to_host(array), dtype=dtype)
+
+
+def to_host(array):
+    """Return ``array`` as a NumPy array (copies from the GPU when needed)."""
+    if array_device(array) == "gpu":
+        return array.get()
+    return np.asarray(array)
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_probe():
+    if os.environ.get("GPUREG_DISABLE_GPU", "") not in ("", "0"):
+        return None, "GPUREG_DISABLE_GPU is set"
+    try:
+        import cupy as cp
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        return None, f"CuPy is not installed or does not import ({type(exc).__name__}); install gpureg[cuda12] or gpureg[cuda13]"
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return None, f"CuPy found no CUDA driver/device ({exc})"
+    if n < 1:
+        return None, "CuPy sees no CUDA device"
+    return cp, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _note_fallback(why: str) -> None:
+    _log.info("gpureg: no usable GPU (%s); running on the CPU", why)

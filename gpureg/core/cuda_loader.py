@@ -1,0 +1,128 @@
+"""CUDA kernels of gpureg (CuPy raw kernels): affine resampling, the fused MSE pass, pyramid and moments.
+
+This is the only module that loads and launches kernels. The CUDA C sources
+live in ``kernels/*.cu`` (shipped as ``gpureg/kernels/`` in a wheel); the
+per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also compiles as
+plain C++ and is tested on the CPU (``tests/test_voxel_math.py``). Importing
+this module needs neither CuPy nor a GPU: CuPy is fetched through
+:func:`gpureg.backend.cupy_or_none` when a kernel is first launched, and each
+source is compiled once per device and process (and cached on disk by CuPy).
+
+Convention
+----------
+Volumes are float32, C order, ``(z, y, x)``. ``matrix`` is
+``moving_from_reference`` in voxel indices: a reference voxel ``p`` samples
+the moving volume at ``q = A p + t``; a sample is valid when
+``0 <= q_k <= n_k - 1`` on every axis (the rule of :mod:`gpureg.metric`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from pathlib import Path
+
+from .backend import GPUUnavailableError, cupy_or_none
+
+__all__ = ["compile_options", "kernel_dir", "KERNEL_FILES", "kernel_source"]
+
+# Kernel source -> the name expressions CuPy compiles (templates by name, never by string formatting).
+KERNEL_FILES = {
+    "affine.cu": ("resample_affine", "reduce_partials",
+                  "mse_terms_pass<true, float>", "mse_terms_pass<false, float>",
+                  "mse_terms_pass<true, bool>", "mse_terms_pass<false, bool>"),
+    "volume.cu": ("downsample2", "com_moments", "radix_histogram", "reduce_partials"),
+}
+
+
+# Thread-block shapes. They are fixed by the kernels' __launch_bounds__ (256
+# threads). 32 x 8 for the 3D-grid kernels: a warp covers 32 consecutive x
+# (coalesced). Not tuned on a GPU yet.
+THREADS = 256
+
+
+_MSE_MIN_BLOCKS = 4  # kMseMinBlocks in kernels/affine.cu: resident blocks per SM it is built for
+
+
+def kernel_dir() -> Path:
+    """Folder holding ``voxel_math.cuh`` and the ``*.cu`` sources.
+
+    ``gpureg/kernels`` in an installed wheel, ``kernels/`` beside ``gpureg/``
+    in a source checkout.
+    """
+    return _find_kernel_dir(Path(__file__).resolve().parents[1])
+
+
+def kernel_source(name: str) -> str:
+    """CUDA source of ``kernels/<name>`` as handed to CuPy.
+
+    Prefixed with a digest of the headers (CuPy's on-disk cache keys on the
+    source text only, so a header change must change the text) and a
+    ``#line`` directive, so compiler messages point at the real file and line.
+    """
+    folder = kernel_dir()
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no kernel source {name!r} in {folder}")
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(folder.glob("*.cuh")))).hexdigest()[:16]
+    return f'// gpureg headers {digest}\n#line 1 "kernels/{name}"\n' + path.read_text()
+
+
+def compile_options() -> tuple:
+    """Compiler options for the kernel sources (NVRTC through CuPy, or nvcc)."""
+    return ("--std=c++17", f"-I{kernel_dir()}")
+
+
+def _find_kernel_dir(package_dir: Path) -> Path:
+    for candidate in (package_dir / "kernels", package_dir.parent / "kernels"):
+        if (candidate / "voxel_math.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(f"gpureg kernel sources not found: looked for voxel_math.cuh in "
+                            f"{package_dir / 'kernels'} (installed) and {package_dir.parent / 'kernels'} (checkout)")
+
+
+def require_cupy():
+    cp = cupy_or_none()
+    if cp is None:
+        raise GPUUnavailableError("gpureg.cuda needs CuPy and a CUDA GPU; none is usable here")
+    return cp
+
+
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, device_id: int):
+    cp = require_cupy()
+    return cp.RawModule(code=kernel_source(name), options=compile_options(), name_expressions=KERNEL_FILES[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_on(name: str, function: str, device_id: int):
+    if function not in KERNEL_FILES[name]:
+        raise ValueError(f"kernel {function!r} is not declared for {name} (have {KERNEL_FILES[name]})")
+    with _lock:  # compilation is not reentrant across threads
+        return _module(name, device_id).get_function(function)
+
+
+def get_kernel(name: str, function: str):
+    """The compiled kernel ``function`` of ``kernels/<name>`` on the current device."""
+    return _kernel_on(name, function, require_cupy().cuda.Device().id)
+
+
+def resident_blocks(name: str, function: str) -> int:
+    """Blocks of ``THREADS`` threads that fill the current device (grid of the grid-stride kernels)."""
+    return _resident_blocks_on(name, function, require_cupy().cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_blocks_on(name: str, function: str, device_id: int) -> int:
+    cp = require_cupy()
+    sms = int(cp.cuda.Device(device_id).attributes["MultiProcessorCount"])
+    kernel = _kernel_on(name, function, device_id)
+    try:
+        per_sm = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, THREADS, 0))
+    except Exception:  # older CuPy without the occupancy API: what the kernels are built for
+        per_sm = _MSE_MIN_BLOCKS
+    return sms * max(per_sm, 1)

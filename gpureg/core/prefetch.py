@@ -1,0 +1,110 @@
+"""CUDA kernels of gpureg (CuPy raw kernels): affine resampling, the fused MSE pass, pyramid and moments.
+
+This is the only module that loads and launches kernels. The CUDA C sources
+live in ``kernels/*.cu`` (shipped as ``gpureg/kernels/`` in a wheel); the
+per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also compiles as
+plain C++ and is tested on the CPU (``tests/test_voxel_math.py``). Importing
+this module needs neither CuPy nor a GPU: CuPy is fetched through
+:func:`gpureg.backend.cupy_or_none` when a kernel is first launched, and each
+source is compiled once per device and process (and cached on disk by CuPy).
+
+Convention
+----------
+Volumes are float32, C order, ``(z, y, x)``. ``matrix`` is
+``moving_from_reference`` in voxel indices: a reference voxel ``p`` samples
+the moving volume at ``q = A p + t``; a sample is valid when
+``0 <= q_k <= n_k - 1`` on every axis (the rule of :mod:`gpureg.metric`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .cuda_loader import require_cupy
+
+__all__ = ["HostToDevicePrefetcher"]
+
+class HostToDevicePrefetcher:
+    """Loads volumes of a series onto the GPU one step ahead, overlapping compute.
+
+    A worker thread reads ``volumes[i]`` on the host (an h5py dataset is read
+    there), converts it to float32 into a pinned buffer and copies it to the
+    device on its own non-blocking CUDA stream, while the caller's kernels run
+    on theirs. :meth:`take` waits for that copy; at most the volume being
+    taken and the one being fetched are held by the prefetcher.
+
+    Parameters
+    ----------
+    volumes : sequence of (Z, Y, X) arrays
+        NumPy arrays, h5py datasets, CuPy arrays (passed through) or a
+        ``(n, Z, Y, X)`` array.
+    """
+
+    def __init__(self, volumes):
+        cp = require_cupy()
+        self._cp = cp
+        self._volumes = volumes
+        self._device = cp.cuda.Device()
+        self._consumer = cp.cuda.get_current_stream()  # where the caller's kernels run
+        self._stream = cp.cuda.Stream(non_blocking=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpureg-h2d")
+        self._pending = {}
+        self._pinned = None
+
+    def submit(self, index: int) -> None:
+        """Start loading ``volumes[index]`` in the background (no-op when already pending)."""
+        if index not in self._pending:
+            self._pending[index] = self._pool.submit(self._load, index)
+
+    def take(self, index: int):
+        """``volumes[index]`` on the device (float32 CuPy array), waiting for its copy.
+
+        Volumes that are not real 3D arrays are returned as they are, for the
+        caller's validation to report.
+        """
+        self.submit(index)
+        return self._pending.pop(index).result()
+
+    def close(self) -> None:
+        """Wait for the worker and drop pending volumes."""
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+        self._pinned = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _load(self, index):
+        cp = self._cp
+        src = self._volumes[index]
+        if type(src).__module__.split(".")[0] == "cupy":
+            return src
+        host = np.asarray(src)
+        if host.ndim != 3 or host.dtype.kind not in "biuf":
+            return host
+        with self._device:
+            pinned = self._pinned_buffer(host.shape)
+            np.copyto(pinned, host, casting="unsafe")
+            with self._stream:
+                out = cp.empty(host.shape, dtype=cp.float32)
+            # The pool may hand out memory that the consumer freed while its kernels still read it:
+            # order the copy after everything queued on the consumer's stream (recorded after the
+            # allocation, so after those frees).
+            self._stream.wait_event(self._consumer.record())
+            out.set(pinned, stream=self._stream)
+            # The pinned buffer is reused by the next load: wait for this copy (in the worker thread only).
+            self._stream.synchronize()
+        return out
+
+    def _pinned_buffer(self, shape):
+        if self._pinned is None or self._pinned.shape != tuple(shape):
+            import cupyx
+
+            self._pinned = None
+            self._pinned = cupyx.empty_pinned(tuple(shape), dtype=np.float32)
+        return self._pinned

@@ -1,0 +1,110 @@
+"""Figures a beamline scientist reads: edge-energy maps, spectra, registration checks.
+
+One function per figure. Each takes arrays (NumPy or CuPy; copied to the host)
+and an output ``path``, writes a PNG with matplotlib's Agg canvas (no pyplot,
+no display needed) atomically, and returns the ``Path``. Images are shown
+with ``origin="upper"`` and axis labels in voxel indices; colour maps carry
+a colour bar with units. Figure size is ``figsize`` inches at ``dpi`` (no
+tight cropping), so a figure's pixel size is known in advance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.backend import to_host
+
+DPI = 100
+
+
+EDGE_CMAP = "viridis"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def new_figure(figsize, dpi, ncols: int = 1, **kw):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=True, **kw)
+    return fig, axes
+
+
+def save_figure(fig, path, dpi) -> Path:
+    from ..io.files import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def add_colorbar(fig, ax, mappable, label):
+    cb = fig.colorbar(mappable, ax=ax, shrink=0.9)
+    cb.set_label(label)
+    return cb
+
+
+def as_slice2d(a, name):
+    a = np.asarray(to_host(a), dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2D (H, W) slice, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty")
+    return a
+
+
+def as_vector(a, name):
+    a = np.asarray(to_host(a), dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1D, got shape {a.shape}")
+    return a
+
+
+def robust_limits(a, lo=1.0, hi=99.0):
+    v = a[np.isfinite(a)]
+    if v.size == 0:
+        return 0.0, 1.0
+    a0, a1 = np.percentile(v, [lo, hi])
+    if not a1 > a0:
+        a0, a1 = float(v.min()), float(v.max())
+    if not a1 > a0:
+        a1 = a0 + 1.0
+    return float(a0), float(a1)
+
+
+def unit_range(a):
+    lo, hi = robust_limits(a)
+    return np.clip((np.nan_to_num(a, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def masked_map(a, mask, name):
+    m = np.asarray(to_host(a), dtype=np.float64)
+    if m.size == 0:
+        raise ValueError(f"{name} is empty")
+    if mask is not None:
+        mk = np.asarray(to_host(mask), dtype=bool)
+        if mk.shape != m.shape:
+            raise ValueError(f"mask {mk.shape} must have the shape of {name} {m.shape}")
+        m = np.where(mk, m, np.nan)
+    return m
+
+
+def map_limits(m, vmin, vmax):
+    lo, hi = robust_limits(m)
+    lo = lo if vmin is None else float(vmin)
+    hi = hi if vmax is None else float(vmax)
+    if not hi > lo:
+        raise ValueError(f"colour range must be increasing, got vmin={lo}, vmax={hi}")
+    return lo, hi
+
+
+def series_colours(n):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(k % 10) for k in range(n)]

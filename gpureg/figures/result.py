@@ -1,0 +1,157 @@
+"""Figures a beamline scientist reads: edge-energy maps, spectra, registration checks.
+
+One function per figure. Each takes arrays (NumPy or CuPy; copied to the host)
+and an output ``path``, writes a PNG with matplotlib's Agg canvas (no pyplot,
+no display needed) atomically, and returns the ``Path``. Images are shown
+with ``origin="upper"`` and axis labels in voxel indices; colour maps carry
+a colour bar with units. Figure size is ``figsize`` inches at ``dpi`` (no
+tight cropping), so a figure's pixel size is known in advance.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .common import DPI
+from .plots import (
+    canny_overlay,
+    edge_distributions,
+    edge_energy_3d,
+    edge_energy_slice,
+    mse_per_energy,
+    orthogonal_slices,
+    roi_spectra,
+    squared_difference,
+)
+
+__all__ = ["plot_result"]
+
+_log = logging.getLogger("gpureg")
+
+def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> list:
+    """Every figure a result file has the data for, written as PNGs into ``outdir``.
+
+    Reads (each optional; figures whose datasets are absent are skipped):
+    ``/energy`` (or ``/exchange/energy``); ``/xanes/edge_energy``, ``mask``,
+    ``labels``, ``roi_*`` (from ``gpureg xanes``; without them the particle
+    spectra are computed from ``/aligned`` and ``/xanes/labels``, reading
+    one energy volume at a time); ``/registration/mse_before``
+    and ``mse_after``; ``/aligned`` and ``/recon`` (n_energy, Z, Y, X), of
+    which only single slices are read.
+
+    Figures: ``edge_energy_slice.png``, ``edge_energy_orthogonal.png``,
+    ``edge_energy_3d.png``, ``edge_distributions.png``, ``roi_spectra.png``,
+    ``mse_per_energy.png``, ``canny_overlay.png`` and
+    ``squared_difference.png`` (the energy registered worst before
+    registration, or the lowest, against the reference: the highest energy,
+    or ``/registration`` attribute ``reference_index``).
+
+    Parameters
+    ----------
+    result_h5 : str or Path
+        Pipeline output or ``gpureg xanes`` output.
+    outdir : str or Path
+        Created when missing.
+    z : int, optional
+        z-slice for the 2D figures (default: the middle, or the plane with the
+        most valid edge-energy voxels).
+    dpi : int
+        Resolution of every figure (sizes are fixed in inches).
+
+    Returns
+    -------
+    list of Path
+        The figures written, in the order above.
+    """
+    import h5py
+
+    from ..io.files import InputError
+    from .. import xanes as xn
+    from ..xanes.write import Reordered
+
+    src, out = Path(result_h5), Path(outdir)
+    if not src.exists():
+        raise InputError(f"{src}: file not found")
+    if not h5py.is_hdf5(src):
+        raise InputError(f"{src}: not an HDF5 file")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with h5py.File(src, "r") as h5:
+        energy = None
+        for name in ("energy", "exchange/energy"):
+            if name in h5:
+                energy = np.asarray(h5[name][()], dtype=np.float64).ravel()
+                break
+        if "xanes/edge_energy" in h5:
+            g = h5["xanes"]
+            em = np.asarray(g["edge_energy"][()], dtype=np.float64)
+            mask = np.asarray(g["mask"][()], dtype=bool) if "mask" in g else None
+            if mask is not None and mask.shape != em.shape:
+                raise InputError(f"{src}: /xanes/mask {mask.shape} does not match /xanes/edge_energy {em.shape}")
+            vis = em if mask is None else np.where(mask, em, np.nan)
+            if np.isfinite(vis).any():
+                zi = z if z is not None else None
+                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", dpi=dpi, index=zi))
+                paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png", dpi=dpi))
+                if vis.ndim == 3:
+                    paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png", dpi=dpi))
+                if "labels" in g and int(np.max(g["labels"][()], initial=0)) > 0:
+                    labels = np.asarray(g["labels"][()])
+                    try:
+                        dist = xn.edge_distribution(vis, labels)
+                    except ValueError as exc:
+                        _log.warning("plot_result: no edge-energy distributions (%s)", exc)
+                    else:
+                        paths.append(edge_distributions(dist, out / "edge_distributions.png", dpi=dpi))
+            else:
+                _log.warning("plot_result: %s:/xanes/edge_energy has no valid voxel; edge-energy figures skipped", src)
+            if "roi_mean" in g and energy is not None and g["roi_mean"].shape[-1] == energy.size:
+                roi = {"energy": np.sort(energy), "mean": g["roi_mean"][()], "std": g["roi_std"][()],
+                       "names": [f"particle {int(k)}" for k in g["roi_label"][()]]}
+                if "roi_norm" in g:
+                    roi["norm"] = g["roi_norm"][()]
+                if "roi_edge_energy" in g:
+                    roi["edge_energy"] = g["roi_edge_energy"][()]
+                paths.append(roi_spectra(roi, out / "roi_spectra.png", dpi=dpi))
+            elif ("labels" in g and "aligned" in h5 and energy is not None and h5["aligned"].ndim == 4
+                  and h5["aligned"].shape[0] == energy.size and h5["aligned"].shape[1:] == g["labels"].shape):
+                labels = np.asarray(g["labels"][()])
+                if labels.max(initial=0) > 0 and np.unique(energy).size == energy.size:
+                    order = np.argsort(energy, kind="stable")     # spectra are read one energy volume at a time
+                    roi = xn.roi_spectra(Reordered(h5["aligned"], order), energy[order], labels)
+                    paths.append(roi_spectra(roi, out / "roi_spectra.png", dpi=dpi))
+        reg = h5.get("registration")
+        before = after = None
+        if reg is not None and "mse_before" in reg and "mse_after" in reg:
+            before, after = reg["mse_before"][()], reg["mse_after"][()]
+            e = energy if energy is not None and energy.size == np.size(before) else np.arange(np.size(before))
+            paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png", dpi=dpi))
+        if "aligned" in h5 and h5["aligned"].ndim == 4:
+            al = h5["aligned"]
+            n_e, nz = al.shape[0], al.shape[1]
+            ref = int(reg.attrs["reference_index"]) if reg is not None and "reference_index" in reg.attrs else (
+                int(np.argmax(energy)) if energy is not None and energy.size == n_e else n_e - 1)
+            if before is not None and np.size(before) == n_e and np.isfinite(before).any():
+                k = int(np.nanargmax(np.where(np.arange(n_e) == ref, -np.inf, before)))
+            else:
+                k = int(np.argmin(energy)) if energy is not None and energy.size == n_e else 0
+            zi = nz // 2 if z is None else int(z)
+            if not 0 <= zi < nz:
+                raise InputError(f"{src}: z={zi} is outside the /aligned stack (0..{nz - 1})")
+            if n_e > 1 and k != ref:
+                ref_sl, ali_sl = al[ref, zi], al[k, zi]
+                if energy is not None and energy.size == n_e:
+                    tag = f"E = {energy[k]:.1f} eV vs reference {energy[ref]:.1f} eV"
+                else:
+                    tag = f"energy {k} vs reference {ref}"
+                paths.append(canny_overlay(ref_sl, ali_sl, out / "canny_overlay.png", dpi=dpi,
+                                           title=f"Canny edges, z = {zi}: {tag}"))
+                if "recon" in h5 and h5["recon"].shape == al.shape:
+                    paths.append(squared_difference(ref_sl, h5["recon"][k, zi], ali_sl, out / "squared_difference.png",
+                                                    dpi=dpi, title=f"z = {zi}: {tag}"))
+    if not paths:
+        raise InputError(f"{src}: nothing to plot (no /xanes, /registration/mse_* or /aligned datasets)")
+    return paths

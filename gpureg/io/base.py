@@ -1,0 +1,231 @@
+"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+
+Inputs (read-only, lazy: one energy at a time)
+----------------------------------------------
+:func:`open_input` opens any of
+
+- one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
+  raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
+  ``(n_flat, ny, nx)``, ``/exchange/data_dark (n_dark, ny, nx)`` (optional,
+  zero when absent) or ``(n_energy, n_dark, ny, nx)``, ``/exchange/theta``
+  (degrees; ``units="rad"`` is converted), ``/exchange/energy`` (eV;
+  ``units="keV"`` is converted); or reconstructed volumes
+  ``/exchange/recon (n_energy, nz, ny, nx)``; an optional ``/truth`` group;
+- a folder (or glob) of per-energy HDF5 files of the same layout without the
+  energy axis (``/exchange/energy`` one value);
+- a folder (or glob) of per-energy TIFF files (multi-page: one page per
+  projection, or per slice of a volume) or per-energy sub-folders of
+  single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
+  files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
+  name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
+  (or ``angles.txt``, degrees) marks projections, its absence volumes.
+
+Readers present energies in ascending order whatever the file order.
+Malformed inputs raise :class:`InputError` with one line naming the file and
+the dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .files import InputError
+
+__all__ = ["InputReader"]
+
+_log = logging.getLogger("gpureg")
+
+class InputReader:
+    """Read-only, lazy access to the energies of one input (see :func:`open_input`).
+
+    Attributes
+    ----------
+    path : Path
+    energies : (n_energy,) ndarray of float64
+        eV, ascending.
+    theta : (n_angle,) ndarray of float64 or None
+        Degrees.
+    kind : str
+        ``"projections"`` or ``"recon"``.
+    shape : tuple of 3 int
+        One energy's ``(n_angle, ny, nx)`` projections or ``(nz, ny, nx)`` volume.
+    attrs : dict
+        Root attributes of the (first) file.
+    """
+
+    path: Path
+    energies: np.ndarray
+    theta: np.ndarray | None
+    kind: str
+    shape: tuple
+    attrs: dict
+
+    @property
+    def n_energy(self) -> int:
+        """Number of energies."""
+        return int(self.energies.size)
+
+    @property
+    def recon_shape(self) -> tuple:
+        """Shape ``(nz, ny, nx)`` of one reconstructed energy (``(ny, nx, nx)`` for projections)."""
+        if self.kind == "recon":
+            return tuple(self.shape)
+        return (self.shape[1], self.shape[2], self.shape[2])
+
+    def projections(self, i: int) -> np.ndarray:
+        """Raw counts of energy ``i``: ``(n_angle, ny, nx)`` float32."""
+        raise InputError(f"{self.path}: holds reconstructed volumes, not projections")
+
+    def flat(self, i: int) -> np.ndarray:
+        """Open-beam frames for energy ``i``: ``(n_flat, ny, nx)`` float32."""
+        raise InputError(f"{self.path}: holds reconstructed volumes, not projections (no flat fields)")
+
+    def dark(self, i: int | None = None) -> np.ndarray:
+        """Dark frames ``(n_dark, ny, nx)`` float32 (of energy ``i`` when stored per energy; zeros when absent)."""
+        raise InputError(f"{self.path}: holds reconstructed volumes, not projections (no dark fields)")
+
+    def recon(self, i: int) -> np.ndarray:
+        """Reconstructed volume of energy ``i``: ``(nz, ny, nx)`` float32."""
+        raise InputError(f"{self.path}: holds projections, not reconstructed volumes; reconstruct them first")
+
+    def truth(self) -> dict | None:
+        """The ``/truth`` group (synthetic data) as a dict of arrays, or None."""
+        return None
+
+    def close(self) -> None:
+        """Release open files (idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.path} kind={self.kind} n_energy={self.n_energy} "
+                f"shape={self.shape} energies={self.energies.min():.1f}..{self.energies.max():.1f} eV>")
+
+    def _index(self, i) -> int:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"energy index must be an int, got {type(i).__name__}")
+        if not 0 <= int(i) < self.n_energy:
+            raise IndexError(f"{self.path}: energy index {i} out of range 0..{self.n_energy - 1}")
+        return int(i)
+
+
+def dataset(group, name, where):
+    obj = group[name]
+    if not hasattr(obj, "shape"):
+        raise InputError(f"{where}: /exchange/{name} is a group, expected a dataset")
+    return obj
+
+
+def check_numeric(ds, where):
+    dt = ds.dtype
+    if dt == np.bool_ or not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
+        raise InputError(f"{where}: expected integer or float values, got dtype {dt}")
+
+
+def energies_ev(ds, where, name="/exchange/energy"):
+    try:
+        e = np.asarray(ds[()], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {name}: expected numbers, got dtype {ds.dtype}") from None
+    units = _attr_text(ds.attrs.get("units", "")).lower()
+    if units == "kev":
+        e = e * 1000.0
+    elif units not in ("", "ev"):
+        raise InputError(f"{where}: {name}: units {units!r} not understood (expected 'eV' or 'keV')")
+    elif units == "" and e.size and np.nanmax(np.abs(e)) < 200.0:
+        _log.warning("gpureg: %s: %s has no units and values below 200; reading them as keV", where, name)
+        e = e * 1000.0
+    try:
+        check_energies(e, name)
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return e
+
+
+def check_energies(e, name):
+    if e.size < 1:
+        raise ValueError(f"{name}: no energies")
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f"{name}: contains NaN or inf")
+    d = np.diff(e)
+    if d.size and not (np.all(d > 0) or np.all(d < 0)):
+        k = int(np.flatnonzero(d <= 0)[0] if d[0] > 0 else np.flatnonzero(d >= 0)[0])
+        raise ValueError(f"{name}: energies must be strictly monotonic, but entry {k + 1} ({e[k + 1]} eV) follows "
+                         f"{e[k]} eV")
+
+
+def theta_deg(ds, where):
+    try:
+        th = np.asarray(ds[()], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: /exchange/theta: expected numbers, got dtype {ds.dtype}") from None
+    if not np.all(np.isfinite(th)):
+        raise InputError(f"{where}: /exchange/theta contains NaN or inf")
+    units = _attr_text(ds.attrs.get("units", "")).lower()
+    if units in ("rad", "radian", "radians"):
+        return np.rad2deg(th)
+    if units in ("", "deg", "degree", "degrees"):
+        if units == "" and th.size > 1 and np.abs(th).max() <= 2 * np.pi + 1e-6 and np.ptp(th) >= 3.0:
+            _log.warning("gpureg: %s: /exchange/theta has no units and spans %.2f; reading it as radians",
+                         where, np.ptp(th))
+            return np.rad2deg(th)
+        return th
+    raise InputError(f"{where}: /exchange/theta: units {units!r} not understood (expected 'degrees' or 'rad')")
+
+
+def _attr_text(v):
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return _attr_text(v.reshape(-1)[0])
+    return str(v)
+
+
+def read_attrs(attrs):
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        if isinstance(v, str) and v[:1] in "[{":
+            with contextlib.suppress(ValueError):
+                v = json.loads(v)
+        out[k] = v
+    return out
+
+
+def attr_value(v):
+    if isinstance(v, (dict, list, tuple)) or v is None:
+        return json.dumps(v, default=json_default)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    return str(o)
+
+
+_ENERGY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(k?ev)(?![a-z])", re.IGNORECASE)
+
+
+def energy_from_name(p):
+    m = _ENERGY_RE.search(p.stem if p.is_file() else p.name)
+    if m is None:
+        return None
+    e = float(m.group(1))
+    return e * 1000.0 if m.group(2).lower() == "kev" else e

@@ -1,0 +1,158 @@
+"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+
+Inputs (read-only, lazy: one energy at a time)
+----------------------------------------------
+:func:`open_input` opens any of
+
+- one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
+  raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
+  ``(n_flat, ny, nx)``, ``/exchange/data_dark (n_dark, ny, nx)`` (optional,
+  zero when absent) or ``(n_energy, n_dark, ny, nx)``, ``/exchange/theta``
+  (degrees; ``units="rad"`` is converted), ``/exchange/energy`` (eV;
+  ``units="keV"`` is converted); or reconstructed volumes
+  ``/exchange/recon (n_energy, nz, ny, nx)``; an optional ``/truth`` group;
+- a folder (or glob) of per-energy HDF5 files of the same layout without the
+  energy axis (``/exchange/energy`` one value);
+- a folder (or glob) of per-energy TIFF files (multi-page: one page per
+  projection, or per slice of a volume) or per-energy sub-folders of
+  single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
+  files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
+  name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
+  (or ``angles.txt``, degrees) marks projections, its absence volumes.
+
+Readers present energies in ascending order whatever the file order.
+Malformed inputs raise :class:`InputError` with one line naming the file and
+the dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_path", "InputError", "load_volume", "save_matrix", "save_volume"]
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")
+
+
+class InputError(ValueError):
+    """A file, dataset or option is not what was expected (message names it)."""
+
+
+def load_volume(path, dataset: str | None = None) -> np.ndarray:
+    """Read one 3D volume from ``.npy`` or HDF5 (read-only).
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.npy`` file, or HDF5 file (``.h5``, ``.hdf5``, ``.hdf``, ``.nxs``).
+    dataset : str, optional
+        HDF5 dataset path; default: the only 3D dataset in the file, or
+        ``/exchange/recon`` / ``/aligned`` when present.
+
+    Returns
+    -------
+    (Z, Y, X) ndarray
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if path.suffix.lower() == ".npy":
+        try:
+            vol = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"{path}: not a valid .npy file ({exc})") from None
+        return _check_3d(np.asarray(vol), f"{path}")
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: not an HDF5 or .npy file")
+    with h5py.File(path, "r") as h5:
+        name = dataset or _default_dataset(h5, path)
+        if name not in h5:
+            raise InputError(f"{path}: dataset {name!r} not found")
+        return _check_3d(np.asarray(h5[name]), f"{path}:{name}")
+
+
+def save_volume(path, volume, *, dataset: str = "volume", attrs: dict | None = None) -> Path:
+    """Write a volume atomically to ``.npy`` or HDF5 (by suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".npy":
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(volume))
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w") as h5:
+                ds = h5.create_dataset(dataset, data=np.asarray(volume))
+                for k, v in (attrs or {}).items():
+                    ds.attrs[k] = v
+    return path
+
+
+def save_matrix(path, matrix, *, attrs: dict | None = None) -> Path:
+    """Write a 4x4 matrix atomically as JSON (``.json``) or HDF5 (dataset ``matrix``)."""
+    path = Path(path)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".json":
+            doc = {"matrix": matrix.tolist(), "convention": "moving_from_reference, voxel indices (z, y, x)"}
+            doc.update(attrs or {})
+            Path(tmp).write_text(json.dumps(doc, indent=2))
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w") as h5:
+                ds = h5.create_dataset("matrix", data=matrix)
+                ds.attrs["convention"] = "moving_from_reference, voxel indices (z, y, x)"
+                for k, v in (attrs or {}).items():
+                    ds.attrs[k] = v
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The folder must exist and be writable (clear error otherwise). On any
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: output folder {folder} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _default_dataset(h5, path):
+    for name in ("exchange/recon", "aligned", "volume"):
+        if name in h5 and h5[name].ndim == 3:
+            return name
+    found = []
+    h5.visititems(lambda n, obj: found.append(n) if getattr(obj, "ndim", 0) == 3 else None)
+    if len(found) == 1:
+        return found[0]
+    raise InputError(f"{path}: {'no' if not found else 'several'} 3D datasets found; name one with --dataset "
+                     f"(3D datasets: {found})")
+
+
+def _check_3d(vol, where):
+    if vol.ndim != 3:
+        raise InputError(f"{where}: expected a 3D (Z, Y, X) volume, got shape {vol.shape}")
+    return vol

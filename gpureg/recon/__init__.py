@@ -1,0 +1,13 @@
+"""Reconstruction: flat/dark normalisation, FBP (ASTRA, CUDA when available), forward projection, centre finding."""
+
+from .fbp import (
+    FILTERS,
+    astra_cuda_available,
+    reconstruct_energy,
+    reconstruct_fbp,
+    reconstruct_file,
+)
+from .flatfield import NonPositiveTransmissionWarning, normalize
+from .project import estimate_center, forward_project
+
+__all__ = ["astra_cuda_available", "estimate_center", "FILTERS", "forward_project", "NonPositiveTransmissionWarning", "normalize", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]

@@ -1,0 +1,177 @@
+"""Affine registration by mean squared error (CPU and GPU through the same code).
+
+The coarse-to-fine driver (:func:`register_affine`) is separate from the
+solver (:func:`levenberg_marquardt`), which only sees a function returning
+:class:`~gpureg.metric.MetricTerms` for a parameter vector. On the GPU that
+function is one fused kernel pass; the solver runs on the host on the 1 + 1 +
+12 + 78 reduced numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core import transform as tf
+from ..core.backend import (
+    array_device,
+    resolve_device,
+    to_device,
+)
+from ..core.metric import cell_support, mse_terms
+from ..core.solver import levenberg_marquardt
+from .prepare import center_of_mass_init, level_to_fine, prepare_volume, pyramid
+
+__all__ = ["MODELS", "register_affine", "register_prepared", "RegistrationResult"]
+
+MODELS = ("affine", "translation")
+
+
+_log = logging.getLogger("gpureg")
+
+
+@dataclass
+class RegistrationResult:
+    """Outcome of one affine registration.
+
+    Attributes
+    ----------
+    matrix : (4, 4) ndarray of float64
+        ``moving_from_reference`` in voxel indices ``(z, y, x)``.
+    mse_before, mse_after : float
+        MSE of the registration inputs (binarized when asked) at the initial
+        identity and at the result, at full resolution.
+    iterations : list of int
+        Metric passes per pyramid level, coarse to fine.
+    seconds : float
+        Wall time of the whole registration.
+    device : str
+        ``"cpu"`` or ``"gpu"``.
+    converged : bool
+        Whether the finest level met the step tolerance.
+    """
+
+    matrix: np.ndarray
+    mse_before: float
+    mse_after: float
+    iterations: list = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    converged: bool = False
+
+
+def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = False, init=None, mask=None,
+                    model: str = "affine", denoise: str | None = None, smooth: float = 1.0, min_size: int = 24,
+                    max_iter: int = 60, tol: float = 1e-3) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with a 12-parameter affine minimising MSE.
+
+    Parameters
+    ----------
+    fixed, moving : (Z, Y, X) ndarray
+        Reference and moving volumes of the same shape (NumPy or CuPy; any real
+        dtype, converted to float32). NaN/inf and constant volumes are errors.
+    device : {"auto", "cpu", "gpu"}
+        Where to compute; CuPy inputs always run on the GPU.
+    binarize : bool
+        Register Otsu-binarized copies (the reference method) instead of the
+        grey levels.
+    init : (4, 4) array_like, optional
+        Starting ``moving_from_reference``; default: centre-of-mass translation.
+    mask : (Z, Y, X) ndarray of bool, optional
+        Restrict the metric to these reference voxels.
+    model : {"affine", "translation"}
+        Free parameters: all 12, or the 3 shifts only.
+    denoise : {None, "median", "gaussian"}
+        Filter both volumes first (before binarization when that is asked);
+        ``"median"`` removes salt-and-pepper noise.
+    smooth : float
+        Gaussian sigma (voxels) applied to both volumes (after binarization)
+        before registering; 0 = off. The MSE of two binary volumes is nearly
+        piecewise constant in sub-voxel motion, and with trilinear interpolation
+        the MSE of sharp grey volumes is biased toward grid-aligned transforms
+        (the "grid effect"); sigma = 1 removes both (test phantom: binarized
+        0.24 -> 0.04 voxel, grey near-identity motion 0.25 -> 0.03 voxel).
+    min_size : int
+        The pyramid halves the grid while the smallest axis stays >= this.
+    max_iter : int
+        Metric passes per level at most.
+    tol : float
+        Stop a level when a step moves no voxel of the grid by more than this
+        many voxels (of that level).
+
+    Returns
+    -------
+    RegistrationResult
+        ``apply_affine(moving, result.matrix)`` lies on the grid of ``fixed``.
+    """
+    t0 = time.perf_counter()
+    dev = "gpu" if array_device(fixed) == "gpu" else resolve_device(device)
+    f = prepare_volume(fixed, dev, name="fixed", binarize=binarize, denoise=denoise, smooth=smooth)
+    m = prepare_volume(moving, dev, name="moving", binarize=binarize, denoise=denoise, smooth=smooth)
+    return register_prepared(f, m, init=init, mask=mask, model=model, min_size=min_size, max_iter=max_iter, tol=tol,
+                             t0=t0)
+
+
+def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affine", min_size: int = 24,
+                      max_iter: int = 60, tol: float = 1e-3, t0: float | None = None) -> RegistrationResult:
+    """Register volumes already made by :func:`prepare_volume` (no further filtering).
+
+    Series, the pipeline and watch mode prepare the reference once and call
+    this for every energy. Parameters as in :func:`register_affine`; the
+    device is that of ``fixed`` (NumPy or CuPy float32 arrays).
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    f, m = fixed, moving
+    dev = array_device(f)
+    if f.shape != m.shape:
+        raise ValueError(f"fixed and moving must have the same shape, got {tuple(f.shape)} and {tuple(m.shape)}")
+    msk = _check_mask(mask, f.shape, dev)
+    matrix = center_of_mass_init(f, m) if init is None else tf.compose(init)
+    fixed_levels, moving_levels = pyramid(f, min_size), pyramid(m, min_size)
+    mask_levels = [None] * len(fixed_levels) if msk is None else pyramid(msk, min_size)
+    free = np.ones(12, bool) if model == "affine" else np.r_[np.zeros(9, bool), np.ones(3, bool)]
+    iterations, converged = [], False
+    for level in range(len(fixed_levels) - 1, -1, -1):
+        fl, ml = fixed_levels[level], moving_levels[level]
+        ml_mask = None if mask_levels[level] is None else mask_levels[level] > 0.5
+        to_fine = level_to_fine(level)
+        center = tf.grid_center(fl.shape)
+        params0 = tf.params_from_matrix(np.linalg.inv(to_fine) @ matrix @ to_fine, center)
+
+        support = _support(ml)
+
+        def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask, support=support):
+            return mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask, support=support)
+
+        params, n_pass, converged = levenberg_marquardt(terms, params0, fl.shape, free=free,
+                                                        max_iter=max_iter, tol=tol)
+        matrix = to_fine @ tf.matrix_from_params(params, center) @ np.linalg.inv(to_fine)
+        iterations.append(n_pass)
+    support = _support(m)
+    before = mse_terms(f, m, np.eye(4), mask=msk, hessian=False, support=support)
+    after = mse_terms(f, m, matrix, mask=msk, hessian=False, support=support)
+    if after.count == 0:
+        raise RuntimeError("registration diverged: the moving volume no longer overlaps the reference")
+    return RegistrationResult(matrix=matrix, mse_before=before.mse, mse_after=after.mse, iterations=iterations,
+                              seconds=time.perf_counter() - t0, device=dev, converged=converged)
+
+
+def _support(moving):
+    # CPU only: lets the metric skip voxels that cannot contribute (exact).
+    return None if array_device(moving) == "gpu" else cell_support(moving)
+
+
+def _check_mask(mask, shape, device):
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have the reference shape {tuple(shape)}, got {tuple(mask.shape)}")
+    m = to_device(mask, device, np.float32)
+    if not bool((m > 0.5).any()):
+        raise ValueError("mask selects no voxel")
+    return m

@@ -1,0 +1,203 @@
+"""XANES chemical mapping: per-voxel edge energy, edge jump and white line.
+
+Every voxel of an aligned energy stack carries an absorption spectrum
+``mu(E)``. This module normalises it the usual way (Athena/Larch): a line is
+fitted to the pre-edge and another to the post-edge region, the pre-edge line
+is subtracted and the result divided by the edge jump (post-line minus
+pre-line at the edge). From the normalised spectrum it measures
+
+* the **edge energy**: where the normalised spectrum first crosses 0.5
+  (linear interpolation between samples, ``method="half"``), or where
+  ``dmu/dE`` is largest after light Gaussian smoothing (the Larch ``E0``
+  definition, ``method="derivative"``; parabolic refinement of the peak);
+* the **edge jump** (in the units of the input);
+* the **white-line** energy: peak of the normalised spectrum above the edge.
+
+Voxels whose jump is too small (background) or whose spectrum has a non-finite
+value are masked out. Particles are connected components of a mask; ROI
+spectra and per-particle edge-energy distributions summarise them.
+
+Convention
+----------
+Spectra are ``(n_energy, ...)`` with the energy axis first; maps have shape
+``spectra.shape[1:]``. Energies are in eV and strictly increasing. All array
+code is written once against ``xp`` (NumPy or CuPy): results come back on the
+input's device. The line fits are the same linear map for every voxel, so they
+are one small matrix product ``(4, n_energy) @ (n_energy, n_voxel)``; the
+edge search runs only over the energies between the two fit ranges.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..core.backend import resolve_device, to_device, to_host, xp_of
+from .edge import edge_energy, edge_ranges
+from .spectra import as_energy_vector, auto_min_jump, check_energies, fine_region
+
+__all__ = ["edge_energy_map"]
+
+_log = logging.getLogger("gpureg")
+
+def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", mask=None,
+                    min_jump: float | None = None, pre=None, post=None, info: dict | None = None, **kw) -> dict:
+    """Edge-energy maps of a whole energy stack, processed in z-slabs (bounded memory).
+
+    Parameters
+    ----------
+    stack : (n_energy, Z, Y, X) array-like, or sequence of n_energy (Z, Y, X) volumes
+        NumPy/CuPy array, ``numpy.memmap``, h5py dataset, or a list whose
+        items support ``item[z0:z1]``. Only one z-slab of every energy is
+        read at a time.
+    energies : (n_energy,) array_like
+        eV, distinct. When not increasing, the stack is read in increasing
+        energy order (results are the same).
+    slab : int
+        z-planes per slab: a slab holds ``n_energy * slab * Y * X`` float32
+        values plus about the same again in temporaries.
+    device : {"auto", "cpu", "gpu"}
+        Where the maps are computed (slabs are moved there).
+    mask : (Z, Y, X) array_like of bool, optional
+        Extra mask ANDed into the result (e.g. the binarized reference).
+    min_jump : float, optional
+        Jump threshold; by default chosen once for the whole volume (same
+        rule as :func:`edge_energy`), so slabs agree.
+    pre, post : (float, float), optional
+        Fit ranges (eV). By default chosen once from the grid, or from the
+        mean spectrum of a few z-planes (see :func:`edge_ranges`).
+    info : dict, optional
+        Filled with what was used: ``pre``, ``post``, ``e0``, ``rule`` (see
+        :func:`edge_ranges`), ``min_jump`` (the threshold applied), ``device``.
+    **kw
+        ``method``, ``smooth``, ``e0``: passed to :func:`edge_energy`.
+
+    Returns
+    -------
+    dict of (Z, Y, X) NumPy arrays
+        As :func:`edge_energy`, on the host.
+    """
+    if not isinstance(slab, (int, np.integer)) or slab < 1:
+        raise ValueError(f"edge_energy_map: slab must be a positive integer, got {slab!r}")
+    unknown = set(kw) - {"method", "smooth", "e0"}
+    if unknown:
+        raise TypeError(f"edge_energy_map: unexpected keyword(s) {sorted(unknown)}")
+    E_in = as_energy_vector(energies)
+    order = np.argsort(E_in, kind="stable")
+    E = E_in[order]
+    check_energies(E)
+    read, shape = _slab_reader(stack, E.size, order)
+    dev = resolve_device(device)
+    if mask is not None:
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"edge_energy_map: mask must have the volume shape {shape}, got {tuple(mask.shape)}")
+    rng = _stack_ranges(read, shape, E, pre, post)
+    kw.setdefault("e0", rng["e0"])
+    out = None
+    for z0 in range(0, shape[0], int(slab)):
+        z1 = min(shape[0], z0 + int(slab))
+        sub = to_device(read(z0, z1), dev, dtype=np.float32)
+        sub_mask = None if mask is None else to_device(np.asarray(to_host(mask[z0:z1]), dtype=bool), dev)
+        try:
+            res = edge_energy(sub, E, pre=rng["pre"], post=rng["post"], min_jump=0.0, mask=sub_mask, **kw)
+        except ValueError as exc:
+            if "none of the" not in str(exc):
+                raise
+            res = None   # an all-NaN slab: leave it masked
+        if out is None:
+            keys = ("edge_energy", "edge_jump", "white_line", "mask")
+            keys += ("e0_derivative",) if kw.get("method") == "both" else ()
+            out = {k: (np.zeros(shape, bool) if k == "mask" else np.full(shape, np.nan, np.float32)) for k in keys}
+        if res is not None:
+            for k, v in res.items():
+                out[k][z0:z1] = to_host(v)
+        del sub, res
+    valid = out["mask"]
+    finite = np.isfinite(out["edge_jump"])
+    if not finite.any():
+        raise ValueError("edge_energy_map: no voxel has a finite spectrum at every energy (all NaN/inf)")
+    thr = auto_min_jump(np, out["edge_jump"][finite]) if min_jump is None else float(min_jump)
+    valid &= out["edge_jump"] > thr
+    for k in ("edge_energy", "white_line", "e0_derivative"):
+        if k in out:
+            out[k][~valid] = np.nan
+    if info is not None:
+        info.update(pre=rng["pre"], post=rng["post"], e0=float(kw["e0"]), rule=rng["rule"], min_jump=float(thr),
+                    device=dev)
+    _log.info("edge_energy_map: %d of %d voxels valid (min_jump %.4g, ranges pre %s post %s, %s)",
+              int(valid.sum()), valid.size, thr, rng["pre"], rng["post"], rng["rule"])
+    return out
+
+
+def _stack_ranges(read, shape, E, pre, post):
+    """Fit ranges for a whole stack: from the grid, or from the mean spectrum of <= 5 z-planes."""
+    if pre is not None and post is not None:
+        return edge_ranges(E, pre=pre, post=post)
+    if fine_region(E) is not None:
+        return edge_ranges(E, pre=pre, post=post)
+    planes = sorted({int(round(z)) for z in np.linspace(0, shape[0] - 1, min(shape[0], 5))})
+    acc, count = np.zeros(E.size), 0
+    for z in planes:
+        sub = np.asarray(to_host(read(z, z + 1)), dtype=np.float64).reshape(E.size, -1)
+        ok = np.isfinite(sub).all(axis=0)
+        acc += sub[:, ok].sum(axis=1)
+        count += int(ok.sum())
+    return edge_ranges(E, acc / count if count else None, pre=pre, post=post)
+
+
+def _slab_reader(stack, n_e, order):
+    """``read(z0, z1) -> (n_e, z1 - z0, Y, X)`` in ``order`` of energies, and the volume shape."""
+    if hasattr(stack, "shape") and hasattr(stack, "ndim") and not isinstance(stack, (list, tuple)):
+        if stack.ndim != 4 or stack.shape[0] != n_e:
+            raise ValueError(f"stack must have shape (n_energy={n_e}, Z, Y, X), got {tuple(stack.shape)}")
+        shape = tuple(int(s) for s in stack.shape[1:])
+        identity = bool((order == np.arange(n_e)).all())
+
+        def read(z0, z1):
+            sub = stack[:, z0:z1]
+            return sub if identity else sub[order]
+        return read, shape
+    try:
+        n = len(stack)
+    except TypeError:
+        raise ValueError(f"stack must be an (n_energy, Z, Y, X) array or a sequence of volumes, "
+                         f"got {type(stack)!r}") from None
+    if n != n_e:
+        raise ValueError(f"stack holds {n} volumes but {n_e} energies were given")
+    first = stack[0]
+    if len(first.shape) != 3:
+        raise ValueError(f"stack volumes must be 3D (Z, Y, X), got shape {tuple(first.shape)}")
+    shape = tuple(int(s) for s in first.shape)
+
+    def read(z0, z1):
+        parts = [stack[int(i)] for i in order]
+        for p in parts:
+            if tuple(p.shape) != shape:
+                raise ValueError(f"stack volumes differ in shape: {tuple(p.shape)} vs {shape}")
+        xp = xp_of(parts[0])
+        return xp.stack([xp.asarray(p[z0:z1]) for p in parts])
+    return read, shape
+
+
+def volume_getter(stack, n_e):
+    if hasattr(stack, "ndim") and not isinstance(stack, (list, tuple)):
+        if stack.ndim != 4 or stack.shape[0] != n_e:
+            raise ValueError(f"stack must have shape (n_energy={n_e}, Z, Y, X), got {tuple(stack.shape)}")
+        return (lambda i: stack[i]), tuple(int(s) for s in stack.shape[1:])
+    if len(stack) != n_e:
+        raise ValueError(f"stack holds {len(stack)} volumes but {n_e} energies were given")
+    return (lambda i: stack[i]), tuple(int(s) for s in stack[0].shape)
+
+
+class Reordered:
+    """Read-only view of a 4D stack with its first axis permuted (for unsorted energies)."""
+
+    def __init__(self, ds, order):
+        self.ds, self.order = ds, np.asarray(order)
+        self.shape, self.ndim = tuple(ds.shape), 4
+
+    def __getitem__(self, i):
+        return self.ds[int(self.order[i])]
+
+

@@ -1,0 +1,136 @@
+"""XANES maps of an aligned stack on disk: ``gpureg xanes`` (edge maps, labels, ROI spectra into one HDF5)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..core.segment import particle_labels
+from .regions import roi_spectra
+from .spectra import as_energy_vector
+from .stack import Reordered, edge_energy_map
+
+_log = logging.getLogger("gpureg")
+
+__all__ = ["write_xanes"]
+
+
+def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
+                method: str = "half", min_jump: float | None = None, min_voxels: int = 64, slab: int = 16,
+                device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False) -> dict:
+    """Edge-energy maps, particle labels and particle spectra of an aligned stack, written to HDF5.
+
+    Reads ``/aligned`` + ``/energy`` (pipeline output) or ``/exchange/recon`` +
+    ``/exchange/energy`` (Data Exchange) slab by slab, and writes a new file
+    atomically with ``/energy`` and the group ``/xanes``: ``edge_energy``,
+    ``edge_jump``, ``white_line``, ``mask`` (Z, Y, X), ``labels`` (int32,
+    connected components of the Otsu mask of the highest-energy volume, at
+    least ``min_voxels``), and the per-particle spectra ``roi_label``,
+    ``roi_count``, ``roi_mean``, ``roi_std``, ``roi_norm``, ``roi_edge_energy``.
+    Attributes of ``/xanes`` record the method, fit ranges, threshold and source.
+
+    Parameters
+    ----------
+    aligned_path, out_path : str or Path
+        Input HDF5 and output HDF5 (must differ; an existing output is only
+        replaced with ``overwrite=True``).
+    dataset, energy_dataset : str, optional
+        Override the stack / energy dataset names.
+    method, min_jump, smooth, pre, post, slab, device
+        See :func:`edge_energy_map`.
+    min_voxels : int
+        Smallest particle kept in ``labels``.
+
+    Returns
+    -------
+    dict
+        Summary: ``voxels``, ``valid``, ``particles``, ``edge_energy_median``,
+        ``pre``, ``post``, ``min_jump``, ``out``.
+    """
+    import h5py
+
+    from ..core.segment import otsu_threshold
+    from ..io.files import InputError, atomic_path
+
+    src, dst = Path(aligned_path), Path(out_path)
+    if not src.exists():
+        raise InputError(f"{src}: file not found")
+    if not h5py.is_hdf5(src):
+        raise InputError(f"{src}: not an HDF5 file")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise InputError(f"{dst}: the output must differ from the input (it would replace the aligned stack)")
+    if dst.exists() and not overwrite:
+        raise InputError(f"{dst}: file exists (use --overwrite to replace it)")
+    with h5py.File(src, "r") as h5:
+        name, ename = _stack_names(h5, src, dataset, energy_dataset)
+        ds = h5[name]
+        E_in = as_energy_vector(h5[ename][()], where=f"{src}:{ename}")
+        if ds.ndim != 4 or ds.shape[0] != E_in.size:
+            raise InputError(f"{src}:{name}: expected an (n_energy={E_in.size}, Z, Y, X) stack, got shape {ds.shape}")
+        rng = {}
+        maps = edge_energy_map(ds, E_in, slab=slab, device=device, min_jump=min_jump, pre=pre, post=post,
+                               method=method, smooth=smooth, info=rng)
+        order = np.argsort(E_in, kind="stable")
+        E_sorted = E_in[order]
+        ref = np.asarray(ds[int(np.argmax(E_in))], dtype=np.float32)
+        ref_finite = np.where(np.isfinite(ref), ref, np.nanmin(ref) if np.isfinite(ref).any() else 0.0)
+        try:
+            ref_mask = ref_finite > otsu_threshold(ref_finite)
+        except ValueError as exc:
+            _log.warning("write_xanes: no particle labels (%s)", exc)
+            ref_mask = np.zeros(ref.shape, bool)
+        labels, n = particle_labels(ref_mask, min_voxels=min_voxels)
+        roi = roi_spectra(Reordered(ds, order), E_sorted, labels, pre=rng["pre"], post=rng["post"]) if n else None
+    valid = maps["mask"]
+    summary = {"voxels": int(valid.size), "valid": int(valid.sum()), "particles": n, "pre": rng["pre"],
+               "post": rng["post"],
+               "edge_energy_median": float(np.nanmedian(maps["edge_energy"])) if valid.any() else float("nan"),
+               "min_jump": rng["min_jump"], "out": str(dst)}
+    from ..core.version import __version__
+
+    with atomic_path(dst) as tmp:
+        with h5py.File(tmp, "w") as out:
+            out.create_dataset("energy", data=E_sorted).attrs["units"] = "eV"
+            g = out.create_group("xanes")
+            chunks = (1,) + valid.shape[1:]
+            for k, v in maps.items():
+                d = g.create_dataset(k, data=v, chunks=chunks)
+                if k != "mask":
+                    d.attrs["units"] = "input units" if k == "edge_jump" else "eV"
+            g.create_dataset("labels", data=labels, chunks=chunks)
+            if roi is not None:
+                g.create_dataset("roi_label", data=roi["region"])
+                g.create_dataset("roi_count", data=roi["count"])
+                g.create_dataset("roi_mean", data=roi["mean"])
+                g.create_dataset("roi_std", data=roi["std"])
+                g.create_dataset("roi_norm", data=roi["norm"])
+                g.create_dataset("roi_edge_energy", data=roi["edge_energy"])
+            g.attrs.update({"method": method, "smooth_ev": float(smooth), "n_particles": n, "source": str(src),
+                            "source_dataset": name, "gpureg_version": __version__,
+                            "min_voxels": int(min_voxels), "device": rng["device"],
+                            "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
+                            "min_jump_rule": "auto" if min_jump is None else "given"})
+            g.attrs["pre_ev"], g.attrs["post_ev"] = rng["pre"], rng["post"]
+            g.attrs["range_rule"] = rng["rule"]
+    return summary
+
+
+def _stack_names(h5, path, dataset, energy_dataset):
+    from ..io.files import InputError
+
+    if dataset is None:
+        for cand, en in (("aligned", "energy"), ("exchange/recon", "exchange/energy")):
+            if cand in h5:
+                dataset, energy_dataset = cand, energy_dataset or en
+                break
+        else:
+            raise InputError(f"{path}: no /aligned or /exchange/recon dataset (name one with --dataset)")
+    if dataset not in h5:
+        raise InputError(f"{path}: dataset {dataset!r} not found")
+    if energy_dataset is None:
+        energy_dataset = "energy" if "energy" in h5 else "exchange/energy"
+    if energy_dataset not in h5:
+        raise InputError(f"{path}: energy dataset {energy_dataset!r} not found (name one with --energy-dataset)")
+    return dataset, energy_dataset
