@@ -8,7 +8,8 @@ below (``core`` -> ``io``/``recon``/``register``/``xanes`` -> ``figures`` ->
 """
 
 from .core.backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
-from .core.metric import MetricTerms, mse_terms
+from .core.metric import mse_terms
+from .core.terms import MetricTerms
 from .core.segment import binarize, otsu_threshold, particle_labels
 from .core.transform import (
                              apply_affine,

@@ -18,7 +18,6 @@ from .backend import (
     xp_of,
 )
 from .metric import (
-    MetricTerms,
     cell_support,
     mse_terms,
     trilinear_sample,
@@ -27,6 +26,7 @@ from .metric import (
 from .prefetch import HostToDevicePrefetcher
 from .segment import DENOISE, binarize, denoise, otsu_threshold, particle_labels
 from .solver import levenberg_marquardt
+from .terms import MetricTerms
 from .transform import (
     apply_affine,
     compose,

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
-from .metric import MetricTerms
+from .terms import MetricTerms
 
 __all__ = ["affine_args", "center_of_mass", "downsample2", "median", "mse_terms", "mse_terms_device", "resample_affine", "unpack_terms"]
 

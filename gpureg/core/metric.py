@@ -15,43 +15,15 @@ The same per-voxel arithmetic is in ``kernels/voxel_math.cuh`` for the GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .backend import array_device
+from .terms import MetricTerms
 
-__all__ = ["cell_support", "MetricTerms", "mse_terms", "trilinear_sample", "voxel_jacobian"]
+__all__ = ["cell_support", "mse_terms", "trilinear_sample", "voxel_jacobian"]
 
 # Reference voxels processed per chunk on the CPU (bounds temporary memory to ~100 MB).
 _CHUNK = 1 << 18
-
-
-@dataclass
-class MetricTerms:
-    """Reduced sums of one metric pass (float64, on the host)."""
-
-    count: int
-    sse: float
-    rj: np.ndarray  # (12,) sum r J
-    jtj: np.ndarray | None  # (12, 12) sum J J^T, or None when not asked for
-
-    @property
-    def mse(self) -> float:
-        """Mean squared error over the valid voxels (``inf`` when none is valid)."""
-        return self.sse / self.count if self.count else float("inf")
-
-    @property
-    def gradient(self) -> np.ndarray:
-        """``dE/dtheta = 2/N sum r J`` (12,)."""
-        return 2.0 * self.rj / max(self.count, 1)
-
-    @property
-    def hessian(self) -> np.ndarray:
-        """Gauss-Newton approximation ``2/N sum J J^T`` (12, 12)."""
-        if self.jtj is None:
-            raise ValueError("this pass was run with hessian=False")
-        return 2.0 * self.jtj / max(self.count, 1)
 
 
 def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = True, support=None) -> MetricTerms:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import transform as tf
-from .metric import MetricTerms
+from .terms import MetricTerms
 
 __all__ = ["levenberg_marquardt"]
 

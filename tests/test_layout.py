@@ -1,0 +1,57 @@
+"""The package layout rules (issue 11), checked on every CI run.
+
+- the import-linter contracts in pyproject.toml (layers point down; no cycles
+  between sibling modules, function-level imports included);
+- no module under ``gpureg/`` is over 500 lines;
+- no module imports another module's ``_private`` name;
+- ``import gpureg`` stays light (no CuPy, matplotlib, astra, dask, typer).
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gpureg"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_import_linter_contracts_hold():
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (it is in the test extra)")
+    out = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_module_is_small(path):
+    n = len(path.read_text(encoding="utf-8").splitlines())
+    assert n <= 500, f"{path.relative_to(ROOT)} has {n} lines (limit 500): split it by what it does"
+
+
+def _private_imports(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("gpureg")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    yield f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [f"{p.relative_to(ROOT)} {line}" for p in MODULES for line in _private_imports(p)]
+    assert not bad, "imports of private names:\n" + "\n".join(bad)
+
+
+def test_import_gpureg_is_light():
+    code = ("import sys, gpureg; heavy = [m for m in ('cupy', 'matplotlib', 'astra', 'dask', 'typer', 'numba') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "", f"import gpureg pulled in: {out.stdout.strip()}"
