@@ -1,43 +1,31 @@
-"""Core: array backends, the CUDA kernel loader and launchers, the affine transform, the MSE metric, segmentation primitives and the Levenberg-Marquardt solver.
+"""Core: array backends, the CUDA kernel loader and launchers, the affine transform, the MSE metric,
+segmentation primitives and the Levenberg-Marquardt solver.
 
 Everything above builds on these; nothing here imports another gpureg layer.
 """
 
-from .backend import (
-    DEVICES,
-    GPUUnavailableError,
-    array_device,
-    cupy_or_none,
-    get_xp,
-    gpu_available,
-    gpu_name,
-    ndimage_of,
-    resolve_device,
-    to_device,
-    to_host,
-    xp_of,
-)
-from .metric import (
-    cell_support,
-    mse_terms,
-    trilinear_sample,
-    voxel_jacobian,
-)
+from .backend import (DEVICES, GPUUnavailableError, array_device, cupy_or_none, get_xp, gpu_available, gpu_name,
+                      ndimage_of, resolve_device, to_device, to_host, xp_of)
+from .metric import cell_support, mse_terms, trilinear_sample, voxel_jacobian
 from .prefetch import HostToDevicePrefetcher
 from .segment import DENOISE, binarize, denoise, otsu_threshold, particle_labels
-from .solver import levenberg_marquardt
+from .solver import LMResult, levenberg_marquardt
 from .terms import MetricTerms
-from .transform import (
-    apply_affine,
-    compose,
-    displacement_error,
-    grid_center,
-    identity,
-    invert,
-    matrix_from_params,
-    params_from_matrix,
-    rotation_matrix,
-    scale_matrix,
-)
+from .transform import (apply_affine, compose, displacement_error, grid_center, identity, invert, matrix_from_params,
+                        params_from_matrix, rotation_matrix, scale_matrix)
 
-__all__ = ["apply_affine", "array_device", "binarize", "cell_support", "compose", "cupy_or_none", "DENOISE", "denoise", "DEVICES", "displacement_error", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "grid_center", "HostToDevicePrefetcher", "identity", "invert", "levenberg_marquardt", "matrix_from_params", "MetricTerms", "mse_terms", "ndimage_of", "otsu_threshold", "params_from_matrix", "particle_labels", "resolve_device", "rotation_matrix", "scale_matrix", "to_device", "to_host", "trilinear_sample", "voxel_jacobian", "xp_of"]
+__all__ = [
+    # backend
+    "DEVICES", "GPUUnavailableError", "array_device", "cupy_or_none", "get_xp", "gpu_available", "gpu_name",
+    "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of",
+    # metric, solver
+    "MetricTerms", "cell_support", "mse_terms", "trilinear_sample", "voxel_jacobian",
+    "LMResult", "levenberg_marquardt",
+    # segmentation
+    "DENOISE", "binarize", "denoise", "otsu_threshold", "particle_labels",
+    # transform
+    "apply_affine", "compose", "displacement_error", "grid_center", "identity", "invert", "matrix_from_params",
+    "params_from_matrix", "rotation_matrix", "scale_matrix",
+    # streaming
+    "HostToDevicePrefetcher",
+]

@@ -1,57 +1,85 @@
-"""Affine registration by mean squared error (CPU and GPU through the same code).
+"""One Levenberg-Marquardt solver for every least-squares fit in gpureg.
 
-The coarse-to-fine driver (:func:`register_affine`) is separate from the
-solver (:func:`levenberg_marquardt`), which only sees a function returning
-:class:`~gpureg.metric.MetricTerms` for a parameter vector. On the GPU that
-function is one fused kernel pass; the solver runs on the host on the 1 + 1 +
-12 + 78 reduced numbers.
+The affine registration (12 parameters), the per-particle joint fit (12 + 6
+per particle) and, later, a deformable registration (B-spline coefficients)
+all minimise a mean of squared residuals whose Gauss-Newton sums come from
+one metric pass. The solver sees only two callables:
+
+- ``evaluate(x) -> terms``: one pass at the parameters ``x`` (n,), returning
+  an object with ``count`` (valid samples; 0 means none), ``mse`` (the
+  objective), ``gradient`` (n,) and ``hessian`` (n, n) (Gauss-Newton
+  approximation). :class:`~gpureg.core.terms.MetricTerms` is such an object;
+- ``step_size(x, step) -> float``: the largest displacement (voxels) the step
+  causes; the fit has converged when a step moves nothing by more than ``tol``.
+
+It runs on the host on these reduced numbers; the passes themselves may run
+on the GPU.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from . import transform as tf
-from .terms import MetricTerms
+__all__ = ["LMResult", "levenberg_marquardt"]
 
-__all__ = ["levenberg_marquardt"]
+# Damping limits: a step rejected while lam > LAM_MAX means no descent direction is left.
+LAM_MIN, LAM_MAX = 1e-7, 1e8
 
-def levenberg_marquardt(terms, params0, shape, *, free=None, max_iter: int = 60, tol: float = 1e-3,
-                        lam0: float = 1e-2):
-    """Minimise an MSE with Levenberg-Marquardt on Gauss-Newton sums.
+
+class LMResult(NamedTuple):
+    """Outcome of :func:`levenberg_marquardt`."""
+
+    x: np.ndarray
+    """(n,) ndarray of float64: the parameters found."""
+    passes: int
+    """Calls of ``evaluate`` (metric passes)."""
+    converged: bool
+    """A step met the tolerance, or no step lowered the objective any more."""
+
+
+def levenberg_marquardt(evaluate, x0, step_size, *, free=None, max_iter: int = 60, tol: float = 1e-3,
+                        lam0: float = 1e-2, empty_start: str = "the start parameters leave no valid sample"
+                        ) -> LMResult:
+    """Minimise ``evaluate(x).mse`` by Levenberg-Marquardt on Gauss-Newton sums.
+
+    Each iteration solves ``(H + lam diag(H)) step = -g`` on the free
+    parameters (Marquardt's scaling), evaluates the trial and keeps it when
+    its objective is not larger (then ``lam /= 3``; else ``lam *= 4``).
 
     Parameters
     ----------
-    terms : callable
-        ``terms(params) -> MetricTerms`` (one metric pass).
-    params0 : (12,) ndarray
-        Start parameters (:func:`gpureg.transform.matrix_from_params` order).
-    shape : tuple of int
-        Grid shape; the step size is measured as the largest voxel displacement
-        it causes over the grid's corners.
-    free : (12,) bool array, optional
-        Parameters to optimise (others stay fixed).
+    evaluate : callable
+        ``evaluate(x) -> terms`` with ``count``, ``mse``, ``gradient`` (n,)
+        and ``hessian`` (n, n) (see the module docstring).
+    x0 : (n,) array_like
+        Start parameters.
+    step_size : callable
+        ``step_size(x, step) -> float``: largest displacement (voxels) of the
+        step ``step`` (n,) taken from ``x``.
+    free : (n,) array_like of bool, optional
+        Parameters to optimise; the others keep their start values. Default: all.
     max_iter : int
-        Metric passes at most.
+        Metric passes at most (the first one included).
     tol : float
-        Converged when an accepted (or proposed) step moves no voxel more than this.
+        Converged when a proposed step moves nothing by more than this.
     lam0 : float
-        Initial damping (Marquardt: ``H + lam diag(H)``).
+        Initial damping.
+    empty_start : str
+        Message of the ``RuntimeError`` raised when ``evaluate(x0)`` has no
+        valid sample.
 
     Returns
     -------
-    params : (12,) ndarray
-    passes : int
-        Metric passes used.
-    converged : bool
+    LMResult
+        ``(x, passes, converged)``.
     """
-    free = np.ones(12, bool) if free is None else np.asarray(free, bool)
-    corners = np.array([[z, y, x] for z in (0, shape[0] - 1) for y in (0, shape[1] - 1) for x in (0, shape[2] - 1)],
-                       dtype=np.float64) - tf.grid_center(shape)
-    params = np.asarray(params0, dtype=np.float64).copy()
-    cur: MetricTerms = terms(params)
+    x = np.asarray(x0, dtype=np.float64).copy()
+    free = np.ones(x.size, bool) if free is None else np.asarray(free, bool)
+    cur = evaluate(x)
     if cur.count == 0:
-        raise RuntimeError("the initial transform maps the reference grid entirely outside the moving volume")
+        raise RuntimeError(empty_start)
     passes, lam, converged = 1, lam0, False
     while passes < max_iter:
         g = cur.gradient[free]
@@ -59,24 +87,25 @@ def levenberg_marquardt(terms, params0, shape, *, free=None, max_iter: int = 60,
         diag = np.diag(h).copy()
         diag = np.maximum(diag, 1e-12 * max(diag.max(), 1e-30))
         try:
-            step = np.linalg.solve(h + lam * np.diag(diag), -g)
+            step_free = np.linalg.solve(h + lam * np.diag(diag), -g)
         except np.linalg.LinAlgError:
-            lam *= 10
+            lam *= 10.0
+            if lam > LAM_MAX:
+                break
             continue
-        full = np.zeros(12)
-        full[free] = step
-        move = float(np.abs(corners @ full[:9].reshape(3, 3).T + full[9:]).max())
-        if move < tol:
+        step = np.zeros(x.size)
+        step[free] = step_free
+        if step_size(x, step) < tol:
             converged = True
             break
-        trial = terms(params + full)
+        trial = evaluate(x + step)
         passes += 1
         if trial.count > 0 and trial.mse <= cur.mse:
-            params, cur = params + full, trial
-            lam = max(lam / 3.0, 1e-7)
+            x, cur = x + step, trial
+            lam = max(lam / 3.0, LAM_MIN)
         else:
             lam *= 4.0
-            if lam > 1e8:
+            if lam > LAM_MAX:
                 converged = True  # no descent direction left at this resolution
                 break
-    return params, passes, converged
+    return LMResult(x, passes, converged)

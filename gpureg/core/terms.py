@@ -15,8 +15,8 @@ class MetricTerms:
 
     count: int
     sse: float
-    rj: np.ndarray  # (12,) sum r J
-    jtj: np.ndarray | None  # (12, 12) sum J J^T, or None when not asked for
+    rj: np.ndarray  # (n,) sum r J (n = 12 for one affine)
+    jtj: np.ndarray | None  # (n, n) sum J J^T, or None when not asked for
 
     @property
     def mse(self) -> float:
@@ -25,12 +25,12 @@ class MetricTerms:
 
     @property
     def gradient(self) -> np.ndarray:
-        """``dE/dtheta = 2/N sum r J`` (12,)."""
+        """``dE/dtheta = 2/N sum r J`` (n,)."""
         return 2.0 * self.rj / max(self.count, 1)
 
     @property
     def hessian(self) -> np.ndarray:
-        """Gauss-Newton approximation ``2/N sum J J^T`` (12, 12)."""
+        """Gauss-Newton approximation ``2/N sum J J^T`` (n, n)."""
         if self.jtj is None:
             raise ValueError("this pass was run with hessian=False")
         return 2.0 * self.jtj / max(self.count, 1)

@@ -148,8 +148,9 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
         def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask, support=support):
             return mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask, support=support)
 
-        params, n_pass, converged = levenberg_marquardt(terms, params0, fl.shape, free=free,
-                                                        max_iter=max_iter, tol=tol)
+        params, n_pass, converged = levenberg_marquardt(
+            terms, params0, _corner_move(fl.shape), free=free, max_iter=max_iter, tol=tol,
+            empty_start="the initial transform maps the reference grid entirely outside the moving volume")
         matrix = to_fine @ tf.matrix_from_params(params, center) @ np.linalg.inv(to_fine)
         iterations.append(n_pass)
     support = _support(m)
@@ -164,6 +165,17 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
 def _support(moving):
     # CPU only: lets the metric skip voxels that cannot contribute (exact).
     return None if array_device(moving) == "gpu" else cell_support(moving)
+
+
+def _corner_move(shape):
+    """``step_size`` for :func:`levenberg_marquardt`: largest displacement of the grid's corners (voxels)."""
+    corners = np.array([[z, y, x] for z in (0, shape[0] - 1) for y in (0, shape[1] - 1) for x in (0, shape[2] - 1)],
+                       dtype=np.float64) - tf.grid_center(shape)
+
+    def move(params, step):
+        return float(np.abs(corners @ step[:9].reshape(3, 3).T + step[9:]).max())
+
+    return move
 
 
 def _check_mask(mask, shape, device):

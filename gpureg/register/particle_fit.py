@@ -1,38 +1,29 @@
-"""Per-particle registration: align particles that move relative to each other.
+"""The per-particle fits behind :func:`~gpureg.register.register_particles`.
 
-One affine for the whole field of view fails when the particles of a sample
-move relative to each other between energies (one stays, another tilts). This
-module registers each particle on its own:
-
-1. **labels** on the reference grid: connected components of the binarized
-   reference (or given by the user);
-2. a **global** affine for the whole volume (:func:`gpureg.register_affine`);
-3. per particle, an affine **warm-started from the global one**, with the
-   metric restricted to the particle's *region* (its label grown by ``dilate``
-   voxels, never into another particle) and computed on a box around it;
-4. :func:`apply_piecewise` resamples each region with its own transform
-   (background: the global one).
-
-:func:`detect_relative_motion` reports the residual MSE inside each particle
-after the global registration and warns (:class:`RelativeMotionWarning`) when
-one particle's residual is much larger than another's.
+:class:`Crop` holds one particle's box (fixed, moving, metric mask) and maps
+full-grid matrices to box matrices; :func:`fit_shared_rigid` fits one shared
+affine plus a rigid motion per particle, all particles at once, with the
+solver of :mod:`gpureg.core.solver`.
 
 Convention
 ----------
 Every matrix is ``moving_from_reference`` in voxel indices ``(z, y, x)``
-(DESIGN.md): voxel ``p`` of the reference grid in region ``k`` is sampled at
-``matrices[k] @ p`` of the moving volume. Label 0 is the background and uses
-the global matrix. Labels are non-negative integers on the reference grid.
+(DESIGN.md). A box index ``p_c`` is the grid index ``p = p_c + lo``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..core import transform as tf
 from ..core.backend import array_device, to_device, xp_of
-from .prepare import level_to_fine
+from ..core.metric import mse_terms
+from ..core.solver import levenberg_marquardt
+from ..core.terms import MetricTerms
+from .prepare import level_to_fine, pyramid
 
-# --- internals ---------------------------------------------------------------------------
+__all__ = ["Crop", "fit_shared_rigid", "mse_of", "region_terms", "shift_matrix"]
+
 
 class Crop:
     """Fixed, moving and metric mask on a box around one region and its globally mapped position.
@@ -97,7 +88,7 @@ def fit_shared_rigid(crops, order, matrix0, shape, *, min_size, max_iter, tol):
     pass gives the 12 affine-parameter sums of ``M_k`` on its box; the chain
     rule (numerical Jacobian of those 12 parameters w.r.t. ``A``'s 12 and
     ``R_k``'s 6, on the host) adds them into one Gauss-Newton system, solved
-    by Levenberg-Marquardt as in :func:`gpureg.register.levenberg_marquardt`.
+    by :func:`gpureg.core.solver.levenberg_marquardt`.
     Coarse to fine on a pyramid of each box (as many levels as the smallest has).
 
     Returns
@@ -107,9 +98,6 @@ def fit_shared_rigid(crops, order, matrix0, shape, *, min_size, max_iter, tol):
     passes : list of int
         Joint metric evaluations per level, coarse to fine.
     """
-    from ..core import transform as tf
-    from .prepare import pyramid
-
     c0 = tf.grid_center(shape)
     cols = {k: np.r_[0:12] if i == 0 else np.r_[0:12, 12 + 6 * (i - 1):12 + 6 * i] for i, k in enumerate(order)}
     x = np.zeros(12 + 6 * (len(order) - 1))
@@ -117,25 +105,43 @@ def fit_shared_rigid(crops, order, matrix0, shape, *, min_size, max_iter, tol):
 
     def full(xk, k):
         a = tf.matrix_from_params(xk[:12], c0)
-        return a if xk.size == 12 else a @ rigid(xk[12:], crops[k].centroid, crops[k].radius)
+        return a if xk.size == 12 else a @ _rigid(xk[12:], crops[k].centroid, crops[k].radius)
 
     levels = {k: (pyramid(cr.fixed, min_size), pyramid(cr.moving, min_size),
                   pyramid(xp_of(cr.fixed).asarray(cr.mask, dtype=np.float32), min_size)) for k, cr in crops.items()}
     n_levels = min(len(v[0]) for v in levels.values())
     passes = []
     for level in range(n_levels - 1, -1, -1):
-        joint = JointLevel({k: tuple(v[level] for v in levels[k]) for k in order}, crops, cols, full, level)
-        x, used = lm_joint(joint, x, max_iter=max_iter, tol=tol)
+        joint = _JointLevel({k: tuple(v[level] for v in levels[k]) for k in order}, crops, cols, full, level)
+        x, used, _ = levenberg_marquardt(joint.evaluate, x, joint.move, max_iter=max_iter, tol=tol,
+                                         empty_start="the global transform maps every particle outside the "
+                                                     "moving volume")
         passes.append(used)
     return {k: full(x[cols[k]], k) for k in order}, passes
 
 
-class JointLevel:
+def region_terms(f, m, matrix, mask):
+    """``(count, sse)`` of one metric pass (no Gauss-Newton terms)."""
+    t = mse_terms(f, m, matrix, mask=mask, hessian=False)
+    return float(t.count), float(t.sse)
+
+
+def mse_of(sums):
+    """MSE of ``(count, sse)`` sums (``inf`` when empty)."""
+    return sums[1] / sums[0] if sums[0] > 0 else float("inf")
+
+
+def shift_matrix(lo):
+    """Homogeneous translation by ``lo`` (3,)."""
+    t = np.eye(4)
+    t[:3, 3] = lo
+    return t
+
+
+class _JointLevel:
     """One pyramid level of the joint fit: metric sums and step sizes for the joint parameters."""
 
     def __init__(self, volumes, crops, cols, full, level):
-        from ..core import transform as tf
-
         self.crops, self.cols, self.full = crops, cols, full
         self.to_fine = level_to_fine(level)
         self.from_fine = np.linalg.inv(self.to_fine)
@@ -148,10 +154,7 @@ class JointLevel:
         return self.from_fine @ self.crops[k].to_crop(self.full(xk, k)) @ self.to_fine
 
     def evaluate(self, x):
-        """``(count, sse, sum r J, sum J J^T)`` over all particles, in the joint parameters."""
-        from ..core import transform as tf
-        from ..core.metric import mse_terms
-
+        """The metric sums over all particles, in the joint parameters (``n`` of them)."""
         count, sse, rj, jtj = 0, 0.0, np.zeros(self.n), np.zeros((self.n, self.n))
         for k, (fl, ml, kl, cl, _) in self.data.items():
             idx = self.cols[k]
@@ -167,7 +170,7 @@ class JointLevel:
             sse += t.sse
             rj[idx] += jac.T @ t.rj
             jtj[np.ix_(idx, idx)] += jac.T @ t.jtj @ jac
-        return count, sse, rj, jtj
+        return MetricTerms(count, sse, rj, jtj)
 
     def move(self, x, step):
         """Largest voxel displacement a step causes at any particle box's corners."""
@@ -176,65 +179,14 @@ class JointLevel:
                    for k, (*_, corners) in self.data.items())
 
 
-def lm_joint(joint, x, *, max_iter, tol, lam0=1e-2):
-    """Levenberg-Marquardt on :class:`JointLevel` sums (same rules as ``register.levenberg_marquardt``)."""
-    cur = joint.evaluate(x)
-    if cur[0] == 0:
-        raise RuntimeError("the global transform maps every particle outside the moving volume")
-    used, lam = 1, lam0
-    while used < max_iter:
-        g = 2.0 * cur[2] / cur[0]
-        h = 2.0 * cur[3] / cur[0]
-        diag = np.maximum(np.diag(h).copy(), 1e-12 * max(np.diag(h).max(), 1e-30))
-        try:
-            step = np.linalg.solve(h + lam * np.diag(diag), -g)
-        except np.linalg.LinAlgError:
-            lam *= 10
-            if lam > 1e8:
-                break
-            continue
-        if joint.move(x, step) < tol:
-            break
-        trial = joint.evaluate(x + step)
-        used += 1
-        if trial[0] > 0 and trial[1] / trial[0] <= cur[1] / cur[0]:
-            x, cur = x + step, trial
-            lam = max(lam / 3.0, 1e-7)
-        else:
-            lam *= 4.0
-            if lam > 1e8:
-                break
-    return x, used
-
-
-def region_terms(f, m, matrix, mask):
-    """(count, sse) of one metric pass."""
-    from ..core.metric import mse_terms
-
-    t = mse_terms(f, m, matrix, mask=mask, hessian=False)
-    return float(t.count), float(t.sse)
-
-
-def mse_of(sums):
-    return sums[1] / sums[0] if sums[0] > 0 else float("inf")
-
-
-def rigid(theta, center, radius):
+def _rigid(theta, center, radius):
     """Rotation ``theta[:3] / radius`` (rad, axis-angle vector, ``(z, y, x)``) about ``center``, then shift ``theta[3:]``."""
-    from ..core.transform import rotation_matrix
-
     w = np.asarray(theta[:3], dtype=np.float64) / radius
     angle = float(np.linalg.norm(w))
-    m = np.eye(4) if angle == 0.0 else rotation_matrix(np.rad2deg(angle), w, center)
+    m = np.eye(4) if angle == 0.0 else tf.rotation_matrix(np.rad2deg(angle), w, center)
     m[:3, 3] += theta[3:]
     return m
 
 
 def _corners(shape):
     return np.array([[z, y, x, 1.0] for z in (0, shape[0] - 1) for y in (0, shape[1] - 1) for x in (0, shape[2] - 1)])
-
-
-def shift_matrix(lo):
-    t = np.eye(4)
-    t[:3, 3] = lo
-    return t
