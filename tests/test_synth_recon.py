@@ -19,6 +19,7 @@ from gpureg.recon import fbp, flatfield, project
 from gpureg.core.backend import GPUUnavailableError
 from gpureg.io import open_input
 from gpureg.synth.phantom import particle_fields, two_particle_phantom
+from gpureg.xanes import synthetic_spectra
 from gpureg.core.transform import apply_affine, displacement_error, grid_center, invert, rotation_matrix
 
 SIZE = 40
@@ -65,17 +66,18 @@ def test_energy_grid_is_realistic():
         synth.parse_energies("65x0")
 
 
-def test_xanes_model_edge_and_half_crossing():
+def test_mn_spectrum_edge_and_half_crossing():
+    normalized = {**synth.MN_SPECTRUM, "victoreen": 0.0}  # no pre-edge background
     e0 = np.array([6549.0, 6555.5])
     wl = np.array([0.35, 0.74])
-    far = synth.xanes_model([6300.0, 6548.0 - 30, 6555.5 + 60], e0, white_line=wl, normalized=True)
+    far = synthetic_spectra([6300.0, 6548.0 - 30, 6555.5 + 60], e0, white_line=wl, **normalized)
     assert np.all(np.abs(far[:2]) < 0.06)  # below the edge: only the arctan tail and the pre-edge peak
     assert np.all(np.abs(far[2] - 1.0) < 0.1)  # unit edge jump above it
     half, peak = synth.edge_offsets(wl)
-    at_half = [synth.xanes_model([e0[k] + half[k]], e0[k], white_line=wl[k], normalized=True)[0] for k in range(2)]
+    at_half = [synthetic_spectra([e0[k] + half[k]], e0[k], white_line=wl[k], **normalized)[0] for k in range(2)]
     np.testing.assert_allclose(at_half, 0.5, atol=1e-3)
     assert np.all((peak > 4) & (peak < 8))  # white line a few eV above the edge
-    raw = synth.xanes_model([6400.0, 6700.0], 6552.0)
+    raw = synthetic_spectra([6400.0, 6700.0], 6552.0, white_line=0.6, **synth.MN_SPECTRUM)
     assert raw[0] > 0.2  # absolute spectrum keeps the pre-edge background
 
 

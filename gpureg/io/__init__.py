@@ -2,10 +2,14 @@
 file helpers (atomic writes) and :mod:`gpureg.io.results`, the single owner of the result-file layout.
 """
 
-from .base import InputReader
+from .base import InputReader, check_energies
 from .dataexchange import write_dataexchange
 from .files import InputError, atomic_path, load_volume, save_matrix, save_volume
 from .readers import open_input
 from .results import STAGES
 
-__all__ = ["atomic_path", "InputError", "InputReader", "load_volume", "open_input", "save_matrix", "save_volume", "STAGES", "write_dataexchange"]
+__all__ = [
+    "InputError", "InputReader", "check_energies", "open_input",
+    "write_dataexchange", "atomic_path", "load_volume", "save_matrix", "save_volume",
+    "STAGES",
+]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.backend import to_host
 from .files import InputError
 
 __all__ = ["InputReader"]
@@ -153,16 +154,53 @@ def energies_ev(ds, where, name="/exchange/energy"):
     return e
 
 
-def check_energies(e, name):
-    if e.size < 1:
+def check_energies(energies, name="energies", *, increasing=False, min_count=1) -> np.ndarray:
+    """Check an energy axis: the one rule set of the readers, the writer and the XANES analysis.
+
+    Rules: a 1D array of at least ``min_count`` finite numbers, no energy
+    repeated; in ascending order when ``increasing`` (an array of spectra
+    follows the axis: the XANES analysis), else in any order (a scan may be
+    stored in acquisition order; the readers and
+    :func:`gpureg.xanes.edge_energy_map` sort it).
+
+    Parameters
+    ----------
+    energies : (n_energy,) array_like
+        eV (NumPy or CuPy).
+    name : str
+        What the messages call the axis (a dataset or argument name).
+    increasing : bool
+        Require strictly increasing energies.
+    min_count : int
+        Fewest energies accepted.
+
+    Returns
+    -------
+    (n_energy,) ndarray of float64
+        The energies, on the host, in the given order.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``name`` and what is wrong.
+    """
+    e = np.asarray(to_host(energies), dtype=np.float64)
+    if e.ndim != 1:
+        raise ValueError(f"{name} must be a 1D array of eV, got shape {e.shape}")
+    if e.size == 0:
         raise ValueError(f"{name}: no energies")
+    if e.size < min_count:
+        raise ValueError(f"{name}: need at least {min_count} energies, got {e.size}")
     if not np.all(np.isfinite(e)):
         raise ValueError(f"{name}: contains NaN or inf")
-    d = np.diff(e)
-    if d.size and not (np.all(d > 0) or np.all(d < 0)):
-        k = int(np.flatnonzero(d <= 0)[0] if d[0] > 0 else np.flatnonzero(d >= 0)[0])
-        raise ValueError(f"{name}: energies must be strictly monotonic, but entry {k + 1} ({e[k + 1]} eV) follows "
-                         f"{e[k]} eV")
+    srt = np.sort(e)
+    if np.any(np.diff(srt) == 0):
+        raise ValueError(f"{name}: repeated energies {np.unique(srt[1:][np.diff(srt) == 0]).tolist()} eV")
+    if increasing and not np.all(np.diff(e) > 0):
+        k = int(np.flatnonzero(np.diff(e) <= 0)[0])
+        raise ValueError(f"{name} must be strictly increasing (sort the spectra with them); entry {k + 1} "
+                         f"({e[k + 1]:g} eV) follows {e[k]:g} eV")
+    return e
 
 
 def theta_deg(ds, where):

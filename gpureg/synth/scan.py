@@ -1,13 +1,13 @@
 """A synthetic TXM-XANES experiment at the Mn K-edge, with exact ground truth.
 
-The sample is the two-particle phantom of :mod:`gpureg.phantom` (same
+The sample is the two-particle phantom of :mod:`gpureg.synth.phantom` (same
 geometry, same seed) given a Mn chemistry: particle 1 has a core-shell
 gradient of oxidation state (edge energy about 6555.5 eV in the core falling
 to 6549 eV at the surface), particle 2 a gentle linear gradient around
-6551.5 eV. Every voxel's absorption follows the parametric XANES model of
-:func:`xanes_model` (pre-edge background, pre-edge peak, arctan edge,
-white line, post-edge slope and damped EXAFS-like wiggle), scaled by the
-particle's density and texture.
+6551.5 eV. Every voxel's absorption follows the spectrum model of
+:func:`gpureg.xanes.synthetic_spectra` with the Mn parameters of
+:data:`gpureg.synth.spectra.MN_SPECTRUM`, scaled by the particle's density
+and texture.
 
 Per energy the sample moves (drift, small tilt, magnification, shear;
 optionally one particle relative to the other); the motion is exact (the
@@ -30,25 +30,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .phantom import particle_fields
-from .spectra import MN_EDGE_RANGE, edge_offsets, mn_energy_grid, xanes_model
+from ..core.transform import grid_center, rotation_matrix
+from ..xanes.model import synthetic_spectra
+from .phantom import PARTICLES, particle_fields
+from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, edge_offsets, mn_energy_grid
 
 __all__ = ["default_motion", "sample_truth", "sample_volumes", "simulate"]
 
-"""Range of the synthetic edge energies (eV): particle 1 spans it, particle 2 sits inside it."""
-
-
-_MU_PER_VOXEL_AT_1 = 2.7  # attenuation of unit density at unit normalised absorption, in 1 / (min(shape) voxels):
-
-
-#                           a line integral of about 0.8 through particle 1 above the edge, 1.2 on the white line.
-_DARK_COUNTS = 100.0
-
-
-_READ_NOISE = 2.0
-
-
-_SATURATION = 65535
+# Attenuation of unit density at unit normalised absorption, in 1 / (min(shape) voxels): a line
+# integral of about 0.8 through particle 1 above the edge, 1.2 on the white line.
+_MU_PER_VOXEL_AT_1 = 2.7
+_DARK_COUNTS = 100.0  # detector offset (counts)
+_READ_NOISE = 2.0  # Gaussian read noise (counts, at noise=1)
+_SATURATION = 65535  # 16-bit detector
 
 
 def sample_volumes(shape, energies, moving_from_reference=None, *, per_particle=None, seed: int = 0) -> np.ndarray:
@@ -81,7 +75,7 @@ def sample_volumes(shape, energies, moving_from_reference=None, *, per_particle=
         weight = f["level"][k] * f["occupancy"][k] * f["texture"][k]
         sel = weight > 1e-7
         e0, wl = _composition(f["coords"][k][sel], k)
-        out[:, sel] += (mu_unit * weight[sel] * xanes_model(e, e0, white_line=wl)).astype(np.float32)
+        out[:, sel] += (mu_unit * weight[sel] * synthetic_spectra(e, e0, white_line=wl, **MN_SPECTRUM)).astype(np.float32)
     return out
 
 
@@ -147,8 +141,6 @@ def default_motion(energies, shape, *, seed: int = 0, reference: int | None = No
     (n_energy, 4, 4) ndarray of float64
         ``moving_from_reference`` per energy, about the grid centre.
     """
-    from ..core.transform import grid_center, rotation_matrix
-
     e = np.asarray(energies, dtype=np.float64).reshape(-1)
     ref = int(np.argmax(e)) if reference is None else int(reference)
     if not 0 <= ref < e.size:
@@ -331,9 +323,6 @@ def _motion(motion, e, shape, seed):
 
 def _relative(base, e, shape, seed, ref):
     """Per-energy matrices of both particles: particle 1 follows the sample, particle 2 also turns and shifts."""
-    from ..core.transform import grid_center, rotation_matrix
-    from .phantom import PARTICLES
-
     rng = np.random.default_rng([int(seed), 7102])
     half = min(shape) / 2.0
     c2 = grid_center(shape) + np.asarray(PARTICLES[1]["center"]) * half

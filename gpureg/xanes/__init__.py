@@ -1,10 +1,14 @@
-"""XANES: spectra, edge energies per voxel (in slabs), regions of interest and per-particle distributions."""
+"""XANES: per-voxel edge energy maps (in slabs), regions of interest, per-particle distributions, model spectra."""
 
 from .edge import METHODS, edge_energy, edge_ranges, normalize
+from .model import EDGE_SHAPES, scan_energies, synthetic_spectra
 from .regions import edge_distribution, roi_spectra
-from .spectra import scan_energies, synthetic_spectra
 from .stack import edge_energy_map
 from .write import write_xanes
 
-__all__ = ["METHODS", "edge_distribution", "edge_energy", "edge_energy_map", "edge_ranges", "normalize",
-           "roi_spectra", "scan_energies", "synthetic_spectra", "write_xanes"]
+__all__ = [
+    "METHODS", "edge_energy", "edge_ranges", "normalize",
+    "edge_energy_map", "edge_distribution", "roi_spectra",
+    "EDGE_SHAPES", "scan_energies", "synthetic_spectra",
+    "write_xanes",
+]

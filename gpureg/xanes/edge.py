@@ -35,16 +35,9 @@ import warnings
 import numpy as np
 
 from ..core.backend import to_host
-from .spectra import (
-    POST_GAP_EV,
-    PRE_GAP_EV,
-    auto_min_jump,
-    check_energies,
-    fine_region,
-    line_weights,
-    snap_range,
-    spectra_matrix,
-)
+from ..io.base import check_energies
+from .spectra import (MIN_ENERGIES, POST_GAP_EV, PRE_GAP_EV, auto_min_jump, fine_region, line_weights, snap_range,
+                      spectra_matrix)
 
 __all__ = ["edge_energy", "edge_ranges", "METHODS", "normalize"]
 
@@ -87,7 +80,7 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None) -> dict:
         energies); ``e0``: a reference edge energy (eV) used to start the
         jump estimate; ``rule``: which rule chose the ranges.
     """
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     n = E.size
     rule = "given"
     e0 = None
@@ -180,7 +173,7 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         raise ValueError(f"edge_energy: method must be one of {METHODS}, got {method!r}")
     if smooth is None or not smooth >= 0:
         raise ValueError(f"edge_energy: smooth must be >= 0 eV, got {smooth!r}")
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, out_shape = spectra_matrix(spectra, E, "edge_energy")
     if mask is not None:
         mask = xp.asarray(mask)
@@ -236,7 +229,7 @@ def normalize(spectra, energies, *, pre=None, post=None, e0=None):
         0 on the pre-edge line, 1 at the post-edge line at the edge; NaN where
         the jump is not positive or a value is non-finite.
     """
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, voxels = spectra_matrix(spectra, E, "normalize")
     finite = xp.isfinite(mu.sum(axis=0))
     mu0 = xp.where(finite[None, :], mu, xp.float32(0))

@@ -35,7 +35,8 @@ import numpy as np
 
 from ..core.backend import to_host, xp_of
 from .edge import edge_energy, normalize
-from .spectra import check_energies
+from ..io.base import check_energies
+from .spectra import MIN_ENERGIES
 from .stack import volume_getter
 
 __all__ = ["edge_distribution", "roi_spectra"]
@@ -66,7 +67,7 @@ def roi_spectra(stack, energies, labels_or_boxes, *, names=None, pre=None, post=
         ``norm`` (n_roi, n_energy) the normalised mean spectrum;
         ``edge_energy`` (n_roi,) eV, 0.5 crossing of ``norm`` (NaN if none).
     """
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     get, shape = volume_getter(stack, E.size)
     boxes = None
     if hasattr(labels_or_boxes, "shape") and len(labels_or_boxes.shape) == 3:

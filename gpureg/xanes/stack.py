@@ -35,7 +35,8 @@ import numpy as np
 
 from ..core.backend import resolve_device, to_device, to_host, xp_of
 from .edge import edge_energy, edge_ranges
-from .spectra import as_energy_vector, auto_min_jump, check_energies, fine_region
+from ..io.base import check_energies
+from .spectra import MIN_ENERGIES, auto_min_jump, fine_region
 
 __all__ = ["edge_energy_map"]
 
@@ -83,10 +84,9 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     unknown = set(kw) - {"method", "smooth", "e0"}
     if unknown:
         raise TypeError(f"edge_energy_map: unexpected keyword(s) {sorted(unknown)}")
-    E_in = as_energy_vector(energies)
+    E_in = check_energies(energies, min_count=MIN_ENERGIES)  # any order: the slabs are read sorted
     order = np.argsort(E_in, kind="stable")
     E = E_in[order]
-    check_energies(E)
     read, shape = _slab_reader(stack, E.size, order)
     dev = resolve_device(device)
     if mask is not None:
