@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["array_device", "cupy_or_none", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
+__all__ = ["array_device", "cupy_or_none", "cupy_probe", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -30,7 +30,16 @@ def cupy_or_none():
     Setting the environment variable ``GPUREG_DISABLE_GPU=1`` hides the GPU
     (useful to force the CPU path in tests and benchmarks).
     """
-    return _cupy_probe()[0]
+    return cupy_probe()[0]
+
+
+def cupy_probe() -> tuple:
+    """``(cupy module, "")`` when CuPy imports and sees a CUDA device, else ``(None, reason)``.
+
+    Probed once per process (``GPUREG_DISABLE_GPU=1`` hides the GPU). ASTRA's
+    CUDA support is probed separately, by :func:`gpureg.recon.fbp.astra_cuda_probe`.
+    """
+    return _cupy_probe()
 
 
 def gpu_available() -> bool:
@@ -69,7 +78,7 @@ def resolve_device(device: str = "auto") -> str:
     device = device.lower()
     if device == "cpu":
         return "cpu"
-    cp, why = _cupy_probe()
+    cp, why = cupy_probe()
     if cp is not None:
         return "gpu"
     if device == "gpu":

@@ -66,40 +66,31 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
     list of Path
         The figures written, in the order above.
     """
-    import h5py
-
-    from ..io.files import InputError
     from .. import xanes as xn
-    from ..xanes.write import Reordered
+    from ..io.files import InputError
+    from ..io.results import ResultFile
+    from ..xanes.stack import Reordered
 
     src, out = Path(result_h5), Path(outdir)
-    if not src.exists():
-        raise InputError(f"{src}: file not found")
-    if not h5py.is_hdf5(src):
-        raise InputError(f"{src}: not an HDF5 file")
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    with h5py.File(src, "r") as h5:
-        energy = None
-        for name in ("energy", "exchange/energy"):
-            if name in h5:
-                energy = np.asarray(h5[name][()], dtype=np.float64).ravel()
-                break
-        if "xanes/edge_energy" in h5:
-            g = h5["xanes"]
-            em = np.asarray(g["edge_energy"][()], dtype=np.float64)
-            mask = np.asarray(g["mask"][()], dtype=bool) if "mask" in g else None
+    with ResultFile(src) as rf:
+        out.mkdir(parents=True, exist_ok=True)
+        energy = rf.energies()
+        g = rf.xanes()
+        aligned = rf.stack("aligned")
+        if g is not None:
+            em = np.asarray(g["edge_energy"], dtype=np.float64)
+            mask = np.asarray(g["mask"], dtype=bool) if "mask" in g else None
             if mask is not None and mask.shape != em.shape:
                 raise InputError(f"{src}: /xanes/mask {mask.shape} does not match /xanes/edge_energy {em.shape}")
             vis = em if mask is None else np.where(mask, em, np.nan)
+            labels = np.asarray(g["labels"]) if "labels" in g else None
             if np.isfinite(vis).any():
-                zi = z if z is not None else None
-                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", dpi=dpi, index=zi))
+                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", dpi=dpi, index=z))
                 paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png", dpi=dpi))
                 if vis.ndim == 3:
                     paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png", dpi=dpi))
-                if "labels" in g and int(np.max(g["labels"][()], initial=0)) > 0:
-                    labels = np.asarray(g["labels"][()])
+                if labels is not None and int(np.max(labels, initial=0)) > 0:
                     try:
                         dist = xn.edge_distribution(vis, labels)
                     except ValueError as exc:
@@ -109,31 +100,30 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
             else:
                 _log.warning("plot_result: %s:/xanes/edge_energy has no valid voxel; edge-energy figures skipped", src)
             if "roi_mean" in g and energy is not None and g["roi_mean"].shape[-1] == energy.size:
-                roi = {"energy": np.sort(energy), "mean": g["roi_mean"][()], "std": g["roi_std"][()],
-                       "names": [f"particle {int(k)}" for k in g["roi_label"][()]]}
+                roi = {"energy": np.sort(energy), "mean": g["roi_mean"], "std": g["roi_std"],
+                       "names": [f"particle {int(k)}" for k in g["roi_label"]]}
                 if "roi_norm" in g:
-                    roi["norm"] = g["roi_norm"][()]
+                    roi["norm"] = g["roi_norm"]
                 if "roi_edge_energy" in g:
-                    roi["edge_energy"] = g["roi_edge_energy"][()]
+                    roi["edge_energy"] = g["roi_edge_energy"]
                 paths.append(roi_spectra(roi, out / "roi_spectra.png", dpi=dpi))
-            elif ("labels" in g and "aligned" in h5 and energy is not None and h5["aligned"].ndim == 4
-                  and h5["aligned"].shape[0] == energy.size and h5["aligned"].shape[1:] == g["labels"].shape):
-                labels = np.asarray(g["labels"][()])
+            elif (labels is not None and aligned is not None and energy is not None
+                  and aligned.shape[0] == energy.size and aligned.shape[1:] == labels.shape):
                 if labels.max(initial=0) > 0 and np.unique(energy).size == energy.size:
                     order = np.argsort(energy, kind="stable")     # spectra are read one energy volume at a time
-                    roi = xn.roi_spectra(Reordered(h5["aligned"], order), energy[order], labels)
+                    roi = xn.roi_spectra(Reordered(aligned, order), energy[order], labels)
                     paths.append(roi_spectra(roi, out / "roi_spectra.png", dpi=dpi))
-        reg = h5.get("registration")
-        before = after = None
-        if reg is not None and "mse_before" in reg and "mse_after" in reg:
-            before, after = reg["mse_before"][()], reg["mse_after"][()]
+        mse = rf.mse()
+        before = None
+        if mse is not None:
+            before, after = mse
             e = energy if energy is not None and energy.size == np.size(before) else np.arange(np.size(before))
             paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png", dpi=dpi))
-        if "aligned" in h5 and h5["aligned"].ndim == 4:
-            al = h5["aligned"]
-            n_e, nz = al.shape[0], al.shape[1]
-            ref = int(reg.attrs["reference_index"]) if reg is not None and "reference_index" in reg.attrs else (
-                int(np.argmax(energy)) if energy is not None and energy.size == n_e else n_e - 1)
+        if aligned is not None:
+            n_e, nz = aligned.shape[0], aligned.shape[1]
+            ref = rf.reference_index()
+            if ref is None:
+                ref = int(np.argmax(energy)) if energy is not None and energy.size == n_e else n_e - 1
             if before is not None and np.size(before) == n_e and np.isfinite(before).any():
                 k = int(np.nanargmax(np.where(np.arange(n_e) == ref, -np.inf, before)))
             else:
@@ -142,15 +132,16 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
             if not 0 <= zi < nz:
                 raise InputError(f"{src}: z={zi} is outside the /aligned stack (0..{nz - 1})")
             if n_e > 1 and k != ref:
-                ref_sl, ali_sl = al[ref, zi], al[k, zi]
+                ref_sl, ali_sl = aligned[ref, zi], aligned[k, zi]
                 if energy is not None and energy.size == n_e:
                     tag = f"E = {energy[k]:.1f} eV vs reference {energy[ref]:.1f} eV"
                 else:
                     tag = f"energy {k} vs reference {ref}"
                 paths.append(canny_overlay(ref_sl, ali_sl, out / "canny_overlay.png", dpi=dpi,
                                            title=f"Canny edges, z = {zi}: {tag}"))
-                if "recon" in h5 and h5["recon"].shape == al.shape:
-                    paths.append(squared_difference(ref_sl, h5["recon"][k, zi], ali_sl, out / "squared_difference.png",
+                recon = rf.stack("recon")
+                if recon is not None and recon.shape == aligned.shape:
+                    paths.append(squared_difference(ref_sl, recon[k, zi], ali_sl, out / "squared_difference.png",
                                                     dpi=dpi, title=f"z = {zi}: {tag}"))
     if not paths:
         raise InputError(f"{src}: nothing to plot (no /xanes, /registration/mse_* or /aligned datasets)")

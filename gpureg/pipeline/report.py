@@ -1,12 +1,4 @@
-"""The pipeline: projections -> FBP -> binarize -> register -> align -> XANES -> report.
-
-Energies stream one at a time: the reference is reconstructed first, then the
-others in order of distance from it; while one registers, the next is read
-and reconstructed in a worker thread. Everything is written to
-``OUTPUT.partial`` as it completes (flushed per energy, with a ``done`` flag),
-so rerunning the same command after an interruption resumes where it stopped
-and gives the same result; the finished file is renamed onto ``OUTPUT``
-(atomic) and never overwritten without ``overwrite=True``.
+"""The report of a finished run: figures, ``summary.json`` and ``report.md`` in ``RESULT_report/``.
 """
 
 from __future__ import annotations
@@ -18,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..figures.particles import edge_maps_figure, particle_mse_figure
+from ..io.results import ResultFile, read_result
 
-__all__ = ["PipelineResult", "report_dir_for", "write_report"]
+__all__ = ["PipelineResult", "write_report"]
 
 @dataclass
 class PipelineResult:
@@ -37,12 +30,6 @@ class PipelineResult:
     figures: list = field(default_factory=list)
 
 
-def report_dir_for(output) -> Path:
-    """Report folder of a result file: ``RESULT_report/`` beside it."""
-    output = Path(output)
-    return output.with_name(output.stem + "_report")
-
-
 def write_report(result_h5, outdir) -> list:
     """Figures (PNG), ``summary.json`` and ``report.md`` for a finished result file."""
     from ..core.version import __version__
@@ -54,24 +41,21 @@ def write_report(result_h5, outdir) -> list:
     figures = [Path(p) for p in plot_result(result_h5, outdir)]
     pp_figures, pp_summary, pp_lines = _per_particle_report(result_h5, outdir)  # nothing unless per_particle
     figures += pp_figures
-    res = read_result(result_h5, 0)
-    import h5py
-
-    with h5py.File(result_h5, "r") as h5:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()}
-        xanes = {}
-        if "xanes/edge_energy" in h5:
-            e0 = h5["xanes/edge_energy"][...]
-            labels = h5["xanes/labels"][...]
-            mask = h5["xanes/mask"][...].astype(bool)
-            for lab in np.unique(labels[labels > 0]):
-                sel = (labels == lab) & mask & np.isfinite(e0)
-                if sel.any():
-                    xanes[f"particle {int(lab)}"] = {"voxels": int(sel.sum()), "edge_energy_median_ev": float(np.median(e0[sel])),
-                                                     "edge_energy_iqr_ev": float(np.subtract(*np.percentile(e0[sel], [75, 25])))}
+    res = read_result(result_h5)
+    attrs = res.attrs
+    with ResultFile(result_h5) as rf:
+        maps = rf.xanes(maps_only=True)
+    xanes = {}
+    if maps is not None and "labels" in maps:
+        e0, labels, mask = maps["edge_energy"], maps["labels"], maps["mask"].astype(bool)
+        for lab in np.unique(labels[labels > 0]):
+            sel = (labels == lab) & mask & np.isfinite(e0)
+            if sel.any():
+                xanes[f"particle {int(lab)}"] = {"voxels": int(sel.sum()), "edge_energy_median_ev": float(np.median(e0[sel])),
+                                                 "edge_energy_iqr_ev": float(np.subtract(*np.percentile(e0[sel], [75, 25])))}
     summary = {
         "gpureg_version": __version__, "input": attrs.get("input"), "input_checksum": attrs.get("input_checksum"),
-        "device": attrs.get("device"), "parameters": json.loads(attrs.get("parameters", "{}")),
+        "device": attrs.get("device"), "parameters": attrs.get("parameters", {}),
         "reference_energy_ev": float(res.energies[res.reference_index]),
         "energies_ev": res.energies.tolist(), "mse_before": res.mse_before.tolist(), "mse_after": res.mse_after.tolist(),
         "matrices": res.matrices.tolist(), "timings_s": {k: v.tolist() for k, v in res.timings.items()},
@@ -100,17 +84,6 @@ def write_report(result_h5, outdir) -> list:
     return figures
 
 
-def read_result(path, resumed):
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        return PipelineResult(
-            output=Path(path), report_dir=None, energies=h5["energy"][...], reference_index=int(h5.attrs["reference_index"]),
-            matrices=h5["registration/matrix"][...], mse_before=h5["registration/mse_before"][...],
-            mse_after=h5["registration/mse_after"][...], timings={k: h5[f"timings/{k}"][...] for k in h5["timings"]},
-            resumed=resumed)
-
-
 def _per_particle_report(result_h5, outdir):
     """Figures, summary entries and report lines of a per-particle run (nothing for other runs).
 
@@ -120,17 +93,11 @@ def _per_particle_report(result_h5, outdir):
     global alignment beside the one from the per-particle alignment (and the
     ground truth for simulated data), one colour scale.
     """
-    import h5py
-
-    with h5py.File(result_h5, "r") as h5:
-        if "registration/particle_mse" not in h5:
-            return [], {}, []
-        energies = h5["energy"][...]
-        mse_g, mse_p = h5["registration/particle_mse_global"][...], h5["registration/particle_mse"][...]
-        maps = {name: np.where(h5[f"{grp}/mask"][...].astype(bool), h5[f"{grp}/edge_energy"][...], np.nan)
-                for name, grp in (("global alignment", "xanes_global"), ("per-particle alignment", "xanes"))
-                if f"{grp}/edge_energy" in h5}
-        truth = h5["truth/edge_energy"][...] if "truth/edge_energy" in h5 else None
+    with ResultFile(result_h5) as rf:
+        pp = rf.particles()
+    if pp is None:
+        return [], {}, []
+    energies, mse_g, mse_p, maps, truth = (pp[k] for k in ("energies", "mse_global", "mse_particle", "maps", "truth"))
     if truth is not None and truth.shape == next(iter(maps.values()), truth).shape:
         maps["ground truth"] = truth
     else:

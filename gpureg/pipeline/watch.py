@@ -23,11 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backend import resolve_device, to_host
+from ..core.backend import to_host
 from ..io.files import InputError, atomic_path
+from ..io.results import watch_dir
 from ..register.affine import register_prepared
-from ..register.prepare import prepare_volume
+from ..register.prepare import prepare_reference, prepare_volume
 from ..register.series import warm_start
+from .options import RunOptions, resolve_devices
+from .runner import run
+from .steps import Loader, check_output
 
 __all__ = ["rereference", "watch", "WatchState"]
 
@@ -91,10 +95,9 @@ class WatchState:
             return z["recon"]
 
 
-def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None, idle_timeout: float | None = None,
-          poll: float = 0.5, sentinel: str = "DONE", device: str = "auto", binarize: bool = True,
-          denoise: str | None = None, model: str = "affine", center: float | None = None, filter: str = "ram-lak",
-          xanes_method: str = "half", overwrite: bool = False, report: bool = True, on_energy=None):
+def watch(directory, output, options: RunOptions | None = None, *, pattern: str = "*.h5", expect: int | None = None,
+          idle_timeout: float | None = None, poll: float = 0.5, sentinel: str = "DONE", overwrite: bool = False,
+          on_energy=None, **settings):
     """Process per-energy files as they appear in ``directory``; finish with a full result.
 
     Parameters
@@ -104,6 +107,9 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
         once it opens as a complete Data Exchange file).
     output : str or Path
         Result HDF5 written at the end (as by ``gpureg run``).
+    options : RunOptions, optional
+        The same settings as :func:`gpureg.pipeline.run` (``reference`` is the
+        final reference; while watching, energies register to the first one).
     pattern : str
         Glob of the energy files.
     expect : int, optional
@@ -114,11 +120,13 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
         Seconds between folder scans.
     sentinel : str
         A file of this name in the folder ends the series once all files are done.
+    overwrite : bool
+        Replace a finished ``output``.
     on_energy : callable, optional
         Called as ``on_energy(event)`` after each energy with ``energy``, ``source``,
         ``latency_s`` (file seen -> registered), ``mse_before``, ``mse_after``, ``count``.
-    Other parameters
-        As in :func:`gpureg.pipeline.run`.
+    **settings
+        Shorthand for ``RunOptions(...)`` fields when ``options`` is not given.
 
     Returns
     -------
@@ -126,22 +134,25 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
     """
     from ..io.dataexchange import write_dataexchange
     from ..io.readers import open_input
-    from ..recon.fbp import reconstruct_energy
-    from .runner import _check_output, reference_prep, run
 
+    if options is None:
+        options = RunOptions().replace(**settings)
+    elif settings:
+        raise TypeError(f"watch: give either options or keyword settings, not both ({sorted(settings)})")
+    if options.scheduler or options.per_particle:
+        raise ValueError("watch registers on this machine as files arrive: not with a scheduler or per_particle")
     directory, output = Path(directory), Path(output)
     if not directory.is_dir():
         raise InputError(f"{directory}: not a folder")
     if expect is None and idle_timeout is None and sentinel is None:
         raise ValueError("watch needs a way to end: expect, idle_timeout or sentinel")
-    _check_output(output, overwrite)
-    dev = resolve_device(device)
-    state = WatchState(output.with_name(output.name + ".watch"))
-    options = {"binarize": binarize, "denoise": denoise}
-    fixed = prep = None
+    check_output(output, overwrite)
+    devices = resolve_devices(options.device)
+    dev = devices.registration
+    state = WatchState(watch_dir(output))
+    reference = None
     if state.provisional is not None:
-        prep = reference_prep(state.recon(state.provisional), options)
-        fixed = prepare_volume(state.recon(state.provisional), dev, name="provisional reference", **prep)
+        reference = prepare_reference(state.recon(state.provisional), dev, options.prep, name="provisional reference")
     seen_at, last_new = {}, time.monotonic()
     while True:
         fresh = [p for p in sorted(directory.glob(pattern)) if p.name not in state.entries]
@@ -152,21 +163,20 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
                     if reader.n_energy != 1:
                         raise InputError(f"{path}: watch expects one energy per file, found {reader.n_energy}")
                     energy = float(reader.energies[0])
-                    vol = np.ascontiguousarray(to_host(reconstruct_energy(reader, 0, center=center, filter=filter,
-                                                                          device=dev)), dtype=np.float32)
+                    vol, _ = Loader.for_run(reader, options, devices)(0)
             except (OSError, InputError) as exc:
                 if time.monotonic() - seen_at[path.name] > max(30.0, 20 * poll):
                     raise InputError(f"{path}: still unreadable after {time.monotonic() - seen_at[path.name]:.0f} s "
                                      f"({exc})") from None
                 continue  # probably still being written: try again at the next scan
-            if fixed is None:
+            if reference is None:
                 matrix, before, after, provisional = np.eye(4), 0.0, 0.0, True
-                prep = reference_prep(vol, options)
-                fixed = prepare_volume(vol, dev, name=f"{path.name} (provisional reference)", **prep)
+                reference = prepare_reference(vol, dev, options.prep, name=f"{path.name} (provisional reference)")
             else:
-                moving = prepare_volume(vol, dev, name=path.name, **prep)
-                res = register_prepared(fixed, moving, model=model, init=warm_start(((v["energy"], None if v["provisional"] else v["matrix"])
-                                                                           for v in state.entries.values()), energy))
+                moving = prepare_volume(vol, dev, reference.prep, name=path.name)
+                init = warm_start(((v["energy"], None if v["provisional"] else v["matrix"])
+                                   for v in state.entries.values()), energy)
+                res = register_prepared(reference.volume, moving, model=options.model.value, init=init)
                 matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
             latency = time.monotonic() - seen_at[path.name]
             state.add(path.name, energy, vol, matrix, latency, provisional)
@@ -188,10 +198,9 @@ def watch(directory, output, *, pattern: str = "*.h5", expect: int | None = None
     energies = np.array([state.entries[k]["energy"] for k in sources])
     if np.any(np.diff(energies) <= 0):
         raise InputError(f"{directory}: two files have the same energy ({energies.tolist()})")
-    final = rereference([state.entries[k]["matrix"] for k in sources], energies, "highest")
+    final = rereference([state.entries[k]["matrix"] for k in sources], energies, options.reference)
     stack = state.folder / "recon.h5"
     if not stack.exists():
         write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
                            attrs={"source": str(directory)})
-    return run(stack, output, device=device, reference="highest", binarize=binarize, denoise=denoise, model=model,
-               xanes_method=xanes_method, overwrite=overwrite, report=report, matrices=final)
+    return run(stack, output, options, overwrite=overwrite, matrices=final, devices=devices)

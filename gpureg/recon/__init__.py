@@ -3,6 +3,8 @@
 from .fbp import (
     FILTERS,
     astra_cuda_available,
+    astra_cuda_probe,
+    fbp_device,
     reconstruct_energy,
     reconstruct_fbp,
     reconstruct_file,
@@ -10,4 +12,4 @@ from .fbp import (
 from .flatfield import NonPositiveTransmissionWarning, normalize
 from .project import estimate_center, forward_project
 
-__all__ = ["astra_cuda_available", "estimate_center", "FILTERS", "forward_project", "NonPositiveTransmissionWarning", "normalize", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
+__all__ = ["astra_cuda_available", "astra_cuda_probe", "estimate_center", "fbp_device", "FILTERS", "forward_project", "NonPositiveTransmissionWarning", "normalize", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]

@@ -44,7 +44,7 @@ from ..core.backend import (
 from .flatfield import normalize
 from .project import Astra, estimate_center
 
-__all__ = ["astra_cuda_available", "FILTERS", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
+__all__ = ["astra_cuda_available", "astra_cuda_probe", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann", "none")
 
@@ -192,7 +192,25 @@ def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram
 
 def astra_cuda_available() -> bool:
     """True when ASTRA was built with CUDA and sees a GPU (``GPUREG_DISABLE_GPU`` hides it)."""
-    return _astra_cuda_probe()[0]
+    return astra_cuda_probe()[0]
+
+
+def astra_cuda_probe() -> tuple:
+    """``(True, "")`` when ASTRA was built with CUDA and sees a GPU, else ``(False, reason)``.
+
+    Probed once per process, independently of CuPy (:func:`gpureg.core.backend.cupy_probe`):
+    CuPy may be usable while the installed ASTRA has no CUDA, and the other way round.
+    """
+    return _astra_cuda_probe()
+
+
+def fbp_device(device: str = "auto") -> str:
+    """The device FBP runs on for ``"auto" | "cpu" | "gpu"``: ``"gpu"`` means ASTRA-CUDA.
+
+    ``"auto"`` falls back to the CPU (logged once) when ASTRA-CUDA is unusable;
+    ``"gpu"`` then raises :class:`~gpureg.core.backend.GPUUnavailableError`.
+    """
+    return "gpu" if _use_cuda(device) else "cpu"
 
 
 def _fbp_cpu(proj, theta_rad, shift, filt):
@@ -344,7 +362,7 @@ def _use_cuda(device) -> bool:
     device = device.lower()
     if device == "cpu":
         return False
-    ok, why = _astra_cuda_probe()
+    ok, why = astra_cuda_probe()
     if ok:
         return True
     if device == "gpu":

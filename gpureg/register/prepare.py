@@ -1,13 +1,12 @@
-"""Affine registration by mean squared error (CPU and GPU through the same code).
-
-The coarse-to-fine driver (:func:`register_affine`) is separate from the
-solver (:func:`levenberg_marquardt`), which only sees a function returning
-:class:`~gpureg.metric.MetricTerms` for a parameter vector. On the GPU that
-function is one fused kernel pass; the solver runs on the host on the 1 + 1 +
-12 + 78 reduced numbers.
+"""Preparation of volumes for registration: one frozen :class:`Prep` (denoise, binarize, smooth),
+applied once to a series' reference (:func:`prepare_reference`) and then to every energy
+(:func:`prepare_volume`); also the centre-of-mass start and the block-averaging pyramid.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,42 +21,147 @@ from ..core.backend import (
 from ..core.segment import binarize as _binarize
 from ..core.segment import denoise as denoise_volume
 
-__all__ = ["center_of_mass", "foreground_fraction", "prepare_volume", "pyramid"]
+__all__ = ["center_of_mass", "foreground_fraction", "Prep", "prepare_reference", "prepare_volume", "PreparedReference",
+           "pyramid"]
 
-def prepare_volume(volume, device: str, *, name: str = "volume", binarize: bool = False, denoise=None,
-                   smooth: float = 1.0, fraction: float | None = None):
-    """Validate a volume and return it as float32 on ``device`` (optionally binarized).
 
-    The volume (Otsu-binarized with ``binarize``) is then smoothed with a
-    Gaussian of sigma ``smooth`` voxels (0: not smoothed); see :func:`register_affine`.
-    ``fraction``: the reference's foreground fraction, see
-    :func:`gpureg.segment.binarize` (series use :func:`foreground_fraction`).
+@dataclass(frozen=True)
+class Prep:
+    """How volumes are prepared for registration: one frozen object for a whole series.
+
+    Order: optional ``denoise``, then (with ``binarize``) Otsu binarization,
+    then Gaussian smoothing of sigma ``smooth`` voxels (0: none).
+
+    Attributes
+    ----------
+    binarize : bool
+        Register Otsu-binarized volumes (the reference method); False: grey levels.
+    denoise : {None, "median", "gaussian"}
+        Filter applied first (median 3 voxels wide, or Gaussian sigma 1).
+    smooth : float
+        Gaussian sigma (voxels) applied last.
+    fraction : float, optional
+        The reference's Otsu foreground fraction. Across an absorption edge, an
+        energy whose Otsu fraction differs from it by more than 5 % is thresholded
+        to keep this fraction instead (:func:`gpureg.core.segment.binarize`). Set by
+        :func:`prepare_reference`, not by hand.
+    """
+
+    binarize: bool = True
+    denoise: str | None = None
+    smooth: float = 1.0
+    fraction: float | None = None
+
+    def __post_init__(self):
+        from ..core.segment import DENOISE
+
+        denoise = getattr(self.denoise, "value", self.denoise)  # an Enum member (the CLI's) or its value
+        if denoise not in DENOISE:
+            raise ValueError(f"denoise must be one of {DENOISE}, got {self.denoise!r}")
+        object.__setattr__(self, "denoise", denoise)
+        object.__setattr__(self, "binarize", bool(self.binarize))
+        if not (np.isfinite(self.smooth) and float(self.smooth) >= 0):
+            raise ValueError(f"smooth must be a finite sigma >= 0 voxels, got {self.smooth!r}")
+        object.__setattr__(self, "smooth", float(self.smooth))
+        if self.fraction is not None and not 0 < float(self.fraction) < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (:meth:`from_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prep":
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """The reference volume prepared once for a series.
+
+    Attributes
+    ----------
+    volume : (Z, Y, X) ndarray of float32
+        Prepared reference (on the device the series registers on).
+    prep : Prep
+        The preparation for every other energy (``fraction`` set when binarizing).
+    mask : (Z, Y, X) ndarray of bool
+        Otsu foreground of the (denoised) reference, on the host: the particle
+        labels of the XANES maps and of per-particle registration come from it,
+        whether or not registration binarizes.
+    """
+
+    volume: object
+    prep: Prep
+    mask: np.ndarray
+
+
+def prepare_reference(volume, device: str, prep: Prep, *, name: str = "reference") -> PreparedReference:
+    """Prepare the reference of a series once: its Otsu mask, foreground fraction and registration input.
+
+    The reference is denoised and binarized exactly once; the mask serves the
+    matched-fraction rule for the other energies (:class:`Prep` ``fraction``)
+    and the particle labels.
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) ndarray
+        Reference volume (NumPy or CuPy).
+    device : {"auto", "cpu", "gpu"}
+        Where the prepared volume lives.
+    prep : Prep
+        Its ``fraction`` is ignored (it is measured here).
+    name : str
+        Names the volume in error messages.
+    """
+    v = _checked(volume, device, name)
+    v = denoise_volume(v, prep.denoise)
+    try:
+        mask = _binarize(v)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    host_mask = to_host(mask)
+    prep = dataclasses.replace(prep, fraction=float(host_mask.mean()) if prep.binarize else None)
+    v = mask if prep.binarize else v
+    if prep.smooth > 0:
+        v = ndimage_of(v).gaussian_filter(v, sigma=prep.smooth)
+    return PreparedReference(volume=v, prep=prep, mask=host_mask > 0.5)
+
+
+def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str = "volume", **settings):
+    """Validate a volume and return it as float32 on ``device``, prepared as ``prep`` says.
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) ndarray
+        Any real dtype, NumPy or CuPy.
+    device : {"auto", "cpu", "gpu"}
+        Where the result lives.
+    prep : Prep, optional
+        Denoise / binarize / smooth settings (for a series: the ``prep`` of
+        :func:`prepare_reference`, which carries the reference's fraction).
+    name : str
+        Names the volume in error messages.
+    **settings
+        Shorthand for ``Prep(**settings)`` when ``prep`` is not given
+        (``binarize`` defaults to False here, as in :func:`register_affine`).
 
     Raises a ``ValueError`` naming ``name`` for a non-3D, too small, non-real,
     non-finite or constant volume.
     """
-    shape = getattr(volume, "shape", None)
-    if shape is None or len(shape) != 3:
-        raise ValueError(f"{name} must be a 3D (Z, Y, X) array, got shape {shape}")
-    if min(shape) < 4:
-        raise ValueError(f"{name} must be at least 4 voxels along every axis, got shape {tuple(shape)}")
-    dtype = np.dtype(getattr(volume, "dtype", np.float64))
-    if dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
-    v = to_device(volume, device, np.float32)
-    xp = xp_of(v)
-    if not bool(xp.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
-    if float(v.max()) == float(v.min()):
-        raise ValueError(f"{name} is constant (all values {float(v.max()):g}); there is nothing to register")
-    v = denoise_volume(v, denoise)
-    if binarize:
+    if prep is None:
+        prep = Prep(**{"binarize": False, **settings})
+    elif settings:
+        raise TypeError(f"prepare_volume: give either prep or keyword settings, not both ({sorted(settings)})")
+    v = _checked(volume, device, name)
+    v = denoise_volume(v, prep.denoise)
+    if prep.binarize:
         try:
-            v = _binarize(v, fraction=fraction)
+            v = _binarize(v, fraction=prep.fraction)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-    if smooth > 0:
-        v = ndimage_of(v).gaussian_filter(v, sigma=float(smooth))
+    if prep.smooth > 0:
+        v = ndimage_of(v).gaussian_filter(v, sigma=prep.smooth)
     return v
 
 
@@ -119,3 +223,21 @@ def level_to_fine(level: int) -> np.ndarray:
     m = np.diag([s, s, s, 1.0])
     m[:3, 3] = (s - 1.0) / 2.0
     return m
+
+
+def _checked(volume, device, name):
+    shape = getattr(volume, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"{name} must be a 3D (Z, Y, X) array, got shape {shape}")
+    if min(shape) < 4:
+        raise ValueError(f"{name} must be at least 4 voxels along every axis, got shape {tuple(shape)}")
+    dtype = np.dtype(getattr(volume, "dtype", np.float64))
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
+    v = to_device(volume, device, np.float32)
+    xp = xp_of(v)
+    if not bool(xp.isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    if float(v.max()) == float(v.min()):
+        raise ValueError(f"{name} is constant (all values {float(v.max()):g}); there is nothing to register")
+    return v

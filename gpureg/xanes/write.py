@@ -52,7 +52,8 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
     import h5py
 
     from ..core.segment import otsu_threshold
-    from ..io.files import InputError, atomic_path
+    from ..io.files import InputError
+    from ..io.results import stack_names
 
     src, dst = Path(aligned_path), Path(out_path)
     if not src.exists():
@@ -64,7 +65,7 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
     if dst.exists() and not overwrite:
         raise InputError(f"{dst}: file exists (use --overwrite to replace it)")
     with h5py.File(src, "r") as h5:
-        name, ename = _stack_names(h5, src, dataset, energy_dataset)
+        name, ename = stack_names(h5, src, dataset, energy_dataset)
         ds = h5[name]
         E_in = as_energy_vector(h5[ename][()], where=f"{src}:{ename}")
         if ds.ndim != 4 or ds.shape[0] != E_in.size:
@@ -89,48 +90,12 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
                "edge_energy_median": float(np.nanmedian(maps["edge_energy"])) if valid.any() else float("nan"),
                "min_jump": rng["min_jump"], "out": str(dst)}
     from ..core.version import __version__
+    from ..io.results import write_xanes_file
 
-    with atomic_path(dst) as tmp:
-        with h5py.File(tmp, "w") as out:
-            out.create_dataset("energy", data=E_sorted).attrs["units"] = "eV"
-            g = out.create_group("xanes")
-            chunks = (1,) + valid.shape[1:]
-            for k, v in maps.items():
-                d = g.create_dataset(k, data=v, chunks=chunks)
-                if k != "mask":
-                    d.attrs["units"] = "input units" if k == "edge_jump" else "eV"
-            g.create_dataset("labels", data=labels, chunks=chunks)
-            if roi is not None:
-                g.create_dataset("roi_label", data=roi["region"])
-                g.create_dataset("roi_count", data=roi["count"])
-                g.create_dataset("roi_mean", data=roi["mean"])
-                g.create_dataset("roi_std", data=roi["std"])
-                g.create_dataset("roi_norm", data=roi["norm"])
-                g.create_dataset("roi_edge_energy", data=roi["edge_energy"])
-            g.attrs.update({"method": method, "smooth_ev": float(smooth), "n_particles": n, "source": str(src),
-                            "source_dataset": name, "gpureg_version": __version__,
-                            "min_voxels": int(min_voxels), "device": rng["device"],
-                            "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
-                            "min_jump_rule": "auto" if min_jump is None else "given"})
-            g.attrs["pre_ev"], g.attrs["post_ev"] = rng["pre"], rng["post"]
-            g.attrs["range_rule"] = rng["rule"]
+    attrs = {"method": method, "smooth_ev": float(smooth), "n_particles": n, "source": str(src),
+             "source_dataset": name, "gpureg_version": __version__, "min_voxels": int(min_voxels),
+             "device": rng["device"], "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
+             "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
+             "range_rule": rng["rule"]}
+    write_xanes_file(dst, E_sorted, maps, labels, roi=roi, attrs=attrs)
     return summary
-
-
-def _stack_names(h5, path, dataset, energy_dataset):
-    from ..io.files import InputError
-
-    if dataset is None:
-        for cand, en in (("aligned", "energy"), ("exchange/recon", "exchange/energy")):
-            if cand in h5:
-                dataset, energy_dataset = cand, energy_dataset or en
-                break
-        else:
-            raise InputError(f"{path}: no /aligned or /exchange/recon dataset (name one with --dataset)")
-    if dataset not in h5:
-        raise InputError(f"{path}: dataset {dataset!r} not found")
-    if energy_dataset is None:
-        energy_dataset = "energy" if "energy" in h5 else "exchange/energy"
-    if energy_dataset not in h5:
-        raise InputError(f"{path}: energy dataset {energy_dataset!r} not found (name one with --energy-dataset)")
-    return dataset, energy_dataset

@@ -1,0 +1,123 @@
+"""Housekeeping commands: ``gpureg info``, ``bench``, ``validate``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..pipeline.options import Device
+from .app import DeviceOpt, app, flag, friendly
+
+__all__ = ["bench", "info", "validate"]
+
+
+@app.command()
+@friendly
+def info():
+    """Versions, and whether CuPy/GPU and ASTRA-CUDA are usable."""
+    import platform
+
+    import numpy
+    import scipy
+
+    from ..core.backend import cupy_probe, gpu_name
+    from ..core.version import __version__
+    from ..pipeline.options import resolve_devices
+    from ..recon.fbp import astra_cuda_probe
+
+    rows = {"gpureg": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            "scipy": scipy.__version__}
+    cp, why = cupy_probe()
+    rows["cupy"] = cp.__version__ if cp is not None else f"unavailable ({why})"
+    rows["gpu"] = gpu_name() or "none"
+    try:
+        import astra
+
+        ok, why = astra_cuda_probe()
+        rows["astra"] = f"{astra.__version__} (CUDA: {'yes' if ok else 'no, ' + why})"
+    except Exception as exc:  # astra missing or broken
+        rows["astra"] = f"unavailable ({type(exc).__name__})"
+    devices = resolve_devices("auto")
+    rows["--device auto"] = f"registration on {devices.registration}, FBP on {devices.fbp}"
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+@app.command()
+@friendly
+def bench(
+    names: Optional[list[str]] = typer.Argument(None, help="Benchmarks to run (default: all in bench/)."),
+    quick: bool = flag(False, "--quick", help="Small sizes, one repeat."),
+):
+    """Run the benchmarks in bench/ (source checkout); each prints and saves JSON in bench/results/."""
+    import subprocess
+
+    folder = next((p for p in (Path(__file__).resolve().parents[2] / "bench", Path.cwd() / "bench") if p.is_dir()), None)
+    if folder is None:
+        raise ValueError("bench/ not found: gpureg bench runs from a source checkout of gpureg")
+    scripts = sorted(p for p in folder.glob("*.py") if p.stem != "common")
+    if names:
+        unknown = set(names) - {p.stem for p in scripts}
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; available: {[p.stem for p in scripts]}")
+        scripts = [p for p in scripts if p.stem in names]
+    failed = []
+    for script in scripts:
+        typer.echo(f"== {script.stem}")
+        rc = subprocess.call([sys.executable, str(script), *(["--quick"] if quick else [])])
+        if rc != 0:
+            failed.append(script.stem)
+    if failed:
+        raise RuntimeError(f"benchmark(s) failed: {failed}")
+
+
+@app.command()
+@friendly
+def validate(
+    outdir: Path = typer.Argument(Path("gpureg-validation"), help="Output folder: validation.csv/.json, summary.md, figures."),
+    size: int = typer.Option(64, "--size", help="Grid edge of the synthetic tomogram (voxels)."),
+    noise: str = typer.Option("0,2,5,10,30", "--noise", help="Salt-and-pepper levels in percent, comma-separated."),
+    distortions: str = typer.Option("translation,rotation,scale,shear,deformation", "--distortions",
+                                    help="Comma-separated subset of translation,rotation,scale,shear,deformation."),
+    modes: str = typer.Option("binarized,raw", "--modes", help="Comma-separated subset of binarized,raw."),
+    sitk: Optional[bool] = typer.Option(None, "--sitk/--no-sitk", metavar="",
+                                        help="Also run SimpleITK (default: when installed, the 'bench' extra)."),
+    quick: bool = flag(False, "--quick", help="32^3, largest magnitudes, 0 and 10 % noise, binarized "
+                                              "(overrides --size, --noise, --modes)."),
+    figures: bool = flag(True, "--figures/--no-figures", help="Write the PNG figures."),
+    device: Device = DeviceOpt,
+):
+    """Registration accuracy on known synthetic distortions x noise (reference study's Fig. S1-S3), vs SimpleITK."""
+    from ..validate.cases import QUICK
+    from ..validate.sweep import run_validation
+
+    def split(text, option):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise ValueError(f"{option} needs at least one comma-separated value, got {text!r}")
+        return items
+
+    try:
+        levels = [float(x) / 100 for x in split(noise, "--noise")]
+    except ValueError:
+        raise ValueError(f"--noise must be percentages separated by commas (e.g. 0,10,30), got {noise!r}") from None
+    kw = dict(size=size, noise=levels, modes=split(modes, "--modes"))
+    if quick:
+        kw = dict(QUICK)
+
+    def progress(done, total, rows):
+        typer.echo(f"[{done}/{total}] " + " | ".join(
+            f"{r['method']} {r['distortion']} {r['magnitude']:g} noise {100 * r['noise']:g}% {r['mode']}: "
+            + (f"{r['error_vox']:.3f} vox, {r['seconds']:.2f} s" if r["status"] == "ok" else r["status"])
+            for r in rows))
+
+    res = run_validation(outdir, device=device.value, distortions=split(distortions, "--distortions"), sitk=sitk,
+                         figures=figures, progress=progress, **kw)
+    typer.echo(f"{len(res.rows)} registrations ({len(res.failures)} failed) on {res.settings['device']}; "
+               f"summary in {outdir / 'summary.md'}")
+    if res.failures:
+        raise typer.Exit(1)

@@ -1,0 +1,167 @@
+"""``gpureg run``, ``demo`` and ``watch``: the pipeline commands, all built on one :class:`RunOptions`."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions
+from ..register.prepare import Prep
+from .app import (
+    CenterOpt,
+    DenoiseOpt,
+    DeviceOpt,
+    EdgeOpt,
+    FilterOpt,
+    ModelOpt,
+    RawOpt,
+    ReferenceOpt,
+    SmoothOpt,
+    app,
+    flag,
+    friendly,
+)
+
+__all__ = ["demo", "run_cmd", "run_options", "watch_cmd"]
+
+NoReportOpt = flag(False, "--no-report", help="Skip figures and report.")
+PerParticleOpt = flag(False, "--per-particle", help="Also register every particle on its own (particles that move "
+                                                    "relative to each other); stores per-particle transforms.")
+
+
+def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[Denoise], smooth: float, model: Model,
+                center: Optional[str], fbp_filter: FBPFilter, edge: EdgeMethod, no_report: bool = False,
+                per_particle: bool = False, scheduler: Optional[str] = None) -> RunOptions:
+    """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
+    return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
+                      model=model, center=center, filter=fbp_filter, edge=edge, per_particle=per_particle,
+                      report=not no_report, scheduler=scheduler)
+
+
+@app.command("run")
+@friendly
+def run_cmd(
+    input: Path = typer.Argument(..., help="Data Exchange HDF5 (projections or /exchange/recon) or folder of per-energy files."),
+    output: Path = typer.Argument(..., help="Result HDF5 (a report folder RESULT_report/ is written beside it)."),
+    device: Device = DeviceOpt,
+    reference: str = ReferenceOpt,
+    raw: bool = RawOpt,
+    denoise: Optional[Denoise] = DenoiseOpt,
+    smooth: float = SmoothOpt,
+    model: Model = ModelOpt,
+    center: Optional[str] = CenterOpt,
+    fbp_filter: FBPFilter = FilterOpt,
+    edge: EdgeMethod = EdgeOpt,
+    overwrite: bool = flag(False, "--overwrite", help="Replace a finished OUTPUT (and discard a partial run)."),
+    no_report: bool = NoReportOpt,
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (multi-GPU/multi-node)."),
+    per_particle: bool = PerParticleOpt,
+):
+    """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
+    from ..pipeline.runner import run
+
+    options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
+                          center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report,
+                          per_particle=per_particle, scheduler=scheduler)
+    with _energy_progress("run") as on_energy:
+        res = run(input, output, options, overwrite=overwrite, progress=on_energy)
+    _print_result(res)
+
+
+@app.command()
+@friendly
+def demo(
+    outdir: Path = typer.Argument(Path("gpureg-demo"), help="Folder for the simulated input, result and figures."),
+    size: int = typer.Option(48, "--size", help="Volume size (voxels per side)."),
+    angles: int = typer.Option(91, "--angles", help="Projection angles over -90..90 degrees."),
+    device: Device = DeviceOpt,
+    center: Optional[str] = CenterOpt,
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = flag(True, "--overwrite/--keep", help="Replace an earlier demo result in OUTDIR."),
+    per_particle: bool = flag(False, "--per-particle",
+                              help="Simulate particle 2 tilting relative to particle 1 and register each particle on "
+                                   "its own (report: global vs per-particle)."),
+):
+    """Simulate a small Mn K-edge TXM-XANES experiment and run the whole pipeline on it."""
+    from ..pipeline.runner import run
+    from ..synth.scan import simulate
+
+    options = RunOptions(device=device, center=center, per_particle=per_particle)
+    outdir.mkdir(parents=True, exist_ok=True)
+    raw = outdir / "demo_input.h5"
+    typer.echo(f"simulating {size}^3 x {angles} angles -> {raw}")
+    simulate(raw, size=size, n_angles=angles, seed=seed, relative_motion=per_particle)
+    with _energy_progress("demo") as on_energy:
+        res = run(raw, outdir / "demo_result.h5", options, overwrite=overwrite, progress=on_energy)
+    _print_result(res)
+
+
+@app.command("watch")
+@friendly
+def watch_cmd(
+    directory: Path = typer.Argument(..., help="Folder the acquisition writes per-energy files into."),
+    output: Path = typer.Argument(..., help="Result HDF5 written when the series ends."),
+    pattern: str = typer.Option("*.h5", "--pattern", help="Glob of the per-energy files."),
+    expect: Optional[int] = typer.Option(None, "--expect", help="Stop after this many energies."),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Stop after this many idle seconds."),
+    device: Device = DeviceOpt,
+    reference: str = typer.Option("highest", "--reference",
+                                  help="Final reference energy: highest | lowest | energy in eV (while watching, "
+                                       "energies register to the first one)."),
+    raw: bool = RawOpt,
+    denoise: Optional[Denoise] = DenoiseOpt,
+    smooth: float = SmoothOpt,
+    model: Model = ModelOpt,
+    center: Optional[str] = CenterOpt,
+    fbp_filter: FBPFilter = FilterOpt,
+    edge: EdgeMethod = EdgeOpt,
+    overwrite: bool = flag(False, "--overwrite", help="Replace a finished OUTPUT."),
+    no_report: bool = NoReportOpt,
+):
+    """Process energies as their files appear (stop with --expect, --idle-timeout or a DONE file)."""
+    from ..pipeline.watch import watch
+
+    options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
+                          center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report)
+
+    def on_energy(ev):
+        typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV registered in {ev['latency_s']:.2f} s "
+                   f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {ev['count']} energies so far)")
+
+    res = watch(directory, output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
+                overwrite=overwrite, on_energy=on_energy)
+    _print_result(res)
+
+
+@contextlib.contextmanager
+def _energy_progress(label):
+    """A rich progress bar fed by the pipeline's per-energy events."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), transient=False) as bar:
+        task = bar.add_task(label, total=None, status="")
+
+        def on_energy(ev):
+            bar.update(task, total=ev["total"], completed=ev["done"],
+                       status=f"{ev['energy']:.1f} eV: MSE {ev['mse_before']:.3g} -> {ev['mse_after']:.3g} "
+                              f"({ev['seconds']:.1f} s)")
+
+        yield on_energy
+
+
+def _print_result(res):
+    typer.echo(f"result: {res.output}")
+    if res.resumed:
+        typer.echo(f"resumed an interrupted run ({res.resumed} energies were already done)")
+    if res.report_dir is not None:
+        typer.echo(f"report: {res.report_dir / 'report.md'} ({len(res.figures)} figures in {res.report_dir})")

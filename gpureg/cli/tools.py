@@ -1,0 +1,152 @@
+"""Single-step commands: ``gpureg register``, ``xanes``, ``plot``, ``recon``, ``simulate``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, parse_center
+from .app import CenterOpt, DenoiseOpt, DeviceOpt, EdgeOpt, FilterOpt, ModelOpt, RawOpt, SmoothOpt, app, flag, friendly
+
+__all__ = ["plot", "recon", "register", "simulate", "xanes"]
+
+
+@app.command()
+@friendly
+def register(
+    fixed: Path = typer.Argument(..., help="Reference volume (.npy or HDF5)."),
+    moving: Path = typer.Argument(..., help="Moving volume (.npy or HDF5), same shape."),
+    output: Path = typer.Option(Path("matrix.json"), "--output", "-o", help="Matrix file (.json or .h5)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="HDF5 dataset of the volumes."),
+    aligned: Optional[Path] = typer.Option(None, "--aligned", help="Also write the aligned moving volume (.npy/.h5)."),
+    raw: bool = RawOpt,
+    denoise: Optional[Denoise] = DenoiseOpt,
+    smooth: float = SmoothOpt,
+    model: Model = ModelOpt,
+    device: Device = DeviceOpt,
+):
+    """Register MOVING to FIXED (affine, MSE; Otsu-binarized like `gpureg run` unless --raw); write the 4x4
+    moving_from_reference matrix."""
+    from ..core.transform import apply_affine
+    from ..io.files import load_volume, save_matrix, save_volume
+    from ..register.affine import register_affine
+
+    f = load_volume(fixed, dataset)
+    m = load_volume(moving, dataset)
+    res = register_affine(f, m, device=device.value, binarize=not raw, model=model.value,
+                          denoise=None if denoise is None else denoise.value, smooth=smooth)
+    meta = {"mse_before": res.mse_before, "mse_after": res.mse_after, "iterations": res.iterations,
+            "seconds": res.seconds, "device": res.device, "fixed": str(fixed), "moving": str(moving),
+            "binarize": not raw}
+    save_matrix(output, res.matrix, attrs=meta if output.suffix == ".json" else {k: json.dumps(v) for k, v in meta.items()})
+    if aligned is not None:
+        save_volume(aligned, apply_affine(m, res.matrix, device=device.value), dataset="aligned")
+    typer.echo(f"MSE {res.mse_before:.4g} -> {res.mse_after:.4g} in {res.seconds:.2f} s on {res.device} "
+               f"({'grey levels' if raw else 'binarized'}; passes per level {res.iterations}); matrix written to {output}")
+
+
+@app.command()
+@friendly
+def xanes(
+    aligned: Path = typer.Argument(..., help="HDF5 with /aligned + /energy, or /exchange/recon + /exchange/energy."),
+    output: Path = typer.Argument(..., help="New HDF5 file for /energy and the /xanes group."),
+    edge: EdgeMethod = EdgeOpt,
+    min_jump: Optional[float] = typer.Option(None, "--min-jump", help="Edge-jump threshold (default: automatic)."),
+    min_voxels: int = typer.Option(64, "--min-voxels", help="Smallest particle kept in the labels."),
+    slab: int = typer.Option(16, "--slab", help="z-planes per slab (memory bound)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Stack dataset (n_energy, Z, Y, X)."),
+    energy_dataset: Optional[str] = typer.Option(None, "--energy-dataset", help="Energy dataset (eV)."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    device: Device = DeviceOpt,
+):
+    """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack."""
+    from ..xanes.write import write_xanes
+
+    s = write_xanes(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
+                    min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value, overwrite=overwrite)
+    typer.echo(f"{s['valid']} of {s['voxels']} voxels mapped, {s['particles']} particles, median edge energy "
+               f"{s['edge_energy_median']:.2f} eV (pre {s['pre']}, post {s['post']} eV); written to {output}")
+
+
+@app.command()
+@friendly
+def plot(
+    result: Path = typer.Argument(..., help="Pipeline or `gpureg xanes` output HDF5."),
+    outdir: Path = typer.Argument(..., help="Folder for the PNG figures (created)."),
+):
+    """Every figure the RESULT file has data for (edge-energy maps, spectra, registration checks)."""
+    from ..figures.result import plot_result
+
+    paths = plot_result(result, outdir)
+    typer.echo(f"{len(paths)} figure(s) written to {outdir}: " + ", ".join(p.name for p in paths))
+
+
+@app.command()
+@friendly
+def simulate(
+    output: Path = typer.Argument(..., help="Data Exchange HDF5 to write (projections, flats, darks and /truth)."),
+    size: int = typer.Option(48, "--size", help="Volume size (voxels per side)."),
+    energies: str = typer.Option("default", "--energies",
+                                 help="'default' (Mn K-edge grid, 29 energies), a comma list or start:stop:step (eV)."),
+    angles: int = typer.Option(181, "--angles", help="Projection angles over -90..90 degrees."),
+    noise: float = typer.Option(1.0, "--noise", help="Noise scale: 0 noise-free, 1 Poisson at --photons + read noise."),
+    photons: float = typer.Option(1e4, "--photons", help="Flat-field counts per pixel."),
+    salt_pepper: float = typer.Option(0.0, "--salt-pepper", help="Fraction of dead/saturated projection pixels."),
+    relative_motion: bool = flag(False, "--relative-motion", help="Particle 2 also moves relative to particle 1."),
+    motion: str = typer.Option("default", "--motion", help="default | none"),
+    seed: int = typer.Option(0, "--seed", help="Geometry, motion and noise seed."),
+):
+    """Simulate a Mn K-edge TXM-XANES scan: two particles, known per-energy motion and edge energies."""
+    from ..synth.scan import simulate as simulate_scan
+    from ..synth.spectra import parse_energies
+
+    grid = parse_energies(energies)
+    with _step_progress("simulate", grid.size) as step:
+        simulate_scan(output, size=size, energies=grid, n_angles=angles, noise=noise, photons=photons,
+                      salt_pepper=salt_pepper, relative_motion=relative_motion, motion=motion, seed=seed,
+                      progress=step)
+    typer.echo(f"{grid.size} energies x {angles} angles of a {size}^3 sample written to {output}")
+
+
+@app.command()
+@friendly
+def recon(
+    input: Path = typer.Argument(..., help="Data Exchange HDF5, or a folder/glob of per-energy HDF5 or TIFF files."),
+    output: Path = typer.Argument(..., help="HDF5 with /exchange/recon (n_energy, nz, ny, nx), energies and /truth."),
+    center: Optional[str] = CenterOpt,
+    fbp_filter: FBPFilter = FilterOpt,
+    device: Device = DeviceOpt,
+):
+    """Flat/dark-correct and FBP-reconstruct every energy (ASTRA; CUDA when available)."""
+    from ..recon.fbp import reconstruct_file
+
+    done = []
+    with _step_progress("recon", None) as step:
+        reconstruct_file(input, output, center=parse_center(center), filter=fbp_filter.value, device=device.value,
+                         progress=lambda i, n, e: (done.append(e), step(i, n, e)))
+    typer.echo(f"{len(done)} energies reconstructed to {output}")
+
+
+@contextlib.contextmanager
+def _step_progress(label, total):
+    """A rich progress bar advanced by ``step(i, n, energy_ev)`` callbacks."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}")) as bar:
+        task = bar.add_task(label, total=total, status="")
+
+        def step(i, n, energy):
+            bar.update(task, total=n, completed=i + 1, status=f"{energy:.1f} eV")
+
+        yield step

@@ -1,0 +1,226 @@
+"""Settings of a run as one frozen object, and the devices resolved once per run.
+
+:class:`RunOptions` is built once (by the CLI or a Python caller) and carried
+unchanged to :func:`gpureg.pipeline.run`, :func:`gpureg.pipeline.watch` and the
+Dask workers (it pickles, and round-trips through JSON:
+:meth:`RunOptions.to_dict` / :meth:`RunOptions.from_dict`). Choices are
+:class:`enum.Enum` s whose values are the strings the CLI and the result file use.
+
+:class:`Devices` says where each stage runs. CuPy (registration, resampling,
+XANES) and ASTRA-CUDA (FBP) are probed separately: a machine with CuPy but an
+ASTRA build without CUDA registers on the GPU and reconstructs on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+
+from ..register.prepare import Prep
+
+__all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "Model", "parse_center", "resolve_devices",
+           "RunOptions"]
+
+
+class Device(str, enum.Enum):
+    """Where to compute: ``auto`` (GPU when usable, else CPU, logged), ``cpu`` or ``gpu`` (an error without one)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Model(str, enum.Enum):
+    """Registration model."""
+
+    affine = "affine"
+    translation = "translation"
+
+
+class Denoise(str, enum.Enum):
+    """Filter before binarizing/registering: 3-voxel median (salt-and-pepper noise) or Gaussian (sigma 1)."""
+
+    median = "median"
+    gaussian = "gaussian"
+
+
+class EdgeMethod(str, enum.Enum):
+    """Edge-energy definition: 0.5 crossing of the normalised spectrum, max of dmu/dE, or both."""
+
+    half = "half"
+    derivative = "derivative"
+    both = "both"
+
+
+class FBPFilter(str, enum.Enum):
+    """FBP filter (:data:`gpureg.recon.FILTERS`)."""
+
+    ram_lak = "ram-lak"
+    shepp_logan = "shepp-logan"
+    cosine = "cosine"
+    hamming = "hamming"
+    hann = "hann"
+    none = "none"
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Devices of one run, resolved once: ``"cpu"`` or ``"gpu"`` for each stage.
+
+    Attributes
+    ----------
+    registration : str
+        Binarization, registration, resampling and XANES maps (CuPy).
+    fbp : str
+        Filtered back-projection (ASTRA-CUDA).
+    """
+
+    registration: str = "cpu"
+    fbp: str = "cpu"
+
+    def __post_init__(self):
+        for name in ("registration", "fbp"):
+            if getattr(self, name) not in ("cpu", "gpu"):
+                raise ValueError(f"Devices.{name} must be 'cpu' or 'gpu', got {getattr(self, name)!r}")
+
+
+def resolve_devices(device="auto") -> Devices:
+    """Resolve ``"auto" | "cpu" | "gpu"`` for registration (CuPy) and FBP (ASTRA-CUDA) separately.
+
+    ``"auto"`` picks the GPU for each stage whose library can use it and the
+    CPU for the other (each fallback logged once). ``"gpu"`` needs both; a
+    :class:`~gpureg.core.backend.GPUUnavailableError` names the missing one.
+    """
+    from ..core.backend import resolve_device
+    from ..recon.fbp import fbp_device
+
+    device = getattr(device, "value", device)
+    return Devices(registration=resolve_device(device), fbp=fbp_device(device))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every setting of a pipeline run (``gpureg run``, ``watch``, ``demo``, Dask workers).
+
+    Attributes
+    ----------
+    device : Device
+        Where to compute (resolved per stage by :func:`resolve_devices`).
+    reference : "highest", "lowest" or float
+        Reference energy (eV).
+    prep : Prep
+        Registration input preparation (binarize, denoise, smooth); applied
+        once to the reference, whose Otsu mask also gives the particle labels.
+    model : Model
+        Registration model.
+    center : float, "auto" or None
+        Rotation-axis detector column for FBP; ``"auto"``: estimated per energy
+        (0/180-degree correlation); None: the detector middle.
+    filter : FBPFilter
+        FBP filter.
+    edge : EdgeMethod
+        Edge-energy definition of the XANES maps.
+    per_particle : bool
+        Also register every particle of the reference on its own.
+    report : bool
+        Write the report folder (figures, summary.json, report.md).
+    scheduler : str, optional
+        Dask distributed scheduler address (energies registered on its workers).
+    """
+
+    device: Device = Device.auto
+    reference: str | float = "highest"
+    prep: Prep = field(default_factory=Prep)
+    model: Model = Model.affine
+    center: float | str | None = None
+    filter: FBPFilter = FBPFilter.ram_lak
+    edge: EdgeMethod = EdgeMethod.half
+    per_particle: bool = False
+    report: bool = True
+    scheduler: str | None = None
+
+    def __post_init__(self):
+        for name, kind in (("device", Device), ("model", Model), ("filter", FBPFilter), ("edge", EdgeMethod)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(getattr(value, "value", value)))
+            except ValueError:
+                raise ValueError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}") from None
+        if isinstance(self.prep, dict):
+            object.__setattr__(self, "prep", Prep.from_dict(self.prep))
+        if not isinstance(self.prep, Prep):
+            raise TypeError(f"prep must be a gpureg.register.Prep, got {type(self.prep).__name__}")
+        object.__setattr__(self, "reference", _reference(self.reference))
+        object.__setattr__(self, "center", parse_center(self.center))
+        object.__setattr__(self, "per_particle", bool(self.per_particle))
+        object.__setattr__(self, "report", bool(self.report))
+        if self.per_particle and self.scheduler:
+            raise ValueError("per_particle registration runs on one machine: not with a Dask scheduler")
+
+    def replace(self, **changes) -> RunOptions:
+        """A copy with some settings changed (``prep`` settings may be given by name: ``binarize=False``)."""
+        prep = {k: changes.pop(k) for k in ("binarize", "denoise", "smooth") if k in changes}
+        if prep:
+            changes["prep"] = dataclasses.replace(changes.get("prep", self.prep), **prep)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (enum values as strings); :meth:`from_dict` reads it back."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {k: getattr(v, "value", v) for k, v in out.items()}
+        out["prep"] = self.prep.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunOptions:
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> RunOptions:
+        return cls.from_dict(json.loads(text))
+
+    def parameters(self, devices: Devices, matrices=None) -> dict:
+        """The result file's ``parameters`` (JSON): what decides its content (not ``report``, ``scheduler``).
+
+        A run resumes an interrupted one only when these are equal.
+        """
+        out = self.to_dict()
+        for key in ("report", "scheduler"):
+            out.pop(key)
+        out.update(device=devices.registration, fbp_device=devices.fbp, matrices=matrices)
+        return out
+
+
+def parse_center(center):
+    """FBP rotation-axis centre: None (detector middle), ``"auto"`` (estimated) or a finite column (from text too)."""
+    if center is None:
+        return None
+    if isinstance(center, str):
+        if center.strip().lower() == "auto":
+            return "auto"
+        try:
+            center = float(center)
+        except ValueError:
+            raise ValueError(f"center must be a detector column, 'auto' or None, got {center!r}") from None
+    value = float(center)
+    if not math.isfinite(value):
+        raise ValueError(f"center must be a finite detector column, got {center!r}")
+    return value
+
+
+def _reference(ref):
+    if isinstance(ref, str) and ref in ("highest", "lowest"):
+        return ref
+    try:
+        value = float(ref)
+    except (TypeError, ValueError):
+        raise ValueError(f"reference must be 'highest', 'lowest' or an energy in eV, got {ref!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"reference energy must be finite, got {ref!r}")
+    return value
