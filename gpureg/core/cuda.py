@@ -1,19 +1,16 @@
-"""CUDA kernels of gpureg (CuPy raw kernels): affine resampling, the fused MSE pass, pyramid and moments.
+"""CUDA kernel launchers (CuPy raw kernels): affine resampling, the fused MSE pass, pyramid, median and moments.
 
-This is the only module that loads and launches kernels. The CUDA C sources
-live in ``kernels/*.cu`` (shipped as ``gpureg/kernels/`` in a wheel); the
-per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also compiles as
-plain C++ and is tested on the CPU (``tests/test_voxel_math.py``). Importing
-this module needs neither CuPy nor a GPU: CuPy is fetched through
-:func:`gpureg.backend.cupy_or_none` when a kernel is first launched, and each
-source is compiled once per device and process (and cached on disk by CuPy).
+The only module that launches kernels (loaded by :mod:`gpureg.core.cuda_loader`);
+the per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also
+compiles as plain C++ and is tested on the CPU (``tests/test_voxel_math.py``).
+Each launch checks dtype and contiguity and computes its grid next to the call.
 
 Convention
 ----------
 Volumes are float32, C order, ``(z, y, x)``. ``matrix`` is
 ``moving_from_reference`` in voxel indices: a reference voxel ``p`` samples
 the moving volume at ``q = A p + t``; a sample is valid when
-``0 <= q_k <= n_k - 1`` on every axis (the rule of :mod:`gpureg.metric`).
+``0 <= q_k <= n_k - 1`` on every axis (the rule of :mod:`gpureg.core.metric`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""CUDA kernels of gpureg (CuPy raw kernels): affine resampling, the fused MSE pass, pyramid and moments.
+"""The CUDA kernel loader: finds ``kernels/*.cu``, compiles each once per device, hands out kernels.
 
-This is the only module that loads and launches kernels. The CUDA C sources
-live in ``kernels/*.cu`` (shipped as ``gpureg/kernels/`` in a wheel); the
-per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also compiles as
-plain C++ and is tested on the CPU (``tests/test_voxel_math.py``). Importing
-this module needs neither CuPy nor a GPU: CuPy is fetched through
-:func:`gpureg.backend.cupy_or_none` when a kernel is first launched, and each
-source is compiled once per device and process (and cached on disk by CuPy).
-
-Convention
-----------
-Volumes are float32, C order, ``(z, y, x)``. ``matrix`` is
-``moving_from_reference`` in voxel indices: a reference voxel ``p`` samples
-the moving volume at ``q = A p + t``; a sample is valid when
-``0 <= q_k <= n_k - 1`` on every axis (the rule of :mod:`gpureg.metric`).
+The CUDA C sources live in ``kernels/*.cu`` (shipped as ``gpureg/kernels/``
+in a wheel); each is compiled with a ``#line`` prefix so compiler errors name
+the real file and line, once per device and process (and cached on disk by
+CuPy). Importing this module needs neither CuPy nor a GPU: CuPy is fetched
+through :func:`gpureg.core.backend.cupy_or_none` when a kernel is first asked for.
 """
 
 from __future__ import annotations
@@ -25,7 +16,8 @@ from pathlib import Path
 
 from .backend import GPUUnavailableError, cupy_or_none
 
-__all__ = ["compile_options", "kernel_dir", "KERNEL_FILES", "kernel_source"]
+__all__ = ["compile_options", "get_kernel", "kernel_dir", "KERNEL_FILES", "kernel_source", "require_cupy", "resident_blocks",
+           "THREADS"]
 
 # Kernel source -> the name expressions CuPy compiles (templates by name, never by string formatting).
 KERNEL_FILES = {
@@ -43,6 +35,7 @@ THREADS = 256
 
 
 _MSE_MIN_BLOCKS = 4  # kMseMinBlocks in kernels/affine.cu: resident blocks per SM it is built for
+_lock = threading.Lock()  # one compilation at a time
 
 
 def kernel_dir() -> Path:
@@ -74,14 +67,6 @@ def compile_options() -> tuple:
     return ("--std=c++17", f"-I{kernel_dir()}")
 
 
-def _find_kernel_dir(package_dir: Path) -> Path:
-    for candidate in (package_dir / "kernels", package_dir.parent / "kernels"):
-        if (candidate / "voxel_math.cuh").is_file():
-            return candidate
-    raise FileNotFoundError(f"gpureg kernel sources not found: looked for voxel_math.cuh in "
-                            f"{package_dir / 'kernels'} (installed) and {package_dir.parent / 'kernels'} (checkout)")
-
-
 def require_cupy():
     cp = cupy_or_none()
     if cp is None:
@@ -89,7 +74,22 @@ def require_cupy():
     return cp
 
 
-_lock = threading.Lock()
+def get_kernel(name: str, function: str):
+    """The compiled kernel ``function`` of ``kernels/<name>`` on the current device."""
+    return _kernel_on(name, function, require_cupy().cuda.Device().id)
+
+
+def resident_blocks(name: str, function: str) -> int:
+    """Blocks of ``THREADS`` threads that fill the current device (grid of the grid-stride kernels)."""
+    return _resident_blocks_on(name, function, require_cupy().cuda.Device().id)
+
+
+def _find_kernel_dir(package_dir: Path) -> Path:
+    for candidate in (package_dir / "kernels", package_dir.parent / "kernels"):
+        if (candidate / "voxel_math.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(f"gpureg kernel sources not found: looked for voxel_math.cuh in "
+                            f"{package_dir / 'kernels'} (installed) and {package_dir.parent / 'kernels'} (checkout)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,16 +104,6 @@ def _kernel_on(name: str, function: str, device_id: int):
         raise ValueError(f"kernel {function!r} is not declared for {name} (have {KERNEL_FILES[name]})")
     with _lock:  # compilation is not reentrant across threads
         return _module(name, device_id).get_function(function)
-
-
-def get_kernel(name: str, function: str):
-    """The compiled kernel ``function`` of ``kernels/<name>`` on the current device."""
-    return _kernel_on(name, function, require_cupy().cuda.Device().id)
-
-
-def resident_blocks(name: str, function: str) -> int:
-    """Blocks of ``THREADS`` threads that fill the current device (grid of the grid-stride kernels)."""
-    return _resident_blocks_on(name, function, require_cupy().cuda.Device().id)
 
 
 @functools.lru_cache(maxsize=None)

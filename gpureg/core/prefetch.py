@@ -1,19 +1,8 @@
-"""CUDA kernels of gpureg (CuPy raw kernels): affine resampling, the fused MSE pass, pyramid and moments.
+"""Overlap host-to-device copies with compute: the next volume is copied on a side CUDA stream.
 
-This is the only module that loads and launches kernels. The CUDA C sources
-live in ``kernels/*.cu`` (shipped as ``gpureg/kernels/`` in a wheel); the
-per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also compiles as
-plain C++ and is tested on the CPU (``tests/test_voxel_math.py``). Importing
-this module needs neither CuPy nor a GPU: CuPy is fetched through
-:func:`gpureg.backend.cupy_or_none` when a kernel is first launched, and each
-source is compiled once per device and process (and cached on disk by CuPy).
-
-Convention
-----------
-Volumes are float32, C order, ``(z, y, x)``. ``matrix`` is
-``moving_from_reference`` in voxel indices: a reference voxel ``p`` samples
-the moving volume at ``q = A p + t``; a sample is valid when
-``0 <= q_k <= n_k - 1`` on every axis (the rule of :mod:`gpureg.metric`).
+:class:`HostToDevicePrefetcher` keeps at most one volume in flight, so the
+reference, the current and the next volume are all that live on the device
+(DESIGN.md "Streaming"). GPU only: it needs CuPy.
 """
 
 from __future__ import annotations
@@ -25,6 +14,7 @@ import numpy as np
 from .cuda_loader import require_cupy
 
 __all__ = ["HostToDevicePrefetcher"]
+
 
 class HostToDevicePrefetcher:
     """Loads volumes of a series onto the GPU one step ahead, overlapping compute.

@@ -22,6 +22,7 @@ from .backend import array_device, resolve_device, to_device
 
 __all__ = ["apply_affine", "compose", "displacement_error", "grid_center", "identity", "invert", "matrix_from_params", "params_from_matrix", "rotation_matrix", "scale_matrix"]
 
+
 def identity() -> np.ndarray:
     """The 4x4 identity (float64)."""
     return np.eye(4)

@@ -1,11 +1,8 @@
-"""Figures a beamline scientist reads: edge-energy maps, spectra, registration checks.
+"""What every figure shares: an Agg figure without pyplot, atomic PNG writing, colour limits and input checks.
 
-One function per figure. Each takes arrays (NumPy or CuPy; copied to the host)
-and an output ``path``, writes a PNG with matplotlib's Agg canvas (no pyplot,
-no display needed) atomically, and returns the ``Path``. Images are shown
-with ``origin="upper"`` and axis labels in voxel indices; colour maps carry
-a colour bar with units. Figure size is ``figsize`` inches at ``dpi`` (no
-tight cropping), so a figure's pixel size is known in advance.
+Figures take arrays (NumPy or CuPy; copied to the host), write a PNG
+atomically and return its ``Path``. Figure size is ``figsize`` inches at
+``dpi`` (no tight cropping), so a figure's pixel size is known in advance.
 """
 
 from __future__ import annotations
@@ -16,25 +13,29 @@ import numpy as np
 
 from ..core.backend import to_host
 
+__all__ = ["add_colorbar", "as_slice2d", "as_vector", "DPI", "EDGE_CMAP", "map_limits", "masked_map", "new_figure",
+           "robust_limits", "save_figure", "series_colours", "unit_range"]
+
 DPI = 100
-
-
 EDGE_CMAP = "viridis"
 
 
-# --------------------------------------------------------------------------- helpers
+def new_figure(figsize, dpi, ncols: int = 1, *, squeeze: bool = True, **kw):
+    """A matplotlib ``Figure`` on an Agg canvas (no pyplot) with one row of ``ncols`` axes.
 
-def new_figure(figsize, dpi, ncols: int = 1, **kw):
+    ``squeeze=False`` returns the axes as a 1D array even for one column.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=True, **kw)
-    return fig, axes
+    axes = fig.subplots(1, ncols, squeeze=squeeze, **kw)
+    return fig, (axes if squeeze else axes[0])
 
 
 def save_figure(fig, path, dpi) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically; return the ``Path``."""
     from ..io.files import atomic_path
 
     path = Path(path)

@@ -4,8 +4,7 @@ One function per figure. Each takes arrays (NumPy or CuPy; copied to the host)
 and an output ``path``, writes a PNG with matplotlib's Agg canvas (no pyplot,
 no display needed) atomically, and returns the ``Path``. Images are shown
 with ``origin="upper"`` and axis labels in voxel indices; colour maps carry
-a colour bar with units. Figure size is ``figsize`` inches at ``dpi`` (no
-tight cropping), so a figure's pixel size is known in advance.
+a colour bar with units.
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
-"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+"""What every input reader shares: the :class:`InputReader` interface, the energy-axis check, HDF5 helpers.
 
-Inputs (read-only, lazy: one energy at a time)
-----------------------------------------------
-:func:`open_input` opens any of
-
-- one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
-  raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
-  ``(n_flat, ny, nx)``, ``/exchange/data_dark (n_dark, ny, nx)`` (optional,
-  zero when absent) or ``(n_energy, n_dark, ny, nx)``, ``/exchange/theta``
-  (degrees; ``units="rad"`` is converted), ``/exchange/energy`` (eV;
-  ``units="keV"`` is converted); or reconstructed volumes
-  ``/exchange/recon (n_energy, nz, ny, nx)``; an optional ``/truth`` group;
-- a folder (or glob) of per-energy HDF5 files of the same layout without the
-  energy axis (``/exchange/energy`` one value);
-- a folder (or glob) of per-energy TIFF files (multi-page: one page per
-  projection, or per slice of a volume) or per-energy sub-folders of
-  single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
-  files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
-  name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
-  (or ``angles.txt``, degrees) marks projections, its absence volumes.
-
-Readers present energies in ascending order whatever the file order.
-Malformed inputs raise :class:`InputError` with one line naming the file and
-the dataset.
+:func:`check_energies` is the one rule set for energy axes (readers, the
+Data Exchange writer, the XANES analysis). The helpers read energies and
+angles with their units (keV and radians are converted), decode attributes
+(JSON values included) and take an energy from a file name
+(``..._6552.5eV.tif``). Malformed inputs raise :class:`InputError` with one
+line naming the file and the dataset.
 """
 
 from __future__ import annotations
@@ -41,6 +24,8 @@ from .files import InputError
 __all__ = ["InputReader"]
 
 _log = logging.getLogger("gpureg")
+_ENERGY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(k?ev)(?![a-z])", re.IGNORECASE)
+
 
 class InputReader:
     """Read-only, lazy access to the energies of one input (see :func:`open_input`).
@@ -222,14 +207,6 @@ def theta_deg(ds, where):
     raise InputError(f"{where}: /exchange/theta: units {units!r} not understood (expected 'degrees' or 'rad')")
 
 
-def _attr_text(v):
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, np.ndarray) and v.size == 1:
-        return _attr_text(v.reshape(-1)[0])
-    return str(v)
-
-
 def read_attrs(attrs):
     out = {}
     for k, v in attrs.items():
@@ -258,12 +235,17 @@ def json_default(o):
     return str(o)
 
 
-_ENERGY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(k?ev)(?![a-z])", re.IGNORECASE)
-
-
 def energy_from_name(p):
     m = _ENERGY_RE.search(p.stem if p.is_file() else p.name)
     if m is None:
         return None
     e = float(m.group(1))
     return e * 1000.0 if m.group(2).lower() == "kev" else e
+
+
+def _attr_text(v):
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, np.ndarray) and v.size == 1:
+        return _attr_text(v.reshape(-1)[0])
+    return str(v)

@@ -1,28 +1,11 @@
-"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+"""The Data Exchange HDF5 layout: :func:`write_dataexchange` and its reader.
 
-Inputs (read-only, lazy: one energy at a time)
-----------------------------------------------
-:func:`open_input` opens any of
-
-- one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
-  raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
-  ``(n_flat, ny, nx)``, ``/exchange/data_dark (n_dark, ny, nx)`` (optional,
-  zero when absent) or ``(n_energy, n_dark, ny, nx)``, ``/exchange/theta``
-  (degrees; ``units="rad"`` is converted), ``/exchange/energy`` (eV;
-  ``units="keV"`` is converted); or reconstructed volumes
-  ``/exchange/recon (n_energy, nz, ny, nx)``; an optional ``/truth`` group;
-- a folder (or glob) of per-energy HDF5 files of the same layout without the
-  energy axis (``/exchange/energy`` one value);
-- a folder (or glob) of per-energy TIFF files (multi-page: one page per
-  projection, or per slice of a volume) or per-energy sub-folders of
-  single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
-  files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
-  name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
-  (or ``angles.txt``, degrees) marks projections, its absence volumes.
-
-Readers present energies in ascending order whatever the file order.
-Malformed inputs raise :class:`InputError` with one line naming the file and
-the dataset.
+Layout (DESIGN.md "Files"): ``/exchange/data (n_energy, n_angle, ny, nx)``,
+``/exchange/data_white``, ``/exchange/data_dark``, ``/exchange/theta`` (deg),
+``/exchange/energy`` (eV) or ``/exchange/recon (n_energy, nz, ny, nx)``, and
+an optional ``/truth`` group (simulated inputs). The writer streams one
+energy at a time and writes atomically; the reader presents the energies in
+ascending order whatever the order in the file.
 """
 
 from __future__ import annotations
@@ -49,6 +32,7 @@ from .files import InputError, atomic_path
 __all__ = ["write_dataexchange"]
 
 _log = logging.getLogger("gpureg")
+
 
 def write_dataexchange(path, *, data=None, data_white=None, data_dark=None, theta=None, energy, truth=None,
                        attrs=None, recon=None) -> Path:
@@ -271,6 +255,18 @@ class DataExchangeFile(InputReader):
             h5.close()
 
 
+def write_group(group, items):
+    for k, v in items.items():
+        if isinstance(v, dict):
+            write_group(group.create_group(k), v)
+        elif isinstance(v, str):
+            group.attrs[k] = v
+        else:
+            a = np.asarray(v)  # dtype kept: float64 matrices stay exact
+            kw = {"chunks": (1,) * (a.ndim - 3) + a.shape[-3:]} if a.ndim == 4 and min(a.shape) > 0 else {}
+            group.create_dataset(k, data=a, **kw)
+
+
 def _write_stack(group, name, source, n_e, *, dtype=None):
     """Write ``source`` (4D array or iterable of 3D arrays) as ``name``, one energy at a time."""
     ds = None
@@ -303,15 +299,3 @@ def _check_frames(a, name, n_e, frame):
     if not ok:
         raise ValueError(f"{name}: expected (n, {ny}, {nx}) or ({n_e}, n, {ny}, {nx}), got shape {a.shape}")
     return a.astype(np.float32) if a.dtype == np.float64 else a
-
-
-def write_group(group, items):
-    for k, v in items.items():
-        if isinstance(v, dict):
-            write_group(group.create_group(k), v)
-        elif isinstance(v, str):
-            group.attrs[k] = v
-        else:
-            a = np.asarray(v)  # dtype kept: float64 matrices stay exact
-            kw = {"chunks": (1,) * (a.ndim - 3) + a.shape[-3:]} if a.ndim == 4 and min(a.shape) > 0 else {}
-            group.create_dataset(k, data=a, **kw)

@@ -1,28 +1,8 @@
-"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+"""File helpers: volumes and matrices (.npy or HDF5), atomic writes, the :class:`InputError` of bad inputs.
 
-Inputs (read-only, lazy: one energy at a time)
-----------------------------------------------
-:func:`open_input` opens any of
-
-- one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
-  raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
-  ``(n_flat, ny, nx)``, ``/exchange/data_dark (n_dark, ny, nx)`` (optional,
-  zero when absent) or ``(n_energy, n_dark, ny, nx)``, ``/exchange/theta``
-  (degrees; ``units="rad"`` is converted), ``/exchange/energy`` (eV;
-  ``units="keV"`` is converted); or reconstructed volumes
-  ``/exchange/recon (n_energy, nz, ny, nx)``; an optional ``/truth`` group;
-- a folder (or glob) of per-energy HDF5 files of the same layout without the
-  energy axis (``/exchange/energy`` one value);
-- a folder (or glob) of per-energy TIFF files (multi-page: one page per
-  projection, or per slice of a volume) or per-energy sub-folders of
-  single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
-  files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
-  name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
-  (or ``angles.txt``, degrees) marks projections, its absence volumes.
-
-Readers present energies in ascending order whatever the file order.
-Malformed inputs raise :class:`InputError` with one line naming the file and
-the dataset.
+:func:`atomic_path` yields a temporary name beside the target and renames it
+onto the target only when the block completes, so a reader never sees a
+half-written file.
 """
 
 from __future__ import annotations

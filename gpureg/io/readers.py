@@ -1,8 +1,6 @@
-"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+""":func:`open_input`: one entry point for every input, read lazily (one energy at a time).
 
-Inputs (read-only, lazy: one energy at a time)
-----------------------------------------------
-:func:`open_input` opens any of
+It opens any of
 
 - one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
   raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
@@ -21,8 +19,8 @@ Inputs (read-only, lazy: one energy at a time)
   (or ``angles.txt``, degrees) marks projections, its absence volumes.
 
 Readers present energies in ascending order whatever the file order.
-Malformed inputs raise :class:`InputError` with one line naming the file and
-the dataset.
+Malformed inputs raise :class:`~gpureg.io.InputError` with one line naming the
+file and the dataset.
 """
 
 from __future__ import annotations

@@ -1,28 +1,9 @@
-"""File input/output: volumes (.npy, HDF5), atomic writes, Data Exchange layout.
+"""Readers of per-energy files: a folder (or glob) of HDF5 files, or of TIFF files or sub-folders.
 
-Inputs (read-only, lazy: one energy at a time)
-----------------------------------------------
-:func:`open_input` opens any of
-
-- one Data Exchange HDF5 file: ``/exchange/data (n_energy, n_angle, ny, nx)``
-  raw counts, ``/exchange/data_white (n_energy, n_flat, ny, nx)`` or
-  ``(n_flat, ny, nx)``, ``/exchange/data_dark (n_dark, ny, nx)`` (optional,
-  zero when absent) or ``(n_energy, n_dark, ny, nx)``, ``/exchange/theta``
-  (degrees; ``units="rad"`` is converted), ``/exchange/energy`` (eV;
-  ``units="keV"`` is converted); or reconstructed volumes
-  ``/exchange/recon (n_energy, nz, ny, nx)``; an optional ``/truth`` group;
-- a folder (or glob) of per-energy HDF5 files of the same layout without the
-  energy axis (``/exchange/energy`` one value);
-- a folder (or glob) of per-energy TIFF files (multi-page: one page per
-  projection, or per slice of a volume) or per-energy sub-folders of
-  single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
-  files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
-  name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
-  (or ``angles.txt``, degrees) marks projections, its absence volumes.
-
-Readers present energies in ascending order whatever the file order.
-Malformed inputs raise :class:`InputError` with one line naming the file and
-the dataset.
+The energy of each file comes from its ``/exchange/energy`` or from its name
+(``..._6552.5eV.tif``); files are presented in ascending energy. TIFF folders
+take ``*flat*``/``*white*`` open-beam and ``*dark*`` frames, and a
+``theta.txt`` (degrees) when they hold projections (see :func:`gpureg.io.open_input`).
 """
 
 from __future__ import annotations
@@ -34,6 +15,8 @@ import numpy as np
 from .base import InputReader, energy_from_name
 from .dataexchange import DataExchangeFile
 from .files import InputError
+
+__all__ = ["FileStack", "TIFF_SUFFIXES", "TiffStack"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 

@@ -1,28 +1,8 @@
-"""Flat/dark normalisation and filtered back-projection (FBP) per energy with ASTRA.
+"""Flat/dark normalisation: raw counts to line integrals ``-log((I - D) / (F - D))``.
 
-Geometry (parallel beam, one convention everywhere)
----------------------------------------------------
-Projections are ``(n_angle, nz, nx)``: detector rows are the volume's ``z``
-(the rotation axis), detector columns its ``x``. A reconstruction is
-``(nz, nx, nx)`` in ``(z, y, x)``; slice ``z`` is the FBP of the sinogram
-``projections[:, z, :]`` with ASTRA's 2D parallel geometry (angles in radians
-inside ASTRA, degrees everywhere else). :func:`forward_project` is its exact
-counterpart, so a volume forward-projected here and reconstructed here lands
-on the same voxel grid (the synthetic experiment relies on it).
-The rotation axis is at detector column ``center`` (default ``(nx - 1) / 2``,
-ASTRA's detector middle); another centre is handled by a sub-pixel Fourier
-shift of the detector axis before filtering.
-
-Backends
---------
-CPU: ASTRA's ``FBP`` algorithm with the ``linear`` projector, slice by slice,
-with the ASTRA objects created once and reused. GPU (ASTRA built with CUDA and
-a device present): the sinograms are ramp-filtered with the same filter as
-ASTRA's (CuPy FFT when CuPy is present, else NumPy), then back-projected with
-``BP3D_CUDA`` in slabs of slices sized to the free device memory. The 3D CUDA
-geometry is checked against the 2D CPU one once per process (orientation and
-scale, on a small random sinogram) so both paths give the same volume.
-All ASTRA objects are created through :class:`Astra`, which always frees them.
+Frames are averaged once per energy; non-positive transmissions are floored
+(``floor``) and reported once (:class:`NonPositiveTransmissionWarning`).
+Array code is written once against ``xp`` (NumPy or CuPy).
 """
 
 from __future__ import annotations

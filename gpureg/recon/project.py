@@ -1,28 +1,11 @@
-"""Flat/dark normalisation and filtered back-projection (FBP) per energy with ASTRA.
+"""Forward projection (the exact counterpart of :func:`gpureg.recon.reconstruct_fbp`) and rotation-centre finding.
 
-Geometry (parallel beam, one convention everywhere)
----------------------------------------------------
-Projections are ``(n_angle, nz, nx)``: detector rows are the volume's ``z``
-(the rotation axis), detector columns its ``x``. A reconstruction is
-``(nz, nx, nx)`` in ``(z, y, x)``; slice ``z`` is the FBP of the sinogram
-``projections[:, z, :]`` with ASTRA's 2D parallel geometry (angles in radians
-inside ASTRA, degrees everywhere else). :func:`forward_project` is its exact
-counterpart, so a volume forward-projected here and reconstructed here lands
-on the same voxel grid (the synthetic experiment relies on it).
-The rotation axis is at detector column ``center`` (default ``(nx - 1) / 2``,
-ASTRA's detector middle); another centre is handled by a sub-pixel Fourier
-shift of the detector axis before filtering.
-
-Backends
---------
-CPU: ASTRA's ``FBP`` algorithm with the ``linear`` projector, slice by slice,
-with the ASTRA objects created once and reused. GPU (ASTRA built with CUDA and
-a device present): the sinograms are ramp-filtered with the same filter as
-ASTRA's (CuPy FFT when CuPy is present, else NumPy), then back-projected with
-``BP3D_CUDA`` in slabs of slices sized to the free device memory. The 3D CUDA
-geometry is checked against the 2D CPU one once per process (orientation and
-scale, on a small random sinogram) so both paths give the same volume.
-All ASTRA objects are created through :class:`Astra`, which always frees them.
+Geometry as in :mod:`gpureg.recon.fbp`: projections ``(n_angle, nz, nx)``,
+detector rows along the volume's ``z``, ASTRA's 2D parallel geometry per
+slice (radians inside ASTRA, degrees everywhere else). A volume
+forward-projected here and reconstructed by FBP lands on the same voxel grid
+(the synthetic experiment relies on it). :class:`Astra` creates every ASTRA
+object and always frees it.
 """
 
 from __future__ import annotations
@@ -38,6 +21,7 @@ from ..core.backend import (
 __all__ = ["estimate_center", "forward_project"]
 
 _log = logging.getLogger("gpureg")
+
 
 def forward_project(volume, theta_deg, *, projector: str = "strip"):
     """Parallel-beam projections of a volume (CPU, ASTRA 2D, slice by slice).

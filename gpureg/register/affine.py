@@ -1,10 +1,10 @@
 """Affine registration by mean squared error (CPU and GPU through the same code).
 
-The coarse-to-fine driver (:func:`register_affine`) is separate from the
-solver (:func:`levenberg_marquardt`), which only sees a function returning
-:class:`~gpureg.metric.MetricTerms` for a parameter vector. On the GPU that
-function is one fused kernel pass; the solver runs on the host on the 1 + 1 +
-12 + 78 reduced numbers.
+The coarse-to-fine driver (:func:`register_prepared`) is separate from the
+solver (:func:`gpureg.core.solver.levenberg_marquardt`), which only sees a
+function returning :class:`~gpureg.core.terms.MetricTerms` for a parameter
+vector. On the GPU that function is one fused kernel pass; the solver runs on
+the host on the 1 + 1 + 12 + 78 reduced numbers.
 """
 
 from __future__ import annotations

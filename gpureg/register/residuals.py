@@ -14,6 +14,7 @@ from ..core.backend import array_device, to_device
 
 __all__ = ["RelativeMotionWarning", "ResidualReport"]
 
+
 class RelativeMotionWarning(UserWarning):
     """After a global registration the particles do not all sit where it puts them."""
 

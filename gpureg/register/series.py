@@ -1,10 +1,11 @@
-"""Affine registration by mean squared error (CPU and GPU through the same code).
+"""Register a series of energies to one reference: :func:`register_series` and the order it uses.
 
-The coarse-to-fine driver (:func:`register_affine`) is separate from the
-solver (:func:`levenberg_marquardt`), which only sees a function returning
-:class:`~gpureg.metric.MetricTerms` for a parameter vector. On the GPU that
-function is one fused kernel pass; the solver runs on the host on the 1 + 1 +
-12 + 78 reduced numbers.
+The reference is the highest energy by default; the other energies are
+registered in order of distance from it (:func:`registration_order`), each
+warm-started from its nearest registered neighbour (:func:`warm_start`) and
+each registered **to the reference** (no chaining drift). The reference is
+prepared once. The pipeline, watch mode and the Dask workers use the same
+helpers.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .prepare import foreground_fraction, prepare_volume
 __all__ = ["register_series", "SeriesResult"]
 
 _log = logging.getLogger("gpureg")
+
 
 @dataclass
 class SeriesResult:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.transform import grid_center, rotation_matrix
+from ..io.base import check_energies
 from ..xanes.model import synthetic_spectra
 from .phantom import PARTICLES, particle_fields
 from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, edge_offsets, mn_energy_grid
@@ -238,9 +239,7 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
         raise ValueError(f"salt_pepper must be in [0, 0.5), got {salt_pepper}")
     if photons < 10 or n_flat < 1 or n_dark < 1:
         raise ValueError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
-    e = mn_energy_grid() if energies is None else np.asarray(energies, dtype=np.float64).reshape(-1)
-    if e.size < 1 or not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
-        raise ValueError("energies must be finite and strictly increasing")
+    e = mn_energy_grid() if energies is None else check_energies(np.reshape(energies, -1), increasing=True)
     shape = (size, size, size)
     ref = int(np.argmax(e))
     matrices = _motion(motion, e, shape, seed)

@@ -1,11 +1,4 @@
-"""Validation suite: known synthetic distortions of a two-particle tomogram, with noise.
-
-Reproduces the synthetic tests of the reference study (its Fig. S1-S3) on the
-analytic two-particle phantom (:func:`gpureg.two_particle_phantom`): every
-distortion of growing magnitude is crossed with salt-and-pepper noise levels
-and registered binarized and raw, by gpureg and, when SimpleITK is installed
-(the ``bench`` extra), by SimpleITK's affine mean-squares registration on the
-very same arrays.
+"""The cases of the validation sweep: known distortions of the two-particle phantom, noise, summaries.
 
 Distortions (``magnitude`` units)
 ---------------------------------
@@ -17,36 +10,8 @@ Distortions (``magnitude`` units)
 - ``deformation``: smooth non-affine warp (two sinusoidal modes of one period
   over the grid), largest displacement as a fraction of the grid size.
 
-Ground truth
-------------
-Affine cases sample the analytic phantom through the true transform (no
-interpolation error); the error is the mean distance (voxels) between where
-the estimated and the true ``moving_from_reference`` send the particle voxels
-(:func:`gpureg.displacement_error`). The deformed volume is the reference
-resampled (cubic) through the warp; its error is the mean distance between
-the estimated affine and the true warp over the particle voxels. No affine
-matches a warp, so the rows also give ``floor_vox``: the error of the
-least-squares affine fit to the warp (the best any affine method can do).
-
-Settings (identical for both methods)
--------------------------------------
-Salt-and-pepper noise of fraction ``f`` sets ``f / 2`` of the voxels to the
-volume's minimum and ``f / 2`` to its maximum, independently seeded in the
-reference and the moving volume. Both volumes are then prepared once by
-:func:`gpureg.register.prepare_volume`: a median filter 3 voxels wide on the
-noisy cases (``denoise="auto"``, what a user seeing salt-and-pepper noise
-would switch on; on clean data the median costs accuracy: 0.13-0.17 instead
-of 0.03-0.09 voxel binarized at 64^3), in ``binarized`` mode Otsu
-binarization (each volume its own threshold, as in :func:`gpureg.register_affine`),
-then a Gaussian of sigma ``smooth`` = 1 voxel (gpureg's default, grey and binary):
-exactly what ``register_affine(..., binarize=..., denoise=...)`` registers.
-gpureg (:func:`gpureg.register.register_prepared`, the registration of
-:func:`gpureg.register_affine` without its preparation) and SimpleITK
-(:func:`gpureg.sitk_reference.register_sitk`) register those same prepared
-arrays; their times exclude the common preparation (``prep_seconds``).
-The MSE columns are computed by one function (:func:`gpureg.metric.mse_terms`)
-for both methods: on the registration inputs (``mse_before``/``mse_after``) and
-on the noise-free grey volumes (``mse_clean_before``/``mse_clean_after``).
+Noise: salt-and-pepper of fraction ``f`` sets ``f / 2`` of the voxels to the volume's
+minimum and ``f / 2`` to its maximum (:func:`salt_and_pepper`).
 """
 
 from __future__ import annotations

@@ -1,52 +1,5 @@
-"""Validation suite: known synthetic distortions of a two-particle tomogram, with noise.
-
-Reproduces the synthetic tests of the reference study (its Fig. S1-S3) on the
-analytic two-particle phantom (:func:`gpureg.two_particle_phantom`): every
-distortion of growing magnitude is crossed with salt-and-pepper noise levels
-and registered binarized and raw, by gpureg and, when SimpleITK is installed
-(the ``bench`` extra), by SimpleITK's affine mean-squares registration on the
-very same arrays.
-
-Distortions (``magnitude`` units)
----------------------------------
-- ``translation``: shift along a fixed oblique direction, fraction of the grid size.
-- ``rotation``: degrees about an oblique axis through the grid centre (the axis
-  changes from one magnitude to the next).
-- ``scale``: isotropic factor about the grid centre.
-- ``shear``: ``gamma`` of the shear ``x += gamma z``, ``y += gamma / 2 x`` about the centre.
-- ``deformation``: smooth non-affine warp (two sinusoidal modes of one period
-  over the grid), largest displacement as a fraction of the grid size.
-
-Ground truth
-------------
-Affine cases sample the analytic phantom through the true transform (no
-interpolation error); the error is the mean distance (voxels) between where
-the estimated and the true ``moving_from_reference`` send the particle voxels
-(:func:`gpureg.displacement_error`). The deformed volume is the reference
-resampled (cubic) through the warp; its error is the mean distance between
-the estimated affine and the true warp over the particle voxels. No affine
-matches a warp, so the rows also give ``floor_vox``: the error of the
-least-squares affine fit to the warp (the best any affine method can do).
-
-Settings (identical for both methods)
--------------------------------------
-Salt-and-pepper noise of fraction ``f`` sets ``f / 2`` of the voxels to the
-volume's minimum and ``f / 2`` to its maximum, independently seeded in the
-reference and the moving volume. Both volumes are then prepared once by
-:func:`gpureg.register.prepare_volume`: a median filter 3 voxels wide on the
-noisy cases (``denoise="auto"``, what a user seeing salt-and-pepper noise
-would switch on; on clean data the median costs accuracy: 0.13-0.17 instead
-of 0.03-0.09 voxel binarized at 64^3), in ``binarized`` mode Otsu
-binarization (each volume its own threshold, as in :func:`gpureg.register_affine`),
-then a Gaussian of sigma ``smooth`` = 1 voxel (gpureg's default, grey and binary):
-exactly what ``register_affine(..., binarize=..., denoise=...)`` registers.
-gpureg (:func:`gpureg.register.register_prepared`, the registration of
-:func:`gpureg.register_affine` without its preparation) and SimpleITK
-(:func:`gpureg.sitk_reference.register_sitk`) register those same prepared
-arrays; their times exclude the common preparation (``prep_seconds``).
-The MSE columns are computed by one function (:func:`gpureg.metric.mse_terms`)
-for both methods: on the registration inputs (``mse_before``/``mse_after``) and
-on the noise-free grey volumes (``mse_clean_before``/``mse_clean_after``).
+"""Reports of the validation sweep: ``validation.csv`` row by row, ``validation.json``, ``summary.md``
+and the figures (error vs magnitude, time per distortion, Canny overlays of examples).
 """
 
 from __future__ import annotations
@@ -59,7 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core import transform as tf
+from ..figures.common import DPI, new_figure, save_figure
+from ..figures.plots import canny_overlay
+from ..io.files import atomic_path
 from .cases import same_value, summarize
+
+__all__ = ["CsvRows", "short_row", "write_figures", "write_reports"]
 
 _CSV_FIELDS = ("distortion", "magnitude", "noise", "mode", "filter", "method", "device", "size", "error_vox",
                "error_max_vox", "floor_vox", "mse_before", "mse_after", "mse_clean_before", "mse_clean_after",
@@ -79,20 +37,14 @@ class CsvRows:
             csv.writer(fh).writerow([_fmt(row.get(k, "")) for k in _CSV_FIELDS])
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return v
-
-
 def short_row(r):
+    """One log line for a result row."""
     return f"{r['method']} {r['distortion']} {r['magnitude']:g} noise {r['noise']:g} {r['mode']}: " + (
         f"{r['error_vox']:.3f} vox {r['seconds']:.2f} s" if r["status"] == "ok" else r["status"])
 
 
 def write_reports(result, out):
-    from ..io.files import atomic_path
-
+    """Write ``validation.json`` and ``summary.md`` into ``out``; return their paths."""
     files = []
     path = out / "validation.json"
     doc = {"benchmark": "validation", "settings": result.settings, "summary": summarize(result.rows),
@@ -105,6 +57,45 @@ def write_reports(result, out):
         Path(tmp).write_text(_markdown(result))
     files.append(path)
     return files
+
+
+def write_figures(result, out, fixed_clean, examples):
+    """Write the figures (error and time per distortion and mode, Canny overlays of examples); return their paths."""
+    s = result.settings
+    files = []
+    for mode in s["modes"]:
+        files.append(_error_figure(result.rows, s, mode, out / f"error_vs_magnitude_{mode}.png"))
+        files.append(_time_figure(result.rows, s, mode, out / f"time_{mode}.png"))
+    ex = out / "examples"
+    ex.mkdir(exist_ok=True)
+    # Canny overlays of the central z slice (noise-free grey volumes, for legibility), largest magnitude,
+    # with the matrices estimated at the noise level closest to 10 % in the first mode.
+    level = min(s["noise"], key=lambda n: abs(n - 0.10))
+    mode = s["modes"][0]
+    zc = fixed_clean.shape[0] // 2
+    for dist in s["distortions"]:
+        mag = s["magnitudes"][dist][-1]
+        moving_clean = examples["_clean"][dist]
+        files.append(canny_overlay(fixed_clean[zc], moving_clean[zc], ex / f"{dist}_before.png",
+                                   title=f"{dist} {mag:g}: before registration"))
+        for method in ("gpureg", "SimpleITK"):
+            mats = examples.get((dist, method), {})
+            matrix = mats.get((mag, level, mode))
+            if matrix is None:
+                continue
+            aligned = tf.apply_affine(moving_clean, matrix, device="cpu")
+            row = [r for r in result.rows if (r["distortion"], r["method"], r["mode"]) == (dist, method, mode)
+                   and same_value(r["magnitude"], mag) and same_value(r["noise"], level)]
+            err = f", error {row[0]['error_vox']:.2f} vox" if row and row[0]["status"] == "ok" else ""
+            files.append(canny_overlay(fixed_clean[zc], aligned[zc], ex / f"{dist}_after_{method.lower()}.png",
+                                       title=f"{dist} {mag:g}, {method} ({mode}, {100 * level:g} % noise{err})"))
+    return files
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return v
 
 
 def _json_default(v):
@@ -187,60 +178,9 @@ def _table(rows, methods, *, noise, title):
     return lines + [""]
 
 
-def write_figures(result, out, fixed_clean, examples):
-    from ..figures.plots import canny_overlay
-
-    s = result.settings
-    files = []
-    for mode in s["modes"]:
-        files.append(_error_figure(result.rows, s, mode, out / f"error_vs_magnitude_{mode}.png"))
-        files.append(_time_figure(result.rows, s, mode, out / f"time_{mode}.png"))
-    ex = out / "examples"
-    ex.mkdir(exist_ok=True)
-    # Canny overlays of the central z slice (noise-free grey volumes, for legibility), largest magnitude,
-    # with the matrices estimated at the noise level closest to 10 % in the first mode.
-    level = min(s["noise"], key=lambda n: abs(n - 0.10))
-    mode = s["modes"][0]
-    zc = fixed_clean.shape[0] // 2
-    for dist in s["distortions"]:
-        mag = s["magnitudes"][dist][-1]
-        moving_clean = examples["_clean"][dist]
-        files.append(canny_overlay(fixed_clean[zc], moving_clean[zc], ex / f"{dist}_before.png",
-                                   title=f"{dist} {mag:g}: before registration"))
-        for method in ("gpureg", "SimpleITK"):
-            mats = examples.get((dist, method), {})
-            matrix = mats.get((mag, level, mode))
-            if matrix is None:
-                continue
-            aligned = tf.apply_affine(moving_clean, matrix, device="cpu")
-            row = [r for r in result.rows if (r["distortion"], r["method"], r["mode"]) == (dist, method, mode)
-                   and same_value(r["magnitude"], mag) and same_value(r["noise"], level)]
-            err = f", error {row[0]['error_vox']:.2f} vox" if row and row[0]["status"] == "ok" else ""
-            files.append(canny_overlay(fixed_clean[zc], aligned[zc], ex / f"{dist}_after_{method.lower()}.png",
-                                       title=f"{dist} {mag:g}, {method} ({mode}, {100 * level:g} % noise{err})"))
-    return files
-
-
-def _figure(ncols, figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, np.atleast_1d(fig.subplots(1, ncols, squeeze=False)[0])
-
-
-def _save(fig, path):
-    from ..io.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)
-
-
 def _error_figure(rows, s, mode, path):
     dists = s["distortions"]
-    fig, axes = _figure(len(dists), (3.2 * len(dists), 3.4))
+    fig, axes = new_figure((3.2 * len(dists), 3.4), DPI, len(dists), squeeze=False)
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]
@@ -270,11 +210,11 @@ def _error_figure(rows, s, mode, path):
         handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, labels, fontsize=6, loc="best")
     fig.suptitle(f"{mode} registration, {s['size']}^3: solid gpureg, dashed SimpleITK; colour = salt-and-pepper noise")
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def _time_figure(rows, s, mode, path):
-    fig, axes = _figure(1, (6.4, 3.6))
+    fig, axes = new_figure((6.4, 3.6), DPI, 1, squeeze=False)
     ax = axes[0]
     dists = s["distortions"]
     methods = [m for m in ("gpureg", "SimpleITK") if any(r["method"] == m for r in rows)]
@@ -291,4 +231,4 @@ def _time_figure(rows, s, mode, path):
     ax.set_title(f"{mode}, {s['size']}^3, all noise levels; gpureg on {s['device']}")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)

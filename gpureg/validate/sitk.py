@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = ["register_sitk", "sitk_available"]
 
+
 def sitk_available() -> bool:
     """True when SimpleITK imports."""
     try:

@@ -7,15 +7,9 @@ and registered binarized and raw, by gpureg and, when SimpleITK is installed
 (the ``bench`` extra), by SimpleITK's affine mean-squares registration on the
 very same arrays.
 
-Distortions (``magnitude`` units)
----------------------------------
-- ``translation``: shift along a fixed oblique direction, fraction of the grid size.
-- ``rotation``: degrees about an oblique axis through the grid centre (the axis
-  changes from one magnitude to the next).
-- ``scale``: isotropic factor about the grid centre.
-- ``shear``: ``gamma`` of the shear ``x += gamma z``, ``y += gamma / 2 x`` about the centre.
-- ``deformation``: smooth non-affine warp (two sinusoidal modes of one period
-  over the grid), largest displacement as a fraction of the grid size.
+The distortions, noise and ground-truth moving volumes are built by
+:mod:`gpureg.validate.cases`; the CSV, JSON, Markdown and figures are
+written by :mod:`gpureg.validate.report`.
 
 Ground truth
 ------------
@@ -42,9 +36,9 @@ then a Gaussian of sigma ``smooth`` = 1 voxel (gpureg's default, grey and binary
 exactly what ``register_affine(..., binarize=..., denoise=...)`` registers.
 gpureg (:func:`gpureg.register.register_prepared`, the registration of
 :func:`gpureg.register_affine` without its preparation) and SimpleITK
-(:func:`gpureg.sitk_reference.register_sitk`) register those same prepared
+(:func:`gpureg.validate.sitk.register_sitk`) register those same prepared
 arrays; their times exclude the common preparation (``prep_seconds``).
-The MSE columns are computed by one function (:func:`gpureg.metric.mse_terms`)
+The MSE columns are computed by one function (:func:`gpureg.core.metric.mse_terms`)
 for both methods: on the registration inputs (``mse_before``/``mse_after``) and
 on the noise-free grey volumes (``mse_clean_before``/``mse_clean_after``).
 """

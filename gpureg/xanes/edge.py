@@ -1,4 +1,4 @@
-"""XANES chemical mapping: per-voxel edge energy, edge jump and white line.
+"""Per-voxel XANES analysis: normalisation, edge energy, edge jump and white line.
 
 Every voxel of an aligned energy stack carries an absorption spectrum
 ``mu(E)``. This module normalises it the usual way (Athena/Larch): a line is
@@ -14,8 +14,7 @@ pre-line at the edge). From the normalised spectrum it measures
 * the **white-line** energy: peak of the normalised spectrum above the edge.
 
 Voxels whose jump is too small (background) or whose spectrum has a non-finite
-value are masked out. Particles are connected components of a mask; ROI
-spectra and per-particle edge-energy distributions summarise them.
+value are masked out.
 
 Convention
 ----------

@@ -1,30 +1,7 @@
-"""XANES chemical mapping: per-voxel edge energy, edge jump and white line.
+"""Summaries of XANES maps over regions: ROI spectra (labels or index boxes) and per-particle edge-energy distributions.
 
-Every voxel of an aligned energy stack carries an absorption spectrum
-``mu(E)``. This module normalises it the usual way (Athena/Larch): a line is
-fitted to the pre-edge and another to the post-edge region, the pre-edge line
-is subtracted and the result divided by the edge jump (post-line minus
-pre-line at the edge). From the normalised spectrum it measures
-
-* the **edge energy**: where the normalised spectrum first crosses 0.5
-  (linear interpolation between samples, ``method="half"``), or where
-  ``dmu/dE`` is largest after light Gaussian smoothing (the Larch ``E0``
-  definition, ``method="derivative"``; parabolic refinement of the peak);
-* the **edge jump** (in the units of the input);
-* the **white-line** energy: peak of the normalised spectrum above the edge.
-
-Voxels whose jump is too small (background) or whose spectrum has a non-finite
-value are masked out. Particles are connected components of a mask; ROI
-spectra and per-particle edge-energy distributions summarise them.
-
-Convention
-----------
-Spectra are ``(n_energy, ...)`` with the energy axis first; maps have shape
-``spectra.shape[1:]``. Energies are in eV and strictly increasing. All array
-code is written once against ``xp`` (NumPy or CuPy): results come back on the
-input's device. The line fits are the same linear map for every voxel, so they
-are one small matrix product ``(4, n_energy) @ (n_energy, n_voxel)``; the
-edge search runs only over the energies between the two fit ranges.
+Particles are connected components of a mask (labels on the reference grid);
+boxes are index ranges. The stack is read one energy (or one box) at a time.
 """
 
 from __future__ import annotations
@@ -40,6 +17,7 @@ from .spectra import MIN_ENERGIES
 from .stack import volume_getter
 
 __all__ = ["edge_distribution", "roi_spectra"]
+
 
 def roi_spectra(stack, energies, labels_or_boxes, *, names=None, pre=None, post=None) -> dict:
     """Mean and spread of the spectra in regions (particle labels or index boxes).

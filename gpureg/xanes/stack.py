@@ -1,30 +1,9 @@
-"""XANES chemical mapping: per-voxel edge energy, edge jump and white line.
+"""Edge-energy maps of a whole aligned stack, slab by slab: :func:`edge_energy_map`.
 
-Every voxel of an aligned energy stack carries an absorption spectrum
-``mu(E)``. This module normalises it the usual way (Athena/Larch): a line is
-fitted to the pre-edge and another to the post-edge region, the pre-edge line
-is subtracted and the result divided by the edge jump (post-line minus
-pre-line at the edge). From the normalised spectrum it measures
-
-* the **edge energy**: where the normalised spectrum first crosses 0.5
-  (linear interpolation between samples, ``method="half"``), or where
-  ``dmu/dE`` is largest after light Gaussian smoothing (the Larch ``E0``
-  definition, ``method="derivative"``; parabolic refinement of the peak);
-* the **edge jump** (in the units of the input);
-* the **white-line** energy: peak of the normalised spectrum above the edge.
-
-Voxels whose jump is too small (background) or whose spectrum has a non-finite
-value are masked out. Particles are connected components of a mask; ROI
-spectra and per-particle edge-energy distributions summarise them.
-
-Convention
-----------
-Spectra are ``(n_energy, ...)`` with the energy axis first; maps have shape
-``spectra.shape[1:]``. Energies are in eV and strictly increasing. All array
-code is written once against ``xp`` (NumPy or CuPy): results come back on the
-input's device. The line fits are the same linear map for every voxel, so they
-are one small matrix product ``(4, n_energy) @ (n_energy, n_voxel)``; the
-edge search runs only over the energies between the two fit ranges.
+The stack (an array, an HDF5 dataset or a list of volumes, energies in any
+order) is read a slab of z-planes at a time and analysed by
+:func:`gpureg.xanes.edge_energy` on the chosen device; the fit ranges and
+the jump threshold are chosen once for the whole volume, so slabs agree.
 """
 
 from __future__ import annotations
@@ -41,6 +20,7 @@ from .spectra import MIN_ENERGIES, auto_min_jump, fine_region
 __all__ = ["edge_energy_map"]
 
 _log = logging.getLogger("gpureg")
+
 
 def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", mask=None,
                     min_jump: float | None = None, pre=None, post=None, info: dict | None = None, **kw) -> dict:
@@ -130,6 +110,27 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     return out
 
 
+def volume_getter(stack, n_e):
+    if hasattr(stack, "ndim") and not isinstance(stack, (list, tuple)):
+        if stack.ndim != 4 or stack.shape[0] != n_e:
+            raise ValueError(f"stack must have shape (n_energy={n_e}, Z, Y, X), got {tuple(stack.shape)}")
+        return (lambda i: stack[i]), tuple(int(s) for s in stack.shape[1:])
+    if len(stack) != n_e:
+        raise ValueError(f"stack holds {len(stack)} volumes but {n_e} energies were given")
+    return (lambda i: stack[i]), tuple(int(s) for s in stack[0].shape)
+
+
+class Reordered:
+    """Read-only view of a 4D stack with its first axis permuted (for unsorted energies)."""
+
+    def __init__(self, ds, order):
+        self.ds, self.order = ds, np.asarray(order)
+        self.shape, self.ndim = tuple(ds.shape), 4
+
+    def __getitem__(self, i):
+        return self.ds[int(self.order[i])]
+
+
 def _stack_ranges(read, shape, E, pre, post):
     """Fit ranges for a whole stack: from the grid, or from the mean spectrum of <= 5 z-planes."""
     if pre is not None and post is not None:
@@ -178,26 +179,3 @@ def _slab_reader(stack, n_e, order):
         xp = xp_of(parts[0])
         return xp.stack([xp.asarray(p[z0:z1]) for p in parts])
     return read, shape
-
-
-def volume_getter(stack, n_e):
-    if hasattr(stack, "ndim") and not isinstance(stack, (list, tuple)):
-        if stack.ndim != 4 or stack.shape[0] != n_e:
-            raise ValueError(f"stack must have shape (n_energy={n_e}, Z, Y, X), got {tuple(stack.shape)}")
-        return (lambda i: stack[i]), tuple(int(s) for s in stack.shape[1:])
-    if len(stack) != n_e:
-        raise ValueError(f"stack holds {len(stack)} volumes but {n_e} energies were given")
-    return (lambda i: stack[i]), tuple(int(s) for s in stack[0].shape)
-
-
-class Reordered:
-    """Read-only view of a 4D stack with its first axis permuted (for unsorted energies)."""
-
-    def __init__(self, ds, order):
-        self.ds, self.order = ds, np.asarray(order)
-        self.shape, self.ndim = tuple(ds.shape), 4
-
-    def __getitem__(self, i):
-        return self.ds[int(self.order[i])]
-
-
