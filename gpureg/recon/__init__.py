@@ -1,15 +1,13 @@
 """Reconstruction: flat/dark normalisation, FBP (ASTRA, CUDA when available), forward projection, centre finding."""
 
-from .fbp import (
-    FILTERS,
-    astra_cuda_available,
-    astra_cuda_probe,
-    fbp_device,
-    reconstruct_energy,
-    reconstruct_fbp,
-    reconstruct_file,
-)
+from .fbp import (FILTERS, astra_cuda_available, astra_cuda_probe, fbp_device, reconstruct_energy, reconstruct_fbp,
+                  reconstruct_file)
 from .flatfield import NonPositiveTransmissionWarning, normalize
 from .project import estimate_center, forward_project
 
-__all__ = ["astra_cuda_available", "astra_cuda_probe", "estimate_center", "fbp_device", "FILTERS", "forward_project", "NonPositiveTransmissionWarning", "normalize", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
+__all__ = [
+    "NonPositiveTransmissionWarning", "normalize",
+    "FILTERS", "reconstruct_fbp", "reconstruct_energy", "reconstruct_file",
+    "astra_cuda_available", "astra_cuda_probe", "fbp_device",
+    "estimate_center", "forward_project",
+]
