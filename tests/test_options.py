@@ -95,7 +95,7 @@ def test_run_options_round_trip_json_and_pickle():
     ({"device": "tpu"}, "device must be one of"),
     ({"center": "middle"}, "center must be"),
     ({"reference": "middle"}, "reference must be"),
-    ({"per_particle": True, "scheduler": "tcp://h:1"}, "not with a Dask scheduler"),
+    ({"per_particle": True, "scheduler": "tcp://h:1"}, "not with scheduler or matrices"),
 ])
 def test_run_options_refuse_bad_values(kw, message):
     with pytest.raises(ValueError, match=message):

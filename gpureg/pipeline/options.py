@@ -158,7 +158,7 @@ class RunOptions:
         object.__setattr__(self, "per_particle", bool(self.per_particle))
         object.__setattr__(self, "report", bool(self.report))
         if self.per_particle and self.scheduler:
-            raise ValueError("per_particle registration runs on one machine: not with a Dask scheduler")
+            raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 
     def replace(self, **changes) -> RunOptions:
         """A copy with some settings changed (``prep`` settings may be given by name: ``binarize=False``)."""

@@ -78,7 +78,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     options = _options(options, settings)
     output = Path(output)
     if options.per_particle and matrices is not None:
-        raise ValueError("per_particle registration registers: not with given matrices")
+        raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
     devices = resolve_devices(options.device) if devices is None else devices
     check_output(output, overwrite)
     matrices = None if matrices is None else np.asarray(matrices, dtype=np.float64).round(12).tolist()
