@@ -43,6 +43,12 @@ class InputReader:
         One energy's ``(n_angle, ny, nx)`` projections or ``(nz, ny, nx)`` volume.
     attrs : dict
         Root attributes of the (first) file.
+    pixel_size_nm : float or None
+        Pixel (projections) or voxel (volumes) size at the sample, nm; None when the files do not say.
+    layout : str
+        The file layout found (e.g. ``"Data Exchange"``, ``"Zeiss/Xradia .txrm"``).
+    guessed : tuple of str
+        What the reader had to assume (one sentence each), for ``gpureg info``.
     """
 
     path: Path
@@ -51,6 +57,9 @@ class InputReader:
     kind: str
     shape: tuple
     attrs: dict
+    pixel_size_nm: float | None = None
+    layout: str = ""
+    guessed: tuple = ()
 
     @property
     def n_energy(self) -> int:

@@ -16,8 +16,15 @@ It opens any of
   single-page TIFFs; the energy is read from the name (``..._6552.5eV.tif``);
   files named ``*flat*``/``*white*`` are open-beam frames (per energy when the
   name holds an energy, else shared), ``*dark*`` dark frames; a ``theta.txt``
-  (or ``angles.txt``, degrees) marks projections, its absence volumes.
+  (or ``angles.txt``, degrees) marks projections, its absence volumes; when
+  the names carry no energy, ``energies.txt`` lists them (eV, one per line,
+  in natural file-name order);
+- NSLS-II FXI 18-ID per-energy files (:mod:`gpureg.io.fxi`);
+- NeXus NXtomo files (:mod:`gpureg.io.nexus`);
+- Zeiss/Xradia ``.txrm``/``.xrm``/``.txm`` files (:mod:`gpureg.io.xradia`).
 
+The layout is found from the files' contents (:mod:`gpureg.io.detect`); every
+reader also gives ``pixel_size_nm``, ``layout`` and ``guessed``.
 Readers present energies in ascending order whatever the file order.
 Malformed inputs raise :class:`~gpureg.io.InputError` with one line naming the
 file and the dataset.
@@ -25,14 +32,11 @@ file and the dataset.
 
 from __future__ import annotations
 
-import glob as _glob
 import logging
-from pathlib import Path
 
 from .base import InputReader
-from .dataexchange import DataExchangeFile
-from .files import HDF5_SUFFIXES, InputError
-from .stacks import TIFF_SUFFIXES, FileStack, TiffStack
+from .detect import open_detected
+from .files import InputError
 
 __all__ = ["open_input"]
 
@@ -45,8 +49,9 @@ def open_input(path, *, kind: str | None = None) -> InputReader:
     Parameters
     ----------
     path : str or Path
-        A Data Exchange HDF5 file, a folder of per-energy HDF5 or TIFF files,
-        or a glob pattern (``"scan/*_eV.h5"``) selecting such files.
+        A file, a folder of per-energy files, or a glob pattern
+        (``"scan/*_eV.h5"``) selecting such files, in any layout of
+        :mod:`gpureg.io.detect` (Data Exchange, FXI, NXtomo, Zeiss/Xradia, TIFF).
     kind : {"projections", "recon"}, optional
         Require this kind of input (error otherwise).
 
@@ -57,7 +62,8 @@ def open_input(path, *, kind: str | None = None) -> InputReader:
         (ascending), ``theta`` ``(n_angle,)`` degrees or None, ``kind``,
         ``n_energy``, ``shape`` (one energy's projections ``(n_angle, ny, nx)``
         or volume ``(nz, ny, nx)``), ``recon_shape`` (``(ny, nx, nx)`` for
-        projections) and ``attrs``; methods ``projections(i)``, ``flat(i)``,
+        projections), ``attrs``, ``pixel_size_nm`` (nm or None), ``layout`` and
+        ``guessed`` (what had to be assumed); methods ``projections(i)``, ``flat(i)``,
         ``dark(i=None)``, ``recon(i)``, ``truth()`` and ``close()``.
 
     Raises
@@ -67,34 +73,9 @@ def open_input(path, *, kind: str | None = None) -> InputReader:
     """
     if kind is not None and kind not in ("projections", "recon"):
         raise ValueError(f"kind must be 'projections', 'recon' or None, got {kind!r}")
-    text = str(path)
-    if any(ch in text for ch in "*?["):
-        files = sorted(Path(f) for f in _glob.glob(text))
-        if not files:
-            raise InputError(f"{text}: no file matches this pattern")
-        reader = _open_many(text, files, folder=files[0].parent)
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise InputError(f"{p}: file or folder not found")
-        if p.is_dir():
-            reader = _open_many(str(p), sorted(p.iterdir()), folder=p)
-        elif p.suffix.lower() in TIFF_SUFFIXES:
-            raise InputError(f"{p}: a single TIFF holds one energy; give the folder of per-energy TIFF files")
-        else:
-            reader = DataExchangeFile(p)
+    reader = open_detected(path)
     if kind is not None and reader.kind != kind:
         reader.close()
         raise InputError(f"{reader.path}: holds {reader.kind}, but {kind} were required")
     return reader
 
-
-def _open_many(label, entries, folder):
-    hdf = [f for f in entries if f.is_file() and f.suffix.lower() in HDF5_SUFFIXES]
-    if hdf:
-        if len(hdf) == 1:
-            return DataExchangeFile(hdf[0])
-        return FileStack(label, hdf)
-    if any(f.suffix.lower() in TIFF_SUFFIXES or f.is_dir() for f in entries):
-        return TiffStack(label, entries, Path(folder))
-    raise InputError(f"{label}: no HDF5 ({', '.join(HDF5_SUFFIXES)}) or TIFF files found")

@@ -8,6 +8,7 @@ take ``*flat*``/``*white*`` open-beam and ``*dark*`` frames, and a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,10 @@ class TiffStack(InputReader):
     def __init__(self, label, entries, folder):
         self.path = Path(label)
         self.attrs = {}
+        self.layout = "TIFF series"
         theta_file = next((folder / n for n in ("theta.txt", "angles.txt") if (folder / n).is_file()), None)
-        data, flats, darks = {}, {}, []
+        listed = energy_list(folder)
+        data, flats, darks, unnamed = {}, {}, [], []
         for entry in entries:
             name = entry.name.lower()
             if entry.is_dir():
@@ -88,6 +91,8 @@ class TiffStack(InputReader):
                     e = energy_from_name(entry)
                     if e is not None:
                         _add_energy(data, e, entry)
+                    elif listed is not None:
+                        unnamed.append(entry)
                 continue
             if entry.suffix.lower() not in TIFF_SUFFIXES:
                 continue
@@ -97,10 +102,19 @@ class TiffStack(InputReader):
             elif "flat" in name or "white" in name:
                 flats.setdefault(e, []).append(entry)
             elif e is None:
-                raise InputError(f"{entry}: cannot read the energy from the file name (expected e.g. "
-                                 f"'sample_6552.5eV.tif')")
+                if listed is None:
+                    raise InputError(f"{entry}: cannot read the energy from the file name (expected e.g. "
+                                     f"'sample_6552.5eV.tif') and {folder / 'energies.txt'} does not exist")
+                unnamed.append(entry)
             else:
                 _add_energy(data, e, entry)
+        if unnamed:
+            if len(listed) != len(unnamed):
+                raise InputError(f"{folder / 'energies.txt'}: {len(listed)} energies for {len(unnamed)} TIFF "
+                                 f"files or folders without an energy in the name")
+            for e, entry in zip(listed, sorted(unnamed, key=natural_key)):
+                _add_energy(data, float(e), entry)
+            self.guessed = (f"energies of {len(unnamed)} TIFF files from energies.txt, in natural file-name order",)
         if not data:
             raise InputError(f"{label}: no per-energy TIFF files (names with an energy, e.g. 'sample_6552.5eV.tif')")
         self.energies = np.array(sorted(data), dtype=np.float64)
@@ -151,6 +165,27 @@ class TiffStack(InputReader):
         if self.kind != "recon":
             return super().recon(i)
         return _read_tiff(self._items[self._index(i)], self.shape)
+
+
+def energy_list(folder):
+    """Energies (eV) listed one per line in ``folder/energies.txt``, or None when there is no such file."""
+    f = Path(folder) / "energies.txt"
+    if not f.is_file():
+        return None
+    try:
+        e = np.loadtxt(f, dtype=np.float64, ndmin=1, comments="#")
+    except ValueError as exc:
+        raise InputError(f"{f}: not one energy (eV) per line ({exc})") from None
+    if e.ndim != 1 or e.size < 1 or not np.all(np.isfinite(e)) or np.any(e <= 0):
+        raise InputError(f"{f}: expected one positive energy in eV per line, got {e.size} values")
+    if np.max(e) < 200.0:
+        raise InputError(f"{f}: energies below 200 look like keV; write them in eV")
+    return e
+
+
+def natural_key(p):
+    """Sort key that orders 'scan_2' before 'scan_10'."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(p).name)]
 
 
 def _add_energy(data, e, entry):
