@@ -156,9 +156,8 @@ def _open_many(label, entries, folder):
         return _open_hdf5(label, hdf)
     if any(kinds[f] == "tiff" for f in files) or any(e.is_dir() for e in entries):
         return TiffStack(label, entries, Path(folder))
-    raise InputError(f"{label}: no HDF5, OLE2 (Zeiss/Xradia) or TIFF files among {len(files)} file(s): tried "
-                     "Data Exchange, NSLS-II FXI 18-ID, NeXus NXtomo (need HDF5), Zeiss/Xradia (needs OLE2), "
-                     "TIFF series (needs TIFF)")
+    raise InputError(f"{label}: no HDF5 (Data Exchange, NSLS-II FXI 18-ID, NeXus NXtomo), OLE2 (Zeiss/Xradia) "
+                     f"or TIFF files among its {len(files)} file(s); those are all the layouts tried")
 
 
 def _open_hdf5(label, files):

@@ -4,6 +4,9 @@ The energy of each file comes from its ``/exchange/energy`` or from its name
 (``..._6552.5eV.tif``); files are presented in ascending energy. TIFF folders
 take ``*flat*``/``*white*`` open-beam and ``*dark*`` frames, and a
 ``theta.txt`` (degrees) when they hold projections (see :func:`gpureg.io.open_input`).
+When the names carry no energy, ``energies.txt`` lists them (eV, one per line,
+in natural file-name order), and as many flat files without an energy are
+matched to them in the same order (one such file: shared).
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ class TiffStack(InputReader):
             for e, entry in zip(listed, sorted(unnamed, key=natural_key)):
                 _add_energy(data, float(e), entry)
             self.guessed = (f"energies of {len(unnamed)} TIFF files from energies.txt, in natural file-name order",)
+            shared = sorted(flats.get(None, []), key=natural_key)
+            if len(shared) == len(listed) > 1:  # one flat file per listed energy, in the same order
+                del flats[None]
+                for e, entry in zip(listed, shared):
+                    flats.setdefault(float(e), []).append(entry)
         if not data:
             raise InputError(f"{label}: no per-energy TIFF files (names with an energy, e.g. 'sample_6552.5eV.tif')")
         self.energies = np.array(sorted(data), dtype=np.float64)

@@ -12,6 +12,7 @@ and gives the same result; the finished file is renamed onto ``OUTPUT``
 from __future__ import annotations
 
 import concurrent.futures as cf
+import glob
 import hashlib
 import logging
 import os
@@ -126,12 +127,18 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
 
 
 def file_checksum(path) -> str:
-    """BLAKE2b of a file's bytes (of every file, in name order, for a folder)."""
+    """BLAKE2b of a file's bytes (of every file, in name order, for a folder or a glob pattern)."""
+    text = str(path)
     path = Path(path)
-    if not path.exists():
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(text) if Path(f).is_file())
+        if not files:
+            raise InputError(f"{text}: no file matches this pattern")
+    elif not path.exists():
         raise InputError(f"{path}: file not found")
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
