@@ -84,7 +84,7 @@ def open_detected(path) -> InputReader:
 
 
 def describe_input(path) -> dict:
-    """What :func:`gpureg.io.open_input` finds in ``path``: layout, shapes, energies, angles, units, guesses.
+    """What :func:`gpureg.io.open_input` (through :func:`open_detected`) finds in ``path``: layout, shapes, energies, angles, units, guesses.
 
     Returns
     -------
@@ -94,9 +94,7 @@ def describe_input(path) -> dict:
         ``units``: degrees; or None), ``flat_frames``, ``dark_frames`` (of the first energy; projections
         only), ``pixel_size_nm``, ``guessed`` (list of sentences).
     """
-    from .readers import open_input
-
-    with open_input(path) as r:
+    with open_detected(path) as r:
         theta = None
         if r.theta is not None and r.theta.size:
             th = np.asarray(r.theta, dtype=np.float64)
