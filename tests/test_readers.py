@@ -296,3 +296,17 @@ def test_fxi_and_nxtomo_errors_name_the_dataset(tmp_path):
         _nx_entry(h5.create_group("entry"), frames, keys, angles, np.zeros(4) + 6.5, "beam/incident_energy", "MeV")
     with pytest.raises(InputError, match=r"t\.nxs:/entry/beam/incident_energy: units 'mev' not understood"):
         open_input(tmp_path / "t.nxs")
+
+
+def test_cli_info_describes_an_input(scan, tmp_path):
+    import subprocess
+
+    folder = _write_txrm(tmp_path / "txrm", scan["a"])
+    env_path = str(Path(__file__).resolve().parents[1])
+    cmd = [sys.executable, "-m", "gpureg", "info", str(folder)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=env_path)
+    assert r.returncode == 0, r.stderr
+    assert "Zeiss/Xradia .txrm (projections)" in r.stdout and "25: -90.000 .. 90.000 degrees" in r.stdout
+    r = subprocess.run(cmd[:-1] + [str(tmp_path / "nothing.bin"), "--json"], capture_output=True, text=True,
+                       timeout=300, cwd=env_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "file or folder not found" in r.stderr

@@ -16,8 +16,19 @@ __all__ = ["bench", "info", "validate"]
 
 @app.command()
 @friendly
-def info():
-    """Versions, and whether CuPy/GPU and ASTRA-CUDA are usable."""
+def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
+                                              help="Describe this input (file, folder or quoted glob): layout, "
+                                                   "shapes, energies, angles, pixel size, what was guessed."),
+         as_json: bool = typer.Option(False, "--json", help="With FILE_OR_FOLDER: print the description as JSON.")):
+    """Describe an input's layout; without one: versions, and whether CuPy/GPU and ASTRA-CUDA are usable."""
+    if path is not None:
+        import json
+
+        from ..io.detect import describe_input, format_description
+
+        d = describe_input(path)
+        typer.echo(json.dumps(d, indent=1) if as_json else format_description(d))
+        return
     import platform
 
     import numpy

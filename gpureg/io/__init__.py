@@ -4,12 +4,13 @@ file helpers (atomic writes) and :mod:`gpureg.io.results`, the single owner of t
 
 from .base import InputReader, check_energies
 from .dataexchange import write_dataexchange
+from .detect import describe_input
 from .files import InputError, atomic_path, load_volume, save_matrix, save_volume
 from .readers import open_input
 from .results import STAGES
 
 __all__ = [
-    "InputError", "InputReader", "check_energies", "open_input",
+    "InputError", "InputReader", "check_energies", "describe_input", "open_input",
     "write_dataexchange", "atomic_path", "load_volume", "save_matrix", "save_volume",
     "STAGES",
 ]
