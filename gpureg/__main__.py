@@ -1,5 +1,7 @@
 """``python -m gpureg``: the same as the ``gpureg`` command."""
 
+import sys
+
 from .cli import main
 
-main()
+sys.exit(main())

@@ -362,7 +362,7 @@ def test_reconstruct_file_and_cli(tmp_path):
         np.testing.assert_array_equal(recon.reconstruct_energy(rec, 1), rec.recon(1))  # kind "recon": as stored
     r = subprocess.run([sys.executable, "-m", "gpureg", "recon", str(raw), str(tmp_path / "x.h5"), "--filter", "nope"],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().startswith("gpureg: error: filter must be one of")
+    assert r.returncode == 2 and r.stderr.strip().startswith("gpureg: error: Invalid value for '--filter'")
 
 
 def test_simulate_refuses_saturating_photon_counts(tmp_path):

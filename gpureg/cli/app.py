@@ -83,5 +83,27 @@ def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress deta
 
 
 def main(argv=None):
-    """Entry point of the ``gpureg`` command."""
-    return app(args=argv, prog_name="gpureg")
+    """Entry point of the ``gpureg`` command.
+
+    Usage errors (unknown option, a value that is not one of the choices) are
+    one line too: ``gpureg: error: Invalid value for '--model': ...``, exit code 2.
+    """
+    try:
+        rc = app(args=argv, prog_name="gpureg", standalone_mode=False)
+    except typer.Abort:
+        typer.echo("gpureg: aborted", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        # click's UsageError (typer >= 0.2x vendors click, so it is matched by name, not imported)
+        if not any(c.__name__ == "UsageError" for c in type(exc).__mro__):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            raise SystemExit(2) from None
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        typer.echo(f"gpureg: error: {' '.join(exc.format_message().split())}{where}", err=True)
+        raise SystemExit(2) from None
+    if rc:
+        raise SystemExit(rc)
+    return 0
