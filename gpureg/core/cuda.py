@@ -22,7 +22,8 @@ import numpy as np
 from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
 from .terms import MetricTerms
 
-__all__ = ["affine_args", "center_of_mass", "downsample2", "median", "mse_terms", "mse_terms_device", "resample_affine", "unpack_terms"]
+__all__ = ["affine_args", "as_mask", "center_of_mass", "downsample2", "median", "mse_pass_blocks", "mse_pass_name", "mse_terms",
+           "mse_terms_device", "pointer_or_null", "resample_affine", "unpack_terms"]
 
 # Layout of the fused pass's sums; mirrors the enum in kernels/voxel_math.cuh.
 N_TERMS, N_MONOMIALS = 32, 6
@@ -154,8 +155,9 @@ def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True) ->
         ``moving_from_reference``.
     center : (3,) array_like
         Centre ``c`` of the 12 parameters (:func:`gpureg.transform.matrix_from_params`).
-    mask : (Z, Y, X) cupy.ndarray of bool or float32, optional
-        Reference voxels to use (float: ``> 0.5``).
+    mask : (Z, Y, X) ndarray of bool or float32, optional
+        Reference voxels to use (float: ``> 0.5``); NumPy or CuPy (copied to
+        the device of ``fixed``).
     hessian : bool
         Also accumulate ``sum J J^T``.
 
@@ -192,27 +194,59 @@ def mse_terms_device(fixed, moving, matrix, center, mask=None, hessian: bool = T
     cp = require_cupy()
     fixed = _as_volume(cp, fixed, "fixed")
     moving = _as_volume(cp, moving, "moving")
-    if mask is not None:
-        if tuple(mask.shape) != tuple(fixed.shape):
-            raise ValueError(f"mask must have the shape of fixed {tuple(fixed.shape)}, got {tuple(mask.shape)}")
-        if mask.dtype == np.float32 or mask.dtype == np.bool_:
-            mask = cp.ascontiguousarray(mask)
-        else:
-            mask = cp.ascontiguousarray(mask > 0.5)
-    mask_type = "bool" if mask is not None and mask.dtype == np.bool_ else "float"
-    name = f"mse_terms_pass<{'true' if hessian else 'false'}, {mask_type}>"
+    if moving.device != fixed.device:
+        raise ValueError(f"fixed and moving must be on the same GPU, got devices {fixed.device.id} and "
+                         f"{moving.device.id}")
+    mask = as_mask(cp, mask, fixed)
+    name = mse_pass_name(hessian, mask)
     nz, ny, nx = fixed.shape
     mz, my, mx = moving.shape
     with fixed.device:
         kernel = get_kernel("affine.cu", name)
-        rows = nz * ny
-        blocks = max(1, min(-(-rows // (THREADS // 32)), resident_blocks("affine.cu", name)))
+        blocks = mse_pass_blocks(name, nz * ny)
         partials = cp.empty(N_TERMS * N_MONOMIALS * blocks, dtype=cp.float64)
         kernel((blocks,), (THREADS,),
-               (fixed, moving, mask, np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz), np.int32(my),
-                np.int32(mx), *affine_args(matrix, center), partials))
+               (fixed, moving, pointer_or_null(mask), np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz),
+                np.int32(my), np.int32(mx), *affine_args(matrix, center), partials))
         sums = _reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks)
     return sums.reshape(N_TERMS, N_MONOMIALS)
+
+
+def as_mask(cp, mask, fixed):
+    """``mask`` as a C-contiguous bool or float32 CuPy array on ``fixed``'s device, or None.
+
+    NumPy masks are copied to the device (a NumPy mask with CuPy volumes is
+    allowed); other dtypes become ``mask > 0.5``.
+    """
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(fixed.shape):
+        raise ValueError(f"mask must have the shape of fixed {tuple(fixed.shape)}, got {tuple(mask.shape)}")
+    with fixed.device:
+        mask = cp.asarray(mask)  # a NumPy mask is copied; a CuPy mask on another GPU is copied here
+        if mask.dtype != np.float32 and mask.dtype != np.bool_:
+            mask = mask > 0.5
+        return cp.ascontiguousarray(mask)
+
+
+def pointer_or_null(array):
+    """A kernel argument for an optional array: the array, or an explicit null pointer.
+
+    CuPy <= 13 passes ``None`` as an undefined pointer (cupy#9046), which the
+    kernels would dereference; a 64-bit zero is a null pointer on every CuPy.
+    """
+    return np.uint64(0) if array is None else array
+
+
+def mse_pass_name(hessian: bool, mask) -> str:
+    """Name expression of the fused pass for ``hessian`` and the mask's dtype (float when no mask)."""
+    mask_type = "bool" if mask is not None and mask.dtype == np.bool_ else "float"
+    return f"mse_terms_pass<{'true' if hessian else 'false'}, {mask_type}>"
+
+
+def mse_pass_blocks(name: str, rows: int, source: str = "affine.cu") -> int:
+    """Grid of the fused pass: one warp per row up to the blocks that fill the device."""
+    return max(1, min(-(-rows // (THREADS // 32)), resident_blocks(source, name)))
 
 
 def downsample2(volume):
@@ -260,7 +294,8 @@ def median(volume) -> float:
         The median, rounded to float32 like NumPy's.
     """
     cp = require_cupy()
-    v = cp.ascontiguousarray(volume, dtype=cp.float32).ravel()
+    with volume.device:
+        v = cp.ascontiguousarray(volume, dtype=cp.float32).ravel()
     n = int(v.size)
     if n == 0:
         raise ValueError("cannot take the median of an empty volume")
@@ -393,7 +428,8 @@ def _as_volume(cp, volume, name, min_size: int = 2):
     if min(volume.shape) < min_size:
         raise ValueError(f"{name} must be at least {min_size} voxels along every axis, got shape {tuple(volume.shape)}")
     _check_size(volume.shape, name)
-    return cp.ascontiguousarray(volume, dtype=cp.float32)
+    with volume.device:  # convert on the array's GPU, not the current one
+        return cp.ascontiguousarray(volume, dtype=cp.float32)
 
 
 def _check_size(shape, name):

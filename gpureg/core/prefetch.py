@@ -3,6 +3,7 @@
 :class:`HostToDevicePrefetcher` keeps at most one volume in flight, so the
 reference, the current and the next volume are all that live on the device
 (DESIGN.md "Streaming"). GPU only: it needs CuPy.
+Importing this module needs neither CuPy nor a GPU.
 """
 
 from __future__ import annotations
@@ -37,16 +38,32 @@ class HostToDevicePrefetcher:
         self._cp = cp
         self._volumes = volumes
         self._device = cp.cuda.Device()
-        self._consumer = cp.cuda.get_current_stream()  # where the caller's kernels run
         self._stream = cp.cuda.Stream(non_blocking=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpureg-h2d")
         self._pending = {}
         self._pinned = None
 
     def submit(self, index: int) -> None:
-        """Start loading ``volumes[index]`` in the background (no-op when already pending)."""
-        if index not in self._pending:
-            self._pending[index] = self._pool.submit(self._load, index)
+        """Start loading ``volumes[index]`` in the background (no-op when already pending).
+
+        Call it from the thread whose stream consumes the volumes: the device
+        buffer is allocated here, on that thread's current stream, and the copy
+        waits for an event recorded there after the allocation. Memory the
+        pool hands out may have been freed by this consumer while its kernels
+        still read it; the event orders the copy after them (also with
+        per-thread default streams, where another thread cannot name this
+        thread's stream).
+        """
+        if index in self._pending:
+            return
+        out = ready = None
+        shape, kind = self._describe(index)
+        if shape is not None and len(shape) == 3 and kind in "biuf":
+            with self._device:
+                out = self._cp.empty(shape, dtype=self._cp.float32)
+                ready = self._cp.cuda.Event(disable_timing=True)
+                ready.record()  # on the current (consuming) stream of the calling thread
+        self._pending[index] = self._pool.submit(self._load, index, out, ready)
 
     def take(self, index: int):
         """``volumes[index]`` on the device (float32 CuPy array), waiting for its copy.
@@ -69,8 +86,17 @@ class HostToDevicePrefetcher:
     def __exit__(self, *exc):
         self.close()
 
-    def _load(self, index):
-        cp = self._cp
+    def _describe(self, index):
+        """(shape, dtype kind) of ``volumes[index]`` without reading it, or (None, "")."""
+        vols = self._volumes
+        if getattr(vols, "ndim", None) == 4 and hasattr(vols, "dtype"):
+            return tuple(vols.shape[1:]), np.dtype(vols.dtype).kind
+        src = vols[index]
+        if type(src).__module__.split(".")[0] == "cupy" or not hasattr(src, "shape") or not hasattr(src, "dtype"):
+            return None, ""
+        return tuple(src.shape), np.dtype(src.dtype).kind
+
+    def _load(self, index, out, ready):
         src = self._volumes[index]
         if type(src).__module__.split(".")[0] == "cupy":
             return src
@@ -78,14 +104,14 @@ class HostToDevicePrefetcher:
         if host.ndim != 3 or host.dtype.kind not in "biuf":
             return host
         with self._device:
+            if out is None or out.shape != host.shape:  # a sequence without shape/dtype attributes
+                with self._stream:
+                    out = self._cp.empty(host.shape, dtype=self._cp.float32)
+                ready = None
             pinned = self._pinned_buffer(host.shape)
             np.copyto(pinned, host, casting="unsafe")
-            with self._stream:
-                out = cp.empty(host.shape, dtype=cp.float32)
-            # The pool may hand out memory that the consumer freed while its kernels still read it:
-            # order the copy after everything queued on the consumer's stream (recorded after the
-            # allocation, so after those frees).
-            self._stream.wait_event(self._consumer.record())
+            if ready is not None:
+                self._stream.wait_event(ready)
             out.set(pinned, stream=self._stream)
             # The pinned buffer is reused by the next load: wait for this copy (in the worker thread only).
             self._stream.synchronize()

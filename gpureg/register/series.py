@@ -83,13 +83,13 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
     prep = {"binarize": binarize, "denoise": options.pop("denoise", None), "smooth": options.pop("smooth", 1.0)}
     order = registration_order(energies, ref)
     # On the GPU only the reference, the current and the next volume are on the device: the next
-    # one is read and copied host->device on a side stream (cuda.HostToDevicePrefetcher) while the
+    # one is read and copied host->device on a side stream (core.prefetch.HostToDevicePrefetcher) while the
     # current one registers.
     fetch = None
     if dev == "gpu":
-        from ..core import cuda
+        from ..core.prefetch import HostToDevicePrefetcher
 
-        fetch = cuda.HostToDevicePrefetcher(volumes)
+        fetch = HostToDevicePrefetcher(volumes)
         fetch.submit(ref)
     try:
         source = fetch.take(ref) if fetch else volumes[ref]

@@ -344,14 +344,16 @@ def _peak(xp, v, Ew, Ew_host, *, interior, lower=None):
     k = xp.zeros(N, dtype=xp.int32)
     better = xp.empty(N, dtype=bool)
     ok = xp.empty(N, dtype=bool)
+    found = xp.zeros(N, dtype=bool)            # some row was a candidate (best alone cannot tell)
     for j in range(W):                         # branch-free row operations, as in _first_crossing
         xp.greater(v[j], best, out=better)
         if lower is not None:
             xp.less(lower, xp.float32(Ew_host[j]), out=ok)
             xp.logical_and(better, ok, out=better)
+        xp.logical_or(found, better, out=found)
         k += better.astype(xp.int32) * (xp.int32(j) - k)
         xp.maximum(best, v[j] - xp.float32(3e38) * (~better), out=best)
-    none = ~xp.isfinite(best)
+    none = ~found
     at_end = k >= W - 1
     kc = xp.clip(k, 1, W - 2)
     cols = xp.arange(N)

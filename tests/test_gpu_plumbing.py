@@ -1,0 +1,44 @@
+"""Host-side plumbing of the GPU path, checked without a GPU (issue 14's defects).
+
+The GPU-only halves of these fixes (a NumPy mask with CuPy volumes, a volume
+on another GPU, the prefetcher's ordering) are in test_gpu.py; here is what a
+CPU can show.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpureg
+from gpureg import xanes
+from gpureg.core import cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_white_line_is_nan_where_no_energy_is_a_candidate(xp):
+    # Spectrum 1's edge lies beyond the edge window, so its derivative peaks on the window's last
+    # energy and no energy above the edge is a white-line candidate: the white line must be NaN
+    # (it was the window's first energy, below the edge). Spectrum 0 is a normal edge.
+    energies = xanes.scan_energies()
+    spectra = xanes.synthetic_spectra(energies, np.array([6550.0, 6575.0]), jump=np.array([1.0, 1.0]),
+                                      width=np.array([3.0, 3.0])).astype(np.float32)
+    out = xanes.edge_energy(xp.asarray(spectra), energies, method="derivative", pre=(energies[0], 6530.0),
+                            post=(6560.0, energies[-1]), min_jump=0.0)
+    white, edge = gpureg.to_host(out["white_line"]), gpureg.to_host(out["edge_energy"])
+    assert bool(gpureg.to_host(out["mask"]).all())
+    assert np.isfinite(white[0]) and white[0] > edge[0]
+    assert np.isnan(white[1]), f"white line {white[1]} eV below the edge {edge[1]} eV"
+
+
+def test_optional_kernel_pointers_are_explicit_nulls():
+    # CuPy <= 13 turns a None argument into an undefined pointer (cupy#9046): gpureg passes a 64-bit 0.
+    null = cuda.pointer_or_null(None)
+    assert isinstance(null, np.uint64) and null == 0 and null.nbytes == 8
+    a = np.zeros(3)
+    assert cuda.pointer_or_null(a) is a
+    assert cuda.mse_pass_name(True, None) == "mse_terms_pass<true, float>"
+    assert cuda.mse_pass_name(False, np.zeros(2, bool)) == "mse_terms_pass<false, bool>"
