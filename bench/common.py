@@ -61,7 +61,7 @@ def median_time(fn, *, repeats: int = 5, warmup: int = 1, device: str = "cpu"):
 
 
 def save(benchmark: str, device: str, results: list, *, extra: dict | None = None, out_dir=None) -> Path:
-    """Print and write ``<benchmark>-<device-short>-<date>.json`` under bench/results/."""
+    """Print and write ``<benchmark>-<device-short>-<date>.json`` under bench/results/ (or ``$GPUREG_BENCH_OUT``)."""
     import gpureg
 
     date = _dt.date.today().isoformat()
@@ -71,7 +71,8 @@ def save(benchmark: str, device: str, results: list, *, extra: dict | None = Non
     short = "gpu" if device == "gpu" else "cpu"
     if device == "gpu":
         short = "".join(ch for ch in device_name(device).split()[1].lower() if ch.isalnum()) or "gpu"
-    path = Path(out_dir or RESULTS) / f"{benchmark}-{short}-{date}.json"
+    # GPUREG_BENCH_OUT: one folder for every JSON of a run (bench/gpu_check.sh sets it to $OUT on a lent GPU).
+    path = Path(out_dir or os.environ.get("GPUREG_BENCH_OUT") or RESULTS) / f"{benchmark}-{short}-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(doc, indent=2)
     path.write_text(text + "\n")

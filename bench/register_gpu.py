@@ -160,22 +160,33 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
     return row
 
 
-def event_ms(fn, *, repeats: int, warmup: int = 3) -> float:
-    """Median GPU time (ms, CUDA events on the current stream) of the work ``fn`` queues."""
+def event_ms(fn, *, repeats: int, per_event: int = 20, warmup: int = 3) -> float:
+    """Median GPU time (ms) per call of the work ``fn`` queues on the current stream.
+
+    ``per_event`` calls are queued between one pair of CUDA events, behind a
+    spin kernel that keeps the GPU busy while the host queues them: the
+    Python prologue of each call (argument packing, allocation) is then not
+    in the measured interval, only back-to-back GPU work.
+    """
     from gpureg.core.backend import cupy_or_none
 
     cp = cupy_or_none()
+    spin = cp.RawKernel(r"""extern "C" __global__ void spin(long long cycles) {
+        const long long t0 = clock64(); while (clock64() - t0 < cycles) {} }""", "spin")
+    clock_khz = cp.cuda.Device().attributes["ClockRate"]
     for _ in range(warmup):
         fn()
     cp.cuda.Device().synchronize()
     times = []
     for _ in range(repeats):
         start, end = cp.cuda.Event(), cp.cuda.Event()
+        spin((1,), (1,), (np.int64(clock_khz * (1 + per_event // 4)),))  # >= 0.25 ms of GPU time per queued call
         start.record()
-        fn()
+        for _ in range(per_event):
+            fn()
         end.record()
         end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
+        times.append(cp.cuda.get_elapsed_time(start, end) / per_event)
     return statistics.median(times)
 
 
