@@ -207,6 +207,95 @@ GPUREG_HD void mse_row_lane(const float* fixed, const float* moving, const MaskT
   }
 }
 
+// Empty-space skipping of the fused pass. A reference row (z, y) whose fixed values are all 0
+// and whose samples all fall in trilinear cells without a non-zero corner adds r = 0 and g = 0
+// at every valid voxel: only its count of valid samples, which row_valid_range gives in O(1).
+
+// Whether the sample of reference voxel (z, y, x) is valid (the test of mse_row_lane).
+GPUREG_HD bool sample_valid(const Affine& a, const float base[3], int z, int y, int x, int mz, int my, int mx) {
+  float u[3];
+  voxel_offset(a, base, (float)x - a.c[2], u);
+  int i;
+  float f;
+  const bool okz = cell_1d(z, u[0], mz, i, f);
+  const bool oky = cell_1d(y, u[1], my, i, f);
+  return okz && oky && cell_1d(x, u[2], mx, i, f);
+}
+
+// The valid samples of row (z, y) are x0 <= x <= x1 (none when x1 < x0). q is affine in x, so
+// the valid x form an interval: estimated in float, then its ends are settled with the
+// float32 test of sample_valid itself (rounding moves them by at most a voxel).
+GPUREG_HD void row_valid_range(const Affine& a, const float base[3], int z, int y, int nx, int mz, int my, int mx,
+                               int& x0, int& x1) {
+  float lo = 0.0f, hi = nx - 1.0f;  // float is enough for an estimate within a voxel
+  const int b[3] = {z, y, 0};
+  const int n[3] = {mz, my, mx};
+  for (int k = 0; k < 3; ++k) {  // 0 <= alpha + beta x <= n - 1
+    const float beta = a.d[3 * k + 2] + (k == 2 ? 1.0f : 0.0f);
+    const float alpha = b[k] + base[k] - a.d[3 * k + 2] * a.c[2];
+    if (!(alpha == alpha) || !(beta == beta)) {
+      hi = lo - 1.0f;
+    } else if (beta == 0.0f) {
+      if (alpha < 0.0f || alpha > n[k] - 1.0f) hi = lo - 1.0f;
+    } else {
+      const float inv = 1.0f / beta;
+      const float e0 = -alpha * inv, e1 = (n[k] - 1.0f - alpha) * inv;
+      lo = fmaxf(lo, fminf(e0, e1));
+      hi = fminf(hi, fmaxf(e0, e1));
+    }
+  }
+  const float big = 4.0f * nx + 8.0f;  // keeps the int conversion defined
+  int s = (int)ceilf(fminf(fmaxf(lo, -big), big)), e = (int)floorf(fminf(fmaxf(hi, -big), big));
+  s = s < 0 ? 0 : (s > nx - 1 ? nx - 1 : s);
+  e = e < 0 ? 0 : (e > nx - 1 ? nx - 1 : e);
+  x0 = 0;
+  x1 = -1;
+  if (s > e) {  // estimated empty: at most a voxel or two may still be valid
+    const int from = (e < s ? e : s) - 2, to = (e < s ? s : e) + 2;
+    int hit = -1;
+    for (int x = from < 0 ? 0 : from; x <= to && x < nx && hit < 0; ++x)
+      if (sample_valid(a, base, z, y, x, mz, my, mx)) hit = x;
+    if (hit < 0) return;
+    s = e = hit;
+  }
+  if (sample_valid(a, base, z, y, s, mz, my, mx)) {
+    for (int k = 0; k < 4 && s > 0 && sample_valid(a, base, z, y, s - 1, mz, my, mx); ++k) --s;
+  } else {
+    for (int k = 0; k < 4 && s < e && !sample_valid(a, base, z, y, s, mz, my, mx); ++k) ++s;
+    if (!sample_valid(a, base, z, y, s, mz, my, mx)) return;
+  }
+  if (sample_valid(a, base, z, y, e, mz, my, mx)) {
+    for (int k = 0; k < 4 && e < nx - 1 && sample_valid(a, base, z, y, e + 1, mz, my, mx); ++k) ++e;
+  } else {
+    for (int k = 0; k < 4 && e > s && !sample_valid(a, base, z, y, e, mz, my, mx); ++k) --e;
+    if (!sample_valid(a, base, z, y, e, mz, my, mx)) return;
+  }
+  x0 = s;
+  x1 = e;
+}
+
+// Whether any sample of row (z, y) at x0 <= x <= x1 may fall in a cell with a non-zero corner.
+// cell_sat (mz, my) int32: summed-area table of the moving volume's cell rows, cell_sat[i][j] =
+// number of (i' < i, j' < j) with a non-zero in moving[i':i'+2, j':j'+2, :]. The cells' (iz, iy)
+// along the row lie in the box spanned by its two ends (q is monotone in x); one cell of margin.
+GPUREG_HD bool row_cells_any(const Affine& a, const float base[3], int z, int y, int x0, int x1, int mz, int my,
+                             const int* cell_sat) {
+  float u0[3], u1[3];
+  voxel_offset(a, base, (float)x0 - a.c[2], u0);
+  voxel_offset(a, base, (float)x1 - a.c[2], u1);
+  int i0, i1, j0, j1;
+  float f;
+  cell_1d(z, fminf(u0[0], u1[0]), mz, i0, f);
+  cell_1d(z, fmaxf(u0[0], u1[0]), mz, i1, f);
+  cell_1d(y, fminf(u0[1], u1[1]), my, j0, f);
+  cell_1d(y, fmaxf(u0[1], u1[1]), my, j1, f);
+  i0 = i0 > 0 ? i0 - 1 : 0;
+  j0 = j0 > 0 ? j0 - 1 : 0;
+  i1 = i1 < mz - 2 ? i1 + 2 : mz - 1;  // exclusive ends, in [1, mz - 1]
+  j1 = j1 < my - 2 ? j1 + 2 : my - 1;
+  return cell_sat[i1 * my + j1] - cell_sat[i0 * my + j1] - cell_sat[i1 * my + j0] + cell_sat[i0 * my + j0] > 0;
+}
+
 // Value of the resampled volume at reference voxel (z, y, x): the moving
 // volume (mz, my, mx) at q = p + u, or cval when q is outside.
 GPUREG_HD float resample_voxel(const float* vol, int mz, int my, int mx, const Affine& a, int z, int y, int x,

@@ -23,7 +23,7 @@ from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
 from .terms import MetricTerms
 
 __all__ = ["affine_args", "as_mask", "center_of_mass", "downsample2", "median", "mse_pass_blocks", "mse_pass_name", "mse_terms",
-           "mse_terms_device", "pointer_or_null", "resample_affine", "unpack_terms"]
+           "mse_terms_device", "pointer_or_null", "reduce_partials", "resample_affine", "unpack_terms"]
 
 # Layout of the fused pass's sums; mirrors the enum in kernels/voxel_math.cuh.
 N_TERMS, N_MONOMIALS = 32, 6
@@ -180,10 +180,14 @@ def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True) ->
     return unpack_terms(sums.get(), hessian)
 
 
-def mse_terms_device(fixed, moving, matrix, center, mask=None, hessian: bool = True):
+def mse_terms_device(fixed, moving, matrix, center, mask=None, hessian: bool = True, empty_space=None):
     """The fused pass of :func:`mse_terms` without the copy to the host.
 
-    Parameters are those of :func:`mse_terms`.
+    Parameters are those of :func:`mse_terms`, and
+
+    empty_space : tuple, optional
+        ``(fixed_rows, cell_sat)`` of :func:`gpureg.core.cuda_solver.empty_space_tables`
+        (without a mask only): rows that can only add their count are not read.
 
     Returns
     -------
@@ -205,10 +209,16 @@ def mse_terms_device(fixed, moving, matrix, center, mask=None, hessian: bool = T
         kernel = get_kernel("affine.cu", name)
         blocks = mse_pass_blocks(name, nz * ny)
         partials = cp.empty(N_TERMS * N_MONOMIALS * blocks, dtype=cp.float64)
-        kernel((blocks,), (THREADS,),
-               (fixed, moving, pointer_or_null(mask), np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz),
-                np.int32(my), np.int32(mx), *affine_args(matrix, center), partials))
-        sums = _reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks)
+        args = affine_args(matrix, center)
+        dims = (np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz), np.int32(my), np.int32(mx))
+        row_code = None
+        if empty_space is not None and mask is None:
+            row_code = cp.empty(nz * ny, dtype=cp.int32)
+            get_kernel("affine.cu", "classify_rows")((-(-(nz * ny) // THREADS),), (THREADS,),
+                                                     (*empty_space, *dims, *args, row_code))
+        kernel((blocks,), (THREADS,), (fixed, moving, pointer_or_null(mask), pointer_or_null(row_code), *dims, *args,
+                                       partials))
+        sums = reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks)
     return sums.reshape(N_TERMS, N_MONOMIALS)
 
 
@@ -370,10 +380,31 @@ def center_of_mass(volume) -> np.ndarray:
         partials = cp.empty(4 * blocks, dtype=cp.float64)
         get_kernel("volume.cu", name)((blocks,), (THREADS,),
                                    (volume, np.int32(nz), np.int32(ny), np.int32(nx), med, partials))
-        m = _reduce_partials("volume.cu", partials, 4, blocks).get()
+        m = reduce_partials("volume.cu", partials, 4, blocks).get()
     if not m[0] > 0:
         return (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
     return m[1:] / m[0]
+
+
+def reduce_partials(name: str, partials, n_terms: int, blocks: int):
+    """Sums over blocks of term-major block partials, in double, on the device.
+
+    Parameters
+    ----------
+    name : str
+        Kernel source holding ``reduce_partials`` (``"affine.cu"``, ``"volume.cu"``).
+    partials : (n_terms * blocks,) cupy.ndarray of float64
+        ``partials[term * blocks + block]``.
+    n_terms, blocks : int
+
+    Returns
+    -------
+    (n_terms,) cupy.ndarray of float64
+    """
+    cp = require_cupy()
+    out = cp.empty(n_terms, dtype=cp.float64)
+    get_kernel(name, "reduce_partials")((n_terms,), (THREADS,), (partials, np.int32(blocks), out))
+    return out
 
 
 def _build_jtj_index() -> np.ndarray:
@@ -441,11 +472,3 @@ def _check_size(shape, name):
 def _grid_3d(shape):
     nz, ny, nx = shape
     return (-(-nx // _BLOCK_3D[0]), -(-ny // _BLOCK_3D[1]), nz)
-
-
-def _reduce_partials(name: str, partials, n_terms: int, blocks: int):
-    """(n_terms,) cupy float64: the sums over blocks of term-major partials (n_terms, blocks)."""
-    cp = require_cupy()
-    out = cp.empty(n_terms, dtype=cp.float64)
-    get_kernel(name, "reduce_partials")((n_terms,), (THREADS,), (partials, np.int32(blocks), out))
-    return out

@@ -21,9 +21,11 @@ __all__ = ["compile_options", "get_kernel", "kernel_dir", "KERNEL_FILES", "kerne
 
 # Kernel source -> the name expressions CuPy compiles (templates by name, never by string formatting).
 KERNEL_FILES = {
-    "affine.cu": ("resample_affine", "reduce_partials",
+    "affine.cu": ("resample_affine", "reduce_partials", "classify_rows", "classify_rows_state",
                   "mse_terms_pass<true, float>", "mse_terms_pass<false, float>",
-                  "mse_terms_pass<true, bool>", "mse_terms_pass<false, bool>"),
+                  "mse_terms_pass<true, bool>", "mse_terms_pass<false, bool>",
+                  "mse_terms_state_pass<true, float>", "mse_terms_state_pass<true, bool>"),
+    "solver.cu": ("lm_step",),
     "volume.cu": ("downsample2", "com_moments", "radix_histogram", "reduce_partials"),
 }
 

@@ -10,6 +10,7 @@ the host on the 1 + 1 + 12 + 78 reduced numbers.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -121,7 +122,11 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
 
     Series, the pipeline and watch mode prepare the reference once and call
     this for every energy. Parameters as in :func:`register_affine`; the
-    device is that of ``fixed`` (NumPy or CuPy float32 arrays).
+    device is that of ``fixed`` (NumPy or CuPy float32 arrays). On the GPU the
+    Levenberg-Marquardt steps run on the device
+    (:func:`gpureg.core.cuda_solver.levenberg_marquardt_device`); the
+    environment variable ``GPUREG_GPU_SOLVER=host`` selects the NumPy solver
+    on the host instead (for comparisons).
     """
     t0 = time.perf_counter() if t0 is None else t0
     if model not in MODELS:
@@ -148,9 +153,16 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
         def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask, support=support):
             return mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask, support=support)
 
-        params, n_pass, converged = levenberg_marquardt(
-            terms, params0, _corner_move(fl.shape), free=free, max_iter=max_iter, tol=tol,
-            empty_start="the initial transform maps the reference grid entirely outside the moving volume")
+        if dev == "gpu" and os.environ.get("GPUREG_GPU_SOLVER", "device") != "host":
+            # The solver's state stays on the GPU; the host reads its status every 8 passes.
+            from ..core.cuda_solver import levenberg_marquardt_device
+
+            params, n_pass, converged = levenberg_marquardt_device(fl, ml, params0, center, free=free, mask=ml_mask,
+                                                                   max_iter=max_iter, tol=tol)
+        else:
+            params, n_pass, converged = levenberg_marquardt(
+                terms, params0, _corner_move(fl.shape), free=free, max_iter=max_iter, tol=tol,
+                empty_start="the initial transform maps the reference grid entirely outside the moving volume")
         matrix = to_fine @ tf.matrix_from_params(params, center) @ np.linalg.inv(to_fine)
         iterations.append(n_pass)
     support = _support(m)
