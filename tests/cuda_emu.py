@@ -215,7 +215,7 @@ int e_mse(const float* fixed, const float* moving, const float* maskf, const boo
     else emu::launch(mse_terms_pass<false, float>, g, b, fixed, moving, maskf, ARGS);
   }
 #undef ARGS
-  emu::launch(reduce_partials, dim3{32 * 6, 1, 1}, b, (const double*)partials.data(), blocks, out);
+  emu::launch(reduce_partials, dim3{32 * 6, 1, 1}, dim3{32, 1, 1}, (const double*)partials.data(), blocks, out);  // one warp per term: any block size works, 8x fewer fibers
   return emu::misuse ? 1 : 0;
 }
 
@@ -277,7 +277,7 @@ int e_solver_pass(const float* fixed, const float* moving, const unsigned char* 
   }
   emu::launch(mse_terms_state_pass<true, float>, dim3{(unsigned)blocks, 1, 1}, b, fixed, moving, (const float*)nullptr,
               codes, nz, ny, nx, mz, my, mx, (const double*)state, c[0], c[1], c[2], partials.data());
-  emu::launch(reduce_partials, dim3{32 * 6, 1, 1}, b, (const double*)partials.data(), blocks, sums);
+  emu::launch(reduce_partials, dim3{32 * 6, 1, 1}, dim3{32, 1, 1}, (const double*)partials.data(), blocks, sums);
   emu::launch(lm_step, dim3{1, 1, 1}, dim3{32, 1, 1}, (const double*)sums, state, free_mask, nz, ny, nx, tol, max_iter);
   return emu::misuse ? 1 : 0;
 }
