@@ -14,7 +14,9 @@ one run, on one device:
 - ``pass_call_ms``: the same pass through :func:`gpureg.cuda.mse_terms`
   (host launch, copy of the 192 sums back, unpacking);
 - ``registration_ms``: :func:`gpureg.register_affine` on the prepared pair
-  (median of ``--repeats`` >= 5 after a warm-up, synchronised), and
+  (median of ``--repeats`` >= 5 after a warm-up, synchronised; the
+  Levenberg-Marquardt steps on the device), ``registration_host_solver_ms``
+  the same with the NumPy solver on the host (``GPUREG_GPU_SOLVER=host``), and
   ``registration_binarize_ms`` including Otsu + smoothing of both raw volumes;
 - ``error_vox``: mean displacement error over the particles' voxels;
 - SimpleITK (:func:`gpureg.validate.sitk.register_sitk`, all CPU cores) on
@@ -131,12 +133,18 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
 
     reg_ms, res = median_time(lambda: register_prepared(f, m), repeats=repeats, warmup=1,
                               device="gpu")
+    os.environ["GPUREG_GPU_SOLVER"] = "host"  # the NumPy solver on the host, for comparison
+    try:
+        host_ms, res_host = median_time(lambda: register_prepared(f, m), repeats=repeats, warmup=1, device="gpu")
+    finally:
+        del os.environ["GPUREG_GPU_SOLVER"]
     bin_ms, res_b = median_time(lambda: gpureg.register_affine(f_raw, m_raw, binarize=True, device="gpu"),
                                 repeats=repeats, warmup=1, device="gpu")
     err = gpureg.displacement_error(res.matrix, truth, mask=mask)[0]
     row = {
         "case": "binarized two-particle, known affine", "size": size,
         "registration_ms": round(reg_ms, 2), "registration_binarize_ms": round(bin_ms, 2),
+        "registration_host_solver_ms": round(host_ms, 2), "passes_per_level_host_solver": res_host.iterations,
         "passes_per_level": res.iterations, "converged": bool(res.converged),
         "error_vox": round(err, 4),
         "error_binarize_vox": round(gpureg.displacement_error(res_b.matrix, truth, mask=mask)[0], 4),

@@ -5,6 +5,7 @@ on another GPU, the prefetcher's ordering) are in test_gpu.py; here is what a
 CPU can show.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,18 @@ def test_optional_kernel_pointers_are_explicit_nulls():
     assert cuda.pointer_or_null(a) is a
     assert cuda.mse_pass_name(True, None) == "mse_terms_pass<true, float>"
     assert cuda.mse_pass_name(False, np.zeros(2, bool)) == "mse_terms_pass<false, bool>"
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    # The script a lent GPU session runs: its plumbing (steps, time limits, one JSON folder) on the CPU.
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["dry_run"] is True
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert list(steps) == ["gpu_tests", "register_gpu", "recon", "xanes", "pipeline"]
+    bad = {k: (s["rc"], (tmp_path / f"{k}.log").read_text()[-400:]) for k, s in steps.items() if s["rc"] != 0}
+    assert not bad, bad
+    assert "test_gpu.py" in (tmp_path / "gpu_tests.log").read_text()  # the gpu tests were collected
