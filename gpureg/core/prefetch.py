@@ -2,8 +2,7 @@
 
 :class:`HostToDevicePrefetcher` keeps at most one volume in flight, so the
 reference, the current and the next volume are all that live on the device
-(DESIGN.md "Streaming"). GPU only: it needs CuPy.
-Importing this module needs neither CuPy nor a GPU.
+(DESIGN.md "Streaming"). It needs CuPy and a GPU to run, neither to be imported.
 """
 
 from __future__ import annotations
