@@ -85,6 +85,7 @@ def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress deta
 def main(argv=None):
     """Entry point of the ``gpureg`` command.
 
+    Exits (``SystemExit``) with the command's code, like click's standalone mode.
     Usage errors (unknown option, a value that is not one of the choices) are
     one line too: ``gpureg: error: Invalid value for '--model': ...``, exit code 2.
     """
@@ -104,6 +105,4 @@ def main(argv=None):
         where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         typer.echo(f"gpureg: error: {' '.join(exc.format_message().split())}{where}", err=True)
         raise SystemExit(2) from None
-    if rc:
-        raise SystemExit(rc)
-    return 0
+    raise SystemExit(rc or 0)  # as click's standalone mode: main() always exits
