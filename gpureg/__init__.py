@@ -9,8 +9,8 @@ below (``core`` -> ``io``/``recon``/``register``/``xanes`` -> ``figures`` ->
 
 from .core.backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
 from .core.metric import mse_terms
-from .core.terms import MetricTerms
 from .core.segment import binarize, otsu_threshold, particle_labels
+from .core.terms import MetricTerms
 from .core.transform import (
                              apply_affine,
                              compose,
@@ -24,12 +24,14 @@ from .core.transform import (
 from .core.version import __version__
 from .io.dataexchange import write_dataexchange
 from .io.readers import open_input
+from .pipeline.options import RunOptions
 from .pipeline.runner import run
 from .recon.fbp import reconstruct_energy, reconstruct_fbp
 from .recon.flatfield import normalize
 from .register.affine import RegistrationResult, register_affine, register_prepared
 from .register.particle_check import detect_relative_motion
 from .register.particles import ParticleResult, apply_piecewise, register_particles
+from .register.prepare import Prep
 from .register.series import SeriesResult, register_series
 from .synth.phantom import two_particle_phantom
 from .synth.scan import simulate
@@ -41,7 +43,9 @@ __all__ = [
     "GPUUnavailableError",
     "MetricTerms",
     "ParticleResult",
+    "Prep",
     "RegistrationResult",
+    "RunOptions",
     "SeriesResult",
     "__version__",
     "apply_affine",

@@ -3,12 +3,21 @@
 from .affine import MODELS, RegistrationResult, register_affine, register_prepared
 from .particle_check import detect_relative_motion
 from .particles import PARTICLE_MODELS, ParticleResult, apply_piecewise, particle_regions, register_particles
-from .prepare import center_of_mass, downsample2, foreground_fraction, level_to_fine, prepare_volume, pyramid
+from .prepare import (
+                      Prep,
+                      center_of_mass,
+                      downsample2,
+                      foreground_fraction,
+                      level_to_fine,
+                      prepare_reference,
+                      prepare_volume,
+                      pyramid,
+)
 from .residuals import RelativeMotionWarning, ResidualReport
 from .series import SeriesResult, register_series
 
 __all__ = [
-    "center_of_mass", "downsample2", "foreground_fraction", "level_to_fine", "prepare_volume", "pyramid",
+    "center_of_mass", "downsample2", "foreground_fraction", "level_to_fine", "Prep", "prepare_reference", "prepare_volume", "pyramid",
     "MODELS", "RegistrationResult", "register_affine", "register_prepared",
     "SeriesResult", "register_series",
     "PARTICLE_MODELS", "ParticleResult", "apply_piecewise", "particle_regions", "register_particles",
