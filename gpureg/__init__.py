@@ -11,16 +11,8 @@ from .core.backend import GPUUnavailableError, get_xp, gpu_available, to_device,
 from .core.metric import mse_terms
 from .core.segment import binarize, otsu_threshold, particle_labels
 from .core.terms import MetricTerms
-from .core.transform import (
-                             apply_affine,
-                             compose,
-                             displacement_error,
-                             invert,
-                             matrix_from_params,
-                             params_from_matrix,
-                             rotation_matrix,
-                             scale_matrix,
-)
+from .core.transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
+                             params_from_matrix, rotation_matrix, scale_matrix)
 from .core.version import __version__
 from .io.dataexchange import write_dataexchange
 from .io.readers import open_input
