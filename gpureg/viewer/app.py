@@ -1,0 +1,229 @@
+"""Open a gpureg result in napari: layers, the energy read-out in eV, the spectrum dock, screenshots.
+
+napari and Qt are imported inside the functions, so importing this module is
+cheap and ``import gpureg`` never pulls in Qt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data import open_h5, result_layers
+
+__all__ = ["attach", "check_opengl", "open_result", "overlay", "pick_voxel", "require_napari", "screenshot"]
+
+_log = logging.getLogger("gpureg")
+
+
+def require_napari():
+    """Import napari, or raise ImportError with the install command."""
+    try:
+        import napari
+    except ImportError as exc:
+        raise ImportError(f"the viewer needs napari and a Qt binding: pip install 'gpureg[viewer]' ({exc})") from None
+    return napari
+
+
+def open_result(path, viewer=None, show: bool = True):
+    """Show a gpureg result in napari.
+
+    Layers (each when the file has it): ``aligned`` (energy, z, y, x) with
+    the current energy shown in eV beside the slider and in the corner;
+    ``recon`` and ``aligned (global)`` (hidden); ``edge energy (eV)``
+    (viridis, contrast from the 2nd-98th percentile of valid voxels);
+    ``labels`` and ``clusters`` (hidden); ``fraction <reference>`` (hidden).
+    A dock widget plots the spectrum of the clicked voxel and the
+    registration MSE per energy. Data are read lazily (see
+    :mod:`gpureg.viewer.data`); the file stays open while the layers live.
+
+    Parameters
+    ----------
+    path : str or Path
+        Pipeline result or ``gpureg xanes`` output.
+    viewer : napari.Viewer, optional
+        Add to this viewer instead of a new one.
+    show : bool
+        Show the window (False for scripts, tests and screenshots).
+
+    Returns
+    -------
+    napari.Viewer
+        Its ``window.gpureg_spectrum`` attribute is the spectrum widget.
+    """
+    napari = require_napari()
+    h5 = open_h5(path)
+    try:
+        tuples = result_layers(h5)
+        if viewer is None:
+            check_opengl()
+            viewer = napari.Viewer(title=f"gpureg: {Path(path).name}", show=show)
+        layers = [getattr(viewer, f"add_{kind}")(data, **kw) for data, kw, kind in tuples]
+    except Exception:
+        h5.close()
+        raise
+    attach(viewer, h5, layers)
+    return viewer
+
+
+def attach(viewer, h5, layers, *, dock: bool = True):
+    """Energy read-out in eV, scale bar and the spectrum dock for gpureg ``layers`` already in ``viewer``.
+
+    Used by :func:`open_result` and (with ``dock=False``: napari docks what a
+    widget command returns) by the napari plugin's widget command.
+
+    Returns
+    -------
+    SpectrumWidget or None
+        None when no layer has an energy stack or a map to pick voxels on.
+    """
+    from .widget import SpectrumWidget
+
+    stack = next((ly for ly in layers if ly.ndim == 4 and "energy" in (ly.metadata or {})), None)
+    base = stack or next((ly for ly in layers if ly.ndim == 3), None)
+    if base is None:
+        return None
+    meta = base.metadata
+    overlay(viewer, "scale_bar").visible = meta.get("voxel_size_um") is not None
+    energy = meta.get("energy")
+    widget = SpectrumWidget(viewer, h5, base)  # adds the "picked voxel" layer: before the energy read-out
+    if stack is not None and energy is not None:
+        _energy_readout(viewer, stack, np.asarray(energy))
+    for ly in layers:
+        if ly.name == "edge energy (eV)":
+            ly.colorbar.visible = True
+            viewer.layers.selection.active = ly
+    if dock:
+        viewer.window.add_dock_widget(widget, name="gpureg spectrum", area="right")
+        viewer.window.gpureg_spectrum = widget
+    return widget
+
+
+def overlay(viewer, name):
+    """The canvas overlay ``name`` ("text", "scale_bar"): ``viewer.canvas.overlays`` (napari >= 0.9) or the old attribute."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    if overlays is not None and hasattr(overlays, name):
+        return getattr(overlays, name)
+    return getattr(viewer, f"{name}_overlay" if name == "text" else name)
+
+
+def pick_voxel(h5):
+    """A representative voxel ``(z, y, x)``: the valid edge-energy voxel deepest inside the valid region.
+
+    Reads the middle z plane of ``/xanes/mask`` (or of finite
+    ``/xanes/edge_energy``), moving outwards plane by plane until one has a
+    valid voxel; the volume centre when there is none.
+    """
+    g = h5.get("xanes")
+    shape = h5["aligned"].shape[1:] if "aligned" in h5 else g["edge_energy"].shape
+    if g is None or "edge_energy" not in g:
+        return tuple(n // 2 for n in shape)
+    nz = shape[0]
+    for dz in range(nz):
+        for z in {nz // 2 + dz, nz // 2 - dz}:
+            if not 0 <= z < nz:
+                continue
+            ok = np.isfinite(np.asarray(g["edge_energy"][z], dtype=np.float64))
+            if "mask" in g:
+                ok &= np.asarray(g["mask"][z], dtype=bool)
+            if ok.any():
+                from scipy.ndimage import distance_transform_edt
+
+                yy, xx = np.unravel_index(int(np.argmax(distance_transform_edt(ok))), ok.shape)
+                return int(z), int(yy), int(xx)
+    return tuple(n // 2 for n in shape)
+
+
+def screenshot(path, png, *, size=(1500, 900), voxel=None):
+    """Render a result headless to a PNG (window with layer list and spectrum dock) and close the viewer.
+
+    Sets ``QT_QPA_PLATFORM=offscreen`` unless a platform is already chosen.
+    OpenGL still needs a display server; without one (no ``DISPLAY``) run
+    under ``xvfb-run``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Result file.
+    png : str or Path
+        Output image.
+    size : (int, int)
+        Window size in pixels (width, height).
+    voxel : (int, int, int), optional
+        Voxel whose spectrum the dock shows, and whose z plane is drawn
+        (default :func:`pick_voxel`).
+
+    Returns
+    -------
+    Path
+    """
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    out = Path(png)
+    viewer = open_result(path, show=False)
+    try:
+        widget = viewer.window.gpureg_spectrum
+        if widget is not None:
+            idx = tuple(voxel) if voxel is not None else pick_voxel(widget.h5)
+            axis_z = viewer.dims.ndim - 3
+            viewer.dims.set_current_step(axis_z, idx[0])
+            widget.show_voxel(idx)
+            widget.canvas.draw()
+        from napari.qt import get_qapp
+
+        win = viewer.window._qt_window
+        win.resize(*size)
+        win.grab()  # a hidden window lays out (and tells the canvas its size) only when rendered
+        get_qapp().processEvents()
+        viewer.reset_view()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the whole window: with llvmpipe (Xvfb) the canvas-only render of a hidden viewer comes out without images
+        viewer.screenshot(str(out), canvas_only=False)
+    finally:
+        viewer.close()
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _energy_readout(viewer, stack, energy):
+    """Show the current energy (eV) as the slider's label and in the top-left corner."""
+    def update(event=None):
+        axis = viewer.dims.ndim - stack.ndim  # the stack's first axis in world dimensions
+        k = int(viewer.dims.current_step[axis])
+        if not 0 <= k < energy.size:
+            return
+        label = f"{energy[k]:.1f} eV"
+        for ly in viewer.layers:  # napari derives the slider labels from the layers' labels
+            if ly.ndim == 4 and (ly.metadata or {}).get("energy") is not None and ly.axis_labels[0] != label:
+                ly.axis_labels = (label, *ly.axis_labels[1:])
+        labels = list(viewer.dims.axis_labels)
+        if labels[axis] != label:
+            labels[axis] = label
+            viewer.dims.axis_labels = labels
+        text.text = f"E = {energy[k]:.1f} eV ({k + 1}/{energy.size})"
+
+    text = overlay(viewer, "text")
+    text.visible = True
+    text.position = "top_left"
+    viewer.dims.events.current_step.connect(update)
+    viewer.layers.events.inserted.connect(update)  # a new layer resets the axis labels
+    update()
+
+
+def check_opengl():
+    """Raise RuntimeError with a fix when Qt cannot create an OpenGL context (napari would crash later)."""
+    from napari.qt import get_qapp
+    from qtpy.QtGui import QOffscreenSurface, QOpenGLContext
+
+    get_qapp()
+    ctx, surface = QOpenGLContext(), QOffscreenSurface()
+    surface.create()
+    if not (ctx.create() and ctx.makeCurrent(surface)):
+        platform = os.environ.get("QT_QPA_PLATFORM", "default")
+        raise RuntimeError(f"no OpenGL context (Qt platform {platform}, DISPLAY={os.environ.get('DISPLAY', 'unset')}): "
+                           "the viewer needs a display; headless, run under xvfb-run (Debian package xvfb)")
+    ctx.doneCurrent()

@@ -1,0 +1,55 @@
+"""napari plugin (npe2) commands: the reader for result files and the spectrum widget.
+
+Declared in ``napari.yaml`` beside this module, found by napari through the
+``napari.manifest`` entry point, so ``napari RESULT.h5`` opens the same
+layers as :func:`gpureg.viewer.open_result`; the spectrum dock comes from the
+Plugins menu ("gpureg: voxel spectrum").
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .data import open_h5, result_layers
+
+__all__ = ["get_reader", "spectrum_widget"]
+
+_log = logging.getLogger("gpureg")
+
+
+def get_reader(path):
+    """The reader function for ``path`` when it is a gpureg result, else None (napari tries other readers)."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    try:
+        open_h5(path).close()
+    except (OSError, ValueError) as exc:
+        _log.debug("gpureg reader: %s is not a gpureg result (%s)", path, exc)
+        return None
+    return read_result
+
+
+def read_result(path):
+    """Layer data tuples of a result (the file stays open while the layers use it)."""
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    h5 = open_h5(Path(path))
+    return result_layers(h5)
+
+
+def spectrum_widget(napari_viewer):
+    """The spectrum dock for the gpureg layers already in ``napari_viewer`` (opened by the reader)."""
+    from .app import attach
+
+    layers = [ly for ly in napari_viewer.layers if "gpureg_result" in (ly.metadata or {})]
+    if not layers:
+        raise ValueError("no gpureg result is open in this viewer: open a RESULT.h5 first")
+    h5 = open_h5(layers[0].metadata["gpureg_result"])
+    same = [ly for ly in layers if ly.metadata["gpureg_result"] == layers[0].metadata["gpureg_result"]]
+    widget = attach(napari_viewer, h5, same, dock=False)
+    if widget is None:
+        raise ValueError(f"{h5.filename}: no energy stack or map to pick voxels on")
+    return widget
