@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import pytest
 
-from gpureg.viewer import result_layers, voxel_size_um, voxel_spectrum
+from gpureg.viewer import open_file, result_layers, voxel_size_um, voxel_spectrum
 from gpureg.viewer.data import registration_mse
 from gpureg.xanes import normalize
-from gpureg.xanes.spectra import synthetic_spectra
+from gpureg.xanes import synthetic_spectra
 
 SHAPE = (12, 16, 20)  # (z, y, x), all different so a swapped axis shows
 E = np.concatenate([np.arange(6500.0, 6540.0, 10.0), np.arange(6540.0, 6570.0, 2.0), np.arange(6570.0, 6660.0, 15.0)])
@@ -68,8 +68,8 @@ def result(tmp_path_factory):
 
 def test_layers_names_shapes_scales(result):
     path, stack, _ = result
-    with h5py.File(path, "r") as h5:
-        layers = {kw["name"]: (data, kw, kind) for data, kw, kind in result_layers(h5)}
+    with open_file(path) as rf:
+        layers = {kw["name"]: (data, kw, kind) for data, kw, kind in result_layers(rf)}
         assert list(layers) == ["aligned", "recon", "edge energy (eV)", "labels", "fraction MnO", "fraction Mn2O3"]
         data, kw, kind = layers["aligned"]
         assert kind == "image" and data.shape == (E.size, *SHAPE) and kw["visible"]
@@ -94,22 +94,22 @@ def test_voxel_size_from_input_file_or_none(tmp_path):
         h5.attrs["voxel_size_nm"] = 40.0
     res = tmp_path / "res.h5"
     _make_result(res, voxel_nm=None, fractions=False)
-    with h5py.File(res, "r") as h5:
-        assert voxel_size_um(h5) is None
-        names = [kw["name"] for _, kw, _ in result_layers(h5)]
-        assert "fraction MnO" not in names and result_layers(h5)[0][1]["scale"] == (1.0, 1.0, 1.0, 1.0)
+    with open_file(res) as rf:
+        assert voxel_size_um(rf) is None
+        names = [kw["name"] for _, kw, _ in result_layers(rf)]
+        assert "fraction MnO" not in names and result_layers(rf)[0][1]["scale"] == (1.0, 1.0, 1.0, 1.0)
     with h5py.File(res, "a") as h5:
         h5.attrs["input"] = str(src)
-    with h5py.File(res, "r") as h5:
-        assert voxel_size_um(h5) == pytest.approx(0.04)
+    with open_file(res) as rf:
+        assert voxel_size_um(rf) == pytest.approx(0.04)
 
 
 def test_voxel_spectrum_is_that_voxels_spectrum(result):
     path, stack, _ = result
     idx = (6, 9, 12)
-    with h5py.File(path, "r") as h5:
-        spec = voxel_spectrum(h5, idx)
-        mse = registration_mse(h5)
+    with open_file(path) as rf:
+        spec = voxel_spectrum(rf, idx)
+        mse = registration_mse(rf)
     np.testing.assert_array_equal(spec["energy"], E)
     np.testing.assert_array_equal(spec["mu"], stack[:, 6, 9, 12].astype(np.float64))
     expect = normalize(stack[:, 6, 9, 12][:, None], E)[:, 0]
@@ -121,10 +121,10 @@ def test_voxel_spectrum_is_that_voxels_spectrum(result):
     np.testing.assert_allclose(spec["fit"], 0.25 * np.linspace(0, 1, E.size) + 0.75 * np.linspace(1, 2, E.size))
     np.testing.assert_allclose(spec["mse_before"], np.linspace(1.0, 2.0, E.size))   # sorted like the energies
     np.testing.assert_allclose(mse["mse_after"], np.linspace(0.1, 0.2, E.size))
-    with h5py.File(path, "r") as h5:
-        assert np.isnan(voxel_spectrum(h5, (0, 0, 0))["edge_energy"])      # masked background
+    with open_file(path) as rf:
+        assert np.isnan(voxel_spectrum(rf, (0, 0, 0))["edge_energy"])      # masked background
         with pytest.raises(ValueError, match="outside"):
-            voxel_spectrum(h5, (12, 0, 0))
+            voxel_spectrum(rf, (12, 0, 0))
 
 
 def _big_result(path, n_e=60, n=256):
@@ -160,8 +160,8 @@ def count_reads(monkeypatch):
 def test_layers_of_a_large_result_read_less_than_one_energy(tmp_path, count_reads):
     path = tmp_path / "big.h5"
     volume = _big_result(path)
-    with h5py.File(path, "r") as h5:
-        layers = result_layers(h5)
+    with open_file(path) as rf:
+        layers = result_layers(rf)
         for data, kw, _ in layers:                 # what a 2D draw reads: one plane of each visible layer
             if kw.get("visible", True):
                 np.asarray(data[(data.ndim - 3) * (30,) + (128,)])

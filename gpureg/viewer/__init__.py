@@ -7,6 +7,6 @@ napari and Qt are imported only when a viewer is made, so this package and
 """
 
 from .app import open_result, pick_voxel, screenshot
-from .data import open_h5, result_layers, voxel_size_um, voxel_spectrum
+from .data import open_file, result_layers, voxel_size_um, voxel_spectrum
 
-__all__ = ["open_h5", "open_result", "pick_voxel", "result_layers", "screenshot", "voxel_size_um", "voxel_spectrum"]
+__all__ = ["open_file", "open_result", "pick_voxel", "result_layers", "screenshot", "voxel_size_um", "voxel_spectrum"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import open_h5, result_layers
+from .data import open_file, result_layers
 
 __all__ = ["attach", "check_opengl", "open_result", "overlay", "pick_voxel", "require_napari", "screenshot"]
 
@@ -55,21 +55,21 @@ def open_result(path, viewer=None, show: bool = True):
         Its ``window.gpureg_spectrum`` attribute is the spectrum widget.
     """
     napari = require_napari()
-    h5 = open_h5(path)
+    result = open_file(path)
     try:
-        tuples = result_layers(h5)
+        tuples = result_layers(result)
         if viewer is None:
             check_opengl()
             viewer = napari.Viewer(title=f"gpureg: {Path(path).name}", show=show)
         layers = [getattr(viewer, f"add_{kind}")(data, **kw) for data, kw, kind in tuples]
     except Exception:
-        h5.close()
+        result.close()
         raise
-    attach(viewer, h5, layers)
+    attach(viewer, result, layers)
     return viewer
 
 
-def attach(viewer, h5, layers, *, dock: bool = True):
+def attach(viewer, result, layers, *, dock: bool = True):
     """Energy read-out in eV, scale bar and the spectrum dock for gpureg ``layers`` already in ``viewer``.
 
     Used by :func:`open_result` and (with ``dock=False``: napari docks what a
@@ -89,7 +89,7 @@ def attach(viewer, h5, layers, *, dock: bool = True):
     meta = base.metadata
     overlay(viewer, "scale_bar").visible = meta.get("voxel_size_um") is not None
     energy = meta.get("energy")
-    widget = SpectrumWidget(viewer, h5, base)  # adds the "picked voxel" layer: before the energy read-out
+    widget = SpectrumWidget(viewer, result, base)  # adds the "picked voxel" layer: before the energy read-out
     if stack is not None and energy is not None:
         _energy_readout(viewer, stack, np.asarray(energy))
     for ly in layers:
@@ -111,15 +111,15 @@ def overlay(viewer, name):
     return getattr(viewer, f"{name}_overlay" if name == "text" else name)
 
 
-def pick_voxel(h5):
+def pick_voxel(result):
     """A representative voxel ``(z, y, x)``: the valid edge-energy voxel deepest inside the valid region.
 
     Reads the middle z plane of ``/xanes/mask`` (or of finite
     ``/xanes/edge_energy``), moving outwards plane by plane until one has a
     valid voxel; the volume centre when there is none.
     """
-    g = h5.get("xanes")
-    shape = h5["aligned"].shape[1:] if "aligned" in h5 else g["edge_energy"].shape
+    g, stack = result.h5.get("xanes"), result.stack("aligned")
+    shape = stack.shape[1:] if stack is not None else g["edge_energy"].shape
     if g is None or "edge_energy" not in g:
         return tuple(n // 2 for n in shape)
     nz = shape[0]
@@ -167,7 +167,7 @@ def screenshot(path, png, *, size=(1500, 900), voxel=None):
     try:
         widget = viewer.window.gpureg_spectrum
         if widget is not None:
-            idx = tuple(voxel) if voxel is not None else pick_voxel(widget.h5)
+            idx = tuple(voxel) if voxel is not None else pick_voxel(widget.result)
             axis_z = viewer.dims.ndim - 3
             viewer.dims.set_current_step(axis_z, idx[0])
             widget.show_voxel(idx)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SAMPLE_PLANES", "STACKS", "open_h5", "registration_mse", "result_layers", "voxel_size_um", "voxel_spectrum"]
+__all__ = ["SAMPLE_PLANES", "STACKS", "open_file", "registration_mse", "result_layers", "voxel_size_um", "voxel_spectrum"]
 
 _log = logging.getLogger("gpureg")
 
@@ -41,7 +41,7 @@ STACKS = (("aligned", "aligned", True), ("recon", "recon", False), ("aligned_glo
 _VOXEL_ATTR = "voxel_size_nm"
 
 
-def open_h5(path):
+def open_file(path):
     """Open a gpureg result read-only, with a one-line error when it is not one.
 
     Parameters
@@ -52,44 +52,38 @@ def open_h5(path):
 
     Returns
     -------
-    h5py.File
-        Open; the caller (or the viewer that holds its layers) closes it.
+    gpureg.io.results.ResultFile
+        Open (the owner of the result layout); the caller, or the viewer that
+        holds its layers, closes it.
     """
-    import h5py
-
     from ..io.files import InputError
+    from ..io.results import ResultFile
 
-    src = Path(path)
-    if not src.exists():
-        raise InputError(f"{src}: file not found")
-    if not h5py.is_hdf5(src):
-        raise InputError(f"{src}: not an HDF5 file")
-    h5 = h5py.File(src, "r")
-    if "aligned" not in h5 and "xanes/edge_energy" not in h5:
-        h5.close()
-        raise InputError(f"{src}: not a gpureg result (expected /aligned or /xanes/edge_energy)")
-    return h5
+    result = ResultFile(path)
+    if result.stack("aligned") is None and "xanes/edge_energy" not in result.h5:
+        result.close()
+        raise InputError(f"{result.path}: not a gpureg result (expected /aligned or /xanes/edge_energy)")
+    return result
 
 
-def voxel_size_um(h5) -> float | None:
+def voxel_size_um(result) -> float | None:
     """Voxel size in micrometres, or None when the result does not record it.
 
     Looked up as attribute ``voxel_size_nm`` of the root, of ``/aligned``, then
     of the input file named by the root attribute ``input`` (the pipeline
     keeps the simulated/Data Exchange input's attributes there).
     """
-    for obj in (h5, h5.get("aligned")):
+    h5 = result.h5
+    for obj in (h5, result.stack("aligned")):
         if obj is not None and _VOXEL_ATTR in obj.attrs:
-            return _micrometres(obj.attrs[_VOXEL_ATTR], h5.filename)
-    src = h5.attrs.get("input")
-    if isinstance(src, bytes):
-        src = src.decode()
+            return _micrometres(obj.attrs[_VOXEL_ATTR], result.path)
+    src = result.attrs().get("input")
     if isinstance(src, str) and src:
         import h5py
 
         p = Path(src)
         if not p.is_absolute():
-            p = Path(h5.filename).parent / p
+            p = result.path.parent / p
         try:
             if p.is_file() and h5py.is_hdf5(p):
                 with h5py.File(p, "r") as f:
@@ -100,14 +94,14 @@ def voxel_size_um(h5) -> float | None:
     return None
 
 
-def result_layers(h5) -> list:
+def result_layers(result) -> list:
     """napari layer data tuples for every map and stack the result holds.
 
     Parameters
     ----------
-    h5 : h5py.File
-        Open result (see :func:`open_h5`); it must stay open while the layers
-        are shown (their data are dask arrays reading from it).
+    result : gpureg.io.results.ResultFile
+        Open result (see :func:`open_file`); it must stay open while the
+        layers are shown (their data are dask arrays reading from it).
 
     Returns
     -------
@@ -118,15 +112,15 @@ def result_layers(h5) -> list:
         Every layer's ``metadata`` holds ``gpureg_result`` (the path) and
         ``energy`` (eV, display order).
     """
-    energy, order = _energies(h5)
-    vox = voxel_size_um(h5)
+    energy, order = _energies(result)
+    vox = voxel_size_um(result)
     s = 1.0 if vox is None else vox
     u = "pixel" if vox is None else "um"
-    meta = {"gpureg_result": str(h5.filename), "energy": energy, "voxel_size_um": vox}
+    meta = {"gpureg_result": str(result.path), "energy": energy, "voxel_size_um": vox}
     out = []
     for name, label, visible in STACKS:
-        ds = h5.get(name)
-        if ds is None or ds.ndim != 4:
+        ds = result.stack(name)
+        if ds is None:
             continue
         if energy is not None and ds.shape[0] != energy.size:
             _log.warning("viewer: /%s has %d energies but /energy has %d; skipped", name, ds.shape[0], energy.size)
@@ -142,7 +136,7 @@ def result_layers(h5) -> list:
         if clim is not None:
             kw["contrast_limits"] = clim
         out.append((data, kw, "image"))
-    g = h5.get("xanes")
+    g = result.h5.get("xanes")  # its datasets are read lazily (ResultFile.xanes reads them whole)
     if g is not None and "edge_energy" in g:
         em = g["edge_energy"]
         data = _lazy(em, planes=1)
@@ -172,12 +166,12 @@ def result_layers(h5) -> list:
     return out
 
 
-def voxel_spectrum(h5, index) -> dict:
+def voxel_spectrum(result, index) -> dict:
     """The spectrum of one voxel and the registration quality per energy.
 
     Parameters
     ----------
-    h5 : h5py.File
+    result : gpureg.io.results.ResultFile
         Open result with ``/aligned`` (or ``/recon``) and ``/energy``.
     index : (int, int, int)
         Voxel ``(z, y, x)`` in the reference grid.
@@ -196,21 +190,21 @@ def voxel_spectrum(h5, index) -> dict:
     from ..io.files import InputError
     from ..xanes.edge import normalize
 
-    name = "aligned" if "aligned" in h5 else "recon" if "recon" in h5 else None
+    name = next((n for n in ("aligned", "recon") if result.stack(n) is not None), None)
     if name is None:
-        raise InputError(f"{h5.filename}: no /aligned or /recon stack to read a spectrum from")
-    ds = h5[name]
+        raise InputError(f"{result.path}: no /aligned or /recon stack to read a spectrum from")
+    ds = result.stack(name)
     z, y, x = (int(round(float(v))) for v in index)
     if not all(0 <= v < n for v, n in zip((z, y, x), ds.shape[1:])):
-        raise ValueError(f"voxel {(z, y, x)} is outside the {ds.shape[1:]} volume of {h5.filename}:/{name}")
-    energy, order = _energies(h5)
+        raise ValueError(f"voxel {(z, y, x)} is outside the {ds.shape[1:]} volume of {result.path}:/{name}")
+    energy, order = _energies(result)
     if energy is None:
         energy, order = np.arange(ds.shape[0], dtype=np.float64), None
     idx = slice(None) if order is None else order
     mu = np.asarray(ds[:, z, y, x], dtype=np.float64)[idx]
     out = {"index": (z, y, x), "energy": energy, "mu": mu, "norm": np.full(mu.shape, np.nan), "edge_energy": np.nan,
            "fit": None, "components": {}, "mse_before": None, "mse_after": None, "dataset": name}
-    g = h5.get("xanes")
+    g = result.h5.get("xanes")
     pre = post = None
     if g is not None and "pre_ev" in g.attrs and "post_ev" in g.attrs:
         pre, post = tuple(float(v) for v in g.attrs["pre_ev"]), tuple(float(v) for v in g.attrs["post_ev"])
@@ -233,20 +227,19 @@ def voxel_spectrum(h5, index) -> dict:
             comps = {nm: w[k] * refs[k] for k, nm in enumerate(_reference_names(g, fr.shape[0]))}
             out["components"] = comps
             out["fit"] = np.sum(list(comps.values()), axis=0)
-    mse = registration_mse(h5)
+    mse = registration_mse(result)
     if mse is not None and mse["mse_before"].size == ds.shape[0]:
         out["mse_before"], out["mse_after"] = mse["mse_before"], mse["mse_after"]
     return out
 
 
-def registration_mse(h5) -> dict | None:
+def registration_mse(result) -> dict | None:
     """``energy``, ``mse_before``, ``mse_after`` (n,) in increasing energy order, or None when absent."""
-    reg = h5.get("registration")
-    if reg is None or "mse_before" not in reg or "mse_after" not in reg:
+    mse = result.mse()
+    if mse is None:
         return None
-    before = np.asarray(reg["mse_before"][()], dtype=np.float64).ravel()
-    after = np.asarray(reg["mse_after"][()], dtype=np.float64).ravel()
-    energy, order = _energies(h5)
+    before, after = (np.asarray(m, dtype=np.float64).ravel() for m in mse)
+    energy, order = _energies(result)
     if before.size != after.size or (energy is not None and energy.size != before.size):
         return None
     if energy is None:
@@ -258,14 +251,11 @@ def registration_mse(h5) -> dict | None:
 
 # --------------------------------------------------------------------------- helpers
 
-def _energies(h5):
+def _energies(result):
     """(energy in increasing order, file index of each, or None when the file is already sorted)."""
-    ds = h5.get("energy")
-    if ds is None:
-        ds = h5.get("exchange/energy")
-    if ds is None:
+    e = result.energies()
+    if e is None:
         return None, None
-    e = np.asarray(ds[()], dtype=np.float64).ravel()
     order = np.argsort(e, kind="stable")
     if np.array_equal(order, np.arange(e.size)):
         return e, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .data import open_h5, result_layers
+from .data import open_file, result_layers
 
 __all__ = ["get_reader", "spectrum_widget"]
 
@@ -25,7 +25,7 @@ def get_reader(path):
             return None
         path = path[0]
     try:
-        open_h5(path).close()
+        open_file(path).close()
     except (OSError, ValueError) as exc:
         _log.debug("gpureg reader: %s is not a gpureg result (%s)", path, exc)
         return None
@@ -36,8 +36,7 @@ def read_result(path):
     """Layer data tuples of a result (the file stays open while the layers use it)."""
     if isinstance(path, (list, tuple)):
         path = path[0]
-    h5 = open_h5(Path(path))
-    return result_layers(h5)
+    return result_layers(open_file(Path(path)))
 
 
 def spectrum_widget(napari_viewer):
@@ -47,9 +46,9 @@ def spectrum_widget(napari_viewer):
     layers = [ly for ly in napari_viewer.layers if "gpureg_result" in (ly.metadata or {})]
     if not layers:
         raise ValueError("no gpureg result is open in this viewer: open a RESULT.h5 first")
-    h5 = open_h5(layers[0].metadata["gpureg_result"])
+    result = open_file(layers[0].metadata["gpureg_result"])
     same = [ly for ly in layers if ly.metadata["gpureg_result"] == layers[0].metadata["gpureg_result"]]
-    widget = attach(napari_viewer, h5, same, dock=False)
+    widget = attach(napari_viewer, result, same, dock=False)
     if widget is None:
-        raise ValueError(f"{h5.filename}: no energy stack or map to pick voxels on")
+        raise ValueError(f"{result.path}: no energy stack or map to pick voxels on")
     return widget

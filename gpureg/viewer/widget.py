@@ -29,16 +29,16 @@ class SpectrumWidget(QWidget):
     Parameters
     ----------
     viewer : napari.Viewer
-    h5 : h5py.File
+    result : gpureg.io.results.ResultFile
         The open result the viewer's layers read from.
     layer : napari.layers.Layer
         The layer whose data coordinates define the voxel (``aligned``, or the
         first gpureg layer); its last three axes are ``(z, y, x)``.
     """
 
-    def __init__(self, viewer, h5, layer, parent=None):
+    def __init__(self, viewer, result, layer, parent=None):
         super().__init__(parent)
-        self.viewer, self.h5, self.layer = viewer, h5, layer
+        self.viewer, self.result, self.layer = viewer, result, layer
         self.spectrum = None
         self.figure = Figure(figsize=(4.2, 5.0), dpi=90, layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
@@ -61,7 +61,7 @@ class SpectrumWidget(QWidget):
                                         units=tuple(layer.units[-3:]), axis_labels=("z", "y", "x"), symbol="cross",
                                         size=3, face_color="red", border_width=0, out_of_slice_display=False)
         viewer.layers.selection.active = selected  # keep the user's layer controls
-        self._draw_mse(registration_mse(h5))
+        self._draw_mse(registration_mse(result))
 
     def voxel_at(self, position):
         """Voxel ``(z, y, x)`` of ``self.layer`` at a world position, or None outside the volume."""
@@ -72,7 +72,7 @@ class SpectrumWidget(QWidget):
 
     def show_voxel(self, index) -> dict:
         """Read and plot the spectrum of voxel ``(z, y, x)``; returns :func:`voxel_spectrum`'s dict."""
-        spec = voxel_spectrum(self.h5, index)
+        spec = voxel_spectrum(self.result, index)
         self.spectrum = spec
         ax = self.ax_mu
         ax.clear()
