@@ -277,3 +277,25 @@ def test_npe2_reader_gives_the_same_layers(qt, result, tmp_path):
         h5["x"] = 1
     assert get_reader(str(other)) is None
     assert get_reader(str(tmp_path / "missing.h5")) is None
+
+
+def test_cli_view_missing_file_is_one_line_error(tmp_path, capsys):
+    from gpureg.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["view", str(tmp_path / "missing.h5"), "--screenshot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gpureg: error: ") and ("missing.h5" in err[-1] or "napari" in err[-1])
+
+
+def test_cli_view_screenshot(qt, result, tmp_path):
+    from matplotlib.image import imread
+
+    from gpureg.cli import main
+
+    png = tmp_path / "cli.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["view", str(result[0]), "--screenshot", str(png)])
+    assert exc.value.code == 0
+    assert imread(png).shape[:2] == (900, 1500)
