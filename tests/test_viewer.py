@@ -20,8 +20,7 @@ import pytest
 
 from gpureg.viewer import open_file, result_layers, voxel_size_um, voxel_spectrum
 from gpureg.viewer.data import registration_mse
-from gpureg.xanes import normalize
-from gpureg.xanes import synthetic_spectra
+from gpureg.xanes import normalize, synthetic_spectra
 
 SHAPE = (12, 16, 20)  # (z, y, x), all different so a swapped axis shows
 E = np.concatenate([np.arange(6500.0, 6540.0, 10.0), np.arange(6540.0, 6570.0, 2.0), np.arange(6570.0, 6660.0, 15.0)])
@@ -214,13 +213,13 @@ def test_open_result_layers_and_energy_label(viewer):
     np.testing.assert_allclose(viewer.layers["edge energy (eV)"].scale, (0.25, 0.25, 0.25))
     viewer.dims.set_current_step(0, 5)
     assert viewer.dims.axis_labels[0] == f"{E[5]:.1f} eV"
-    from gpureg.viewer.app import overlay
+    from gpureg.viewer.widget import overlay
 
     assert f"{E[5]:.1f} eV" in overlay(viewer, "text").text
 
 
 def test_spectrum_widget_shows_the_clicked_voxel(viewer, result):
-    path, stack, _ = result
+    _, stack, _ = result
     widget = viewer.window.gpureg_spectrum
     world = np.array([0.0, 6, 9, 12]) * np.array([1.0, 0.25, 0.25, 0.25])   # where a click on voxel (6, 9, 12) lands
     idx = widget.voxel_at(world)
@@ -299,3 +298,20 @@ def test_cli_view_screenshot(qt, result, tmp_path):
         main(["view", str(result[0]), "--screenshot", str(png)])
     assert exc.value.code == 0
     assert imread(png).shape[:2] == (900, 1500)
+
+
+def test_plugin_dock_on_reader_layers(qt, result):
+    """What napari does for `napari RESULT.h5` + Plugins > gpureg: voxel spectrum (npe2 layer tuples, dock class)."""
+    from gpureg.viewer.reader import read_result
+    from gpureg.viewer.widget import SpectrumDock
+
+    v = qt.Viewer(show=False)
+    try:
+        for data, kw, kind in read_result(str(result[0])):
+            getattr(v, f"add_{kind}")(data, **kw)
+        dock = SpectrumDock(napari_viewer=v)
+        spec = dock.show_voxel((6, 9, 12))
+        np.testing.assert_array_equal(spec["mu"], result[1][:, 6, 9, 12].astype(np.float64))
+        assert v.dims.axis_labels[0].endswith(" eV")
+    finally:
+        v.close()

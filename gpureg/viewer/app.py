@@ -14,7 +14,7 @@ import numpy as np
 
 from .data import open_file, result_layers
 
-__all__ = ["attach", "check_opengl", "open_result", "overlay", "pick_voxel", "require_napari", "screenshot"]
+__all__ = ["attach", "check_opengl", "open_result", "pick_voxel", "require_napari", "screenshot"]
 
 _log = logging.getLogger("gpureg")
 
@@ -80,35 +80,17 @@ def attach(viewer, result, layers, *, dock: bool = True):
     SpectrumWidget or None
         None when no layer has an energy stack or a map to pick voxels on.
     """
-    from .widget import SpectrumWidget
+    from .widget import SpectrumWidget, base_layers, decorate
 
-    stack = next((ly for ly in layers if ly.ndim == 4 and "energy" in (ly.metadata or {})), None)
-    base = stack or next((ly for ly in layers if ly.ndim == 3), None)
+    stack, base = base_layers(layers)
     if base is None:
         return None
-    meta = base.metadata
-    overlay(viewer, "scale_bar").visible = meta.get("voxel_size_um") is not None
-    energy = meta.get("energy")
     widget = SpectrumWidget(viewer, result, base)  # adds the "picked voxel" layer: before the energy read-out
-    if stack is not None and energy is not None:
-        _energy_readout(viewer, stack, np.asarray(energy))
-    for ly in layers:
-        if ly.name == "edge energy (eV)":
-            ly.colorbar.visible = True
-            viewer.layers.selection.active = ly
+    decorate(viewer, layers, stack)
     if dock:
         viewer.window.add_dock_widget(widget, name="gpureg spectrum", area="right")
         viewer.window.gpureg_spectrum = widget
     return widget
-
-
-def overlay(viewer, name):
-    """The canvas overlay ``name`` ("text", "scale_bar"): ``viewer.canvas.overlays`` (napari >= 0.9) or the old attribute."""
-    canvas = getattr(viewer, "canvas", None)
-    overlays = getattr(canvas, "overlays", None)
-    if overlays is not None and hasattr(overlays, name):
-        return getattr(overlays, name)
-    return getattr(viewer, f"{name}_overlay" if name == "text" else name)
 
 
 def pick_voxel(result):
@@ -188,31 +170,6 @@ def screenshot(path, png, *, size=(1500, 900), voxel=None):
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _energy_readout(viewer, stack, energy):
-    """Show the current energy (eV) as the slider's label and in the top-left corner."""
-    def update(event=None):
-        axis = viewer.dims.ndim - stack.ndim  # the stack's first axis in world dimensions
-        k = int(viewer.dims.current_step[axis])
-        if not 0 <= k < energy.size:
-            return
-        label = f"{energy[k]:.1f} eV"
-        for ly in viewer.layers:  # napari derives the slider labels from the layers' labels
-            if ly.ndim == 4 and (ly.metadata or {}).get("energy") is not None and ly.axis_labels[0] != label:
-                ly.axis_labels = (label, *ly.axis_labels[1:])
-        labels = list(viewer.dims.axis_labels)
-        if labels[axis] != label:
-            labels[axis] = label
-            viewer.dims.axis_labels = labels
-        text.text = f"E = {energy[k]:.1f} eV ({k + 1}/{energy.size})"
-
-    text = overlay(viewer, "text")
-    text.visible = True
-    text.position = "top_left"
-    viewer.dims.events.current_step.connect(update)
-    viewer.layers.events.inserted.connect(update)  # a new layer resets the axis labels
-    update()
-
 
 def check_opengl():
     """Raise RuntimeError with a fix when Qt cannot create an OpenGL context (napari would crash later)."""

@@ -194,7 +194,7 @@ def voxel_spectrum(result, index) -> dict:
     if name is None:
         raise InputError(f"{result.path}: no /aligned or /recon stack to read a spectrum from")
     ds = result.stack(name)
-    z, y, x = (int(round(float(v))) for v in index)
+    z, y, x = (round(float(v)) for v in index)
     if not all(0 <= v < n for v, n in zip((z, y, x), ds.shape[1:])):
         raise ValueError(f"voxel {(z, y, x)} is outside the {ds.shape[1:]} volume of {result.path}:/{name}")
     energy, order = _energies(result)

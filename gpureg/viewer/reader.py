@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .data import open_file, result_layers
 
-__all__ = ["get_reader", "spectrum_widget"]
+__all__ = ["get_reader", "read_result"]
 
 _log = logging.getLogger("gpureg")
 
@@ -37,18 +37,3 @@ def read_result(path):
     if isinstance(path, (list, tuple)):
         path = path[0]
     return result_layers(open_file(Path(path)))
-
-
-def spectrum_widget(napari_viewer):
-    """The spectrum dock for the gpureg layers already in ``napari_viewer`` (opened by the reader)."""
-    from .app import attach
-
-    layers = [ly for ly in napari_viewer.layers if "gpureg_result" in (ly.metadata or {})]
-    if not layers:
-        raise ValueError("no gpureg result is open in this viewer: open a RESULT.h5 first")
-    result = open_file(layers[0].metadata["gpureg_result"])
-    same = [ly for ly in layers if ly.metadata["gpureg_result"] == layers[0].metadata["gpureg_result"]]
-    widget = attach(napari_viewer, result, same, dock=False)
-    if widget is None:
-        raise ValueError(f"{result.path}: no energy stack or map to pick voxels on")
-    return widget

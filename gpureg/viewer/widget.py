@@ -14,13 +14,66 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QLabel, QVBoxLayout, QWidget
 
-from .data import registration_mse, voxel_spectrum
+from .data import open_file, registration_mse, voxel_spectrum
 
-__all__ = ["SpectrumWidget"]
+__all__ = ["SpectrumDock", "SpectrumWidget", "base_layers", "decorate", "overlay"]
 
 _log = logging.getLogger("gpureg")
 
 _HOVER_MS = 150  # cursor must rest this long before a spectrum is read (a read touches every energy)
+
+
+def base_layers(layers):
+    """``(stack, base)``: the gpureg energy stack (or None) and the layer voxels are picked on (or None)."""
+    stack = next((ly for ly in layers if ly.ndim == 4 and "energy" in (ly.metadata or {})), None)
+    base = stack or next((ly for ly in layers if ly.ndim == 3), None)
+    return stack, base
+
+
+def decorate(viewer, layers, stack):
+    """Scale bar (when the voxel size is known), energy read-out in eV, edge-energy colour bar."""
+    meta = (stack or layers[0]).metadata or {}
+    overlay(viewer, "scale_bar").visible = meta.get("voxel_size_um") is not None
+    if stack is not None and meta.get("energy") is not None:
+        energy_readout(viewer, stack, np.asarray(meta["energy"]))
+    for ly in layers:
+        if ly.name == "edge energy (eV)":
+            ly.colorbar.visible = True
+            viewer.layers.selection.active = ly
+
+
+def overlay(viewer, name):
+    """The canvas overlay ``name`` ("text", "scale_bar"): ``viewer.canvas.overlays`` (napari >= 0.9) or the old attribute."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    if overlays is not None and hasattr(overlays, name):
+        return getattr(overlays, name)
+    return getattr(viewer, f"{name}_overlay" if name == "text" else name)
+
+
+def energy_readout(viewer, stack, energy):
+    """Show the current energy (eV) as the slider's label and in the top-left corner."""
+    def update(event=None):
+        axis = viewer.dims.ndim - stack.ndim  # the stack's first axis in world dimensions
+        k = int(viewer.dims.current_step[axis])
+        if not 0 <= k < energy.size:
+            return
+        label = f"{energy[k]:.1f} eV"
+        for ly in viewer.layers:  # napari derives the slider labels from the layers' labels
+            if ly.ndim == 4 and (ly.metadata or {}).get("energy") is not None and ly.axis_labels[0] != label:
+                ly.axis_labels = (label, *ly.axis_labels[1:])
+        labels = list(viewer.dims.axis_labels)
+        if labels[axis] != label:
+            labels[axis] = label
+            viewer.dims.axis_labels = labels
+        text.text = f"E = {energy[k]:.1f} eV ({k + 1}/{energy.size})"
+
+    text = overlay(viewer, "text")
+    text.visible = True
+    text.position = "top_left"
+    viewer.dims.events.current_step.connect(update)
+    viewer.layers.events.inserted.connect(update)  # a new layer resets the axis labels
+    update()
 
 
 class SpectrumWidget(QWidget):
@@ -66,7 +119,7 @@ class SpectrumWidget(QWidget):
     def voxel_at(self, position):
         """Voxel ``(z, y, x)`` of ``self.layer`` at a world position, or None outside the volume."""
         data = np.asarray(self.layer.world_to_data(position), dtype=np.float64)[-3:]
-        idx = tuple(int(round(v)) for v in data)
+        idx = tuple(round(float(v)) for v in data)
         shape = self.layer.data.shape[-3:]
         return idx if all(0 <= i < n for i, n in zip(idx, shape)) else None
 
@@ -160,3 +213,23 @@ class SpectrumWidget(QWidget):
             self._energy_line.remove()
         self._energy_line = self.ax_mse.axvline(energy[k], color="tab:orange", lw=1)
         self.canvas.draw_idle()
+
+
+class SpectrumDock(SpectrumWidget):
+    """The napari plugin's dock ("gpureg: voxel spectrum") for a result opened with ``napari RESULT.h5``.
+
+    napari passes the viewer as ``napari_viewer``; the result is the file
+    named in the gpureg layers' metadata (reopened read-only).
+    """
+
+    def __init__(self, napari_viewer, parent=None):
+        layers = [ly for ly in napari_viewer.layers if "gpureg_result" in (ly.metadata or {})]
+        if not layers:
+            raise ValueError("no gpureg result is open in this viewer: open a RESULT.h5 first")
+        path = layers[0].metadata["gpureg_result"]
+        layers = [ly for ly in layers if ly.metadata["gpureg_result"] == path]
+        stack, base = base_layers(layers)
+        if base is None:
+            raise ValueError(f"{path}: no energy stack or map to pick voxels on")
+        super().__init__(napari_viewer, open_file(path), base, parent)
+        decorate(napari_viewer, layers, stack)
