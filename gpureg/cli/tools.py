@@ -1,4 +1,4 @@
-"""Single-step commands: ``gpureg register``, ``xanes``, ``plot``, ``recon``, ``simulate``."""
+"""Single-step commands: ``gpureg register``, ``xanes``, ``plot``, ``view``, ``recon``, ``simulate``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, parse_center
 from .app import CenterOpt, DenoiseOpt, DeviceOpt, EdgeOpt, FilterOpt, ModelOpt, RawOpt, SmoothOpt, app, flag, friendly
 
-__all__ = ["plot", "recon", "register", "simulate", "xanes"]
+__all__ = ["plot", "recon", "register", "simulate", "view", "xanes"]
 
 
 @app.command()
@@ -83,6 +83,33 @@ def plot(
 
     paths = plot_result(result, outdir)
     typer.echo(f"{len(paths)} figure(s) written to {outdir}: " + ", ".join(p.name for p in paths))
+
+
+@app.command()
+@friendly
+def view(
+    result: Path = typer.Argument(..., help="Pipeline or `gpureg xanes` output HDF5."),
+    screenshot: Optional[Path] = typer.Option(None, "--screenshot", help="Render headless to this PNG and exit."),
+):
+    """Browse RESULT in napari: aligned stack by energy (eV), edge-energy map, particles, voxel spectra.
+
+    Needs the extra: pip install 'gpureg[viewer]'.
+    """
+    from ..viewer import app as viewer
+
+    try:
+        napari = viewer.require_napari() if screenshot is None else None
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from None
+    if screenshot is not None:
+        try:
+            png = viewer.screenshot(result, screenshot)
+        except ImportError as exc:
+            raise RuntimeError(str(exc)) from None
+        typer.echo(f"screenshot: {png}")
+        return
+    viewer.open_result(result, show=True)
+    napari.run()
 
 
 @app.command()
