@@ -23,7 +23,7 @@ from ..core.backend import to_host
 from .lcf import normalized_spectra
 from .spectra import check_energies, spectra_matrix
 
-__all__ = ["ClusterResult", "Components", "assign_clusters", "cluster_spectra", "kmeans", "order_clusters",
+__all__ = ["ClusterResult", "Components", "assign_clusters", "cluster_spectra", "kmeans", "order_clusters", "pca_columns",
            "spectral_components"]
 
 METHODS = ("kmeans",)
@@ -114,7 +114,7 @@ def spectral_components(spectra, n: int, *, mask=None) -> Components:
     count = int(valid.sum())
     if count < 2:
         raise ValueError(f"spectral_components: need at least 2 finite spectra, got {count}")
-    comp, scores = _pca(xp, y[:, valid], n)
+    comp, scores = pca_columns(xp, y[:, valid], n)
     full = xp.full((n, y.shape[1]), np.nan, dtype=xp.float32)
     full[:, valid] = scores
     return Components(scores=full.reshape(n, *vox), **comp)
@@ -171,7 +171,7 @@ def cluster_spectra(spectra, energies, k: int, *, method: str = "kmeans", n_comp
     if n_components is not None:
         if not isinstance(n_components, (int, np.integer)) or not 1 <= n_components <= E.size:
             raise ValueError(f"cluster_spectra: n_components must be in 1..{E.size}, got {n_components!r}")
-        c, X = _pca(xp, Y, int(n_components))
+        c, X = pca_columns(xp, Y, int(n_components))
         comp = Components(scores=None, **c)
     centers, lab, inertia = kmeans(X, int(k), seed=seed, n_init=n_init, max_iter=max_iter)
     centroids, counts = _member_means(xp, Y, lab, int(k))
@@ -277,10 +277,8 @@ def order_clusters(centroids, energies) -> np.ndarray:
     return np.array([t[2] for t in sorted(key)], dtype=np.int64)
 
 
-# --------------------------------------------------------------------------- helpers
-
-def _pca(xp, Y, n):
-    """PCA of the columns of Y (n_energy, N): (dict for Components without scores, scores (n, N) float32)."""
+def pca_columns(xp, Y, n):
+    """PCA of the columns of ``Y`` (n_energy, N) on ``xp``: (dict of :class:`Components` fields but ``scores``, scores (n, N) float32)."""
     N = int(Y.shape[1])
     mean = Y.astype(xp.float64).mean(axis=1)
     Yc = Y - mean.astype(xp.float32)[:, None]
@@ -295,6 +293,8 @@ def _pca(xp, Y, n):
     return {"loadings": L, "explained_variance": w[:n], "explained_variance_ratio": w[:n] / total,
             "mean": np.asarray(to_host(mean), dtype=np.float64)}, scores
 
+
+# --------------------------------------------------------------------------- helpers
 
 def _kmeanspp(xp, X, k, rng):
     """k-means++ seeds (d, k) from the columns of X; choices drawn on the host with ``rng``."""
