@@ -315,3 +315,19 @@ def test_synthetic_mixture_sample_fractions(tmp_path):
     err = out["fractions"][:, sel] - truth["fractions"][:, sel]
     assert float(np.sqrt(np.mean(err ** 2))) <= 0.02
     assert np.nanmax(truth["fractions"][1]) > 0.9 and np.nanmin(truth["fractions"][1]) < 0.1
+
+
+def test_chemistry_figures(tmp_path):
+    from gpureg.figures.chemistry import cluster_map, fraction_maps, scree_plot
+
+    mu, phase = _two_phase_volume(19, size=12)
+    res = fit_references(mu, E, [(E_FINE, REF_A), (E_FINE, REF_B)], names=["MnO", "Mn2O3"])
+    cl = cluster_spectra(mu, E, 2)
+    pc = spectral_components(pre_edge(mu, E)["norm"][:, phase > 0], 4)
+    paths = [fraction_maps(res.fractions, tmp_path / "f.png", names=res.names, labels=(phase > 0).astype(int)),
+             cluster_map(cl.labels, cl.centroids, E, tmp_path / "c.png"),
+             scree_plot(pc.explained_variance_ratio, tmp_path / "s.png")]
+    for p in paths:
+        assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"centroids must be"):
+        cluster_map(cl.labels, cl.centroids[:, :5], E, tmp_path / "bad.png")
