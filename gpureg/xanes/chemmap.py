@@ -34,7 +34,7 @@ _log = logging.getLogger("gpureg")
 def chemistry_map(stack, energies, *, references=None, names=None, k: int | None = None,
                   n_components: int | None = None, offset: bool = True, sum_to_one: bool = False,
                   nonneg: bool = True, use: str = "norm", fit_range=None, mask=None, min_step: float | None = None,
-                  slab: int = 16, device: str = "auto", sample: int = 200_000, seed: int = 0,
+                  slab: int = 16, device: str = "auto", sample: int = 100_000, seed: int = 0,
                   info: dict | None = None) -> dict:
     """Reference fractions and/or k-means clusters of every voxel of an energy stack.
 

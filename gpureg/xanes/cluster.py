@@ -184,7 +184,7 @@ def cluster_spectra(spectra, energies, k: int, *, method: str = "kmeans", n_comp
                          inertia=float(inertia), mask=valid.reshape(vox), components=comp)
 
 
-def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100, tol: float = 1e-6,
+def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4,
            sample: int = 20000):
     """k-means (Lloyd, k-means++ seeding) of the columns of ``X`` (d, N).
 

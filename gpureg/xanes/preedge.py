@@ -84,45 +84,43 @@ def pre_edge(spectra, energies, *, e0: float | None = None, pre1: float | None =
         if tuple(m.shape) != vox:
             raise ValueError(f"pre_edge: mask must have shape {vox} (spectra.shape[1:]), got {tuple(m.shape)}")
         ok &= m.reshape(-1).astype(bool)
-    idx = xp.flatnonzero(ok)
-    nan = np.float32(np.nan)
-    out_e0 = xp.full(N, nan, dtype=xp.float32)
-    out_step = xp.full(N, nan, dtype=xp.float32)
-    out_norm = xp.full((n, N), nan, dtype=xp.float32)
-    out_flat = xp.full((n, N), nan, dtype=xp.float32) if flatten else None
-    if int(idx.size):
-        sub = mu[:, idx]
-        if e0 is None or not (E[1] <= float(e0) <= E[-2]):
-            ie0 = find_e0_index(xp, sub, E)
-            e0_val = None
-        else:
-            ie0 = xp.full(int(idx.size), int(np.abs(E - float(e0)).argmin()), dtype=xp.int32)
-            e0_val = float(e0)
-        ranges = dict(pre1=pre1, pre2=pre2, norm1=norm1, norm2=norm2, nnorm=nnorm)
-        host_ie0 = np.asarray(ie0.get() if hasattr(ie0, "get") else ie0)
-        for k in np.unique(host_ie0):
-            sel_h = np.flatnonzero(host_ie0 == k)
-            sel = xp.asarray(sel_h)
-            cols = idx[sel]
-            e_k = E[k] if e0_val is None else e0_val
-            ops = _operators(E.tobytes(), float(e_k), int(k), tuple(sorted(ranges.items())))
-            y = sub[:, sel]
-            wpre, vpre, wpost, vpost = (xp.asarray(a) for a in ops)
-            y1 = y - vpre @ (wpre @ y)                       # mu - pre_edge
-            y2 = vpost @ (wpost @ y1)                        # post_edge - pre_edge
-            raw = y2[int(k)]
-            step = xp.maximum(xp.abs(raw), xp.float32(1e-12))
-            norm = y1 / step[None, :]
-            out_norm[:, cols] = norm
-            out_step[cols] = step
-            out_e0[cols] = xp.float32(e_k)
-            if flatten:
-                fl = norm - y2 / step[None, :] + (raw / step)[None, :]
-                fl[:int(k)] = norm[:int(k)]
-                out_flat[:, cols] = fl
-    res = {"e0": out_e0.reshape(vox), "edge_step": out_step.reshape(vox), "norm": out_norm.reshape(n, *vox)}
+    all_ok = bool(ok.all())
+    mu0 = mu if all_ok else xp.where(ok[None, :], mu, xp.float32(0))
+    if e0 is None or not (E[1] <= float(e0) <= E[-2]):
+        ie0 = find_e0_index(xp, mu0, E)
+        e0_val = None
+    else:
+        ie0 = xp.full(N, int(np.abs(E - float(e0)).argmin()), dtype=xp.int32)
+        e0_val = float(e0)
+    ranges = tuple(sorted(dict(pre1=pre1, pre2=pre2, norm1=norm1, norm2=norm2, nnorm=nnorm).items()))
+    ie0_h = np.asarray(ie0.get() if hasattr(ie0, "get") else ie0)
+    ok_h = np.asarray(ok.get() if hasattr(ok, "get") else ok)
+    ks = np.unique(ie0_h[ok_h]) if ok_h.any() else np.zeros(0, np.int64)
+    e_bytes = E.tobytes()
+    deg = max([1] + [larch_ranges(E, float(E[k]) if e0_val is None else e0_val, **dict(ranges))["nnorm"]
+                     for k in ks])
+    V = xp.asarray(_basis(e_bytes, deg))                              # (n, deg + 1), shared by all voxels
+    coef = xp.zeros((3 + deg, N), dtype=xp.float32)                  # pre line (2) + post polynomial (deg + 1)
+    if ks.size == 1:
+        coef = xp.asarray(_coef_matrix(e_bytes, float(E[ks[0]]) if e0_val is None else e0_val, ranges, deg)) @ mu0
+    else:
+        for k in ks:
+            sel = xp.asarray(np.flatnonzero((ie0_h == k) & ok_h))
+            C = xp.asarray(_coef_matrix(e_bytes, float(E[k]) if e0_val is None else e0_val, ranges, deg))
+            coef[:, sel] = C @ mu0[:, sel]
+    y1 = mu0 - V[:, :2] @ coef[:2]                                   # mu - pre_edge
+    pmp = V @ coef[2:]                                               # post_edge - pre_edge
+    raw = (V[ie0] * coef[2:].T).sum(axis=1)                          # at the grid point E0
+    step = xp.maximum(xp.abs(raw), xp.float32(1e-12))
+    nan = xp.float32(np.nan)
+    norm = xp.where(ok[None, :], y1 / step[None, :], nan)
+    e0_out = xp.asarray(E.astype(np.float32))[ie0] if e0_val is None else xp.full(N, e0_val, dtype=xp.float32)
+    res = {"e0": xp.where(ok, e0_out, nan).reshape(vox), "edge_step": xp.where(ok, step, nan).reshape(vox),
+           "norm": norm.reshape(n, *vox)}
     if flatten:
-        res["flat"] = out_flat.reshape(n, *vox)
+        above = xp.arange(n, dtype=xp.int32)[:, None] >= ie0[None, :]
+        flat = xp.where(above, norm - pmp / step[None, :] + (raw / step)[None, :], norm)
+        res["flat"] = flat.reshape(n, *vox)
     return res
 
 
@@ -205,9 +203,13 @@ def find_e0_index(xp, mu, E):
     estep1 = _energy_step(en)
     i1_h = np.asarray(i1.get() if hasattr(i1, "get") else i1)
     out = xp.empty(N, dtype=xp.int32)
-    for k in np.unique(i1_h):
-        sel_h = np.flatnonzero(i1_h == k)
-        sel = xp.asarray(sel_h)
+    ks = np.unique(i1_h)
+    if ks.size > 1:                      # one gather; every group is then a contiguous block of columns
+        perm_h = np.argsort(i1_h, kind="stable")
+        perm = xp.asarray(perm_h)
+        mu_s = mu[:, perm]
+        bounds = np.searchsorted(i1_h[perm_h], ks, side="left").tolist() + [N]
+    for j, k in enumerate(ks):
         e1 = float(en[k])
         istart, istop = max(3, k - 75), min(k + 75, n - 3)
         if k < 0.05 * n:
@@ -215,9 +217,13 @@ def find_e0_index(xp, mu, E):
             istart, istop = max(3, k - 20), n - 3
         estep = 0.5 * (max(0.01, min(1.0, estep1)) + max(0.01, min(1.0, e1 / 25000.0)))
         S = xp.asarray(_smoothed_gradient(E[istart:istop].tobytes(), estep))   # (M-1, M)
-        d2 = S @ mu[istart:istop][:, sel]
-        ix = _high_deriv_argmax(xp, d2, S.shape[0])
-        out[sel] = xp.where(ix < 1, xp.int32(istart + 2), ix.astype(xp.int32) + xp.int32(istart))
+        block = mu[istart:istop] if ks.size == 1 else mu_s[istart:istop, bounds[j]:bounds[j + 1]]
+        ix = _high_deriv_argmax(xp, S @ block, S.shape[0])
+        ix = xp.where(ix < 1, xp.int32(istart + 2), ix.astype(xp.int32) + xp.int32(istart))
+        if ks.size == 1:
+            out[...] = ix
+        else:
+            out[perm[bounds[j]:bounds[j + 1]]] = ix
     return out
 
 
@@ -315,20 +321,26 @@ def _larch_smooth(x, y, xstep, sigma, npad=5):
     return np.interp(x, x0, y2)
 
 
+@functools.lru_cache(maxsize=64)
+def _basis(e_bytes, deg):
+    """(n, deg + 1) float32 polynomial basis in ``t = (E - E_mid) / half_range`` (well conditioned)."""
+    E = np.frombuffer(e_bytes, dtype=np.float64)
+    t = (E - 0.5 * (E[0] + E[-1])) / max(0.5 * (E[-1] - E[0]), 1e-9)
+    return np.vander(t, deg + 1, increasing=True).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=1024)
-def _operators(e_bytes, e0, ie0, ranges):
-    """Low-rank pre/post operators for one E0: ``pre = vpre @ (wpre @ mu)``, ``post - pre = vpost @ (wpost @ (mu - pre))``."""
+def _coef_matrix(e_bytes, e0, ranges, deg):
+    """(3 + deg, n) float32: ``coef = C @ mu`` gives the pre-edge line (2) and the post-edge polynomial
+    of ``mu - pre_edge`` (deg + 1, zero-padded) in :func:`_basis`, for an edge at ``e0`` (Larch's ranges)."""
     E = np.frombuffer(e_bytes, dtype=np.float64)
     r = larch_ranges(E, e0, **dict(ranges))
-    x = E - e0
-    scale = max(float(np.abs(x).max()), 1.0)
-    t = x / scale
+    V = _basis(e_bytes, deg).astype(np.float64)
     (p1, p2), (q1, q2) = r["pre_idx"], r["post_idx"]
-    deg_pre = r["npre"]
-    vpre = np.vander(t, deg_pre + 1, increasing=True)                     # (n, deg+1)
-    wpre = np.zeros((deg_pre + 1, E.size))
-    wpre[:, p1:p2] = np.linalg.pinv(vpre[p1:p2])
-    vpost = np.vander(t, r["nnorm"] + 1, increasing=True)
-    wpost = np.zeros((r["nnorm"] + 1, E.size))
-    wpost[:, q1:q2] = np.linalg.pinv(vpost[q1:q2])
-    return tuple(a.astype(np.float32) for a in (wpre, vpre, wpost, vpost))
+    wpre = np.zeros((2, E.size))
+    wpre[:r["npre"] + 1, p1:p2] = np.linalg.pinv(V[p1:p2, :r["npre"] + 1])
+    wpost = np.zeros((deg + 1, E.size))
+    wpost[:r["nnorm"] + 1, q1:q2] = np.linalg.pinv(V[q1:q2, :r["nnorm"] + 1])
+    # post coefficients of (mu - V2 wpre mu): wpost - (wpost V2) wpre
+    C = np.concatenate([wpre, wpost - (wpost @ V[:, :2]) @ wpre], axis=0)
+    return C.astype(np.float32)
