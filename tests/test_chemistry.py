@@ -1,7 +1,7 @@
 """Chemical state beyond the edge energy: Larch-compatible normalisation, LCF, PCA and k-means (issue 17).
 
 Synthetic truth: reference compounds are the parametric Mn K-edge model of
-:func:`gpureg.synth.xanes_model` (unit edge jump) with two edge positions and
+Mn model of :mod:`gpureg.synth` (``MN_SPECTRUM``, unit edge jump) with two edge positions and
 white lines (MnO-like 6549 eV / 0.35, Mn2O3-like 6555.5 eV / 0.74), sampled
 on a fine 0.25 eV grid and written as text files; voxels are mixtures with
 known fractions, scaled by a random edge step, plus Gaussian noise of 1 % of

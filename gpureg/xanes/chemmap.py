@@ -21,10 +21,11 @@ import logging
 import numpy as np
 
 from ..core.backend import get_xp, resolve_device, to_device, to_host
+from ..io.base import check_energies
 from .cluster import Components, assign_clusters, kmeans, order_clusters, pca_columns
 from .lcf import LinearCombination, prepare_references
 from .preedge import pre_edge
-from .spectra import as_energy_vector, auto_min_jump, check_energies
+from .spectra import MIN_ENERGIES, auto_min_jump
 
 __all__ = ["chemistry_map"]
 
@@ -85,10 +86,9 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
         raise ValueError(f"clusters: k must be an integer >= 2, got {k!r}")
     if not isinstance(slab, (int, np.integer)) or slab < 1:
         raise ValueError(f"chemistry_map: slab must be a positive integer, got {slab!r}")
-    E_in = as_energy_vector(energies)
+    E_in = check_energies(energies, min_count=MIN_ENERGIES)
     order = np.argsort(E_in, kind="stable")
     E = E_in[order]
-    check_energies(E)
     read, shape = _reader(stack, E.size, order)
     if mask is not None and tuple(mask.shape) != shape:
         raise ValueError(f"chemistry_map: mask must have the volume shape {shape}, got {tuple(mask.shape)}")

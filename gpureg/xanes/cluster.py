@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import to_host
+from ..io.base import check_energies
 from .lcf import normalized_spectra
-from .spectra import check_energies, spectra_matrix
+from .spectra import MIN_ENERGIES, spectra_matrix
 
 __all__ = ["ClusterResult", "Components", "assign_clusters", "cluster_spectra", "kmeans", "order_clusters", "pca_columns",
            "spectral_components"]
@@ -159,7 +160,7 @@ def cluster_spectra(spectra, energies, k: int, *, method: str = "kmeans", n_comp
         raise ValueError(f"cluster_spectra: method must be one of {METHODS}, got {method!r}")
     if not isinstance(k, (int, np.integer)) or k < 2:
         raise ValueError(f"cluster_spectra: k must be an integer >= 2, got {k!r}")
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, vox = spectra_matrix(spectra, E, "cluster_spectra")
     y, _, _, valid = normalized_spectra(xp, mu, E, vox, normalize=normalize, use=use, mask=mask, min_step=min_step)
     Y = y[:, valid]

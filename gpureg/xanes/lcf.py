@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import to_host
+from ..io.base import check_energies
 from .preedge import pre_edge
 from .references import load_references, reference_matrix
-from .spectra import auto_min_jump, check_energies, spectra_matrix
+from .spectra import MIN_ENERGIES, auto_min_jump, spectra_matrix
 
 __all__ = ["FitResult", "LinearCombination", "fit_references", "prepare_references"]
 
@@ -116,7 +117,7 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
     FitResult
         On the input's device.
     """
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, vox = spectra_matrix(spectra, E, "fit_references")
     names_, A = prepare_references(references, E, normalize=normalize, use=use, names=names)
     solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range)

@@ -37,7 +37,8 @@ import functools
 
 import numpy as np
 
-from .spectra import check_energies, spectra_matrix
+from ..io.base import check_energies
+from .spectra import MIN_ENERGIES, spectra_matrix
 
 __all__ = ["larch_ranges", "pre_edge"]
 
@@ -73,7 +74,7 @@ def pre_edge(spectra, energies, *, e0: float | None = None, pre1: float | None =
         (n_energy, ...) float32; NaN where not processed. Arrays on the
         input's device.
     """
-    E = check_energies(energies)
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, vox = spectra_matrix(spectra, E, "pre_edge")
     n, N = mu.shape
     if n < 10 and e0 is None:
