@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -64,7 +64,7 @@ def run_cmd(
     no_report: bool = NoReportOpt,
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (multi-GPU/multi-node)."),
     per_particle: bool = PerParticleOpt,
-    references: Optional[List[str]] = ReferencesOpt,
+    references: Optional[list[str]] = ReferencesOpt,
     clusters: Optional[int] = ClustersOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -77,7 +77,7 @@ def xanes(
     energy_dataset: Optional[str] = typer.Option(None, "--energy-dataset", help="Energy dataset (eV)."),
     overwrite: bool = flag(False, "--overwrite", help="Replace OUTPUT if it exists."),
     device: Device = DeviceOpt,
-    references: Optional[List[str]] = ReferencesOpt,
+    references: Optional[list[str]] = ReferencesOpt,
     clusters: Optional[int] = ClustersOpt,
 ):
     """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack;
