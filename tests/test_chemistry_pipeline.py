@@ -29,7 +29,7 @@ def mixture_recon(tmp_path_factory):
 def test_run_references_and_clusters(mixture_recon, tmp_path):
     path, refs, truth = mixture_recon
     out = tmp_path / "result.h5"
-    r = CliRunner().invoke(app, ["run", str(path), str(out), "--device", "cpu", "--no-report",
+    r = CliRunner().invoke(app, ["run", str(path), str(out), "--device", "cpu",
                                  "--references", f"{refs[0]},{refs[1]}", "--clusters", "2"])
     assert r.exit_code == 0, r.output
     with h5py.File(out, "r") as h5:
@@ -49,6 +49,9 @@ def test_run_references_and_clusters(mixture_recon, tmp_path):
         inside = mask & np.isfinite(f1)
         assert np.nanmean(f1[inside & (clusters == 1)]) < np.nanmean(f1[inside & (clusters == 2)])
 
+    report = tmp_path / "result_report"
+    assert (report / "reference_fractions.png").stat().st_size > 5000
+    assert (report / "clusters.png").stat().st_size > 5000
     again = tmp_path / "xanes.h5"
     r = CliRunner().invoke(app, ["xanes", str(out), str(again), "--device", "cpu", "--references", str(refs[0]),
                                  "--references", str(refs[1]), "--clusters", "3"])

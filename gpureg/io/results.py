@@ -375,6 +375,21 @@ class ResultFile:
         out["attrs"] = dict(g.attrs)
         return out
 
+    def chemistry(self, group: str = "xanes"):
+        """Reference fractions and clusters of ``/xanes`` (see :func:`write_chemistry`), or ``None`` without them.
+
+        Dict with, when present, ``fractions``, ``r_factor``, ``reference_names``, ``clusters``,
+        ``cluster_centroids``, ``labels`` (particles) and ``energies``.
+        """
+        g = self.h5.get(group)
+        if g is None or not ("fractions" in g or "clusters" in g):
+            return None
+        out = {k: g[k][()] for k in ("fractions", "r_factor", "clusters", "cluster_centroids", "labels") if k in g}
+        if "fractions" in g:
+            out["reference_names"] = json.loads(g["fractions"].attrs.get("references", "[]"))
+        out["energies"] = np.sort(self.energies())   # the order of cluster_centroids
+        return out
+
     def particles(self):
         """Per-particle registration results, or ``None`` for other runs.
 
