@@ -28,7 +28,9 @@ from .register.series import SeriesResult, register_series
 from .synth.phantom import two_particle_phantom
 from .synth.scan import simulate
 from .validate.sweep import run_validation
+from .xanes.cluster import cluster_spectra, spectral_components
 from .xanes.edge import edge_energy
+from .xanes.lcf import FitResult, fit_references
 from .xanes.stack import edge_energy_map
 
 __all__ = [
@@ -46,8 +48,12 @@ __all__ = [
     "compose",
     "detect_relative_motion",
     "displacement_error",
+    "cluster_spectra",
     "edge_energy",
     "edge_energy_map",
+    "fit_references",
+    "FitResult",
+    "spectral_components",
     "get_xp",
     "gpu_available",
     "invert",

@@ -48,6 +48,17 @@ FilterOpt = typer.Option(FBPFilter.ram_lak, "--filter", help="FBP filter.")
 EdgeOpt = typer.Option(EdgeMethod.half, "--edge", help="Edge energy: half (0.5 crossing) | derivative (max dmu/dE) "
                                                        "| both.")
 
+ReferencesOpt = typer.Option(None, "--references", metavar="FILE[,FILE...]",
+                             help="Reference spectra (two-column text: energy eV, mu; or Athena .prj) for "
+                                  "linear-combination fractions per voxel; repeat or comma-separate.")
+ClustersOpt = typer.Option(None, "--clusters", min=2, help="k-means clusters of the normalised voxel spectra.")
+
+
+def split_references(values) -> tuple:
+    """``--references`` values (repeated and/or comma-separated) as a tuple of paths."""
+    return tuple(p.strip() for v in (values or ()) for p in str(v).split(",") if p.strip())
+
+
 def friendly(fn):
     """Decorator: expected errors become ``gpureg: error: ...`` and exit code 2."""
 

@@ -12,6 +12,7 @@ from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, Ru
 from ..register.prepare import Prep
 from .app import (
     CenterOpt,
+    ClustersOpt,
     DenoiseOpt,
     DeviceOpt,
     EdgeOpt,
@@ -19,10 +20,12 @@ from .app import (
     ModelOpt,
     RawOpt,
     ReferenceOpt,
+    ReferencesOpt,
     SmoothOpt,
     app,
     flag,
     friendly,
+    split_references,
 )
 
 __all__ = ["demo", "run_cmd", "run_options", "watch_cmd"]
@@ -34,11 +37,13 @@ PerParticleOpt = flag(False, "--per-particle", help="Also register every particl
 
 def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[Denoise], smooth: float, model: Model,
                 center: Optional[str], fbp_filter: FBPFilter, edge: EdgeMethod, no_report: bool = False,
-                per_particle: bool = False, scheduler: Optional[str] = None) -> RunOptions:
+                per_particle: bool = False, scheduler: Optional[str] = None, references=None,
+                clusters: Optional[int] = None) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
                       model=model, center=center, filter=fbp_filter, edge=edge, per_particle=per_particle,
-                      report=not no_report, scheduler=scheduler)
+                      report=not no_report, scheduler=scheduler, references=split_references(references),
+                      clusters=clusters)
 
 
 @app.command("run")
@@ -59,13 +64,16 @@ def run_cmd(
     no_report: bool = NoReportOpt,
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (multi-GPU/multi-node)."),
     per_particle: bool = PerParticleOpt,
+    references: Optional[list[str]] = ReferencesOpt,
+    clusters: Optional[int] = ClustersOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
 
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report,
-                          per_particle=per_particle, scheduler=scheduler)
+                          per_particle=per_particle, scheduler=scheduler, references=references,
+                          clusters=clusters)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy)
     _print_result(res)

@@ -10,7 +10,22 @@ from typing import Optional
 import typer
 
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, parse_center
-from .app import CenterOpt, DenoiseOpt, DeviceOpt, EdgeOpt, FilterOpt, ModelOpt, RawOpt, SmoothOpt, app, flag, friendly
+from .app import (
+    CenterOpt,
+    ClustersOpt,
+    DenoiseOpt,
+    DeviceOpt,
+    EdgeOpt,
+    FilterOpt,
+    ModelOpt,
+    RawOpt,
+    ReferencesOpt,
+    SmoothOpt,
+    app,
+    flag,
+    friendly,
+    split_references,
+)
 
 __all__ = ["plot", "recon", "register", "simulate", "view", "xanes"]
 
@@ -62,14 +77,22 @@ def xanes(
     energy_dataset: Optional[str] = typer.Option(None, "--energy-dataset", help="Energy dataset (eV)."),
     overwrite: bool = flag(False, "--overwrite", help="Replace OUTPUT if it exists."),
     device: Device = DeviceOpt,
+    references: Optional[list[str]] = ReferencesOpt,
+    clusters: Optional[int] = ClustersOpt,
 ):
-    """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack."""
+    """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack;
+    with --references / --clusters also reference fractions and k-means clusters."""
     from ..xanes.write import write_xanes
 
     s = write_xanes(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
-                    min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value, overwrite=overwrite)
+                    min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value, overwrite=overwrite,
+                    references=split_references(references) or None, clusters=clusters)
     typer.echo(f"{s['valid']} of {s['voxels']} voxels mapped, {s['particles']} particles, median edge energy "
                f"{s['edge_energy_median']:.2f} eV (pre {s['pre']}, post {s['post']} eV); written to {output}")
+    if "fraction_medians" in s:
+        typer.echo("median fractions: " + ", ".join(f"{k} {v:.3f}" for k, v in s["fraction_medians"].items()))
+    if "cluster_counts" in s:
+        typer.echo(f"clusters (voxels): {s['cluster_counts']}")
 
 
 @app.command()
@@ -126,6 +149,8 @@ def simulate(
     relative_motion: bool = flag(False, "--relative-motion", help="Particle 2 also moves relative to particle 1."),
     motion: str = typer.Option("default", "--motion", help="default | none"),
     seed: int = typer.Option(0, "--seed", help="Geometry, motion and noise seed."),
+    mixture: bool = flag(False, "--mixture", help="Voxels are MnO/Mn2O3 mixtures with known fractions "
+                                                  "(/truth/fractions); references written to OUTPUT_references/."),
 ):
     """Simulate a Mn K-edge TXM-XANES scan: two particles, known per-energy motion and edge energies."""
     from ..synth.scan import simulate as simulate_scan
@@ -135,8 +160,10 @@ def simulate(
     with _step_progress("simulate", grid.size) as step:
         simulate_scan(output, size=size, energies=grid, n_angles=angles, noise=noise, photons=photons,
                       salt_pepper=salt_pepper, relative_motion=relative_motion, motion=motion, seed=seed,
-                      progress=step)
+                      progress=step, mixture=mixture)
     typer.echo(f"{grid.size} energies x {angles} angles of a {size}^3 sample written to {output}")
+    if mixture:
+        typer.echo(f"reference spectra: {output.with_name(output.stem + '_references')}/MnO.txt, Mn2O3.txt")
 
 
 @app.command()

@@ -8,6 +8,8 @@ One HDF5 file per run::
     /registration/mse_before, mse_after, done (n_energy,)
     /timings/<stage> (n_energy,) s
     /xanes/edge_energy, edge_jump, white_line, mask, labels (Z, Y, X) [+ roi_* from `gpureg xanes`]
+    [with --references: /xanes/fractions (n_refs, Z, Y, X), r_factor, lcf_residual, lcf_offset, reference_spectra;
+     with --clusters: /xanes/clusters (Z, Y, X), cluster_centroids (k, n_energy), cluster_counts]
     /truth/...                                  simulated inputs
     per-particle runs: /registration/particle_labels, particle_matrix, particle_mse_global,
                        particle_mse; /aligned_global; /xanes_global/edge_energy, mask
@@ -38,7 +40,7 @@ from ..core.backend import to_host
 from .files import InputError, atomic_path
 
 __all__ = ["partial_path", "read_result", "report_dir_for", "ResultFile", "ResultStore", "ResultSummary", "stack_names",
-           "STAGES", "watch_dir", "write_xanes", "write_xanes_file"]
+           "STAGES", "watch_dir", "write_chemistry", "write_xanes", "write_xanes_file"]
 
 _log = logging.getLogger("gpureg")
 
@@ -151,9 +153,9 @@ class ResultStore:
         self.h5.flush()
         self.done[i] = True
 
-    def write_xanes(self, maps, labels, *, group: str = "xanes"):
+    def write_xanes(self, maps, labels, *, group: str = "xanes", chemistry=None):
         """The ``/xanes`` (or ``/xanes_global``) group, see :func:`write_xanes`."""
-        write_xanes(self.h5, maps, labels, group=group)
+        write_xanes(self.h5, maps, labels, group=group, chemistry=chemistry)
 
     # --- per-particle runs ---------------------------------------------------------------
     def particle_labels(self, make_labels):
@@ -194,7 +196,7 @@ class ResultStore:
             self.h5.close()
 
 
-def write_xanes(parent, maps, labels=None, *, roi=None, attrs=None, group: str = "xanes"):
+def write_xanes(parent, maps, labels=None, *, roi=None, attrs=None, group: str = "xanes", chemistry=None):
     """Write the ``/xanes`` group (replacing an earlier one) under an open HDF5 file or group.
 
     Parameters
@@ -213,6 +215,8 @@ def write_xanes(parent, maps, labels=None, *, roi=None, attrs=None, group: str =
         Attributes of the group (method, fit ranges, source...).
     group : str
         ``"xanes"`` or ``"xanes_global"`` (per-particle runs).
+    chemistry : dict, optional
+        From :func:`gpureg.xanes.chemistry_map`, see :func:`write_chemistry`.
     """
     if group in parent:
         del parent[group]
@@ -231,17 +235,50 @@ def write_xanes(parent, maps, labels=None, *, roi=None, attrs=None, group: str =
             g.create_dataset(name, data=roi[key])
     if attrs:
         g.attrs.update(attrs)
+    if chemistry is not None:
+        write_chemistry(g, chemistry)
     return g
 
 
-def write_xanes_file(path, energies, maps, labels, *, roi=None, attrs=None) -> Path:
+def write_chemistry(g, chem):
+    """Reference fractions and clusters (:func:`gpureg.xanes.chemistry_map`) into an open ``/xanes`` group.
+
+    Datasets: ``fractions`` (n_refs, Z, Y, X) with attribute ``references``
+    (JSON names), ``r_factor``, ``lcf_residual`` (RMS), ``lcf_offset`` (Z, Y, X),
+    ``reference_spectra`` (n_energy, n_refs, normalised on ``/energy``);
+    ``clusters`` (Z, Y, X) int32 (1..k, 0 not clustered), ``cluster_centroids``
+    (k, n_energy), ``cluster_counts`` (k,). Float maps are NaN outside the analysed voxels.
+    """
+    def put(name, value, dtype=None):
+        a = np.asarray(to_host(value), dtype=dtype)
+        chunks = (1,) * (a.ndim - 2) + a.shape[-2:] if a.ndim >= 3 and a.size else None
+        if name in g:
+            del g[name]
+        return g.create_dataset(name, data=a, chunks=chunks)
+
+    if "fractions" in chem:
+        d = put("fractions", chem["fractions"], np.float32)
+        d.attrs["references"] = json.dumps(list(chem["reference_names"]))
+        put("r_factor", chem["r_factor"], np.float32)
+        put("lcf_residual", chem["residual"], np.float32)
+        if "offset" in chem:
+            put("lcf_offset", chem["offset"], np.float32)
+        put("reference_spectra", chem["references"], np.float64).attrs["references"] = \
+            json.dumps(list(chem["reference_names"]))
+    if "clusters" in chem:
+        put("clusters", chem["clusters"], np.int32)
+        put("cluster_centroids", chem["centroids"], np.float64)
+        put("cluster_counts", chem["cluster_counts"], np.int64)
+
+
+def write_xanes_file(path, energies, maps, labels, *, roi=None, attrs=None, chemistry=None) -> Path:
     """A new HDF5 file (atomically) with ``/energy`` (eV) and the ``/xanes`` group (``gpureg xanes``)."""
     import h5py
 
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as out:
             out.create_dataset("energy", data=np.asarray(energies, dtype=np.float64)).attrs["units"] = "eV"
-            write_xanes(out, maps, labels, roi=roi, attrs=attrs)
+            write_xanes(out, maps, labels, roi=roi, attrs=attrs, chemistry=chemistry)
     return Path(path)
 
 
@@ -336,6 +373,21 @@ class ResultFile:
             return None
         out = {k: g[k][()] for k in g if not (maps_only and k.startswith("roi_"))}
         out["attrs"] = dict(g.attrs)
+        return out
+
+    def chemistry(self, group: str = "xanes"):
+        """Reference fractions and clusters of ``/xanes`` (see :func:`write_chemistry`), or ``None`` without them.
+
+        Dict with, when present, ``fractions``, ``r_factor``, ``reference_names``, ``clusters``,
+        ``cluster_centroids``, ``labels`` (particles) and ``energies``.
+        """
+        g = self.h5.get(group)
+        if g is None or not ("fractions" in g or "clusters" in g):
+            return None
+        out = {k: g[k][()] for k in ("fractions", "r_factor", "clusters", "cluster_centroids", "labels") if k in g}
+        if "fractions" in g:
+            out["reference_names"] = json.loads(g["fractions"].attrs.get("references", "[]"))
+        out["energies"] = np.sort(self.energies())   # the order of cluster_centroids
         return out
 
     def particles(self):

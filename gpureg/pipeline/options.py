@@ -129,6 +129,11 @@ class RunOptions:
         Write the report folder (figures, summary.json, report.md).
     scheduler : str, optional
         Dask distributed scheduler address (energies registered on its workers).
+    references : tuple of str
+        Reference spectra files (two-column text or Athena .prj): reference
+        fractions per voxel (``/xanes/fractions``, ``/xanes/r_factor``).
+    clusters : int, optional
+        k-means clusters of the normalised voxel spectra (``/xanes/clusters``, centroids).
     """
 
     device: Device = Device.auto
@@ -141,6 +146,8 @@ class RunOptions:
     per_particle: bool = False
     report: bool = True
     scheduler: str | None = None
+    references: tuple = ()
+    clusters: int | None = None
 
     def __post_init__(self):
         for name, kind in (("device", Device), ("model", Model), ("filter", FBPFilter), ("edge", EdgeMethod)):
@@ -157,6 +164,12 @@ class RunOptions:
         object.__setattr__(self, "center", parse_center(self.center))
         object.__setattr__(self, "per_particle", bool(self.per_particle))
         object.__setattr__(self, "report", bool(self.report))
+        object.__setattr__(self, "references", tuple(str(r) for r in (self.references or ())))
+        if self.clusters is not None and (isinstance(self.clusters, bool) or int(self.clusters) != self.clusters
+                                          or int(self.clusters) < 2):
+            raise ValueError(f"clusters must be an integer >= 2, got {self.clusters!r}")
+        if self.clusters is not None:
+            object.__setattr__(self, "clusters", int(self.clusters))
         if self.per_particle and self.scheduler:
             raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 
@@ -193,6 +206,10 @@ class RunOptions:
         out = self.to_dict()
         for key in ("report", "scheduler"):
             out.pop(key)
+        out["references"] = list(out["references"])
+        for key, default in (("references", []), ("clusters", None)):   # absent when unused: results unchanged
+            if out[key] == default:
+                out.pop(key)
         out.update(device=devices.registration, fbp_device=devices.fbp, matrices=matrices)
         return out
 

@@ -40,7 +40,7 @@ def write_report(result_h5, outdir) -> list:
     outdir.mkdir(parents=True, exist_ok=True)
     figures = [Path(p) for p in plot_result(result_h5, outdir)]
     pp_figures, pp_summary, pp_lines = _per_particle_report(result_h5, outdir)  # nothing unless per_particle
-    figures += pp_figures
+    figures += pp_figures + _chemistry_figures(result_h5, outdir)
     res = read_result(result_h5)
     attrs = res.attrs
     with ResultFile(result_h5) as rf:
@@ -81,6 +81,24 @@ def write_report(result_h5, outdir) -> list:
     lines += ["", "Numbers: [summary.json](summary.json)", ""]
     with atomic_path(outdir / "report.md") as tmp:
         Path(tmp).write_text("\n".join(lines))
+    return figures
+
+
+def _chemistry_figures(result_h5, outdir):
+    """Fraction maps and cluster map when the result has ``/xanes/fractions`` or ``/xanes/clusters``."""
+    from ..figures.chemistry import cluster_map, fraction_maps
+
+    with ResultFile(result_h5) as rf:
+        chem = rf.chemistry()
+    if chem is None:
+        return []
+    figures = []
+    if "fractions" in chem:
+        figures.append(fraction_maps(chem["fractions"], outdir / "reference_fractions.png",
+                                     names=chem["reference_names"] or None, labels=chem.get("labels")))
+    if "clusters" in chem:
+        figures.append(cluster_map(chem["clusters"], chem["cluster_centroids"], chem["energies"],
+                                   outdir / "clusters.png"))
     return figures
 
 

@@ -68,7 +68,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given:
         ``device``, ``reference``, ``binarize``, ``denoise``, ``smooth``, ``model``,
-        ``center``, ``filter``, ``edge``, ``per_particle``, ``report``, ``scheduler``.
+        ``center``, ``filter``, ``edge``, ``per_particle``, ``report``, ``scheduler``, ``references``, ``clusters``.
 
     Returns
     -------
@@ -87,6 +87,10 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     with open_input(input) as reader:
         energies = np.asarray(reader.energies, dtype=np.float64)
         ref = reference_index(energies, options.reference)
+        if options.references:     # bad reference files fail now, not after registration
+            from ..xanes.lcf import prepare_references
+
+            prepare_references(options.references, np.sort(energies))
         work = partial_path(output)
         store = ResultStore.open(work, reader, energies, ref, options.parameters(devices, matrices), checksum,
                                  fresh=overwrite)
@@ -194,4 +198,10 @@ def _xanes(store, reference, options, devices):
     maps = edge_energy_map(store.stack("aligned"), store.energies, device=devices.registration,
                            method=options.edge.value)
     labels, _ = particle_labels(reference.mask)
-    store.write_xanes(maps, to_host(labels))
+    chem = None
+    if options.references or options.clusters:
+        from ..xanes.chemmap import chemistry_map
+
+        chem = chemistry_map(store.stack("aligned"), store.energies, references=options.references or None,
+                             k=options.clusters, mask=maps["mask"], device=devices.registration)
+    store.write_xanes(maps, to_host(labels), chemistry=chem)

@@ -33,6 +33,7 @@ import numpy as np
 from ..core.transform import grid_center, rotation_matrix
 from ..io.base import check_energies
 from ..xanes.model import synthetic_spectra
+from .mixtures import COMPOUNDS, fraction_from_e0, mixture_edge_offsets, mixture_spectra, write_references
 from .phantom import PARTICLES, particle_fields
 from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, edge_offsets, mn_energy_grid
 
@@ -46,7 +47,8 @@ _READ_NOISE = 2.0  # Gaussian read noise (counts, at noise=1)
 _SATURATION = 65535  # 16-bit detector
 
 
-def sample_volumes(shape, energies, moving_from_reference=None, *, per_particle=None, seed: int = 0) -> np.ndarray:
+def sample_volumes(shape, energies, moving_from_reference=None, *, per_particle=None, seed: int = 0,
+                   mixture: bool = False) -> np.ndarray:
     """Attenuation volumes of the (moved) synthetic sample at the given energies.
 
     Parameters
@@ -61,6 +63,9 @@ def sample_volumes(shape, energies, moving_from_reference=None, *, per_particle=
         Motion of single particles (1, 2), replacing the sample motion for them.
     seed : int
         Particle geometry seed (as :func:`gpureg.two_particle_phantom`).
+    mixture : bool
+        Voxels are MnO/Mn2O3 mixtures (:mod:`gpureg.synth.mixtures`) instead
+        of single spectra with a shifted edge.
 
     Returns
     -------
@@ -76,12 +81,19 @@ def sample_volumes(shape, energies, moving_from_reference=None, *, per_particle=
         weight = f["level"][k] * f["occupancy"][k] * f["texture"][k]
         sel = weight > 1e-7
         e0, wl = _composition(f["coords"][k][sel], k)
-        out[:, sel] += (mu_unit * weight[sel] * synthetic_spectra(e, e0, white_line=wl, **MN_SPECTRUM)).astype(np.float32)
+        spectra = (mixture_spectra(e, fraction_from_e0(e0)) if mixture
+                   else synthetic_spectra(e, e0, white_line=wl, **MN_SPECTRUM))
+        out[:, sel] += (mu_unit * weight[sel] * spectra).astype(np.float32)
     return out
 
 
-def sample_truth(shape, *, seed: int = 0) -> dict:
+def sample_truth(shape, *, seed: int = 0, mixture: bool = False) -> dict:
     """Ground-truth maps of the unmoved sample on the reference grid.
+
+    With ``mixture`` (see :func:`sample_volumes`) also ``fractions`` (2, Z, Y, X)
+    float32 (MnO, Mn2O3; NaN outside particles), ``e0`` is the
+    fraction-weighted edge position and the edge/white-line energies are the
+    mixtures'.
 
     Returns
     -------
@@ -100,18 +112,29 @@ def sample_truth(shape, *, seed: int = 0) -> dict:
     half_map = np.full(grid, np.nan, dtype=np.float32)
     peak_map = np.full(grid, np.nan, dtype=np.float32)
     density = np.zeros(grid, dtype=np.float32)
+    fractions = np.full((2, *grid), np.nan, dtype=np.float32) if mixture else None
     mu_unit = _MU_PER_VOXEL_AT_1 / min(grid)
     for k in range(f["occupancy"].shape[0]):
         inside = f["occupancy"][k] > 0.5
         labels[inside] = k + 1
         e0, wl = _composition(f["coords"][k][inside], k)
-        half, peak = edge_offsets(wl)
-        e0_map[inside] = e0
-        half_map[inside] = e0 + half
-        peak_map[inside] = e0 + peak
+        if mixture:
+            frac = fraction_from_e0(e0)
+            fractions[0][inside], fractions[1][inside] = 1.0 - frac, frac
+            half_map[inside], peak_map[inside] = mixture_edge_offsets(frac)
+            lo, hi = (c["e0"] for c in COMPOUNDS.values())
+            e0_map[inside] = lo + frac * (hi - lo)
+        else:
+            half, peak = edge_offsets(wl)
+            e0_map[inside] = e0
+            half_map[inside] = e0 + half
+            peak_map[inside] = e0 + peak
         density += (mu_unit * f["level"][k] * f["occupancy"][k] * f["texture"][k]).astype(np.float32)
-    return {"labels": labels, "e0": e0_map, "edge_energy": half_map, "white_line_energy": peak_map,
-            "density": density}
+    out = {"labels": labels, "e0": e0_map, "edge_energy": half_map, "white_line_energy": peak_map,
+           "density": density}
+    if mixture:
+        out["fractions"] = fractions
+    return out
 
 
 def default_motion(energies, shape, *, seed: int = 0, reference: int | None = None,
@@ -178,7 +201,7 @@ def default_motion(energies, shape, *, seed: int = 0, reference: int | None = No
 def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise: float = 1.0,
              salt_pepper: float = 0.0, relative_motion: bool = False, seed: int = 0, motion="default",
              photons: float = 1e4, n_flat: int = 5, n_dark: int = 5, store_attenuation: bool | None = None,
-             progress=None) -> Path:
+             progress=None, mixture: bool = False) -> Path:
     """Simulate a TXM-XANES spectro-tomography scan and write it as Data Exchange HDF5.
 
     Parameters
@@ -215,6 +238,13 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
         ``/truth/attenuation`` (default: when ``size <= 96``).
     progress : callable, optional
         ``progress(i, n_energy, energy_ev)`` after each energy.
+    mixture : bool
+        Voxels are mixtures of two reference compounds (MnO, Mn2O3) with known
+        fractions (``/truth/fractions``), and the references are written as
+        text files ``<stem>_references/MnO.txt`` and ``Mn2O3.txt`` beside
+        ``path`` (listed in the ``references`` attribute), for
+        linear-combination fitting against truth. Default off (the output is
+        then unchanged).
 
     Returns
     -------
@@ -257,10 +287,12 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     white = np.stack([_counts(rng_flat, np.broadcast_to(beam * flux[i], (n_flat, size, size)), noise)
                       for i in range(e.size)])
 
+    mix = {"mixture": True} if mixture else {}
+
     def projections():
         for i, energy in enumerate(e):
             per = None if particle is None else {1: particle[i, 0], 2: particle[i, 1]}
-            vol = sample_volumes(shape, [energy], matrices[i], per_particle=per, seed=seed)[0]
+            vol = sample_volumes(shape, [energy], matrices[i], per_particle=per, seed=seed, **mix)[0]
             line = forward_project(vol, theta, projector="line")  # (n_angles, size, size)
             counts = _counts(rng_data, beam * flux[i] * np.exp(-line.astype(np.float64)), noise)
             if salt_pepper > 0:
@@ -270,7 +302,7 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
             if progress is not None:
                 progress(i, e.size, float(energy))
 
-    truth = sample_truth(shape, seed=seed)
+    truth = sample_truth(shape, seed=seed, **mix)
     truth["matrices"] = matrices
     truth["reference_index"] = np.int64(ref)
     truth["convention"] = ("matrices: moving_from_reference per energy, voxel indices (z, y, x); "
@@ -280,13 +312,19 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     if particle is not None:
         truth["particle_matrices"] = particle
     if store_attenuation if store_attenuation is not None else size <= 96:
-        truth["attenuation"] = sample_volumes(shape, e, None, seed=seed)
+        truth["attenuation"] = sample_volumes(shape, e, None, seed=seed, **mix)
     params = {"size": size, "n_angles": int(n_angles), "noise": float(noise), "salt_pepper": float(salt_pepper),
               "relative_motion": bool(relative_motion), "seed": int(seed),
               "motion": motion if isinstance(motion, str) else "custom", "photons": float(photons),
               "n_flat": int(n_flat), "n_dark": int(n_dark)}
     attrs = {"synthetic": "gpureg.synth.simulate: Mn K-edge TXM-XANES, two particles",
              "parameters": json.dumps(params), "voxel_size_nm": 3200.0 / size}
+    if mixture:
+        params["mixture"] = True
+        attrs["parameters"] = json.dumps(params)
+        refs = write_references(Path(path).with_name(Path(path).stem + "_references"))
+        attrs["references"] = json.dumps([str(p) for p in refs])
+        truth["reference_names"] = ",".join(COMPOUNDS)
     return write_dataexchange(path, data=projections(), data_white=white, data_dark=dark, theta=theta, energy=e,
                               truth=truth, attrs=attrs)
 

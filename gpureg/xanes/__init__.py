@@ -1,7 +1,13 @@
-"""XANES: per-voxel edge energy maps (in slabs), regions of interest, per-particle distributions, model spectra."""
+"""XANES: per-voxel edge energy maps (in slabs), regions of interest, per-particle distributions, model spectra;
+Larch-compatible normalisation, linear-combination fits to references, PCA and k-means clusters."""
 
+from .chemmap import chemistry_map
+from .cluster import ClusterResult, Components, cluster_spectra, spectral_components
 from .edge import METHODS, edge_energy, edge_ranges, normalize
+from .lcf import FitResult, fit_references
 from .model import EDGE_SHAPES, scan_energies, synthetic_spectra
+from .preedge import larch_ranges, pre_edge
+from .references import Reference, load_references
 from .regions import edge_distribution, roi_spectra
 from .stack import edge_energy_map
 from .write import write_xanes
@@ -11,4 +17,6 @@ __all__ = [
     "edge_energy_map", "edge_distribution", "roi_spectra",
     "EDGE_SHAPES", "scan_energies", "synthetic_spectra",
     "write_xanes",
+    "pre_edge", "larch_ranges", "Reference", "load_references", "FitResult", "fit_references",
+    "ClusterResult", "Components", "cluster_spectra", "spectral_components", "chemistry_map",
 ]

@@ -19,7 +19,8 @@ __all__ = ["write_xanes"]
 
 def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
                 method: str = "half", min_jump: float | None = None, min_voxels: int = 64, slab: int = 16,
-                device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False) -> dict:
+                device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False,
+                references=None, clusters: int | None = None) -> dict:
     """Edge-energy maps, particle labels and particle spectra of an aligned stack, written to HDF5.
 
     Reads ``/aligned`` + ``/energy`` (pipeline output) or ``/exchange/recon`` +
@@ -42,6 +43,12 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
         See :func:`edge_energy_map`.
     min_voxels : int
         Smallest particle kept in ``labels``.
+
+    references : sequence of paths, optional
+        Reference spectra: per-voxel fractions (``/xanes/fractions``, ``r_factor``...),
+        see :func:`gpureg.xanes.chemistry_map`; fitted in the edge-map mask.
+    clusters : int, optional
+        k-means clusters of the normalised spectra (``/xanes/clusters``, ``cluster_centroids``).
 
     Returns
     -------
@@ -70,6 +77,10 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
         E_in = as_energy_vector(h5[ename][()], where=f"{src}:{ename}")
         if ds.ndim != 4 or ds.shape[0] != E_in.size:
             raise InputError(f"{src}:{name}: expected an (n_energy={E_in.size}, Z, Y, X) stack, got shape {ds.shape}")
+        if references:             # bad reference files fail before the maps are computed
+            from .lcf import prepare_references
+
+            prepare_references(references, np.sort(E_in))
         rng = {}
         maps = edge_energy_map(ds, E_in, slab=slab, device=device, min_jump=min_jump, pre=pre, post=post,
                                method=method, smooth=smooth, info=rng)
@@ -84,6 +95,12 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
             ref_mask = np.zeros(ref.shape, bool)
         labels, n = particle_labels(ref_mask, min_voxels=min_voxels)
         roi = roi_spectra(Reordered(ds, order), E_sorted, labels, pre=rng["pre"], post=rng["post"]) if n else None
+        chem = None
+        if references or clusters:
+            from .chemmap import chemistry_map
+
+            chem = chemistry_map(ds, E_in, references=references or None, k=clusters, mask=maps["mask"], slab=slab,
+                                 device=device)
     valid = maps["mask"]
     summary = {"voxels": int(valid.size), "valid": int(valid.sum()), "particles": n, "pre": rng["pre"],
                "post": rng["post"],
@@ -97,5 +114,10 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
              "device": rng["device"], "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
              "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
              "range_rule": rng["rule"]}
-    write_xanes_file(dst, E_sorted, maps, labels, roi=roi, attrs=attrs)
+    if chem is not None and "fractions" in chem:
+        summary["fraction_medians"] = {nm: float(np.nanmedian(chem["fractions"][j]))
+                                       for j, nm in enumerate(chem["reference_names"])}
+    if chem is not None and "clusters" in chem:
+        summary["cluster_counts"] = [int(c) for c in chem["cluster_counts"]]
+    write_xanes_file(dst, E_sorted, maps, labels, roi=roi, attrs=attrs, chemistry=chem)
     return summary

@@ -1,0 +1,287 @@
+"""Linear-combination fitting (LCF) of voxel spectra to reference spectra, all voxels at once.
+
+Every voxel's normalised spectrum ``y(E)`` is fitted as ``sum_j f_j r_j(E) (+ c)``
+where ``r_j`` are the normalised references on the scan's energies, ``f_j``
+the fractions (>= 0 with ``nonneg``; summing to 1 with ``sum_to_one``) and
+``c`` an optional constant offset. This is what Larch's ``lincombo_fit`` does
+for one spectrum; here it is one batched solve for millions of voxels.
+
+Solver
+------
+The design matrix ``A`` (energies x references) is the same for every voxel,
+so the normal equations share ``G = A^T A`` and differ only in ``b = A^T y``
+(one matrix product for all voxels). The non-negative least-squares solution
+is the unconstrained solution on its own support (KKT), and the best feasible
+support-restricted solution is the global optimum; with a few references
+(at most 10) every support is tried: for each subset ``S`` of references,
+``x_S = P_S b + q_S`` (a small precomputed matrix; the equality constraint
+enters through the KKT system), its objective ``|y|^2 - 2 x.b + x.G x``
+costs ``O(m^2)`` per voxel, and a running minimum keeps the best feasible
+one. Exact (no iterations, no tolerance), xp-generic (NumPy/CuPy).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.backend import to_host
+from ..io.base import check_energies
+from .preedge import pre_edge
+from .references import load_references, reference_matrix
+from .spectra import MIN_ENERGIES, auto_min_jump, spectra_matrix
+
+__all__ = ["FitResult", "LinearCombination", "fit_references", "prepare_references"]
+
+MAX_REFERENCES = 10
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Per-voxel linear-combination fit.
+
+    Attributes
+    ----------
+    fractions : (n_refs, ...) ndarray of float32
+        Weight of each reference (NaN outside the mask).
+    residual : (...) ndarray of float32
+        RMS of the fit residual over the fitted energies (normalised units).
+    r_factor : (...) ndarray of float32
+        ``sum(residual^2) / sum(y^2)`` over the fitted energies (Larch's definition).
+    offset : (...) ndarray of float32 or None
+        The constant term when ``offset=True``.
+    mask : (...) ndarray of bool
+        Voxels fitted.
+    e0, edge_step : (...) ndarray of float32
+        From the normalisation (NaN where not normalised).
+    names : tuple of str
+        Reference names, in the order of ``fractions``.
+    references : (n_energy, n_refs) ndarray of float64
+        The normalised references on the scan's energies (host).
+    """
+
+    fractions: object
+    residual: object
+    r_factor: object
+    offset: object
+    mask: object
+    e0: object
+    edge_step: object
+    names: tuple
+    references: np.ndarray
+
+
+def fit_references(spectra, energies, references, *, offset: bool = True, sum_to_one: bool = False,
+                   nonneg: bool = True, mask=None, normalize: bool = True, use: str = "norm", fit_range=None,
+                   min_step: float | None = None, names=None) -> FitResult:
+    """Fractions of reference compounds in every voxel (batched non-negative least squares).
+
+    Parameters
+    ----------
+    spectra : (n_energy, ...) ndarray
+        NumPy or CuPy absorption spectra (raw ``mu``; normalised here unless
+        ``normalize=False``).
+    energies : (n_energy,) array_like
+        Strictly increasing, eV.
+    references : sequence
+        Paths (two-column text, Athena ``.prj``), ``(energy, mu)`` pairs or
+        :class:`~gpureg.xanes.references.Reference` objects; see
+        :func:`~gpureg.xanes.references.load_references`. Interpolated onto
+        ``energies`` and normalised like the data.
+    offset : bool
+        Fit a constant offset as well (not constrained).
+    sum_to_one : bool
+        Constrain the fractions to sum to 1.
+    nonneg : bool
+        Constrain the fractions to be >= 0.
+    mask : (...) ndarray of bool, optional
+        Voxels to fit; by default those with finite spectra and an edge step
+        above ``min_step``.
+    normalize : bool
+        Normalise data and references with Larch's ``pre_edge``; with False
+        both are used as given (already normalised).
+    use : {"norm", "flat"}
+        Which normalised spectrum to fit (Larch's ``norm`` or ``flat``).
+    fit_range : (float, float), optional
+        Energies (eV, inclusive) used in the fit; default all.
+    min_step : float, optional
+        Edge-step threshold for the default mask; default 0.1 x the 99.5th
+        percentile of the steps (as the edge-energy maps).
+    names : sequence of str, optional
+        Reference names.
+
+    Returns
+    -------
+    FitResult
+        On the input's device.
+    """
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
+    xp, mu, vox = spectra_matrix(spectra, E, "fit_references")
+    names_, A = prepare_references(references, E, normalize=normalize, use=use, names=names)
+    solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range)
+    y, e0, step, valid = normalized_spectra(xp, mu, E, vox, normalize=normalize, use=use, mask=mask,
+                                            min_step=min_step)
+    x, resid, rfac = solver.solve(xp, y[:, valid] if not bool(valid.all()) else y)
+    N = mu.shape[1]
+    nan = xp.float32(np.nan)
+    frac = xp.full((len(names_), N), nan, dtype=xp.float32)
+    res = xp.full(N, nan, dtype=xp.float32)
+    rf = xp.full(N, nan, dtype=xp.float32)
+    off = xp.full(N, nan, dtype=xp.float32) if offset else None
+    frac[:, valid] = x[:len(names_)]
+    res[valid] = resid
+    rf[valid] = rfac
+    if offset:
+        off[valid] = x[-1]
+    return FitResult(fractions=frac.reshape(len(names_), *vox), residual=res.reshape(vox), r_factor=rf.reshape(vox),
+                     offset=None if off is None else off.reshape(vox), mask=valid.reshape(vox),
+                     e0=e0.reshape(vox), edge_step=step.reshape(vox), names=tuple(names_), references=A)
+
+
+def prepare_references(references, energies, *, normalize: bool = True, use: str = "norm", names=None):
+    """Reference names and their normalised spectra on ``energies``: (names, (n_energy, n_refs) float64).
+
+    Raises ValueError for a reference that does not cover the scan, is in keV,
+    holds NaN, or cannot be normalised.
+    """
+    if use not in ("norm", "flat"):
+        raise ValueError(f"use must be 'norm' or 'flat', got {use!r}")
+    refs = load_references(references, names)
+    if len(refs) > MAX_REFERENCES:
+        raise ValueError(f"fit_references: at most {MAX_REFERENCES} references, got {len(refs)}")
+    E = np.asarray(energies, dtype=np.float64)
+    raw = reference_matrix(refs, E)
+    if not normalize:
+        return [r.name for r in refs], raw
+    pe = pre_edge(raw.astype(np.float32), E, flatten=(use == "flat"))
+    A = np.asarray(pe[use], dtype=np.float64)
+    for k, r in enumerate(refs):
+        if not np.isfinite(A[:, k]).all() or not pe["edge_step"][k] > 1e-6 * max(np.abs(raw[:, k]).max(), 1e-30):
+            raise ValueError(f"reference {r.name!r}: no edge step on the scan's energies {E[0]:g}-{E[-1]:g} eV "
+                             f"(cannot normalise it)")
+    return [r.name for r in refs], A
+
+
+def normalized_spectra(xp, mu, E, vox, *, normalize, use, mask, min_step):
+    """(y (n, N) float32, e0 (N,), step (N,), valid (N,) bool) for the voxels to fit."""
+    finite = xp.isfinite(mu).all(axis=0)
+    user = None
+    if mask is not None:
+        user = xp.asarray(mask)
+        if tuple(user.shape) != tuple(vox):
+            raise ValueError(f"mask must have shape {tuple(vox)} (spectra.shape[1:]), got {tuple(user.shape)}")
+        user = user.reshape(-1).astype(bool)
+    sel = finite if user is None else finite & user
+    nan = xp.float32(np.nan)
+    if normalize:
+        pe = pre_edge(mu, E, flatten=(use == "flat"), mask=sel)
+        y, e0, step = pe[use], pe["e0"], pe["edge_step"]
+    else:
+        y = mu
+        e0 = xp.full(mu.shape[1], nan, dtype=xp.float32)
+        step = xp.full(mu.shape[1], nan, dtype=xp.float32)
+    valid = sel & xp.isfinite(y).all(axis=0)
+    if normalize and user is None:
+        ok = xp.isfinite(step) & valid
+        thr = auto_min_jump(xp, step[ok]) if min_step is None else float(min_step)
+        valid &= xp.where(ok, step, xp.float32(0)) > thr
+    elif normalize and min_step is not None:
+        valid &= xp.where(xp.isfinite(step), step, xp.float32(0)) > float(min_step)
+    if not bool(valid.any()):
+        raise ValueError("no voxel to fit: every spectrum is masked, non-finite or below the edge-step threshold")
+    return y, e0, step, valid
+
+
+class LinearCombination:
+    """Batched least squares ``y ~ A f (+ c)`` with ``f >= 0`` and/or ``sum f = 1``, for many ``y`` at once.
+
+    Parameters
+    ----------
+    A : (n_energy, n_refs) array_like
+        Reference spectra on the scan's energies (host).
+    energies : (n_energy,) array_like
+        eV (for ``fit_range``).
+    offset, sum_to_one, nonneg : bool
+        As :func:`fit_references`.
+    fit_range : (float, float), optional
+        Energies used (inclusive).
+    """
+
+    def __init__(self, A, energies, *, offset=True, sum_to_one=False, nonneg=True, fit_range=None):
+        A = np.asarray(A, dtype=np.float64)
+        E = np.asarray(energies, dtype=np.float64)
+        if A.ndim != 2 or A.shape[0] != E.size:
+            raise ValueError(f"references must be ({E.size}, n_refs), got {A.shape}")
+        if not np.isfinite(A).all():
+            raise ValueError("references hold NaN/inf on the scan's energies")
+        rows = np.ones(E.size, bool)
+        if fit_range is not None:
+            lo, hi = (float(v) for v in fit_range)
+            rows = (E >= lo) & (E <= hi)
+        r = A.shape[1]
+        m = r + int(bool(offset))
+        if rows.sum() < m + 1:
+            raise ValueError(f"fit_range {fit_range} holds {int(rows.sum())} energies; {m} parameters need at least "
+                             f"{m + 1}")
+        Af = np.concatenate([A[rows], np.ones((int(rows.sum()), 1))], axis=1) if offset else A[rows]
+        self.rows, self.n_refs, self.m, self.offset = rows, r, m, bool(offset)
+        self.design = Af
+        G = Af.T @ Af
+        self.G = G
+        c = np.r_[np.ones(r), np.zeros(m - r)]
+        if nonneg:
+            subsets = [s for k in range(0 if not sum_to_one else 1, r + 1) for s in itertools.combinations(range(r), k)]
+        else:
+            subsets = [tuple(range(r))]
+        self.nonneg = bool(nonneg)
+        self.plans = []
+        for s in subsets:
+            cols = list(s) + ([r] if offset else [])
+            P = np.zeros((m, m))
+            q = np.zeros(m)
+            if cols:
+                Gs = G[np.ix_(cols, cols)]
+                if sum_to_one:
+                    cs = c[cols]
+                    K = np.block([[Gs, cs[:, None]], [cs[None, :], np.zeros((1, 1))]])
+                    Ki = np.linalg.pinv(K)
+                    P[np.ix_(cols, cols)] = Ki[:-1, :-1]
+                    q[cols] = Ki[:-1, -1]
+                else:
+                    P[np.ix_(cols, cols)] = np.linalg.pinv(Gs)
+            self.plans.append((np.array(s, dtype=np.int64), P, q))
+
+    def solve(self, xp, Y):
+        """Fit columns of ``Y`` (n_energy, N): (x (m, N) float32 with fractions then offset, RMS residual, R-factor)."""
+        f32 = xp.float32
+        Yf = Y[xp.asarray(np.flatnonzero(self.rows))] if not self.rows.all() else Y
+        Yf = Yf.astype(f32, copy=False)
+        At = xp.asarray(self.design.T.astype(np.float32))
+        b = At @ Yf                                               # (m, N)
+        G = xp.asarray(self.G.astype(np.float32))
+        N = Yf.shape[1]
+        best_f = xp.full(N, np.inf, dtype=f32)
+        best_x = xp.zeros((self.m, N), dtype=f32)
+        for s, P, q in self.plans:
+            x = xp.asarray(P.astype(np.float32)) @ b + xp.asarray(q.astype(np.float32))[:, None]
+            f = ((G @ x) * x).sum(axis=0) - 2 * (x * b).sum(axis=0)   # |y|^2 omitted: same for every subset
+            if self.nonneg and s.size:
+                f = xp.where((x[xp.asarray(s)] >= 0).all(axis=0), f, f32(np.inf))
+            better = f < best_f
+            best_f = xp.where(better, f, best_f)
+            best_x = xp.where(better[None, :], x, best_x)
+        r = Yf - xp.asarray(self.design.astype(np.float32)) @ best_x
+        ss = (r * r).sum(axis=0)
+        yy = (Yf * Yf).sum(axis=0)
+        rms = xp.sqrt(ss / f32(Yf.shape[0]))
+        rfac = ss / xp.where(yy > 0, yy, f32(1))
+        return best_x, rms.astype(f32), rfac.astype(f32)
+
+
+def host_result(res: FitResult) -> FitResult:
+    """A copy of ``res`` with every array on the host."""
+    conv = {k: (None if getattr(res, k) is None else to_host(getattr(res, k)))
+            for k in ("fractions", "residual", "r_factor", "offset", "mask", "e0", "edge_step")}
+    return FitResult(names=res.names, references=res.references, **conv)

@@ -1,0 +1,347 @@
+"""Larch-compatible XANES normalisation per voxel: E0, edge step, pre-edge line, post-edge polynomial, flattening.
+
+This reproduces ``larch.xafs.pre_edge`` (xraylarch 2024-2026, ``npre=1``,
+``nvict=0``, ``make_flat=True``: the ``flat`` array, not ``flat_alt``) for every
+voxel at once, so that normalised voxel spectra can be compared with, and
+fitted against, reference spectra normalised by Athena/Larch.
+
+Algorithm (Larch's, step by step)
+---------------------------------
+1. **E0**: Larch's ``find_e0``. A first pass takes the maximum of the plain
+   derivative ``gradient(mu) / gradient(E)`` among points whose normalised
+   derivative exceeds 0.6 (and whose neighbours do too); that point fixes a
+   sub-range (+-75 points) and a smoothing width ``estep``; a second pass
+   takes the same maximum of the Lorentzian-smoothed derivative over the
+   sub-range. As in Larch, E0 is a grid energy.
+2. **Ranges** relative to E0: ``pre1`` = the second energy (rounded to 5 eV,
+   or 2 eV when E0 is among the first 20 points), ``pre2 = pre1 / 2``;
+   ``norm2`` = the last energy (rounded to 5 eV), ``norm1 = min(25, norm2/15
+   rounded to 5 eV)``; post-edge polynomial degree ``nnorm`` 2, 1 or 0 for
+   ranges of >= 300, >= 30 or < 30 eV. Index bounds follow Larch exactly
+   (``index_of`` / ``index_nearest``; the upper bounds are exclusive).
+3. **Pre-edge line** fitted to ``mu`` over the pre range (a constant when the
+   range holds fewer than 3 points); **post-edge polynomial** fitted to
+   ``mu - pre_edge`` over the post range; **edge step** = that polynomial at
+   the grid point E0; ``norm = (mu - pre_edge) / step``; ``flat`` subtracts
+   the post-edge curve's shape above E0.
+
+Everything after E0 is linear in ``mu`` and depends only on E0's grid index,
+so voxels are grouped by that index and each group costs a few small matrix
+products; E0 itself is two vectorised passes. All array code runs on ``xp``
+(NumPy or CuPy). Energies in eV, strictly increasing; spectra ``(n_energy, ...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..io.base import check_energies
+from .spectra import MIN_ENERGIES, spectra_matrix
+
+__all__ = ["larch_ranges", "pre_edge"]
+
+
+def pre_edge(spectra, energies, *, e0: float | None = None, pre1: float | None = None, pre2: float | None = None,
+             norm1: float | None = None, norm2: float | None = None, nnorm: int | None = None,
+             flatten: bool = True, mask=None) -> dict:
+    """Larch ``pre_edge`` normalisation of every spectrum (per voxel E0, step and fit ranges).
+
+    Parameters
+    ----------
+    spectra : (n_energy, ...) ndarray
+        NumPy or CuPy absorption spectra (any units), energy axis first.
+    energies : (n_energy,) array_like
+        Strictly increasing, eV (at least 5; Larch's E0 search needs about 10).
+    e0 : float, optional
+        Edge energy (eV) for every spectrum; found per spectrum (Larch's
+        ``find_e0``) when None or outside ``energies[1]..energies[-2]``.
+    pre1, pre2, norm1, norm2 : float, optional
+        Fit ranges relative to E0 (eV), as in Larch; defaults as Larch's.
+    nnorm : int, optional
+        Post-edge polynomial degree (0-2); default as Larch's.
+    flatten : bool
+        Also return ``flat`` (Larch's ``group.flat``).
+    mask : (...) ndarray of bool, optional
+        Spectra to process; the others (and any with a non-finite value) get NaN.
+
+    Returns
+    -------
+    dict
+        ``e0`` (...) float32 eV, ``edge_step`` (...) float32 (input units),
+        ``norm`` (n_energy, ...) float32 and, with ``flatten``, ``flat``
+        (n_energy, ...) float32; NaN where not processed. Arrays on the
+        input's device.
+    """
+    E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
+    xp, mu, vox = spectra_matrix(spectra, E, "pre_edge")
+    n, N = mu.shape
+    if n < 10 and e0 is None:
+        raise ValueError(f"pre_edge: finding E0 needs at least 10 energies, got {n} (pass e0=)")
+    ok = xp.isfinite(mu).all(axis=0)
+    if mask is not None:
+        m = xp.asarray(mask)
+        if tuple(m.shape) != vox:
+            raise ValueError(f"pre_edge: mask must have shape {vox} (spectra.shape[1:]), got {tuple(m.shape)}")
+        ok &= m.reshape(-1).astype(bool)
+    all_ok = bool(ok.all())
+    mu0 = mu if all_ok else xp.where(ok[None, :], mu, xp.float32(0))
+    if e0 is None or not (E[1] <= float(e0) <= E[-2]):
+        ie0 = find_e0_index(xp, mu0, E)
+        e0_val = None
+    else:
+        ie0 = xp.full(N, int(np.abs(E - float(e0)).argmin()), dtype=xp.int32)
+        e0_val = float(e0)
+    ranges = tuple(sorted(dict(pre1=pre1, pre2=pre2, norm1=norm1, norm2=norm2, nnorm=nnorm).items()))
+    ie0_h = np.asarray(ie0.get() if hasattr(ie0, "get") else ie0)
+    ok_h = np.asarray(ok.get() if hasattr(ok, "get") else ok)
+    ks = np.unique(ie0_h[ok_h]) if ok_h.any() else np.zeros(0, np.int64)
+    e_bytes = E.tobytes()
+    deg = max([1] + [larch_ranges(E, float(E[k]) if e0_val is None else e0_val, **dict(ranges))["nnorm"]
+                     for k in ks])
+    V = xp.asarray(_basis(e_bytes, deg))                              # (n, deg + 1), shared by all voxels
+    coef = xp.zeros((3 + deg, N), dtype=xp.float32)                  # pre line (2) + post polynomial (deg + 1)
+    if ks.size == 1:
+        coef = xp.asarray(_coef_matrix(e_bytes, float(E[ks[0]]) if e0_val is None else e0_val, ranges, deg)) @ mu0
+    else:
+        for k in ks:
+            sel = xp.asarray(np.flatnonzero((ie0_h == k) & ok_h))
+            C = xp.asarray(_coef_matrix(e_bytes, float(E[k]) if e0_val is None else e0_val, ranges, deg))
+            coef[:, sel] = C @ mu0[:, sel]
+    y1 = mu0 - V[:, :2] @ coef[:2]                                   # mu - pre_edge
+    pmp = V @ coef[2:]                                               # post_edge - pre_edge
+    raw = (V[ie0] * coef[2:].T).sum(axis=1)                          # at the grid point E0
+    step = xp.maximum(xp.abs(raw), xp.float32(1e-12))
+    nan = xp.float32(np.nan)
+    norm = xp.where(ok[None, :], y1 / step[None, :], nan)
+    e0_out = xp.asarray(E.astype(np.float32))[ie0] if e0_val is None else xp.full(N, e0_val, dtype=xp.float32)
+    res = {"e0": xp.where(ok, e0_out, nan).reshape(vox), "edge_step": xp.where(ok, step, nan).reshape(vox),
+           "norm": norm.reshape(n, *vox)}
+    if flatten:
+        above = xp.arange(n, dtype=xp.int32)[:, None] >= ie0[None, :]
+        flat = xp.where(above, norm - pmp / step[None, :] + (raw / step)[None, :], norm)
+        res["flat"] = flat.reshape(n, *vox)
+    return res
+
+
+def larch_ranges(energies, e0: float, *, pre1=None, pre2=None, norm1=None, norm2=None, nnorm=None) -> dict:
+    """Larch's pre-edge / post-edge fit ranges and index bounds for an edge at ``e0``.
+
+    Parameters
+    ----------
+    energies : (n_energy,) array_like
+        Strictly increasing, eV.
+    e0 : float
+        Edge energy, eV.
+    pre1, pre2, norm1, norm2 : float, optional
+        Ranges relative to ``e0`` (eV); Larch's defaults when None.
+    nnorm : int, optional
+        Post-edge polynomial degree; Larch's default when None.
+
+    Returns
+    -------
+    dict
+        ``pre1, pre2, norm1, norm2`` (eV relative to E0), ``npre`` (1 line, 0
+        constant), ``nnorm``, ``ie0`` (index nearest E0) and the half-open
+        index ranges ``pre_idx = (p1, p2)``, ``post_idx = (q1, q2)``.
+    """
+    E = np.asarray(energies, dtype=np.float64)
+    n = E.size
+    ie0 = int(np.abs(E - e0).argmin())
+    if pre1 is None:
+        pre1 = 5.0 * round((E[1] - e0) / 5.0) if ie0 > 20 else 2.0 * round((E[1] - e0) / 2.0)
+    pre1 = max(pre1, E.min() - e0)
+    if pre2 is None:
+        pre2 = 0.5 * pre1
+    if pre1 > pre2:
+        pre1, pre2 = pre2, pre1
+    npre = 0 if (_index_of(E - e0, pre2) - _index_of(E - e0, pre1)) < 3 else 1
+    if norm2 is None:
+        norm2 = 5.0 * round((E.max() - e0) / 5.0)
+    if norm2 < 0:
+        norm2 = E.max() - e0 - norm2
+    norm2 = min(norm2, E.max() - e0)
+    if norm1 is None:
+        norm1 = min(25, 5.0 * round(norm2 / 15.0))
+    if norm1 > norm2:
+        norm1, norm2 = norm2, norm1
+    norm1 = min(norm1, norm2 - 2)
+    if nnorm is None:
+        nnorm = 2
+        if norm2 - norm1 < 300:
+            nnorm = 1
+        if norm2 - norm1 < 30:
+            nnorm = 0
+    nnorm = max(min(int(nnorm), 5), 0)
+    p1, p2 = _index_of(E, pre1 + e0), int(np.abs(E - (pre2 + e0)).argmin())
+    if npre == 0:
+        if p2 == p1:
+            p2 += 1
+    elif p2 - p1 < 2:
+        p2 = min(n, p1 + 2)
+    q1, q2 = _index_of(E, norm1 + e0), int(np.abs(E - (norm2 + e0)).argmin())
+    if q1 > n - 3:
+        q1 = n - 3
+    if q2 - q1 < 2:
+        q1 -= 2
+        nnorm = 0
+    elif q2 - q1 < 5:
+        nnorm = min(1, nnorm)
+    return {"pre1": float(pre1), "pre2": float(pre2), "norm1": float(norm1), "norm2": float(norm2), "npre": npre,
+            "nnorm": nnorm, "ie0": ie0, "pre_idx": (p1, p2), "post_idx": (q1, q2)}
+
+
+def find_e0_index(xp, mu, E):
+    """Grid index of Larch's ``find_e0`` for every column of ``mu`` (n_energy, N) float32 -> (N,) int32."""
+    n, N = mu.shape
+    # Pass 1: plain derivative. Larch's _finde0 drops the last point (its "ordered" index test).
+    L = n - 1
+    en = E[:L]
+    dmu = _gradient_rows(xp, mu[:L], en)
+    i1 = _high_deriv_argmax(xp, dmu, L)
+    del dmu
+    estep1 = _energy_step(en)
+    i1_h = np.asarray(i1.get() if hasattr(i1, "get") else i1)
+    out = xp.empty(N, dtype=xp.int32)
+    ks = np.unique(i1_h)
+    if ks.size > 1:                      # one gather; every group is then a contiguous block of columns
+        perm_h = np.argsort(i1_h, kind="stable")
+        perm = xp.asarray(perm_h)
+        mu_s = mu[:, perm]
+        bounds = np.searchsorted(i1_h[perm_h], ks, side="left").tolist() + [N]
+    for j, k in enumerate(ks):
+        e1 = float(en[k])
+        istart, istop = max(3, k - 75), min(k + 75, n - 3)
+        if k < 0.05 * n:
+            e1 = float(E.mean())
+            istart, istop = max(3, k - 20), n - 3
+        estep = 0.5 * (max(0.01, min(1.0, estep1)) + max(0.01, min(1.0, e1 / 25000.0)))
+        S = xp.asarray(_smoothed_gradient(E[istart:istop].tobytes(), estep))   # (M-1, M)
+        block = mu[istart:istop] if ks.size == 1 else mu_s[istart:istop, bounds[j]:bounds[j + 1]]
+        ix = _high_deriv_argmax(xp, S @ block, S.shape[0])
+        ix = xp.where(ix < 1, xp.int32(istart + 2), ix.astype(xp.int32) + xp.int32(istart))
+        if ks.size == 1:
+            out[...] = ix
+        else:
+            out[perm[bounds[j]:bounds[j + 1]]] = ix
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _index_of(array, value):
+    """Larch ``index_of``: last index with ``array <= value`` (0 below the range)."""
+    if value < array.min():
+        return 0
+    return int(np.flatnonzero(array <= value).max())
+
+
+def _energy_step(E):
+    """Larch ``find_energy_step`` (NaN for fewer than 100 energies, as Larch's empty slice; Larch then uses 1 eV)."""
+    n = E.size
+    nskip = int(0.01 * n)
+    if nskip == 0:
+        return 1.0          # min(1.0, nan) -> 1.0 in Larch's estep formula
+    ediff = np.diff(E[:-1][nskip:-nskip])
+    return float(np.sort(ediff)[nskip:nskip + 10].mean())
+
+
+def _gradient_rows(xp, y, x):
+    """``np.gradient(y, axis=0) / np.gradient(x)`` for (L, N) ``y`` (Larch's derivative)."""
+    gx = np.gradient(x).astype(np.float32)
+    d = xp.empty_like(y)
+    d[1:-1] = (y[2:] - y[:-2]) * xp.float32(0.5)
+    d[0] = y[1] - y[0]
+    d[-1] = y[-1] - y[-2]
+    d /= xp.asarray(gx)[:, None]
+    return d
+
+
+def _high_deriv_argmax(xp, dmu, L):
+    """Larch ``_finde0``'s choice of index from derivatives ``dmu`` (L, N) (float32): (N,) int."""
+    nmin = max(3, int(L * 0.02))
+    dmu = xp.where(xp.isfinite(dmu), dmu, xp.float32(-1.0))
+    inner = dmu[nmin:L - nmin]
+    lo = inner.min(axis=0)
+    ptp = xp.maximum(inner.max(axis=0) - lo, xp.float32(1e-10))
+    d = (dmu - lo[None, :]) / ptp[None, :]
+    dhigh = 0.60 if L > 20 else 0.30
+    c0 = (d > dhigh).sum(axis=0)
+    thr = xp.where(c0 < 3, xp.float32(dhigh * 0.5), xp.float32(dhigh))
+    c1 = (d > thr[None, :]).sum(axis=0)
+    thr = xp.where((c0 < 3) & (c1 <= 3), xp.float32(dhigh * 0.25), thr)
+    high = d > thr[None, :]
+    every = high.sum(axis=0) < 3
+    high |= every[None, :]
+    cand = xp.zeros_like(high)
+    lo_i, hi_i = nmin, min(L - nmin, L - 2)
+    cand[lo_i:hi_i + 1] = high[lo_i:hi_i + 1] & high[lo_i - 1:hi_i] & high[lo_i + 1:hi_i + 2]
+    cand &= d > 0
+    score = xp.where(cand, d, xp.float32(-np.inf))
+    imax = xp.argmax(score, axis=0)
+    return xp.where(cand.any(axis=0), imax, 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _smoothed_gradient(e_bytes, estep):
+    """(M-1, M) float32 matrix: Larch's smooth(en, gradient(mu)/gradient(en), xstep=estep, sigma=estep)."""
+    E = np.frombuffer(e_bytes, dtype=np.float64)
+    en = E[:-1]
+    L = en.size
+    G = np.zeros((L, E.size))
+    gx = np.gradient(en)
+    for i in range(L):
+        if i == 0:
+            G[0, 0], G[0, 1] = -1.0, 1.0
+        elif i == L - 1:
+            G[i, i - 1], G[i, i] = -1.0, 1.0
+        else:
+            G[i, i - 1], G[i, i + 1] = -0.5, 0.5
+    G /= gx[:, None]
+    Sm = np.stack([_larch_smooth(en, col, estep, estep) for col in np.eye(L)], axis=1)   # (L, L)
+    return (Sm @ G).astype(np.float32)
+
+
+def _larch_smooth(x, y, xstep, sigma, npad=5):
+    """Larch ``smooth(x, y, sigma, xstep=xstep)`` with the Lorentzian window (linear in ``y``)."""
+    xmin = xstep * int((x.min() - npad * xstep) / xstep)
+    xmax = xstep * int((x.max() + npad * xstep) / xstep)
+    npts1 = 1 + int(abs(xmax - xmin + xstep * 0.1) / xstep)
+    npts = min(npts1, 50 * len(x))
+    x0 = np.linspace(xmin, xmax, npts)
+    y0 = np.interp(x0, x, y)
+    sig = sigma / xstep
+    wx = np.arange(2 * npts)
+    win = 1.0 / (1.0 + ((wx - npts) / sig) ** 2) / (np.pi * sig)
+    y1 = np.concatenate((y0[npts:0:-1], y0, y0[-1:-npts - 1:-1]))
+    y2 = np.convolve(win / win.sum(), y1, mode="valid")
+    if len(y2) > len(x0):
+        nex = int((len(y2) - len(x0)) / 2)
+        y2 = (y2[nex:])[:len(x0)]
+    return np.interp(x, x0, y2)
+
+
+@functools.lru_cache(maxsize=64)
+def _basis(e_bytes, deg):
+    """(n, deg + 1) float32 polynomial basis in ``t = (E - E_mid) / half_range`` (well conditioned)."""
+    E = np.frombuffer(e_bytes, dtype=np.float64)
+    t = (E - 0.5 * (E[0] + E[-1])) / max(0.5 * (E[-1] - E[0]), 1e-9)
+    return np.vander(t, deg + 1, increasing=True).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1024)
+def _coef_matrix(e_bytes, e0, ranges, deg):
+    """(3 + deg, n) float32: ``coef = C @ mu`` gives the pre-edge line (2) and the post-edge polynomial
+    of ``mu - pre_edge`` (deg + 1, zero-padded) in :func:`_basis`, for an edge at ``e0`` (Larch's ranges)."""
+    E = np.frombuffer(e_bytes, dtype=np.float64)
+    r = larch_ranges(E, e0, **dict(ranges))
+    V = _basis(e_bytes, deg).astype(np.float64)
+    (p1, p2), (q1, q2) = r["pre_idx"], r["post_idx"]
+    wpre = np.zeros((2, E.size))
+    wpre[:r["npre"] + 1, p1:p2] = np.linalg.pinv(V[p1:p2, :r["npre"] + 1])
+    wpost = np.zeros((deg + 1, E.size))
+    wpost[:r["nnorm"] + 1, q1:q2] = np.linalg.pinv(V[q1:q2, :r["nnorm"] + 1])
+    # post coefficients of (mu - V2 wpre mu): wpost - (wpost V2) wpre
+    C = np.concatenate([wpre, wpost - (wpost @ V[:, :2]) @ wpre], axis=0)
+    return C.astype(np.float32)

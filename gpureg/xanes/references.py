@@ -1,0 +1,194 @@
+"""Reference spectra for linear-combination fitting: reading, checking, putting them on the scan's energies.
+
+A reference is a named absorption spectrum ``mu(E)`` of a known compound.
+They come from two-column text files (energy in eV, ``mu``; ``#`` comments,
+extra columns ignored) or Athena project files (``.prj``, read through
+xraylarch when it is installed), or directly as arrays. Before fitting they are
+linearly interpolated onto the scan's energies and then normalised exactly like
+the voxel spectra (:func:`gpureg.xanes.preedge.pre_edge`), so a voxel made of
+one compound has that reference's normalised spectrum.
+
+Bad input gives one-line ``ValueError``: a file that is not two numeric
+columns, NaN values, repeated energies, a reference that does not cover the
+scan's energy range (saying by how much), energies in keV against a scan in eV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Reference", "check_reference", "load_references", "reference_matrix"]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference spectrum: ``name``, ``energy`` (eV, increasing) and ``mu`` (same length)."""
+
+    name: str
+    energy: np.ndarray
+    mu: np.ndarray
+
+
+def load_references(sources, names=None) -> list[Reference]:
+    """Read reference spectra from files, arrays or :class:`Reference` objects.
+
+    Parameters
+    ----------
+    sources : sequence
+        Each a path (``.prj``: every group of the Athena project, through
+        xraylarch; anything else: text with two numeric columns, energy eV and
+        ``mu``), a ``(energy, mu)`` pair of arrays, or a :class:`Reference`.
+        A mapping ``{name: (energy, mu)}`` is also accepted.
+    names : sequence of str, optional
+        Names for the references (default: file stem, Athena label, ``ref<k>``).
+
+    Returns
+    -------
+    list of Reference
+        Sorted by energy and checked (finite, distinct energies, >= 5 points).
+    """
+    if isinstance(sources, dict):
+        names = list(sources) if names is None else names
+        sources = list(sources.values())
+    if isinstance(sources, (str, Path, Reference)):
+        sources = [sources]
+    refs = []
+    for k, src in enumerate(sources):
+        if isinstance(src, Reference):
+            refs.append(check_reference(src.name, src.energy, src.mu))
+        elif isinstance(src, (str, Path)):
+            p = Path(src)
+            if not p.is_file():
+                raise ValueError(f"reference file {p} does not exist")
+            if p.suffix.lower() == ".prj":
+                refs.extend(_read_athena(p))
+            else:
+                e, mu = _read_text(p)
+                refs.append(check_reference(p.stem, e, mu, where=str(p)))
+        else:
+            try:
+                e, mu = src
+            except (TypeError, ValueError):
+                raise ValueError(f"reference {k}: expected a path, an (energy, mu) pair or a Reference, "
+                                 f"got {type(src).__name__}") from None
+            refs.append(check_reference(f"ref{k}", e, mu))
+    if names is not None:
+        names = list(names)
+        if len(names) != len(refs):
+            raise ValueError(f"references: {len(names)} names given for {len(refs)} references")
+        refs = [Reference(str(nm), r.energy, r.mu) for nm, r in zip(names, refs)]
+    if not refs:
+        raise ValueError("references: none given")
+    seen = set()
+    for r in refs:
+        if r.name in seen:
+            raise ValueError(f"references: two references are named {r.name!r} (pass names=)")
+        seen.add(r.name)
+    return refs
+
+
+def check_reference(name, energy, mu, *, where=None) -> Reference:
+    """A :class:`Reference` from arrays, sorted by energy; ValueError on NaN, repeats, shape or length.
+
+    Parameters
+    ----------
+    name : str
+    energy, mu : (n,) array_like
+        eV and absorption.
+    where : str, optional
+        Where the data came from (file name), for messages.
+    """
+    label = where or repr(str(name))
+    e = np.asarray(energy, dtype=np.float64).reshape(-1)
+    m = np.asarray(mu, dtype=np.float64).reshape(-1)
+    if e.size != m.size:
+        raise ValueError(f"reference {label}: energy ({e.size}) and mu ({m.size}) differ in length")
+    if e.size < 5:
+        raise ValueError(f"reference {label}: needs at least 5 points, got {e.size}")
+    bad = ~(np.isfinite(e) & np.isfinite(m))
+    if bad.any():
+        raise ValueError(f"reference {label}: {int(bad.sum())} of {e.size} points are NaN/inf "
+                         f"(first at energy index {int(np.flatnonzero(bad)[0])})")
+    order = np.argsort(e, kind="stable")
+    e, m = e[order], m[order]
+    if (np.diff(e) <= 0).any():
+        k = int(np.flatnonzero(np.diff(e) <= 0)[0])
+        raise ValueError(f"reference {label}: energy {e[k]:g} eV appears twice")
+    return Reference(str(name), e, m)
+
+
+def reference_matrix(refs, energies) -> np.ndarray:
+    """Raw reference spectra interpolated onto the scan's energies: (n_energy, n_refs) float64.
+
+    Parameters
+    ----------
+    refs : sequence of Reference
+    energies : (n_energy,) array_like
+        The scan's energies, eV, increasing.
+
+    Raises
+    ------
+    ValueError
+        A reference whose energies look like keV against a scan in eV (or the
+        reverse), or that does not cover the scan's range (with the shortfall in eV).
+    """
+    E = np.asarray(energies, dtype=np.float64)
+    lo, hi = float(E[0]), float(E[-1])
+    cols = []
+    for r in refs:
+        r_lo, r_hi = float(r.energy[0]), float(r.energy[-1])
+        ratio = float(np.median(E)) / float(np.median(r.energy)) if np.median(r.energy) > 0 else 0.0
+        if 300 < ratio < 3000:
+            raise ValueError(f"reference {r.name!r}: energies {r_lo:g}-{r_hi:g} look like keV while the scan is in eV "
+                             f"({lo:g}-{hi:g}); multiply the reference energies by 1000")
+        if 1 / 3000 < ratio < 1 / 300:
+            raise ValueError(f"scan energies {lo:g}-{hi:g} look like keV while reference {r.name!r} is in eV "
+                             f"({r_lo:g}-{r_hi:g}); energies must be in eV")
+        tol = 1e-3
+        short_lo, short_hi = r_lo - lo, hi - r_hi
+        if short_lo > tol or short_hi > tol:
+            parts = []
+            if short_lo > tol:
+                parts.append(f"{short_lo:.4g} eV below")
+            if short_hi > tol:
+                parts.append(f"{short_hi:.4g} eV above")
+            raise ValueError(f"reference {r.name!r} covers {r_lo:g}-{r_hi:g} eV but the scan spans {lo:g}-{hi:g} eV: "
+                             f"short by {' and '.join(parts)}")
+        cols.append(np.interp(E, r.energy, r.mu))
+    return np.stack(cols, axis=1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _read_text(path):
+    try:
+        data = np.loadtxt(path, comments=("#", "%", "!", ";"), ndmin=2, dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"reference file {path}: expected numeric columns (energy in eV, mu), "
+                         f"'#' for comments") from None
+    if data.shape[1] < 2 or data.shape[0] == 0:
+        raise ValueError(f"reference file {path}: expected two columns (energy in eV, mu), got shape {data.shape}")
+    return data[:, 0], data[:, 1]
+
+
+def _read_athena(path):
+    try:
+        from larch.io import read_athena
+    except ImportError:
+        raise ValueError(f"reference file {path}: reading Athena projects needs xraylarch "
+                         f"(pip install xraylarch), or export the spectra as two-column text") from None
+    try:
+        proj = read_athena(str(path), do_preedge=False, do_bkg=False, do_fft=False)
+    except Exception as exc:  # larch raises many kinds for a bad file
+        raise ValueError(f"reference file {path}: not a readable Athena project ({exc})") from None
+    refs = []
+    for label, grp in vars(proj).items():
+        if label.startswith("_") or not hasattr(grp, "energy") or not hasattr(grp, "mu"):
+            continue
+        refs.append(check_reference(str(getattr(grp, "label", label)), grp.energy, grp.mu, where=f"{path}:{label}"))
+    if not refs:
+        raise ValueError(f"reference file {path}: the Athena project holds no spectra")
+    return refs
