@@ -49,6 +49,18 @@ def test_run_references_and_clusters(mixture_recon, tmp_path):
         inside = mask & np.isfinite(f1)
         assert np.nanmean(f1[inside & (clusters == 1)]) < np.nanmean(f1[inside & (clusters == 2)])
 
+    # the viewer (issue 19) shows one layer per fitted reference and the fit in a voxel's spectrum
+    from gpureg.viewer import data as view
+
+    with view.open_file(out) as res:
+        names = [kw["name"] for _, kw, _ in view.result_layers(res)]
+        assert "fraction MnO" in names and "fraction Mn2O3" in names and "clusters" in names
+        z, y, x = (int(v[0]) for v in np.nonzero(sel))
+        spec = view.voxel_spectrum(res, (z, y, x))
+        assert set(spec["components"]) == {"MnO", "Mn2O3"} and spec["fit"].shape == (29,)
+        ok = np.isfinite(spec["norm"])
+        assert np.sqrt(np.mean((spec["fit"][ok] - spec["norm"][ok]) ** 2)) < 0.1  # the fit follows the spectrum
+
     report = tmp_path / "result_report"
     assert (report / "reference_fractions.png").stat().st_size > 5000
     assert (report / "clusters.png").stat().st_size > 5000

@@ -219,8 +219,11 @@ def voxel_spectrum(result, index) -> dict:
         if "mask" in g and not bool(g["mask"][z, y, x]):
             e0 = np.nan
         out["edge_energy"] = e0
-    if g is not None and "fractions" in g and "references" in g:
-        fr, refs = g["fractions"], np.asarray(g["references"][()], dtype=np.float64)
+    spectra_name = next((k for k in ("reference_spectra", "references") if g is not None and k in g), None)
+    if g is not None and "fractions" in g and spectra_name is not None:
+        fr, refs = g["fractions"], np.asarray(g[spectra_name][()], dtype=np.float64)
+        if spectra_name == "reference_spectra":  # (n_energy, n_refs) on /energy (io.results.write_chemistry)
+            refs = refs.T
         if refs.ndim == 2 and refs.shape == (fr.shape[0], energy.size) and fr.shape[1:] == ds.shape[1:]:
             w = np.asarray(fr[:, z, y, x], dtype=np.float64)
             refs = refs[:, idx]
@@ -297,7 +300,9 @@ def _limits(ds, percentiles, energy_index=None, *, mask=None):
 
 
 def _reference_names(g, n):
-    names = g.attrs.get("references")
+    names = g["fractions"].attrs.get("references") if "fractions" in g else None  # io.results.write_chemistry
+    if names is None:
+        names = g.attrs.get("references")
     if names is None and "references" in g:
         names = g["references"].attrs.get("names")
     if isinstance(names, (str, bytes)):
