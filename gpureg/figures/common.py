@@ -13,7 +13,8 @@ import numpy as np
 
 from ..core.backend import to_host
 
-__all__ = ["add_colorbar", "as_slice2d", "as_vector", "DPI", "EDGE_CMAP", "map_limits", "masked_map", "new_figure",
+__all__ = ["add_colorbar", "as_slice2d", "as_vector", "DPI", "EDGE_CMAP", "map_limits", "masked_map", "median_mse_ratio",
+           "new_figure",
            "robust_limits", "save_figure", "series_colours", "unit_range"]
 
 DPI = 100
@@ -102,6 +103,16 @@ def map_limits(m, vmin, vmax):
     if not hi > lo:
         raise ValueError(f"colour range must be increasing, got vmin={lo}, vmax={hi}")
     return lo, hi
+
+
+def median_mse_ratio(mse_before, mse_after) -> float:
+    """Median over energies of ``mse_before / mse_after`` (energies with both positive; NaN when none).
+
+    The one statistic of registration gain shown by ``mse_per_energy.png`` and ``report.md``.
+    """
+    b, a = np.asarray(mse_before, dtype=np.float64), np.asarray(mse_after, dtype=np.float64)
+    ok = (b > 0) & (a > 0)
+    return float(np.median(b[ok] / a[ok])) if ok.any() else float("nan")
 
 
 def series_colours(n):

@@ -19,6 +19,7 @@ from .common import (
     DPI,
     EDGE_CMAP,
     add_colorbar,
+    median_mse_ratio,
     as_slice2d,
     as_vector,
     map_limits,
@@ -104,7 +105,7 @@ def canny_overlay(reference_slice, aligned_slice, path, *, sigma: float = 2.0, t
 
 
 def mse_per_energy(energies, mse_before, mse_after, path, *, title: str | None = None, log: bool = True,
-                   figsize=(6.4, 4.0), dpi: int = DPI) -> Path:
+                   compared: str = "grey values", figsize=(6.4, 4.0), dpi: int = DPI) -> Path:
     """MSE between each energy's volume and the reference, before and after registration.
 
     Parameters
@@ -120,6 +121,8 @@ def mse_per_energy(energies, mse_before, mse_after, path, *, title: str | None =
         Figure title.
     log : bool
         Logarithmic MSE axis.
+    compared : str
+        What the MSE compared (axis label): ``"binarized volumes"`` or ``"grey values"``.
     figsize, dpi
         See :func:`canny_overlay`.
 
@@ -146,12 +149,12 @@ def mse_per_energy(energies, mse_before, mse_after, path, *, title: str | None =
     if log and np.isfinite(np.where(np.concatenate([before, after]) > 0, 1.0, np.nan)).any():
         ax.set_yscale("log")
     ax.set_xlabel("Energy (eV)")
-    ax.set_ylabel("MSE vs reference (grey value$^2$)")
+    ax.set_ylabel(f"MSE vs reference ({compared})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    ok = (before > 0) & (after > 0)
-    gain = f"; median reduction x{np.median(before[ok] / after[ok]):.3g}" if ok.any() else ""
-    ax.set_title(title or f"Registration quality per energy{gain}")
+    ratio = median_mse_ratio(before, after)
+    gain = f"\nmedian over energies of MSE before/after: x{ratio:.3g}" if np.isfinite(ratio) else ""
+    ax.set_title(title or f"Registration quality per energy{gain}", fontsize=10)
     return save_figure(fig, path, dpi)
 
 

@@ -118,7 +118,9 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
         if mse is not None:
             before, after = mse
             e = energy if energy is not None and energy.size == np.size(before) else np.arange(np.size(before))
-            paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png", dpi=dpi))
+            prep = rf.attrs().get("parameters", {}).get("prep", {}) if "parameters" in rf.h5.attrs else {}
+            compared = "grey values" if prep.get("binarize") is False else "binarized, smoothed volumes"
+            paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png", dpi=dpi, compared=compared))
         if aligned is not None:
             n_e, nz = aligned.shape[0], aligned.shape[1]
             ref = rf.reference_index()

@@ -11,17 +11,69 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "InputError", "load_volume", "save_matrix", "save_volume"]
+__all__ = ["atomic_path", "BadEnergyError", "check_file_target", "check_suffix", "default_file_mode", "InputError",
+           "load_volume", "save_matrix", "save_volume"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")
+_UMASK_LOCK = threading.Lock()
 
 
 class InputError(ValueError):
     """A file, dataset or option is not what was expected (message names it)."""
+
+
+class BadEnergyError(InputError):
+    """One energy of an input cannot give a valid volume (all NaN, zero flat field...).
+
+    Attributes
+    ----------
+    energy : float
+        The energy (eV).
+    reason : str
+        What is wrong, in a few words.
+    """
+
+    def __init__(self, message, *, energy=float("nan"), reason=""):  # defaults: unpickling (Dask workers)
+        super().__init__(message)
+        self.energy, self.reason = float(energy), str(reason)
+
+
+def check_suffix(path, allowed, what: str) -> Path:
+    """Refuse a file name whose suffix is not one of ``allowed`` (one line naming the file and the choices)."""
+    path = Path(path)
+    if path.suffix.lower() not in allowed:
+        raise InputError(f"{path}: {what} must be a {' / '.join(allowed)} file name, got suffix "
+                         f"{path.suffix or '(none)'!r}")
+    return path
+
+
+def check_file_target(path) -> Path:
+    """Refuse to write a file at ``path`` when it is a folder, or its folder is missing or unwritable.
+
+    Called before any work, so that a command does not compute for nothing.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(f"{path}: is an existing folder; give a file name (e.g. {path / 'result.h5'})")
+    if not folder.is_dir():
+        raise InputError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: output folder {folder} is not writable")
+    return path
+
+
+def default_file_mode() -> int:
+    """Permission bits a new file gets under the current umask (``0o666 & ~umask``: 0o644 under umask 022)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def load_volume(path, dataset: str | None = None) -> np.ndarray:
@@ -60,8 +112,8 @@ def load_volume(path, dataset: str | None = None) -> np.ndarray:
 
 
 def save_volume(path, volume, *, dataset: str = "volume", attrs: dict | None = None) -> Path:
-    """Write a volume atomically to ``.npy`` or HDF5 (by suffix)."""
-    path = Path(path)
+    """Write a volume atomically to ``.npy`` or HDF5 (by suffix; any other suffix is an :class:`InputError`)."""
+    path = check_suffix(path, (".npy",) + HDF5_SUFFIXES, "a volume file")
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".npy":
             with open(tmp, "wb") as fh:
@@ -77,8 +129,8 @@ def save_volume(path, volume, *, dataset: str = "volume", attrs: dict | None = N
 
 
 def save_matrix(path, matrix, *, attrs: dict | None = None) -> Path:
-    """Write a 4x4 matrix atomically as JSON (``.json``) or HDF5 (dataset ``matrix``)."""
-    path = Path(path)
+    """Write a 4x4 matrix atomically as JSON (``.json``) or HDF5 (dataset ``matrix``); other suffixes are refused."""
+    path = check_suffix(path, (".json",) + HDF5_SUFFIXES, "a matrix file")
     matrix = np.asarray(matrix, dtype=np.float64)
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".json":
@@ -100,19 +152,18 @@ def save_matrix(path, matrix, *, attrs: dict | None = None) -> Path:
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    The folder must exist and be writable (clear error otherwise). On any
+    The folder must exist and be writable, and ``path`` must not be a folder
+    (clear error otherwise). The file gets the mode any new file gets under the
+    umask (not ``tempfile``'s 0600), so colleagues can read it. On any
     exception the temporary file is removed and ``path`` is left untouched.
     """
-    path = Path(path)
+    path = check_file_target(path)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: output folder {folder} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; the file gets the umask's usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

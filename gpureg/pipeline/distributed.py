@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import time
 
-from .steps import Loader, notify
+import numpy as np
+
+from ..io.files import BadEnergyError
+from .steps import Loader, handle_bad_energy, notify
 
 __all__ = ["register_energies_dask", "register_one"]
 
@@ -53,9 +56,13 @@ def register_energies_dask(scheduler: str, store, input_path, reference, options
         futures = [client.submit(register_one, str(input_path), i, fixed, reference.prep, options, devices, pure=False)
                    for i in pending]
         for fut in as_completed(futures):
-            i, vol, aligned, res, timings = fut.result()
+            try:
+                i, vol, aligned, res, timings = fut.result()
+            except BadEnergyError as exc:
+                handle_bad_energy(store, int(np.argmin(np.abs(store.energies - exc.energy))), exc, options, progress)
+                continue
             store.write_energy(i, vol, aligned, res.matrix, res.mse_before, res.mse_after, timings)
-            notify(progress, store, i, res.mse_before, res.mse_after, sum(timings.values()))
+            notify(progress, store, i, res.mse_before, res.mse_after, sum(timings.values()), timings)
     finally:
         client.close()
 

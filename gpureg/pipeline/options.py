@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 from ..register.prepare import Prep
 
-__all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "Model", "parse_center", "resolve_devices",
-           "RunOptions"]
+__all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "KEEPABLE", "Model", "parse_center", "parse_keep",
+           "resolve_devices", "RunOptions"]
+
+KEEPABLE = ("recon", "aligned")
 
 
 class Device(str, enum.Enum):
@@ -134,6 +136,12 @@ class RunOptions:
         fractions per voxel (``/xanes/fractions``, ``/xanes/r_factor``).
     clusters : int, optional
         k-means clusters of the normalised voxel spectra (``/xanes/clusters``, centroids).
+    skip_bad_energies : bool
+        Leave out an energy that cannot give a valid volume (all NaN, zero flat
+        field), recording it in the result and report, instead of stopping.
+    keep : tuple of str
+        Stacks kept in the finished result: a subset of ``("recon", "aligned")``
+        (both by default; the maps, matrices and report are always kept).
     """
 
     device: Device = Device.auto
@@ -148,6 +156,8 @@ class RunOptions:
     scheduler: str | None = None
     references: tuple = ()
     clusters: int | None = None
+    skip_bad_energies: bool = False
+    keep: tuple = KEEPABLE
 
     def __post_init__(self):
         for name, kind in (("device", Device), ("model", Model), ("filter", FBPFilter), ("edge", EdgeMethod)):
@@ -170,6 +180,8 @@ class RunOptions:
             raise ValueError(f"clusters must be an integer >= 2, got {self.clusters!r}")
         if self.clusters is not None:
             object.__setattr__(self, "clusters", int(self.clusters))
+        object.__setattr__(self, "skip_bad_energies", bool(self.skip_bad_energies))
+        object.__setattr__(self, "keep", parse_keep(self.keep))
         if self.per_particle and self.scheduler:
             raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 
@@ -199,12 +211,14 @@ class RunOptions:
         return cls.from_dict(json.loads(text))
 
     def parameters(self, devices: Devices, matrices=None) -> dict:
-        """The result file's ``parameters`` (JSON): what decides its content (not ``report``, ``scheduler``).
+        """The result file's ``parameters`` (JSON): what decides its content (not ``report``, ``scheduler``,
+        ``skip_bad_energies``, ``keep``).
 
-        A run resumes an interrupted one only when these are equal.
+        A run resumes an interrupted one only when these are equal (so a run
+        stopped by a bad energy resumes with ``skip_bad_energies``).
         """
         out = self.to_dict()
-        for key in ("report", "scheduler"):
+        for key in ("report", "scheduler", "skip_bad_energies", "keep"):
             out.pop(key)
         out["references"] = list(out["references"])
         for key, default in (("references", []), ("clusters", None)):   # absent when unused: results unchanged
@@ -212,6 +226,16 @@ class RunOptions:
                 out.pop(key)
         out.update(device=devices.registration, fbp_device=devices.fbp, matrices=matrices)
         return out
+
+
+def parse_keep(keep) -> tuple:
+    """The stacks to keep: a subset of ``("recon", "aligned")`` from a tuple or ``"recon,aligned"`` text."""
+    if isinstance(keep, str):
+        keep = [k.strip() for k in keep.split(",") if k.strip() and k.strip() != "none"]
+    unknown = set(keep) - set(KEEPABLE)
+    if unknown:
+        raise ValueError(f"keep must name some of {list(KEEPABLE)}, got {sorted(unknown)}")
+    return tuple(k for k in KEEPABLE if k in set(keep))
 
 
 def parse_center(center):

@@ -28,16 +28,37 @@ class PipelineResult:
     timings: dict = field(default_factory=dict)  # stage -> (n_energy,) seconds
     resumed: int = 0  # energies taken from an interrupted run
     figures: list = field(default_factory=list)
+    excluded: dict = field(default_factory=dict)  # energy (eV) -> reason, left out (skip_bad_energies)
 
 
-def write_report(result_h5, outdir) -> list:
-    """Figures (PNG), ``summary.json`` and ``report.md`` for a finished result file."""
+def write_report(result_h5, outdir, *, name: str | None = None) -> list:
+    """Figures (PNG), ``summary.json`` and ``report.md`` for a finished result file (the whole folder).
+
+    Parameters
+    ----------
+    result_h5 : str or Path
+        The result (or the complete ``.partial`` file about to be renamed onto it).
+    outdir : str or Path
+        The report folder (created; its PNGs, ``summary.json`` and ``report.md`` replaced).
+    name : str, optional
+        The result's name in the report (default: ``result_h5``'s name).
+
+    Returns
+    -------
+    list of Path
+        The figures.
+
+    ``report.md`` is written last: while it is missing, the folder is incomplete
+    (``gpureg report RESULT.h5`` rebuilds it).
+    """
     from ..core.version import __version__
+    from ..figures.common import median_mse_ratio
     from ..figures.result import plot_result
     from ..io.files import atomic_path
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "report.md").unlink(missing_ok=True)  # incomplete until rewritten below
     figures = [Path(p) for p in plot_result(result_h5, outdir)]
     pp_figures, pp_summary, pp_lines = _per_particle_report(result_h5, outdir)  # nothing unless per_particle
     figures += pp_figures + _chemistry_figures(result_h5, outdir)
@@ -60,21 +81,28 @@ def write_report(result_h5, outdir) -> list:
         "energies_ev": res.energies.tolist(), "mse_before": res.mse_before.tolist(), "mse_after": res.mse_after.tolist(),
         "matrices": res.matrices.tolist(), "timings_s": {k: v.tolist() for k, v in res.timings.items()},
         "total_s": {k: float(np.sum(v)) for k, v in res.timings.items()}, "particles": xanes,
-        "figures": [p.name for p in figures],
+        "figures": [p.name for p in figures], "voxel_size_nm": attrs.get("voxel_size_nm"),
+        "excluded_energies": [{"energy_ev": e, "reason": r} for e, r in sorted(res.excluded.items())],
+        "mse_ratio_median": median_mse_ratio(res.mse_before, res.mse_after),
     }
     summary.update(pp_summary)
     with atomic_path(outdir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
-    lines = [f"# gpureg report: {Path(result_h5).name}", "",
+    used = ~np.isin(res.energies, list(res.excluded))
+    lines = [f"# gpureg report: {name or Path(result_h5).name}", "",
              f"- input: `{summary['input']}` (checksum {summary['input_checksum']})",
              f"- device: {summary['device']}; reference energy {summary['reference_energy_ev']:.1f} eV; "
-             f"{len(res.energies)} energies",
-             f"- MSE before -> after registration (median over energies): {np.median(res.mse_before):.4g} -> "
-             f"{np.median(res.mse_after):.4g}",
+             f"{int(used.sum())} energies" + (f" of {len(res.energies)}" if not used.all() else "")
+             + (f"; voxel size {summary['voxel_size_nm']:.4g} nm" if summary["voxel_size_nm"] else ""),
+             f"- MSE vs reference ({_compared(summary['parameters'])}), median over energies: before "
+             f"{np.nanmedian(res.mse_before[used]):.4g}, after {np.nanmedian(res.mse_after[used]):.4g}; "
+             f"median over energies of MSE before/after: x{summary['mse_ratio_median']:.3g}",
              "- time per stage (s, all energies): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["total_s"].items()),
              ""]
-    for name, st in xanes.items():
-        lines.append(f"- {name}: {st['voxels']} voxels, edge energy median {st['edge_energy_median_ev']:.2f} eV "
+    for e, r in sorted(res.excluded.items()):
+        lines.append(f"- **energy {e:g} eV left out** (--skip-bad-energies): {r}")
+    for pname, st in xanes.items():
+        lines.append(f"- {pname}: {st['voxels']} voxels, edge energy median {st['edge_energy_median_ev']:.2f} eV "
                      f"(IQR {st['edge_energy_iqr_ev']:.2f} eV)")
     lines += pp_lines
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
@@ -100,6 +128,11 @@ def _chemistry_figures(result_h5, outdir):
         figures.append(cluster_map(chem["clusters"], chem["cluster_centroids"], chem["energies"],
                                    outdir / "clusters.png"))
     return figures
+
+
+def _compared(parameters):
+    prep = (parameters or {}).get("prep", {})
+    return "grey values" if prep.get("binarize") is False else "binarized, smoothed volumes"
 
 
 def _per_particle_report(result_h5, outdir):

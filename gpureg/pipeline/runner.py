@@ -23,15 +23,17 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..core.transform import apply_affine
-from ..io.files import InputError
-from ..io.results import ResultStore, partial_path, read_result, report_dir_for
+from ..core.version import __version__
+from ..io.files import BadEnergyError, InputError
+from ..io.lock import OutputLock
+from ..io.results import ResultStore, drop_datasets, lock_path, log_path, partial_path, read_result, report_dir_for
 from ..register.affine import register_prepared
 from ..register.prepare import prepare_reference, prepare_volume
 from ..register.series import reference_index, registration_order
-from .options import Devices, RunOptions, resolve_devices
+from .options import KEEPABLE, Devices, RunOptions, resolve_devices
 from .particles import PerParticle, per_particle_xanes
 from .report import PipelineResult, write_report
-from .steps import Loader, check_output, notify, score_matrix, stored_warm_start
+from .steps import Loader, RunLog, check_output, handle_bad_energy, notify, score_matrix, stored_warm_start
 
 __all__ = ["file_checksum", "run"]
 
@@ -80,53 +82,40 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     output = Path(output)
     if options.per_particle and matrices is not None:
         raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
-    devices = resolve_devices(options.device) if devices is None else devices
     check_output(output, overwrite)
     matrices = None if matrices is None else np.asarray(matrices, dtype=np.float64).round(12).tolist()
-    checksum = file_checksum(input)
-    with open_input(input) as reader:
-        energies = np.asarray(reader.energies, dtype=np.float64)
-        ref = reference_index(energies, options.reference)
-        if options.references:     # bad reference files fail now, not after registration
-            from ..xanes.lcf import prepare_references
+    with OutputLock(output, lock_path(output)):
+        devices = resolve_devices(options.device) if devices is None else devices
+        with open_input(input) as reader:
+            energies = np.asarray(reader.energies, dtype=np.float64)
+            _check_input(reader, energies, options, output)  # before anything is created
+            if options.references:  # bad reference files fail now, not after registration
+                from ..xanes.lcf import prepare_references
 
-            prepare_references(options.references, np.sort(energies))
-        work = partial_path(output)
-        store = ResultStore.open(work, reader, energies, ref, options.parameters(devices, matrices), checksum,
-                                 fresh=overwrite)
-        try:
-            resumed = int(store.done.sum())
-            if resumed:
-                _log.warning("gpureg: resuming %s: %d of %d energies already done", work, resumed, len(energies))
-            loader = Loader.for_run(reader, options, devices)
-            if not store.done[ref]:
-                vol, t_load = loader(ref)
-                store.write_energy(ref, vol, vol, np.eye(4), 0.0, 0.0, {"load": t_load})
-                notify(progress, store, ref, 0.0, 0.0, t_load)
-            reference = prepare_reference(store.recon(ref), devices.registration, options.prep,
-                                          name=f"reference energy {energies[ref]:g} eV")
-            if options.scheduler:
-                from .distributed import register_energies_dask
-
-                register_energies_dask(options.scheduler, store, reader.path, reference, options, devices, progress)
-            else:
-                _register_all(store, loader, reference, options, devices, matrices, progress)
-            _xanes(store, reference, options, devices)
-            if options.per_particle:
-                per_particle_xanes(store, options, devices)
-            store.finish()
-        except BaseException:
-            store.close()
-            raise
-    os.replace(work, output)
+                prepare_references(options.references, np.sort(energies))
+            ref = reference_index(energies, options.reference)
+            checksum = file_checksum(input)
+            work = partial_path(output)
+            with RunLog(log_path(output)):
+                _log.info("gpureg %s: %s -> %s; devices: registration on %s, FBP on %s", __version__, reader.path,
+                          output, devices.registration, devices.fbp)
+                resumed = _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite,
+                                   progress)
+                if options.report:
+                    # Before the final rename: a finished RESULT.h5 always has its report.
+                    report = report_dir_for(output)
+                    figures = write_report(work, report, name=output.name)
+                dropped = [k for k in KEEPABLE if k not in options.keep]
+                drop_datasets(work, dropped)
+                os.replace(work, output)
+                _log.info("gpureg: finished %s%s", output, f" (without {', '.join(dropped)})" if dropped else "")
     summary = read_result(output)
     result = PipelineResult(output=output, report_dir=None, energies=summary.energies,
                             reference_index=summary.reference_index, matrices=summary.matrices,
                             mse_before=summary.mse_before, mse_after=summary.mse_after, timings=summary.timings,
-                            resumed=resumed)
+                            resumed=resumed, excluded=summary.excluded)
     if options.report:
-        result.report_dir = report_dir_for(output)
-        result.figures = write_report(output, result.report_dir)
+        result.report_dir, result.figures = report, figures
     return result
 
 
@@ -153,6 +142,60 @@ def file_checksum(path) -> str:
 
 # --- internals ---------------------------------------------------------------------------
 
+def _check_input(reader, energies, options, output):
+    """Everything that can be checked before a file is created: energy count, resources."""
+    from ..core.resources import check_fits
+    from ..xanes.spectra import MIN_ENERGIES
+
+    if energies.size < MIN_ENERGIES:
+        raise InputError(f"{reader.path}: has {energies.size} energies; XANES maps need at least {MIN_ENERGIES}")
+    vol = 4.0 * np.prod(reader.recon_shape)
+    proj = 4.0 * np.prod(reader.shape) if reader.kind == "projections" else 0.0
+    # Host: reference (raw, prepared), current + next (raw, prepared, aligned), projections; XANES slabs.
+    memory = 8 * vol + 2 * proj + 2 * energies.size * vol * min(16, reader.recon_shape[0]) / reader.recon_shape[0]
+    # Disk: /recon and /aligned of every energy (uncompressed bound; gzip usually saves 2-3x) + maps.
+    n_stacks = max(1, len(options.keep)) if options.keep else 0
+    disk = (2 * energies.size * vol + 6 * vol) / 2 if n_stacks else 6 * vol
+    folder = output.parent if str(output.parent) else Path(".")
+    check_fits(f"{reader.path} ({energies.size} energies of {'x'.join(map(str, reader.recon_shape))} voxels)",
+               memory=memory, disk=disk, folder=folder, gpu_memory=6 * vol,
+               device=resolve_devices(options.device).registration if options.device.value == "gpu" else "cpu")
+
+
+def _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite, progress) -> int:
+    """Fill ``work`` (the ``.partial`` file): every energy, then the maps; returns the energies resumed."""
+    store = ResultStore.open(work, reader, energies, ref, options.parameters(devices, matrices), checksum,
+                             fresh=overwrite)
+    try:
+        resumed = int(store.done.sum())
+        if resumed:
+            _log.warning("gpureg: resuming %s: %d of %d energies already done", work, resumed, len(energies))
+        loader = Loader.for_run(reader, options, devices)
+        if not store.done[ref]:
+            try:
+                vol, t_load = loader(ref)
+            except BadEnergyError as exc:
+                raise InputError(f"{exc} (the reference energy: choose another with --reference)") from None
+            store.write_energy(ref, vol, vol, np.eye(4), 0.0, 0.0, {"load": t_load})
+            notify(progress, store, ref, 0.0, 0.0, t_load, {"load": t_load})
+        reference = prepare_reference(store.recon(ref), devices.registration, options.prep,
+                                      name=f"reference energy {energies[ref]:g} eV")
+        if options.scheduler:
+            from .distributed import register_energies_dask
+
+            register_energies_dask(options.scheduler, store, reader.path, reference, options, devices, progress)
+        else:
+            _register_all(store, loader, reference, options, devices, matrices, progress)
+        _xanes(store, reference, options, devices)
+        if options.per_particle:
+            per_particle_xanes(store, options, devices)
+        store.finish()
+    except BaseException:
+        store.close()
+        raise
+    return resumed
+
+
 def _options(options, settings):
     if options is None:
         return RunOptions().replace(**settings)
@@ -172,8 +215,15 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(loader, pending[0]) if pending else None
         for k, i in enumerate(pending):
-            vol, t_load = nxt.result()
+            fut = nxt
             nxt = pool.submit(loader, pending[k + 1]) if k + 1 < len(pending) else None
+            try:
+                vol, t_load = fut.result()
+            except BadEnergyError as exc:
+                if not options.skip_bad_energies and nxt is not None:
+                    nxt.cancel()
+                handle_bad_energy(store, i, exc, options, progress)
+                continue
             t0 = time.perf_counter()
             moving = prepare_volume(vol, dev, prep, name=f"energy {energies[i]:g} eV")
             if matrices is None:
@@ -188,20 +238,28 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
             t2 = time.perf_counter()
             store.write_energy(i, vol, aligned, res.matrix, res.mse_before, res.mse_after,
                                {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
-            notify(progress, store, i, res.mse_before, res.mse_after, time.perf_counter() - t0 + t_load)
+            notify(progress, store, i, res.mse_before, res.mse_after, time.perf_counter() - t0 + t_load,
+                   {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
 
 
 def _xanes(store, reference, options, devices):
     from ..core.segment import particle_labels
+    from ..xanes.spectra import MIN_ENERGIES
     from ..xanes.stack import edge_energy_map
 
-    maps = edge_energy_map(store.stack("aligned"), store.energies, device=devices.registration,
+    used = store.used()
+    if used.size < MIN_ENERGIES:
+        left = ", ".join(f"{e:g}" for e in store.energies[store.excluded])
+        raise InputError(f"only {used.size} usable energies after leaving out {left} eV; XANES maps need at least "
+                         f"{MIN_ENERGIES}")
+    maps = edge_energy_map(store.volumes("aligned", used), store.energies[used], device=devices.registration,
                            method=options.edge.value)
     labels, _ = particle_labels(reference.mask)
     chem = None
     if options.references or options.clusters:
         from ..xanes.chemmap import chemistry_map
 
-        chem = chemistry_map(store.stack("aligned"), store.energies, references=options.references or None,
+        stack = store.stack("aligned") if used.size == store.energies.size else store.volumes("aligned", used)
+        chem = chemistry_map(stack, store.energies[used], references=options.references or None,
                              k=options.clusters, mask=maps["mask"], device=devices.registration)
     store.write_xanes(maps, to_host(labels), chemistry=chem)

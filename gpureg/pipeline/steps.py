@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import os
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..core.backend import to_host
-from ..io.files import InputError
+from ..io.files import BadEnergyError, InputError, check_file_target
 
-__all__ = ["check_output", "Loader", "notify", "score_matrix", "stored_warm_start"]
+__all__ = ["check_output", "energy_line", "handle_bad_energy", "Loader", "notify", "RunLog", "score_matrix", "stored_warm_start"]
+
+_log = logging.getLogger("gpureg")
 
 
 class Loader:
@@ -43,17 +45,48 @@ class Loader:
         vol = to_host(reconstruct_energy(self.reader, i, center=self.center, filter=self.filter, device=self.device))
         vol = np.ascontiguousarray(vol, dtype=np.float32)
         if not np.isfinite(vol).all():
-            raise InputError(f"{self.reader.path}: energy {i} ({self.reader.energies[i]:g} eV) reconstructs to "
-                             "NaN/inf values; check data, flat and dark fields")
+            energy = float(self.reader.energies[i])
+            raise BadEnergyError(f"{self.reader.path}: energy {energy:g} eV reconstructs to NaN/inf values; check "
+                                 "data, flat and dark fields", energy=energy, reason="reconstructs to NaN/inf")
         return vol, time.perf_counter() - t0
 
 
-def notify(progress, store, i, before, after, seconds):
-    """Call ``progress(event)`` (when given) for energy ``i`` of ``store`` (see :func:`gpureg.pipeline.run`)."""
+def notify(progress, store, i, before, after, seconds, timings=None, excluded=None):
+    """Call ``progress(event)`` (when given) for energy ``i`` of ``store`` (see :func:`gpureg.pipeline.run`).
+
+    Also logs the plain per-energy line (:func:`energy_line`) at INFO level (``RESULT.log``).
+    """
+    event = {"index": int(i), "energy": float(store.energies[i]), "done": int(store.done.sum()),
+             "total": len(store.energies), "mse_before": float(before), "mse_after": float(after),
+             "seconds": float(seconds), "timings": dict(timings or {}), "excluded": excluded}
+    _log.info("%s", energy_line(event))
     if progress is not None:
-        progress({"index": int(i), "energy": float(store.energies[i]), "done": int(store.done.sum()),
-                  "total": len(store.energies), "mse_before": float(before), "mse_after": float(after),
-                  "seconds": float(seconds)})
+        progress(event)
+
+
+def handle_bad_energy(store, i, exc, options, progress):
+    """A bad energy: stop (default) or leave it out (``skip_bad_energies``), recorded and warned."""
+    if not options.skip_bad_energies:
+        raise InputError(f"{exc}; pass --skip-bad-energies to leave it out") from None
+    _log.warning("gpureg: leaving out %g eV: %s", exc.energy, exc.reason)
+    store.exclude(i, exc.reason)
+    notify(progress, store, i, np.nan, np.nan, 0.0, excluded=exc.reason)
+
+
+def energy_line(event) -> str:
+    """One plain progress line of a per-energy event: energy, stage times, MSE ratio (or why it was left out)."""
+    head = f"[{event['done']}/{event['total']}] {event['energy']:.1f} eV"
+    if event.get("excluded"):
+        return f"{head}: left out ({event['excluded']})"
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in event.get("timings", {}).items())
+    before, after = event["mse_before"], event["mse_after"]
+    if before > 0:
+        ratio = f"MSE {before:.3g} -> {after:.3g} (x{before / after:.1f} lower)" if after > 0 else \
+            f"MSE {before:.3g} -> {after:.3g}"
+    else:
+        ratio = "reference"
+    stages = stages or f"{event['seconds']:.2f} s"
+    return f"{head}: {stages}; {ratio}"
 
 
 def score_matrix(fixed, moving, matrix):
@@ -76,14 +109,60 @@ def stored_warm_start(store, i, ref):
 
 
 def check_output(output, overwrite):
-    """Refuse an output that is not an ``.h5`` name, is in a missing/unwritable folder, or exists (without overwrite)."""
+    """Refuse an output that is a folder, is not an ``.h5`` name, is in a missing/unwritable folder, or exists
+    (without overwrite)."""
     output = Path(output)
+    if output.is_dir():
+        check_file_target(output)  # "is an existing folder": refused even with overwrite
     if output.suffix.lower() not in (".h5", ".hdf5", ".hdf", ".nxs"):
         raise InputError(f"{output}: output must be an HDF5 file name (.h5, .hdf5)")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{output}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{output}: output folder {folder} is not writable")
+    check_file_target(output)
     if output.exists() and not overwrite:
         raise InputError(f"{output}: exists (a finished run); pass --overwrite to replace it")
+
+
+class RunLog:
+    """``RESULT.log``: the ``gpureg`` log of a run (appended), with the per-energy lines whatever ``-v`` says.
+
+    While active, the ``gpureg`` logger passes INFO records; they reach the log
+    file, and the terminal only when it was already set to show them (``-v``).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        logger = logging.getLogger("gpureg")
+        self.handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.old_level = logger.level
+        quiet = logger.getEffectiveLevel() > logging.INFO
+        self.filters = []
+        if quiet:  # keep INFO off the other handlers (stderr), as before
+            for h in logging.getLogger().handlers + logger.handlers:
+                f = _AtLeast(logging.WARNING)
+                h.addFilter(f)
+                self.filters.append((h, f))
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger("gpureg")
+        if exc[0] is not None and exc[1] is not None:
+            logger.error("gpureg: stopped: %s", str(exc[1]).splitlines()[0] if str(exc[1]) else exc[0].__name__)
+        logger.removeHandler(self.handler)
+        self.handler.close()
+        for h, f in self.filters:
+            h.removeFilter(f)
+        logger.setLevel(self.old_level)
+        return False
+
+
+class _AtLeast(logging.Filter):
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno >= self.level or not record.name.startswith("gpureg")

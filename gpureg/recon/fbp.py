@@ -41,7 +41,7 @@ from ..core.backend import (
     cupy_or_none,
     to_host,
 )
-from .flatfield import normalize
+from .flatfield import energy_problem, normalize
 from .project import Astra, estimate_center
 
 __all__ = ["astra_cuda_available", "astra_cuda_probe", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
@@ -131,11 +131,34 @@ def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", 
     (nz, ny, nx) ndarray of float32
         ``normalize`` + ``reconstruct_fbp`` of the energy's projections; the
         stored volume itself for an input of kind ``"recon"``.
+
+    Raises
+    ------
+    gpureg.io.BadEnergyError
+        The energy cannot give a valid volume (:func:`~gpureg.recon.flatfield.energy_problem`:
+        zero flat field, NaN or zero projections; a volume with NaN/inf voxels).
     """
     if reader.kind == "recon":
-        return reader.recon(i)
-    p = normalize(reader.projections(i), reader.flat(i), reader.dark(i))
+        vol = reader.recon(i)
+        finite = np.isfinite(vol)
+        if not finite.all():
+            reason = "volume is all NaN/inf" if not finite.any() else \
+                f"volume has {100 * (1 - finite.mean()):.1f} % NaN/inf voxels"
+            _bad_energy(reader, i, reason)
+        return vol
+    raw, flat, dark = reader.projections(i), reader.flat(i), reader.dark(i)
+    reason = energy_problem(raw, flat, dark)
+    if reason is not None:
+        _bad_energy(reader, i, reason)
+    p = normalize(raw, flat, dark)
     return reconstruct_fbp(p, reader.theta, center=center, filter=filter, device=device)
+
+
+def _bad_energy(reader, i, reason):
+    from ..io.files import BadEnergyError
+
+    energy = float(reader.energies[i])
+    raise BadEnergyError(f"{reader.path}: energy {energy:g} eV: {reason}", energy=energy, reason=reason)
 
 
 def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram-lak", device: str = "auto",

@@ -16,7 +16,7 @@ from ..core.backend import (
     xp_of,
 )
 
-__all__ = ["NonPositiveTransmissionWarning", "normalize"]
+__all__ = ["energy_problem", "NonPositiveTransmissionWarning", "normalize"]
 
 _log = logging.getLogger("gpureg")
 
@@ -75,6 +75,40 @@ def normalize(projections, flat, dark=None, *, floor: float = 1e-3, return_count
     if count:
         _report_nonpositive(count, p.size)
     return (out, count) if return_count else out
+
+
+def energy_problem(projections, flat, dark=None, *, limit: float = 0.5) -> str | None:
+    """Why one energy's frames cannot give a valid volume, or ``None`` when they can.
+
+    An energy is bad when more than ``limit`` of its flat-field pixels are not
+    above the dark (a zero flat field), or more than ``limit`` of its
+    projection values are NaN/inf, or give non-positive transmissions (data at
+    or below the dark). A few bad pixels are not: :func:`normalize` clips them.
+
+    Parameters
+    ----------
+    projections : (n_angle, ny, nx) ndarray
+    flat : (n_flat, ny, nx) or (ny, nx) ndarray
+    dark : (n_dark, ny, nx) or (ny, nx) ndarray, optional
+    limit : float
+        Largest acceptable bad fraction.
+
+    Returns
+    -------
+    str or None
+        A few words (``"flat field is zero (not above the dark)"``...).
+    """
+    xp = xp_of(projections)
+    p = xp.asarray(projections, dtype=xp.float32)
+    f = frame_mean(xp, flat, "flat", p.shape[-2:])
+    d = xp.zeros_like(f) if dark is None else frame_mean(xp, dark, "dark", p.shape[-2:])
+    if float((~(f - d > 0)).mean()) > limit:
+        return "flat field is zero (not above the dark)"
+    if float((~xp.isfinite(p)).mean()) > limit:
+        return "projections are NaN/inf"
+    if float((~(p - d > 0)).mean()) > limit:
+        return "projections are zero (no transmitted signal above the dark)"
+    return None
 
 
 def frame_mean(xp, frames, name, shape):
