@@ -1,0 +1,227 @@
+"""A run you can trust (issue 15): bad energies, theta units, the output lock, the report, output
+checks, file modes, the run log. Small simulated scans (24^3, 45 angles, 7 energies: a run is ~5 s)."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import gpureg
+from gpureg.io import write_dataexchange
+from gpureg.pipeline import run
+
+ENERGIES = [6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scan")
+    return gpureg.simulate(folder / "small.h5", size=24, n_angles=45, energies=ENERGIES)
+
+
+def _variant(scan, folder, name, edit):
+    path = Path(folder) / name
+    shutil.copy(scan, path)
+    with h5py.File(path, "r+") as h5:
+        edit(h5)
+    return path
+
+
+def _zero_flat(h5):
+    h5["exchange/data_white"][2] = 0  # 6548 eV
+
+
+def _nan_data(h5):
+    data = h5["exchange/data"][...].astype(np.float32)
+    data[2] = np.nan
+    del h5["exchange/data"]
+    h5["exchange/data"] = data
+
+
+def _edge_error(path):
+    with h5py.File(path) as h5:
+        e0, mask, truth = h5["xanes/edge_energy"][...], h5["xanes/mask"][...].astype(bool), h5["truth/edge_energy"][...]
+    sel = mask & np.isfinite(truth) & np.isfinite(e0)
+    return float(np.mean(np.abs(e0 - truth)[sel])), int(sel.sum()), int(np.isfinite(truth).sum())
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "gpureg", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=kw.get("cwd", ROOT))
+
+
+# --- 3. bad energies and theta units -----------------------------------------------------
+
+@pytest.mark.parametrize("edit, reason", [(_zero_flat, "flat field is zero"), (_nan_data, "projections are NaN")])
+def test_bad_energy_stops_naming_energy_and_reason(scan, tmp_path, edit, reason):
+    bad = _variant(scan, tmp_path, "bad.h5", edit)
+    with pytest.raises(ValueError, match=f"6548 eV: {reason}.*--skip-bad-energies") as exc:
+        run(bad, tmp_path / "out.h5", report=False)
+    assert len(str(exc.value).splitlines()) == 1
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_skip_bad_energies_excludes_records_and_warns(scan, tmp_path, caplog):
+    bad = _variant(scan, tmp_path, "bad.h5", _zero_flat)
+    with caplog.at_level("WARNING", logger="gpureg"):
+        res = run(bad, tmp_path / "out.h5", skip_bad_energies=True)
+    assert "leaving out 6548 eV" in caplog.text
+    assert list(res.excluded) == [6548.0]
+    with h5py.File(tmp_path / "out.h5") as h5:
+        assert h5["registration/excluded"][...].tolist() == [e == 6548.0 for e in ENERGIES]
+        assert "flat field is zero" in json.loads(h5["registration/excluded"].attrs["reasons"])["6548"]
+    summary = json.loads((res.report_dir / "summary.json").read_text())
+    assert summary["excluded_energies"] == [{"energy_ev": 6548.0, "reason": "flat field is zero (not above the dark)"}]
+    assert "energy 6548 eV left out" in (res.report_dir / "report.md").read_text()
+    # Measured: mean |error| 3.0 eV with 6548 eV left out (0.57 eV with all 7 energies; the old code, which used
+    # the zero-flat energy, gave 8.8 eV); every true-particle voxel still mapped.
+    err, mapped, particle = _edge_error(tmp_path / "out.h5")
+    assert err < 4.0 and mapped == particle
+
+
+@pytest.mark.parametrize("values, units, looks", [(np.deg2rad, "degrees", "radians"), (np.asarray, "rad", "degrees")])
+def test_theta_units_checked_against_range(scan, tmp_path, values, units, looks):
+    def edit(h5):
+        th = np.linspace(-90.0, 90.0, 45)
+        del h5["exchange/theta"]
+        h5["exchange/theta"] = values(th)
+        h5["exchange/theta"].attrs["units"] = units
+
+    path = _variant(scan, tmp_path, "theta.h5", edit)
+    with pytest.raises(ValueError, match=f"/exchange/theta is labelled '{units}'.*look like {looks}"):
+        gpureg.open_input(path)
+
+
+# --- 4. the output lock ------------------------------------------------------------------
+
+HOLDER = """
+import sys
+import gpureg
+def progress(event):
+    if event["done"] == 2:
+        print("holding", flush=True)
+        sys.stdin.readline()
+gpureg.run(sys.argv[1], sys.argv[2], report=False, progress=progress)
+print("finished", flush=True)
+"""
+
+
+def test_second_run_on_same_output_is_refused_two_processes(scan, tmp_path):
+    out = tmp_path / "out.h5"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(scan), str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stdout.readline().strip() == "holding"  # blocks until the first run holds 2 energies
+        second = _cli("run", scan, out, "--no-report")
+        assert second.returncode == 2
+        assert f"out.h5 is being written by PID {first.pid} on {socket.gethostname()}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert (tmp_path / "out.h5.partial").exists()  # the first run's state was not touched...
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.wait(timeout=300) == 0, first.stderr.read()  # ...and it finishes normally
+    finally:
+        if first.poll() is None:
+            first.kill()
+    with h5py.File(out) as h5:
+        assert h5.attrs["complete"]
+    assert not (tmp_path / "out.h5.lock").exists()
+
+
+def test_stale_lock_of_killed_run_is_taken_over(scan, tmp_path):
+    out = tmp_path / "out.h5"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(scan), str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert first.stdout.readline().strip() == "holding"
+    first.kill()
+    first.wait(timeout=60)
+    assert str(first.pid) in (tmp_path / "out.h5.lock").read_text()  # left behind by the killed run
+    r = _cli("run", scan, out, "--no-report")
+    assert r.returncode == 0, r.stderr
+    assert f"stale lock of PID {first.pid}" in r.stderr and "resuming" in r.stderr
+
+
+# --- 5. the report ---------------------------------------------------------------------
+
+def test_report_written_before_final_rename_and_rebuilt(scan, tmp_path, monkeypatch):
+    from gpureg.pipeline import runner
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # killed while writing the report
+
+    monkeypatch.setattr(runner, "write_report", killed)
+    out = tmp_path / "out.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(scan, out)
+    assert not out.exists()  # no finished result without its report
+    monkeypatch.undo()
+    res = run(scan, out)     # the rerun finishes it
+    assert (res.report_dir / "report.md").exists()
+    shutil.rmtree(res.report_dir)
+    r = _cli("report", out)
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in res.report_dir.iterdir()}
+    assert {"report.md", "summary.json", "mse_per_energy.png", "edge_energy_slice.png"} <= names
+
+
+# --- 6, 7. outputs and inputs checked before any work --------------------------------------
+
+def test_existing_folder_as_output_refused_before_work(scan, tmp_path):
+    folder = tmp_path / "result.h5"
+    folder.mkdir()
+    for args in (["run", scan, folder, "--overwrite"], ["simulate", folder, "--size", "16", "--energies",
+                                                        "6500,6540,6550,6560,6600"]):
+        r = _cli(*args)
+        assert r.returncode == 2 and "is an existing folder" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.h5"]
+    assert not any(folder.iterdir())
+
+
+def test_fewer_than_five_energies_refused_before_anything_is_created(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    vols = [np.zeros((8, 8, 8), np.float32) + k for k in range(4)]
+    path = write_dataexchange(src / "four.h5", recon=vols, energy=[6500.0, 6540.0, 6550.0, 6600.0])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match="four.h5: has 4 energies; XANES maps need at least 5"):
+        run(path, out / "r.h5")
+    assert list(out.iterdir()) == []
+
+
+# --- 8, 9. file modes, the run log -------------------------------------------------------
+
+def test_outputs_readable_by_group_and_others_under_umask_022(scan, tmp_path):
+    old = os.umask(0o022)
+    try:
+        sim = gpureg.simulate(tmp_path / "sim.h5", size=16, n_angles=8, energies=ENERGIES[:5])
+        res = run(scan, tmp_path / "out.h5")
+    finally:
+        os.umask(old)
+    files = [sim, res.output, tmp_path / "out.log", *res.report_dir.iterdir()]
+    assert len(files) > 6
+    for f in files:
+        assert f.stat().st_mode & 0o044 == 0o044, (f, oct(f.stat().st_mode))
+
+
+def test_progress_lines_devices_and_log_when_not_a_tty(scan, tmp_path):
+    r = _cli("run", scan, tmp_path / "out.h5", "--no-report")  # stderr is a pipe here
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"devices: registration on (cpu|gpu), FBP on (cpu|gpu)", r.stderr), r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if " eV: " in ln]
+    assert len(lines) == len(ENERGIES), r.stderr
+    assert all("load" in ln for ln in lines) and sum("register" in ln and "MSE" in ln for ln in lines) == 6
+    log = (tmp_path / "out.log").read_text()
+    assert re.search(r"devices: registration on (cpu|gpu), FBP on (cpu|gpu)", log) and "6548.0 eV" in log and "finished" in log
