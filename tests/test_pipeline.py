@@ -2,8 +2,6 @@
 
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import h5py
@@ -145,19 +143,20 @@ def test_watch_matches_batch(grey_series, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     order = [2, 0, 5, 1, 6, 3, 4]  # acquisition order is not energy order; highest arrives late
-
-    def writer():
-        for k in order:
-            tmp = write_dataexchange(inbox / f".tmp{k}.h5", recon=[vols[k]], energy=[ENERGIES[k]])
-            tmp.rename(inbox / f"e{k:02d}.h5")
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=writer)
-    thread.start()
     seen = []
-    res = watch(inbox, tmp_path / "live.h5", expect=len(order), poll=0.1, report=False, on_energy=seen.append,
+
+    def deliver(k):  # a careful writer: a hidden temp name, renamed when complete
+        tmp = write_dataexchange(inbox / f".tmp{k}.h5", recon=[vols[k]], energy=[ENERGIES[k]])
+        tmp.rename(inbox / f"e{k:02d}.h5")
+
+    def on_energy(ev):  # the next file arrives once this one is registered: a fixed order, no timing
+        seen.append(ev)
+        if len(seen) < len(order):
+            deliver(order[len(seen)])
+
+    deliver(order[0])
+    res = watch(inbox, tmp_path / "live.h5", expect=len(order), poll=0, settle=0, report=False, on_energy=on_energy,
                 binarize=False)
-    thread.join()
     assert sorted(ev["source"] for ev in seen) == sorted(f"e{k:02d}.h5" for k in order)  # each once
     assert all(ev["latency_s"] >= 0 for ev in seen)
     batch = run(path, tmp_path / "batch.h5", report=False, binarize=False)

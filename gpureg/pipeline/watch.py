@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..io.files import InputError, atomic_path
-from ..io.results import watch_dir
+from ..io.lock import OutputLock
+from ..io.results import lock_path, watch_dir
 from ..register.affine import register_prepared
 from ..register.prepare import prepare_reference, prepare_volume
 from ..register.series import warm_start
@@ -33,9 +35,10 @@ from .options import RunOptions, resolve_devices
 from .runner import run
 from .steps import Loader, check_output
 
-__all__ = ["rereference", "watch", "WatchState"]
+__all__ = ["is_temporary", "rereference", "watch", "WatchState"]
 
 _log = logging.getLogger("gpureg")
+_RETRY_S = 30.0  # an unreadable file that does not change is tried again after this long
 
 
 def rereference(matrices, energies, reference="highest") -> np.ndarray:
@@ -96,32 +99,36 @@ class WatchState:
 
 
 def watch(directory, output, options: RunOptions | None = None, *, pattern: str = "*.h5", expect: int | None = None,
-          idle_timeout: float | None = None, poll: float = 0.5, sentinel: str = "DONE", overwrite: bool = False,
-          on_energy=None, **settings):
+          idle_timeout: float | None = None, poll: float = 0.5, settle: float = 1.0, sentinel: str = "DONE",
+          overwrite: bool = False, on_energy=None, **settings):
     """Process per-energy files as they appear in ``directory``; finish with a full result.
 
     Parameters
     ----------
     directory : str or Path
         Folder the acquisition writes into (one file per energy; a file is taken
-        once it opens as a complete Data Exchange file).
+        once its size and time stamp have not changed for ``settle`` seconds and
+        it opens as a complete one-energy file).
     output : str or Path
         Result HDF5 written at the end (as by ``gpureg run``).
     options : RunOptions, optional
         The same settings as :func:`gpureg.pipeline.run` (``reference`` is the
         final reference; while watching, energies register to the first one).
     pattern : str
-        Glob of the energy files.
+        Glob of the energy files. Hidden and temporary names (``.*``, ``~*``,
+        ``*.tmp``, ``*.part``: a writer's file before its final rename) are ignored.
     expect : int, optional
         Stop after this many energies.
     idle_timeout : float, optional
-        Stop after this many seconds without a new file.
+        Stop after this many seconds without a new energy.
     poll : float
         Seconds between folder scans.
+    settle : float
+        Seconds a file must stay unchanged before it is read.
     sentinel : str
-        A file of this name in the folder ends the series once all files are done.
+        A file of this name in the folder ends the series once every settled file was tried.
     overwrite : bool
-        Replace a finished ``output``.
+        Replace a finished ``output`` and forget an earlier watch's state (``OUTPUT.watch/``).
     on_energy : callable, optional
         Called as ``on_energy(event)`` after each energy with ``energy``, ``source``,
         ``latency_s`` (file seen -> registered), ``mse_before``, ``mse_after``, ``count``.
@@ -131,10 +138,16 @@ def watch(directory, output, options: RunOptions | None = None, *, pattern: str 
     Returns
     -------
     gpureg.pipeline.PipelineResult
-    """
-    from ..io.dataexchange import write_dataexchange
-    from ..io.readers import open_input
 
+    Notes
+    -----
+    A file that cannot be read (a stray file, one still being written, another
+    layout) is skipped with a warning and tried again when it changes (or every
+    30 s); so is a second file of an energy already done. The watch ends only on
+    ``expect``, the ``sentinel`` file or ``idle_timeout`` (logged), or on
+    ``KeyboardInterrupt`` (SIGINT): what was done stays in ``OUTPUT.watch/`` and
+    the same command resumes it.
+    """
     if options is None:
         options = RunOptions().replace(**settings)
     elif settings:
@@ -146,61 +159,146 @@ def watch(directory, output, options: RunOptions | None = None, *, pattern: str 
         raise InputError(f"{directory}: not a folder")
     if expect is None and idle_timeout is None and sentinel is None:
         raise ValueError("watch needs a way to end: expect, idle_timeout or sentinel")
+    for name, value in (("poll", poll), ("settle", settle)):
+        if not value >= 0:
+            raise ValueError(f"watch: {name} must be >= 0 seconds, got {value!r}")
     check_output(output, overwrite)
-    devices = resolve_devices(options.device)
+    with OutputLock(output, lock_path(output)):
+        if overwrite and watch_dir(output).exists():
+            shutil.rmtree(watch_dir(output))
+        devices = resolve_devices(options.device)
+        state = WatchState(watch_dir(output))
+        try:
+            _watch_loop(directory, state, options, devices, pattern, expect, idle_timeout, poll, settle, sentinel,
+                        on_energy)
+        except KeyboardInterrupt:
+            _log.warning("gpureg: watch interrupted with %d energies done (kept in %s); run the same command again "
+                         "to resume", len(state.entries), state.folder)
+            raise
+        return _finish(directory, output, state, options, devices, overwrite)
+
+
+def is_temporary(name: str) -> bool:
+    """Hidden or temporary file names a writer uses before its final rename (``.*``, ``~*``, ``*.tmp``, ``*.part``)."""
+    low = name.lower()
+    return name.startswith((".", "~")) or low.endswith((".tmp", ".part", ".partial", "~"))
+
+
+# --- internals ---------------------------------------------------------------------------
+
+class _Candidates:
+    """Files of the folder that may be energies: settled (unchanged for ``settle`` s), not yet done, not given up."""
+
+    def __init__(self, directory, pattern, sentinel, settle):
+        self.directory, self.pattern, self.sentinel, self.settle = directory, pattern, sentinel, settle
+        self.stamp = {}    # name -> ((size, mtime), first time seen with that stamp)
+        self.failed = {}   # name -> ((size, mtime), time of the last try)
+
+    def scan(self, done):
+        """``(ready, waiting)``: names to try now; names not yet settled (or new)."""
+        now, ready, waiting = time.monotonic(), [], []
+        for path in sorted(self.directory.glob(self.pattern)):
+            name = path.name
+            if name in done or name == self.sentinel or is_temporary(name) or not path.is_file():
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            key = (st.st_size, st.st_mtime_ns)
+            if self.stamp.get(name, (None,))[0] != key:
+                self.stamp[name] = (key, now)
+            if now - self.stamp[name][1] < self.settle:
+                waiting.append(name)
+                continue
+            fail = self.failed.get(name)
+            if fail is not None and fail[0] == key and now - fail[1] < _RETRY_S:
+                continue  # tried and failed: again when it changes, or after a while
+            ready.append(name)
+        return ready, waiting
+
+    def fail(self, name, reason):
+        if name not in self.failed:
+            _log.warning("gpureg: watch: skipping %s for now (%s); it is tried again when it changes", name, reason)
+        self.failed[name] = (self.stamp[name][0], time.monotonic())
+
+
+def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeout, poll, settle, sentinel, on_energy):
+    from ..io.readers import open_input
+
     dev = devices.registration
-    state = WatchState(watch_dir(output))
     reference = None
     if state.provisional is not None:
         reference = prepare_reference(state.recon(state.provisional), dev, options.prep, name="provisional reference")
+    files = _Candidates(directory, pattern, sentinel, settle)
+    energies_done = {round(v["energy"], 6): k for k, v in state.entries.items()}
     seen_at, last_new = {}, time.monotonic()
     while True:
-        fresh = [p for p in sorted(directory.glob(pattern)) if p.name not in state.entries]
-        for path in fresh:
-            seen_at.setdefault(path.name, time.monotonic())
+        ready, waiting = files.scan(state.entries)
+        for name in waiting + ready:
+            seen_at.setdefault(name, time.monotonic())
+        for name in ready:
+            path = directory / name
             try:
                 with open_input(path) as reader:
                     if reader.n_energy != 1:
-                        raise InputError(f"{path}: watch expects one energy per file, found {reader.n_energy}")
+                        raise InputError(f"holds {reader.n_energy} energies, watch expects one per file")
                     energy = float(reader.energies[0])
+                    if round(energy, 6) in energies_done:
+                        raise InputError(f"energy {energy:g} eV is already done from {energies_done[round(energy, 6)]}")
                     vol, _ = Loader.for_run(reader, options, devices)(0)
-            except (OSError, InputError) as exc:
-                if time.monotonic() - seen_at[path.name] > max(30.0, 20 * poll):
-                    raise InputError(f"{path}: still unreadable after {time.monotonic() - seen_at[path.name]:.0f} s "
-                                     f"({exc})") from None
-                continue  # probably still being written: try again at the next scan
+            except (OSError, ValueError, KeyError) as exc:  # InputError is a ValueError
+                files.fail(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                continue
             if reference is None:
                 matrix, before, after, provisional = np.eye(4), 0.0, 0.0, True
-                reference = prepare_reference(vol, dev, options.prep, name=f"{path.name} (provisional reference)")
+                reference = prepare_reference(vol, dev, options.prep, name=f"{name} (provisional reference)")
             else:
-                moving = prepare_volume(vol, dev, reference.prep, name=path.name)
+                moving = prepare_volume(vol, dev, reference.prep, name=name)
                 init = warm_start(((v["energy"], None if v["provisional"] else v["matrix"])
                                    for v in state.entries.values()), energy)
                 res = register_prepared(reference.volume, moving, model=options.model.value, init=init)
                 matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
-            latency = time.monotonic() - seen_at[path.name]
-            state.add(path.name, energy, vol, matrix, latency, provisional)
+            latency = time.monotonic() - seen_at[name]
+            state.add(name, energy, vol, matrix, latency, provisional)
+            energies_done[round(energy, 6)] = name
             last_new = time.monotonic()
             if on_energy is not None:
-                on_energy({"energy": energy, "source": path.name, "latency_s": latency, "mse_before": before,
+                on_energy({"energy": energy, "source": name, "latency_s": latency, "mse_before": before,
                            "mse_after": after, "count": len(state.entries)})
-        pending = [p for p in directory.glob(pattern) if p.name not in state.entries]
         if expect is not None and len(state.entries) >= expect:
-            break
-        if sentinel and (directory / sentinel).exists() and not pending:
-            break
+            _log.warning("gpureg: watch: %d energies, as expected; finishing", len(state.entries))
+            return
+        if sentinel and (directory / sentinel).exists() and not waiting and not ready:
+            _log.warning("gpureg: watch: %s found; finishing with %d energies", sentinel, len(state.entries))
+            return
         if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
-            break
+            _log.warning("gpureg: watch: no new energy for %g s; finishing with %d energies", idle_timeout,
+                         len(state.entries))
+            return
         time.sleep(poll)
+
+
+def _finish(directory, output, state, options, devices, overwrite):
+    from ..io.dataexchange import write_dataexchange
+
     if len(state.entries) < 2:
         raise InputError(f"{directory}: watch ended with {len(state.entries)} energy file(s); need at least 2")
     sources = sorted(state.entries, key=lambda k: state.entries[k]["energy"])
     energies = np.array([state.entries[k]["energy"] for k in sources])
-    if np.any(np.diff(energies) <= 0):
-        raise InputError(f"{directory}: two files have the same energy ({energies.tolist()})")
     final = rereference([state.entries[k]["matrix"] for k in sources], energies, options.reference)
-    stack = state.folder / "recon.h5"
-    if not stack.exists():
+    stack = state.folder / "recon.h5"  # rewritten when a resumed watch has other energies than the last one
+    if not stack.exists() or not np.array_equal(_stack_energies(stack), energies):
         write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
                            attrs={"source": str(directory)})
     return run(stack, output, options, overwrite=overwrite, matrices=final, devices=devices)
+
+
+def _stack_energies(path):
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return np.sort(h5["exchange/energy"][...])
+    except (OSError, KeyError):
+        return None
