@@ -126,7 +126,8 @@ def test_second_run_on_same_output_is_refused_two_processes(scan, tmp_path):
         second = _cli("run", scan, out, "--no-report")
         assert second.returncode == 2
         assert f"out.h5 is being written by PID {first.pid} on {socket.gethostname()}" in second.stderr
-        assert len(second.stderr.strip().splitlines()) == 1
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("gpureg: error:")]
+        assert len(errors) == 1 and "Traceback" not in second.stderr
         assert (tmp_path / "out.h5.partial").exists()  # the first run's state was not touched...
         first.stdin.write("\n")
         first.stdin.flush()
@@ -225,3 +226,40 @@ def test_progress_lines_devices_and_log_when_not_a_tty(scan, tmp_path):
     assert all("load" in ln for ln in lines) and sum("register" in ln and "MSE" in ln for ln in lines) == 6
     log = (tmp_path / "out.log").read_text()
     assert re.search(r"devices: registration on (cpu|gpu), FBP on (cpu|gpu)", log) and "6548.0 eV" in log and "finished" in log
+
+
+# --- 10. output names, bench folder, resource estimates ------------------------------------
+
+def test_register_refuses_non_matrix_suffix_before_work(tmp_path):
+    vol = np.zeros((8, 8, 8), np.float32)
+    np.save(tmp_path / "a.npy", vol)
+    r = _cli("register", tmp_path / "a.npy", tmp_path / "a.npy", "-o", tmp_path / "out.txt")
+    assert r.returncode == 2 and "out.txt: -o/--output (the matrix) must be a .json / .h5" in r.stderr, r.stderr
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_simulate_too_big_is_refused_with_numbers(tmp_path):
+    r = _cli("simulate", tmp_path / "big.h5", "--size", "2000")
+    assert r.returncode == 2, r.stderr
+    assert re.search(r"simulate --size 2000 .*needs about [\d.]+ GiB of memory, only [\d.]+ GiB is available",
+                     r.stderr), r.stderr
+    if not gpureg.gpu_available():
+        assert "GPU" not in r.stderr
+    assert not (tmp_path / "big.h5").exists()
+
+
+def test_bench_writes_results_to_out(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from typer.testing import CliRunner
+
+    from gpureg.cli import app
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda args, env=None: calls.append(env["GPUREG_BENCH_OUT"]) or 0)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["bench", "xanes", "--quick"])
+    assert r.exit_code == 0, r.output
+    assert calls == [str(tmp_path.resolve())]  # default: the current folder, not bench/results of the source tree
+    r = CliRunner().invoke(app, ["bench", "xanes", "--quick", "--out", str(tmp_path / "res")])
+    assert r.exit_code == 0 and calls[-1] == str((tmp_path / "res").resolve())

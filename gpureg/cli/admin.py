@@ -63,9 +63,16 @@ def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
 def bench(
     names: Optional[list[str]] = typer.Argument(None, help="Benchmarks to run (default: all in bench/)."),
     quick: bool = flag(False, "--quick", help="Small sizes, one repeat."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for the JSON results (default: the current folder)."),
 ):
-    """Run the benchmarks in bench/ (source checkout); each prints and saves JSON in bench/results/."""
+    """Run the benchmarks in bench/ (source checkout); each prints and saves its JSON in --out."""
+    import os
     import subprocess
+
+    from ..io.files import check_file_target
+
+    out.mkdir(parents=True, exist_ok=True)
+    check_file_target(out / "bench.json")  # a writable folder
 
     folder = next((p for p in (Path(__file__).resolve().parents[2] / "bench", Path.cwd() / "bench") if p.is_dir()), None)
     if folder is None:
@@ -79,7 +86,8 @@ def bench(
     failed = []
     for script in scripts:
         typer.echo(f"== {script.stem}")
-        rc = subprocess.call([sys.executable, str(script), *(["--quick"] if quick else [])])
+        rc = subprocess.call([sys.executable, str(script), *(["--quick"] if quick else [])],
+                             env={**os.environ, "GPUREG_BENCH_OUT": str(out.resolve())})
         if rc != 0:
             failed.append(script.stem)
     if failed:

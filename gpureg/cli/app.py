@@ -71,7 +71,9 @@ def friendly(fn):
         except (ValueError, TypeError, OSError, KeyError, GPUUnavailableError, RuntimeError, MemoryError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
-                msg = f"out of memory: {msg} (try a smaller volume, --device cpu, or free GPU memory)"
+                gpu = type(exc).__name__ == "OutOfMemoryError"  # CuPy's; numpy raises MemoryError
+                msg = f"out of memory: {msg} " + ("(try a smaller volume, --device cpu, or free GPU memory)" if gpu
+                                                  else "(try a smaller volume)")
             typer.echo(f"gpureg: error: {msg}", err=True)
             raise typer.Exit(2) from None
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions
+from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions, parse_keep
 from ..register.prepare import Prep
 from .app import (
     CenterOpt,
@@ -31,6 +31,13 @@ from .app import (
 __all__ = ["demo", "run_cmd", "run_options", "watch_cmd"]
 
 NoReportOpt = flag(False, "--no-report", help="Skip figures and report.")
+SkipBadOpt = flag(False, "--skip-bad-energies", help="Leave out an energy that cannot give a valid volume (all NaN, "
+                                                    "zero flat field), recorded in the result and report, instead "
+                                                    "of stopping.")
+KeepOpt = typer.Option("recon,aligned", "--keep", metavar="<recon,aligned|none>",
+                       help="Stacks kept in the result (the maps, matrices and report are always kept).")
+NoKeepOpt = typer.Option("", "--no-keep", metavar="<recon,aligned>", help="Stacks not to keep (e.g. --no-keep "
+                                                                           "aligned).")
 PerParticleOpt = flag(False, "--per-particle", help="Also register every particle on its own (particles that move "
                                                     "relative to each other); stores per-particle transforms.")
 
@@ -38,12 +45,14 @@ PerParticleOpt = flag(False, "--per-particle", help="Also register every particl
 def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[Denoise], smooth: float, model: Model,
                 center: Optional[str], fbp_filter: FBPFilter, edge: EdgeMethod, no_report: bool = False,
                 per_particle: bool = False, scheduler: Optional[str] = None, references=None,
-                clusters: Optional[int] = None) -> RunOptions:
+                clusters: Optional[int] = None, skip_bad_energies: bool = False, keep: str = "recon,aligned",
+                no_keep: str = "") -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
+    kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
                       model=model, center=center, filter=fbp_filter, edge=edge, per_particle=per_particle,
                       report=not no_report, scheduler=scheduler, references=split_references(references),
-                      clusters=clusters)
+                      clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept)
 
 
 @app.command("run")
@@ -66,6 +75,9 @@ def run_cmd(
     per_particle: bool = PerParticleOpt,
     references: Optional[list[str]] = ReferencesOpt,
     clusters: Optional[int] = ClustersOpt,
+    skip_bad_energies: bool = SkipBadOpt,
+    keep: str = KeepOpt,
+    no_keep: str = NoKeepOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -73,9 +85,10 @@ def run_cmd(
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report,
                           per_particle=per_particle, scheduler=scheduler, references=references,
-                          clusters=clusters)
+                          clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep)
+    devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
-        res = run(input, output, options, overwrite=overwrite, progress=on_energy)
+        res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
     _print_result(res)
 
 
@@ -98,12 +111,13 @@ def demo(
     from ..synth.scan import simulate
 
     options = RunOptions(device=device, center=center, per_particle=per_particle)
+    devices = _announce_devices(options)
     outdir.mkdir(parents=True, exist_ok=True)
     raw = outdir / "demo_input.h5"
     typer.echo(f"simulating {size}^3 x {angles} angles -> {raw}")
     simulate(raw, size=size, n_angles=angles, seed=seed, relative_motion=per_particle)
     with _energy_progress("demo") as on_energy:
-        res = run(raw, outdir / "demo_result.h5", options, overwrite=overwrite, progress=on_energy)
+        res = run(raw, outdir / "demo_result.h5", options, overwrite=overwrite, progress=on_energy, devices=devices)
     _print_result(res)
 
 
@@ -114,7 +128,10 @@ def watch_cmd(
     output: Path = typer.Argument(..., help="Result HDF5 written when the series ends."),
     pattern: str = typer.Option("*.h5", "--pattern", help="Glob of the per-energy files."),
     expect: Optional[int] = typer.Option(None, "--expect", help="Stop after this many energies."),
-    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Stop after this many idle seconds."),
+    idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Stop after this many seconds without a "
+                                                                              "new energy."),
+    settle: float = typer.Option(2.0, "--settle", help="Seconds a file must stay unchanged before it is read."),
+    poll: float = typer.Option(1.0, "--poll", help="Seconds between folder scans."),
     device: Device = DeviceOpt,
     reference: str = typer.Option("highest", "--reference",
                                   help="Final reference energy: highest | lowest | energy in eV (while watching, "
@@ -126,27 +143,49 @@ def watch_cmd(
     center: Optional[str] = CenterOpt,
     fbp_filter: FBPFilter = FilterOpt,
     edge: EdgeMethod = EdgeOpt,
-    overwrite: bool = flag(False, "--overwrite", help="Replace a finished OUTPUT."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace a finished OUTPUT and forget an earlier watch's state."),
     no_report: bool = NoReportOpt,
+    keep: str = KeepOpt,
+    no_keep: str = NoKeepOpt,
 ):
-    """Process energies as their files appear (stop with --expect, --idle-timeout or a DONE file)."""
+    """Process energies as their files appear; ends on --expect, a DONE file, --idle-timeout or Ctrl-C (the same
+    command resumes). Hidden and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are
+    skipped with a warning and tried again."""
     from ..pipeline.watch import watch
 
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
-                          center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report)
+                          center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
+                          no_keep=no_keep)
+    _announce_devices(options)
 
     def on_energy(ev):
         typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV registered in {ev['latency_s']:.2f} s "
                    f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {ev['count']} energies so far)")
 
     res = watch(directory, output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
-                overwrite=overwrite, on_energy=on_energy)
+                overwrite=overwrite, on_energy=on_energy, settle=settle, poll=poll)
     _print_result(res)
+
+
+def _announce_devices(options):
+    """Resolve the devices once and say which (always, on stderr)."""
+    from ..pipeline.options import resolve_devices
+
+    devices = resolve_devices(options.device)
+    typer.echo(f"gpureg: devices: registration on {devices.registration}, FBP on {devices.fbp}", err=True)
+    return devices
 
 
 @contextlib.contextmanager
 def _energy_progress(label):
-    """A rich progress bar fed by the pipeline's per-energy events."""
+    """A rich progress bar fed by the pipeline's per-energy events; plain lines when stderr is not a terminal."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from ..pipeline.steps import energy_line
+
+        yield lambda ev: typer.echo(f"{label}: {energy_line(ev)}", err=True)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -161,8 +200,9 @@ def _energy_progress(label):
 
         def on_energy(ev):
             bar.update(task, total=ev["total"], completed=ev["done"],
-                       status=f"{ev['energy']:.1f} eV: MSE {ev['mse_before']:.3g} -> {ev['mse_after']:.3g} "
-                              f"({ev['seconds']:.1f} s)")
+                       status=f"{ev['energy']:.1f} eV: " + (f"left out ({ev['excluded']})" if ev.get("excluded") else
+                                                           f"MSE {ev['mse_before']:.3g} -> {ev['mse_after']:.3g} "
+                                                           f"({ev['seconds']:.1f} s)"))
 
         yield on_energy
 

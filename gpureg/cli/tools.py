@@ -27,7 +27,7 @@ from .app import (
     split_references,
 )
 
-__all__ = ["plot", "recon", "register", "simulate", "view", "xanes"]
+__all__ = ["plot", "recon", "register", "report", "simulate", "view", "xanes"]
 
 
 @app.command()
@@ -47,9 +47,12 @@ def register(
     """Register MOVING to FIXED (affine, MSE; Otsu-binarized like `gpureg run` unless --raw); write the 4x4
     moving_from_reference matrix."""
     from ..core.transform import apply_affine
-    from ..io.files import load_volume, save_matrix, save_volume
+    from ..io.files import HDF5_SUFFIXES, check_file_target, check_suffix, load_volume, save_matrix, save_volume
     from ..register.affine import register_affine
 
+    check_file_target(check_suffix(output, (".json",) + HDF5_SUFFIXES, "-o/--output (the matrix)"))
+    if aligned is not None:
+        check_file_target(check_suffix(aligned, (".npy",) + HDF5_SUFFIXES, "--aligned (the volume)"))
     f = load_volume(fixed, dataset)
     m = load_volume(moving, dataset)
     res = register_affine(f, m, device=device.value, binarize=not raw, model=model.value,
@@ -106,6 +109,24 @@ def plot(
 
     paths = plot_result(result, outdir)
     typer.echo(f"{len(paths)} figure(s) written to {outdir}: " + ", ".join(p.name for p in paths))
+
+
+@app.command()
+@friendly
+def report(
+    result: Path = typer.Argument(..., help="Result HDF5 of `gpureg run`/`watch`/`demo`."),
+    outdir: Optional[Path] = typer.Option(None, "--outdir", help="Report folder (default: RESULT_report/ beside it)."),
+):
+    """(Re)build the whole report folder of a result: figures, summary.json and report.md."""
+    from ..io.results import ResultFile, report_dir_for
+    from ..pipeline.report import write_report
+
+    with ResultFile(result) as rf:
+        if "registration/matrix" not in rf.h5:
+            raise ValueError(f"{result}: not a pipeline result (no /registration/matrix); use `gpureg plot` for figures")
+    folder = report_dir_for(result) if outdir is None else outdir
+    figures = write_report(result, folder)
+    typer.echo(f"report: {folder / 'report.md'} ({len(figures)} figures in {folder})")
 
 
 @app.command()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "BadEnergyError", "check_file_target", "check_suffix", "default_file_mode", "InputError",
+__all__ = ["atomic_path", "BadEnergyError", "check_file_target", "check_suffix", "default_file_mode", "HDF5_SUFFIXES",
+           "InputError",
            "load_volume", "save_matrix", "save_volume"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")

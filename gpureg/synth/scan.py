@@ -270,6 +270,7 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     if photons < 10 or n_flat < 1 or n_dark < 1:
         raise ValueError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
     e = mn_energy_grid() if energies is None else check_energies(np.reshape(energies, -1), increasing=True)
+    _check_resources(path, size, int(n_angles), e.size, int(n_flat), int(n_dark))
     shape = (size, size, size)
     ref = int(np.argmax(e))
     matrices = _motion(motion, e, shape, seed)
@@ -327,6 +328,22 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
         truth["reference_names"] = ",".join(COMPOUNDS)
     return write_dataexchange(path, data=projections(), data_white=white, data_dark=dark, theta=theta, energy=e,
                               truth=truth, attrs=attrs)
+
+
+def _check_resources(path, size, n_angles, n_energy, n_flat, n_dark):
+    """Refuse a simulation that cannot fit, before any work (one line with the numbers)."""
+    from ..core.resources import check_fits
+    from ..io.files import check_file_target
+
+    check_file_target(path)
+    vol, frame = float(size) ** 3, float(size) ** 2
+    # Host: ~8 float32 volumes (sample, labels, density, truth maps, one energy's attenuation) + projections
+    # of one energy in float64 (line integrals, counts) + every flat frame.
+    memory = 4 * 8 * vol + 8 * 3 * n_angles * frame + 2 * n_energy * n_flat * frame
+    # Disk: uint16 projections and frames of every energy + the truth volumes.
+    disk = 2 * (n_energy * (n_angles + n_flat) + n_dark) * frame + 4 * 6 * vol
+    check_fits(f"simulate --size {size} ({n_energy} energies x {n_angles} angles)", memory=memory, disk=disk,
+               folder=Path(path).parent if str(Path(path).parent) else Path("."))
 
 
 def _composition(coords, k):
