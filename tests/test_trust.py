@@ -57,7 +57,7 @@ def _edge_error(path):
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "gpureg", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=kw.get("cwd", ROOT))
+                          timeout=600, env=env, cwd=kw.get("cwd", ROOT), check=False)
 
 
 # --- 3. bad energies and theta units -----------------------------------------------------
@@ -263,3 +263,38 @@ def test_bench_writes_results_to_out(tmp_path, monkeypatch):
     assert calls == [str(tmp_path.resolve())]  # default: the current folder, not bench/results of the source tree
     r = CliRunner().invoke(app, ["bench", "xanes", "--quick", "--out", str(tmp_path / "res")])
     assert r.exit_code == 0 and calls[-1] == str((tmp_path / "res").resolve())
+
+
+# --- units, storage, figures ----------------------------------------------------------------
+
+def test_voxel_size_compression_keep_and_report_statistic(scan, tmp_path):
+    res = run(scan, tmp_path / "out.h5", keep=("recon",))
+    with h5py.File(tmp_path / "out.h5") as h5:
+        assert h5.attrs["voxel_size_nm"] == pytest.approx(3200.0 / 24)   # simulate's voxel size, kept
+        assert "aligned" not in h5 and json.loads(h5.attrs["dropped"]) == ["aligned"]
+        assert h5["recon"].compression == "gzip" and h5["recon"].chunks[0] == 1
+        assert "xanes/edge_energy" in h5
+    summary = json.loads((res.report_dir / "summary.json").read_text())
+    report = (res.report_dir / "report.md").read_text()
+    assert "voxel size 133.3 nm" in report
+    # report.md and the MSE figure's title quote one statistic, computed once
+    assert f"median over energies of MSE before/after: x{summary['mse_ratio_median']:.3g}" in report
+    assert "binarized, smoothed volumes" in report
+
+
+def test_maps_have_micrometre_axes_scale_bar_and_rows_per_particle(tmp_path):
+    from matplotlib.image import imread
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    from gpureg.figures import orthogonal_slices
+    from gpureg.figures.common import new_figure, physical_axes
+
+    fig, ax = new_figure((4, 4), 50)
+    ax.imshow(np.zeros((24, 24)))
+    physical_axes(ax, 3200.0 / 24, ("y", "x"))
+    assert ax.get_xlabel() == "x (\u00b5m)" and ax.get_ylabel() == "y (\u00b5m)"
+    assert any(isinstance(a, AnchoredSizeBar) for a in ax.artists)
+    vol = np.full((24, 24, 24), np.nan)
+    vol[4:9, 4:9, 4:9], vol[15:20, 15:20, 15:20] = 6550.0, 6552.0
+    path = orthogonal_slices(vol, tmp_path / "o.png", center=[(6, 6, 6), (17, 17, 17)], dpi=50, voxel_nm=100.0)
+    assert imread(path).shape[0] == round(2 * 4.4 * 50)  # one row through each particle's centre

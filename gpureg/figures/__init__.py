@@ -1,7 +1,7 @@
 """Figures (matplotlib, Agg): registration quality, edge-energy maps, spectra; :func:`plot_result` for a result file."""
 
-from .plots import (canny_overlay, edge_distributions, edge_energy_3d, edge_energy_slice, mse_per_energy,
-                    orthogonal_slices, roi_spectra, squared_difference)
+from .maps import edge_energy_3d, edge_energy_slice, orthogonal_slices
+from .plots import canny_overlay, edge_distributions, mse_per_energy, roi_spectra, squared_difference
 from .result import plot_result
 
 __all__ = [

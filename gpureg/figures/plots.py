@@ -17,13 +17,10 @@ import numpy as np
 from ..core.backend import to_host
 from .common import (
     DPI,
-    EDGE_CMAP,
     add_colorbar,
-    median_mse_ratio,
     as_slice2d,
     as_vector,
-    map_limits,
-    masked_map,
+    median_mse_ratio,
     new_figure,
     robust_limits,
     save_figure,
@@ -31,7 +28,7 @@ from .common import (
     unit_range,
 )
 
-__all__ = ["canny_overlay", "edge_distributions", "edge_energy_3d", "edge_energy_slice", "mse_per_energy", "orthogonal_slices", "roi_spectra", "squared_difference"]
+__all__ = ["canny_overlay", "edge_distributions", "mse_per_energy", "roi_spectra", "squared_difference"]
 
 _log = logging.getLogger("gpureg")
 
@@ -201,176 +198,6 @@ def squared_difference(reference_slice, before_slice, after_slice, path, *, vmax
     cb.set_label(f"(volume - reference)$^2$ ({units}$^2$)")
     if title:
         fig.suptitle(title)
-    return save_figure(fig, path, dpi)
-
-
-def edge_energy_slice(edge_map, path, *, axis: int = 0, index: int | None = None, mask=None, background=None,
-                      vmin: float | None = None, vmax: float | None = None, cmap: str = EDGE_CMAP,
-                      title: str | None = None, figsize=(6.4, 5.2), dpi: int = DPI) -> Path:
-    """Edge-energy map of one slice, with a colour bar in eV.
-
-    Parameters
-    ----------
-    edge_map : (Z, Y, X) or (H, W) ndarray
-        Edge energies (eV); NaN where masked (drawn as the background).
-    path : str or Path
-        Output PNG.
-    axis : int
-        Axis normal to the slice (0: a z-slice, shown as y down, x across).
-    index : int, optional
-        Slice index along ``axis``; default the slice with most valid voxels.
-    mask : ndarray of bool, optional
-        Same shape as ``edge_map``; False hides a voxel.
-    background : ndarray, optional
-        Grey image (same shape as ``edge_map``) drawn under masked voxels,
-        e.g. the reference volume.
-    vmin, vmax : float, optional
-        Colour range (eV); default the 1-99 % percentiles of the whole map,
-        so slices of one map share a scale.
-    cmap : str
-        Matplotlib colour map.
-    figsize, dpi
-        See :func:`canny_overlay`.
-
-    Returns
-    -------
-    Path
-    """
-    em = masked_map(edge_map, mask, "edge_map")
-    if em.ndim not in (2, 3):
-        raise ValueError(f"edge_energy_slice: edge_map must be 2D or 3D, got shape {em.shape}")
-    lo, hi = map_limits(em, vmin, vmax)
-    bg = None if background is None else np.asarray(to_host(background), dtype=np.float64)
-    if bg is not None and bg.shape != em.shape:
-        raise ValueError(f"edge_energy_slice: background {bg.shape} must have the shape of edge_map {em.shape}")
-    if em.ndim == 3:
-        if axis not in (0, 1, 2):
-            raise ValueError(f"edge_energy_slice: axis must be 0, 1 or 2, got {axis}")
-        if index is None:
-            index = int(np.argmax(np.isfinite(em).sum(axis=tuple(a for a in range(3) if a != axis))))
-        if not 0 <= index < em.shape[axis]:
-            raise ValueError(f"edge_energy_slice: index {index} is outside 0..{em.shape[axis] - 1} along axis {axis}")
-        sl = np.take(em, index, axis=axis)
-        bg = None if bg is None else np.take(bg, index, axis=axis)
-        where = f"{'zyx'[axis]} = {index}"
-    else:
-        sl, where = em, "slice"
-    fig, ax = new_figure(figsize, dpi)
-    ax.set_facecolor("0.15")
-    if bg is not None:
-        b0, b1 = robust_limits(bg)
-        ax.imshow(bg, cmap="gray", vmin=b0, vmax=b1, interpolation="nearest")
-    im = ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-    add_colorbar(fig, ax, im, "Edge energy (eV)")
-    names = [n for a, n in enumerate("zyx") if em.ndim == 2 or a != axis][-2:]
-    ax.set_xlabel(f"{names[1]} (voxel)")
-    ax.set_ylabel(f"{names[0]} (voxel)")
-    n = int(np.isfinite(sl).sum())
-    ax.set_title(title or f"Edge energy, {where} ({n} voxels, median {np.nanmedian(sl) if n else np.nan:.1f} eV)")
-    return save_figure(fig, path, dpi)
-
-
-def orthogonal_slices(volume, path, *, center=None, mask=None, vmin: float | None = None, vmax: float | None = None,
-                      cmap: str = EDGE_CMAP, label: str = "Edge energy (eV)", title: str | None = None,
-                      figsize=(12.0, 4.4), dpi: int = DPI) -> Path:
-    """Three orthogonal slices (z, y, x) through one point of a 3D map, one colour scale.
-
-    Parameters
-    ----------
-    volume : (Z, Y, X) ndarray
-        A map (e.g. edge energies, eV); NaN is drawn as the dark background.
-    path : str or Path
-        Output PNG.
-    center : (int, int, int), optional
-        Voxel ``(z, y, x)`` the slices pass through; default the centroid of
-        the finite voxels (the volume centre when none).
-    mask : (Z, Y, X) bool ndarray, optional
-        False hides a voxel.
-    vmin, vmax : float, optional
-        Colour range; default the 1-99 % percentiles.
-    label : str
-        Colour-bar label with units.
-    figsize, dpi
-        See :func:`canny_overlay`.
-
-    Returns
-    -------
-    Path
-    """
-    v = masked_map(volume, mask, "volume")
-    if v.ndim != 3:
-        raise ValueError(f"orthogonal_slices: volume must be 3D (Z, Y, X), got shape {v.shape}")
-    lo, hi = map_limits(v, vmin, vmax)
-    if center is None:
-        pts = np.argwhere(np.isfinite(v))
-        center = pts.mean(axis=0) if pts.size else (np.asarray(v.shape) - 1) / 2
-    c = [int(round(float(x))) for x in center]
-    if len(c) != 3 or any(not 0 <= ci < n for ci, n in zip(c, v.shape)):
-        raise ValueError(f"orthogonal_slices: center must be a voxel (z, y, x) inside {v.shape}, got {center}")
-    fig, axes = new_figure(figsize, dpi, ncols=3)
-    panels = ((v[c[0]], "x", "y", (c[2], c[1]), f"z = {c[0]}"),
-              (v[:, c[1]], "x", "z", (c[2], c[0]), f"y = {c[1]}"),
-              (v[:, :, c[2]], "y", "z", (c[1], c[0]), f"x = {c[2]}"))
-    for ax, (img, xl, yl, (cx, cy), name) in zip(axes, panels):
-        ax.set_facecolor("0.15")
-        im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-        ax.axvline(cx, color="w", lw=0.6, ls="--", alpha=0.7)
-        ax.axhline(cy, color="w", lw=0.6, ls="--", alpha=0.7)
-        ax.set_xlabel(f"{xl} (voxel)")
-        ax.set_ylabel(f"{yl} (voxel)")
-        ax.set_title(name)
-    cb = fig.colorbar(im, ax=list(axes), shrink=0.9)
-    cb.set_label(label)
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path, dpi)
-
-
-def edge_energy_3d(edge_map, path, *, mask=None, max_points: int = 20000, vmin: float | None = None,
-                   vmax: float | None = None, cmap: str = EDGE_CMAP, seed: int = 0, title: str | None = None,
-                   figsize=(7.2, 6.0), dpi: int = DPI) -> Path:
-    """Simple 3D view: valid voxels as points coloured by edge energy (random subset when many).
-
-    Parameters
-    ----------
-    edge_map : (Z, Y, X) ndarray
-        Edge energies (eV); NaN where masked (not drawn).
-    path : str or Path
-        Output PNG.
-    mask : (Z, Y, X) bool ndarray, optional
-        False hides a voxel.
-    max_points : int
-        At most this many points are drawn (seeded random subset).
-    vmin, vmax, cmap
-        Colour range (eV) and map.
-    figsize, dpi
-        See :func:`canny_overlay`.
-
-    Returns
-    -------
-    Path
-    """
-    em = masked_map(edge_map, mask, "edge_map")
-    if em.ndim != 3:
-        raise ValueError(f"edge_energy_3d: edge_map must be 3D (Z, Y, X), got shape {em.shape}")
-    pts = np.argwhere(np.isfinite(em))
-    if pts.shape[0] == 0:
-        raise ValueError("edge_energy_3d: no finite voxel to draw (everything masked)")
-    if pts.shape[0] > max_points:
-        pts = pts[np.random.default_rng(seed).choice(pts.shape[0], int(max_points), replace=False)]
-    vals = em[tuple(pts.T)]
-    lo, hi = map_limits(em, vmin, vmax)
-    fig, ax = new_figure(figsize, dpi, subplot_kw={"projection": "3d"})
-    sc = ax.scatter(pts[:, 2], pts[:, 1], pts[:, 0], c=vals, cmap=cmap, vmin=lo, vmax=hi, s=4, alpha=0.8,
-                    depthshade=False, linewidths=0)
-    ax.set_xlim(0, em.shape[2])
-    ax.set_ylim(0, em.shape[1])
-    ax.set_zlim(0, em.shape[0])
-    ax.set_xlabel("x (voxel)")
-    ax.set_ylabel("y (voxel)")
-    ax.set_zlabel("z (voxel)")
-    add_colorbar(fig, ax, sc, "Edge energy (eV)")
-    ax.set_title(title or f"Edge energy, {vals.size} voxels shown")
     return save_figure(fig, path, dpi)
 
 

@@ -16,16 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .common import DPI
-from .plots import (
-    canny_overlay,
-    edge_distributions,
-    edge_energy_3d,
-    edge_energy_slice,
-    mse_per_energy,
-    orthogonal_slices,
-    roi_spectra,
-    squared_difference,
-)
+from .maps import edge_energy_3d, edge_energy_slice, orthogonal_slices
+from .plots import canny_overlay, edge_distributions, mse_per_energy, roi_spectra, squared_difference
 
 __all__ = ["plot_result"]
 
@@ -76,6 +68,9 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
     with ResultFile(src) as rf:
         out.mkdir(parents=True, exist_ok=True)
         energy = rf.energies()
+        voxel_nm = rf.voxel_size_nm()
+        params = rf.attrs().get("parameters", {}) if "parameters" in rf.h5.attrs else {}
+        binarized = params.get("prep", {}).get("binarize") is not False
         g = rf.xanes()
         aligned = rf.stack("aligned")
         if g is not None:
@@ -86,10 +81,11 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
             vis = em if mask is None else np.where(mask, em, np.nan)
             labels = np.asarray(g["labels"]) if "labels" in g else None
             if np.isfinite(vis).any():
-                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", dpi=dpi, index=z))
-                paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png", dpi=dpi))
+                paths.append(edge_energy_slice(vis, out / "edge_energy_slice.png", dpi=dpi, index=z, voxel_nm=voxel_nm))
+                paths.append(orthogonal_slices(vis, out / "edge_energy_orthogonal.png", dpi=dpi, voxel_nm=voxel_nm,
+                                               center=_particle_centres(vis, labels)))
                 if vis.ndim == 3:
-                    paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png", dpi=dpi))
+                    paths.append(edge_energy_3d(vis, out / "edge_energy_3d.png", dpi=dpi, voxel_nm=voxel_nm))
                 if labels is not None and int(np.max(labels, initial=0)) > 0:
                     try:
                         dist = xn.edge_distribution(vis, labels)
@@ -118,8 +114,7 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
         if mse is not None:
             before, after = mse
             e = energy if energy is not None and energy.size == np.size(before) else np.arange(np.size(before))
-            prep = rf.attrs().get("parameters", {}).get("prep", {}) if "parameters" in rf.h5.attrs else {}
-            compared = "grey values" if prep.get("binarize") is False else "binarized, smoothed volumes"
+            compared = "binarized, smoothed volumes" if binarized else "grey values"
             paths.append(mse_per_energy(e, before, after, out / "mse_per_energy.png", dpi=dpi, compared=compared))
         if aligned is not None:
             n_e, nz = aligned.shape[0], aligned.shape[1]
@@ -143,8 +138,31 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
                                            title=f"Canny edges, z = {zi}: {tag}"))
                 recon = rf.stack("recon")
                 if recon is not None and recon.shape == aligned.shape:
-                    paths.append(squared_difference(ref_sl, recon[k, zi], ali_sl, out / "squared_difference.png",
-                                                    dpi=dpi, title=f"z = {zi}: {tag}"))
+                    before_sl = recon[k, zi]
+                    units = "a.u."
+                    if binarized:  # what was registered: energies either side of the edge differ in grey level
+                        ref_sl, before_sl, ali_sl = (_otsu(a) for a in (ref_sl, before_sl, ali_sl))
+                        tag, units = f"{tag}, Otsu-binarized as registered", "mask"
+                    paths.append(squared_difference(ref_sl, before_sl, ali_sl, out / "squared_difference.png",
+                                                    dpi=dpi, title=f"z = {zi}: {tag}", units=units))
     if not paths:
         raise InputError(f"{src}: nothing to plot (no /xanes, /registration/mse_* or /aligned datasets)")
     return paths
+
+
+def _otsu(image):
+    from ..core.segment import otsu_threshold
+
+    a = np.asarray(image, dtype=np.float32)
+    return (a > otsu_threshold(a)).astype(np.float32)
+
+
+def _particle_centres(vis, labels, most: int = 4):
+    """Centres (z, y, x) of the largest labelled particles with valid voxels (at most ``most``), or None."""
+    if labels is None or vis.ndim != 3 or labels.shape != vis.shape:
+        return None
+    ids, counts = np.unique(labels[(labels > 0) & np.isfinite(vis)], return_counts=True)
+    if ids.size == 0:
+        return None
+    keep = ids[np.argsort(-counts, kind="stable")[:most]]
+    return [np.argwhere((labels == k) & np.isfinite(vis)).mean(axis=0) for k in sorted(keep)]

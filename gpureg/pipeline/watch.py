@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backend import to_host
 from ..io.files import InputError, atomic_path
 from ..io.lock import OutputLock
 from ..io.results import lock_path, watch_dir
