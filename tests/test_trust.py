@@ -193,7 +193,7 @@ def test_existing_folder_as_output_refused_before_work(scan, tmp_path):
 def test_fewer_than_five_energies_refused_before_anything_is_created(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    vols = [np.zeros((8, 8, 8), np.float32) + k for k in range(4)]
+    vols = [gpureg.two_particle_phantom((16, 16, 16)) * (1 + 0.1 * k) for k in range(4)]
     path = write_dataexchange(src / "four.h5", recon=vols, energy=[6500.0, 6540.0, 6550.0, 6600.0])
     out = tmp_path / "out"
     out.mkdir()
@@ -231,8 +231,7 @@ def test_progress_lines_devices_and_log_when_not_a_tty(scan, tmp_path):
 # --- 10. output names, bench folder, resource estimates ------------------------------------
 
 def test_register_refuses_non_matrix_suffix_before_work(tmp_path):
-    vol = np.zeros((8, 8, 8), np.float32)
-    np.save(tmp_path / "a.npy", vol)
+    np.save(tmp_path / "a.npy", gpureg.two_particle_phantom((16, 16, 16)))
     r = _cli("register", tmp_path / "a.npy", tmp_path / "a.npy", "-o", tmp_path / "out.txt")
     assert r.returncode == 2 and "out.txt: -o/--output (the matrix) must be a .json / .h5" in r.stderr, r.stderr
     assert not (tmp_path / "out.txt").exists()
