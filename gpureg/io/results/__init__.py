@@ -1,0 +1,73 @@
+"""The result file: the one package that knows its layout (DESIGN.md "Files").
+
+One HDF5 file per run::
+
+    /energy (n_energy,) eV                      attrs: gpureg_version, device, parameters (JSON),
+    /recon, /aligned (n_energy, Z, Y, X) f4            input, input_checksum, complete,
+    /registration/matrix (n_energy, 4, 4)              reference_index, convention
+    /registration/mse_before, mse_after, done (n_energy,)
+    /timings/<stage> (n_energy,) s
+    /xanes/edge_energy, edge_jump, white_line, mask, labels (Z, Y, X) [+ roi_* from `gpureg xanes`]
+    [with --references: /xanes/fractions (n_refs, Z, Y, X), r_factor, lcf_residual, lcf_offset, reference_spectra;
+     with --clusters: /xanes/clusters (Z, Y, X), cluster_centroids (k, n_energy), cluster_counts]
+    /truth/...                                  simulated inputs
+    per-particle runs: /registration/particle_labels, particle_matrix, particle_mse_global,
+                       particle_mse; /aligned_global; /xanes_global/edge_energy, mask
+
+Attributes also hold ``voxel_size_nm`` (when the input says), and
+``/registration/excluded`` (n_energy,) flags energies left out by
+``--skip-bad-energies`` (reasons in its ``reasons`` attribute, JSON).
+``/recon`` and ``/aligned`` are chunked per energy slab and gzip-compressed
+(level 1: fast); ``--no-keep`` drops them from the finished file (``dropped`` attribute).
+
+Beside ``RESULT.h5``: ``RESULT.h5.partial`` (the run being written, resumable),
+``RESULT.h5.watch/`` (watch mode's per-energy state), ``RESULT.h5.lock`` (held
+while a run writes), ``RESULT.log`` (the run's log) and ``RESULT_report/``.
+``gpureg xanes`` writes ``/energy`` and the same ``/xanes`` group (plus
+``roi_*`` and attributes) through :func:`write_xanes`.
+
+Writers: :class:`ResultStore` (a run), :func:`write_xanes` (the ``/xanes``
+group, for the pipeline and ``gpureg xanes``), :func:`write_xanes_file`.
+Readers: :func:`read_result` (registration summary), :class:`ResultFile`
+(lazy access for figures and reports).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .read import ResultFile, ResultSummary, read_result, stack_names
+from .store import STAGES, ResultStore, drop_datasets, write_chemistry, write_xanes, write_xanes_file
+
+__all__ = ["drop_datasets", "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
+           "ResultStore", "ResultSummary", "stack_names", "STAGES", "watch_dir", "write_chemistry", "write_xanes",
+           "write_xanes_file"]
+
+
+def partial_path(output) -> Path:
+    """``RESULT.h5.partial``: the run being written (renamed onto ``RESULT.h5`` when complete)."""
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
+
+
+def watch_dir(output) -> Path:
+    """``RESULT.h5.watch/``: watch mode's per-energy state."""
+    output = Path(output)
+    return output.with_name(output.name + ".watch")
+
+
+def lock_path(output) -> Path:
+    """``RESULT.h5.lock``: the lock file held while a run writes ``RESULT.h5`` (:class:`gpureg.io.lock.OutputLock`)."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+def log_path(output) -> Path:
+    """``RESULT.log``: the log of the runs that wrote ``RESULT.h5``."""
+    return Path(output).with_suffix(".log")
+
+
+def report_dir_for(output) -> Path:
+    """Report folder of a result file: ``RESULT_report/`` beside it."""
+    output = Path(output)
+    return output.with_name(output.stem + "_report")

@@ -1,0 +1,175 @@
+"""Reading a result: :func:`read_result` (registration summary), :class:`ResultFile` (lazy access), :func:`stack_names`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..files import InputError
+
+__all__ = ["read_result", "ResultFile", "ResultSummary", "stack_names"]
+
+
+@dataclass
+class ResultSummary:
+    """Registration part of a finished result file."""
+
+    energies: np.ndarray
+    reference_index: int
+    matrices: np.ndarray
+    mse_before: np.ndarray
+    mse_after: np.ndarray
+    timings: dict = field(default_factory=dict)  # stage -> (n_energy,) seconds
+    attrs: dict = field(default_factory=dict)    # file attributes, ``parameters`` decoded from JSON
+    excluded: dict = field(default_factory=dict)  # energy (eV) -> reason, energies left out
+
+
+
+
+def read_result(path) -> ResultSummary:
+    """Energies, matrices, MSEs, timings and attributes of a (finished or partial) result file."""
+    with ResultFile(path) as r:
+        h5 = r.h5
+        return ResultSummary(energies=h5["energy"][...], reference_index=int(h5.attrs["reference_index"]),
+                             matrices=h5["registration/matrix"][...], mse_before=h5["registration/mse_before"][...],
+                             mse_after=h5["registration/mse_after"][...],
+                             timings={k: h5[f"timings/{k}"][...] for k in h5.get("timings", {})}, attrs=r.attrs(),
+                             excluded=r.excluded())
+
+
+class ResultFile:
+    """Read access to a result file (pipeline, ``gpureg xanes`` or Data Exchange), for figures and reports.
+
+    Use as a context manager; every accessor returns ``None`` when the file
+    lacks the data. Stacks (``aligned``, ``recon``) are returned as lazy
+    datasets so that callers read one slice or one energy at a time.
+    """
+
+    def __init__(self, path):
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: file not found")
+        if not h5py.is_hdf5(self.path):
+            raise InputError(f"{self.path}: not an HDF5 file")
+        self.h5 = h5py.File(self.path, "r")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.h5.close()
+
+    def attrs(self) -> dict:
+        out = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.h5.attrs.items()}
+        if "parameters" in out:
+            out["parameters"] = json.loads(out["parameters"])
+        return out
+
+    def energies(self):
+        """``(n_energy,)`` float64 eV, in file order (``/energy`` or ``/exchange/energy``)."""
+        for name in ("energy", "exchange/energy"):
+            if name in self.h5:
+                return np.asarray(self.h5[name][()], dtype=np.float64).ravel()
+        return None
+
+    def reference_index(self):
+        for attrs in (self.h5.attrs, self.h5["registration"].attrs if "registration" in self.h5 else {}):
+            if "reference_index" in attrs:
+                return int(attrs["reference_index"])
+        return None
+
+    def mse(self):
+        """``(mse_before, mse_after)`` per energy, or ``None``."""
+        reg = self.h5.get("registration")
+        if reg is None or "mse_before" not in reg or "mse_after" not in reg:
+            return None
+        return reg["mse_before"][()], reg["mse_after"][()]
+
+    def excluded(self) -> dict:
+        """Energies left out by ``--skip-bad-energies``: ``{energy_ev: reason}`` (empty when none)."""
+        ds = self.h5.get("registration/excluded")
+        if ds is None:
+            return {}
+        return {float(k): v for k, v in json.loads(ds.attrs.get("reasons", "{}")).items()}
+
+    def voxel_size_nm(self):
+        """Voxel size (nm) from the input, or ``None``."""
+        v = self.h5.attrs.get("voxel_size_nm")
+        return float(v) if v is not None and np.isfinite(v) and v > 0 else None
+
+    def stack(self, name: str = "aligned"):
+        """Lazy ``(n_energy, Z, Y, X)`` dataset ``aligned``, ``aligned_global`` or ``recon``, or ``None``."""
+        ds = self.h5.get(name)
+        return ds if ds is not None and ds.ndim == 4 else None
+
+    def xanes(self, group: str = "xanes", *, maps_only: bool = False):
+        """The ``/xanes`` group as a dict of arrays (``edge_energy``, ``mask``, ``labels``, ``roi_*``...), or ``None``.
+
+        ``maps_only`` skips the per-particle spectra. Attributes come under ``"attrs"``.
+        """
+        g = self.h5.get(group)
+        if g is None or "edge_energy" not in g:
+            return None
+        out = {k: g[k][()] for k in g if not (maps_only and k.startswith("roi_"))}
+        out["attrs"] = dict(g.attrs)
+        return out
+
+    def chemistry(self, group: str = "xanes"):
+        """Reference fractions and clusters of ``/xanes`` (see :func:`write_chemistry`), or ``None`` without them.
+
+        Dict with, when present, ``fractions``, ``r_factor``, ``reference_names``, ``clusters``,
+        ``cluster_centroids``, ``labels`` (particles) and ``energies``.
+        """
+        g = self.h5.get(group)
+        if g is None or not ("fractions" in g or "clusters" in g):
+            return None
+        out = {k: g[k][()] for k in ("fractions", "r_factor", "clusters", "cluster_centroids", "labels") if k in g}
+        if "fractions" in g:
+            out["reference_names"] = json.loads(g["fractions"].attrs.get("references", "[]"))
+        out["energies"] = np.sort(self.energies())   # the order of cluster_centroids
+        return out
+
+    def particles(self):
+        """Per-particle registration results, or ``None`` for other runs.
+
+        Dict with ``energies``, ``mse_global``, ``mse_particle`` (n_energy, n_labels + 1),
+        ``maps`` (``"global alignment"`` / ``"per-particle alignment"`` -> edge energy with
+        NaN outside the mask) and ``truth`` (simulated edge energy, or ``None``).
+        """
+        h5 = self.h5
+        if "registration/particle_mse" not in h5:
+            return None
+        maps = {name: np.where(h5[f"{grp}/mask"][...].astype(bool), h5[f"{grp}/edge_energy"][...], np.nan)
+                for name, grp in (("global alignment", "xanes_global"), ("per-particle alignment", "xanes"))
+                if f"{grp}/edge_energy" in h5}
+        return {"energies": h5["energy"][...], "mse_global": h5["registration/particle_mse_global"][...],
+                "mse_particle": h5["registration/particle_mse"][...], "maps": maps,
+                "truth": h5["truth/edge_energy"][...] if "truth/edge_energy" in h5 else None}
+
+
+def stack_names(h5, path, dataset=None, energy_dataset=None):
+    """Names of the aligned stack and its energies in an open file: ``/aligned`` + ``/energy`` (a result),
+    ``/exchange/recon`` + ``/exchange/energy`` (Data Exchange), or the given ones; :class:`InputError` if absent.
+    """
+    if dataset is None:
+        for cand, en in (("aligned", "energy"), ("exchange/recon", "exchange/energy")):
+            if cand in h5:
+                dataset, energy_dataset = cand, energy_dataset or en
+                break
+        else:
+            raise InputError(f"{path}: no /aligned or /exchange/recon dataset (name one with --dataset)")
+    if dataset not in h5:
+        raise InputError(f"{path}: dataset {dataset!r} not found")
+    if energy_dataset is None:
+        energy_dataset = "energy" if "energy" in h5 else "exchange/energy"
+    if energy_dataset not in h5:
+        raise InputError(f"{path}: energy dataset {energy_dataset!r} not found (name one with --energy-dataset)")
+    return dataset, energy_dataset
