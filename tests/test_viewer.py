@@ -170,17 +170,30 @@ def test_layers_of_a_large_result_read_less_than_one_energy(tmp_path, count_read
 
 # ----------------------------------------------------------------------------- napari
 
+_XVFB = []  # the server this module started, if any (kept referenced while it runs)
+
+
+def _die_with_parent():
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="module")
 def qt(tmp_path_factory):
     """napari with a working OpenGL context, or skip."""
     napari = pytest.importorskip("napari")
     pytest.importorskip("qtpy")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    xvfb = None
     if not os.environ.get("DISPLAY") and shutil.which("Xvfb"):
         read, write = os.pipe()
-        xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                                pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Never stopped by the test: Qt keeps its X connection until the interpreter exits, and a server that
+        # goes away first makes Qt's X I/O error handler exit the process with status 1 after the tests passed.
+        # Xvfb gets SIGTERM when this process ends (Linux parent-death signal) instead.
+        _XVFB.append(subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+                                pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent))
         os.close(write)
         with os.fdopen(read) as f:
             os.environ["DISPLAY"] = ":" + f.readline().strip()
@@ -191,9 +204,6 @@ def qt(tmp_path_factory):
     except RuntimeError as exc:
         pytest.skip(str(exc))
     yield napari
-    if xvfb is not None:
-        xvfb.terminate()
-        xvfb.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
