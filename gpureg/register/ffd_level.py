@@ -11,13 +11,14 @@ the level's moving volume at
 
 with ``A_l, t_l`` the affine on the level grid, ``P(p)`` the fine position and
 ``u`` the B-spline displacement (fine voxels). With the residual
-``r = M_l(q) - F_l(p)`` over the ``N`` valid samples (``q`` inside the moving
+``r = M_l(q) - F_l(p)`` over the valid samples (``q`` inside the moving
 volume, and inside ``mask`` when given) and ``g = grad M_l(q)`` (trilinear),
 
-    E(C) = sum r^2 / (N v) + lambda B(C)
-    dE/dC[d, ijk] = 2 / (N v) sum r g_d / 2^l W_z[z, i] W_y[y, j] W_x[x, k] + lambda dB/dC
+    E(C) = sum r^2 / (N0 v) + lambda B(C)
+    dE/dC[d, ijk] = 2 / (N0 v) sum r g_d / 2^l W_z[z, i] W_y[y, j] W_x[x, k] + lambda dB/dC
 
-where ``v`` is the variance of the prepared full-resolution reference (so that
+where ``N0`` is the valid count at the level's first evaluation (fixed, so
+that leaving the volume is not rewarded), ``v`` is the variance of the prepared full-resolution reference (so that
 ``lambda`` does not depend on the grey scale) and ``B`` is
 :func:`gpureg.register.bspline.bending_energy`. The valid set is held fixed
 in the derivative (as in the affine path). The sum ``r g`` per voxel is one
@@ -81,6 +82,7 @@ class LevelObjective:
         self.weights = tuple(xp.asarray(bspline.axis_weights(level_positions(self.level, n), spacing, c),
                                         dtype=np.float32) for n, c in zip(fixed.shape, self.control))
         self.evaluations = 0
+        self.count0 = None
         if self.device == "cpu":
             grid = np.indices(fixed.shape, dtype=np.float64).reshape(3, -1)
             # (3, N) affine part of q, float32 (7.6e-6 voxel at 128 voxels; the GPU kernels also sample in float32)
@@ -106,14 +108,20 @@ class LevelObjective:
         c = xp.asarray(c_host, dtype=np.float32)
         rg, sse, count = self.residual_gradient(c)
         self.evaluations += 1
-        if count == 0:
-            raise RuntimeError("the deformation maps the reference grid entirely outside the moving volume")
+        if self.count0 is None:
+            self.count0 = count
+        if count == 0 or count < 0.5 * self.count0:
+            # A trial step of the line search that pushes most of the grid out of the moving volume:
+            # a large value makes it step back (the mean over the few samples left could look better).
+            return 1e6, (np.zeros(self.size) if gradient else None), float("inf")
         mse = sse / count
         bend, bend_grad = bspline.bending_energy(c_host, self.spacing, gradient=gradient)
-        value = mse / self.variance + self.regularization * bend
+        # sum r^2 / N0 with N0 the valid count of the level's first evaluation: with the valid set held
+        # fixed, the gradient below is exact (a mean over the varying count would reward leaving the volume).
+        value = sse / (self.count0 * self.variance) + self.regularization * bend
         if not gradient:
             return value, None, mse
-        data = to_host(bspline.adjoint(rg, self.weights)).astype(np.float64) * (2.0 / (count * self.variance))
+        data = to_host(bspline.adjoint(rg, self.weights)).astype(np.float64) * (2.0 / (self.count0 * self.variance))
         return value, (data + self.regularization * bend_grad).ravel(), mse
 
     def residual_gradient(self, coeffs):
