@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,7 +91,13 @@ def run_elastix(f, m, spacing):
     # elastix uses every core by default (number_of_threads= crashed itk-elastix 0.25.4 here)
     _, result = itk.elastix_registration_method(fixed, moving, parameter_object=params, log_to_console=False)
     ms = (time.perf_counter() - t0) * 1e3
-    field = itk.GetArrayFromImage(itk.transformix_deformation_field(moving, result))  # (z, y, x, 3), (x, y, z)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii into the working folder
+        os.chdir(tmp)
+        try:
+            field = itk.GetArrayFromImage(itk.transformix_deformation_field(moving, result))  # (z, y, x, 3): x, y, z
+        finally:
+            os.chdir(cwd)
     disp = np.moveaxis(field[..., ::-1], -1, 0).astype(np.float32)
     return ms, disp
 

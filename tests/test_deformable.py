@@ -224,3 +224,32 @@ def test_simulate_with_deformation_stores_exact_truth(tmp_path):
         np.testing.assert_allclose(warp.matrix, np.asarray(truth["matrices"])[i])
     with pytest.raises(ValueError, match="cannot be combined"):
         simulate(tmp_path / "x.h5", size=16, energies=energies, n_angles=8, deformation=1.0, relative_motion=True)
+
+
+def test_pipeline_deformable_stores_coefficients_and_reports(tmp_path):
+    import json
+
+    from gpureg.io.results import ResultFile
+    from gpureg.pipeline.options import RunOptions
+    from gpureg.pipeline.runner import run
+    from gpureg.synth.scan import simulate
+
+    path = simulate(tmp_path / "in.h5", size=24, energies=[6500.0, 6540.0, 6555.0, 6570.0, 6600.0], n_angles=24, seed=1,
+                    deformation=3.0, noise=0.0)
+    res = run(path, tmp_path / "out.h5", RunOptions(device="cpu", deformable=True, spacing=6.0))
+    with ResultFile(res.output) as rf:
+        d = rf.deformation()
+        coeffs = d["coefficients"][...]
+        aligned = rf.stack("aligned")[0]
+    assert coeffs.shape == (5, 3, *bspline.control_shape((24, 24, 24), 6.0)) and d["spacing"] == 6.0
+    assert np.abs(coeffs[4]).max() == 0 and np.abs(coeffs[0]).max() > 0.1  # reference (highest energy): identity
+    assert np.all(d["min_jacobian"] > 0)
+    assert res.mse_after[0] < d["mse_affine"][0]  # the deformation lowers the registration MSE beyond the affine
+    assert np.isfinite(aligned).all()
+    summary = json.loads((res.report_dir / "summary.json").read_text())
+    assert "deformation.png" in summary["figures"] and summary["deformable"]["folded_voxels"] == 0
+    assert (res.report_dir / "deformation.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="not combined"):
+        RunOptions(deformable=True, per_particle=True)
+    with pytest.raises(ValueError, match="spacing must be at least 3"):
+        RunOptions(deformable=True, spacing=2)

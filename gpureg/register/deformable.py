@@ -84,9 +84,9 @@ class DeformableResult:
 
 
 def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, levels: int = 3,
-                        regularization: float = 0.05, device: str = "auto", binarize: bool = False,
-                        denoise: str | None = None, smooth: float = 1.0, mask=None, max_iter: int = 150,
-                        min_size: int = 16) -> DeformableResult:
+                        regularization: float = 2.0, device: str = "auto", binarize: bool = False,
+                        denoise: str | None = None, smooth: float = 1.0, mask=None, max_iter: int = 40,
+                        tol: float = 1e-6, min_size: int = 16) -> DeformableResult:
     """Register ``moving`` to ``fixed``: an affine, then a cubic B-spline free-form deformation.
 
     Parameters
@@ -104,13 +104,18 @@ def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, level
         the volume are skipped).
     regularization : float
         Weight of the bending energy (mean squared second derivative of the
-        displacement, 1/voxel^2) against MSE / var(reference); >= 0.
+        displacement, 1/voxel^2) against MSE / var(reference); >= 0. On the
+        64^3 test case (40 iterations): 0.5 -> 0.158, 2 -> 0.139, 5 -> 0.152 voxel.
     device, binarize, denoise, smooth
         As in :func:`gpureg.register_affine` (the same preparation).
     mask : (Z, Y, X) ndarray of bool, optional
         Reference voxels that count in the metric.
     max_iter : int
-        L-BFGS-B iterations per control grid at most.
+        L-BFGS-B iterations per control grid at most (64^3 test case, mean error
+        over the particles: 0.139 voxel at 40, 0.138 at 100 iterations).
+    tol : float
+        Stop a control grid when an iteration lowers the objective by less
+        than this fraction of its value at the grid's start.
     min_size : int
         Smallest pyramid axis used for the coarse grids.
 
@@ -125,17 +130,16 @@ def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, level
     f = prepare_volume(fixed, dev, name="fixed", binarize=binarize, denoise=denoise, smooth=smooth)
     m = prepare_volume(moving, dev, name="moving", binarize=binarize, denoise=denoise, smooth=smooth)
     return register_deformable_prepared(f, m, init=init, spacing=spacing, levels=levels,
-                                        regularization=regularization, mask=mask, max_iter=max_iter,
+                                        regularization=regularization, mask=mask, max_iter=max_iter, tol=tol,
                                         min_size=min_size, t0=t0)
 
 
 def register_deformable_prepared(fixed, moving, *, init=None, spacing: float = 8.0, levels: int = 3,
-                                 regularization: float = 0.05, mask=None, max_iter: int = 150, min_size: int = 16,
+                                 regularization: float = 2.0, mask=None, max_iter: int = 40, tol: float = 1e-6,
+                                 min_size: int = 16,
                                  t0: float | None = None) -> DeformableResult:
     """:func:`register_deformable` on volumes already made by :func:`prepare_volume` (same device)."""
     t0 = time.perf_counter() if t0 is None else t0
-    from scipy.optimize import minimize
-
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed and moving must have the same shape, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
     shape = tuple(int(n) for n in fixed.shape)
@@ -165,8 +169,7 @@ def register_deformable_prepared(fixed, moving, *, init=None, spacing: float = 8
         obj = LevelObjective(fixed_levels[lvl], moving_levels[lvl], matrix, level=lvl, spacing=s, control=control,
                              variance=variance, regularization=regularization,
                              mask=None if mask_levels is None else mask_levels[lvl] > 0.5)
-        res = minimize(obj, coeffs.ravel(), jac=True, method="L-BFGS-B",
-                       options={"maxiter": int(max_iter), "maxcor": 20, "ftol": 1e-12, "gtol": 1e-10})
+        res = _minimize(obj, coeffs.ravel(), max_iter, tol)
         coeffs, prev = res.x.reshape(3, *control), s
         iterations.append(int(obj.evaluations))
         _log.debug("deformable: spacing %g on level %d: %d evaluations, E %.6g (%s)", s, lvl, obj.evaluations,
@@ -264,6 +267,20 @@ def apply_deformation(moving, result, *, order: int = 1, cval: float = 0.0, devi
     out = ndimage_of(v).map_coordinates(v, coords, order=order, mode="constant", cval=float(cval))
     out = out.astype(np.float32, copy=False)
     return out if array_device(moving) == "gpu" else to_host(out)
+
+
+def _minimize(objective, x0, max_iter, tol):
+    """L-BFGS-B on ``objective`` scaled to 1 at ``x0``: ``tol`` is then the relative decrease per iteration."""
+    from scipy.optimize import minimize
+
+    v0 = max(float(objective(x0)[0]), 1e-30)
+
+    def scaled(x):
+        v, g = objective(x)
+        return v / v0, g / v0
+
+    return minimize(scaled, x0, jac=True, method="L-BFGS-B",
+                    options={"maxiter": int(max_iter), "maxcor": 20, "ftol": float(tol), "gtol": 1e-12})
 
 
 def _check_options(shape, spacing, levels, regularization):
