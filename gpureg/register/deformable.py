@@ -33,7 +33,7 @@ from .affine import RegistrationResult, register_prepared
 from .ffd_level import LevelObjective
 from .prepare import prepare_volume, pyramid
 
-__all__ = ["apply_deformation", "DeformableResult", "deformation_field", "register_deformable",
+__all__ = ["apply_deformation", "DeformableResult", "deformation_field", "deformation_mse", "register_deformable",
            "register_deformable_prepared"]
 
 _log = logging.getLogger("gpureg")
@@ -267,6 +267,21 @@ def apply_deformation(moving, result, *, order: int = 1, cval: float = 0.0, devi
     out = ndimage_of(v).map_coordinates(v, coords, order=order, mode="constant", cval=float(cval))
     out = out.astype(np.float32, copy=False)
     return out if array_device(moving) == "gpu" else to_host(out)
+
+
+def deformation_mse(fixed, moving, displacement) -> float:
+    """MSE between ``fixed`` and ``moving`` sampled at ``p + displacement[:, p]`` over the valid samples (host).
+
+    The rule of :func:`gpureg.mse_terms`: trilinear, a sample is valid when
+    ``0 <= q_k <= n_k - 1`` on every axis.
+    """
+    from .ffd_level import sample_cpu
+
+    m = np.ascontiguousarray(to_host(moving), dtype=np.float32)
+    q = (np.asarray(to_host(displacement), dtype=np.float32) + np.indices(m.shape, dtype=np.float32)).reshape(3, -1)
+    value, _, valid = sample_cpu(m.reshape(-1), m.shape, q)
+    r = (value - np.asarray(to_host(fixed), dtype=np.float32).reshape(-1))[valid].astype(np.float64)
+    return float(r @ r / max(r.size, 1)) if r.size else float("nan")
 
 
 def _minimize(objective, x0, max_iter, tol):
