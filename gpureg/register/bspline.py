@@ -138,23 +138,30 @@ def bending_energy(coeffs, spacing: float, *, gradient: bool = True):
     return total / norm, grad
 
 
-def jacobian_determinant(coeffs, matrix, shape, spacing: float, *, z_chunk: int = 16) -> np.ndarray:
-    """Determinant of ``d q / d p`` of ``q = A p + t + u(p)`` at every voxel of ``shape`` (float32, host)."""
-    c = np.asarray(coeffs, dtype=np.float64)
+def jacobian_determinant(coeffs, matrix, shape, spacing: float, *, z_chunk: int = 32) -> np.ndarray:
+    """Determinant of ``d q / d p`` of ``q = A p + t + u(p)`` at every voxel of ``shape`` (float32, host).
+
+    Float32 separable products (NumPy's batched float64 matmul is far slower);
+    the determinant is good to ~1e-6.
+    """
+    c = np.asarray(coeffs, dtype=np.float32)
     a = np.asarray(matrix, dtype=np.float64)[:3, :3]
     pos = [np.arange(n, dtype=np.float64) for n in shape]
-    w = [axis_weights(p, spacing, c.shape[i + 1]) for i, p in enumerate(pos)]
-    dw = [axis_weights(p, spacing, c.shape[i + 1], derivative=True) for i, p in enumerate(pos)]
+    w = [axis_weights(p, spacing, c.shape[i + 1]).astype(np.float32) for i, p in enumerate(pos)]
+    dw = [axis_weights(p, spacing, c.shape[i + 1], derivative=True).astype(np.float32) for i, p in enumerate(pos)]
     out = np.empty(tuple(shape), dtype=np.float32)
     for z0 in range(0, shape[0], z_chunk):
         z1 = min(shape[0], z0 + z_chunk)
-        jac = np.empty((3, 3, z1 - z0, shape[1], shape[2]))
-        for k in range(3):  # d u / d p_k
+        j = [[None] * 3 for _ in range(3)]
+        for k in range(3):  # d q / d p_k
             ws = [w[0][z0:z1], w[1], w[2]]
             ws[k] = dw[k][z0:z1] if k == 0 else dw[k]
-            jac[:, k] = evaluate(c, tuple(ws)) + a[:, k, None, None, None]
-        m = np.moveaxis(jac, (0, 1), (-2, -1))
-        out[z0:z1] = np.linalg.det(m)
+            col = evaluate(c, tuple(ws))
+            for i in range(3):
+                j[i][k] = col[i] + np.float32(a[i, k])
+        out[z0:z1] = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+                      - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+                      + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
     return out
 
 

@@ -219,10 +219,9 @@ def deformation_field(coefficients, matrix, shape, spacing: float, *, device: st
     m = tf.compose(matrix)
     dev = resolve_device(device)
     xp = xp_of(to_device(np.zeros(1), dev))
-    dtype = np.float32 if dev == "gpu" else np.float64
-    weights = tuple(xp.asarray(bspline.axis_weights(np.arange(n, dtype=np.float64), spacing, nc), dtype=dtype)
+    weights = tuple(xp.asarray(bspline.axis_weights(np.arange(n, dtype=np.float64), spacing, nc), dtype=np.float32)
                     for n, nc in zip(shape, c.shape[1:]))
-    out = bspline.evaluate(xp.asarray(c, dtype=dtype), weights).astype(np.float32)
+    out = bspline.evaluate(xp.asarray(c, dtype=np.float32), weights)
     d = m[:3, :3] - np.eye(3)
     axes = [xp.arange(n, dtype=np.float32) for n in shape]
     for i in range(3):
