@@ -39,15 +39,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from common import save, synchronize
 
-from common import save, synchronize  # noqa: E402
-from gpureg.core import transform as tf  # noqa: E402
-from gpureg.core.backend import to_device, to_host  # noqa: E402
-from gpureg.register.deformable import register_deformable_prepared  # noqa: E402
-from gpureg.register.prepare import prepare_volume  # noqa: E402
-from gpureg.synth.deform import SmoothWarp  # noqa: E402
-from gpureg.synth.phantom import two_particle_phantom  # noqa: E402
+from gpureg.core import transform as tf
+from gpureg.core.backend import to_device, to_host
+from gpureg.register.deformable import register_deformable_prepared
+from gpureg.register.prepare import prepare_volume
+from gpureg.synth.deform import SmoothWarp
+from gpureg.synth.phantom import two_particle_phantom
 
 
 def make_pair(size, seed=1):

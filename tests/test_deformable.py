@@ -192,7 +192,7 @@ def test_gpu_objective_matches_cpu():
     x = np.random.default_rng(3).normal(size=3 * int(np.prod(control))) * 0.5
     for level in (0, 1):
         f, m = pyramid(fixed, 8)[level], pyramid(moving, 8)[level]
-        kw = dict(level=level, spacing=8.0, control=control, variance=float(f.var()), regularization=0.1)
+        kw = {"level": level, "spacing": 8.0, "control": control, "variance": float(f.var()), "regularization": 0.1}
         cpu = LevelObjective(f, m, matrix, **kw)(x)
         gpu = LevelObjective(cp.asarray(f), cp.asarray(m), matrix, **kw)(x)
         np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-4)

@@ -63,4 +63,4 @@ def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacin
         sums = cp.empty(2, dtype=cp.float64)
         get_kernel("bspline.cu", "reduce_partials")((2,), (THREADS,), (partials, np.int32(blocks), sums))
         sse, count = sums.get()
-    return rg, float(sse), int(round(count))
+    return rg, float(sse), round(count)

@@ -27,14 +27,27 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core import transform as tf
-from ..core.backend import array_device, ndimage_of, resolve_device, to_device, to_host, xp_of
+from ..core.backend import (
+    array_device,
+    ndimage_of,
+    resolve_device,
+    to_device,
+    to_host,
+    xp_of,
+)
 from . import bspline
 from .affine import RegistrationResult, register_prepared
 from .ffd_level import LevelObjective
 from .prepare import prepare_volume, pyramid
 
-__all__ = ["apply_deformation", "DeformableResult", "deformation_field", "deformation_mse", "register_deformable",
-           "register_deformable_prepared"]
+__all__ = [
+    "DeformableResult",
+    "apply_deformation",
+    "deformation_field",
+    "deformation_mse",
+    "register_deformable",
+    "register_deformable_prepared",
+]
 
 _log = logging.getLogger("gpureg")
 
