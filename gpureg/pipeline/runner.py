@@ -199,7 +199,7 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
             t2 = time.perf_counter()
             store.write_energy(i, vol, aligned, res.matrix, res.mse_before, mse_after,
                                {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
-            notify(progress, store, i, res.mse_before, res.mse_after, time.perf_counter() - t0 + t_load)
+            notify(progress, store, i, res.mse_before, mse_after, time.perf_counter() - t0 + t_load)
 
 
 def _xanes(store, reference, options, devices):
