@@ -21,6 +21,7 @@ from .pipeline.runner import run
 from .recon.fbp import reconstruct_energy, reconstruct_fbp
 from .recon.flatfield import normalize
 from .register.affine import RegistrationResult, register_affine, register_prepared
+from .register.deformable import DeformableResult, apply_deformation, register_deformable
 from .register.particle_check import detect_relative_motion
 from .register.particles import ParticleResult, apply_piecewise, register_particles
 from .register.prepare import Prep
@@ -43,6 +44,9 @@ __all__ = [
     "SeriesResult",
     "__version__",
     "apply_affine",
+    "apply_deformation",
+    "DeformableResult",
+    "register_deformable",
     "apply_piecewise",
     "binarize",
     "compose",

@@ -19,7 +19,7 @@ import pytest
 from scipy import ndimage
 
 import gpureg
-from gpureg.core import cuda, cuda_loader
+from gpureg.core import cuda
 from gpureg import register as reg
 from gpureg.core import transform as tf
 from gpureg.core.backend import cupy_or_none

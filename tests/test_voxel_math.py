@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from gpureg.core import cuda, cuda_loader, metric
+from gpureg.core import cuda, metric
 from gpureg import register as reg
 from gpureg.core import transform as tf
 from gpureg.synth.phantom import two_particle_phantom

@@ -108,6 +108,8 @@ def validate(
     quick: bool = flag(False, "--quick", help="32^3, largest magnitudes, 0 and 10 % noise, binarized "
                                               "(overrides --size, --noise, --modes)."),
     figures: bool = flag(True, "--figures/--no-figures", help="Write the PNG figures."),
+    deformable: bool = flag(False, "--deformable", help="Also register the deformation cases with the B-spline "
+                                                        "refinement (rows 'gpureg deformable')."),
     device: Device = DeviceOpt,
 ):
     """Registration accuracy on known synthetic distortions x noise (reference study's Fig. S1-S3), vs SimpleITK."""
@@ -135,7 +137,7 @@ def validate(
             for r in rows))
 
     res = run_validation(outdir, device=device.value, distortions=split(distortions, "--distortions"), sitk=sitk,
-                         figures=figures, progress=progress, **kw)
+                         figures=figures, deformable=deformable, progress=progress, **kw)
     typer.echo(f"{len(res.rows)} registrations ({len(res.failures)} failed) on {res.settings['device']}; "
                f"summary in {outdir / 'summary.md'}")
     if res.failures:

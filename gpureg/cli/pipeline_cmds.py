@@ -40,19 +40,28 @@ NoKeepOpt = typer.Option("", "--no-keep", metavar="<recon,aligned>", help="Stack
                                                                            "aligned).")
 PerParticleOpt = flag(False, "--per-particle", help="Also register every particle on its own (particles that move "
                                                     "relative to each other); stores per-particle transforms.")
+DeformableOpt = flag(False, "--deformable", help="Refine every affine with a cubic B-spline deformation (sample "
+                                                "deformed during the scan); stores the coefficients, report adds "
+                                                "displacement and Jacobian maps.")
+SpacingOpt = typer.Option(8.0, "--spacing", help="B-spline control-point spacing (voxels, >= 3) with --deformable.")
+RegularizationOpt = typer.Option(2.0, "--regularization", help="Bending-energy weight (>= 0) with --deformable.")
+AllowFoldingOpt = flag(False, "--allow-folding", help="With --deformable: keep a deformation whose Jacobian "
+                                                      "determinant reaches 0 (folding) instead of stopping.")
 
 
 def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[Denoise], smooth: float, model: Model,
                 center: Optional[str], fbp_filter: FBPFilter, edge: EdgeMethod, no_report: bool = False,
                 per_particle: bool = False, scheduler: Optional[str] = None, references=None,
                 clusters: Optional[int] = None, skip_bad_energies: bool = False, keep: str = "recon,aligned",
-                no_keep: str = "") -> RunOptions:
+                no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
+                allow_folding: bool = False) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
                       model=model, center=center, filter=fbp_filter, edge=edge, per_particle=per_particle,
                       report=not no_report, scheduler=scheduler, references=split_references(references),
-                      clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept)
+                      clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
+                      spacing=spacing, regularization=regularization, allow_folding=allow_folding)
 
 
 @app.command("run")
@@ -78,6 +87,10 @@ def run_cmd(
     skip_bad_energies: bool = SkipBadOpt,
     keep: str = KeepOpt,
     no_keep: str = NoKeepOpt,
+    deformable: bool = DeformableOpt,
+    spacing: float = SpacingOpt,
+    regularization: float = RegularizationOpt,
+    allow_folding: bool = AllowFoldingOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -85,7 +98,9 @@ def run_cmd(
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report,
                           per_particle=per_particle, scheduler=scheduler, references=references,
-                          clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep)
+                          clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep,
+                          deformable=deformable, spacing=spacing, regularization=regularization,
+                          allow_folding=allow_folding)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
@@ -105,17 +120,23 @@ def demo(
     per_particle: bool = flag(False, "--per-particle",
                               help="Simulate particle 2 tilting relative to particle 1 and register each particle on "
                                    "its own (report: global vs per-particle)."),
+    deformable: bool = flag(False, "--deformable",
+                            help="Simulate a smooth deformation (up to 3 voxels at 64^3) and register with a "
+                                 "B-spline refinement after the affine."),
 ):
     """Simulate a small Mn K-edge TXM-XANES experiment and run the whole pipeline on it."""
     from ..pipeline.runner import run
     from ..synth.scan import simulate
 
-    options = RunOptions(device=device, center=center, per_particle=per_particle)
+    if per_particle and deformable:
+        raise typer.BadParameter("choose --per-particle or --deformable, not both")
+    options = RunOptions(device=device, center=center, per_particle=per_particle, deformable=deformable)
     devices = _announce_devices(options)
     outdir.mkdir(parents=True, exist_ok=True)
     raw = outdir / "demo_input.h5"
     typer.echo(f"simulating {size}^3 x {angles} angles -> {raw}")
-    simulate(raw, size=size, n_angles=angles, seed=seed, relative_motion=per_particle)
+    simulate(raw, size=size, n_angles=angles, seed=seed, relative_motion=per_particle,
+             deformation=3.0 if deformable else 0.0)
     with _energy_progress("demo") as on_energy:
         res = run(raw, outdir / "demo_result.h5", options, overwrite=overwrite, progress=on_energy, devices=devices)
     _print_result(res)

@@ -27,6 +27,7 @@ KERNEL_FILES = {
                   "mse_terms_state_pass<true, float>", "mse_terms_state_pass<true, bool>"),
     "solver.cu": ("lm_step",),
     "volume.cu": ("downsample2", "com_moments", "radix_histogram", "reduce_partials"),
+    "bspline.cu": ("ffd_residual_pass", "reduce_partials"),
 }
 
 

@@ -127,6 +127,17 @@ class RunOptions:
         Edge-energy definition of the XANES maps.
     per_particle : bool
         Also register every particle of the reference on its own.
+    deformable : bool
+        Refine every affine with a cubic B-spline deformation
+        (:func:`gpureg.register.register_deformable`); the grey tomograms are
+        resampled through it.
+    spacing : float
+        Control-point spacing (voxels) of the deformation.
+    regularization : float
+        Bending-energy weight of the deformation.
+    allow_folding : bool
+        Accept a deformation whose Jacobian determinant reaches 0 (folding)
+        instead of stopping with an error.
     report : bool
         Write the report folder (figures, summary.json, report.md).
     scheduler : str, optional
@@ -152,6 +163,10 @@ class RunOptions:
     filter: FBPFilter = FBPFilter.ram_lak
     edge: EdgeMethod = EdgeMethod.half
     per_particle: bool = False
+    deformable: bool = False
+    spacing: float = 8.0
+    regularization: float = 2.0
+    allow_folding: bool = False
     report: bool = True
     scheduler: str | None = None
     references: tuple = ()
@@ -182,6 +197,17 @@ class RunOptions:
             object.__setattr__(self, "clusters", int(self.clusters))
         object.__setattr__(self, "skip_bad_energies", bool(self.skip_bad_energies))
         object.__setattr__(self, "keep", parse_keep(self.keep))
+        object.__setattr__(self, "deformable", bool(self.deformable))
+        object.__setattr__(self, "allow_folding", bool(self.allow_folding))
+        if not (math.isfinite(float(self.spacing)) and float(self.spacing) >= 3):
+            raise ValueError(f"spacing must be at least 3 voxels, got {self.spacing!r}")
+        if not (math.isfinite(float(self.regularization)) and float(self.regularization) >= 0):
+            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+        object.__setattr__(self, "spacing", float(self.spacing))
+        object.__setattr__(self, "regularization", float(self.regularization))
+        if self.deformable and (self.per_particle or self.scheduler):
+            raise ValueError("deformable registration runs on one machine and is not combined with per_particle "
+                             "or scheduler")
         if self.per_particle and self.scheduler:
             raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 

@@ -62,6 +62,8 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     figures = [Path(p) for p in plot_result(result_h5, outdir)]
     pp_figures, pp_summary, pp_lines = _per_particle_report(result_h5, outdir)  # nothing unless per_particle
     figures += pp_figures + _chemistry_figures(result_h5, outdir)
+    df_figures, df_summary, df_lines = _deformable_report(result_h5, outdir)  # nothing unless deformable
+    figures += df_figures
     res = read_result(result_h5)
     attrs = res.attrs
     with ResultFile(result_h5) as rf:
@@ -86,6 +88,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         "mse_ratio_median": median_mse_ratio(res.mse_before, res.mse_after),
     }
     summary.update(pp_summary)
+    summary.update(df_summary)
     with atomic_path(outdir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
     used = ~np.isin(res.energies, list(res.excluded))
@@ -104,7 +107,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     for pname, st in xanes.items():
         lines.append(f"- {pname}: {st['voxels']} voxels, edge energy median {st['edge_energy_median_ev']:.2f} eV "
                      f"(IQR {st['edge_energy_iqr_ev']:.2f} eV)")
-    lines += pp_lines
+    lines += pp_lines + df_lines
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "Numbers: [summary.json](summary.json)", ""]
     with atomic_path(outdir / "report.md") as tmp:
@@ -174,3 +177,34 @@ def _per_particle_report(result_h5, outdir):
         lines.append("- edge energy vs ground truth, median |error|: "
                      + ", ".join(f"{k} {v:.2f} eV" for k, v in err.items()))
     return figures, summary, lines
+
+
+def _deformable_report(result_h5, outdir):
+    """Figure, summary entries and report lines of a deformable run (nothing for other runs).
+
+    ``deformation.png``: for the energy whose deformation is largest, the
+    displacement magnitude of the B-spline part and the Jacobian determinant
+    of the whole transform (folding, det <= 0, outlined and counted).
+    """
+    from ..figures.deformation import deformation_figure
+    from .deform import deformation_maps
+
+    with ResultFile(result_h5) as rf:
+        d = rf.deformation()
+        if d is None:
+            return [], {}, []
+        coeffs = d["coefficients"][...]
+        shape = rf.stack("aligned").shape[1:]
+    energies = read_result(result_h5).energies
+    i = int(np.argmax(np.abs(coeffs).reshape(len(coeffs), -1).max(axis=1)))
+    magnitude, jac = deformation_maps(coeffs[i], d["matrices"][i], shape, d["spacing"])
+    path = deformation_figure(magnitude, jac, Path(outdir) / "deformation.png",
+                              title=f"Deformation at {energies[i]:g} eV (spacing {d['spacing']:g} vox)")
+    summary = {"deformable": {"spacing": d["spacing"], "min_jacobian": d["min_jacobian"].tolist(),
+                              "mse_affine": d["mse_affine"].tolist(), "shown_energy_ev": float(energies[i]),
+                              "max_displacement_vox": float(magnitude.max()), "folded_voxels": int((jac <= 0).sum())}}
+    lines = [f"- deformable refinement (spacing {d['spacing']:g} voxels): smallest Jacobian determinant "
+             f"{float(np.min(d['min_jacobian'])):.3f} over energies"
+             + (" (FOLDING: accepted with --allow-folding)" if np.min(d["min_jacobian"]) <= 0 else ", no folding")
+             + f"; largest B-spline displacement {float(magnitude.max()):.2f} voxels at {energies[i]:g} eV"]
+    return [Path(path)], summary, lines

@@ -30,6 +30,7 @@ from ..io.results import ResultStore, drop_datasets, lock_path, log_path, partia
 from ..register.affine import register_prepared
 from ..register.prepare import prepare_reference, prepare_volume
 from ..register.series import reference_index, registration_order
+from .deform import DeformableStep
 from .options import KEEPABLE, Devices, RunOptions, resolve_devices
 from .particles import PerParticle, per_particle_xanes
 from .report import PipelineResult, write_report
@@ -70,7 +71,8 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given:
         ``device``, ``reference``, ``binarize``, ``denoise``, ``smooth``, ``model``,
-        ``center``, ``filter``, ``edge``, ``per_particle``, ``report``, ``scheduler``, ``references``, ``clusters``.
+        ``center``, ``filter``, ``edge``, ``per_particle``, ``deformable``, ``spacing``, ``regularization``,
+        ``allow_folding``, ``report``, ``scheduler``, ``references``, ``clusters``.
 
     Returns
     -------
@@ -80,6 +82,8 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
 
     options = _options(options, settings)
     output = Path(output)
+    if options.deformable and matrices is not None:
+        raise ValueError("deformable registration registers every energy: not with given matrices")
     if options.per_particle and matrices is not None:
         raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
     check_output(output, overwrite)
@@ -211,6 +215,7 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
     energies, ref = store.energies, store.ref
     fixed, prep = reference.volume, reference.prep
     particles = PerParticle(store, reference, dev) if options.per_particle else None
+    deform = DeformableStep(store, options, dev) if options.deformable and matrices is None else None
     pending = [i for i in registration_order(energies, ref) if not store.done[i]]
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(loader, pending[0]) if pending else None
@@ -233,12 +238,18 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
                 res = score_matrix(fixed, moving, matrices[i])
             if particles is not None:
                 particles.register(i, fixed, moving, res)
+            mse_after = res.mse_after if deform is None else deform.register(i, fixed, moving, res).mse_after
             t1 = time.perf_counter()
-            aligned = to_host(apply_affine(vol, res.matrix, device=dev)) if particles is None else particles.apply(i, vol)
+            if deform is not None:
+                aligned = deform.apply(vol)
+            elif particles is None:
+                aligned = to_host(apply_affine(vol, res.matrix, device=dev))
+            else:
+                aligned = particles.apply(i, vol)
             t2 = time.perf_counter()
-            store.write_energy(i, vol, aligned, res.matrix, res.mse_before, res.mse_after,
+            store.write_energy(i, vol, aligned, res.matrix, res.mse_before, mse_after,
                                {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
-            notify(progress, store, i, res.mse_before, res.mse_after, time.perf_counter() - t0 + t_load,
+            notify(progress, store, i, res.mse_before, mse_after, time.perf_counter() - t0 + t_load,
                    {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
 
 

@@ -1,6 +1,9 @@
-"""Registration: preparation (binarize/denoise/smooth), affine registration, series, per-particle registration."""
+"""Registration: preparation (binarize/denoise/smooth), affine registration, series, per-particle registration,
+deformable (B-spline) refinement."""
 
 from .affine import MODELS, RegistrationResult, register_affine, register_prepared
+from .deformable import (DeformableResult, apply_deformation, deformation_field, register_deformable,
+                         register_deformable_prepared)
 from .particle_check import detect_relative_motion
 from .particles import PARTICLE_MODELS, ParticleResult, apply_piecewise, particle_regions, register_particles
 from .prepare import (
@@ -22,4 +25,6 @@ __all__ = [
     "SeriesResult", "register_series",
     "PARTICLE_MODELS", "ParticleResult", "apply_piecewise", "particle_regions", "register_particles",
     "RelativeMotionWarning", "ResidualReport", "detect_relative_motion",
+    "DeformableResult", "apply_deformation", "deformation_field", "register_deformable",
+    "register_deformable_prepared",
 ]

@@ -32,9 +32,11 @@ def two_particle_phantom(shape=(64, 64, 64), moving_from_reference=None, *, per_
     ----------
     shape : tuple of 3 int
         Grid ``(Z, Y, X)``.
-    moving_from_reference : (4, 4) array_like, optional
+    moving_from_reference : (4, 4) array_like or SmoothWarp, optional
         Motion of the whole sample: the result is the *moving* volume whose
-        alignment with this matrix gives the unmoved phantom.
+        alignment with this matrix gives the unmoved phantom. A
+        :class:`gpureg.synth.deform.SmoothWarp` (anything with
+        ``reference_from_moving(points)``) moves it non-rigidly.
     per_particle : dict {label: (4, 4) array_like}, optional
         Motion of single particles (labels 1 and 2), replacing
         ``moving_from_reference`` for those particles (relative motion).
@@ -68,8 +70,7 @@ def two_particle_phantom(shape=(64, 64, 64), moving_from_reference=None, *, per_
         acc = np.zeros(q.shape[0])
         lab = np.zeros(q.shape[0], dtype=np.uint8)
         for k, (par, inv) in enumerate(zip(params, inverses)):
-            p = q @ inv[:3, :3].T + inv[:3, 3]
-            u = (p - center) / half
+            u = (to_reference(inv, q) - center) / half
             occ = _occupancy(u, par, half, edge_width)
             val = par["level"] * (_texture(u, par) if texture else 1.0)
             acc += occ * val
@@ -96,8 +97,8 @@ def particle_fields(shape=(64, 64, 64), moving_from_reference=None, *, per_parti
     ----------
     shape : tuple of 3 int
         Grid ``(Z, Y, X)``.
-    moving_from_reference : (4, 4) array_like, optional
-        Motion of the whole sample (``moving_from_reference``, voxel indices).
+    moving_from_reference : (4, 4) array_like or SmoothWarp, optional
+        Motion of the whole sample (``moving_from_reference``, voxel indices; or a non-rigid warp).
     per_particle : dict {label: (4, 4) array_like}, optional
         Motion of single particles (labels 1 and 2), as in :func:`two_particle_phantom`.
     seed : int
@@ -125,20 +126,23 @@ def particle_fields(shape=(64, 64, 64), moving_from_reference=None, *, per_parti
     for k, (par, inv) in enumerate(zip(params, inverses)):
         # Evaluate only in the moved particle's bounding box: beyond its largest radius
         # (shape modulation <= sum |amps|) plus 8 edge widths, the occupancy is below 1e-7.
-        fwd = np.linalg.inv(inv)
-        c_ref = center + par["center"] * half
-        r_vox = par["radius"] * half * (1.0 + np.abs(par["amps"]).sum()) + 8.0 * edge_width
-        c_mov = fwd[:3, :3] @ c_ref + fwd[:3, 3]
-        ext = r_vox * np.sqrt((fwd[:3, :3] ** 2).sum(axis=1))
-        lo = np.maximum(np.floor(c_mov - ext).astype(int), 0)
-        hi = np.minimum(np.ceil(c_mov + ext).astype(int) + 1, shape)
+        if callable(inv):  # a non-rigid warp: evaluate everywhere
+            lo, hi = np.zeros(3, dtype=int), np.asarray(shape)
+        else:
+            fwd = np.linalg.inv(inv)
+            c_ref = center + par["center"] * half
+            r_vox = par["radius"] * half * (1.0 + np.abs(par["amps"]).sum()) + 8.0 * edge_width
+            c_mov = fwd[:3, :3] @ c_ref + fwd[:3, 3]
+            ext = r_vox * np.sqrt((fwd[:3, :3] ** 2).sum(axis=1))
+            lo = np.maximum(np.floor(c_mov - ext).astype(int), 0)
+            hi = np.minimum(np.ceil(c_mov + ext).astype(int) + 1, shape)
         if np.any(hi <= lo):
             continue
         axes = [np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi)]
         q = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
         sub = tuple(int(b - a) for a, b in zip(lo, hi))
         for s0 in range(0, q.shape[0], _CHUNK):
-            u = (q[s0:s0 + _CHUNK] @ inv[:3, :3].T + inv[:3, 3] - center) / half
+            u = (to_reference(inv, q[s0:s0 + _CHUNK]) - center) / half
             flat_occ = _occupancy(u, par, half, edge_width)
             flat_tex = _texture(u, par)
             flat_uvw = (u - par["center"]) / par["radius"]
@@ -159,10 +163,21 @@ def _setup(shape, moving_from_reference, per_particle, seed):
     rng = np.random.default_rng(seed)
     params = [_particle_params(rng, spec) for spec in PARTICLES]
     center = (np.asarray(shape, dtype=np.float64) - 1) / 2
-    default = np.eye(4) if moving_from_reference is None else np.asarray(moving_from_reference, dtype=np.float64)
     per_particle = per_particle or {}
+    if hasattr(moving_from_reference, "reference_from_moving"):  # a warp (gpureg.synth.deform.SmoothWarp)
+        if per_particle:
+            raise ValueError("per_particle motion cannot be combined with a non-rigid warp")
+        return shape, params, center, min(shape) / 2.0, [moving_from_reference.reference_from_moving] * len(params)
+    default = np.eye(4) if moving_from_reference is None else np.asarray(moving_from_reference, dtype=np.float64)
     inverses = [np.linalg.inv(np.asarray(per_particle.get(k + 1, default), dtype=np.float64)) for k in range(len(params))]
     return shape, params, center, min(shape) / 2.0, inverses
+
+
+def to_reference(inverse, q):
+    """Reference-frame points of moving-grid points ``q`` (N, 3): ``inverse`` is a 4x4 matrix or a callable."""
+    if callable(inverse):
+        return inverse(q)
+    return q @ inverse[:3, :3].T + inverse[:3, 3]
 
 
 def _particle_params(rng, spec):

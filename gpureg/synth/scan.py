@@ -37,7 +37,7 @@ from .mixtures import COMPOUNDS, fraction_from_e0, mixture_edge_offsets, mixture
 from .phantom import PARTICLES, particle_fields
 from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, edge_offsets, mn_energy_grid
 
-__all__ = ["default_motion", "sample_truth", "sample_volumes", "simulate"]
+__all__ = ["default_motion", "deformation_truth", "sample_truth", "sample_volumes", "simulate"]
 
 # Attenuation of unit density at unit normalised absorption, in 1 / (min(shape) voxels): a line
 # integral of about 0.8 through particle 1 above the edge, 1.2 on the white line.
@@ -201,7 +201,7 @@ def default_motion(energies, shape, *, seed: int = 0, reference: int | None = No
 def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise: float = 1.0,
              salt_pepper: float = 0.0, relative_motion: bool = False, seed: int = 0, motion="default",
              photons: float = 1e4, n_flat: int = 5, n_dark: int = 5, store_attenuation: bool | None = None,
-             progress=None, mixture: bool = False) -> Path:
+             deformation: float = 0.0, progress=None, mixture: bool = False) -> Path:
     """Simulate a TXM-XANES spectro-tomography scan and write it as Data Exchange HDF5.
 
     Parameters
@@ -236,6 +236,17 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     store_attenuation : bool, optional
         Store the unmoved attenuation volume of every energy in
         ``/truth/attenuation`` (default: when ``size <= 96``).
+    deformation : float
+        Also deform the sample smoothly (:class:`gpureg.synth.deform.SmoothWarp`,
+        the same seeded modes at every energy): at most this many voxels at
+        64^3 (scaled with the size) at the energy farthest from the reference,
+        growing linearly with the distance in energy, on top of ``motion``.
+        ``/truth/deformation_amplitude`` (voxels per energy) and
+        ``/truth/deformation_seed`` then define the exact warps
+        (:func:`deformation_truth`); with ``size <= 64`` the dense truth field
+        ``/truth/displacement`` ``(n_energy, 3, Z, Y, X)`` (float32, reference
+        voxel ``p`` lies at ``p + displacement[e][:, p]`` at energy ``e``) is stored too.
+        Not combined with ``relative_motion``.
     progress : callable, optional
         ``progress(i, n_energy, energy_ev)`` after each energy.
     mixture : bool
@@ -270,11 +281,17 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     if photons < 10 or n_flat < 1 or n_dark < 1:
         raise ValueError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
     e = mn_energy_grid() if energies is None else check_energies(np.reshape(energies, -1), increasing=True)
+    if not np.isfinite(deformation) or deformation < 0:
+        raise ValueError(f"deformation must be >= 0 voxels, got {deformation}")
+    if deformation > 0 and relative_motion:
+        raise ValueError("deformation and relative_motion cannot be combined")
     _check_resources(path, size, int(n_angles), e.size, int(n_flat), int(n_dark))
     shape = (size, size, size)
     ref = int(np.argmax(e))
     matrices = _motion(motion, e, shape, seed)
     particle = _relative(matrices, e, shape, seed, ref) if relative_motion else None
+    amplitudes = float(deformation) * size / 64 * np.abs(e - e[ref]) / max(float(np.ptp(e)), 1e-9)
+    warps = [_warp(shape, a, m, seed) for a, m in zip(amplitudes, matrices)] if deformation > 0 else None
     theta = np.linspace(-90.0, 90.0, int(n_angles))
     ss = np.random.SeedSequence([int(seed), 20240])
     rng_flat, rng_data = (np.random.default_rng(s) for s in ss.spawn(2))
@@ -293,7 +310,8 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     def projections():
         for i, energy in enumerate(e):
             per = None if particle is None else {1: particle[i, 0], 2: particle[i, 1]}
-            vol = sample_volumes(shape, [energy], matrices[i], per_particle=per, seed=seed, **mix)[0]
+            motion_i = matrices[i] if warps is None else warps[i]
+            vol = sample_volumes(shape, [energy], motion_i, per_particle=per, seed=seed, **mix)[0]
             line = forward_project(vol, theta, projector="line")  # (n_angles, size, size)
             counts = _counts(rng_data, beam * flux[i] * np.exp(-line.astype(np.float64)), noise)
             if salt_pepper > 0:
@@ -312,12 +330,19 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
                            "normalised spectrum")
     if particle is not None:
         truth["particle_matrices"] = particle
+    if warps is not None:
+        truth["deformation_amplitude"] = amplitudes
+        truth["deformation_seed"] = np.int64(seed)
+        if size <= 64:
+            truth["displacement"] = np.stack([w.displacement_field() for w in warps])
     if store_attenuation if store_attenuation is not None else size <= 96:
         truth["attenuation"] = sample_volumes(shape, e, None, seed=seed, **mix)
     params = {"size": size, "n_angles": int(n_angles), "noise": float(noise), "salt_pepper": float(salt_pepper),
               "relative_motion": bool(relative_motion), "seed": int(seed),
               "motion": motion if isinstance(motion, str) else "custom", "photons": float(photons),
               "n_flat": int(n_flat), "n_dark": int(n_dark)}
+    if deformation > 0:
+        params["deformation"] = float(deformation)
     attrs = {"synthetic": "gpureg.synth.simulate: Mn K-edge TXM-XANES, two particles",
              "parameters": json.dumps(params), "voxel_size_nm": 3200.0 / size}
     if mixture:
@@ -344,6 +369,35 @@ def _check_resources(path, size, n_angles, n_energy, n_flat, n_dark):
     disk = 2 * (n_energy * (n_angles + n_flat) + n_dark) * frame + 4 * 6 * vol
     check_fits(f"simulate --size {size} ({n_energy} energies x {n_angles} angles)", memory=memory, disk=disk,
                folder=Path(path).parent if str(Path(path).parent) else Path("."))
+
+
+def deformation_truth(truth, index):
+    """The exact warp of energy ``index`` of a simulated scan with ``deformation``.
+
+    Parameters
+    ----------
+    truth : dict
+        The ``/truth`` group (``open_input(path).truth`` or the dict written).
+    index : int
+        Energy index.
+
+    Returns
+    -------
+    SmoothWarp
+        ``moving_from_reference(points)`` gives the true positions in the moving volume.
+    """
+    if "deformation_amplitude" not in truth:
+        raise ValueError("this scan was simulated without deformation (no /truth/deformation_amplitude)")
+    matrices = np.asarray(truth["matrices"])
+    size = int(np.asarray(truth["labels"]).shape[0])
+    return _warp((size,) * 3, float(np.asarray(truth["deformation_amplitude"])[index]), matrices[index],
+                 int(np.asarray(truth["deformation_seed"])))
+
+
+def _warp(shape, amplitude, matrix, seed):
+    from .deform import SmoothWarp
+
+    return SmoothWarp(shape, amplitude, matrix=matrix, seed=seed)
 
 
 def _composition(coords, k):

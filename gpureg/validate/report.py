@@ -184,7 +184,8 @@ def _error_figure(rows, s, mode, path):
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]
-    styles = {"gpureg": dict(ls="-", marker="o"), "SimpleITK": dict(ls="--", marker="s", mfc="none")}
+    styles = {"gpureg": dict(ls="-", marker="o"), "SimpleITK": dict(ls="--", marker="s", mfc="none"),
+              "gpureg deformable": dict(ls=":", marker="^")}
     for ax, dist in zip(axes, dists):
         mags = s["magnitudes"][dist]
         for k, level in enumerate(s["noise"]):

@@ -108,7 +108,7 @@ class ValidationResult:
 def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distortions=DISTORTIONS,
                    magnitudes=None, noise=NOISE_LEVELS, modes=MODES, sitk: bool | None = None,
                    denoise: str | None = "auto", smooth: float = 1.0, edge_width: float = 1.0, seed: int = 0,
-                   figures: bool = True, progress=None) -> ValidationResult:
+                   figures: bool = True, deformable: bool = False, progress=None) -> ValidationResult:
     """Run the validation sweep and (with ``outdir``) write its table, summary and figures.
 
     Parameters
@@ -143,6 +143,10 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
         realistic tomographic edge).
     seed : int
         Phantom, noise and deformation seed.
+    deformable : bool
+        Also register the ``deformation`` cases with gpureg's B-spline
+        refinement (:func:`gpureg.register_deformable`; method ``"gpureg deformable"``,
+        errors from its displacement field at the particle voxels).
     figures : bool
         Write the figures (needs ``outdir``).
     progress : callable, optional
@@ -236,11 +240,13 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
                     methods = [("gpureg", dev, lambda a=a, b=b: _run_gpureg(register_prepared, a, b))]
                     if use_sitk:
                         methods.append(("SimpleITK", "cpu", lambda a=a, b=b: _run_sitk(register_sitk, a, b)))
+                    if deformable and dist == "deformation":
+                        methods.append(("gpureg deformable", dev, lambda a=a, b=b: _run_deformable(a, b)))
                     case_rows = []
                     for method, where, fn in methods:
                         row, matrix = _evaluate(fn, {**case, "method": method, "device": where}, points, true_points,
                                                 (a, b), (fixed_clean, moving_clean))
-                        if matrix is not None:
+                        if matrix is not None and np.shape(matrix) == (4, 4):
                             examples.setdefault((dist, method), {})[(mag, level, mode)] = matrix
                         case_rows.append(row)
                         if writer is not None:
@@ -275,10 +281,18 @@ def _evaluate(fn, row, points, true_points, inputs, clean):
         row.update(error_vox=math.nan, error_max_vox=math.nan, mse_after=math.nan, mse_clean_after=math.nan,
                    seconds=math.nan, iterations="", status=f"error: {msg}")
         return row, None
-    d = distances(matrix, points, true_points)
-    row.update(error_vox=float(d.mean()), error_max_vox=float(d.max()),
-               mse_after=mse_terms(*inputs, matrix, hessian=False).mse,
-               mse_clean_after=mse_terms(*clean, matrix, hessian=False).mse,
+    if np.ndim(matrix) == 4:  # a deformation: the displacement field (3, Z, Y, X) on the reference grid
+        from ..register.deformable import deformation_mse
+
+        field = to_host(matrix)
+        idx = tuple(np.round(points).astype(int).T)
+        q = points + np.stack([f[idx] for f in field], axis=1)
+        d = np.sqrt(((q - true_points) ** 2).sum(axis=1))
+        mse_after, mse_clean = (deformation_mse(*(to_host(v) for v in pair), field) for pair in (inputs, clean))
+    else:
+        d = distances(matrix, points, true_points)
+        mse_after, mse_clean = (mse_terms(*pair, matrix, hessian=False).mse for pair in (inputs, clean))
+    row.update(error_vox=float(d.mean()), error_max_vox=float(d.max()), mse_after=mse_after, mse_clean_after=mse_clean,
                seconds=seconds, iterations=iterations, status="ok")
     return row, matrix
 
@@ -286,6 +300,13 @@ def _evaluate(fn, row, points, true_points, inputs, clean):
 def _run_gpureg(register_prepared, a, b):
     res = register_prepared(a, b)
     return res.matrix, res.seconds, "/".join(str(n) for n in res.iterations)
+
+
+def _run_deformable(a, b):
+    from ..register.deformable import register_deformable_prepared
+
+    res = register_deformable_prepared(a, b)
+    return res.displacement, res.seconds, "/".join(str(n) for n in res.iterations)
 
 
 def _run_sitk(register_sitk, a, b):

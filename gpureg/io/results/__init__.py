@@ -13,6 +13,8 @@ One HDF5 file per run::
     /truth/...                                  simulated inputs
     per-particle runs: /registration/particle_labels, particle_matrix, particle_mse_global,
                        particle_mse; /aligned_global; /xanes_global/edge_energy, mask
+    deformable runs: /registration/bspline_coefficients (n_energy, 3, cz, cy, cx; attr spacing),
+                     bspline_min_jacobian, bspline_mse_affine (MSE of the affine alone; mse_after: deformed)
 
 Attributes also hold ``voxel_size_nm`` (when the input says), and
 ``/registration/excluded`` (n_energy,) flags energies left out by

@@ -137,6 +137,17 @@ class ResultFile:
         out["energies"] = np.sort(self.energies())   # the order of cluster_centroids
         return out
 
+    def deformation(self):
+        """``{"coefficients", "spacing", "matrices", "min_jacobian", "mse_affine"}`` of a deformable run, or None."""
+        h5 = self.h5
+        if "registration/bspline_coefficients" not in h5:
+            return None
+        ds = h5["registration/bspline_coefficients"]
+        return {"coefficients": ds, "spacing": float(ds.attrs["spacing"]),
+                "matrices": h5["registration/matrix"][...],
+                "min_jacobian": h5["registration/bspline_min_jacobian"][...],
+                "mse_affine": h5["registration/bspline_mse_affine"][...]}
+
     def particles(self):
         """Per-particle registration results, or ``None`` for other runs.
 

@@ -170,6 +170,29 @@ class ResultStore:
     def write_aligned_global(self, i, volume):
         self.h5["aligned_global"][i] = volume
 
+    # --- deformable runs -------------------------------------------------------------------
+    def write_bspline(self, i, coefficients, spacing: float, min_jacobian: float, mse: float):
+        """B-spline coefficients of energy ``i`` (``/registration/bspline_*``, created on first use).
+
+        ``bspline_coefficients`` (n_energy, 3, cz, cy, cx) float32, fine voxels,
+        attribute ``spacing`` (voxels); the reference's row is zero (identity).
+        The dense field is not stored: rebuild it with
+        :func:`gpureg.register.deformation_field` (coefficients, ``registration/matrix``).
+        """
+        h5, c = self.h5, np.asarray(coefficients, dtype=np.float32)
+        if "registration/bspline_coefficients" not in h5:
+            n = len(self.energies)
+            h5.create_dataset("registration/bspline_coefficients", shape=(n, *c.shape), dtype="f4",
+                              chunks=(1, *c.shape), fillvalue=0.0)
+            h5["registration/bspline_coefficients"].attrs.update(
+                {"spacing": float(spacing), "convention": "q(p) = A p + t + u(p), u the cubic B-spline of these "
+                 "coefficients (fine voxels, (z, y, x)); control point j at (j - 1) * spacing"})
+            h5["registration/bspline_min_jacobian"] = np.ones(n)
+            h5["registration/bspline_mse_affine"] = np.full(n, np.nan)
+        h5["registration/bspline_coefficients"][i] = c
+        h5["registration/bspline_min_jacobian"][i] = min_jacobian
+        h5["registration/bspline_mse_affine"][i] = mse
+
     def finish(self):
         self.h5.attrs["complete"] = True
         self.close()
