@@ -47,7 +47,7 @@ step() {  # step NAME LIMIT_S COMMAND...
   summary+=("{\"step\": \"$name\", \"command\": \"${cmd[*]}\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
 }
 
-step gpu_tests 120 "$py" -m pytest -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_gpu_plumbing.py tests/test_xanes.py
+step gpu_tests 120 "$py" -m pytest -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_gpu_plumbing.py tests/xanes/test_xanes.py tests/core/test_gpu_solver.py tests/register/test_deformable.py tests/xanes/test_chemistry.py
 step register_gpu 150 "$py" bench/register_gpu.py --sizes 128 256 512 --repeats 5 --sitk-max 256
 step recon 60 "$py" bench/recon.py --device gpu --quick
 step xanes 45 "$py" bench/xanes.py --device gpu --size 256 --repeats 3

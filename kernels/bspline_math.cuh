@@ -1,6 +1,6 @@
 // Per-voxel mathematics of the B-spline free-form deformation kernels (bspline.cu).
 //
-// Host-compilable like voxel_math.cuh: tests/test_bspline_math.py builds these
+// Host-compilable like voxel_math.cuh: tests/core/test_bspline_math.py builds these
 // functions with g++ and compares them voxel by voxel with the NumPy path
 // (gpureg.register.bspline / gpureg.register.ffd_level).
 //

@@ -1,6 +1,6 @@
 // One Levenberg-Marquardt step of gpureg's device-resident solver, on the sums of one fused pass.
 //
-// Host-compilable (g++) like voxel_math.cuh: tests/test_gpu_solver.py runs this arithmetic on
+// Host-compilable (g++) like voxel_math.cuh: tests/core/test_gpu_solver.py runs this arithmetic on
 // the CPU and compares it with the NumPy reference gpureg.core.solver.levenberg_marquardt,
 // which it mirrors step for step:
 //   first pass: the start parameters' sums become the current ones (no overlap: status 3);

@@ -1,7 +1,7 @@
 // Per-voxel mathematics of gpureg's CUDA kernels.
 //
 // Everything here is a __host__ __device__ inline function that also compiles
-// as plain C++ (g++), so tests/test_voxel_math.py builds a host harness around
+// as plain C++ (g++), so tests/core/test_voxel_math.py builds a host harness around
 // this header and checks it voxel by voxel against the NumPy path
 // (gpureg.metric.trilinear_sample / voxel_jacobian / mse_terms). The .cu files
 // add only the launch and reduction scaffolding around these functions.

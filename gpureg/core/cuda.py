@@ -2,7 +2,7 @@
 
 The only module that launches kernels (loaded by :mod:`gpureg.core.cuda_loader`);
 the per-voxel mathematics is in ``kernels/voxel_math.cuh``, which also
-compiles as plain C++ and is tested on the CPU (``tests/test_voxel_math.py``).
+compiles as plain C++ and is tested on the CPU (``tests/core/test_voxel_math.py``).
 Each launch checks dtype and contiguity and computes its grid next to the call.
 
 Convention

@@ -8,7 +8,7 @@ and writes the next trial parameters into that state. No pass takes launch argum
 the host that depend on the previous one, so the host only queues passes and reads the
 state's status every ``poll_every`` passes (one synchronisation per ``poll_every`` passes).
 The NumPy :func:`gpureg.core.solver.levenberg_marquardt` is the reference it mirrors step for
-step (``tests/test_gpu_solver.py``).
+step (``tests/core/test_gpu_solver.py``).
 
 Importing this module needs neither CuPy nor a GPU.
 """

@@ -221,7 +221,7 @@ def register_particles(fixed, moving, labels=None, *, device: str = "auto", bina
     scale that belong to neither. On the 64^3 two-particle phantom (binarized,
     particle 2 turned 4 degrees and shifted 3 voxels relative to particle 1)
     independent affines leave about 0.3 voxel on the small particle; the
-    shared-affine + rigid model about 0.1 (tests/test_particles.py).
+    shared-affine + rigid model about 0.1 (tests/register/test_particles.py).
     """
     t0 = time.perf_counter()
     if particle_model not in PARTICLE_MODELS:

@@ -21,7 +21,7 @@ from gpureg.io.detect import describe_input, format_description
 from gpureg.io.xradia import image_stream
 from gpureg.synth.scan import simulate
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: cfb_writer
 from cfb_writer import write_cfb
 
 SIZE, N_ANGLES = 24, 25
@@ -302,7 +302,7 @@ def test_cli_info_describes_an_input(scan, tmp_path):
     import subprocess
 
     folder = _write_txrm(tmp_path / "txrm", scan["a"])
-    env_path = str(Path(__file__).resolve().parents[1])
+    env_path = str(Path(__file__).resolve().parents[2])
     cmd = [sys.executable, "-m", "gpureg", "info", str(folder)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=env_path, check=False)
     assert r.returncode == 0, r.stderr

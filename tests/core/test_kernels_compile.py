@@ -36,7 +36,7 @@ from gpureg.synth.phantom import two_particle_phantom
 
 import cuda_emu
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 SOURCES = sorted(p.name for p in KERNELS.glob("*.cu"))
 ARCHS = ("sm_90", "sm_80")
 NVCC = shutil.which("nvcc")

@@ -30,7 +30,7 @@ from gpureg import register as reg
 from gpureg.core import transform as tf
 from gpureg.synth.phantom import two_particle_phantom
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 HARNESS = r"""
 #include "voxel_math.cuh"

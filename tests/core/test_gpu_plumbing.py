@@ -16,7 +16,7 @@ import gpureg
 from gpureg import xanes
 from gpureg.core import cuda
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_white_line_is_nan_where_no_energy_is_a_candidate(xp):

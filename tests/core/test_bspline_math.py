@@ -27,7 +27,7 @@ from gpureg.register.ffd_level import LevelObjective, level_positions
 from gpureg.register.prepare import pyramid
 from gpureg.synth.phantom import two_particle_phantom
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 HARNESS = r"""
 #include "bspline_math.cuh"

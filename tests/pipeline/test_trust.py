@@ -19,7 +19,7 @@ from gpureg.io import write_dataexchange
 from gpureg.pipeline import run
 
 ENERGIES = [6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
