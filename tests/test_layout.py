@@ -55,3 +55,13 @@ def test_import_gpureg_is_light():
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"import gpureg pulled in: {out.stdout.strip()}"
+
+
+def test_every_subpackage_is_in_the_wheel():
+    # setuptools gets an explicit package list (gpureg.kernels comes from kernels/): a subpackage missing
+    # there installs without it, and `pip install .` then fails on import while a source checkout works.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
