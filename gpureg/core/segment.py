@@ -6,7 +6,7 @@ import numpy as np
 
 from .backend import array_device, ndimage_of, to_host, xp_of
 
-__all__ = ["binarize", "DENOISE", "denoise", "otsu_threshold", "particle_labels"]
+__all__ = ["binarize", "DENOISE", "denoise", "otsu_threshold", "partial_volume", "particle_labels"]
 
 DENOISE = (None, "median", "gaussian")
 
@@ -64,8 +64,12 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
 
 
 def binarize(volume, *, threshold: float | None = None, denoise: str | None = None, size: float = 3,
-             fraction: float | None = None, fraction_tol: float = 0.05):
+             fraction: float | None = None, fraction_tol: float = 0.05, ramp: float = 0.0):
     """Binary (0/1 float32) volume, foreground ``volume > threshold`` (Otsu by default).
+
+    With ``ramp > 0`` the result is the partial-volume version of that binary
+    volume (:func:`partial_volume`): 0/1 away from the threshold surface, a
+    ramp of ``ramp`` voxels across it.
 
     Parameters
     ----------
@@ -88,11 +92,14 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
         reference's fraction keeps it (demo data: worst energy 0.75 -> 0.24 voxel).
     fraction_tol : float
         Relative tolerance on the fraction before the quantile is used.
+    ramp : float
+        0: hard 0/1 binarization. > 0: width (voxels) of the partial-volume
+        ramp across the threshold surface (:func:`partial_volume`).
 
     Returns
     -------
     (Z, Y, X) ndarray of float32
-        1 for foreground, 0 for background.
+        1 for foreground, 0 for background (values in [0, 1] with ``ramp``).
     """
     xp = xp_of(volume)
     v = _denoise(xp.asarray(volume, dtype=xp.float32), denoise, size=size)
@@ -105,7 +112,57 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
     out = (v > t).astype(xp.float32)
     if not bool(out.any()):
         raise ValueError(f"binarization at threshold {t:g} leaves no foreground voxel (empty mask)")
+    if ramp > 0:
+        return partial_volume(v, t, ramp=ramp)
     return out
+
+
+def partial_volume(volume, threshold: float, *, ramp: float = 3.0, sigma: float = 0.7):
+    """Partial-volume binarization: a ramp of ``ramp`` voxels across the surface ``volume = threshold``.
+
+    The signed distance (voxels) of each voxel to the threshold surface is
+    estimated to first order, ``d = (v - t) / |grad G v|`` (gradient of the
+    volume smoothed by a Gaussian of ``sigma`` voxels), and mapped to
+    ``clip(0.5 + d / ramp, 0, 1)``. Away from the surface (``|d| >= ramp / 2``)
+    this is the hard binarization ``v > t``; across it, a linear ramp whose
+    position follows the surface's sub-voxel position. The distance is
+    invariant to ``v -> a v + b`` (with the threshold moved alike), so like
+    the hard binarization it ignores contrast changes across the absorption
+    edge, but it no longer quantises the surface to the grid: on the
+    two-particle phantom at 64^3, pure sub-voxel translations registered
+    binarized err 0.04-0.17 voxel hard, 0.01-0.04 with this ramp (3 voxels;
+    1 voxel: up to 0.18, 2 voxels: up to 0.05, 4 voxels: up to 0.06).
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) ndarray
+        NumPy or CuPy (the result stays on the same device).
+    threshold : float
+        The surface's grey level (Otsu's, or the matched-fraction quantile).
+    ramp : float
+        Width of the transition, voxels (> 0).
+    sigma : float
+        Gaussian sigma (voxels) of the derivative filter (0: central
+        differences). Measured: 0.7 beats 1.0 noise-free (0.028 vs 0.036-0.040 voxel)
+        and equals it under noise.
+
+    Returns
+    -------
+    (Z, Y, X) ndarray of float32
+        Values in [0, 1]: 1 inside (``v > t``), 0 outside.
+    """
+    if not ramp > 0:
+        raise ValueError(f"ramp must be a width > 0 voxels, got {ramp!r}")
+    xp, nd = xp_of(volume), ndimage_of(volume)
+    v = xp.asarray(volume, dtype=xp.float32)
+    if sigma > 0:
+        grad = [nd.gaussian_filter(v, sigma=sigma, order=tuple(int(i == a) for i in range(3))) for a in range(3)]
+    else:
+        grad = xp.gradient(v)
+    norm = xp.sqrt(grad[0] * grad[0] + grad[1] * grad[1] + grad[2] * grad[2])
+    floor = 1e-6 * max(float(v.max() - v.min()), 1e-30)  # flat regions: the sign of v - t decides
+    d = (v - xp.float32(threshold)) / xp.maximum(norm, xp.float32(floor))
+    return xp.clip(0.5 + d / xp.float32(ramp), 0.0, 1.0).astype(xp.float32)
 
 
 _denoise = denoise  # the module-level name is shadowed by binarize's keyword

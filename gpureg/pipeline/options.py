@@ -213,7 +213,7 @@ class RunOptions:
 
     def replace(self, **changes) -> RunOptions:
         """A copy with some settings changed (``prep`` settings may be given by name: ``binarize=False``)."""
-        prep = {k: changes.pop(k) for k in ("binarize", "denoise", "smooth") if k in changes}
+        prep = {k: changes.pop(k) for k in ("binarize", "denoise", "smooth", "ramp") if k in changes}
         if prep:
             changes["prep"] = dataclasses.replace(changes.get("prep", self.prep), **prep)
         return dataclasses.replace(self, **changes)

@@ -29,8 +29,25 @@ __all__ = ["center_of_mass", "foreground_fraction", "Prep", "prepare_reference",
 class Prep:
     """How volumes are prepared for registration: one frozen object for a whole series.
 
-    Order: optional ``denoise``, then (with ``binarize``) Otsu binarization,
+    Order: optional ``denoise``, then (with ``binarize``) Otsu binarization
+    with a partial-volume ramp of ``ramp`` voxels across the threshold surface,
     then Gaussian smoothing of sigma ``smooth`` voxels (0: none).
+
+    Why the ramp (issue 13): a hard 0/1 volume quantises every surface to the
+    grid, so the MSE minimum of two binarized volumes lies off the truth by
+    the difference of their staircases, and the 12 affine parameters absorb
+    it. The ramp is the clipped signed distance to the threshold surface
+    (:func:`gpureg.core.segment.partial_volume`): as insensitive to the
+    contrast change across the edge as the hard binarization (it is invariant
+    to ``v -> a v + b``), but it keeps the surface's sub-voxel position.
+    Measured on the CPU, two-particle phantoms at 64^3 (edge 1 voxel), worst
+    mean displacement error, hard -> ramp 3 voxels: random affines (3 seeds)
+    noise-free 0.080 -> 0.03, salt-and-pepper 10 % (median) 0.116 -> 0.08,
+    30 % 0.104 -> 0.09; pure sub-voxel shifts 0.17 -> 0.03 (64^3) and
+    0.19 -> 0.08 (32^3). Noise: the 3x3x3 median stays the remedy for
+    salt-and-pepper noise; cheaper filters measured instead (separable 3-tap
+    median, 20-45x faster on the CPU; 7-point cross median, 5x) leave enough
+    impulses to bias the ramp (30 %: 0.32-0.42 voxel).
 
     Attributes
     ----------
@@ -40,6 +57,10 @@ class Prep:
         Filter applied first (median 3 voxels wide, or Gaussian sigma 1).
     smooth : float
         Gaussian sigma (voxels) applied last.
+    ramp : float
+        Width (voxels) of the partial-volume ramp of the binarization
+        (:func:`gpureg.core.segment.partial_volume`); 0: hard 0/1 Otsu
+        binarization (the behaviour before issue 13). Ignored for grey levels.
     fraction : float, optional
         The reference's Otsu foreground fraction. Across an absorption edge, an
         energy whose Otsu fraction differs from it by more than 5 % is thresholded
@@ -50,6 +71,7 @@ class Prep:
     binarize: bool = True
     denoise: str | None = None
     smooth: float = 1.0
+    ramp: float = 3.0
     fraction: float | None = None
 
     def __post_init__(self):
@@ -63,6 +85,9 @@ class Prep:
         if not (np.isfinite(self.smooth) and float(self.smooth) >= 0):
             raise ValueError(f"smooth must be a finite sigma >= 0 voxels, got {self.smooth!r}")
         object.__setattr__(self, "smooth", float(self.smooth))
+        if not (np.isfinite(self.ramp) and float(self.ramp) >= 0):
+            raise ValueError(f"ramp must be a finite width >= 0 voxels, got {self.ramp!r}")
+        object.__setattr__(self, "ramp", float(self.ramp))
         if self.fraction is not None and not 0 < float(self.fraction) < 1:
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction!r}")
 
@@ -122,7 +147,10 @@ def prepare_reference(volume, device: str, prep: Prep, *, name: str = "reference
         raise ValueError(f"{name}: {exc}") from None
     host_mask = to_host(mask)
     prep = dataclasses.replace(prep, fraction=float(host_mask.mean()) if prep.binarize else None)
-    v = mask if prep.binarize else v
+    if prep.binarize and prep.ramp > 0:
+        v = _binarize(v, fraction=prep.fraction, ramp=prep.ramp)  # the Otsu threshold again: the same surface
+    else:
+        v = mask if prep.binarize else v
     if prep.smooth > 0:
         v = ndimage_of(v).gaussian_filter(v, sigma=prep.smooth)
     return PreparedReference(volume=v, prep=prep, mask=host_mask > 0.5)
@@ -138,7 +166,7 @@ def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str =
     device : {"auto", "cpu", "gpu"}
         Where the result lives.
     prep : Prep, optional
-        Denoise / binarize / smooth settings (for a series: the ``prep`` of
+        Denoise / binarize (ramp) / smooth settings (for a series: the ``prep`` of
         :func:`prepare_reference`, which carries the reference's fraction).
     name : str
         Names the volume in error messages.
@@ -157,7 +185,7 @@ def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str =
     v = denoise_volume(v, prep.denoise)
     if prep.binarize:
         try:
-            v = _binarize(v, fraction=prep.fraction)
+            v = _binarize(v, fraction=prep.fraction, ramp=prep.ramp)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     if prep.smooth > 0:

@@ -80,7 +80,8 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
         raise ValueError(f"need one energy per volume: {len(volumes)} volumes, energies of shape {energies.shape}")
     ref = reference_index(energies, reference)
     dev = resolve_device(device)
-    prep = {"binarize": binarize, "denoise": options.pop("denoise", None), "smooth": options.pop("smooth", 1.0)}
+    prep = {"binarize": binarize, "denoise": options.pop("denoise", None), "smooth": options.pop("smooth", 1.0),
+            "ramp": options.pop("ramp", 3.0)}
     order = registration_order(energies, ref)
     # On the GPU only the reference, the current and the next volume are on the device: the next
     # one is read and copied host->device on a side stream (core.prefetch.HostToDevicePrefetcher) while the

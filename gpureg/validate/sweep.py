@@ -107,6 +107,7 @@ class ValidationResult:
 
 def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distortions=DISTORTIONS,
                    magnitudes=None, noise=NOISE_LEVELS, modes=MODES, sitk: bool | None = None,
+                   elastix: bool | None = False,
                    denoise: str | None = "auto", smooth: float = 1.0, edge_width: float = 1.0, seed: int = 0,
                    figures: bool = True, deformable: bool = False, progress=None) -> ValidationResult:
     """Run the validation sweep and (with ``outdir``) write its table, summary and figures.
@@ -132,6 +133,10 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     sitk : bool, optional
         Also run SimpleITK; None: when it is installed. True without
         SimpleITK is an error.
+    elastix : bool, optional
+        Also run elastix (:func:`gpureg.validate.elastix.register_elastix`:
+        mean squares on 2048 random samples per iteration) on the same
+        prepared arrays; None: when itk-elastix is installed; default False.
     denoise : {"auto", "median", None, "gaussian"}
         Filter applied to both volumes before registering (both methods);
         ``"auto"``: median on the noisy cases, none at noise 0.
@@ -194,6 +199,13 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
         raise RuntimeError("SimpleITK is not installed; install the bench extra (pip install 'gpureg[bench]') "
                            "or run without the SimpleITK comparison")
     use_sitk = have_sitk if sitk is None else bool(sitk)
+    from .elastix import elastix_available, register_elastix
+
+    have_elastix = elastix_available() if elastix is not False else False
+    if elastix and not have_elastix:
+        raise RuntimeError("itk-elastix is not installed; install the bench extra (pip install 'gpureg[bench]') "
+                           "or run without the elastix comparison")
+    use_elastix = have_elastix if elastix is None else bool(elastix)
     dev = resolve_device(device)
     out = None
     if outdir is not None:
@@ -208,7 +220,7 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
         "size": size, "device": dev, "distortions": list(distortions), "magnitudes": {d: list(v) for d, v in mags.items()},
         "magnitude_units": {d: MAGNITUDE_UNITS[d] for d in distortions}, "noise": list(noise), "modes": list(modes),
         "denoise": denoise, "smooth_sigma": smooth, "edge_width": edge_width, "seed": seed,
-        "simpleitk": use_sitk, "gpureg_version": __version__, **_environment(dev, use_sitk),
+        "simpleitk": use_sitk, "elastix": use_elastix, "gpureg_version": __version__, **_environment(dev, use_sitk),
     }
     if dev == "gpu":  # compile kernels and warm the memory pool outside the timings
         warm = prepare_volume(fixed_clean, dev, binarize=True)
@@ -242,6 +254,8 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
                         methods.append(("SimpleITK", "cpu", lambda a=a, b=b: _run_sitk(register_sitk, a, b)))
                     if deformable and dist == "deformation":
                         methods.append(("gpureg deformable", dev, lambda a=a, b=b: _run_deformable(a, b)))
+                    if use_elastix:
+                        methods.append(("elastix", "cpu", lambda a=a, b=b: _run_sitk(register_elastix, a, b)))
                     case_rows = []
                     for method, where, fn in methods:
                         row, matrix = _evaluate(fn, {**case, "method": method, "device": where}, points, true_points,
