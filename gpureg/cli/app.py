@@ -38,7 +38,7 @@ def device_opt():
 DeviceOpt = device_opt()
 ReferenceOpt = typer.Option("highest", "--reference", help="Reference energy: highest | lowest | energy in eV.")
 RawOpt = flag(False, "--raw", help="Register grey levels instead of Otsu-binarized tomograms.")
-DenoiseOpt = typer.Option(None, "--denoise", help="Filter before binarizing/registering (median: salt-and-pepper).")
+DenoiseOpt = typer.Option(None, "--denoise", help="Filter before binarizing/registering (impulse or median: salt-and-pepper).")
 SmoothOpt = typer.Option(1.0, "--smooth", help="Gaussian sigma (voxels) applied to both volumes before "
                                                "registering (0: none).")
 ModelOpt = typer.Option(Model.affine, "--model", help="Registration model.")

@@ -6,9 +6,9 @@ import numpy as np
 
 from .backend import array_device, ndimage_of, to_host, xp_of
 
-__all__ = ["binarize", "DENOISE", "denoise", "otsu_threshold", "partial_volume", "particle_labels"]
+__all__ = ["binarize", "DENOISE", "denoise", "otsu_threshold", "partial_volume", "particle_labels", "remove_impulses"]
 
-DENOISE = (None, "median", "gaussian")
+DENOISE = (None, "median", "gaussian", "impulse")
 
 
 def otsu_threshold(volume, *, bins: int = 256) -> float:
@@ -51,7 +51,9 @@ def otsu_threshold(volume, *, bins: int = 256) -> float:
 
 def denoise(volume, method: str | None = "median", *, size: float = 3):
     """Filter a volume (same device): ``"median"`` (``size`` voxels wide, removes
-    salt-and-pepper noise), ``"gaussian"`` (sigma ``size / 3``) or ``None`` (unchanged).
+    salt-and-pepper noise), ``"impulse"`` (:func:`remove_impulses`: only the
+    saturated voxels of salt-and-pepper noise are replaced, ``size`` voxels wide),
+    ``"gaussian"`` (sigma ``size / 3``) or ``None`` (unchanged).
     """
     if method not in DENOISE:
         raise ValueError(f"denoise must be one of {DENOISE}, got {method!r}")
@@ -60,7 +62,53 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
     nd = ndimage_of(volume)
     if method == "median":
         return nd.median_filter(volume, size=int(size))
+    if method == "impulse":
+        return remove_impulses(volume, size=int(size))
     return nd.gaussian_filter(volume, sigma=size / 3.0)
+
+
+def remove_impulses(volume, *, size: int = 3):
+    """Replace the saturated voxels of salt-and-pepper noise; leave every other voxel as it is.
+
+    Salt-and-pepper noise sets voxels to the volume's extreme values. Each
+    voxel at the minimum or the maximum takes the mean of the other voxels of
+    its ``size``-wide cube that are not at an extreme; when there is none, the
+    majority extreme of the cube (then its median). Box filters only (fast on
+    CPU and GPU, 2x3 separable passes).
+
+    Why not the median (issue 13): a 3x3x3 median erodes convex particles
+    (curvature flow), and noise strengthens the erosion, so a noisy and a
+    clean copy of one volume no longer match: registering them (truth:
+    identity) gave a scale of 0.991 and 0.05 voxel (10 %) / 0.13 voxel (30 %)
+    binarized, against 1.000 and 0.00 / 0.01 voxel with this filter, which is
+    also about 3x faster on the CPU (128^3: 1.2 s against 3.9 s for SciPy's
+    median, 2-core CPU, loaded). It only targets saturated (min/max) voxels:
+    for impulses at other values use ``"median"``.
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) ndarray
+        NumPy or CuPy (the result stays on the same device).
+    size : int
+        Edge of the neighbourhood cube, voxels.
+
+    Returns
+    -------
+    (Z, Y, X) ndarray of float32
+    """
+    xp, nd = xp_of(volume), ndimage_of(volume)
+    v = xp.asarray(volume, dtype=xp.float32)
+    lo, hi = v.min(), v.max()
+    at_lo, at_hi = v <= lo, v >= hi
+    good = (~(at_lo | at_hi)).astype(xp.float32)
+    box = dict(size=int(size), mode="constant", cval=0.0)
+    weight = nd.uniform_filter(good, **box)
+    mean = nd.uniform_filter(v * good, **box) / xp.maximum(weight, xp.float32(1e-30))
+    majority = xp.where(nd.uniform_filter(at_lo.astype(xp.float32), **box)
+                        >= nd.uniform_filter(at_hi.astype(xp.float32), **box), lo, hi)
+    # weight is a multiple of 1 / size^3 up to rounding: > half of that means a non-extreme neighbour exists.
+    fill = xp.where(weight > 0.5 / int(size) ** 3, mean, majority)
+    return xp.where(good > 0, v, fill).astype(xp.float32)
 
 
 def binarize(volume, *, threshold: float | None = None, denoise: str | None = None, size: float = 3,

@@ -43,10 +43,12 @@ class Model(str, enum.Enum):
 
 
 class Denoise(str, enum.Enum):
-    """Filter before binarizing/registering: 3-voxel median (salt-and-pepper noise) or Gaussian (sigma 1)."""
+    """Filter before binarizing/registering: 3-voxel median (salt-and-pepper noise), impulse (only the
+    saturated salt-and-pepper voxels replaced; faster and unbiased) or Gaussian (sigma 1)."""
 
     median = "median"
     gaussian = "gaussian"
+    impulse = "impulse"
 
 
 class EdgeMethod(str, enum.Enum):

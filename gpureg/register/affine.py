@@ -87,9 +87,11 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
         Restrict the metric to these reference voxels.
     model : {"affine", "translation"}
         Free parameters: all 12, or the 3 shifts only.
-    denoise : {None, "median", "gaussian"}
-        Filter both volumes first (before binarization when that is asked);
-        ``"median"`` removes salt-and-pepper noise.
+    denoise : {None, "impulse", "median", "gaussian"}
+        Filter both volumes first (before binarization when that is asked).
+        For salt-and-pepper noise ``"impulse"`` (only the saturated voxels
+        replaced: unbiased, measured 0.09 -> 0.04 voxel at 10 % binarized)
+        rather than ``"median"`` (erodes the particles the more the noisier).
     smooth : float
         Gaussian sigma (voxels) applied to both volumes (after binarization)
         before registering; 0 = off. The MSE of two binary volumes is nearly

@@ -116,7 +116,7 @@ def _markdown(result):
            if s["simpleitk"] else "; SimpleITK not run") + f"; gpureg {s['gpureg_version']}.",
         "",
         "Every case: salt-and-pepper noise, then both volumes filtered ("
-        + ("3-voxel median on the noisy cases, none at 0 %" if s["denoise"] == "auto" else str(s["denoise"] or "no filter"))
+        + ("saturated voxels replaced (impulse filter) on the noisy cases, none at 0 %" if s["denoise"] == "auto" else str(s["denoise"] or "no filter"))
         + "), in `binarized` mode Otsu-binarized, then smoothed (Gaussian sigma "
         + f"{s['smooth_sigma']:g} voxel, gpureg's default, both modes); gpureg and SimpleITK register those "
         "same arrays (times exclude this common preparation). Error: mean distance (voxels) between the "

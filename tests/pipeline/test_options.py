@@ -80,7 +80,7 @@ def test_run_options_round_trip_json_and_pickle():
                       report=False)
     assert opts.model is Model.translation and opts.edge is EdgeMethod.derivative and opts.reference == 6550.0
     doc = json.loads(opts.to_json())
-    assert doc["prep"] == {"binarize": False, "denoise": "median", "smooth": 0.5, "fraction": None}
+    assert doc["prep"] == {"binarize": False, "denoise": "median", "smooth": 0.5, "ramp": 3.0, "fraction": None}
     assert doc["model"] == "translation" and doc["center"] == "auto" and doc["filter"] == "hann"
     assert RunOptions.from_json(opts.to_json()) == opts
     assert pickle.loads(pickle.dumps(opts)) == opts  # what Dask does to reach its workers
@@ -126,7 +126,7 @@ def test_result_parameters_record_the_options(recon_series, tmp_path):
     res = run(path, tmp_path / "o.h5", opts)
     with h5py.File(res.output) as h5:
         params = json.loads(h5.attrs["parameters"])
-    assert params["prep"] == {"binarize": False, "denoise": None, "smooth": 0.5, "fraction": None}
+    assert params["prep"] == {"binarize": False, "denoise": None, "smooth": 0.5, "ramp": 3.0, "fraction": None}
     assert params["edge"] == "derivative" and params["device"] == "cpu" and params["fbp_device"] == "cpu"
     assert "report" not in params and "scheduler" not in params  # they do not change the result: resume anyway
 
