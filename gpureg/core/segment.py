@@ -101,7 +101,7 @@ def remove_impulses(volume, *, size: int = 3):
     lo, hi = v.min(), v.max()
     at_lo, at_hi = v <= lo, v >= hi
     good = (~(at_lo | at_hi)).astype(xp.float32)
-    box = dict(size=int(size), mode="constant", cval=0.0)
+    box = {"size": int(size), "mode": "constant", "cval": 0.0}
     weight = nd.uniform_filter(good, **box)
     mean = nd.uniform_filter(v * good, **box) / xp.maximum(weight, xp.float32(1e-30))
     majority = xp.where(nd.uniform_filter(at_lo.astype(xp.float32), **box)
