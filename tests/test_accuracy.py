@@ -10,9 +10,9 @@ the moving volume (:func:`gpureg.validate.salt_and_pepper`), removed by
 Tolerances are the issue's: 0.05 voxel noise-free, 0.10 at 10 %, 0.20 at 30 %
 (random affines at 64^3); pure sub-voxel shifts binarized 0.05 voxel at 64^3 and
 0.15 at 32^3. Measured with this code (2-core CPU, 3 seeds): worst 0.028 / 0.037 /
-0.045 voxel binarized, 0.013 / 0.031 / 0.084 raw, shifts 0.02 (64^3) and 0.08
-(32^3); on main (hard binarization, median filter) 0.080 / 0.116 / 0.104 binarized
-and 0.17 / 0.19 for the shifts. Two seeds and three shifts per size keep the file
+0.045 voxel binarized, 0.013 / 0.031 / 0.084 raw, 6 shifts 0.04 (64^3) and 0.08
+(32^3); before issue 13 (hard binarization, median filter) 0.080 / 0.116 / 0.104
+binarized and 0.22 / 0.19 for the shifts. Two seeds and three shifts per size keep the file
 short; ``bench/accuracy.py`` runs the wider sweep.
 """
 

@@ -43,7 +43,7 @@ class Prep:
     Measured on the CPU, two-particle phantoms at 64^3 (edge 1 voxel), worst
     mean displacement error over 3 seeds of random affines, binarized, hard ->
     ramp 3 voxels: noise-free 0.080 -> 0.028 voxel; pure sub-voxel shifts
-    0.17 -> 0.02 (64^3) and 0.19 -> 0.08 (32^3).
+    (6 per size) 0.22 -> 0.04 (64^3) and 0.19 -> 0.08 (32^3) (bench/accuracy.py).
 
     Noise: ``denoise="impulse"`` (:func:`gpureg.core.segment.remove_impulses`)
     replaces only the saturated voxels of salt-and-pepper noise. The 3x3x3
