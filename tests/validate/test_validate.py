@@ -1,13 +1,14 @@
 """Validation suite: a reduced sweep at 32^3 on the CPU, its ground truth, reports and CLI.
 
 Tolerances. At 32^3 the particles are about 5 voxels in radius. Raw grey
-registration (3-voxel median on the noisy cases, then gpureg's Gaussian sigma 1)
-recovers translation, rotation and scale within 0.2 voxel up to 10 %
-salt-and-pepper noise (measured 0.02-0.09). Binarized registration is limited by the binarization itself (a
-binary mask of a sub-voxel-shifted particle is not the shifted mask): measured
-0.08-0.25 voxel clean and 0.25-0.55 at 10 % noise at this size (0.03-0.2 at
-64^3, see bench/results/validation/), so binarized cases are held to sub-voxel
-(< 0.75) accuracy and a lower MSE than before registration.
+registration (saturated voxels replaced on the noisy cases, ``denoise="impulse"``,
+then gpureg's Gaussian sigma 1) recovers translation, rotation and scale within
+0.1 voxel up to 10 % salt-and-pepper noise (measured 0.02-0.03; 0.02-0.09 with
+the median filter used before issue 13, when the bound was 0.2). Binarized
+registration (partial-volume ramp, issue 13) measured 0.05-0.26 voxel at 10 %
+and 0.06-0.32 at 30 % noise at this size (0.25-0.55 with the hard binarization
+and the median; 64^3: bench/results/validation-cpu-*.json), so binarized cases
+are held to 0.5 voxel (was 0.75) and a lower MSE than before registration.
 """
 
 import csv
@@ -55,14 +56,14 @@ def test_no_case_crashes(raw_sweep, binarized_sweep):
 
 
 @pytest.mark.parametrize("distortion", AFFINE)
-def test_affine_distortions_recovered_within_0p2_voxel(raw_sweep, distortion):
+def test_affine_distortions_recovered_within_0p1_voxel(raw_sweep, distortion):
     rows = raw_sweep.select(distortion=distortion)
     assert {r["noise"] for r in rows} == {0.0, 0.10}
     for r in rows:
-        assert r["error_vox"] < 0.2, r
+        assert r["error_vox"] < 0.1, r
         assert r["mse_after"] < 0.5 * r["mse_before"], r
         assert r["mse_clean_after"] < 0.5 * r["mse_clean_before"], r
-        assert r["filter"] == ("median" if r["noise"] > 0 else "none")
+        assert r["filter"] == ("impulse" if r["noise"] > 0 else "none")
 
 
 def test_error_grows_with_deformation_amplitude(raw_sweep):
@@ -84,7 +85,7 @@ def test_error_grows_with_deformation_amplitude(raw_sweep):
 
 def test_binarized_subvoxel_under_noise(binarized_sweep):
     for r in binarized_sweep.rows:
-        assert r["error_vox"] < 0.75, r
+        assert r["error_vox"] < 0.5, r
         assert r["mse_after"] < r["mse_before"], r
 
 
