@@ -1,6 +1,6 @@
 """Sub-voxel accuracy sweep (issue 13): hard vs partial-volume binarization, and grey levels.
 
-The wider version of tests/test_accuracy.py: random affines (rotation <= 5 deg,
+The wider version of tests/register/test_accuracy.py: random affines (rotation <= 5 deg,
 scale 0.95-1.05, shear <= 0.03, shift <= 6 % of the size) of the two-particle
 phantom (edge 1 voxel) over several phantom seeds, salt-and-pepper noise in
 the moving volume (removed by ``--denoise``, default ``impulse``), binarized with each
@@ -32,7 +32,7 @@ from gpureg.validate import salt_and_pepper  # noqa: E402
 
 
 def random_affine(rng, n):
-    """The random affine of tests/test_accuracy.py."""
+    """The random affine of tests/register/test_accuracy.py."""
     c = tf.grid_center((n,) * 3)
     m = tf.rotation_matrix(rng.uniform(-5, 5), rng.normal(size=3), c)
     s = np.diag(np.r_[rng.uniform(0.95, 1.05, 3), 1.0])
