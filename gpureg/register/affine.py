@@ -104,9 +104,9 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
         Otsu surface (:func:`gpureg.core.segment.partial_volume`, the clipped
         signed distance to the surface, contrast-invariant like the hard
         binarization); 0 = hard 0/1. Smoothing alone cannot undo the grid
-        quantisation of a hard binarization: measured at 64^3 (CPU, tests/
-        register/test_accuracy.py, bench/accuracy.py), pure sub-voxel shifts 0.22 -> 0.04
-        voxel, random affines 0.08 -> 0.03 voxel noise-free.
+        quantisation of a hard binarization: measured at 64^3 (CPU,
+        tests/register/test_accuracy.py, bench/accuracy.py), pure sub-voxel
+        shifts 0.22 -> 0.04 voxel, random affines 0.08 -> 0.03 voxel noise-free.
     min_size : int
         The pyramid halves the grid while the smallest axis stays >= this.
     max_iter : int
