@@ -12,9 +12,11 @@ import os
 
 import numpy as np
 
-__all__ = ["array_device", "cupy_or_none", "cupy_probe", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
+__all__ = ["array_device", "cpu_engine", "CPU_ENGINES", "cupy_or_none", "cupy_probe", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
 
 DEVICES = ("auto", "cpu", "gpu")
+
+CPU_ENGINES = ("numba", "numpy")
 
 
 _log = logging.getLogger("gpureg")
@@ -143,6 +145,30 @@ def to_host(array):
     return np.asarray(array)
 
 
+def cpu_engine() -> str:
+    """Implementation of the CPU kernels: ``"numba"`` (compiled, multithreaded) or ``"numpy"``.
+
+    ``"numba"`` unless the environment variable ``GPUREG_CPU_BACKEND=numpy``
+    selects the pure NumPy/SciPy reference (readable, single-threaded, what
+    the tests compare the compiled kernels against), or numba is not installed
+    (then NumPy, logged once). Read at every call, so it can be switched at run time.
+    """
+    name = os.environ.get("GPUREG_CPU_BACKEND", "").strip().lower() or "numba"
+    if name not in CPU_ENGINES:
+        raise ValueError(f"GPUREG_CPU_BACKEND must be one of {CPU_ENGINES}, got {name!r}")
+    if name == "numba" and not _numba_installed():
+        _note_once("gpureg: numba is not installed; the CPU runs the NumPy reference kernels (slower)")
+        return "numpy"
+    return name
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
 @functools.lru_cache(maxsize=1)
 def _cupy_probe():
     if os.environ.get("GPUREG_DISABLE_GPU", "") not in ("", "0"):
@@ -163,3 +189,8 @@ def _cupy_probe():
 @functools.lru_cache(maxsize=None)
 def _note_fallback(why: str) -> None:
     _log.info("gpureg: no usable GPU (%s); running on the CPU", why)
+
+
+@functools.lru_cache(maxsize=None)
+def _note_once(message: str) -> None:
+    _log.info(message)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_device
+from .backend import array_device, cpu_engine
 from .terms import MetricTerms
 
 __all__ = ["cell_support", "mse_terms", "trilinear_sample", "voxel_jacobian"]
@@ -51,7 +51,10 @@ def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = 
     Returns
     -------
     MetricTerms
-        Float64 sums on the host. Runs on the GPU when ``fixed`` is a CuPy array.
+        Float64 sums on the host. Runs on the GPU when ``fixed`` is a CuPy array;
+        on the CPU as compiled numba kernels (:mod:`gpureg.core.cpu_kernels`), or
+        as the NumPy reference below when ``GPUREG_CPU_BACKEND=numpy``
+        (:func:`gpureg.core.backend.cpu_engine`).
     """
     m = np.asarray(matrix, dtype=np.float64)
     c = (np.asarray(fixed.shape, dtype=np.float64) - 1) / 2 if center is None else np.asarray(center, dtype=np.float64)
@@ -59,12 +62,21 @@ def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = 
         from . import cuda
 
         return cuda.mse_terms(fixed, moving, m, c, mask=mask, hessian=hessian)
+    if cpu_engine() == "numba":
+        from . import cpu_kernels
+
+        msk = None if mask is None else np.asarray(mask) > 0.5
+        return cpu_kernels.mse_terms(fixed, moving, m, c, mask=msk, hessian=hessian, support=support)
     return _mse_terms_cpu(fixed, moving, m, c, mask, hessian, support)
 
 
 def cell_support(moving) -> np.ndarray:
     """``out[i, j, k]`` is True when any corner of the trilinear cell with lower
     corner ``(i, j, k)`` (voxels ``i..i+1, j..j+1, k..k+1``) is non-zero."""
+    if cpu_engine() == "numba":
+        from . import cpu_kernels
+
+        return cpu_kernels.cell_support(moving)
     from scipy import ndimage
 
     nz = np.asarray(moving) != 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_device, resolve_device, to_device
+from .backend import array_device, cpu_engine, resolve_device, to_device
 
 __all__ = ["apply_affine", "compose", "displacement_error", "grid_center", "identity", "invert", "matrix_from_params", "params_from_matrix", "rotation_matrix", "scale_matrix"]
 
@@ -182,6 +182,10 @@ def apply_affine(volume, matrix, *, order: int = 1, cval: float = 0.0, output_sh
 
 
 def _resample_cpu(volume, matrix, out_shape, order, cval):
+    if order == 1 and min(volume.shape) >= 2 and cpu_engine() == "numba":
+        from . import cpu_kernels
+
+        return cpu_kernels.resample_affine(volume, matrix, out_shape, cval=cval)
     from scipy import ndimage
 
     # mode="constant": no interpolation beyond the edges, i.e. a sample is

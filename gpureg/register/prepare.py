@@ -13,6 +13,7 @@ import numpy as np
 from ..core import transform as tf
 from ..core.backend import (
     array_device,
+    cpu_engine,
     ndimage_of,
     to_device,
     to_host,
@@ -211,6 +212,10 @@ def center_of_mass(volume) -> np.ndarray:
         from ..core import cuda
 
         return cuda.center_of_mass(volume)  # exact radix-select median + one moments pass, no sort
+    if cpu_engine() == "numba":
+        from ..core import cpu_kernels
+
+        return cpu_kernels.center_of_mass(volume)
     xp = xp_of(volume)
     w = xp.maximum(volume - xp.median(volume), 0)
     total = float(w.sum())
@@ -248,6 +253,10 @@ def downsample2(v):
         from ..core import cuda
 
         return cuda.downsample2(v)
+    if cpu_engine() == "numba" and v.dtype == np.float32 and v.ndim == 3:
+        from ..core import cpu_kernels
+
+        return cpu_kernels.downsample2(v)
     nz, ny, nx = (n // 2 for n in v.shape)
     c = v[: 2 * nz, : 2 * ny, : 2 * nx]
     return c.reshape(nz, 2, ny, 2, nx, 2).mean(axis=(1, 3, 5), dtype=c.dtype)

@@ -1,0 +1,329 @@
+"""Compiled CPU kernels (numba): the fused MSE pass, trilinear resampling, cell support, pyramid, moments.
+
+The CPU twin of ``kernels/affine.cu`` / ``kernels/volume.cu``: the same
+per-voxel arithmetic as ``kernels/voxel_math.cuh`` (``q = p + u`` with
+``u = D (p - c) + t`` in float32, the cell and out-of-bounds rule of
+``cell_1d``, interpolation along x, then y, then z), one reference row per
+task, the 26 row sums of ``accumulate_voxel`` per row (float64 here instead
+of the header's float32) folded per row with the monomials
+``1, z', y', z'^2, z'y', y'^2`` (``combine_row``) into per-plane sums, so
+:func:`gpureg.core.cuda.unpack_terms` assembles both backends' results.
+Planes are summed in a fixed order, so a pass is deterministic for any
+thread count.
+
+numba is imported here only; :mod:`gpureg.core.metric` and friends import
+this module lazily, when the compiled CPU engine is selected
+(:func:`gpureg.core.backend.cpu_engine`). Functions are compiled on first
+use and cached on disk (``cache=True``). Threads: :func:`set_threads` or
+``GPUREG_THREADS`` (default: all cores).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba as nb
+import numpy as np
+
+from .cuda import N_MONOMIALS, N_TERMS, affine_args, unpack_terms
+from .terms import MetricTerms
+
+__all__ = ["cell_support", "center_of_mass", "downsample2", "mse_terms", "resample_affine", "set_threads", "threads"]
+
+_ROW_TERMS = 26  # kS0..kCount of voxel_math.cuh
+_LIM = np.float32(1.0e9)
+_F0, _F1 = np.float32(0.0), np.float32(1.0)
+_NO_MASK = np.zeros((1, 1, 1), dtype=np.bool_)
+
+
+def threads() -> int:
+    """Thread count the kernels use: ``GPUREG_THREADS`` if set, else all cores (numba's maximum)."""
+    env = os.environ.get("GPUREG_THREADS", "").strip()
+    n = nb.config.NUMBA_NUM_THREADS
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"GPUREG_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"GPUREG_THREADS must be a positive integer, got {env!r}")
+    return max(1, min(n, nb.config.NUMBA_NUM_THREADS))
+
+
+def set_threads(n: int | None) -> int:
+    """Set the kernels' thread count (``None``: all cores); returns the count in effect.
+
+    Stored in ``GPUREG_THREADS`` so that worker threads and later calls see it.
+    """
+    if n is None:
+        os.environ.pop("GPUREG_THREADS", None)
+    else:
+        if int(n) < 1:
+            raise ValueError(f"threads must be >= 1, got {n}")
+        os.environ["GPUREG_THREADS"] = str(int(n))
+    return threads()
+
+
+def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, support=None) -> MetricTerms:
+    """One fused compiled pass: the :class:`MetricTerms` of :func:`gpureg.core.metric.mse_terms`.
+
+    Parameters
+    ----------
+    fixed : (Z, Y, X) ndarray of float32
+    moving : (Z', Y', X') ndarray of float32
+        Each axis at least 2 long.
+    matrix : (4, 4) ndarray of float64
+        ``moving_from_reference``.
+    center : (3,) ndarray of float64
+        Centre ``c`` of the parameters.
+    mask : (Z, Y, X) ndarray of bool, optional
+    hessian : bool
+    support : (Z', Y', X') ndarray of bool, optional
+        :func:`cell_support` of ``moving``: valid voxels with ``F = 0`` whose
+        cell has no non-zero corner only add to the count (exact).
+    """
+    fixed = np.ascontiguousarray(fixed, dtype=np.float32)
+    moving = np.ascontiguousarray(moving, dtype=np.float32)
+    if min(moving.shape) < 2:
+        raise ValueError(f"moving must be at least 2 voxels along every axis, got shape {moving.shape}")
+    msk = _NO_MASK if mask is None else np.ascontiguousarray(mask, dtype=np.bool_)
+    sup = _NO_MASK if support is None else np.ascontiguousarray(support, dtype=np.bool_)
+    aff = np.array(affine_args(matrix, center), dtype=np.float32)
+    planes = np.zeros((fixed.shape[0], _ROW_TERMS, N_MONOMIALS))
+    nb.set_num_threads(threads())
+    _mse_planes(fixed, moving, msk, mask is not None, sup, support is not None, aff, bool(hessian), planes)
+    sums = np.zeros((N_TERMS, N_MONOMIALS))
+    sums[:_ROW_TERMS] = planes.sum(axis=0)
+    return unpack_terms(sums, hessian)
+
+
+def resample_affine(volume, matrix, out_shape, cval: float = 0.0) -> np.ndarray:
+    """Trilinear ``out[p] = volume(A p + t)`` on a grid of ``out_shape`` (``cval`` outside), float32."""
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    out = np.empty(tuple(int(n) for n in out_shape), dtype=np.float32)
+    if out.size == 0:
+        return out
+    if min(volume.shape) < 2:
+        raise ValueError(f"volume must be at least 2 voxels along every axis, got shape {volume.shape}")
+    aff = np.array(affine_args(matrix, np.zeros(3)), dtype=np.float32)
+    nb.set_num_threads(threads())
+    _resample(volume, aff, np.float32(cval), out)
+    return out
+
+
+def cell_support(moving) -> np.ndarray:
+    """Compiled :func:`gpureg.core.metric.cell_support` (any non-zero corner of each cell)."""
+    v = np.ascontiguousarray(moving, dtype=np.float32)
+    out = np.empty(v.shape, dtype=np.bool_)
+    nb.set_num_threads(threads())
+    _support(v, out)
+    return out
+
+
+def downsample2(volume) -> np.ndarray:
+    """2x2x2 block mean (``box_mean8``), odd trailing planes dropped."""
+    v = np.ascontiguousarray(volume, dtype=np.float32)
+    out = np.empty(tuple(n // 2 for n in v.shape), dtype=np.float32)
+    if out.size:
+        nb.set_num_threads(threads())
+        _downsample2(v, out)
+    return out
+
+
+def center_of_mass(volume) -> np.ndarray:
+    """Centre of mass ``(z, y, x)`` of ``max(volume - median, 0)`` (grid centre when it is all 0)."""
+    v = np.ascontiguousarray(volume, dtype=np.float32)
+    med = np.float32(np.median(v))
+    planes = np.zeros((v.shape[0], 4))
+    nb.set_num_threads(threads())
+    _moments(v, med, planes)
+    m = planes.sum(axis=0)
+    if not m[0] > 0:
+        return (np.asarray(v.shape, dtype=np.float64) - 1.0) / 2.0
+    return m[1:] / m[0]
+
+
+@nb.njit(inline="always", cache=True)
+def _cell(b, u, n):
+    # cell_1d of voxel_math.cuh: lower corner in [0, n - 2], fraction, inside [0, n - 1].
+    uc = min(max(u, -_LIM), _LIM)
+    fl = np.floor(uc)
+    i = b + int(fl)
+    frac = uc - fl
+    inside = i >= 0 and (i < n - 1 or (i == n - 1 and frac == _F0))
+    if i >= n - 1:
+        return inside, n - 2, _F1
+    if i < 0:
+        return inside, 0, frac
+    return inside, i, frac
+
+
+@nb.njit(parallel=True, cache=True)
+def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes):
+    nz, ny, nx = fixed.shape
+    mz, my, mx = moving.shape
+    for z in nb.prange(nz):
+        ez = np.float32(z) - aff[12]
+        for y in range(ny):
+            ey = np.float32(y) - aff[13]
+            # row_base: the part of u constant along the row
+            b0 = aff[0] * ez + (aff[1] * ey + aff[9])
+            b1 = aff[3] * ez + (aff[4] * ey + aff[10])
+            b2 = aff[6] * ez + (aff[7] * ey + aff[11])
+            s00 = s01 = s02 = s03 = s04 = s05 = 0.0
+            s10 = s11 = s12 = s13 = s14 = s15 = 0.0
+            s20 = s21 = s22 = s23 = s24 = s25 = 0.0
+            r00 = r01 = r02 = r10 = r11 = r12 = 0.0
+            sse = 0.0
+            cnt = 0
+            for x in range(nx):
+                if use_mask and not mask[z, y, x]:
+                    continue
+                ex = np.float32(x) - aff[14]
+                okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
+                oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
+                okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
+                if not (okz and oky and okx):
+                    continue
+                f = fixed[z, y, x]
+                if use_support and f == _F0 and not support[iz, iy, ix]:
+                    cnt += 1  # r = 0 and g = 0: only the count changes
+                    continue
+                v000 = moving[iz, iy, ix]
+                v001 = moving[iz, iy, ix + 1]
+                v010 = moving[iz, iy + 1, ix]
+                v011 = moving[iz, iy + 1, ix + 1]
+                v100 = moving[iz + 1, iy, ix]
+                v101 = moving[iz + 1, iy, ix + 1]
+                v110 = moving[iz + 1, iy + 1, ix]
+                v111 = moving[iz + 1, iy + 1, ix + 1]
+                dx00 = v001 - v000
+                dx01 = v011 - v010
+                dx10 = v101 - v100
+                dx11 = v111 - v110
+                c00 = fx * dx00 + v000
+                c01 = fx * dx01 + v010
+                c10 = fx * dx10 + v100
+                c11 = fx * dx11 + v110
+                dy0 = c01 - c00
+                dy1 = c11 - c10
+                c0 = fy * dy0 + c00
+                c1 = fy * dy1 + c10
+                r = np.float64(fz * (c1 - c0) + c0) - np.float64(f)
+                g0 = np.float64(c1 - c0)
+                g1 = np.float64(fz * (dy1 - dy0) + dy0)
+                lx0 = fy * (dx01 - dx00) + dx00
+                lx1 = fy * (dx11 - dx10) + dx10
+                g2 = np.float64(fz * (lx1 - lx0) + lx0)
+                e = np.float64(ex)
+                if hessian:
+                    h0, h1, h2 = g0 * e, g1 * e, g2 * e
+                    s00 += g0 * g0
+                    s01 += g0 * g1
+                    s02 += g0 * g2
+                    s03 += g1 * g1
+                    s04 += g1 * g2
+                    s05 += g2 * g2
+                    s10 += g0 * h0
+                    s11 += g0 * h1
+                    s12 += g0 * h2
+                    s13 += g1 * h1
+                    s14 += g1 * h2
+                    s15 += g2 * h2
+                    s20 += h0 * h0
+                    s21 += h0 * h1
+                    s22 += h0 * h2
+                    s23 += h1 * h1
+                    s24 += h1 * h2
+                    s25 += h2 * h2
+                rg0, rg1, rg2 = r * g0, r * g1, r * g2
+                r00 += rg0
+                r01 += rg1
+                r02 += rg2
+                r10 += rg0 * e
+                r11 += rg1 * e
+                r12 += rg2 * e
+                sse += r * r
+                cnt += 1
+            if cnt == 0:
+                continue
+            # combine_row: each row sum times the row's monomials
+            dz, dy = np.float64(ez), np.float64(ey)
+            mono = (1.0, dz, dy, dz * dz, dz * dy, dy * dy)
+            row = (s00, s01, s02, s03, s04, s05, s10, s11, s12, s13, s14, s15, s20, s21, s22, s23, s24, s25,
+                   r00, r01, r02, r10, r11, r12, sse, np.float64(cnt))
+            for k in range(_ROW_TERMS):
+                for j in range(N_MONOMIALS):
+                    planes[z, k, j] += row[k] * mono[j]
+
+
+@nb.njit(parallel=True, cache=True)
+def _resample(vol, aff, cval, out):
+    nz, ny, nx = out.shape
+    mz, my, mx = vol.shape
+    for z in nb.prange(nz):
+        ez = np.float32(z) - aff[12]
+        for y in range(ny):
+            ey = np.float32(y) - aff[13]
+            b0 = aff[0] * ez + (aff[1] * ey + aff[9])
+            b1 = aff[3] * ez + (aff[4] * ey + aff[10])
+            b2 = aff[6] * ez + (aff[7] * ey + aff[11])
+            for x in range(nx):
+                ex = np.float32(x) - aff[14]
+                okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
+                oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
+                okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
+                if not (okz and oky and okx):
+                    out[z, y, x] = cval
+                    continue
+                c00 = fx * (vol[iz, iy, ix + 1] - vol[iz, iy, ix]) + vol[iz, iy, ix]
+                c01 = fx * (vol[iz, iy + 1, ix + 1] - vol[iz, iy + 1, ix]) + vol[iz, iy + 1, ix]
+                c10 = fx * (vol[iz + 1, iy, ix + 1] - vol[iz + 1, iy, ix]) + vol[iz + 1, iy, ix]
+                c11 = fx * (vol[iz + 1, iy + 1, ix + 1] - vol[iz + 1, iy + 1, ix]) + vol[iz + 1, iy + 1, ix]
+                c0 = fy * (c01 - c00) + c00
+                c1 = fy * (c11 - c10) + c10
+                out[z, y, x] = fz * (c1 - c0) + c0
+
+
+@nb.njit(parallel=True, cache=True)
+def _support(v, out):
+    nz, ny, nx = v.shape
+    for z in nb.prange(nz):
+        z1 = min(z + 1, nz - 1)
+        for y in range(ny):
+            y1 = min(y + 1, ny - 1)
+            for x in range(nx):
+                x1 = min(x + 1, nx - 1)
+                out[z, y, x] = (v[z, y, x] != 0 or v[z, y, x1] != 0 or v[z, y1, x] != 0 or v[z, y1, x1] != 0
+                                or v[z1, y, x] != 0 or v[z1, y, x1] != 0 or v[z1, y1, x] != 0 or v[z1, y1, x1] != 0)
+
+
+@nb.njit(parallel=True, cache=True)
+def _downsample2(v, out):
+    oz, oy, ox = out.shape
+    eighth = np.float32(0.125)
+    for z in nb.prange(oz):
+        for y in range(oy):
+            for x in range(ox):
+                lo = (v[2 * z, 2 * y, 2 * x] + v[2 * z, 2 * y, 2 * x + 1]) + (
+                    v[2 * z, 2 * y + 1, 2 * x] + v[2 * z, 2 * y + 1, 2 * x + 1])
+                hi = (v[2 * z + 1, 2 * y, 2 * x] + v[2 * z + 1, 2 * y, 2 * x + 1]) + (
+                    v[2 * z + 1, 2 * y + 1, 2 * x] + v[2 * z + 1, 2 * y + 1, 2 * x + 1])
+                out[z, y, x] = (lo + hi) * eighth
+
+
+@nb.njit(parallel=True, cache=True)
+def _moments(v, med, planes):
+    nz, ny, nx = v.shape
+    for z in nb.prange(nz):
+        for y in range(ny):
+            w = 0.0
+            wx = 0.0
+            for x in range(nx):
+                d = max(np.float64(v[z, y, x]) - np.float64(med), 0.0)
+                w += d
+                wx += d * x
+            planes[z, 0] += w
+            planes[z, 1] += w * z
+            planes[z, 2] += w * y
+            planes[z, 3] += wx
