@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import array_device, ndimage_of, to_host, xp_of
+from .backend import array_device, cpu_engine, ndimage_of, to_host, xp_of
 
-__all__ = ["binarize", "DENOISE", "denoise", "otsu_threshold", "partial_volume", "particle_labels", "remove_impulses"]
+__all__ = ["binarize", "DENOISE", "denoise", "despeckle", "gaussian", "otsu_threshold", "partial_volume",
+           "particle_labels", "remove_impulses"]
 
-DENOISE = (None, "median", "gaussian", "impulse")
+DENOISE = (None, "median", "gaussian", "impulse", "despeckle")
 
 
 def otsu_threshold(volume, *, bins: int = 256) -> float:
@@ -30,13 +31,23 @@ def otsu_threshold(volume, *, bins: int = 256) -> float:
     v = xp.asarray(volume, dtype=xp.float32).ravel()
     if v.size == 0:
         raise ValueError("cannot threshold an empty volume")
-    lo, hi = float(v.min()), float(v.max())
+    compiled = xp is np and cpu_engine() == "numba"
+    if compiled:
+        from . import cpu_prep
+
+        lo, hi, finite = cpu_prep.minmax(v)
+        lo, hi = (lo, hi) if finite else (np.nan, np.nan)
+    else:
+        lo, hi = float(v.min()), float(v.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError("volume contains NaN or inf; cannot compute an Otsu threshold")
     if hi <= lo:
         raise ValueError(f"volume is constant (all values {lo}); Otsu threshold is undefined")
-    hist, edges = xp.histogram(v, bins=bins, range=(lo, hi))
-    hist = np.asarray(hist.get() if array_device(hist) == "gpu" else hist, dtype=np.float64)
+    if compiled:
+        hist = cpu_prep.histogram(v, bins, lo, hi).astype(np.float64)
+    else:
+        hist, _ = xp.histogram(v, bins=bins, range=(lo, hi))
+        hist = np.asarray(hist.get() if array_device(hist) == "gpu" else hist, dtype=np.float64)
     edges = np.linspace(lo, hi, bins + 1)
     mids = 0.5 * (edges[:-1] + edges[1:])
     w0 = np.cumsum(hist)
@@ -53,18 +64,77 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
     """Filter a volume (same device): ``"median"`` (``size`` voxels wide, removes
     salt-and-pepper noise), ``"impulse"`` (:func:`remove_impulses`: only the
     saturated voxels of salt-and-pepper noise are replaced, ``size`` voxels wide),
-    ``"gaussian"`` (sigma ``size / 3``) or ``None`` (unchanged).
+    ``"gaussian"`` (sigma ``size / 3``), ``"despeckle"`` (:func:`despeckle`: a
+    compiled switching median of the saturated voxels, only when there are
+    impulses) or ``None`` (unchanged).
     """
     if method not in DENOISE:
         raise ValueError(f"denoise must be one of {DENOISE}, got {method!r}")
     if method is None:
         return volume
-    nd = ndimage_of(volume)
-    if method == "median":
-        return nd.median_filter(volume, size=int(size))
     if method == "impulse":
         return remove_impulses(volume, size=int(size))
-    return nd.gaussian_filter(volume, sigma=size / 3.0)
+    if method == "despeckle":
+        return despeckle(volume)
+    if method == "gaussian":
+        return gaussian(volume, size / 3.0)
+    if int(size) == 3 and _compiled(volume):
+        from . import cpu_prep
+
+        return cpu_prep.median3(volume)
+    return ndimage_of(volume).median_filter(volume, size=int(size))
+
+
+def despeckle(volume, *, min_fraction: float = 1e-3):
+    """Remove salt-and-pepper (impulse) noise, leaving clean volumes untouched.
+
+    A switching median: every voxel equal to the volume's minimum or maximum
+    (where salt-and-pepper noise puts its voxels) is replaced by the median of
+    its 3x3x3 neighbourhood (faces reflected); the other voxels keep their
+    value. When that changes fewer than ``min_fraction`` of the voxels (clean
+    data: voxels at the extremes sit in plateaus whose median is the same
+    value; the two-particle phantom changes 4e-5) the volume is returned
+    unchanged, so registrations of clean data are exactly those without it.
+
+    Parameters
+    ----------
+    volume : (Z, Y, X) ndarray of float32
+        NumPy or CuPy (same device out).
+    min_fraction : float
+        Fraction of changed voxels below which nothing is changed.
+
+    Returns
+    -------
+    (Z, Y, X) ndarray of float32
+        Unlike a plain median it keeps edges and fine detail where there is no
+        noise, and it restores the sparsity of binarized volumes (the metric's
+        empty-cell skip) at 10-30 % noise.
+    """
+    if _compiled(volume):
+        from . import cpu_prep
+
+        out, changed = cpu_prep.despeckle(volume)
+    else:
+        xp = xp_of(volume)
+        v = xp.asarray(volume, dtype=xp.float32)
+        lo, hi = v.min(), v.max()
+        med = ndimage_of(v).median_filter(v, size=3)
+        out = xp.where((v == lo) | (v == hi), med, v)
+        changed = float((out != v).mean())
+    return out if changed >= min_fraction else volume
+
+
+def gaussian(volume, sigma: float):
+    """Gaussian filter of sigma ``sigma`` voxels (``scipy.ndimage.gaussian_filter``; same device).
+
+    On the CPU it runs as compiled, multithreaded separable passes
+    (:mod:`gpureg.core.cpu_prep`, bit-identical to SciPy's float32 result).
+    """
+    if _compiled(volume):
+        from . import cpu_prep
+
+        return cpu_prep.gaussian_filter(volume, float(sigma))
+    return ndimage_of(volume).gaussian_filter(volume, sigma=float(sigma))
 
 
 def remove_impulses(volume, *, size: int = 3):
@@ -214,6 +284,12 @@ def partial_volume(volume, threshold: float, *, ramp: float = 3.0, sigma: float 
 
 
 _denoise = denoise  # the module-level name is shadowed by binarize's keyword
+
+
+def _compiled(volume) -> bool:
+    """Whether ``volume`` goes to the compiled CPU kernels (3D float32 NumPy, numba engine)."""
+    return (array_device(volume) == "cpu" and getattr(volume, "ndim", 0) == 3
+            and getattr(volume, "dtype", None) == np.float32 and cpu_engine() == "numba")
 
 
 def particle_labels(mask, *, min_voxels: int = 64, connectivity: int = 1):

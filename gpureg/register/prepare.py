@@ -14,13 +14,13 @@ from ..core import transform as tf
 from ..core.backend import (
     array_device,
     cpu_engine,
-    ndimage_of,
     to_device,
     to_host,
     xp_of,
 )
 from ..core.segment import binarize as _binarize
 from ..core.segment import denoise as denoise_volume
+from ..core.segment import gaussian
 
 __all__ = ["center_of_mass", "foreground_fraction", "Prep", "prepare_reference", "prepare_volume", "PreparedReference",
            "pyramid"]
@@ -59,10 +59,11 @@ class Prep:
     ----------
     binarize : bool
         Register Otsu-binarized volumes (the reference method); False: grey levels.
-    denoise : {None, "impulse", "median", "gaussian"}
+    denoise : {None, "impulse", "median", "gaussian", "despeckle"}
         Filter applied first: saturated (salt-and-pepper) voxels replaced by
-        the mean of their unsaturated neighbours, median 3 voxels wide, or
-        Gaussian sigma 1 (:func:`gpureg.core.segment.denoise`).
+        the mean of their unsaturated neighbours, median 3 voxels wide,
+        Gaussian sigma 1, or a switching median of the saturated voxels
+        (:func:`gpureg.core.segment.denoise`).
     smooth : float
         Gaussian sigma (voxels) applied last.
     ramp : float
@@ -160,7 +161,7 @@ def prepare_reference(volume, device: str, prep: Prep, *, name: str = "reference
     else:
         v = mask if prep.binarize else v
     if prep.smooth > 0:
-        v = ndimage_of(v).gaussian_filter(v, sigma=prep.smooth)
+        v = gaussian(v, prep.smooth)
     return PreparedReference(volume=v, prep=prep, mask=host_mask > 0.5)
 
 
@@ -197,7 +198,7 @@ def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str =
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     if prep.smooth > 0:
-        v = ndimage_of(v).gaussian_filter(v, sigma=prep.smooth)
+        v = gaussian(v, prep.smooth)
     return v
 
 
