@@ -162,9 +162,12 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
         params0 = tf.params_from_matrix(np.linalg.inv(to_fine) @ matrix @ to_fine, center)
 
         support = _support(ml)
+        seen = {}  # finest level: the pass at the result is mse_after (same grid, mask and matrix)
 
-        def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask, support=support):
-            return mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask, support=support)
+        def terms(p, fl=fl, ml=ml, center=center, ml_mask=ml_mask, support=support, seen=seen):
+            out = mse_terms(fl, ml, tf.matrix_from_params(p, center), center=center, mask=ml_mask, support=support)
+            seen[np.asarray(p, dtype=np.float64).tobytes()] = out
+            return out
 
         if dev == "gpu" and os.environ.get("GPUREG_GPU_SOLVER", "device") != "host":
             # The solver's state stays on the GPU; the host reads its status every 8 passes.
@@ -180,7 +183,9 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
         iterations.append(n_pass)
     support = _support(m)
     before = mse_terms(f, m, np.eye(4), mask=msk, hessian=False, support=support)
-    after = mse_terms(f, m, matrix, mask=msk, hessian=False, support=support)
+    after = seen.get(np.asarray(params, dtype=np.float64).tobytes()) if fixed_levels[0] is f else None
+    if after is None or not np.array_equal(matrix, tf.matrix_from_params(params, tf.grid_center(f.shape))):
+        after = mse_terms(f, m, matrix, mask=msk, hessian=False, support=support)
     if after.count == 0:
         raise RuntimeError("registration diverged: the moving volume no longer overlaps the reference")
     return RegistrationResult(matrix=matrix, mse_before=before.mse, mse_after=after.mse, iterations=iterations,

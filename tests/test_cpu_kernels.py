@@ -1,0 +1,210 @@
+"""The compiled CPU engine (numba) against the NumPy reference and the g++-compiled CUDA header.
+
+Three implementations of the per-voxel arithmetic (DESIGN.md): the numba
+kernels of :mod:`gpureg.core.cpu_kernels` / :mod:`gpureg.core.cpu_prep`, the
+NumPy reference (``GPUREG_CPU_BACKEND=numpy``) and ``kernels/voxel_math.cuh``
+compiled by g++ (the harness of ``tests/test_voxel_math.py``). They run here on
+the same inputs and are compared term by term.
+
+Tolerances: numba and the header form ``q`` and interpolate in float32
+(``q`` carries ~1e-6 voxel of rounding), NumPy in float64; numba sums in
+float64, the header's row sums in float32. Each Gauss-Newton entry is compared
+relative to its natural scale, ``|dH_ij| <= tol sqrt(H_ii H_jj)`` (Cauchy-Schwarz
+bounds ``|H_ij|`` by it), and each gradient entry relative to
+``sqrt(sse H_ii)``; ``tol = 1e-5`` is ~10x what the runs showed (1e-7..1e-6).
+Filters of the preparation are compared bit for bit with SciPy/NumPy: the
+kernels reproduce their arithmetic exactly.
+"""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import gpureg
+from gpureg.core import cpu_kernels, cpu_prep, metric, segment
+from gpureg.core import transform as tf
+from gpureg.register import prepare_volume, register_affine
+from gpureg.register import prepare as prep
+from gpureg.synth.phantom import two_particle_phantom
+from gpureg.validate import salt_and_pepper
+from test_voxel_math import CASES, _mse_sums, _pair, lib  # noqa: F401  (the g++ harness and its fixture)
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def numpy_engine(monkeypatch):
+    """Run a block with the NumPy reference kernels."""
+    def use(flag: bool):
+        if flag:
+            monkeypatch.setenv("GPUREG_CPU_BACKEND", "numpy")
+        else:
+            monkeypatch.delenv("GPUREG_CPU_BACKEND", raising=False)
+    return use
+
+
+def _assert_terms_close(a, b, hessian=True, count_slack=2):
+    assert abs(a.count - b.count) <= count_slack
+    np.testing.assert_allclose(a.sse, b.sse, rtol=TOL)
+    ref = b.jtj if b.jtj is not None else None
+    if hessian:
+        d = np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
+        assert np.all(np.abs(a.jtj - ref) <= TOL * d + 1e-12), np.max(np.abs(a.jtj - ref) / (d + 1e-30))
+        scale = np.sqrt(b.sse * np.diag(ref))
+        assert np.all(np.abs(a.rj - b.rj) <= TOL * scale + 1e-12)
+    else:
+        assert a.jtj is None
+        np.testing.assert_allclose(a.rj, b.rj, rtol=0, atol=TOL * np.abs(b.rj).max())
+
+
+@pytest.mark.parametrize("hessian", [True, False])
+@pytest.mark.parametrize("mask_kind", [None, "bool"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_pass_numba_numpy_and_header_agree(lib, numpy_engine, case, mask_kind, hessian):  # noqa: F811
+    fixed, moving = _pair()
+    rng = np.random.default_rng(5)
+    moving = moving + rng.normal(0, 0.05, moving.shape).astype(np.float32)  # grey, no plateaus
+    matrix = CASES[case]
+    center = tf.grid_center(fixed.shape) + np.array([0.5, -1.0, 0.0])
+    mask = None
+    if mask_kind is not None:
+        z, y, x = np.indices(fixed.shape)
+        mask = (x + 2 * y + 3 * z) % 5 != 0
+    numba_terms = metric.mse_terms(fixed, moving, matrix, center=center, mask=mask, hessian=hessian)
+    numpy_engine(True)
+    ref = metric.mse_terms(fixed, moving, matrix, center=center, mask=mask, hessian=True)
+    header = _mse_sums(lib, fixed, moving, matrix, center, mask=mask, hessian=True)
+    assert ref.count > 5000
+    _assert_terms_close(numba_terms, ref, hessian)
+    _assert_terms_close(header, ref)
+    if hessian:
+        np.testing.assert_array_equal(numba_terms.jtj, numba_terms.jtj.T)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sparse_support_skip_is_exact(numpy_engine, case):
+    fixed, moving = _pair()
+    fixed = (fixed > 0.5).astype(np.float32)
+    moving = (moving > 0.5).astype(np.float32)  # sparse: most cells empty
+    support = metric.cell_support(moving)
+    numpy_engine(True)
+    np.testing.assert_array_equal(support, metric.cell_support(moving))
+    numpy_engine(False)
+    assert support.mean() < 0.5
+    with_skip = metric.mse_terms(fixed, moving, CASES[case], support=support)
+    without = metric.mse_terms(fixed, moving, CASES[case])
+    assert with_skip.count == without.count
+    np.testing.assert_allclose(with_skip.sse, without.sse, rtol=1e-12)
+    np.testing.assert_allclose(with_skip.jtj, without.jtj, rtol=1e-12, atol=1e-12 * np.abs(without.jtj).max())
+
+
+def test_pass_is_deterministic_for_any_thread_count(monkeypatch):
+    fixed, moving = _pair()
+    matrix = CASES["small affine"]
+    runs = []
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("GPUREG_THREADS", n)
+        runs.append(metric.mse_terms(fixed, moving, matrix))
+    for r in runs[1:]:
+        assert r.count == runs[0].count and r.sse == runs[0].sse
+        np.testing.assert_array_equal(r.jtj, runs[0].jtj)
+
+
+def test_bad_thread_count_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GPUREG_THREADS", "many")
+    with pytest.raises(ValueError, match="GPUREG_THREADS"):
+        cpu_kernels.threads()
+
+
+@pytest.mark.parametrize("out_shape", [(24, 28, 36), (20, 31, 29)])
+def test_resample_matches_scipy_affine_transform(out_shape):
+    _, moving = _pair()
+    matrix = CASES["rotated, partly outside"]
+    out = gpureg.apply_affine(moving, matrix, output_shape=out_shape, cval=-2.0)
+    ref = ndimage.affine_transform(moving.astype(np.float64), matrix[:3, :3], offset=matrix[:3, 3],
+                                   output_shape=out_shape, order=1, mode="constant", cval=-2.0)
+    q = np.stack(np.indices(out_shape), -1).reshape(-1, 3) @ matrix[:3, :3].T + matrix[:3, 3]
+    n = np.asarray(moving.shape)
+    near_face = np.any((np.abs(q) < 1e-4) | (np.abs(q - (n - 1)) < 1e-4), axis=1).reshape(out_shape)
+    assert 0 < (ref == -2.0).sum() < ref.size
+    np.testing.assert_allclose(out[~near_face], ref[~near_face], rtol=0, atol=2e-6)
+
+
+def test_pyramid_and_center_of_mass_match_numpy(numpy_engine):
+    v = two_particle_phantom((33, 40, 46), seed=2)
+    down, com = prep.downsample2(v), prep.center_of_mass(v)
+    numpy_engine(True)
+    np.testing.assert_allclose(down, prep.downsample2(v), rtol=0, atol=3e-7)
+    # NumPy sums the weights in float32 (~1e-7 relative); the kernel in float64
+    np.testing.assert_allclose(com, prep.center_of_mass(v), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.3])
+def test_gaussian_is_scipy_bit_for_bit(sigma):
+    v = np.random.default_rng(6).random((20, 27, 33)).astype(np.float32)
+    np.testing.assert_array_equal(segment.gaussian(v, sigma), ndimage.gaussian_filter(v, sigma))
+    small = v[:3, :5, :4].copy()  # radius beyond the volume: reflection folds repeatedly
+    np.testing.assert_array_equal(cpu_prep.gaussian_filter(small, 1.5), ndimage.gaussian_filter(small, 1.5))
+
+
+def test_median_and_otsu_are_scipy_numpy_bit_for_bit(numpy_engine):
+    v = salt_and_pepper(two_particle_phantom((24, 30, 36), seed=4), 0.1, seed=1)
+    np.testing.assert_array_equal(segment.denoise(v, "median"), ndimage.median_filter(v, size=3))
+    lo, hi = float(v.min()), float(v.max())
+    np.testing.assert_array_equal(cpu_prep.histogram(v, 256, lo, hi), np.histogram(v, 256, range=(lo, hi))[0])
+    t = segment.otsu_threshold(v)
+    numpy_engine(True)
+    assert segment.otsu_threshold(v) == t
+    bad = v.copy()
+    bad[1, 2, 3] = np.nan
+    numpy_engine(False)
+    with pytest.raises(ValueError, match="NaN"):
+        segment.otsu_threshold(bad)
+
+
+def test_despeckle_leaves_clean_volumes_and_removes_salt_and_pepper(numpy_engine):
+    clean = two_particle_phantom((40, 40, 40), seed=3)
+    assert segment.despeckle(clean) is clean
+    for level in (0.1, 0.3):
+        noisy = salt_and_pepper(clean, level, seed=2)
+        out = segment.despeckle(noisy)
+        before, after = np.mean(np.abs(noisy - clean) > 0.1), np.mean(np.abs(out - clean) > 0.1)
+        assert before > level / 3 and after < before / 5, (level, before, after)
+        numpy_engine(True)
+        np.testing.assert_array_equal(segment.despeckle(noisy), out)  # the xp reference: the same filter
+        numpy_engine(False)
+
+
+@pytest.mark.parametrize("binarize", [True, False])
+def test_registration_matches_the_numpy_engine(numpy_engine, binarize):
+    shape = (40, 40, 40)
+    c = tf.grid_center(shape)
+    truth = tf.compose(tf.rotation_matrix(5.0, (0.3, 1, 1), c), tf.scale_matrix((1.03, 0.97, 1.0), c))
+    truth[:3, 3] += (1.5, -2.0, 1.0)
+    fixed, labels = two_particle_phantom(shape, return_labels=True)
+    moving = two_particle_phantom(shape, truth)
+    fast = register_affine(fixed, moving, device="cpu", binarize=binarize)
+    numpy_engine(True)
+    ref = register_affine(fixed, moving, device="cpu", binarize=binarize)
+    # float32 vs float64 coordinates: the same minimum within far less than the accuracy
+    assert tf.displacement_error(fast.matrix, ref.matrix, mask=labels > 0)[0] < 2e-3
+    err = tf.displacement_error(fast.matrix, truth, mask=labels > 0)[0]
+    assert err < 0.1, err
+    np.testing.assert_allclose(fast.mse_after, ref.mse_after, rtol=1e-3)
+    np.testing.assert_allclose(fast.mse_before, ref.mse_before, rtol=1e-5)
+
+
+def test_noisy_registration_with_despeckle_is_as_accurate_as_clean():
+    shape = (40, 40, 40)
+    c = tf.grid_center(shape)
+    truth = tf.compose(tf.rotation_matrix(4.0, (1, 0.2, 0.5), c))
+    truth[:3, 3] += (-1.0, 2.0, 1.5)
+    fixed, labels = two_particle_phantom(shape, return_labels=True)
+    moving = two_particle_phantom(shape, truth)
+    clean = register_affine(fixed, moving, device="cpu", binarize=True)
+    f = prepare_volume(salt_and_pepper(fixed, 0.1, seed=1), "cpu", binarize=True, denoise="despeckle")
+    m = prepare_volume(salt_and_pepper(moving, 0.1, seed=2), "cpu", binarize=True, denoise="despeckle")
+    noisy = gpureg.register_prepared(f, m)
+    e_clean = tf.displacement_error(clean.matrix, truth, mask=labels > 0)[0]
+    e_noisy = tf.displacement_error(noisy.matrix, truth, mask=labels > 0)[0]
+    assert e_noisy < max(2 * e_clean, 0.1), (e_clean, e_noisy)
