@@ -1,21 +1,41 @@
-"""CPU registration benchmark: gpureg (NumPy/SciPy) vs SimpleITK on the same pairs.
+"""CPU registration benchmark: gpureg's compiled CPU engine vs SimpleITK and elastix on the same pairs.
 
-For each size, a binarized two-particle phantom pair with a known affine
-(rotation 6 deg about an oblique axis, anisotropic scale, shear, shift) is
-prepared once (Otsu + Gaussian sigma 1, gpureg's registration input); both
-gpureg and SimpleITK (MeanSquares, affine, shrink 4/2/1, full sampling, same
-thread count) register exactly those arrays. Reports median wall time, mean
-displacement error over the particles, and ratio = SimpleITK time / gpureg time.
+For each size, a two-particle phantom pair with a known affine (rotation 6 deg
+about an oblique axis, anisotropic scale, shear, shift), noise-free or with
+10 % salt-and-pepper noise (independent in both volumes), registered
+binarized or raw (grey). gpureg is timed end to end from the raw volumes
+(``register_affine``: despeckle on the noisy cases, Otsu, Gaussian sigma 1,
+pyramid, Levenberg-Marquardt); the peers register the very arrays gpureg
+registers (its prepared volumes: despeckled, binarized, smoothed), their
+preparation not timed:
 
-    python bench/register_cpu.py            # 64, 96, 128
-    python bench/register_cpu.py --quick    # 64 only, one repeat
+- SimpleITK: MeanSquares, affine, shrink 4/2/1, regular-step gradient descent
+  (:func:`gpureg.validate.register_sitk`), 10 % random sampling and full sampling;
+- elastix (itk-elastix): default affine map, AdvancedMeanSquares, 3 resolutions,
+  2048 random samples, centre-of-gravity initialisation.
+
+All methods use ``--threads`` threads (default 2). Rounds are interleaved (one
+run of every method on a pair, then the next round), so load from other
+processes hits all methods alike; times are medians over rounds after one
+warm-up of gpureg. Error: mean displacement from the truth over the particle
+voxels. Also reported: time per voxel, the load average, and numba's
+first-call compile time (empty cache) and cached start-up, in subprocesses.
+
+    python bench/register_cpu.py                       # 64 96 128 192, 3 rounds
+    python bench/register_cpu.py --quick               # 64 only, one round
+    python bench/register_cpu.py --sitk-full-max 96    # full-sampling SimpleITK up to 96^3 (default 64)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,9 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import gpureg  # noqa: E402
-from common import median_time, save  # noqa: E402
+from common import save  # noqa: E402
 from gpureg.core import transform as tf  # noqa: E402
-from gpureg.register import prepare_volume, register_prepared  # noqa: E402
+from gpureg.register import prepare_volume, register_affine  # noqa: E402
+from gpureg.validate import salt_and_pepper  # noqa: E402
+
+NOISE = 0.10
 
 
 def known_affine(shape):
@@ -38,46 +61,145 @@ def known_affine(shape):
     return m
 
 
-def make_pair(size, device="cpu"):
-    """Prepared (binarized, smoothed) fixed/moving arrays, particle mask and the true matrix."""
+def make_pair(size, noise=0.0, binarize=True, device="cpu"):
+    """Raw fixed/moving, their prepared (registered) arrays, particle mask and the true matrix."""
     shape = (size,) * 3
     truth = known_affine(shape)
     fixed, labels = gpureg.two_particle_phantom(shape, return_labels=True)
     moving = gpureg.two_particle_phantom(shape, truth)
-    f = prepare_volume(fixed, device, binarize=True)
-    m = prepare_volume(moving, device, binarize=True)
-    return f, m, labels > 0, truth
+    if noise:
+        fixed, moving = salt_and_pepper(fixed, noise, seed=size + 1), salt_and_pepper(moving, noise, seed=size + 2)
+    den = "despeckle" if noise else None
+    f = prepare_volume(fixed, device, binarize=binarize, denoise=den)
+    m = prepare_volume(moving, device, binarize=binarize, denoise=den)
+    return fixed, moving, f, m, labels > 0, truth, den
+
+
+def register_elastix(fixed, moving, *, threads=2, samples=2048):
+    """elastix affine MSE registration; returns gpureg's moving_from_reference (z, y, x voxels)."""
+    import itk
+
+    f = itk.image_from_array(np.ascontiguousarray(fixed, dtype=np.float32))
+    m = itk.image_from_array(np.ascontiguousarray(moving, dtype=np.float32))
+    po = itk.ParameterObject.New()
+    p = po.GetDefaultParameterMap("affine", 3)
+    p["Metric"] = ["AdvancedMeanSquares"]
+    p["ImageSampler"] = ["Random"]
+    p["NumberOfSpatialSamples"] = [str(samples)]
+    p["AutomaticTransformInitialization"] = ["true"]
+    p["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
+    p["WriteResultImage"] = ["false"]
+    po.AddParameterMap(p)
+    _, tp = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
+                                            number_of_threads=int(threads))
+    par = np.array([float(v) for v in tp.GetParameter(0, "TransformParameters")])
+    c = np.array([float(v) for v in tp.GetParameter(0, "CenterOfRotationPoint")])
+    a, t = par[:9].reshape(3, 3), par[9:]
+    xyz = np.eye(4)
+    xyz[:3, :3] = a
+    xyz[:3, 3] = t + c - a @ c
+    perm = np.eye(4)[[2, 1, 0, 3]]
+    return perm @ xyz @ perm
+
+
+def numba_compile_seconds() -> dict:
+    """First-call time of a small registration in a fresh process: empty numba cache, then warm cache."""
+    code = ("import time, numpy as np, gpureg; from gpureg.register import register_affine; "
+            "f = gpureg.two_particle_phantom((32,) * 3); t = time.perf_counter(); "
+            "register_affine(f, f, device='cpu', binarize=True, denoise='despeckle'); "
+            "register_affine(f, f, device='cpu', binarize=False); print(time.perf_counter() - t)")
+    root = str(Path(__file__).resolve().parents[1])
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, PYTHONPATH=root)
+        for key in ("first_call", "cached_first_call"):
+            cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+            cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            out[key + "_s"] = round(float(r.stdout.strip().splitlines()[-1]), 2) if r.returncode == 0 else r.stderr[-300:]
+            out[key + "_process_cpu_s"] = round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2)
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--ref-repeats", type=int, default=1, help="SimpleITK repeats (minutes each at 128^3)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--quick", action="store_true", help="64^3 only, one repeat, no warm-up")
-    ap.add_argument("--no-sitk", action="store_true", help="skip SimpleITK")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 192])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sitk-max", type=int, default=128, help="largest size for SimpleITK with 10 %% sampling")
+    ap.add_argument("--sitk-full-max", type=int, default=64, help="largest size for full-sampling SimpleITK")
+    ap.add_argument("--quick", action="store_true", help="64^3 only, one round")
+    ap.add_argument("--no-peers", action="store_true", help="gpureg only")
     args = ap.parse_args(argv)
-    sizes, repeats, warmup = ([64], 1, 0) if args.quick else (args.sizes, args.repeats, 1)
+    sizes, rounds = ([64], 1) if args.quick else (args.sizes, args.rounds)
+    os.environ["GPUREG_THREADS"] = str(args.threads)
     from gpureg.validate.sitk import register_sitk, sitk_available
 
-    use_sitk = sitk_available() and not args.no_sitk
-    rows = []
+    compile_s = numba_compile_seconds()
+    print("numba:", compile_s, flush=True)
+    peers = {}
+    if not args.no_peers:
+        if sitk_available():
+            peers["SimpleITK 10%"] = lambda f, m: _sitk(register_sitk, f, m, args.threads, 0.1)
+            peers["SimpleITK full"] = lambda f, m: _sitk(register_sitk, f, m, args.threads, None)
+        try:
+            import itk  # noqa: F401
+
+            peers["elastix"] = lambda f, m: register_elastix(f, m, threads=args.threads)
+        except ImportError:
+            print("itk-elastix not installed; skipping elastix", flush=True)
+    rows, loads = [], []
     for size in sizes:
-        f, m, mask, truth = make_pair(size)
-        ms, res = median_time(lambda: register_prepared(f, m), repeats=repeats, warmup=warmup)
-        row = {"case": "binarized two-particle, known affine", "size": size, "registration_ms": round(ms, 1),
-               "passes_per_level": res.iterations, "error_vox": round(gpureg.displacement_error(res.matrix, truth, mask=mask)[0], 4)}
-        if use_sitk:
-            ref_ms, (mat, _) = median_time(lambda: register_sitk(f, m, threads=args.threads),
-                                         repeats=1 if args.quick else args.ref_repeats, warmup=0)
-            row.update(reference="SimpleITK", reference_ms=round(ref_ms, 1), reference_threads=args.threads,
-                       reference_repeats=1 if args.quick else args.ref_repeats,
-                       reference_error_vox=round(gpureg.displacement_error(mat, truth, mask=mask)[0], 4),
-                       ratio=round(ref_ms / ms, 2))
-        print(row, flush=True)
-        rows.append(row)
-    save("register_cpu", "cpu", rows, extra={"quick": args.quick, "threads": args.threads})
+        for noise in (0.0, NOISE):
+            for binarize in (True, False):
+                fixed, moving, f, m, mask, truth, den = make_pair(size, noise, binarize)
+
+                def ours():
+                    return register_affine(fixed, moving, device="cpu", binarize=binarize, denoise=den).matrix
+
+                methods = {"gpureg": ours}
+                for name, fn in peers.items():
+                    if (name == "SimpleITK full" and size > args.sitk_full_max) or (
+                            name.startswith("SimpleITK") and size > args.sitk_max):
+                        continue
+                    methods[name] = lambda fn=fn, f=f, m=m: fn(f, m)
+                ours()  # warm-up (numba compiled and cached; page cache)
+                times = {k: [] for k in methods}
+                errors = {}
+                for _ in range(rounds):
+                    loads.append(os.getloadavg()[0])
+                    for name, fn in methods.items():
+                        t0 = time.perf_counter()
+                        mat = fn()
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+                        errors[name] = gpureg.displacement_error(mat, truth, mask=mask)[0]
+                case = f"{'binarized' if binarize else 'raw'}, {'noise-free' if not noise else f'{int(NOISE * 100)} % salt-and-pepper'}"
+                ms = statistics.median(times["gpureg"])
+                row = {"case": case, "size": size, "registration_ms": round(ms, 1),
+                       "ns_per_voxel": round(ms * 1e6 / size**3, 1), "error_vox": round(errors["gpureg"], 4),
+                       "denoise": den, "rounds": rounds, "threads": args.threads, "peers": {}}
+                for name in methods:
+                    if name == "gpureg":
+                        continue
+                    ref_ms = statistics.median(times[name])
+                    row["peers"][name] = {"ms": round(ref_ms, 1), "ns_per_voxel": round(ref_ms * 1e6 / size**3, 1),
+                                          "error_vox": round(errors[name], 4), "ratio": round(ref_ms / ms, 2)}
+                if "elastix" in row["peers"]:
+                    e = row["peers"]["elastix"]
+                    row.update(reference="elastix", reference_ms=e["ms"], reference_error_vox=e["error_vox"],
+                               ratio=e["ratio"])
+                print(row, flush=True)
+                rows.append(row)
+    extra = {"quick": args.quick, "threads": args.threads, "numba": compile_s,
+             "load_average": {"median": round(statistics.median(loads), 2), "max": round(max(loads), 2)},
+             "note": "gpureg timed from raw volumes (preparation included); peers on gpureg's prepared arrays"}
+    save("register_cpu", "cpu", rows, extra=extra)
+
+
+def _sitk(register_sitk, f, m, threads, sampling):
+    if sampling is None:
+        return register_sitk(f, m, threads=threads)[0]
+    return register_sitk(f, m, threads=threads, sampling=sampling)[0]
 
 
 if __name__ == "__main__":

@@ -208,3 +208,16 @@ def test_noisy_registration_with_despeckle_is_as_accurate_as_clean():
     e_clean = tf.displacement_error(clean.matrix, truth, mask=labels > 0)[0]
     e_noisy = tf.displacement_error(noisy.matrix, truth, mask=labels > 0)[0]
     assert e_noisy < max(2 * e_clean, 0.1), (e_clean, e_noisy)
+
+
+def test_cli_threads_option_sets_the_kernel_thread_count(monkeypatch):
+    from typer.testing import CliRunner
+
+    from gpureg.cli.app import app
+
+    monkeypatch.delenv("GPUREG_THREADS", raising=False)
+    r = CliRunner().invoke(app, ["--threads", "1", "info"])
+    assert r.exit_code == 0, r.output
+    assert cpu_kernels.threads() == 1
+    monkeypatch.delenv("GPUREG_THREADS", raising=False)
+    assert CliRunner().invoke(app, ["--threads", "0", "info"]).exit_code != 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import typer
 
@@ -91,8 +92,15 @@ def _version(value: bool):
 @app.callback()
 def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress details."),
           version: bool = typer.Option(False, "--version", help="Print the version and exit.", metavar="",
-                                       callback=_version, is_eager=True)):
+                                       callback=_version, is_eager=True),
+          threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                                help="CPU threads of the compiled kernels (default: all cores; "
+                                                     "same as GPUREG_THREADS).")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if threads is not None:
+        import os
+
+        os.environ["GPUREG_THREADS"] = str(threads)
 
 
 def main(argv=None):
