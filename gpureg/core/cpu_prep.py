@@ -37,8 +37,8 @@ def gaussian_filter(volume, sigma: float) -> np.ndarray:
     nb.set_num_threads(threads())
     a = np.empty_like(v)
     b = np.empty_like(v)
-    _smooth_z(v, w, a)
-    _smooth_y(a, w, b)
+    _smooth_zy(v, w, a, 0)
+    _smooth_zy(a, w, b, 1)
     _smooth_x(b, w, a)
     return a
 
@@ -85,8 +85,10 @@ def minmax(volume) -> tuple[float, float, bool]:
     if v.size == 0:
         raise ValueError("empty volume")
     nb.set_num_threads(threads())
-    lo, hi, finite = _minmax(v, max(1, min(64, v.size // 65536)))
-    return float(lo), float(hi), bool(finite)
+    chunks = max(1, min(64, v.size // 65536))
+    los, his, ok = np.empty(chunks, np.float32), np.empty(chunks, np.float32), np.empty(chunks, np.bool_)
+    _minmax(v, los, his, ok)
+    return float(los.min()), float(his.max()), bool(ok.all())
 
 
 def histogram(volume, bins: int, lo: float, hi: float) -> np.ndarray:
@@ -100,7 +102,7 @@ def histogram(volume, bins: int, lo: float, hi: float) -> np.ndarray:
     return parts.sum(axis=0)
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _reflect(i, n):
     # scipy's "reflect" (d c b a | a b c d | d c b a), any distance outside
     period = 2 * n
@@ -109,35 +111,23 @@ def _reflect(i, n):
 
 
 @nb.njit(parallel=True, cache=True)
-def _smooth_z(v, w, out):
+def _smooth_zy(v, w, out, axis):
+    # One pass along z (axis 0) or y (axis 1): whole rows at once, vectorised along x.
     nz, ny, nx = v.shape
     r = w.size - 1
-    for z in nb.prange(nz):
+    for zu in nb.prange(nz):
+        z = np.int64(zu)
         acc = np.empty(nx)
         for y in range(ny):
             for x in range(nx):
                 acc[x] = np.float64(v[z, y, x]) * w[0]
             for j in range(1, r + 1):
-                zp, zm = _reflect(z + j, nz), _reflect(z - j, nz)
+                if axis == 0:
+                    zp, zm, yp, ym = _reflect(z + j, nz), _reflect(z - j, nz), y, y
+                else:
+                    zp, zm, yp, ym = z, z, _reflect(y + j, ny), _reflect(y - j, ny)
                 for x in range(nx):
-                    acc[x] += (np.float64(v[zp, y, x]) + np.float64(v[zm, y, x])) * w[j]
-            for x in range(nx):
-                out[z, y, x] = np.float32(acc[x])
-
-
-@nb.njit(parallel=True, cache=True)
-def _smooth_y(v, w, out):
-    nz, ny, nx = v.shape
-    r = w.size - 1
-    for z in nb.prange(nz):
-        acc = np.empty(nx)
-        for y in range(ny):
-            for x in range(nx):
-                acc[x] = np.float64(v[z, y, x]) * w[0]
-            for j in range(1, r + 1):
-                yp, ym = _reflect(y + j, ny), _reflect(y - j, ny)
-                for x in range(nx):
-                    acc[x] += (np.float64(v[z, yp, x]) + np.float64(v[z, ym, x])) * w[j]
+                    acc[x] += (np.float64(v[zp, yp, x]) + np.float64(v[zm, ym, x])) * w[j]
             for x in range(nx):
                 out[z, y, x] = np.float32(acc[x])
 
@@ -192,7 +182,7 @@ def _median3(v, out, switching, lo, hi, jump):
     return changed.sum()
 
 
-@nb.njit(inline="always", cache=True)
+@nb.njit(cache=True)
 def _select(a, k):
     # Hoare's quickselect: the k-th smallest of a (reordered in place).
     lo, hi = 0, a.size - 1
@@ -218,11 +208,8 @@ def _select(a, k):
 
 
 @nb.njit(parallel=True, cache=True)
-def _minmax(v, chunks):
-    n = v.size
-    los = np.empty(chunks, dtype=np.float32)
-    his = np.empty(chunks, dtype=np.float32)
-    ok = np.ones(chunks, dtype=np.bool_)
+def _minmax(v, los, his, ok):
+    n, chunks = v.size, los.size
     for c in nb.prange(chunks):
         a, b = c * n // chunks, (c + 1) * n // chunks
         lo, hi = np.inf, -np.inf
@@ -235,7 +222,6 @@ def _minmax(v, chunks):
             lo = min(lo, x)
             hi = max(hi, x)
         los[c], his[c], ok[c] = lo, hi, good
-    return los.min(), his.max(), ok.all()
 
 
 @nb.njit(parallel=True, cache=True)
