@@ -41,13 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
+from common import save
 
-import gpureg  # noqa: E402
-from common import save  # noqa: E402
-from gpureg.core import transform as tf  # noqa: E402
-from gpureg.register import prepare_volume, register_affine  # noqa: E402
-from gpureg.validate import salt_and_pepper  # noqa: E402
+import gpureg
+from gpureg.core import transform as tf
+from gpureg.register import prepare_volume, register_affine
+from gpureg.validate import salt_and_pepper
 
 NOISE = 0.10
 
@@ -128,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sitk-max", type=int, default=128, help="largest size for SimpleITK with 10 %% sampling")
     ap.add_argument("--sitk-full-max", type=int, default=64, help="largest size for full-sampling SimpleITK")
+    ap.add_argument("--sitk-rounds", type=int, default=1, help="rounds with SimpleITK (the first ones; minutes each)")
     ap.add_argument("--quick", action="store_true", help="64^3 only, one round")
     ap.add_argument("--no-peers", action="store_true", help="gpureg only")
     args = ap.parse_args(argv)
@@ -154,7 +155,7 @@ def main(argv=None):
             for binarize in (True, False):
                 fixed, moving, f, m, mask, truth, den = make_pair(size, noise, binarize)
 
-                def ours():
+                def ours(fixed=fixed, moving=moving, binarize=binarize, den=den):
                     return register_affine(fixed, moving, device="cpu", binarize=binarize, denoise=den).matrix
 
                 methods = {"gpureg": ours}
@@ -166,9 +167,11 @@ def main(argv=None):
                 ours()  # warm-up (numba compiled and cached; page cache)
                 times = {k: [] for k in methods}
                 errors = {}
-                for _ in range(rounds):
+                for k in range(rounds):
                     loads.append(os.getloadavg()[0])
                     for name, fn in methods.items():
+                        if name.startswith("SimpleITK") and k >= args.sitk_rounds:
+                            continue
                         t0 = time.perf_counter()
                         mat = fn()
                         times[name].append((time.perf_counter() - t0) * 1e3)
@@ -177,12 +180,13 @@ def main(argv=None):
                 ms = statistics.median(times["gpureg"])
                 row = {"case": case, "size": size, "registration_ms": round(ms, 1),
                        "ns_per_voxel": round(ms * 1e6 / size**3, 1), "error_vox": round(errors["gpureg"], 4),
-                       "denoise": den, "rounds": rounds, "threads": args.threads, "peers": {}}
+                       "denoise": den, "rounds": rounds, "threads": args.threads,
+                       "load_average": round(statistics.median(loads[-rounds:]), 1), "peers": {}}
                 for name in methods:
                     if name == "gpureg":
                         continue
                     ref_ms = statistics.median(times[name])
-                    row["peers"][name] = {"ms": round(ref_ms, 1), "ns_per_voxel": round(ref_ms * 1e6 / size**3, 1),
+                    row["peers"][name] = {"ms": round(ref_ms, 1), "rounds": len(times[name]), "ns_per_voxel": round(ref_ms * 1e6 / size**3, 1),
                                           "error_vox": round(errors[name], 4), "ratio": round(ref_ms / ms, 2)}
                 if "elastix" in row["peers"]:
                     e = row["peers"]["elastix"]

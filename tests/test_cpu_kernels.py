@@ -19,15 +19,15 @@ kernels reproduce their arithmetic exactly.
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_voxel_math import CASES, _mse_sums, _pair, lib  # noqa: F401  (the g++ harness and its fixture)
 
 import gpureg
 from gpureg.core import cpu_kernels, cpu_prep, metric, segment
 from gpureg.core import transform as tf
-from gpureg.register import prepare_volume, register_affine
 from gpureg.register import prepare as prep
+from gpureg.register import prepare_volume, register_affine
 from gpureg.synth.phantom import two_particle_phantom
 from gpureg.validate import salt_and_pepper
-from test_voxel_math import CASES, _mse_sums, _pair, lib  # noqa: F401  (the g++ harness and its fixture)
 
 TOL = 1e-5
 
@@ -99,8 +99,11 @@ def test_sparse_support_skip_is_exact(numpy_engine, case):
 
 
 def test_pass_is_deterministic_for_any_thread_count(monkeypatch):
-    fixed, moving = _pair()
-    matrix = CASES["small affine"]
+    shape = (44, 40, 48)  # above SMALL_VOLUME, so the threads are used
+    assert np.prod(shape) >= cpu_kernels.SMALL_VOLUME
+    fixed = two_particle_phantom(shape, seed=1)
+    moving = two_particle_phantom(shape, tf.rotation_matrix(3.0, (1, 1, 0), tf.grid_center(shape)), seed=1)
+    matrix = tf.matrix_from_params([0.01, 0, 0, 0, -0.02, 0, 0, 0, 0.01, 0.5, 0.2, -0.3], tf.grid_center(shape))
     runs = []
     for n in ("1", "2", "3"):
         monkeypatch.setenv("GPUREG_THREADS", n)

@@ -28,12 +28,17 @@ import numpy as np
 from .cuda import N_MONOMIALS, N_TERMS, affine_args, unpack_terms
 from .terms import MetricTerms
 
-__all__ = ["cell_support", "center_of_mass", "downsample2", "mse_terms", "resample_affine", "set_threads", "threads"]
+__all__ = ["cell_support", "center_of_mass", "downsample2", "mse_terms", "resample_affine", "set_threads", "threads",
+           "use_threads"]
 
 _ROW_TERMS = 26  # kS0..kCount of voxel_math.cuh
 _LIM = np.float32(1.0e9)
 _F0, _F1 = np.float32(0.0), np.float32(1.0)
 _NO_MASK = np.zeros((1, 1, 1), dtype=np.bool_)
+# Below this many voxels a kernel runs on the calling thread only: a pass over a
+# 32^3 pyramid level takes well under a millisecond, less than waking the other
+# threads costs when the machine is shared (loads of 5-14 on 2 cores here).
+SMALL_VOLUME = 1 << 16
 
 
 def threads() -> int:
@@ -64,6 +69,13 @@ def set_threads(n: int | None) -> int:
     return threads()
 
 
+def use_threads(n_voxels: int) -> int:
+    """Set numba's thread count for a kernel over ``n_voxels`` (1 below :data:`SMALL_VOLUME`); returns it."""
+    n = 1 if n_voxels < SMALL_VOLUME else threads()
+    nb.set_num_threads(n)
+    return n
+
+
 def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, support=None) -> MetricTerms:
     """One fused compiled pass: the :class:`MetricTerms` of :func:`gpureg.core.metric.mse_terms`.
 
@@ -90,7 +102,7 @@ def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, su
     sup = _NO_MASK if support is None else np.ascontiguousarray(support, dtype=np.bool_)
     aff = np.array(affine_args(matrix, center), dtype=np.float32)
     planes = np.zeros((fixed.shape[0], _ROW_TERMS, N_MONOMIALS))
-    nb.set_num_threads(threads())
+    use_threads(fixed.size)
     _mse_planes(fixed, moving, msk, mask is not None, sup, support is not None, aff, bool(hessian), planes)
     sums = np.zeros((N_TERMS, N_MONOMIALS))
     sums[:_ROW_TERMS] = planes.sum(axis=0)
@@ -106,7 +118,7 @@ def resample_affine(volume, matrix, out_shape, cval: float = 0.0) -> np.ndarray:
     if min(volume.shape) < 2:
         raise ValueError(f"volume must be at least 2 voxels along every axis, got shape {volume.shape}")
     aff = np.array(affine_args(matrix, np.zeros(3)), dtype=np.float32)
-    nb.set_num_threads(threads())
+    use_threads(out.size)
     _resample(volume, aff, np.float32(cval), out)
     return out
 
@@ -115,7 +127,7 @@ def cell_support(moving) -> np.ndarray:
     """Compiled :func:`gpureg.core.metric.cell_support` (any non-zero corner of each cell)."""
     v = np.ascontiguousarray(moving, dtype=np.float32)
     out = np.empty(v.shape, dtype=np.bool_)
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     _support(v, out)
     return out
 
@@ -125,7 +137,7 @@ def downsample2(volume) -> np.ndarray:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     out = np.empty(tuple(n // 2 for n in v.shape), dtype=np.float32)
     if out.size:
-        nb.set_num_threads(threads())
+        use_threads(v.size)
         _downsample2(v, out)
     return out
 
@@ -135,7 +147,7 @@ def center_of_mass(volume) -> np.ndarray:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     med = np.float32(np.median(v))
     planes = np.zeros((v.shape[0], 4))
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     _moments(v, med, planes)
     m = planes.sum(axis=0)
     if not m[0] > 0:

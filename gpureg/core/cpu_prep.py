@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import threads
+from .cpu_kernels import use_threads
 
 __all__ = ["despeckle", "gaussian_filter", "histogram", "median3", "minmax"]
 
@@ -34,7 +34,7 @@ def gaussian_filter(volume, sigma: float) -> np.ndarray:
     x = np.arange(-radius, radius + 1)
     w = np.exp(-0.5 / float(sigma) ** 2 * x**2)
     w = (w / w.sum())[radius:].copy()  # w[0] centre, w[j] = weight of offsets +-j
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     a = np.empty_like(v)
     b = np.empty_like(v)
     _smooth_zy(v, w, a, 0)
@@ -47,7 +47,7 @@ def median3(volume) -> np.ndarray:
     """``scipy.ndimage.median_filter(volume, size=3)`` (reflect at the faces), multithreaded."""
     v = np.ascontiguousarray(volume, dtype=np.float32)
     out = np.empty_like(v)
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     _median3(v, out, False, np.float32(0), np.float32(0), np.float32(0))
     return out
 
@@ -74,7 +74,7 @@ def despeckle(volume) -> tuple[np.ndarray, float]:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     lo, hi, _ = minmax(v)
     out = np.empty_like(v)
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     n = _median3(v, out, True, np.float32(lo), np.float32(hi), np.float32((hi - lo) / 4))
     return out, float(n) / max(v.size, 1)
 
@@ -84,7 +84,7 @@ def minmax(volume) -> tuple[float, float, bool]:
     v = np.ascontiguousarray(volume, dtype=np.float32).reshape(-1)
     if v.size == 0:
         raise ValueError("empty volume")
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     chunks = max(1, min(64, v.size // 65536))
     los, his, ok = np.empty(chunks, np.float32), np.empty(chunks, np.float32), np.empty(chunks, np.bool_)
     _minmax(v, los, his, ok)
@@ -97,7 +97,7 @@ def histogram(volume, bins: int, lo: float, hi: float) -> np.ndarray:
     edges = np.linspace(lo, hi, bins + 1)
     chunks = max(1, min(64, v.size // 65536))
     parts = np.zeros((chunks, bins), dtype=np.int64)
-    nb.set_num_threads(threads())
+    use_threads(v.size)
     _histogram(v, edges, bins / (edges[-1] - edges[0]), parts)
     return parts.sum(axis=0)
 
