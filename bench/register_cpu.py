@@ -17,7 +17,8 @@ preparation not timed:
 All methods use ``--threads`` threads (default 2). Rounds are interleaved (one
 run of every method on a pair, then the next round), so load from other
 processes hits all methods alike; times are medians over rounds after one
-warm-up of gpureg. Error: mean displacement from the truth over the particle
+warm-up of gpureg; ``cpu_ms`` is the process CPU time (all threads) of each run,
+less sensitive than wall time to a loaded machine. Error: mean displacement from the truth over the particle
 voxels. Also reported: time per voxel, the load average, and numba's
 first-call compile time (empty cache) and cached start-up, in subprocesses.
 
@@ -166,27 +167,32 @@ def main(argv=None):
                     methods[name] = lambda fn=fn, f=f, m=m: fn(f, m)
                 ours()  # warm-up (numba compiled and cached; page cache)
                 times = {k: [] for k in methods}
+                cpu = {k: [] for k in methods}
                 errors = {}
                 for k in range(rounds):
                     loads.append(os.getloadavg()[0])
                     for name, fn in methods.items():
                         if name.startswith("SimpleITK") and k >= args.sitk_rounds:
                             continue
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         mat = fn()
                         times[name].append((time.perf_counter() - t0) * 1e3)
+                        cpu[name].append((time.process_time() - c0) * 1e3)
                         errors[name] = gpureg.displacement_error(mat, truth, mask=mask)[0]
                 case = f"{'binarized' if binarize else 'raw'}, {'noise-free' if not noise else f'{int(NOISE * 100)} % salt-and-pepper'}"
                 ms = statistics.median(times["gpureg"])
                 row = {"case": case, "size": size, "registration_ms": round(ms, 1),
                        "ns_per_voxel": round(ms * 1e6 / size**3, 1), "error_vox": round(errors["gpureg"], 4),
+                       "cpu_ms": round(statistics.median(cpu["gpureg"]), 1),
                        "denoise": den, "rounds": rounds, "threads": args.threads,
                        "load_average": round(statistics.median(loads[-rounds:]), 1), "peers": {}}
                 for name in methods:
                     if name == "gpureg":
                         continue
                     ref_ms = statistics.median(times[name])
-                    row["peers"][name] = {"ms": round(ref_ms, 1), "rounds": len(times[name]), "ns_per_voxel": round(ref_ms * 1e6 / size**3, 1),
+                    ref_cpu = statistics.median(cpu[name])
+                    row["peers"][name] = {"ms": round(ref_ms, 1), "rounds": len(times[name]), "cpu_ms": round(ref_cpu, 1),
+                                          "cpu_ratio": round(ref_cpu / statistics.median(cpu["gpureg"]), 2), "ns_per_voxel": round(ref_ms * 1e6 / size**3, 1),
                                           "error_vox": round(errors[name], 4), "ratio": round(ref_ms / ms, 2)}
                 if "elastix" in row["peers"]:
                     e = row["peers"]["elastix"]
