@@ -4,8 +4,9 @@ The CPU twin of ``kernels/affine.cu`` / ``kernels/volume.cu``: the same
 per-voxel arithmetic as ``kernels/voxel_math.cuh`` (``q = p + u`` with
 ``u = D (p - c) + t`` in float32, the cell and out-of-bounds rule of
 ``cell_1d``, interpolation along x, then y, then z), one reference row per
-task, the 26 row sums of ``accumulate_voxel`` per row (float64 here instead
-of the header's float32) folded per row with the monomials
+task, the 26 row sums of ``accumulate_voxel`` per row. Interpolation and
+sums are float64 here (float32 in the header): integer positions then
+interpolate exactly, as in the NumPy reference (the identity gives ``r = 0``) folded per row with the monomials
 ``1, z', y', z'^2, z'y', y'^2`` (``combine_row``) into per-plane sums, so
 :func:`gpureg.core.cuda.unpack_terms` assembles both backends' results.
 Planes are summed in a fixed order, so a pass is deterministic for any
@@ -207,32 +208,35 @@ def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessia
                 if use_support and f == _F0 and not support[iz, iy, ix]:
                     cnt += 1  # r = 0 and g = 0: only the count changes
                     continue
-                v000 = moving[iz, iy, ix]
-                v001 = moving[iz, iy, ix + 1]
-                v010 = moving[iz, iy + 1, ix]
-                v011 = moving[iz, iy + 1, ix + 1]
-                v100 = moving[iz + 1, iy, ix]
-                v101 = moving[iz + 1, iy, ix + 1]
-                v110 = moving[iz + 1, iy + 1, ix]
-                v111 = moving[iz + 1, iy + 1, ix + 1]
+                # float64 from here on (the header stays in float32): exact at integer
+                # positions, as the NumPy reference (identity gives r = 0 exactly)
+                v000 = np.float64(moving[iz, iy, ix])
+                v001 = np.float64(moving[iz, iy, ix + 1])
+                v010 = np.float64(moving[iz, iy + 1, ix])
+                v011 = np.float64(moving[iz, iy + 1, ix + 1])
+                v100 = np.float64(moving[iz + 1, iy, ix])
+                v101 = np.float64(moving[iz + 1, iy, ix + 1])
+                v110 = np.float64(moving[iz + 1, iy + 1, ix])
+                v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
+                wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
                 dx00 = v001 - v000
                 dx01 = v011 - v010
                 dx10 = v101 - v100
                 dx11 = v111 - v110
-                c00 = fx * dx00 + v000
-                c01 = fx * dx01 + v010
-                c10 = fx * dx10 + v100
-                c11 = fx * dx11 + v110
+                c00 = wx * dx00 + v000
+                c01 = wx * dx01 + v010
+                c10 = wx * dx10 + v100
+                c11 = wx * dx11 + v110
                 dy0 = c01 - c00
                 dy1 = c11 - c10
-                c0 = fy * dy0 + c00
-                c1 = fy * dy1 + c10
-                r = np.float64(fz * (c1 - c0) + c0) - np.float64(f)
-                g0 = np.float64(c1 - c0)
-                g1 = np.float64(fz * (dy1 - dy0) + dy0)
-                lx0 = fy * (dx01 - dx00) + dx00
-                lx1 = fy * (dx11 - dx10) + dx10
-                g2 = np.float64(fz * (lx1 - lx0) + lx0)
+                c0 = wy * dy0 + c00
+                c1 = wy * dy1 + c10
+                r = (wz * (c1 - c0) + c0) - np.float64(f)
+                g0 = c1 - c0
+                g1 = wz * (dy1 - dy0) + dy0
+                lx0 = wy * (dx01 - dx00) + dx00
+                lx1 = wy * (dx11 - dx10) + dx10
+                g2 = wz * (lx1 - lx0) + lx0
                 e = np.float64(ex)
                 if hessian:
                     h0, h1, h2 = g0 * e, g1 * e, g2 * e
@@ -294,13 +298,18 @@ def _resample(vol, aff, cval, out):
                 if not (okz and oky and okx):
                     out[z, y, x] = cval
                     continue
-                c00 = fx * (vol[iz, iy, ix + 1] - vol[iz, iy, ix]) + vol[iz, iy, ix]
-                c01 = fx * (vol[iz, iy + 1, ix + 1] - vol[iz, iy + 1, ix]) + vol[iz, iy + 1, ix]
-                c10 = fx * (vol[iz + 1, iy, ix + 1] - vol[iz + 1, iy, ix]) + vol[iz + 1, iy, ix]
-                c11 = fx * (vol[iz + 1, iy + 1, ix + 1] - vol[iz + 1, iy + 1, ix]) + vol[iz + 1, iy + 1, ix]
-                c0 = fy * (c01 - c00) + c00
-                c1 = fy * (c11 - c10) + c10
-                out[z, y, x] = fz * (c1 - c0) + c0
+                v000, v001 = np.float64(vol[iz, iy, ix]), np.float64(vol[iz, iy, ix + 1])
+                v010, v011 = np.float64(vol[iz, iy + 1, ix]), np.float64(vol[iz, iy + 1, ix + 1])
+                v100, v101 = np.float64(vol[iz + 1, iy, ix]), np.float64(vol[iz + 1, iy, ix + 1])
+                v110, v111 = np.float64(vol[iz + 1, iy + 1, ix]), np.float64(vol[iz + 1, iy + 1, ix + 1])
+                gx, gy, gz = np.float64(fx), np.float64(fy), np.float64(fz)
+                c00 = gx * (v001 - v000) + v000
+                c01 = gx * (v011 - v010) + v010
+                c10 = gx * (v101 - v100) + v100
+                c11 = gx * (v111 - v110) + v110
+                c0 = gy * (c01 - c00) + c00
+                c1 = gy * (c11 - c10) + c10
+                out[z, y, x] = np.float32(gz * (c1 - c0) + c0)
 
 
 @nb.njit(parallel=True, cache=True)
