@@ -29,7 +29,7 @@ import os
 # unloaded it saves nothing measurable. A user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numba as nb  # noqa: E402
+import numba as nb
 import numpy as np
 
 from .cuda import N_MONOMIALS, N_TERMS, affine_args, unpack_terms
