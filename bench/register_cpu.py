@@ -4,9 +4,9 @@ For each size, a two-particle phantom pair with a known affine (rotation 6 deg
 about an oblique axis, anisotropic scale, shear, shift), noise-free or with
 10 % salt-and-pepper noise (independent in both volumes), registered
 binarized or raw (grey). gpureg is timed end to end from the raw volumes
-(``register_affine``: despeckle on the noisy cases, Otsu, Gaussian sigma 1,
+(``register_affine``: ``denoise="impulse"`` on the noisy cases, Otsu, Gaussian sigma 1,
 pyramid, Levenberg-Marquardt); the peers register the very arrays gpureg
-registers (its prepared volumes: despeckled, binarized, smoothed), their
+registers (its prepared volumes: impulses removed, binarized, smoothed), their
 preparation not timed:
 
 - SimpleITK: MeanSquares, affine, shrink 4/2/1, regular-step gradient descent
@@ -70,7 +70,7 @@ def make_pair(size, noise=0.0, binarize=True, device="cpu"):
     moving = gpureg.two_particle_phantom(shape, truth)
     if noise:
         fixed, moving = salt_and_pepper(fixed, noise, seed=size + 1), salt_and_pepper(moving, noise, seed=size + 2)
-    den = "despeckle" if noise else None
+    den = "impulse" if noise else None
     f = prepare_volume(fixed, device, binarize=binarize, denoise=den)
     m = prepare_volume(moving, device, binarize=binarize, denoise=den)
     return fixed, moving, f, m, labels > 0, truth, den
@@ -107,7 +107,7 @@ def numba_compile_seconds() -> dict:
     """First-call time of a small registration in a fresh process: empty numba cache, then warm cache."""
     code = ("import time, numpy as np, gpureg; from gpureg.register import register_affine; "
             "f = gpureg.two_particle_phantom((32,) * 3); t = time.perf_counter(); "
-            "register_affine(f, f, device='cpu', binarize=True, denoise='despeckle'); "
+            "register_affine(f, f, device='cpu', binarize=True, denoise='impulse'); "
             "register_affine(f, f, device='cpu', binarize=False); print(time.perf_counter() - t)")
     root = str(Path(__file__).resolve().parents[1])
     out = {}

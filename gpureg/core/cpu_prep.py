@@ -8,8 +8,11 @@ and :func:`gpureg.register.prepare_volume`, with the same results:
   between axes, the symmetric-kernel summation order of SciPy's ``correlate1d``);
 - :func:`median3` is ``scipy.ndimage.median_filter(v, size=3)`` (``mode="reflect"``);
 - :func:`histogram` is ``numpy.histogram(v, bins, range=(lo, hi))``;
-- :func:`despeckle` is a switching median for salt-and-pepper noise: only
-  voxels at the volume's minimum or maximum are replaced by their 3x3x3 median.
+- :func:`remove_impulses` is the arithmetic of
+  :func:`gpureg.core.segment.remove_impulses` (salt-and-pepper noise: each
+  voxel at the volume's minimum or maximum takes the mean of its non-extreme
+  neighbours), summed exactly per voxel instead of by SciPy's float32 box
+  filters (equal within float32 rounding, not bit for bit).
 
 numba is imported here only; callers import this module lazily when
 :func:`gpureg.core.backend.cpu_engine` is ``"numba"``.
@@ -22,7 +25,7 @@ import numpy as np
 
 from .cpu_kernels import use_threads
 
-__all__ = ["despeckle", "gaussian_filter", "histogram", "median3", "minmax"]
+__all__ = ["gaussian_filter", "histogram", "median3", "minmax", "remove_impulses"]
 
 
 def gaussian_filter(volume, sigma: float) -> np.ndarray:
@@ -48,35 +51,40 @@ def median3(volume) -> np.ndarray:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     out = np.empty_like(v)
     use_threads(v.size)
-    _median3(v, out, False, np.float32(0), np.float32(0), np.float32(0))
+    _median3(v, out)
     return out
 
 
-def despeckle(volume) -> tuple[np.ndarray, float]:
-    """Switching median against salt-and-pepper noise.
+def remove_impulses(volume, size: int = 3) -> tuple[np.ndarray, float]:
+    """Replace the saturated voxels of salt-and-pepper noise, multithreaded.
 
     Parameters
     ----------
     volume : (Z, Y, X) ndarray of float32
+    size : int
+        Edge of the neighbourhood cube, voxels (offsets ``-(size // 2)`` to
+        ``size - size // 2 - 1``, as ``scipy.ndimage.uniform_filter``; voxels
+        outside the volume are not neighbours).
 
     Returns
     -------
     out : (Z, Y, X) ndarray of float32
-        ``volume`` where every voxel equal to the volume's minimum or maximum is
-        replaced by the median of its 3x3x3 neighbourhood (reflect at the faces);
-        other voxels unchanged.
+        ``volume`` where every voxel at its minimum or maximum takes the mean of
+        the neighbours that are at neither; with no such neighbour, the extreme
+        held by more neighbours (the minimum on a tie). Other voxels unchanged.
+        ``volume`` itself (no copy) when it has a non-finite value.
     changed : float
-        Fraction of voxels whose value changed by more than a quarter of the
-        range (impulses: about half the salt-and-pepper fraction, the other
-        half landing on voxels already at that value; 0 for clean phantoms,
-        where only a few boundary voxels change, and by less).
+        Fraction of voxels changed by more than a quarter of the value range
+        (0 on clean phantoms, about half the salt-and-pepper fraction on noisy ones).
     """
     v = np.ascontiguousarray(volume, dtype=np.float32)
-    lo, hi, _ = minmax(v)
+    lo, hi, finite = minmax(v)
+    if not finite:
+        return volume, 0.0
     out = np.empty_like(v)
     use_threads(v.size)
-    n = _median3(v, out, True, np.float32(lo), np.float32(hi), np.float32((hi - lo) / 4))
-    return out, float(n) / max(v.size, 1)
+    n = _impulses(v, out, int(size), np.float32(lo), np.float32(hi), (hi - lo) / 4)
+    return out, float(n) / v.size
 
 
 def minmax(volume) -> tuple[float, float, bool]:
@@ -149,11 +157,10 @@ def _smooth_x(v, w, out):
 
 
 @nb.njit(parallel=True, cache=True)
-def _median3(v, out, switching, lo, hi, jump):
+def _median3(v, out):
     # For size 3, "reflect" is a clamp: index -1 -> 0, n -> n - 1. When at least 14
     # of the 27 values equal the centre, the median is the centre (no selection).
     nz, ny, nx = v.shape
-    changed = np.zeros(nz, dtype=np.int64)
     for z in nb.prange(nz):
         buf = np.empty(27, dtype=np.float32)
         zi = np.int64(z)
@@ -162,9 +169,6 @@ def _median3(v, out, switching, lo, hi, jump):
             ys = (max(y - 1, 0), y, min(y + 1, ny - 1))
             for x in range(nx):
                 c = v[z, y, x]
-                if switching and c != lo and c != hi:
-                    out[z, y, x] = c
-                    continue
                 xs = (max(x - 1, 0), x, min(x + 1, nx - 1))
                 k = 0
                 same = 0
@@ -175,9 +179,49 @@ def _median3(v, out, switching, lo, hi, jump):
                             buf[k] = b
                             same += b == c
                             k += 1
-                m = c if same >= 14 else _select(buf, 13)
+                out[z, y, x] = c if same >= 14 else _select(buf, 13)
+
+
+@nb.njit(parallel=True, cache=True)
+def _impulses(v, out, size, lo, hi, jump):
+    # Per extreme voxel: float64 sum and count of the non-extreme neighbours in the
+    # cube (clipped at the faces), counts of each extreme for the fallback.
+    nz, ny, nx = v.shape
+    a = -(size // 2)
+    b = size - size // 2 - 1
+    changed = np.zeros(nz, dtype=np.int64)
+    for zu in nb.prange(nz):
+        z = np.int64(zu)
+        z0, z1 = max(z + a, 0), min(z + b, nz - 1)
+        for y in range(ny):
+            y0, y1 = max(y + a, 0), min(y + b, ny - 1)
+            for x in range(nx):
+                c = v[z, y, x]
+                if c > lo and c < hi:
+                    out[z, y, x] = c
+                    continue
+                x0, x1 = max(x + a, 0), min(x + b, nx - 1)
+                acc = 0.0
+                good = 0
+                n_lo = 0
+                n_hi = 0
+                for zz in range(z0, z1 + 1):
+                    for yy in range(y0, y1 + 1):
+                        for xx in range(x0, x1 + 1):
+                            w = v[zz, yy, xx]
+                            if w <= lo:
+                                n_lo += 1
+                            elif w >= hi:
+                                n_hi += 1
+                            else:
+                                acc += w
+                                good += 1
+                if good > 0:
+                    m = np.float32(acc / good)
+                else:
+                    m = lo if n_lo >= n_hi else hi
                 out[z, y, x] = m
-                if abs(m - c) > jump:
+                if abs(np.float64(m) - np.float64(c)) > jump:
                     changed[z] += 1
     return changed.sum()
 

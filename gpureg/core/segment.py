@@ -6,10 +6,10 @@ import numpy as np
 
 from .backend import array_device, cpu_engine, ndimage_of, to_host, xp_of
 
-__all__ = ["binarize", "DENOISE", "denoise", "despeckle", "gaussian", "otsu_threshold", "partial_volume",
-           "particle_labels", "remove_impulses"]
+__all__ = ["binarize", "DENOISE", "denoise", "gaussian", "otsu_threshold", "partial_volume", "particle_labels",
+           "remove_impulses"]
 
-DENOISE = (None, "median", "gaussian", "impulse", "despeckle")
+DENOISE = (None, "median", "gaussian", "impulse")
 
 
 def otsu_threshold(volume, *, bins: int = 256) -> float:
@@ -63,10 +63,9 @@ def otsu_threshold(volume, *, bins: int = 256) -> float:
 def denoise(volume, method: str | None = "median", *, size: float = 3):
     """Filter a volume (same device): ``"median"`` (``size`` voxels wide, removes
     salt-and-pepper noise), ``"impulse"`` (:func:`remove_impulses`: only the
-    saturated voxels of salt-and-pepper noise are replaced, ``size`` voxels wide),
-    ``"gaussian"`` (sigma ``size / 3``), ``"despeckle"`` (:func:`despeckle`: a
-    compiled switching median of the saturated voxels, only when there are
-    impulses) or ``None`` (unchanged).
+    saturated voxels of salt-and-pepper noise are replaced, ``size`` voxels wide;
+    a clean volume is returned unchanged), ``"gaussian"`` (sigma ``size / 3``)
+    or ``None`` (unchanged).
     """
     if method not in DENOISE:
         raise ValueError(f"denoise must be one of {DENOISE}, got {method!r}")
@@ -74,8 +73,6 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
         return volume
     if method == "impulse":
         return remove_impulses(volume, size=int(size))
-    if method == "despeckle":
-        return despeckle(volume)
     if method == "gaussian":
         return gaussian(volume, size / 3.0)
     if int(size) == 3 and _compiled(volume):
@@ -83,45 +80,6 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
 
         return cpu_prep.median3(volume)
     return ndimage_of(volume).median_filter(volume, size=int(size))
-
-
-def despeckle(volume, *, min_fraction: float = 1e-3):
-    """Remove salt-and-pepper (impulse) noise, leaving clean volumes untouched.
-
-    A switching median: every voxel equal to the volume's minimum or maximum
-    (where salt-and-pepper noise puts its voxels) is replaced by the median of
-    its 3x3x3 neighbourhood (faces reflected); the other voxels keep their
-    value. When fewer than ``min_fraction`` of the voxels are impulses (changed
-    by more than a quarter of the value range; clean two-particle phantoms
-    have none, 10 % noise gives ~5 %) the volume is returned unchanged, so
-    registrations of clean data are exactly those without it.
-
-    Parameters
-    ----------
-    volume : (Z, Y, X) ndarray of float32
-        NumPy or CuPy (same device out).
-    min_fraction : float
-        Fraction of changed voxels below which nothing is changed.
-
-    Returns
-    -------
-    (Z, Y, X) ndarray of float32
-        Unlike a plain median it keeps edges and fine detail where there is no
-        noise, and it restores the sparsity of binarized volumes (the metric's
-        empty-cell skip) at 10-30 % noise.
-    """
-    if _compiled(volume):
-        from . import cpu_prep
-
-        out, changed = cpu_prep.despeckle(volume)
-    else:
-        xp = xp_of(volume)
-        v = xp.asarray(volume, dtype=xp.float32)
-        lo, hi = v.min(), v.max()
-        med = ndimage_of(v).median_filter(v, size=3)
-        out = xp.where((v == lo) | (v == hi), med, v)
-        changed = float((xp.abs(out - v) > (hi - lo) / 4).mean())
-    return out if changed >= min_fraction else volume
 
 
 def gaussian(volume, sigma: float):
@@ -137,14 +95,18 @@ def gaussian(volume, sigma: float):
     return ndimage_of(volume).gaussian_filter(volume, sigma=float(sigma))
 
 
-def remove_impulses(volume, *, size: int = 3):
+def remove_impulses(volume, *, size: int = 3, min_fraction: float = 1e-3):
     """Replace the saturated voxels of salt-and-pepper noise; leave every other voxel as it is.
 
     Salt-and-pepper noise sets voxels to the volume's extreme values. Each
     voxel at the minimum or the maximum takes the mean of the other voxels of
     its ``size``-wide cube that are not at an extreme; when there is none, the
-    majority extreme of the cube (then its median). Box filters only (fast on
-    CPU and GPU, 2x3 separable passes).
+    majority extreme of the cube (then its median). When fewer than
+    ``min_fraction`` of the voxels change by more than a quarter of the value
+    range, the volume is not noisy and is returned unchanged (the same
+    object): a clean phantom has none (its background, at the minimum, would
+    otherwise be lifted by up to 0.06 next to the particles), 0.1 % noise
+    about 0.05 %, 10 % noise about 5 %.
 
     Why not the median (issue 13): a 3x3x3 median erodes convex particles
     (curvature flow), and noise strengthens the erosion, so a noisy and a
@@ -155,17 +117,31 @@ def remove_impulses(volume, *, size: int = 3):
     median, 2-core CPU, loaded). It only targets saturated (min/max) voxels:
     for impulses at other values use ``"median"``.
 
+    On the CPU (numba engine, 3D float32) it runs compiled and multithreaded
+    (:func:`gpureg.core.cpu_prep.remove_impulses`, exact per-voxel sums); the
+    reference, and the CuPy path, use box filters (2x3 separable passes, float32
+    between them), equal within float32 rounding.
+
     Parameters
     ----------
     volume : (Z, Y, X) ndarray
         NumPy or CuPy (the result stays on the same device).
     size : int
         Edge of the neighbourhood cube, voxels.
+    min_fraction : float
+        Fraction of voxels changed by more than a quarter of the range below
+        which nothing is changed (0: always filter).
 
     Returns
     -------
     (Z, Y, X) ndarray of float32
+        ``volume`` itself (as float32) when it is not noisy.
     """
+    if _compiled(volume):
+        from . import cpu_prep
+
+        out, changed = cpu_prep.remove_impulses(volume, int(size))
+        return out if changed >= min_fraction else volume
     xp, nd = xp_of(volume), ndimage_of(volume)
     v = xp.asarray(volume, dtype=xp.float32)
     lo, hi = v.min(), v.max()
@@ -178,7 +154,9 @@ def remove_impulses(volume, *, size: int = 3):
                         >= nd.uniform_filter(at_hi.astype(xp.float32), **box), lo, hi)
     # weight is a multiple of 1 / size^3 up to rounding: > half of that means a non-extreme neighbour exists.
     fill = xp.where(weight > 0.5 / int(size) ** 3, mean, majority)
-    return xp.where(good > 0, v, fill).astype(xp.float32)
+    out = xp.where(good > 0, v, fill).astype(xp.float32)
+    changed = float((xp.abs(out - v) > (hi - lo) / 4).mean())
+    return out if changed >= min_fraction else v
 
 
 def binarize(volume, *, threshold: float | None = None, denoise: str | None = None, size: float = 3,

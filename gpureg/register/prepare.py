@@ -59,10 +59,10 @@ class Prep:
     ----------
     binarize : bool
         Register Otsu-binarized volumes (the reference method); False: grey levels.
-    denoise : {None, "impulse", "median", "gaussian", "despeckle"}
+    denoise : {None, "impulse", "median", "gaussian"}
         Filter applied first: saturated (salt-and-pepper) voxels replaced by
-        the mean of their unsaturated neighbours, median 3 voxels wide,
-        Gaussian sigma 1, or a switching median of the saturated voxels
+        the mean of their unsaturated neighbours (clean volumes unchanged),
+        median 3 voxels wide, or Gaussian sigma 1
         (:func:`gpureg.core.segment.denoise`).
     smooth : float
         Gaussian sigma (voxels) applied last.
