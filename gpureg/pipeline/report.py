@@ -10,25 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from ..figures.particles import edge_maps_figure, particle_mse_figure
-from ..io.results import ResultFile, read_result
+from ..io.results import ResultFile, ResultSummary, read_result
 
 __all__ = ["PipelineResult", "write_report"]
 
 @dataclass
-class PipelineResult:
-    """What a finished run produced."""
+class PipelineResult(ResultSummary):
+    """What a finished run produced: the result file's summary, where it is, and what this call did."""
 
-    output: Path
-    report_dir: Path | None
-    energies: np.ndarray
-    reference_index: int
-    matrices: np.ndarray
-    mse_before: np.ndarray
-    mse_after: np.ndarray
-    timings: dict = field(default_factory=dict)  # stage -> (n_energy,) seconds
+    output: Path | None = None
+    report_dir: Path | None = None
     resumed: int = 0  # energies taken from an interrupted run
     figures: list = field(default_factory=list)
-    excluded: dict = field(default_factory=dict)  # energy (eV) -> reason, left out (skip_bad_energies)
 
 
 def write_report(result_h5, outdir, *, name: str | None = None) -> list:

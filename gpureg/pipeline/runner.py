@@ -114,10 +114,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
                 os.replace(work, output)
                 _log.info("gpureg: finished %s%s", output, f" (without {', '.join(dropped)})" if dropped else "")
     summary = read_result(output)
-    result = PipelineResult(output=output, report_dir=None, energies=summary.energies,
-                            reference_index=summary.reference_index, matrices=summary.matrices,
-                            mse_before=summary.mse_before, mse_after=summary.mse_after, timings=summary.timings,
-                            resumed=resumed, excluded=summary.excluded)
+    result = PipelineResult(**vars(summary), output=output, resumed=resumed)
     if options.report:
         result.report_dir, result.figures = report, figures
     return result
