@@ -28,21 +28,32 @@ from .cpu_kernels import use_threads
 __all__ = ["gaussian_filter", "histogram", "median3", "minmax", "remove_impulses"]
 
 
-def gaussian_filter(volume, sigma: float) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter(volume, sigma)`` of a 3D float32 volume, multithreaded."""
+def gaussian_filter(volume, sigma: float, order=(0, 0, 0)) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(volume, sigma, order)`` of a 3D float32 volume, multithreaded.
+
+    ``order`` per axis is 0 (smoothing) or 1 (first derivative of the Gaussian,
+    SciPy's kernel ``-x / sigma^2 * phi(x)`` applied as a convolution).
+    """
     v = np.ascontiguousarray(volume, dtype=np.float32)
+    order = tuple(int(o) for o in order)
+    if len(order) != 3 or any(o not in (0, 1) for o in order):
+        raise ValueError(f"order must be three of 0 or 1, got {order}")
     if sigma <= 0:
+        if any(order):
+            raise ValueError(f"a derivative needs sigma > 0, got {sigma}")
         return v.copy()
     radius = int(4.0 * float(sigma) + 0.5)
     x = np.arange(-radius, radius + 1)
-    w = np.exp(-0.5 / float(sigma) ** 2 * x**2)
-    w = (w / w.sum())[radius:].copy()  # w[0] centre, w[j] = weight of offsets +-j
+    phi = np.exp(-0.5 / float(sigma) ** 2 * x**2)
+    phi = phi / phi.sum()
+    # (weights of offsets 0..radius, sign of the -j side): out = w0 v + sum_j w_j (v[+j] + sign v[-j]).
+    kernels = {0: (phi[radius:].copy(), 1.0), 1: ((x * phi / float(sigma) ** 2)[radius:].copy(), -1.0)}
     use_threads(v.size)
     a = np.empty_like(v)
     b = np.empty_like(v)
-    _smooth_zy(v, w, a, 0)
-    _smooth_zy(a, w, b, 1)
-    _smooth_x(b, w, a)
+    _smooth_zy(v, *kernels[order[0]], a, 0)
+    _smooth_zy(a, *kernels[order[1]], b, 1)
+    _smooth_x(b, *kernels[order[2]], a)
     return a
 
 
@@ -119,7 +130,7 @@ def _reflect(i, n):
 
 
 @nb.njit(parallel=True, cache=True)
-def _smooth_zy(v, w, out, axis):
+def _smooth_zy(v, w, sign, out, axis):
     # One pass along z (axis 0) or y (axis 1): whole rows at once, vectorised along x.
     nz, ny, nx = v.shape
     r = w.size - 1
@@ -135,13 +146,13 @@ def _smooth_zy(v, w, out, axis):
                 else:
                     zp, zm, yp, ym = z, z, _reflect(y + j, ny), _reflect(y - j, ny)
                 for x in range(nx):
-                    acc[x] += (np.float64(v[zp, yp, x]) + np.float64(v[zm, ym, x])) * w[j]
+                    acc[x] += (np.float64(v[zp, yp, x]) + sign * np.float64(v[zm, ym, x])) * w[j]
             for x in range(nx):
                 out[z, y, x] = np.float32(acc[x])
 
 
 @nb.njit(parallel=True, cache=True)
-def _smooth_x(v, w, out):
+def _smooth_x(v, w, sign, out):
     nz, ny, nx = v.shape
     r = w.size - 1
     for z in nb.prange(nz):
@@ -152,7 +163,7 @@ def _smooth_x(v, w, out):
             for x in range(nx):
                 acc = line[x + r] * w[0]
                 for j in range(1, r + 1):
-                    acc += (line[x + r + j] + line[x + r - j]) * w[j]
+                    acc += (line[x + r + j] + sign * line[x + r - j]) * w[j]
                 out[z, y, x] = np.float32(acc)
 
 

@@ -82,17 +82,18 @@ def denoise(volume, method: str | None = "median", *, size: float = 3):
     return ndimage_of(volume).median_filter(volume, size=int(size))
 
 
-def gaussian(volume, sigma: float):
-    """Gaussian filter of sigma ``sigma`` voxels (``scipy.ndimage.gaussian_filter``; same device).
+def gaussian(volume, sigma: float, order=(0, 0, 0)):
+    """Gaussian filter (or its first derivative along axes where ``order`` is 1) of sigma ``sigma`` voxels.
 
-    On the CPU it runs as compiled, multithreaded separable passes
-    (:mod:`gpureg.core.cpu_prep`, bit-identical to SciPy's float32 result).
+    ``scipy.ndimage.gaussian_filter(volume, sigma, order)`` on the same device. On the CPU
+    it runs as compiled, multithreaded separable passes (:mod:`gpureg.core.cpu_prep`,
+    bit-identical to SciPy's float32 result).
     """
     if _compiled(volume):
         from . import cpu_prep
 
-        return cpu_prep.gaussian_filter(volume, float(sigma))
-    return ndimage_of(volume).gaussian_filter(volume, sigma=float(sigma))
+        return cpu_prep.gaussian_filter(volume, float(sigma), order)
+    return ndimage_of(volume).gaussian_filter(volume, sigma=float(sigma), order=tuple(order))
 
 
 def remove_impulses(volume, *, size: int = 3, min_fraction: float = 1e-3):
@@ -249,10 +250,10 @@ def partial_volume(volume, threshold: float, *, ramp: float = 3.0, sigma: float 
     """
     if not ramp > 0:
         raise ValueError(f"ramp must be a width > 0 voxels, got {ramp!r}")
-    xp, nd = xp_of(volume), ndimage_of(volume)
+    xp = xp_of(volume)
     v = xp.asarray(volume, dtype=xp.float32)
     if sigma > 0:
-        grad = [nd.gaussian_filter(v, sigma=sigma, order=tuple(int(i == a) for i in range(3))) for a in range(3)]
+        grad = [gaussian(v, sigma, tuple(int(i == a) for i in range(3))) for a in range(3)]
     else:
         grad = xp.gradient(v)
     norm = xp.sqrt(grad[0] * grad[0] + grad[1] * grad[1] + grad[2] * grad[2])

@@ -150,6 +150,19 @@ def test_gaussian_is_scipy_bit_for_bit(sigma):
     np.testing.assert_array_equal(cpu_prep.gaussian_filter(small, 1.5), ndimage.gaussian_filter(small, 1.5))
 
 
+@pytest.mark.parametrize("order", [(1, 0, 0), (0, 1, 0), (0, 0, 1)])
+def test_gaussian_derivative_is_scipy_bit_for_bit(order):
+    # partial-volume binarization takes the gradient of the Gaussian-smoothed volume (sigma 0.7)
+    v = np.random.default_rng(7).random((20, 27, 33)).astype(np.float32)
+    for sigma in (0.7, 2.3):
+        np.testing.assert_array_equal(segment.gaussian(v, sigma, order), ndimage.gaussian_filter(v, sigma, order=order))
+    small = v[:3, :5, :4].copy()
+    np.testing.assert_array_equal(cpu_prep.gaussian_filter(small, 1.5, order),
+                                  ndimage.gaussian_filter(small, 1.5, order=order))
+    with pytest.raises(ValueError, match="order"):
+        cpu_prep.gaussian_filter(v, 1.0, (2, 0, 0))
+
+
 def test_median_and_otsu_are_scipy_numpy_bit_for_bit(numpy_engine):
     v = salt_and_pepper(two_particle_phantom((24, 30, 36), seed=4), 0.1, seed=1)
     np.testing.assert_array_equal(segment.denoise(v, "median"), ndimage.median_filter(v, size=3))
