@@ -20,6 +20,7 @@ Usage: ``python bench/chemistry.py [--quick] [--device auto|cpu|gpu] [--size N] 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,8 +116,9 @@ def main(argv=None):
         results.append(row)
         print(row, flush=True)
         del out
-    save("chemistry", dev, results, extra={"conditions": "2-core CPU shared with other jobs (loaded)"
-                                           if dev == "cpu" else "single GPU, stack streamed from host"})
+    load = [round(x, 2) for x in os.getloadavg()]  # measured, not assumed: timings on a shared CPU vary ~10x with load
+    save("chemistry", dev, results, extra={"conditions": ("CPU" if dev == "cpu" else "single GPU, stack streamed "
+                                                          "from host") + f"; load average (1, 5, 15 min) {load}"})
 
 
 if __name__ == "__main__":
