@@ -158,8 +158,11 @@ def _smooth_x(v, w, sign, out):
     for z in nb.prange(nz):
         line = np.empty(nx + 2 * r)
         for y in range(ny):
-            for k in range(nx + 2 * r):
+            for k in range(r):  # reflected borders; the interior copied as it is
                 line[k] = np.float64(v[z, y, _reflect(k - r, nx)])
+                line[nx + r + k] = np.float64(v[z, y, _reflect(nx + k, nx)])
+            for k in range(nx):
+                line[k + r] = np.float64(v[z, y, k])
             for x in range(nx):
                 acc = line[x + r] * w[0]
                 for j in range(1, r + 1):
