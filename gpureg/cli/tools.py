@@ -53,8 +53,8 @@ def register(
     check_file_target(check_suffix(output, (".json",) + HDF5_SUFFIXES, "-o/--output (the matrix)"))
     if aligned is not None:
         check_file_target(check_suffix(aligned, (".npy",) + HDF5_SUFFIXES, "--aligned (the volume)"))
-    f = load_volume(fixed, dataset)
-    m = load_volume(moving, dataset)
+    f = load_volume(fixed, dataset, finite=True)
+    m = load_volume(moving, dataset, finite=True)
     res = register_affine(f, m, device=device.value, binarize=not raw, model=model.value,
                           denoise=None if denoise is None else denoise.value, smooth=smooth)
     meta = {"mse_before": res.mse_before, "mse_after": res.mse_after, "iterations": res.iterations,

@@ -77,7 +77,7 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def load_volume(path, dataset: str | None = None) -> np.ndarray:
+def load_volume(path, dataset: str | None = None, *, finite: bool = False) -> np.ndarray:
     """Read one 3D volume from ``.npy`` or HDF5 (read-only).
 
     Parameters
@@ -87,6 +87,8 @@ def load_volume(path, dataset: str | None = None) -> np.ndarray:
     dataset : str, optional
         HDF5 dataset path; default: the only 3D dataset in the file, or
         ``/exchange/recon`` / ``/aligned`` when present.
+    finite : bool
+        Refuse a volume holding NaN or inf (:class:`InputError` naming the file and how many).
 
     Returns
     -------
@@ -100,7 +102,7 @@ def load_volume(path, dataset: str | None = None) -> np.ndarray:
             vol = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
             raise InputError(f"{path}: not a valid .npy file ({exc})") from None
-        return _check_3d(np.asarray(vol), f"{path}")
+        return _check_finite(_check_3d(np.asarray(vol), f"{path}"), f"{path}", finite)
     import h5py
 
     if not h5py.is_hdf5(path):
@@ -109,7 +111,7 @@ def load_volume(path, dataset: str | None = None) -> np.ndarray:
         name = dataset or _default_dataset(h5, path)
         if name not in h5:
             raise InputError(f"{path}: dataset {name!r} not found")
-        return _check_3d(np.asarray(h5[name]), f"{path}:{name}")
+        return _check_finite(_check_3d(np.asarray(h5[name]), f"{path}:{name}"), f"{path}:{name}", finite)
 
 
 def save_volume(path, volume, *, dataset: str = "volume", attrs: dict | None = None) -> Path:
@@ -187,4 +189,12 @@ def _default_dataset(h5, path):
 def _check_3d(vol, where):
     if vol.ndim != 3:
         raise InputError(f"{where}: expected a 3D (Z, Y, X) volume, got shape {vol.shape}")
+    return vol
+
+
+def _check_finite(vol, where, finite):
+    if finite and vol.dtype.kind == "f":
+        bad = int(vol.size - np.count_nonzero(np.isfinite(vol)))
+        if bad:
+            raise InputError(f"{where}: {bad} of {vol.size} voxels are NaN or inf (a volume to register must be finite)")
     return vol

@@ -120,3 +120,16 @@ def test_not_hdf5(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["register", str(bad), str(bad)])
     assert exc.value.code == 2
+
+
+def test_register_refuses_a_nan_volume_naming_the_file(pair, tmp_path, capsys):
+    d, _ = pair
+    vol = gpureg.two_particle_phantom((40, 40, 40))
+    vol[3, 4, 5] = np.nan
+    np.save(tmp_path / "holes.npy", vol)
+    with pytest.raises(SystemExit) as exc:
+        main(["register", str(d / "fixed.npy"), str(tmp_path / "holes.npy"), "-o", str(tmp_path / "m.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"gpureg: error: {tmp_path / 'holes.npy'}: 1 of 64000 voxels are NaN or inf (a volume to register must be finite)"
+    assert not (tmp_path / "m.json").exists()
