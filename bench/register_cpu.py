@@ -12,7 +12,8 @@ preparation not timed:
 - SimpleITK: MeanSquares, affine, shrink 4/2/1, regular-step gradient descent
   (:func:`gpureg.validate.register_sitk`), 10 % random sampling and full sampling;
 - elastix (itk-elastix): default affine map, AdvancedMeanSquares, 3 resolutions,
-  2048 random samples, centre-of-gravity initialisation.
+  2048 random samples, at most 256 iterations per level, centre-of-gravity initialisation
+  (:func:`gpureg.validate.elastix.register_elastix`, the validation sweep's setup).
 
 All methods use ``--threads`` threads (default 2). Rounds are interleaved (one
 run of every method on a pair, then the next round), so load from other
@@ -77,30 +78,10 @@ def make_pair(size, noise=0.0, binarize=True, device="cpu"):
 
 
 def register_elastix(fixed, moving, *, threads=2, samples=2048):
-    """elastix affine MSE registration; returns gpureg's moving_from_reference (z, y, x voxels)."""
-    import itk
+    """elastix affine MSE registration (:func:`gpureg.validate.elastix.register_elastix`, the validation's setup)."""
+    from gpureg.validate.elastix import register_elastix as elastix
 
-    f = itk.image_from_array(np.ascontiguousarray(fixed, dtype=np.float32))
-    m = itk.image_from_array(np.ascontiguousarray(moving, dtype=np.float32))
-    po = itk.ParameterObject.New()
-    p = po.GetDefaultParameterMap("affine", 3)
-    p["Metric"] = ["AdvancedMeanSquares"]
-    p["ImageSampler"] = ["Random"]
-    p["NumberOfSpatialSamples"] = [str(samples)]
-    p["AutomaticTransformInitialization"] = ["true"]
-    p["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
-    p["WriteResultImage"] = ["false"]
-    po.AddParameterMap(p)
-    _, tp = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False,
-                                            number_of_threads=int(threads))
-    par = np.array([float(v) for v in tp.GetParameter(0, "TransformParameters")])
-    c = np.array([float(v) for v in tp.GetParameter(0, "CenterOfRotationPoint")])
-    a, t = par[:9].reshape(3, 3), par[9:]
-    xyz = np.eye(4)
-    xyz[:3, :3] = a
-    xyz[:3, 3] = t + c - a @ c
-    perm = np.eye(4)[[2, 1, 0, 3]]
-    return perm @ xyz @ perm
+    return elastix(fixed, moving, samples=samples, threads=threads)[0]
 
 
 def numba_compile_seconds() -> dict:

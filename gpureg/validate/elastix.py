@@ -29,7 +29,7 @@ def elastix_available() -> bool:
 
 
 def register_elastix(fixed, moving, *, samples: int = 2048, resolutions: int = 3, iterations: int = 256,
-                     seed: int = 0):
+                     seed: int = 0, threads: int | None = None):
     """Register ``moving`` to ``fixed`` with elastix (affine, mean squares, random samples).
 
     Parameters
@@ -44,6 +44,8 @@ def register_elastix(fixed, moving, *, samples: int = 2048, resolutions: int = 3
         Optimizer iterations per level at most.
     seed : int
         elastix's random seed (the samples).
+    threads : int, optional
+        Threads elastix may use (default: its own choice, all cores).
 
     Returns
     -------
@@ -69,7 +71,8 @@ def register_elastix(fixed, moving, *, samples: int = 2048, resolutions: int = 3
     pm["WriteResultImage"] = ["false"]
     po.AddParameterMap(pm)
     t0 = time.perf_counter()
-    _, result = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
+    kw = {} if threads is None else {"number_of_threads": int(threads)}
+    _, result = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False, **kw)
     seconds = time.perf_counter() - t0
     tp = result.GetParameterMap(0)
     p = np.array([float(x) for x in tp["TransformParameters"]])
