@@ -27,22 +27,8 @@ import numpy as np  # noqa: E402
 
 import gpureg  # noqa: E402
 from common import save  # noqa: E402
-from gpureg.core import transform as tf  # noqa: E402
-from gpureg.validate import salt_and_pepper  # noqa: E402
+from gpureg.validate import random_affine, salt_and_pepper  # noqa: E402
 
-
-def random_affine(rng, n):
-    """The random affine of tests/register/test_accuracy.py."""
-    c = tf.grid_center((n,) * 3)
-    m = tf.rotation_matrix(rng.uniform(-5, 5), rng.normal(size=3), c)
-    s = np.diag(np.r_[rng.uniform(0.95, 1.05, 3), 1.0])
-    s[:3, 3] = c - s[:3, :3] @ c
-    sh = np.eye(4)
-    sh[:3, :3] += np.triu(rng.uniform(-0.03, 0.03, (3, 3)), 1)
-    sh[:3, 3] = c - sh[:3, :3] @ c
-    m = m @ s @ sh
-    m[:3, 3] += rng.uniform(-0.06, 0.06, 3) * n
-    return m
 
 
 def main(argv=None):

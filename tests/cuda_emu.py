@@ -6,16 +6,12 @@ compiled with g++ (see test_kernels_compile.py and test_gpu_solver.py).
 """
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from gpureg.core import cuda, cuda_loader
+from cxx import build_shared
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
 SOURCE = r"""// CPU emulation of the CUDA thread model, enough to run gpureg's kernels
 // unchanged: every CUDA thread of a block is a fiber (ucontext) run
@@ -315,17 +311,7 @@ U8 = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
 
 def build(tmp_path_factory):
     """Compile the emulator with the kernels (skips the test without g++)."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH")
-    tmp = tmp_path_factory.mktemp("emulator")
-    src, so = tmp / "emulator.cpp", tmp / "emulator.so"
-    src.write_text(SOURCE)
-    cmd = [gxx, "-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas", "-shared", "-fPIC", "-I", str(KERNELS),
-           "-o", str(so), str(src)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    lib = ctypes.CDLL(str(so))
+    lib = build_shared(tmp_path_factory, "emulator", SOURCE, ("-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas"))
     i, f = ctypes.c_int, ctypes.c_float
     lib.e_mse.argtypes = [F32, F32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, i, i, i, i, i, i, F32, i, i, i,
                           F64]

@@ -1,6 +1,7 @@
 """Known affine transforms shared by the CPU and GPU registration tests (64^3 grid)."""
 
 import numpy as np
+from scipy import ndimage
 
 from gpureg.core import transform as tf
 
@@ -27,3 +28,19 @@ CASES = {
     "shear": affine(shear=0.05),
     "combined": affine(angle=6.0, axis=(0.3, 1, 1), scale=(1.04, 0.96, 1.02), shear=0.03, shift=(3.0, -4.0, 2.5)),
 }
+
+
+def assert_resampled_like_scipy(out, volume, matrix, out_shape, cval, atol, *, crosses_faces=True):
+    """``out`` equals ``scipy.ndimage.affine_transform(volume, matrix, order=1, cval=cval)`` within ``atol``.
+
+    Samples within 1e-4 voxel of a face of ``volume`` are left out (inside or outside is a
+    rounding question there); ``crosses_faces`` also asserts that the case has voxels outside.
+    """
+    ref = ndimage.affine_transform(np.asarray(volume, dtype=np.float64), matrix[:3, :3], offset=matrix[:3, 3],
+                                   output_shape=out_shape, order=1, mode="constant", cval=cval)
+    q = np.stack(np.indices(out_shape), -1).reshape(-1, 3) @ matrix[:3, :3].T + matrix[:3, 3]
+    n = np.asarray(volume.shape)
+    near_face = np.any((np.abs(q) < 1e-4) | (np.abs(q - (n - 1)) < 1e-4), axis=1).reshape(out_shape)
+    if crosses_faces:
+        assert 0 < (ref == cval).sum() < ref.size  # the case crosses the volume's faces
+    np.testing.assert_allclose(np.asarray(out)[~near_face], ref[~near_face], rtol=0, atol=atol)

@@ -23,7 +23,7 @@ import numpy as np
 from ..core import transform as tf
 from ..core.backend import to_host
 
-__all__ = ["DEFAULT_MAGNITUDES", "distortion_matrix", "DISTORTIONS", "MAGNITUDE_UNITS", "MODES", "NOISE_LEVELS", "QUICK", "salt_and_pepper", "SmoothDeformation", "summarize"]
+__all__ = ["DEFAULT_MAGNITUDES", "distortion_matrix", "DISTORTIONS", "MAGNITUDE_UNITS", "MODES", "NOISE_LEVELS", "QUICK", "random_affine", "salt_and_pepper", "SmoothDeformation", "summarize"]
 
 DISTORTIONS = ("translation", "rotation", "scale", "shear", "deformation")
 
@@ -98,6 +98,35 @@ def salt_and_pepper(volume, fraction: float, *, seed: int = 0) -> np.ndarray:
     v[u < fraction / 2] = lo
     v[(u >= fraction / 2) & (u < fraction)] = hi
     return v
+
+
+def random_affine(rng, n: int) -> np.ndarray:
+    """A random ``moving_from_reference`` for an ``n``^3 grid, within issue 13's accuracy contract.
+
+    Rotation <= 5 deg about a random axis, scale 0.95-1.05 per axis, shear <= 0.03,
+    all about the grid centre, then a shift <= 6 % of ``n`` per axis.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        Source of the random draws (seed it for a reproducible case).
+    n : int
+        Grid size along each axis.
+
+    Returns
+    -------
+    (4, 4) ndarray of float64
+    """
+    c = tf.grid_center((n,) * 3)
+    m = tf.rotation_matrix(rng.uniform(-5, 5), rng.normal(size=3), c)
+    s = np.diag(np.r_[rng.uniform(0.95, 1.05, 3), 1.0])
+    s[:3, 3] = c - s[:3, :3] @ c
+    sh = np.eye(4)
+    sh[:3, :3] += np.triu(rng.uniform(-0.03, 0.03, (3, 3)), 1)
+    sh[:3, 3] = c - sh[:3, :3] @ c
+    m = m @ s @ sh
+    m[:3, 3] += rng.uniform(-0.06, 0.06, 3) * n
+    return m
 
 
 def distortion_matrix(distortion: str, magnitude: float, shape, *, index: int = 0) -> np.ndarray:

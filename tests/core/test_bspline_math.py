@@ -13,9 +13,6 @@ all voxels with an absolute bound of 1e-5 of its largest value.
 """
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +23,8 @@ from gpureg.register import bspline
 from gpureg.register.ffd_level import LevelObjective, level_positions
 from gpureg.register.prepare import pyramid
 from gpureg.synth.phantom import two_particle_phantom
+from cxx import build_shared
 
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 HARNESS = r"""
 #include "bspline_math.cuh"
@@ -78,16 +75,7 @@ F64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH")
-    tmp = tmp_path_factory.mktemp("bspline_harness")
-    src, so = tmp / "harness.cpp", tmp / "harness.so"
-    src.write_text(HARNESS)
-    out = subprocess.run([gxx, "-std=c++17", "-O1", "-Wall", "-shared", "-fPIC", "-I", str(KERNELS), "-o", str(so),
-                          str(src)], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
-    h = ctypes.CDLL(str(so))
+    h = build_shared(tmp_path_factory, "bspline_harness", HARNESS, ("-std=c++17", "-O1", "-Wall"))
     i, f = ctypes.c_int, ctypes.c_float
     h.h_weights.argtypes = [F32, i, F32]
     h.h_field.argtypes = [F32, i, i, i, f, f, i, i, i, F32]

@@ -17,20 +17,17 @@ sums over ~25k voxels to ~3e-7 of their largest entry. The bounds below
 """
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from gpureg.core import cuda, metric
 from gpureg import register as reg
 from gpureg.core import transform as tf
 from gpureg.synth.phantom import two_particle_phantom
+from known_transforms import assert_resampled_like_scipy
+from cxx import build_shared
 
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 HARNESS = r"""
 #include "voxel_math.cuh"
@@ -160,17 +157,7 @@ c_int, c_float = ctypes.c_int, ctypes.c_float
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is not on PATH")
-    tmp = tmp_path_factory.mktemp("voxel_math")
-    src, so = tmp / "harness.cpp", tmp / "harness.so"
-    src.write_text(HARNESS)
-    cmd = [gxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-I", str(KERNELS),
-           "-o", str(so), str(src)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, f"the header must compile as plain C++:\n{out.stderr}"
-    h = ctypes.CDLL(str(so))
+    h = build_shared(tmp_path_factory, "voxel_math", HARNESS, ("-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror"))
     h.h_sample.argtypes = [F32, c_int, c_int, c_int, c_int, I32, F32, c_int, F32, F32, I32]
     h.h_mse_sums.argtypes = [F32, F32, ctypes.c_void_p, ctypes.c_void_p, c_int, c_int, c_int, c_int, c_int, c_int,
                              F32, c_int, F64]
@@ -346,14 +333,7 @@ def test_resample_matches_scipy_affine_transform(lib, out_shape):
     out = np.empty(out_shape, np.float32)
     aff = np.array(cuda.affine_args(matrix, tf.grid_center(out_shape)), np.float32)
     lib.h_resample(moving, *moving.shape, out, *out_shape, aff, np.float32(-2.0))
-    ref = ndimage.affine_transform(moving.astype(np.float64), matrix[:3, :3], offset=matrix[:3, 3],
-                                   output_shape=out_shape, order=1, mode="constant", cval=-2.0)
-    q = np.stack(np.indices(out_shape), -1).reshape(-1, 3) @ matrix[:3, :3].T + matrix[:3, 3]
-    n = np.asarray(moving.shape)
-    near_face = np.any((np.abs(q) < 1e-4) | (np.abs(q - (n - 1)) < 1e-4), axis=1).reshape(out_shape)
-    outside = (ref == -2.0).sum()
-    assert 0 < outside < ref.size  # the case crosses the volume's faces
-    np.testing.assert_allclose(out[~near_face], ref[~near_face], rtol=0, atol=2e-6)
+    assert_resampled_like_scipy(out, moving, matrix, out_shape, -2.0, 2e-6)
 
 
 def test_downsample_matches_numpy_pyramid(lib):

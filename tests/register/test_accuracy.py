@@ -20,26 +20,12 @@ import numpy as np
 import pytest
 
 import gpureg
-from gpureg.core import transform as tf
 from gpureg.core.segment import partial_volume, remove_impulses
 from gpureg.register.prepare import Prep
-from gpureg.validate import salt_and_pepper
+from gpureg.validate import random_affine, salt_and_pepper
 
 EDGE = 1.0  # soft edge of the phantom, voxels (a sharp tomographic edge)
 
-
-def random_affine(rng, n):
-    """Rotation <= 5 deg, scale 0.95-1.05 per axis, shear <= 0.03, shift <= 6 % of ``n``, about the centre."""
-    c = tf.grid_center((n,) * 3)
-    m = tf.rotation_matrix(rng.uniform(-5, 5), rng.normal(size=3), c)
-    s = np.diag(np.r_[rng.uniform(0.95, 1.05, 3), 1.0])
-    s[:3, 3] = c - s[:3, :3] @ c
-    sh = np.eye(4)
-    sh[:3, :3] += np.triu(rng.uniform(-0.03, 0.03, (3, 3)), 1)
-    sh[:3, 3] = c - sh[:3, :3] @ c
-    m = m @ s @ sh
-    m[:3, 3] += rng.uniform(-0.06, 0.06, 3) * n
-    return m
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["seed0", "seed2"])
