@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..xanes.model import synthetic_spectra
-from .spectra import MN_EDGE_RANGE, MN_SPECTRUM
+from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, half_crossing_and_peak
 
 __all__ = ["COMPOUNDS", "compound_spectrum", "fraction_from_e0", "mixture_edge_offsets", "mixture_spectra", "reference_spectra", "write_references"]
 
@@ -91,12 +91,5 @@ def mixture_edge_offsets(fraction) -> tuple[np.ndarray, np.ndarray]:
     table = np.linspace(0.0, 1.0, 201)
     e = np.arange(6520.0, 6580.0, 0.005)
     mu = mixture_spectra(e, table, normalized=True)
-    half = np.empty(table.size)
-    peak = np.empty(table.size)
-    for k in range(table.size):
-        m = mu[:, k]
-        i = int(np.flatnonzero(m >= 0.5)[0])
-        half[k] = e[i - 1] + (0.5 - m[i - 1]) * (e[i] - e[i - 1]) / (m[i] - m[i - 1])
-        above = e >= MN_EDGE_RANGE[0]
-        peak[k] = e[above][np.argmax(m[above])]
+    half, peak = half_crossing_and_peak(e, mu, peak_from=MN_EDGE_RANGE[0])
     return np.interp(f, table, half), np.interp(f, table, peak)

@@ -86,12 +86,33 @@ def edge_offsets(white_line, **model) -> tuple[np.ndarray, np.ndarray]:
     d = np.arange(-30.0, 25.0, 0.005)
     shape = {**MN_SPECTRUM, **model, "victoreen": 0.0}  # normalised: no pre-edge background
     mu = synthetic_spectra(d, np.zeros_like(table), white_line=table, **shape)  # (n_d, n_table)
-    half = np.empty(table.size)
-    peak = np.empty(table.size)
-    for k in range(table.size):
+    half, peak = half_crossing_and_peak(d, mu, peak_from=0.0)
+    return np.interp(wl, table, half), np.interp(wl, table, peak)
+
+
+def half_crossing_and_peak(x, mu, *, peak_from: float):
+    """Per column of tabulated normalised spectra: the first 0.5 crossing and the maximum at ``x >= peak_from``.
+
+    Parameters
+    ----------
+    x : (n,) ndarray
+        Energies (or offsets), ascending, finely sampled.
+    mu : (n, k) ndarray
+        Normalised spectra, one per column.
+    peak_from : float
+        The white-line peak is searched at ``x >= peak_from``.
+
+    Returns
+    -------
+    half, peak : (k,) ndarray
+        The 0.5 crossing (linear interpolation) and the peak position, in the units of ``x``.
+    """
+    half = np.empty(mu.shape[1])
+    peak = np.empty(mu.shape[1])
+    sel = x >= peak_from
+    for k in range(mu.shape[1]):
         m = mu[:, k]
         i = int(np.flatnonzero(m >= 0.5)[0])
-        half[k] = d[i - 1] + (0.5 - m[i - 1]) * (d[i] - d[i - 1]) / (m[i] - m[i - 1])
-        sel = d >= 0
-        peak[k] = d[sel][np.argmax(m[sel])]
-    return np.interp(wl, table, half), np.interp(wl, table, peak)
+        half[k] = x[i - 1] + (0.5 - m[i - 1]) * (x[i] - x[i - 1]) / (m[i] - m[i - 1])
+        peak[k] = x[sel][np.argmax(m[sel])]
+    return half, peak
