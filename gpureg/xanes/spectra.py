@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.backend import to_host, xp_of
-from ..io.base import check_energies
 
-__all__ = ["as_energy_vector", "auto_min_jump", "fine_region", "line_weights", "MIN_ENERGIES", "POST_GAP_EV", "PRE_GAP_EV",
+__all__ = ["auto_min_jump", "fine_region", "line_weights", "MIN_ENERGIES", "POST_GAP_EV", "PRE_GAP_EV",
            "snap_range", "spectra_matrix"]
 
 MIN_ENERGIES = 5
@@ -97,11 +96,3 @@ def auto_min_jump(xp, jumps):
     sample = to_host(j[::step]).astype(np.float64)
     return _MIN_JUMP_FRACTION * float(np.percentile(sample, 99.5))
 
-
-def as_energy_vector(energies, where="energies"):
-    """:func:`gpureg.io.check_energies` in any order with at least :data:`MIN_ENERGIES` (for xanes/write.py).
-
-    Transitional: write.py (owned by the pipeline work) should call
-    ``check_energies(energies, where, min_count=MIN_ENERGIES)`` itself; then remove this.
-    """
-    return check_energies(energies, where, min_count=MIN_ENERGIES)

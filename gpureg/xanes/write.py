@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.segment import particle_labels
+from ..io.base import check_energies
 from .regions import roi_spectra
-from .spectra import as_energy_vector
+from .spectra import MIN_ENERGIES
 from .stack import Reordered, edge_energy_map
 
 _log = logging.getLogger("gpureg")
@@ -74,7 +75,7 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
     with h5py.File(src, "r") as h5:
         name, ename = stack_names(h5, src, dataset, energy_dataset)
         ds = h5[name]
-        E_in = as_energy_vector(h5[ename][()], where=f"{src}:{ename}")
+        E_in = check_energies(h5[ename][()], f"{src}:{ename}", min_count=MIN_ENERGIES)
         if ds.ndim != 4 or ds.shape[0] != E_in.size:
             raise InputError(f"{src}:{name}: expected an (n_energy={E_in.size}, Z, Y, X) stack, got shape {ds.shape}")
         if references:             # bad reference files fail before the maps are computed
