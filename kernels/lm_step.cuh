@@ -5,7 +5,8 @@
 // which it mirrors step for step:
 //   first pass: the start parameters' sums become the current ones (no overlap: status 3);
 //   later passes: accept the trial when it overlaps and its MSE is not larger (damping / 3,
-//   at least 1e-7), else reject (damping * 4; above 1e8: converged, no descent left);
+//   at least 1e-7), else reject (damping * 4; above 1e8, or the rejected step moved no grid
+//   corner by 10 tol voxel or more: converged);
 //   after max_iter passes: stop (status 2); else solve the damped Gauss-Newton system
 //   (H + lam diag(H)) step = -g over the free parameters, in double, by Cholesky (a failed
 //   factorisation multiplies the damping by 10 and retries, up to 1e8: status 4); a step that moves no grid corner
@@ -28,8 +29,12 @@ enum : int {
   kLmJtj = 39,     // sum J J^T (12 x 12, row-major)
   kLmPasses = 183, // passes evaluated
   kLmStatus = 184, // kLmRunning, or why it stopped
+  kLmMove = 185,   // largest corner move (voxels) of the step to the trial
   kLmStateSize = 192,
 };
+
+// gpureg.core.solver.REJECT_FACTOR
+constexpr double kLmRejectFactor = 10.0;
 
 enum : int { kLmRunning = 0, kLmConverged = 1, kLmMaxPasses = 2, kLmNoOverlap = 3, kLmSingular = 4 };
 
@@ -120,7 +125,9 @@ GPUREG_HD void lm_update(double* state, const double* sums, unsigned int free_ma
     lam = fmax(lam / 3.0, 1e-7);
   } else {
     lam *= 4.0;
-    if (lam > 1e8) {  // no descent direction left at this resolution
+    // No descent direction left at this resolution, or a step of under kLmRejectFactor * tol
+    // voxel that does not lower the MSE: below that scale the MSE's own noise decides.
+    if (lam > 1e8 || state[kLmMove] < kLmRejectFactor * tol) {
       state[kLmLam] = lam;
       state[kLmStatus] = kLmConverged;
       return;
@@ -171,7 +178,9 @@ GPUREG_HD void lm_update(double* state, const double* sums, unsigned int free_ma
   }
   double step[12] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   for (int a = 0; a < n; ++a) step[idx[a]] = x[a];
-  if (corner_move(step, nz, ny, nx) < tol) {
+  const double move = corner_move(step, nz, ny, nx);
+  state[kLmMove] = move;
+  if (move < tol) {
     state[kLmStatus] = kLmConverged;
     return;
   }

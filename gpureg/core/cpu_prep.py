@@ -1,11 +1,8 @@
-"""Compiled CPU preparation (numba): Gaussian smoothing, 3x3x3 median, impulse-noise removal, Otsu histogram.
+"""Compiled CPU preparation (numba): 3x3x3 median, impulse-noise removal, Otsu histogram, min/max.
 
 Multithreaded twins of the SciPy/NumPy calls of :mod:`gpureg.core.segment`
 and :func:`gpureg.register.prepare_volume`, with the same results:
 
-- :func:`gaussian_filter` is ``scipy.ndimage.gaussian_filter(v, sigma)``
-  (``mode="reflect"``, ``truncate=4``, axis by axis, float64 sums, float32
-  between axes, the symmetric-kernel summation order of SciPy's ``correlate1d``);
 - :func:`median3` is ``scipy.ndimage.median_filter(v, size=3)`` (``mode="reflect"``);
 - :func:`histogram` is ``numpy.histogram(v, bins, range=(lo, hi))``;
 - :func:`remove_impulses` is the arithmetic of
@@ -25,36 +22,7 @@ import numpy as np
 
 from .cpu_kernels import use_threads
 
-__all__ = ["gaussian_filter", "histogram", "median3", "minmax", "remove_impulses"]
-
-
-def gaussian_filter(volume, sigma: float, order=(0, 0, 0)) -> np.ndarray:
-    """``scipy.ndimage.gaussian_filter(volume, sigma, order)`` of a 3D float32 volume, multithreaded.
-
-    ``order`` per axis is 0 (smoothing) or 1 (first derivative of the Gaussian,
-    SciPy's kernel ``-x / sigma^2 * phi(x)`` applied as a convolution).
-    """
-    v = np.ascontiguousarray(volume, dtype=np.float32)
-    order = tuple(int(o) for o in order)
-    if len(order) != 3 or any(o not in (0, 1) for o in order):
-        raise ValueError(f"order must be three of 0 or 1, got {order}")
-    if sigma <= 0:
-        if any(order):
-            raise ValueError(f"a derivative needs sigma > 0, got {sigma}")
-        return v.copy()
-    radius = int(4.0 * float(sigma) + 0.5)
-    x = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 / float(sigma) ** 2 * x**2)
-    phi = phi / phi.sum()
-    # (weights of offsets 0..radius, sign of the -j side): out = w0 v + sum_j w_j (v[+j] + sign v[-j]).
-    kernels = {0: (phi[radius:].copy(), 1.0), 1: ((x * phi / float(sigma) ** 2)[radius:].copy(), -1.0)}
-    use_threads(v.size)
-    a = np.empty_like(v)
-    b = np.empty_like(v)
-    _smooth_zy(v, *kernels[order[0]], a, 0)
-    _smooth_zy(a, *kernels[order[1]], b, 1)
-    _smooth_x(b, *kernels[order[2]], a)
-    return a
+__all__ = ["histogram", "median3", "minmax", "remove_impulses"]
 
 
 def median3(volume) -> np.ndarray:
@@ -111,63 +79,17 @@ def minmax(volume) -> tuple[float, float, bool]:
 
 
 def histogram(volume, bins: int, lo: float, hi: float) -> np.ndarray:
-    """Counts of ``numpy.histogram(volume, bins, range=(lo, hi))`` (int64), multithreaded."""
+    """Counts of ``numpy.histogram(volume, bins, range=(lo, hi))`` (int64), multithreaded.
+
+    NumPy bins float32 data by float32 edges (``linspace`` cast to the data's type), so do we.
+    """
     v = np.ascontiguousarray(volume, dtype=np.float32).reshape(-1)
-    edges = np.linspace(lo, hi, bins + 1)
+    edges = np.linspace(lo, hi, bins + 1, dtype=np.float32).astype(np.float64)
     chunks = max(1, min(64, v.size // 65536))
     parts = np.zeros((chunks, bins), dtype=np.int64)
     use_threads(v.size)
     _histogram(v, edges, bins / (edges[-1] - edges[0]), parts)
     return parts.sum(axis=0)
-
-
-@nb.njit(cache=True)
-def _reflect(i, n):
-    # scipy's "reflect" (d c b a | a b c d | d c b a), any distance outside
-    period = 2 * n
-    i = i % period
-    return period - 1 - i if i >= n else i
-
-
-@nb.njit(parallel=True, cache=True)
-def _smooth_zy(v, w, sign, out, axis):
-    # One pass along z (axis 0) or y (axis 1): whole rows at once, vectorised along x.
-    nz, ny, nx = v.shape
-    r = w.size - 1
-    for zu in nb.prange(nz):
-        z = np.int64(zu)
-        acc = np.empty(nx)
-        for y in range(ny):
-            for x in range(nx):
-                acc[x] = np.float64(v[z, y, x]) * w[0]
-            for j in range(1, r + 1):
-                if axis == 0:
-                    zp, zm, yp, ym = _reflect(z + j, nz), _reflect(z - j, nz), y, y
-                else:
-                    zp, zm, yp, ym = z, z, _reflect(y + j, ny), _reflect(y - j, ny)
-                for x in range(nx):
-                    acc[x] += (np.float64(v[zp, yp, x]) + sign * np.float64(v[zm, ym, x])) * w[j]
-            for x in range(nx):
-                out[z, y, x] = np.float32(acc[x])
-
-
-@nb.njit(parallel=True, cache=True)
-def _smooth_x(v, w, sign, out):
-    nz, ny, nx = v.shape
-    r = w.size - 1
-    for z in nb.prange(nz):
-        line = np.empty(nx + 2 * r)
-        for y in range(ny):
-            for k in range(r):  # reflected borders; the interior copied as it is
-                line[k] = np.float64(v[z, y, _reflect(k - r, nx)])
-                line[nx + r + k] = np.float64(v[z, y, _reflect(nx + k, nx)])
-            for k in range(nx):
-                line[k + r] = np.float64(v[z, y, k])
-            for x in range(nx):
-                acc = line[x + r] * w[0]
-                for j in range(1, r + 1):
-                    acc += (line[x + r + j] + sign * line[x + r - j]) * w[j]
-                out[z, y, x] = np.float32(acc)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -198,8 +120,10 @@ def _median3(v, out):
 
 @nb.njit(parallel=True, cache=True)
 def _impulses(v, out, size, lo, hi, jump):
-    # Per extreme voxel: float64 sum and count of the non-extreme neighbours in the
-    # cube (clipped at the faces), counts of each extreme for the fallback.
+    # Per row: the (z, y) neighbourhood is first reduced to per-column sums (float64 sum and
+    # count of the non-extreme values, counts of each extreme), then each extreme voxel adds
+    # its ``size`` columns: size^2 + size reads per voxel instead of size^3. Rows with no
+    # extreme voxel are copied.
     nz, ny, nx = v.shape
     a = -(size // 2)
     b = size - size // 2 - 1
@@ -207,29 +131,47 @@ def _impulses(v, out, size, lo, hi, jump):
     for zu in nb.prange(nz):
         z = np.int64(zu)
         z0, z1 = max(z + a, 0), min(z + b, nz - 1)
+        col_sum = np.empty(nx)
+        col_good = np.empty(nx, dtype=np.int64)
+        col_lo = np.empty(nx, dtype=np.int64)
+        col_hi = np.empty(nx, dtype=np.int64)
         for y in range(ny):
+            extreme = False
+            for x in range(nx):
+                c = v[z, y, x]
+                out[z, y, x] = c
+                extreme = extreme or not (c > lo and c < hi)
+            if not extreme:
+                continue
             y0, y1 = max(y + a, 0), min(y + b, ny - 1)
+            col_sum[:] = 0.0
+            col_good[:] = 0
+            col_lo[:] = 0
+            col_hi[:] = 0
+            for zz in range(z0, z1 + 1):
+                for yy in range(y0, y1 + 1):
+                    for x in range(nx):
+                        w = v[zz, yy, x]
+                        if w <= lo:
+                            col_lo[x] += 1
+                        elif w >= hi:
+                            col_hi[x] += 1
+                        else:
+                            col_sum[x] += w
+                            col_good[x] += 1
             for x in range(nx):
                 c = v[z, y, x]
                 if c > lo and c < hi:
-                    out[z, y, x] = c
                     continue
-                x0, x1 = max(x + a, 0), min(x + b, nx - 1)
                 acc = 0.0
                 good = 0
                 n_lo = 0
                 n_hi = 0
-                for zz in range(z0, z1 + 1):
-                    for yy in range(y0, y1 + 1):
-                        for xx in range(x0, x1 + 1):
-                            w = v[zz, yy, xx]
-                            if w <= lo:
-                                n_lo += 1
-                            elif w >= hi:
-                                n_hi += 1
-                            else:
-                                acc += w
-                                good += 1
+                for xx in range(max(x + a, 0), min(x + b, nx - 1) + 1):
+                    acc += col_sum[xx]
+                    good += col_good[xx]
+                    n_lo += col_lo[xx]
+                    n_hi += col_hi[xx]
                 if good > 0:
                     m = np.float32(acc / good)
                 else:

@@ -25,7 +25,7 @@ __all__ = ["STATE", "empty_space_tables", "free_mask", "initial_state", "levenbe
 
 # Layout of the solver state (mirrors the enum of kernels/lm_step.cuh).
 STATE = {"params": 0, "trial": 12, "lam": 24, "sse": 25, "count": 26, "rj": 27, "jtj": 39, "passes": 183,
-         "status": 184, "size": 192}
+         "status": 184, "move": 185, "size": 192}
 RUNNING, CONVERGED, MAX_PASSES, NO_OVERLAP, SINGULAR = 0, 1, 2, 3, 4
 
 

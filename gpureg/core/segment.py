@@ -86,13 +86,13 @@ def gaussian(volume, sigma: float, order=(0, 0, 0)):
     """Gaussian filter (or its first derivative along axes where ``order`` is 1) of sigma ``sigma`` voxels.
 
     ``scipy.ndimage.gaussian_filter(volume, sigma, order)`` on the same device. On the CPU
-    it runs as compiled, multithreaded separable passes (:mod:`gpureg.core.cpu_prep`,
+    it runs as compiled, multithreaded separable passes (:mod:`gpureg.core.cpu_gauss`,
     bit-identical to SciPy's float32 result).
     """
     if _compiled(volume):
-        from . import cpu_prep
+        from . import cpu_gauss
 
-        return cpu_prep.gaussian_filter(volume, float(sigma), order)
+        return cpu_gauss.gaussian_filter(volume, float(sigma), order)
     return ndimage_of(volume).gaussian_filter(volume, sigma=float(sigma), order=tuple(order))
 
 
@@ -206,11 +206,13 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         if abs(float((v > t).mean()) / fraction - 1) > fraction_tol:
             t = float(xp.quantile(v, 1 - fraction))
-    out = (v > t).astype(xp.float32)
-    if not bool(out.any()):
-        raise ValueError(f"binarization at threshold {t:g} leaves no foreground voxel (empty mask)")
     if ramp > 0:
-        return partial_volume(v, t, ramp=ramp)
+        out, n_foreground = _partial_volume(v, t, ramp)
+    else:
+        out = (v > t).astype(xp.float32)
+        n_foreground = int(xp.count_nonzero(out))
+    if n_foreground == 0:
+        raise ValueError(f"binarization at threshold {t:g} leaves no foreground voxel (empty mask)")
     return out
 
 
@@ -248,10 +250,21 @@ def partial_volume(volume, threshold: float, *, ramp: float = 3.0, sigma: float 
     (Z, Y, X) ndarray of float32
         Values in [0, 1]: 1 inside (``v > t``), 0 outside.
     """
+    return _partial_volume(volume, threshold, ramp, sigma)[0]
+
+
+def _partial_volume(volume, threshold, ramp, sigma=0.7):
+    """:func:`partial_volume` and the number of voxels above ``threshold``."""
     if not ramp > 0:
         raise ValueError(f"ramp must be a width > 0 voxels, got {ramp!r}")
     xp = xp_of(volume)
     v = xp.asarray(volume, dtype=xp.float32)
+    if sigma > 0 and _compiled(v):
+        from . import cpu_gauss, cpu_prep
+
+        lo, hi, _ = cpu_prep.minmax(v)
+        floor = 1e-6 * max(float(np.float32(hi) - np.float32(lo)), 1e-30)
+        return cpu_gauss.partial_volume(v, float(threshold), float(ramp), float(sigma), floor)
     if sigma > 0:
         grad = [gaussian(v, sigma, tuple(int(i == a) for i in range(3))) for a in range(3)]
     else:
@@ -259,7 +272,8 @@ def partial_volume(volume, threshold: float, *, ramp: float = 3.0, sigma: float 
     norm = xp.sqrt(grad[0] * grad[0] + grad[1] * grad[1] + grad[2] * grad[2])
     floor = 1e-6 * max(float(v.max() - v.min()), 1e-30)  # flat regions: the sign of v - t decides
     d = (v - xp.float32(threshold)) / xp.maximum(norm, xp.float32(floor))
-    return xp.clip(0.5 + d / xp.float32(ramp), 0.0, 1.0).astype(xp.float32)
+    out = xp.clip(0.5 + d / xp.float32(ramp), 0.0, 1.0).astype(xp.float32)
+    return out, int(xp.count_nonzero(v > xp.float32(threshold)))
 
 
 _denoise = denoise  # the module-level name is shadowed by binarize's keyword

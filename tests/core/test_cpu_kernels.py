@@ -22,7 +22,7 @@ from scipy import ndimage
 from test_voxel_math import CASES, _mse_sums, _pair, lib  # noqa: F401  (the g++ harness and its fixture)
 
 import gpureg
-from gpureg.core import cpu_kernels, cpu_prep, metric, segment
+from gpureg.core import cpu_gauss, cpu_kernels, cpu_prep, metric, segment
 from gpureg.core import transform as tf
 from gpureg.register import prepare as prep
 from gpureg.register import prepare_volume, register_affine
@@ -142,7 +142,7 @@ def test_gaussian_is_scipy_bit_for_bit(sigma):
     v = np.random.default_rng(6).random((20, 27, 33)).astype(np.float32)
     np.testing.assert_array_equal(segment.gaussian(v, sigma), ndimage.gaussian_filter(v, sigma))
     small = v[:3, :5, :4].copy()  # radius beyond the volume: reflection folds repeatedly
-    np.testing.assert_array_equal(cpu_prep.gaussian_filter(small, 1.5), ndimage.gaussian_filter(small, 1.5))
+    np.testing.assert_array_equal(cpu_gauss.gaussian_filter(small, 1.5), ndimage.gaussian_filter(small, 1.5))
 
 
 @pytest.mark.parametrize("order", [(1, 0, 0), (0, 1, 0), (0, 0, 1)])
@@ -152,10 +152,52 @@ def test_gaussian_derivative_is_scipy_bit_for_bit(order):
     for sigma in (0.7, 2.3):
         np.testing.assert_array_equal(segment.gaussian(v, sigma, order), ndimage.gaussian_filter(v, sigma, order=order))
     small = v[:3, :5, :4].copy()
-    np.testing.assert_array_equal(cpu_prep.gaussian_filter(small, 1.5, order),
+    np.testing.assert_array_equal(cpu_gauss.gaussian_filter(small, 1.5, order),
                                   ndimage.gaussian_filter(small, 1.5, order=order))
     with pytest.raises(ValueError, match="order"):
-        cpu_prep.gaussian_filter(v, 1.0, (2, 0, 0))
+        cpu_gauss.gaussian_filter(v, 1.0, (2, 0, 0))
+
+
+def _flat_rows_volume():
+    """A volume with every kind of row: constant rows of differing values (v = f(z, y)), zero
+    background, a bright plateau and grey structure (the constant-row skips of cpu_gauss)."""
+    v = np.zeros((26, 30, 34), np.float32)
+    z, y = np.mgrid[:26, :30]
+    v[:, :8] = (0.1 * z + 0.02 * y)[:, :8, None]
+    v[10:20, 12:22, :] = 1.0
+    v[14:17, 15:19, 5:25] = np.random.default_rng(9).random((3, 4, 20))
+    return v
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0])
+def test_gaussian_constant_row_skip_is_scipy_bit_for_bit(sigma):
+    v = _flat_rows_volume()
+    const, _ = cpu_gauss.row_constants(v)
+    assert 0.3 < const.mean() < 0.99  # both paths taken
+    np.testing.assert_array_equal(segment.gaussian(v, sigma), ndimage.gaussian_filter(v, sigma))
+    for order in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        np.testing.assert_array_equal(segment.gaussian(v, sigma, order), ndimage.gaussian_filter(v, sigma, order=order))
+
+
+def test_partial_volume_is_the_numpy_reference_bit_for_bit(numpy_engine):
+    """The fused compiled ramp (shared passes, constant rows skipped, far voxels decided without the
+    root) against segment.partial_volume's NumPy arithmetic; and binarize's empty-mask check."""
+    phantom = two_particle_phantom((30, 34, 38), seed=3)
+    volumes = [phantom, salt_and_pepper(phantom, 0.1, seed=1), _flat_rows_volume(),
+               np.random.default_rng(6).random((20, 27, 33)).astype(np.float32),
+               np.ascontiguousarray(phantom[12:15, 14:19, 15:19])]  # radius beyond the volume
+    for v in volumes:
+        v = np.asarray(v, np.float32)
+        t = segment.otsu_threshold(v)
+        fast = [segment.partial_volume(v, t, ramp=r) for r in (1.0, 3.0)] + [segment.binarize(v, ramp=3.0)]
+        numpy_engine(True)
+        ref = [segment.partial_volume(v, t, ramp=r) for r in (1.0, 3.0)] + [segment.binarize(v, ramp=3.0)]
+        numpy_engine(False)
+        for a, b in zip(fast, ref):
+            np.testing.assert_array_equal(a, b)
+        assert np.any((fast[1] > 0) & (fast[1] < 1)) and np.any(fast[1] == 0) and np.any(fast[1] == 1)
+    with pytest.raises(ValueError, match="no foreground"):
+        segment.binarize(phantom, threshold=float(phantom.max()), ramp=3.0)
 
 
 def test_median_and_otsu_are_scipy_numpy_bit_for_bit(numpy_engine):
@@ -163,6 +205,12 @@ def test_median_and_otsu_are_scipy_numpy_bit_for_bit(numpy_engine):
     np.testing.assert_array_equal(segment.denoise(v, "median"), ndimage.median_filter(v, size=3))
     lo, hi = float(v.min()), float(v.max())
     np.testing.assert_array_equal(cpu_prep.histogram(v, 256, lo, hi), np.histogram(v, 256, range=(lo, hi))[0])
+    # NumPy bins float32 data by float32 edges: values within a float32 step of an edge (here a
+    # few per 10^6 voxels) fall as NumPy puts them
+    w = (np.random.default_rng(3).normal(size=(50, 60, 70)) * 1e3 + 7).astype(np.float32)
+    for bins in (256, 7):
+        np.testing.assert_array_equal(cpu_prep.histogram(w, bins, float(w.min()), float(w.max())),
+                                      np.histogram(w, bins, range=(float(w.min()), float(w.max())))[0])
     t = segment.otsu_threshold(v)
     numpy_engine(True)
     assert segment.otsu_threshold(v) == t

@@ -17,12 +17,13 @@ import pytest
 from scipy import ndimage
 
 import cuda_emu
-from gpureg.core import cuda, cuda_solver, metric
+from gpureg.core import cuda, cuda_solver, metric, solver
 from gpureg.core import transform as tf
 from gpureg.core.solver import levenberg_marquardt
 from gpureg.synth.phantom import two_particle_phantom
 
 TRANSLATION = np.r_[np.zeros(9, bool), np.ones(3, bool)]
+RIPPLE_DIRECTION = np.random.default_rng(5).normal(size=12)
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +79,21 @@ def test_solver_sums_index_matches_unpack_terms(emu):
     np.testing.assert_array_equal(cuda.unpack_terms(_pack(t).reshape(32, 6)).jtj, t.jtj)
 
 
-@pytest.mark.parametrize("free, max_iter", [(None, 60), (TRANSLATION, 60), (None, 4)])
-def test_device_solver_step_matches_numpy_solver(emu, free, max_iter):
+@pytest.mark.parametrize("free, max_iter, ripple", [(None, 60, 0.0), (TRANSLATION, 60, 0.0), (None, 4, 0.0),
+                                                     (None, 60, 1e-4)])
+def test_device_solver_step_matches_numpy_solver(emu, free, max_iter, ripple, monkeypatch):
+    """``ripple``: a deterministic relative perturbation of the SSE (the MSE's sampling noise), so that
+    small steps are rejected and the REJECT_FACTOR rule ends the level (checked: without the rule
+    the NumPy solver takes more passes)."""
     shape = (20, 24, 28)
     f, m, truth = _pair(shape)
     c = tf.grid_center(shape)
 
     def sums(p):
-        return _pack(metric.mse_terms(f, m, tf.matrix_from_params(p, c), center=c))
+        s = _pack(metric.mse_terms(f, m, tf.matrix_from_params(p, c), center=c))
+        # smooth at the solvers' rounding (1e-15), rough at the scale of a small step
+        s[cuda._SSE * 6] *= 1.0 + ripple * (1.0 + np.sin(3e4 * float(np.asarray(p) @ RIPPLE_DIRECTION)))
+        return s
 
     params0 = tf.params_from_matrix(np.eye(4), c)
     ref, ref_passes, ref_conv = levenberg_marquardt(lambda p: cuda.unpack_terms(sums(p).reshape(32, 6)), params0,
@@ -107,6 +115,11 @@ def test_device_solver_step_matches_numpy_solver(emu, free, max_iter):
         assert err < 0.3, err
     if free is not None:
         np.testing.assert_array_equal(state[:9], params0[:9])
+    if ripple:
+        monkeypatch.setattr(solver, "REJECT_FACTOR", 0.0)
+        slow = levenberg_marquardt(lambda p: cuda.unpack_terms(sums(p).reshape(32, 6)), params0, corner_move(shape),
+                                   free=free, max_iter=max_iter, tol=1e-3)
+        assert slow.passes > ref_passes, (slow.passes, ref_passes)
 
 
 def test_device_solver_stops_without_overlap(emu):

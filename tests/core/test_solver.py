@@ -1,5 +1,6 @@
 """The one Levenberg-Marquardt solver (gpureg.core.solver) on problems with a known minimum."""
 
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -78,3 +79,33 @@ def test_start_without_valid_samples_is_an_error():
     empty = SimpleNamespace(count=0, mse=float("inf"), gradient=np.zeros(2), hessian=np.zeros((2, 2)))
     with pytest.raises(RuntimeError, match="nothing overlaps"):
         levenberg_marquardt(lambda x: empty, np.zeros(2), _max_step, empty_start="nothing overlaps")
+
+
+def _noisy_quadratic(noise):
+    """MSE ``|x - x*|^2`` plus a ripple of amplitude ``noise`` (a metric's sampling noise); the Hessian is 1.5x
+    too large, so each step goes 2/3 of the way and the steps shrink geometrically."""
+    target = np.array([0.3, -0.2, 0.1])
+
+    def evaluate(x):
+        d = x - target
+        ripple = noise * (zlib.crc32(np.asarray(x, np.float64).tobytes()) % 1024) / 1024
+        return SimpleNamespace(count=1, mse=float(d @ d) + ripple, gradient=2.0 * d, hessian=3.0 * np.eye(3))
+    return evaluate, target
+
+
+def test_rejected_small_step_ends_the_fit(monkeypatch):
+    """A step under REJECT_FACTOR * tol that does not lower the MSE stops the fit (converged).
+
+    On a quadratic with a ripple of 1e-6 (steps under ~1e-3 cannot lower it reliably), the
+    fit must stop at the first such rejection, where damping alone would spend several more
+    passes shrinking the step below tol; both end within 10 tol of the minimum.
+    """
+    from gpureg.core import solver
+
+    evaluate, target = _noisy_quadratic(1e-6)
+    x, passes, converged = levenberg_marquardt(evaluate, np.ones(3), _max_step, tol=1e-4, max_iter=60)
+    monkeypatch.setattr(solver, "REJECT_FACTOR", 0.0)
+    x_slow, passes_slow, converged_slow = levenberg_marquardt(evaluate, np.ones(3), _max_step, tol=1e-4, max_iter=60)
+    assert converged and converged_slow
+    assert passes < passes_slow, (passes, passes_slow)
+    assert np.abs(x - target).max() < 10 * 1e-4 + 1e-3 and np.abs(x_slow - target).max() < 2e-3
