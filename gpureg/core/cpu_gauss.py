@@ -30,7 +30,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import use_threads
+from .cpu_kernels import run_planes
 
 __all__ = ["gaussian_filter", "gaussian_weights", "partial_volume", "row_constants"]
 
@@ -61,8 +61,7 @@ def row_constants(volume) -> tuple[np.ndarray, np.ndarray]:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     const = np.empty(v.shape[:2], dtype=np.bool_)
     value = np.empty(v.shape[:2], dtype=np.float32)
-    use_threads(v.size)
-    _row_constants(v, const, value)
+    run_planes(_row_constants, v.shape[0], v, const, value, n_voxels=v.size)
     return const, value
 
 
@@ -81,12 +80,9 @@ def gaussian_filter(volume, sigma: float, order=(0, 0, 0)) -> np.ndarray:
             raise ValueError(f"a derivative needs sigma > 0, got {sigma}")
         return v.copy()
     rows = row_constants(v)
-    a, rows = _pass_zy(v, gaussian_weights(sigma, order[0]), 0, rows)
-    b, rows = _pass_zy(a, gaussian_weights(sigma, order[1]), 1, rows)
-    w, sign = gaussian_weights(sigma, order[2])
-    use_threads(v.size)
-    _smooth_x(b, w, sign, rows[0], rows[1], a)
-    return a
+    for axis in range(3):
+        v, rows = _pass(v, gaussian_weights(sigma, order[axis]), axis, rows)
+    return v
 
 
 def partial_volume(volume, threshold: float, ramp: float, sigma: float, floor: float) -> tuple[np.ndarray, int]:
@@ -111,26 +107,26 @@ def partial_volume(volume, threshold: float, ramp: float, sigma: float, floor: f
     v = np.ascontiguousarray(volume, dtype=np.float32)
     g, d = gaussian_weights(sigma, 0), gaussian_weights(sigma, 1)
     rows = row_constants(v)
-    gz_, rz = _pass_zy(v, g, 0, rows)  # G_z v: feeds d/dy and d/dx
-    dz_, rdz = _pass_zy(v, d, 0, rows)  # D_z v
-    gx_in, rx = _pass_zy(gz_, g, 1, rz)  # G_y G_z v, then D_x
-    gy_in, ry = _pass_zy(gz_, d, 1, rz)  # D_y G_z v, then G_x
-    gz_in, rzz = _pass_zy(dz_, g, 1, rdz)  # G_y D_z v, then G_x
+    gz_, rz = _pass(v, g, 0, rows)  # G_z v: feeds d/dy and d/dx
+    dz_, rdz = _pass(v, d, 0, rows)  # D_z v
+    gx_in, rx = _pass(gz_, g, 1, rz)  # G_y G_z v, then D_x
+    gy_in, ry = _pass(gz_, d, 1, rz)  # D_y G_z v, then G_x
+    gz_in, rzz = _pass(dz_, g, 1, rdz)  # G_y D_z v, then G_x
     out = gz_
     flags = np.stack([rows[0], rzz[0], ry[0], rx[0]])
     values = np.stack([rows[1], rzz[1], ry[1], rx[1]])
-    use_threads(v.size)
-    n = _ramp_x(v, gz_in, gy_in, gx_in, flags, values, g[0], d[0], np.float32(threshold), np.float32(ramp),
-                np.float32(floor), out)
-    return out, int(n)
+    counts = np.zeros(v.shape[0], dtype=np.int64)
+    run_planes(_ramp_x, v.shape[0], v, gz_in, gy_in, gx_in, flags, values, g[0], d[0], np.float32(threshold),
+               np.float32(ramp), np.float32(floor), out, counts, n_voxels=v.size)
+    return out, int(counts.sum())
 
 
-def _pass_zy(v, weights, axis, rows):
+def _pass(v, weights, axis, rows):
     out = np.empty_like(v)
     const = np.empty(v.shape[:2], dtype=np.bool_)
     value = np.empty(v.shape[:2], dtype=np.float32)
-    use_threads(v.size)
-    _smooth_zy(v, weights[0], weights[1], out, axis, rows[0], rows[1], const, value)
+    run_planes(_smooth, v.shape[0], v, weights[0], weights[1], out, axis, rows[0], rows[1], const, value,
+               n_voxels=v.size)
     return out, (const, value)
 
 
@@ -142,10 +138,10 @@ def _reflect(i, n):
     return period - 1 - i if i >= n else i
 
 
-@nb.njit(parallel=True, cache=True)
-def _row_constants(v, const, value):
+@nb.njit(nogil=True, cache=True)
+def _row_constants(v, const, value, z0, z1):
     nz, ny, nx = v.shape
-    for z in nb.prange(nz):
+    for z in range(z0, z1):
         for y in range(ny):
             c = v[z, y, 0]
             same = c == c
@@ -157,38 +153,50 @@ def _row_constants(v, const, value):
             value[z, y] = c
 
 
-@nb.njit(parallel=True, cache=True)
-def _smooth_zy(v, w, sign, out, axis, cin, vin, cout, vout):
-    # One pass along z (axis 0) or y (axis 1): whole rows at once, vectorised along x.
-    # A row whose window rows are all constant along x is computed once and filled.
+@nb.njit(nogil=True, cache=True)
+def _smooth(v, w, sign, out, axis, cin, vin, cout, vout, z0, z1):
+    # One pass along z (axis 0) or y (axis 1), whole rows at once (vectorised along x), or
+    # along x (axis 2) from a reflected copy of each row. A row whose inputs are all constant
+    # along x is computed once and filled; cout/vout: the output rows known constant.
+    for z in range(z0, z1):
+        _smooth_plane(v, w, sign, out, axis, cin, vin, cout, vout, z)
+
+
+@nb.njit(cache=True)
+def _smooth_plane(v, w, sign, out, axis, cin, vin, cout, vout, z):
     nz, ny, nx = v.shape
     r = w.size - 1
-    for zu in nb.prange(nz):
-        z = np.int64(zu)
-        acc = np.empty(nx)
-        for y in range(ny):
-            flat = cin[z, y]
+    acc = np.empty(nx)
+    line = np.empty(nx + 2 * r)
+    for y in range(ny):
+        flat = cin[z, y]
+        for j in range(1, r + 1):
+            if not flat or axis == 2:
+                break
+            if axis == 0:
+                flat = cin[_reflect(z + j, nz), y] and cin[_reflect(z - j, nz), y]
+            else:
+                flat = cin[z, _reflect(y + j, ny)] and cin[z, _reflect(y - j, ny)]
+        if flat:
+            a = np.float64(vin[z, y]) * w[0]
             for j in range(1, r + 1):
-                if not flat:
-                    break
                 if axis == 0:
-                    flat = cin[_reflect(z + j, nz), y] and cin[_reflect(z - j, nz), y]
+                    p, m = vin[_reflect(z + j, nz), y], vin[_reflect(z - j, nz), y]
+                elif axis == 1:
+                    p, m = vin[z, _reflect(y + j, ny)], vin[z, _reflect(y - j, ny)]
                 else:
-                    flat = cin[z, _reflect(y + j, ny)] and cin[z, _reflect(y - j, ny)]
-            if flat:
-                a = np.float64(vin[z, y]) * w[0]
-                for j in range(1, r + 1):
-                    if axis == 0:
-                        p, m = vin[_reflect(z + j, nz), y], vin[_reflect(z - j, nz), y]
-                    else:
-                        p, m = vin[z, _reflect(y + j, ny)], vin[z, _reflect(y - j, ny)]
-                    a += (np.float64(p) + sign * np.float64(m)) * w[j]
-                f = np.float32(a)
-                for x in range(nx):
-                    out[z, y, x] = f
-                cout[z, y] = True
-                vout[z, y] = f
-                continue
+                    p, m = vin[z, y], vin[z, y]
+                a += (np.float64(p) + sign * np.float64(m)) * w[j]
+            f = np.float32(a)
+            for x in range(nx):
+                out[z, y, x] = f
+            cout[z, y] = True
+            vout[z, y] = f
+            continue
+        if axis == 2:
+            _fill_line(v, z, y, line, r)
+            _conv_x(line, w, sign, acc)
+        else:
             for x in range(nx):
                 acc[x] = np.float64(v[z, y, x]) * w[0]
             for j in range(1, r + 1):
@@ -198,10 +206,10 @@ def _smooth_zy(v, w, sign, out, axis, cin, vin, cout, vout):
                     zp, zm, yp, ym = z, z, _reflect(y + j, ny), _reflect(y - j, ny)
                 for x in range(nx):
                     acc[x] += (np.float64(v[zp, yp, x]) + sign * np.float64(v[zm, ym, x])) * w[j]
-            for x in range(nx):
-                out[z, y, x] = np.float32(acc[x])
-            cout[z, y] = False
-            vout[z, y] = out[z, y, 0]
+        for x in range(nx):
+            out[z, y, x] = np.float32(acc[x])
+        cout[z, y] = False
+        vout[z, y] = out[z, y, 0]
 
 
 @nb.njit(cache=True)
@@ -237,25 +245,6 @@ def _fill_line(v, z, y, line, r):
         line[k + r] = np.float64(v[z, y, k])
 
 
-@nb.njit(parallel=True, cache=True)
-def _smooth_x(v, w, sign, cin, vin, out):
-    nz, ny, nx = v.shape
-    r = w.size - 1
-    for z in nb.prange(nz):
-        line = np.empty(nx + 2 * r)
-        acc = np.empty(nx)
-        for y in range(ny):
-            if cin[z, y]:
-                f = _flat_x(vin[z, y], w, sign)
-                for x in range(nx):
-                    out[z, y, x] = f
-                continue
-            _fill_line(v, z, y, line, r)
-            _conv_x(line, w, sign, acc)
-            for x in range(nx):
-                out[z, y, x] = np.float32(acc[x])
-
-
 @nb.njit(cache=True)
 def _ramp_value(c, gz, gy, gx, t, ramp, floor):
     # segment.partial_volume's float32 arithmetic; each float64 operation on float32
@@ -267,46 +256,50 @@ def _ramp_value(c, gz, gy, gx, t, ramp, floor):
     return min(max(p, np.float32(0.0)), np.float32(1.0))
 
 
-@nb.njit(parallel=True, cache=True)
-def _ramp_x(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out):
+@nb.njit(nogil=True, cache=True)
+def _ramp_x(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out, counts, z0, z1):
     # Last pass: G_x of the z and y derivative volumes, D_x of the smoothed one, then the ramp.
-    # flags/values: row constants of v, bz, by, bx. Returns the count of v > t.
+    # flags/values: row constants of v, bz, by, bx. counts[z]: voxels of plane z with v > t.
+    for z in range(z0, z1):
+        counts[z] = _ramp_plane(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out, z)
+
+
+@nb.njit(cache=True)
+def _ramp_plane(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out, z):
     nz, ny, nx = v.shape
     r = g.size - 1
-    counts = np.zeros(nz, dtype=np.int64)
+    count = 0
     floor2 = np.float64(floor) * np.float64(floor)
     half2 = 1.0201 * 0.25 * np.float64(ramp) * np.float64(ramp)  # (1.01 ramp / 2)^2
-    for zu in nb.prange(nz):
-        z = np.int64(zu)
-        lz, ly, lx = np.empty(nx + 2 * r), np.empty(nx + 2 * r), np.empty(nx + 2 * r)
-        az, ay, ax = np.empty(nx), np.empty(nx), np.empty(nx)
-        for y in range(ny):
-            if flags[0, z, y] and flags[1, z, y] and flags[2, z, y] and flags[3, z, y]:
-                c = values[0, z, y]
-                f = _ramp_value(c, _flat_x(values[1, z, y], g, 1.0), _flat_x(values[2, z, y], g, 1.0),
-                                _flat_x(values[3, z, y], d, -1.0), t, ramp, floor)
-                for x in range(nx):
-                    out[z, y, x] = f
-                if c > t:
-                    counts[z] += nx
-                continue
-            _fill_line(bz, z, y, lz, r)
-            _fill_line(by, z, y, ly, r)
-            _fill_line(bx, z, y, lx, r)
-            _conv_x(lz, g, 1.0, az)
-            _conv_x(ly, g, 1.0, ay)
-            _conv_x(lx, d, -1.0, ax)
+    lz, ly, lx = np.empty(nx + 2 * r), np.empty(nx + 2 * r), np.empty(nx + 2 * r)
+    az, ay, ax = np.empty(nx), np.empty(nx), np.empty(nx)
+    for y in range(ny):
+        if flags[0, z, y] and flags[1, z, y] and flags[2, z, y] and flags[3, z, y]:
+            c = values[0, z, y]
+            f = _ramp_value(c, _flat_x(values[1, z, y], g, 1.0), _flat_x(values[2, z, y], g, 1.0),
+                            _flat_x(values[3, z, y], d, -1.0), t, ramp, floor)
             for x in range(nx):
-                c = v[z, y, x]
-                gz, gy, gx = np.float32(az[x]), np.float32(ay[x]), np.float32(ax[x])
-                # Far from the surface (|d| > 1.01 ramp / 2, tested without the root and the
-                # divisions) the float32 ramp is clipped: 0 or 1 by the sign of v - t.
-                e = np.float64(c) - np.float64(t)
-                n2 = max(np.float64(gz) * gz + np.float64(gy) * gy + np.float64(gx) * gx, floor2)
-                if e * e > half2 * n2:
-                    out[z, y, x] = _F1 if c > t else _F0
-                else:
-                    out[z, y, x] = _ramp_value(c, gz, gy, gx, t, ramp, floor)
-                if c > t:
-                    counts[z] += 1
-    return counts.sum()
+                out[z, y, x] = f
+            if c > t:
+                count += nx
+            continue
+        _fill_line(bz, z, y, lz, r)
+        _fill_line(by, z, y, ly, r)
+        _fill_line(bx, z, y, lx, r)
+        _conv_x(lz, g, 1.0, az)
+        _conv_x(ly, g, 1.0, ay)
+        _conv_x(lx, d, -1.0, ax)
+        for x in range(nx):
+            c = v[z, y, x]
+            gz, gy, gx = np.float32(az[x]), np.float32(ay[x]), np.float32(ax[x])
+            # Far from the surface (|d| > 1.01 ramp / 2, tested without the root and the
+            # divisions) the float32 ramp is clipped: 0 or 1 by the sign of v - t.
+            e = np.float64(c) - np.float64(t)
+            n2 = max(np.float64(gz) * gz + np.float64(gy) * gy + np.float64(gx) * gx, floor2)
+            if e * e > half2 * n2:
+                out[z, y, x] = _F1 if c > t else _F0
+            else:
+                out[z, y, x] = _ramp_value(c, gz, gy, gx, t, ramp, floor)
+            if c > t:
+                count += 1
+    return count

@@ -17,17 +17,20 @@ this module lazily, when the compiled CPU engine is selected
 (:func:`gpureg.core.backend.cpu_engine`). Functions are compiled on first
 use and cached on disk (``cache=True``). Threads: :func:`set_threads` or
 ``GPUREG_THREADS`` (default: all cores).
+
+**Threads.** Every kernel is a serial numba function over a range of z planes
+(``nogil=True``), and :func:`run_planes` runs ranges of planes on a pool of
+Python threads. Each plane writes its own outputs (results do not depend on
+the thread count). numba's own ``parallel=True`` compiled each kernel 2-4x
+slower (a 32^3 registration's kernels: 12 s on first use, 2-core CPU) and
+started an OpenMP pool that spun between kernels on a shared machine.
 """
 
 from __future__ import annotations
 
 import os
-
-# numba's OpenMP layer (libgomp, read when its pool starts) spins threads between
-# parallel regions by default. On a shared 2-core machine (load 5-9) that doubled the
-# wall time of a 128^3 registration (1.06 s vs 0.32-0.55 s, CPU 0.52 vs 0.27-0.31 s);
-# unloaded it saves nothing measurable. A user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
 import numpy as np
@@ -35,8 +38,8 @@ import numpy as np
 from .cuda import N_MONOMIALS, N_TERMS, affine_args, unpack_terms
 from .terms import MetricTerms
 
-__all__ = ["cell_support", "center_of_mass", "downsample2", "mse_terms", "resample_affine", "set_threads", "threads",
-           "use_threads"]
+__all__ = ["cell_support", "center_of_mass", "downsample2", "mse_terms", "resample_affine", "run_planes",
+           "set_threads", "threads", "use_threads"]
 
 _ROW_TERMS = 26  # kS0..kCount of voxel_math.cuh
 _LIM = np.float32(1.0e9)
@@ -77,10 +80,50 @@ def set_threads(n: int | None) -> int:
 
 
 def use_threads(n_voxels: int) -> int:
-    """Set numba's thread count for a kernel over ``n_voxels`` (1 below :data:`SMALL_VOLUME`); returns it."""
-    n = 1 if n_voxels < SMALL_VOLUME else threads()
-    nb.set_num_threads(n)
-    return n
+    """Threads for a kernel over ``n_voxels``: 1 below :data:`SMALL_VOLUME`, else :func:`threads`."""
+    return 1 if n_voxels < SMALL_VOLUME else threads()
+
+
+def run_planes(kernel, n_planes: int, *args, n_voxels: int) -> None:
+    """Run ``kernel(*args, z0, z1)`` over planes ``0 <= z < n_planes``, split among :func:`use_threads` threads.
+
+    ``kernel`` is a ``nogil`` numba function that processes planes ``z0 <= z < z1``
+    and writes per-plane outputs; the planes are cut into ``4 x threads`` ranges
+    (uneven work per plane, e.g. empty space, balances out) taken by a pool of
+    threads. Exceptions of a range are raised here.
+    """
+    n = min(use_threads(n_voxels), n_planes)
+    if n <= 1:
+        kernel(*args, 0, n_planes)
+        return
+    parts = min(n_planes, 4 * n)
+    bounds = [n_planes * k // parts for k in range(parts + 1)]
+    pool = _pool(n)
+    jobs = [pool.submit(kernel, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for job in jobs:
+        job.result()
+
+
+_POOL = {"size": 0, "executor": None}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if _POOL["size"] != n:
+            if _POOL["executor"] is not None:
+                _POOL["executor"].shutdown(wait=False)
+            _POOL["executor"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gpureg-cpu")
+            _POOL["size"] = n
+        return _POOL["executor"]
+
+
+def _forget_pool():  # a forked child has the pool object but not its threads
+    _POOL.update(size=0, executor=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, support=None) -> MetricTerms:
@@ -109,8 +152,8 @@ def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, su
     sup = _NO_MASK if support is None else np.ascontiguousarray(support, dtype=np.bool_)
     aff = np.array(affine_args(matrix, center), dtype=np.float32)
     planes = np.zeros((fixed.shape[0], _ROW_TERMS, N_MONOMIALS))
-    use_threads(fixed.size)
-    _mse_planes(fixed, moving, msk, mask is not None, sup, support is not None, aff, bool(hessian), planes)
+    run_planes(_mse_planes, fixed.shape[0], fixed, moving, msk, mask is not None, sup, support is not None, aff,
+               bool(hessian), planes, n_voxels=fixed.size)
     sums = np.zeros((N_TERMS, N_MONOMIALS))
     sums[:_ROW_TERMS] = planes.sum(axis=0)
     return unpack_terms(sums, hessian)
@@ -125,8 +168,7 @@ def resample_affine(volume, matrix, out_shape, cval: float = 0.0) -> np.ndarray:
     if min(volume.shape) < 2:
         raise ValueError(f"volume must be at least 2 voxels along every axis, got shape {volume.shape}")
     aff = np.array(affine_args(matrix, np.zeros(3)), dtype=np.float32)
-    use_threads(out.size)
-    _resample(volume, aff, np.float32(cval), out)
+    run_planes(_resample, out.shape[0], volume, aff, np.float32(cval), out, n_voxels=out.size)
     return out
 
 
@@ -134,8 +176,7 @@ def cell_support(moving) -> np.ndarray:
     """Compiled :func:`gpureg.core.metric.cell_support` (any non-zero corner of each cell)."""
     v = np.ascontiguousarray(moving, dtype=np.float32)
     out = np.empty(v.shape, dtype=np.bool_)
-    use_threads(v.size)
-    _support(v, out)
+    run_planes(_support, v.shape[0], v, out, n_voxels=v.size)
     return out
 
 
@@ -144,8 +185,7 @@ def downsample2(volume) -> np.ndarray:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     out = np.empty(tuple(n // 2 for n in v.shape), dtype=np.float32)
     if out.size:
-        use_threads(v.size)
-        _downsample2(v, out)
+        run_planes(_downsample2, out.shape[0], v, out, n_voxels=v.size)
     return out
 
 
@@ -154,8 +194,7 @@ def center_of_mass(volume) -> np.ndarray:
     v = np.ascontiguousarray(volume, dtype=np.float32)
     med = np.float32(np.median(v))
     planes = np.zeros((v.shape[0], 4))
-    use_threads(v.size)
-    _moments(v, med, planes)
+    run_planes(_moments, v.shape[0], v, med, planes, n_voxels=v.size)
     m = planes.sum(axis=0)
     if not m[0] > 0:
         return (np.asarray(v.shape, dtype=np.float64) - 1.0) / 2.0
@@ -177,145 +216,157 @@ def _cell(b, u, n):
     return inside, i, frac
 
 
-@nb.njit(parallel=True, cache=True)
-def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes):
+@nb.njit(nogil=True, cache=True)
+def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z0, z1):
+    nz, ny, nx = fixed.shape
+    for z in range(z0, z1):
+        _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z)
+
+
+@nb.njit(cache=True)
+def _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z):
     nz, ny, nx = fixed.shape
     mz, my, mx = moving.shape
-    for z in nb.prange(nz):
-        ez = np.float32(z) - aff[12]
-        for y in range(ny):
-            ey = np.float32(y) - aff[13]
-            # row_base: the part of u constant along the row
-            b0 = aff[0] * ez + (aff[1] * ey + aff[9])
-            b1 = aff[3] * ez + (aff[4] * ey + aff[10])
-            b2 = aff[6] * ez + (aff[7] * ey + aff[11])
-            s00 = s01 = s02 = s03 = s04 = s05 = 0.0
-            s10 = s11 = s12 = s13 = s14 = s15 = 0.0
-            s20 = s21 = s22 = s23 = s24 = s25 = 0.0
-            r00 = r01 = r02 = r10 = r11 = r12 = 0.0
-            sse = 0.0
-            cnt = 0
-            for x in range(nx):
-                if use_mask and not mask[z, y, x]:
-                    continue
-                ex = np.float32(x) - aff[14]
-                okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
-                oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
-                okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
-                if not (okz and oky and okx):
-                    continue
-                f = fixed[z, y, x]
-                if use_support and f == _F0 and not support[iz, iy, ix]:
-                    cnt += 1  # r = 0 and g = 0: only the count changes
-                    continue
-                # float64 from here on (the header stays in float32): exact at integer
-                # positions, as the NumPy reference (identity gives r = 0 exactly)
-                v000 = np.float64(moving[iz, iy, ix])
-                v001 = np.float64(moving[iz, iy, ix + 1])
-                v010 = np.float64(moving[iz, iy + 1, ix])
-                v011 = np.float64(moving[iz, iy + 1, ix + 1])
-                v100 = np.float64(moving[iz + 1, iy, ix])
-                v101 = np.float64(moving[iz + 1, iy, ix + 1])
-                v110 = np.float64(moving[iz + 1, iy + 1, ix])
-                v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
-                wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
-                dx00 = v001 - v000
-                dx01 = v011 - v010
-                dx10 = v101 - v100
-                dx11 = v111 - v110
-                c00 = wx * dx00 + v000
-                c01 = wx * dx01 + v010
-                c10 = wx * dx10 + v100
-                c11 = wx * dx11 + v110
-                dy0 = c01 - c00
-                dy1 = c11 - c10
-                c0 = wy * dy0 + c00
-                c1 = wy * dy1 + c10
-                r = (wz * (c1 - c0) + c0) - np.float64(f)
-                g0 = c1 - c0
-                g1 = wz * (dy1 - dy0) + dy0
-                lx0 = wy * (dx01 - dx00) + dx00
-                lx1 = wy * (dx11 - dx10) + dx10
-                g2 = wz * (lx1 - lx0) + lx0
-                e = np.float64(ex)
-                if hessian:
-                    h0, h1, h2 = g0 * e, g1 * e, g2 * e
-                    s00 += g0 * g0
-                    s01 += g0 * g1
-                    s02 += g0 * g2
-                    s03 += g1 * g1
-                    s04 += g1 * g2
-                    s05 += g2 * g2
-                    s10 += g0 * h0
-                    s11 += g0 * h1
-                    s12 += g0 * h2
-                    s13 += g1 * h1
-                    s14 += g1 * h2
-                    s15 += g2 * h2
-                    s20 += h0 * h0
-                    s21 += h0 * h1
-                    s22 += h0 * h2
-                    s23 += h1 * h1
-                    s24 += h1 * h2
-                    s25 += h2 * h2
-                rg0, rg1, rg2 = r * g0, r * g1, r * g2
-                r00 += rg0
-                r01 += rg1
-                r02 += rg2
-                r10 += rg0 * e
-                r11 += rg1 * e
-                r12 += rg2 * e
-                sse += r * r
-                cnt += 1
-            if cnt == 0:
+    ez = np.float32(z) - aff[12]
+    for y in range(ny):
+        ey = np.float32(y) - aff[13]
+        # row_base: the part of u constant along the row
+        b0 = aff[0] * ez + (aff[1] * ey + aff[9])
+        b1 = aff[3] * ez + (aff[4] * ey + aff[10])
+        b2 = aff[6] * ez + (aff[7] * ey + aff[11])
+        s00 = s01 = s02 = s03 = s04 = s05 = 0.0
+        s10 = s11 = s12 = s13 = s14 = s15 = 0.0
+        s20 = s21 = s22 = s23 = s24 = s25 = 0.0
+        r00 = r01 = r02 = r10 = r11 = r12 = 0.0
+        sse = 0.0
+        cnt = 0
+        for x in range(nx):
+            if use_mask and not mask[z, y, x]:
                 continue
-            # combine_row: each row sum times the row's monomials
-            dz, dy = np.float64(ez), np.float64(ey)
-            mono = (1.0, dz, dy, dz * dz, dz * dy, dy * dy)
-            row = (s00, s01, s02, s03, s04, s05, s10, s11, s12, s13, s14, s15, s20, s21, s22, s23, s24, s25,
-                   r00, r01, r02, r10, r11, r12, sse, np.float64(cnt))
-            for k in range(_ROW_TERMS):
-                for j in range(N_MONOMIALS):
-                    planes[z, k, j] += row[k] * mono[j]
+            ex = np.float32(x) - aff[14]
+            okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
+            oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
+            okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
+            if not (okz and oky and okx):
+                continue
+            f = fixed[z, y, x]
+            if use_support and f == _F0 and not support[iz, iy, ix]:
+                cnt += 1  # r = 0 and g = 0: only the count changes
+                continue
+            # float64 from here on (the header stays in float32): exact at integer
+            # positions, as the NumPy reference (identity gives r = 0 exactly)
+            v000 = np.float64(moving[iz, iy, ix])
+            v001 = np.float64(moving[iz, iy, ix + 1])
+            v010 = np.float64(moving[iz, iy + 1, ix])
+            v011 = np.float64(moving[iz, iy + 1, ix + 1])
+            v100 = np.float64(moving[iz + 1, iy, ix])
+            v101 = np.float64(moving[iz + 1, iy, ix + 1])
+            v110 = np.float64(moving[iz + 1, iy + 1, ix])
+            v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
+            wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
+            dx00 = v001 - v000
+            dx01 = v011 - v010
+            dx10 = v101 - v100
+            dx11 = v111 - v110
+            c00 = wx * dx00 + v000
+            c01 = wx * dx01 + v010
+            c10 = wx * dx10 + v100
+            c11 = wx * dx11 + v110
+            dy0 = c01 - c00
+            dy1 = c11 - c10
+            c0 = wy * dy0 + c00
+            c1 = wy * dy1 + c10
+            r = (wz * (c1 - c0) + c0) - np.float64(f)
+            g0 = c1 - c0
+            g1 = wz * (dy1 - dy0) + dy0
+            lx0 = wy * (dx01 - dx00) + dx00
+            lx1 = wy * (dx11 - dx10) + dx10
+            g2 = wz * (lx1 - lx0) + lx0
+            e = np.float64(ex)
+            if hessian:
+                h0, h1, h2 = g0 * e, g1 * e, g2 * e
+                s00 += g0 * g0
+                s01 += g0 * g1
+                s02 += g0 * g2
+                s03 += g1 * g1
+                s04 += g1 * g2
+                s05 += g2 * g2
+                s10 += g0 * h0
+                s11 += g0 * h1
+                s12 += g0 * h2
+                s13 += g1 * h1
+                s14 += g1 * h2
+                s15 += g2 * h2
+                s20 += h0 * h0
+                s21 += h0 * h1
+                s22 += h0 * h2
+                s23 += h1 * h1
+                s24 += h1 * h2
+                s25 += h2 * h2
+            rg0, rg1, rg2 = r * g0, r * g1, r * g2
+            r00 += rg0
+            r01 += rg1
+            r02 += rg2
+            r10 += rg0 * e
+            r11 += rg1 * e
+            r12 += rg2 * e
+            sse += r * r
+            cnt += 1
+        if cnt == 0:
+            continue
+        # combine_row: each row sum times the row's monomials
+        dz, dy = np.float64(ez), np.float64(ey)
+        mono = (1.0, dz, dy, dz * dz, dz * dy, dy * dy)
+        row = (s00, s01, s02, s03, s04, s05, s10, s11, s12, s13, s14, s15, s20, s21, s22, s23, s24, s25,
+               r00, r01, r02, r10, r11, r12, sse, np.float64(cnt))
+        for k in range(_ROW_TERMS):
+            for j in range(N_MONOMIALS):
+                planes[z, k, j] += row[k] * mono[j]
 
 
-@nb.njit(parallel=True, cache=True)
-def _resample(vol, aff, cval, out):
+@nb.njit(nogil=True, cache=True)
+def _resample(vol, aff, cval, out, z0, z1):
+    nz, ny, nx = out.shape
+    for z in range(z0, z1):
+        _resample_plane(vol, aff, cval, out, z)
+
+
+@nb.njit(cache=True)
+def _resample_plane(vol, aff, cval, out, z):
     nz, ny, nx = out.shape
     mz, my, mx = vol.shape
-    for z in nb.prange(nz):
-        ez = np.float32(z) - aff[12]
-        for y in range(ny):
-            ey = np.float32(y) - aff[13]
-            b0 = aff[0] * ez + (aff[1] * ey + aff[9])
-            b1 = aff[3] * ez + (aff[4] * ey + aff[10])
-            b2 = aff[6] * ez + (aff[7] * ey + aff[11])
-            for x in range(nx):
-                ex = np.float32(x) - aff[14]
-                okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
-                oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
-                okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
-                if not (okz and oky and okx):
-                    out[z, y, x] = cval
-                    continue
-                v000, v001 = np.float64(vol[iz, iy, ix]), np.float64(vol[iz, iy, ix + 1])
-                v010, v011 = np.float64(vol[iz, iy + 1, ix]), np.float64(vol[iz, iy + 1, ix + 1])
-                v100, v101 = np.float64(vol[iz + 1, iy, ix]), np.float64(vol[iz + 1, iy, ix + 1])
-                v110, v111 = np.float64(vol[iz + 1, iy + 1, ix]), np.float64(vol[iz + 1, iy + 1, ix + 1])
-                gx, gy, gz = np.float64(fx), np.float64(fy), np.float64(fz)
-                c00 = gx * (v001 - v000) + v000
-                c01 = gx * (v011 - v010) + v010
-                c10 = gx * (v101 - v100) + v100
-                c11 = gx * (v111 - v110) + v110
-                c0 = gy * (c01 - c00) + c00
-                c1 = gy * (c11 - c10) + c10
-                out[z, y, x] = np.float32(gz * (c1 - c0) + c0)
+    ez = np.float32(z) - aff[12]
+    for y in range(ny):
+        ey = np.float32(y) - aff[13]
+        b0 = aff[0] * ez + (aff[1] * ey + aff[9])
+        b1 = aff[3] * ez + (aff[4] * ey + aff[10])
+        b2 = aff[6] * ez + (aff[7] * ey + aff[11])
+        for x in range(nx):
+            ex = np.float32(x) - aff[14]
+            okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
+            oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
+            okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
+            if not (okz and oky and okx):
+                out[z, y, x] = cval
+                continue
+            v000, v001 = np.float64(vol[iz, iy, ix]), np.float64(vol[iz, iy, ix + 1])
+            v010, v011 = np.float64(vol[iz, iy + 1, ix]), np.float64(vol[iz, iy + 1, ix + 1])
+            v100, v101 = np.float64(vol[iz + 1, iy, ix]), np.float64(vol[iz + 1, iy, ix + 1])
+            v110, v111 = np.float64(vol[iz + 1, iy + 1, ix]), np.float64(vol[iz + 1, iy + 1, ix + 1])
+            gx, gy, gz = np.float64(fx), np.float64(fy), np.float64(fz)
+            c00 = gx * (v001 - v000) + v000
+            c01 = gx * (v011 - v010) + v010
+            c10 = gx * (v101 - v100) + v100
+            c11 = gx * (v111 - v110) + v110
+            c0 = gy * (c01 - c00) + c00
+            c1 = gy * (c11 - c10) + c10
+            out[z, y, x] = np.float32(gz * (c1 - c0) + c0)
 
 
-@nb.njit(parallel=True, cache=True)
-def _support(v, out):
+@nb.njit(nogil=True, cache=True)
+def _support(v, out, z0, z1):
     nz, ny, nx = v.shape
-    for z in nb.prange(nz):
+    for z in range(z0, z1):
         z1 = min(z + 1, nz - 1)
         for y in range(ny):
             y1 = min(y + 1, ny - 1)
@@ -325,11 +376,11 @@ def _support(v, out):
                                 or v[z1, y, x] != 0 or v[z1, y, x1] != 0 or v[z1, y1, x] != 0 or v[z1, y1, x1] != 0)
 
 
-@nb.njit(parallel=True, cache=True)
-def _downsample2(v, out):
+@nb.njit(nogil=True, cache=True)
+def _downsample2(v, out, z0, z1):
     oz, oy, ox = out.shape
     eighth = np.float32(0.125)
-    for z in nb.prange(oz):
+    for z in range(z0, z1):
         for y in range(oy):
             for x in range(ox):
                 lo = (v[2 * z, 2 * y, 2 * x] + v[2 * z, 2 * y, 2 * x + 1]) + (
@@ -339,10 +390,10 @@ def _downsample2(v, out):
                 out[z, y, x] = (lo + hi) * eighth
 
 
-@nb.njit(parallel=True, cache=True)
-def _moments(v, med, planes):
+@nb.njit(nogil=True, cache=True)
+def _moments(v, med, planes, z0, z1):
     nz, ny, nx = v.shape
-    for z in nb.prange(nz):
+    for z in range(z0, z1):
         for y in range(ny):
             w = 0.0
             wx = 0.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import use_threads
+from .cpu_kernels import run_planes
 
 __all__ = ["histogram", "median3", "minmax", "remove_impulses"]
 
@@ -29,8 +29,7 @@ def median3(volume) -> np.ndarray:
     """``scipy.ndimage.median_filter(volume, size=3)`` (reflect at the faces), multithreaded."""
     v = np.ascontiguousarray(volume, dtype=np.float32)
     out = np.empty_like(v)
-    use_threads(v.size)
-    _median3(v, out)
+    run_planes(_median3, v.shape[0], v, out, n_voxels=v.size)
     return out
 
 
@@ -61,9 +60,10 @@ def remove_impulses(volume, size: int = 3) -> tuple[np.ndarray, float]:
     if not finite:
         return volume, 0.0
     out = np.empty_like(v)
-    use_threads(v.size)
-    n = _impulses(v, out, int(size), np.float32(lo), np.float32(hi), (hi - lo) / 4)
-    return out, float(n) / v.size
+    changed = np.zeros(v.shape[0], dtype=np.int64)
+    run_planes(_impulses, v.shape[0], v, out, int(size), np.float32(lo), np.float32(hi), (hi - lo) / 4, changed,
+               n_voxels=v.size)
+    return out, float(changed.sum()) / v.size
 
 
 def minmax(volume) -> tuple[float, float, bool]:
@@ -71,10 +71,9 @@ def minmax(volume) -> tuple[float, float, bool]:
     v = np.ascontiguousarray(volume, dtype=np.float32).reshape(-1)
     if v.size == 0:
         raise ValueError("empty volume")
-    use_threads(v.size)
     chunks = max(1, min(64, v.size // 65536))
     los, his, ok = np.empty(chunks, np.float32), np.empty(chunks, np.float32), np.empty(chunks, np.bool_)
-    _minmax(v, los, his, ok)
+    run_planes(_minmax, chunks, v, los, his, ok, n_voxels=v.size)
     return float(los.min()), float(his.max()), bool(ok.all())
 
 
@@ -87,99 +86,109 @@ def histogram(volume, bins: int, lo: float, hi: float) -> np.ndarray:
     edges = np.linspace(lo, hi, bins + 1, dtype=np.float32).astype(np.float64)
     chunks = max(1, min(64, v.size // 65536))
     parts = np.zeros((chunks, bins), dtype=np.int64)
-    use_threads(v.size)
-    _histogram(v, edges, bins / (edges[-1] - edges[0]), parts)
+    run_planes(_histogram, chunks, v, edges, bins / (edges[-1] - edges[0]), parts, n_voxels=v.size)
     return parts.sum(axis=0)
 
 
-@nb.njit(parallel=True, cache=True)
-def _median3(v, out):
+@nb.njit(nogil=True, cache=True)
+def _median3(v, out, z0, z1):
     # For size 3, "reflect" is a clamp: index -1 -> 0, n -> n - 1. When at least 14
     # of the 27 values equal the centre, the median is the centre (no selection).
+    for z in range(z0, z1):
+        _median3_plane(v, out, z)
+
+
+@nb.njit(cache=True)
+def _median3_plane(v, out, z):
     nz, ny, nx = v.shape
-    for z in nb.prange(nz):
-        buf = np.empty(27, dtype=np.float32)
-        zi = np.int64(z)
-        zs = (max(zi - 1, 0), zi, min(zi + 1, nz - 1))
-        for y in range(ny):
-            ys = (max(y - 1, 0), y, min(y + 1, ny - 1))
-            for x in range(nx):
-                c = v[z, y, x]
-                xs = (max(x - 1, 0), x, min(x + 1, nx - 1))
-                k = 0
-                same = 0
-                for zz in zs:
-                    for yy in ys:
-                        for xx in xs:
-                            b = v[zz, yy, xx]
-                            buf[k] = b
-                            same += b == c
-                            k += 1
-                out[z, y, x] = c if same >= 14 else _select(buf, 13)
+    buf = np.empty(27, dtype=np.float32)
+    zi = z
+    zs = (max(zi - 1, 0), zi, min(zi + 1, nz - 1))
+    for y in range(ny):
+        ys = (max(y - 1, 0), y, min(y + 1, ny - 1))
+        for x in range(nx):
+            c = v[z, y, x]
+            xs = (max(x - 1, 0), x, min(x + 1, nx - 1))
+            k = 0
+            same = 0
+            for zz in zs:
+                for yy in ys:
+                    for xx in xs:
+                        b = v[zz, yy, xx]
+                        buf[k] = b
+                        same += b == c
+                        k += 1
+            out[z, y, x] = c if same >= 14 else _select(buf, 13)
 
 
-@nb.njit(parallel=True, cache=True)
-def _impulses(v, out, size, lo, hi, jump):
+@nb.njit(nogil=True, cache=True)
+def _impulses(v, out, size, lo, hi, jump, changed, z0, z1):
     # Per row: the (z, y) neighbourhood is first reduced to per-column sums (float64 sum and
     # count of the non-extreme values, counts of each extreme), then each extreme voxel adds
     # its ``size`` columns: size^2 + size reads per voxel instead of size^3. Rows with no
     # extreme voxel are copied.
+    for z in range(z0, z1):
+        changed[z] = _impulses_plane(v, out, size, lo, hi, jump, z)
+
+
+@nb.njit(cache=True)
+def _impulses_plane(v, out, size, lo, hi, jump, z):
+    # One z plane of _impulses; returns its count of changed voxels.
     nz, ny, nx = v.shape
     a = -(size // 2)
     b = size - size // 2 - 1
-    changed = np.zeros(nz, dtype=np.int64)
-    for zu in nb.prange(nz):
-        z = np.int64(zu)
-        z0, z1 = max(z + a, 0), min(z + b, nz - 1)
-        col_sum = np.empty(nx)
-        col_good = np.empty(nx, dtype=np.int64)
-        col_lo = np.empty(nx, dtype=np.int64)
-        col_hi = np.empty(nx, dtype=np.int64)
-        for y in range(ny):
-            extreme = False
-            for x in range(nx):
-                c = v[z, y, x]
-                out[z, y, x] = c
-                extreme = extreme or not (c > lo and c < hi)
-            if not extreme:
+    changed = 0
+    z0, z1 = max(z + a, 0), min(z + b, nz - 1)
+    col_sum = np.empty(nx)
+    col_good = np.empty(nx, dtype=np.int64)
+    col_lo = np.empty(nx, dtype=np.int64)
+    col_hi = np.empty(nx, dtype=np.int64)
+    for y in range(ny):
+        extreme = False
+        for x in range(nx):
+            c = v[z, y, x]
+            out[z, y, x] = c
+            extreme = extreme or not (c > lo and c < hi)
+        if not extreme:
+            continue
+        y0, y1 = max(y + a, 0), min(y + b, ny - 1)
+        for x in range(nx):
+            col_sum[x] = 0.0
+            col_good[x] = 0
+            col_lo[x] = 0
+            col_hi[x] = 0
+        for zz in range(z0, z1 + 1):
+            for yy in range(y0, y1 + 1):
+                for x in range(nx):
+                    w = v[zz, yy, x]
+                    if w <= lo:
+                        col_lo[x] += 1
+                    elif w >= hi:
+                        col_hi[x] += 1
+                    else:
+                        col_sum[x] += w
+                        col_good[x] += 1
+        for x in range(nx):
+            c = v[z, y, x]
+            if c > lo and c < hi:
                 continue
-            y0, y1 = max(y + a, 0), min(y + b, ny - 1)
-            col_sum[:] = 0.0
-            col_good[:] = 0
-            col_lo[:] = 0
-            col_hi[:] = 0
-            for zz in range(z0, z1 + 1):
-                for yy in range(y0, y1 + 1):
-                    for x in range(nx):
-                        w = v[zz, yy, x]
-                        if w <= lo:
-                            col_lo[x] += 1
-                        elif w >= hi:
-                            col_hi[x] += 1
-                        else:
-                            col_sum[x] += w
-                            col_good[x] += 1
-            for x in range(nx):
-                c = v[z, y, x]
-                if c > lo and c < hi:
-                    continue
-                acc = 0.0
-                good = 0
-                n_lo = 0
-                n_hi = 0
-                for xx in range(max(x + a, 0), min(x + b, nx - 1) + 1):
-                    acc += col_sum[xx]
-                    good += col_good[xx]
-                    n_lo += col_lo[xx]
-                    n_hi += col_hi[xx]
-                if good > 0:
-                    m = np.float32(acc / good)
-                else:
-                    m = lo if n_lo >= n_hi else hi
-                out[z, y, x] = m
-                if abs(np.float64(m) - np.float64(c)) > jump:
-                    changed[z] += 1
-    return changed.sum()
+            acc = 0.0
+            good = 0
+            n_lo = 0
+            n_hi = 0
+            for xx in range(max(x + a, 0), min(x + b, nx - 1) + 1):
+                acc += col_sum[xx]
+                good += col_good[xx]
+                n_lo += col_lo[xx]
+                n_hi += col_hi[xx]
+            if good > 0:
+                m = np.float32(acc / good)
+            else:
+                m = lo if n_lo >= n_hi else hi
+            out[z, y, x] = m
+            if abs(np.float64(m) - np.float64(c)) > jump:
+                changed += 1
+    return changed
 
 
 @nb.njit(cache=True)
@@ -207,10 +216,10 @@ def _select(a, k):
     return a[k]
 
 
-@nb.njit(parallel=True, cache=True)
-def _minmax(v, los, his, ok):
+@nb.njit(nogil=True, cache=True)
+def _minmax(v, los, his, ok, z0, z1):
     n, chunks = v.size, los.size
-    for c in nb.prange(chunks):
+    for c in range(z0, z1):
         a, b = c * n // chunks, (c + 1) * n // chunks
         lo, hi = np.inf, -np.inf
         good = True
@@ -224,13 +233,13 @@ def _minmax(v, los, his, ok):
         los[c], his[c], ok[c] = lo, hi, good
 
 
-@nb.njit(parallel=True, cache=True)
-def _histogram(v, edges, norm, parts):
+@nb.njit(nogil=True, cache=True)
+def _histogram(v, edges, norm, parts, z0, z1):
     # numpy.histogram's uniform-bin rule: index from (x - first) * norm, then corrected against the edges.
     n = v.size
     chunks, bins = parts.shape
     first, last = edges[0], edges[-1]
-    for c in nb.prange(chunks):
+    for c in range(z0, z1):
         a, b = c * n // chunks, (c + 1) * n // chunks
         for i in range(a, b):
             x = np.float64(v[i])
