@@ -202,6 +202,14 @@ def center_of_mass(volume) -> np.ndarray:
 
 
 @nb.njit(inline="always", cache=True)
+def _row_base(aff, ez, y):
+    # row_base of voxel_math.cuh: the part of u constant along the row (z, y), float32
+    ey = np.float32(y) - aff[13]
+    return ey, aff[0] * ez + (aff[1] * ey + aff[9]), aff[3] * ez + (aff[4] * ey + aff[10]), aff[6] * ez + (
+        aff[7] * ey + aff[11])
+
+
+@nb.njit(inline="always", cache=True)
 def _cell(b, u, n):
     # cell_1d of voxel_math.cuh: lower corner in [0, n - 2], fraction, inside [0, n - 1].
     uc = min(max(u, -_LIM), _LIM)
@@ -229,11 +237,7 @@ def _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian
     mz, my, mx = moving.shape
     ez = np.float32(z) - aff[12]
     for y in range(ny):
-        ey = np.float32(y) - aff[13]
-        # row_base: the part of u constant along the row
-        b0 = aff[0] * ez + (aff[1] * ey + aff[9])
-        b1 = aff[3] * ez + (aff[4] * ey + aff[10])
-        b2 = aff[6] * ez + (aff[7] * ey + aff[11])
+        ey, b0, b1, b2 = _row_base(aff, ez, y)
         s00 = s01 = s02 = s03 = s04 = s05 = 0.0
         s10 = s11 = s12 = s13 = s14 = s15 = 0.0
         s20 = s21 = s22 = s23 = s24 = s25 = 0.0
@@ -337,10 +341,7 @@ def _resample_plane(vol, aff, cval, out, z):
     mz, my, mx = vol.shape
     ez = np.float32(z) - aff[12]
     for y in range(ny):
-        ey = np.float32(y) - aff[13]
-        b0 = aff[0] * ez + (aff[1] * ey + aff[9])
-        b1 = aff[3] * ez + (aff[4] * ey + aff[10])
-        b2 = aff[6] * ez + (aff[7] * ey + aff[11])
+        ey, b0, b1, b2 = _row_base(aff, ez, y)
         for x in range(nx):
             ex = np.float32(x) - aff[14]
             okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
