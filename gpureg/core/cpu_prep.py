@@ -235,15 +235,27 @@ def _minmax(v, los, his, ok, z0, z1):
 
 @nb.njit(nogil=True, cache=True)
 def _histogram(v, edges, norm, parts, z0, z1):
-    # numpy.histogram's uniform-bin rule: index from (x - first) * norm, then corrected against the edges.
+    # numpy.histogram's uniform-bin rule: index from (x - first) * norm, then corrected against the
+    # edges. A run of equal values (a flat background) is binned once and counted as a run.
     n = v.size
     chunks, bins = parts.shape
     first, last = edges[0], edges[-1]
     for c in range(z0, z1):
         a, b = c * n // chunks, (c + 1) * n // chunks
+        prev = np.float32(np.nan)
+        k = -1  # bin of prev; -1: outside the range (or NaN)
+        run = 0
         for i in range(a, b):
-            x = np.float64(v[i])
+            if v[i] == prev:
+                run += 1
+                continue
+            if k >= 0:
+                parts[c, k] += run
+            prev = v[i]
+            run = 1
+            x = np.float64(prev)
             if not (x >= first and x <= last):
+                k = -1
                 continue
             k = int((x - first) * norm)
             if k == bins:
@@ -252,4 +264,5 @@ def _histogram(v, edges, norm, parts, z0, z1):
                 k -= 1
             elif x >= edges[k + 1] and k != bins - 1:
                 k += 1
-            parts[c, k] += 1
+        if k >= 0:
+            parts[c, k] += run

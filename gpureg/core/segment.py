@@ -27,6 +27,11 @@ def otsu_threshold(volume, *, bins: int = 256) -> float:
     float
         Threshold ``t``; the foreground is ``volume > t``.
     """
+    return _otsu(volume, bins)[0]
+
+
+def _otsu(volume, bins=256):
+    """Otsu's threshold and the volume's minimum and maximum (float32 values)."""
     xp = xp_of(volume)
     v = xp.asarray(volume, dtype=xp.float32).ravel()
     if v.size == 0:
@@ -57,7 +62,7 @@ def otsu_threshold(volume, *, bins: int = 256) -> float:
     m1 = (s0[-1] - s0) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
     k = int(np.argmax(between[:-1]))
-    return float(edges[k + 1])
+    return float(edges[k + 1]), lo, hi
 
 
 def denoise(volume, method: str | None = "median", *, size: float = 3):
@@ -200,14 +205,14 @@ def binarize(volume, *, threshold: float | None = None, denoise: str | None = No
     """
     xp = xp_of(volume)
     v = _denoise(xp.asarray(volume, dtype=xp.float32), denoise, size=size)
-    t = otsu_threshold(v) if threshold is None else float(threshold)
+    t, lo, hi = _otsu(v) if threshold is None else (float(threshold), None, None)
     if threshold is None and fraction is not None:
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
         if abs(float((v > t).mean()) / fraction - 1) > fraction_tol:
             t = float(xp.quantile(v, 1 - fraction))
     if ramp > 0:
-        out, n_foreground = _partial_volume(v, t, ramp)
+        out, n_foreground = _partial_volume(v, t, ramp, value_range=None if lo is None else (lo, hi))
     else:
         out = (v > t).astype(xp.float32)
         n_foreground = int(xp.count_nonzero(out))
@@ -253,8 +258,9 @@ def partial_volume(volume, threshold: float, *, ramp: float = 3.0, sigma: float 
     return _partial_volume(volume, threshold, ramp, sigma)[0]
 
 
-def _partial_volume(volume, threshold, ramp, sigma=0.7):
-    """:func:`partial_volume` and the number of voxels above ``threshold``."""
+def _partial_volume(volume, threshold, ramp, sigma=0.7, value_range=None):
+    """:func:`partial_volume` and the number of voxels above ``threshold`` (``value_range``: the
+    volume's float32 minimum and maximum when known)."""
     if not ramp > 0:
         raise ValueError(f"ramp must be a width > 0 voxels, got {ramp!r}")
     xp = xp_of(volume)
@@ -262,7 +268,7 @@ def _partial_volume(volume, threshold, ramp, sigma=0.7):
     if sigma > 0 and _compiled(v):
         from . import cpu_gauss, cpu_prep
 
-        lo, hi, _ = cpu_prep.minmax(v)
+        lo, hi = cpu_prep.minmax(v)[:2] if value_range is None else value_range
         floor = 1e-6 * max(float(np.float32(hi) - np.float32(lo)), 1e-30)
         return cpu_gauss.partial_volume(v, float(threshold), float(ramp), float(sigma), floor)
     if sigma > 0:
