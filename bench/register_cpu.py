@@ -2,7 +2,7 @@
 
 For each size, a two-particle phantom pair with a known affine (rotation 6 deg
 about an oblique axis, anisotropic scale, shear, shift), noise-free or with
-10 % salt-and-pepper noise (independent in both volumes), registered
+10 % or 30 % salt-and-pepper noise (independent in both volumes), registered
 binarized or raw (grey). gpureg is timed end to end from the raw volumes
 (``register_affine``: ``denoise="impulse"`` on the noisy cases, Otsu, Gaussian sigma 1,
 pyramid, Levenberg-Marquardt); the peers register the very arrays gpureg
@@ -20,12 +20,17 @@ run of every method on a pair, then the next round), so load from other
 processes hits all methods alike; times are medians over rounds after one
 warm-up of gpureg; ``cpu_ms`` is the process CPU time (all threads) of each run,
 less sensitive than wall time to a loaded machine. Error: mean displacement from the truth over the particle
-voxels. Also reported: time per voxel, the load average, and numba's
-first-call compile time (empty cache) and cached start-up, in subprocesses.
+voxels. Also reported: time per voxel, gpureg's preparation time (both volumes,
+timed separately in the same rounds) and its share of the registration, the
+cost of noise (noisy / noise-free time), the load average, numba's first-call
+compile time (empty cache) and cached start-up, in subprocesses, and whether
+the target of issue 12 holds: gpureg <= 0.5x elastix's time at 128^3 and
+192^3, at an error no worse than elastix's, in every row.
 
     python bench/register_cpu.py                       # 64 96 128 192, 3 rounds
     python bench/register_cpu.py --quick               # 64 only, one round
     python bench/register_cpu.py --sitk-full-max 96    # full-sampling SimpleITK up to 96^3 (default 64)
+    python bench/register_cpu.py --noise 0.1           # noise-free and 10 % only
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ from gpureg.core import transform as tf
 from gpureg.register import prepare_volume, register_affine
 from gpureg.validate import salt_and_pepper
 
-NOISE = 0.10
 
 
 def known_affine(shape):
@@ -111,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--sitk-max", type=int, default=128, help="largest size for SimpleITK with 10 %% sampling")
     ap.add_argument("--sitk-full-max", type=int, default=64, help="largest size for full-sampling SimpleITK")
     ap.add_argument("--sitk-rounds", type=int, default=1, help="rounds with SimpleITK (the first ones; minutes each)")
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.3],
+                    help="salt-and-pepper fractions besides noise-free (default 0.1 0.3)")
     ap.add_argument("--quick", action="store_true", help="64^3 only, one round")
     ap.add_argument("--no-peers", action="store_true", help="gpureg only")
     args = ap.parse_args(argv)
@@ -131,14 +137,22 @@ def main(argv=None):
             peers["elastix"] = lambda f, m: register_elastix(f, m, threads=args.threads)
         except ImportError:
             print("itk-elastix not installed; skipping elastix", flush=True)
+    if peers:  # warm-up: the first call of a peer loads its libraries (ITK: seconds)
+        _, _, f, m, _, _, _ = make_pair(32, 0.0, True)
+        for fn in peers.values():
+            fn(f, m)
     rows, loads = [], []
     for size in sizes:
-        for noise in (0.0, NOISE):
+        for noise in (0.0, *args.noise):
             for binarize in (True, False):
                 fixed, moving, f, m, mask, truth, den = make_pair(size, noise, binarize)
 
                 def ours(fixed=fixed, moving=moving, binarize=binarize, den=den):
                     return register_affine(fixed, moving, device="cpu", binarize=binarize, denoise=den).matrix
+
+                def prep_only(fixed=fixed, moving=moving, binarize=binarize, den=den):
+                    prepare_volume(fixed, "cpu", binarize=binarize, denoise=den)
+                    prepare_volume(moving, "cpu", binarize=binarize, denoise=den)
 
                 methods = {"gpureg": ours}
                 for name, fn in peers.items():
@@ -148,10 +162,14 @@ def main(argv=None):
                     methods[name] = lambda fn=fn, f=f, m=m: fn(f, m)
                 ours()  # warm-up (numba compiled and cached; page cache)
                 times = {k: [] for k in methods}
+                prep_times = []
                 cpu = {k: [] for k in methods}
                 errors = {}
                 for k in range(rounds):
                     loads.append(os.getloadavg()[0])
+                    t0 = time.perf_counter()
+                    prep_only()
+                    prep_times.append((time.perf_counter() - t0) * 1e3)
                     for name, fn in methods.items():
                         if name.startswith("SimpleITK") and k >= args.sitk_rounds:
                             continue
@@ -160,9 +178,11 @@ def main(argv=None):
                         times[name].append((time.perf_counter() - t0) * 1e3)
                         cpu[name].append((time.process_time() - c0) * 1e3)
                         errors[name] = gpureg.displacement_error(mat, truth, mask=mask)[0]
-                case = f"{'binarized' if binarize else 'raw'}, {'noise-free' if not noise else f'{int(NOISE * 100)} % salt-and-pepper'}"
+                case = f"{'binarized' if binarize else 'raw'}, {'noise-free' if not noise else f'{round(noise * 100)} % salt-and-pepper'}"
                 ms = statistics.median(times["gpureg"])
-                row = {"case": case, "size": size, "registration_ms": round(ms, 1),
+                prep_ms = statistics.median(prep_times)
+                row = {"case": case, "size": size, "noise": noise, "binarize": binarize, "registration_ms": round(ms, 1),
+                       "preparation_ms": round(prep_ms, 1), "preparation_share": round(prep_ms / ms, 2),
                        "ns_per_voxel": round(ms * 1e6 / size**3, 1), "error_vox": round(errors["gpureg"], 4),
                        "cpu_ms": round(statistics.median(cpu["gpureg"]), 1),
                        "denoise": den, "rounds": rounds, "threads": args.threads,
@@ -181,10 +201,31 @@ def main(argv=None):
                                ratio=e["ratio"])
                 print(row, flush=True)
                 rows.append(row)
-    extra = {"quick": args.quick, "threads": args.threads, "numba": compile_s,
+    target = _target(rows)
+    print("target (issue 12):", target, flush=True)
+    extra = {"quick": args.quick, "threads": args.threads, "numba": compile_s, "noise_levels": [0.0, *args.noise],
+             "target": target, "noise_cost": _noise_cost(rows),
              "load_average": {"median": round(statistics.median(loads), 2), "max": round(max(loads), 2)},
              "note": "gpureg timed from raw volumes (preparation included); peers on gpureg's prepared arrays"}
     save("register_cpu", "cpu", rows, extra=extra)
+
+
+def _target(rows) -> dict:
+    """Issue 12's rule: at 128^3 and 192^3, gpureg <= 0.5x elastix's time at an error no worse, in every row."""
+    judged = [r for r in rows if r["size"] in (128, 192) and "ratio" in r]
+    failing = [f"{r['size']} {r['case']}" for r in judged
+               if not (r["ratio"] >= 2.0 and r["error_vox"] <= r["reference_error_vox"])]
+    return {"rule": "registration_ms <= 0.5 x elastix ms and error_vox <= elastix error, sizes 128 and 192",
+            "rows": len(judged), "rows_met": len(judged) - len(failing), "failing": failing,
+            "worst_time_fraction": round(max((1 / r["ratio"] for r in judged), default=float("nan")), 2)}
+
+
+def _noise_cost(rows) -> list:
+    """Time of each noisy row relative to the noise-free row of the same size and preparation."""
+    clean = {(r["size"], r["binarize"]): r["registration_ms"] for r in rows if r["noise"] == 0}
+    return [{"size": r["size"], "case": r["case"],
+             "vs_noise_free": round(r["registration_ms"] / clean[(r["size"], r["binarize"])], 2)}
+            for r in rows if r["noise"] and (r["size"], r["binarize"]) in clean]
 
 
 def _sitk(register_sitk, f, m, threads, sampling):
