@@ -11,11 +11,16 @@ registration stage (``ratio``), since a full SimpleITK pipeline would take hours
     python bench/pipeline.py                 # CPU: n = 128, N = 8
     python bench/pipeline.py --quick         # n = 48, N = 6
     python bench/pipeline.py --size 512 --energies 60 --device gpu
+    python bench/pipeline.py --engines numba numpy   # CPU: the compiled kernels, then the NumPy reference
+                                                     # (the path before the compiled engine), same data
+
+With several ``--engines`` the simulated data are shared and each engine's run is a row.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -40,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="n = 48, N = 6")
     ap.add_argument("--no-sitk", action="store_true")
+    ap.add_argument("--engines", nargs="+", choices=["numba", "numpy"], default=["numba"],
+                    help="CPU engines to run in turn on the same data (GPUREG_CPU_BACKEND)")
     args = ap.parse_args(argv)
     size, n_e = (48, 6) if args.quick else (args.size, args.energies)
     dev = resolve_device(args.device)
@@ -53,26 +60,35 @@ def main(argv=None):
         t0 = time.perf_counter()
         simulate(raw, size=size, energies=energies, n_angles=args.angles, seed=0)
         sim_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = run(raw, Path(tmp) / "out.h5", device=dev, report=False)
-        wall = time.perf_counter() - t0
-        stages = {k: float(v.sum()) for k, v in res.timings.items()}
-        with h5py.File(Path(tmp) / "out.h5") as h5:
-            truth, labels = h5["truth/matrices"][...], h5["truth/labels"][...]
-            errs = [gpureg.displacement_error(m, t, mask=labels > 0)[0] for m, t in zip(res.matrices, truth)]
-            row = {"case": "simulated Mn K-edge, projections -> edge maps", "size": size, "energies": n_e,
-                   "angles": args.angles, "pipeline_ms": round(wall * 1e3, 1),
-                   "stage_ms": {k: round(v * 1e3, 1) for k, v in stages.items()},
-                   "per_energy_ms": round(wall * 1e3 / n_e, 1), "simulate_ms_not_timed": round(sim_s * 1e3),
-                   "error_vox_median": round(float(np.median(errs)), 4), "error_vox_max": round(float(np.max(errs)), 4)}
-            if not args.no_sitk:
-                row.update(_sitk_reference(h5, res, stages["register"]))
-    print(row, flush=True)
-    save("pipeline", dev, [row], extra={"quick": args.quick})
+        rows = []
+        for i, engine in enumerate(args.engines):
+            os.environ["GPUREG_CPU_BACKEND"] = engine
+            out = Path(tmp) / f"out-{engine}.h5"
+            t0 = time.perf_counter()
+            res = run(raw, out, device=dev, report=False)
+            wall = time.perf_counter() - t0
+            stages = {k: float(v.sum()) for k, v in res.timings.items()}
+            with h5py.File(out) as h5:
+                truth, labels = h5["truth/matrices"][...], h5["truth/labels"][...]
+                errs = [gpureg.displacement_error(m, t, mask=labels > 0)[0] for m, t in zip(res.matrices, truth)]
+                row = {"case": "simulated Mn K-edge, projections -> edge maps", "size": size, "energies": n_e,
+                       "angles": args.angles, "pipeline_ms": round(wall * 1e3, 1),
+                       "stage_ms": {k: round(v * 1e3, 1) for k, v in stages.items()},
+                       "per_energy_ms": round(wall * 1e3 / n_e, 1), "simulate_ms_not_timed": round(sim_s * 1e3),
+                       "error_vox_median": round(float(np.median(errs)), 4),
+                       "error_vox_max": round(float(np.max(errs)), 4), "cpu_engine": engine}
+                if not args.no_sitk and i == 0:
+                    row.update(_sitk_reference(h5, res, stages["register"]))
+            print(row, flush=True)
+            rows.append(row)
+        os.environ.pop("GPUREG_CPU_BACKEND", None)
+    save("pipeline", dev, rows, extra={"quick": args.quick, "engines": args.engines,
+                                       "load_average": round(os.getloadavg()[0], 2)})
 
 
 def _sitk_reference(h5, res, register_s):
-    from gpureg.register import prepare_volume, registration_order
+    from gpureg.register import prepare_volume
+    from gpureg.register.series import registration_order
     from gpureg.validate.sitk import register_sitk, sitk_available
 
     if not sitk_available():
