@@ -124,7 +124,7 @@ def remove_impulses(volume, *, size: int = 3, min_fraction: float = 1e-3):
     for impulses at other values use ``"median"``.
 
     On the CPU (numba engine, 3D float32) it runs compiled and multithreaded
-    (:func:`gpureg.core.cpu_prep.remove_impulses`, exact per-voxel sums); the
+    (:func:`gpureg.core.cpu_prep.remove_impulses`, float64 per-voxel sums); the
     reference, and the CuPy path, use box filters (2x3 separable passes, float32
     between them), equal within float32 rounding.
 
