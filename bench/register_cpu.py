@@ -21,7 +21,7 @@ processes hits all methods alike; times are medians over rounds after one
 warm-up of gpureg; ``cpu_ms`` is the process CPU time (all threads) of each run,
 less sensitive than wall time to a loaded machine. Error: mean displacement from the truth over the particle
 voxels. Also reported: time per voxel, gpureg's preparation time (both volumes,
-timed separately in the same rounds) and its share of the registration, the
+within each timed registration) and its share of the registration, the
 cost of noise (noisy / noise-free time), the load average, numba's first-call
 compile time (empty cache) and cached start-up, in subprocesses, and whether
 the target of issue 12 holds: gpureg <= 0.5x elastix's time at 128^3 and
@@ -147,12 +147,12 @@ def main(argv=None):
             for binarize in (True, False):
                 fixed, moving, f, m, mask, truth, den = make_pair(size, noise, binarize)
 
-                def ours(fixed=fixed, moving=moving, binarize=binarize, den=den):
-                    return register_affine(fixed, moving, device="cpu", binarize=binarize, denoise=den).matrix
+                prep_times = []
 
-                def prep_only(fixed=fixed, moving=moving, binarize=binarize, den=den):
-                    prepare_volume(fixed, "cpu", binarize=binarize, denoise=den)
-                    prepare_volume(moving, "cpu", binarize=binarize, denoise=den)
+                def ours(fixed=fixed, moving=moving, binarize=binarize, den=den, prep_times=prep_times):
+                    result = register_affine(fixed, moving, device="cpu", binarize=binarize, denoise=den)
+                    prep_times.append(result.prepare_seconds * 1e3)
+                    return result.matrix
 
                 methods = {"gpureg": ours}
                 for name, fn in peers.items():
@@ -161,15 +161,12 @@ def main(argv=None):
                         continue
                     methods[name] = lambda fn=fn, f=f, m=m: fn(f, m)
                 ours()  # warm-up (numba compiled and cached; page cache)
+                prep_times.clear()
                 times = {k: [] for k in methods}
-                prep_times = []
                 cpu = {k: [] for k in methods}
                 errors = {}
                 for k in range(rounds):
                     loads.append(os.getloadavg()[0])
-                    t0 = time.perf_counter()
-                    prep_only()
-                    prep_times.append((time.perf_counter() - t0) * 1e3)
                     for name, fn in methods.items():
                         if name.startswith("SimpleITK") and k >= args.sitk_rounds:
                             continue

@@ -12,6 +12,7 @@ import pytest
 import gpureg
 from gpureg.core import transform as tf
 from gpureg.core.metric import mse_terms
+from gpureg.register import prepare_volume
 from known_transforms import CASES, SHAPE, affine
 
 
@@ -66,6 +67,8 @@ def test_identity_is_exact(fixed):
     res = gpureg.register_affine(vol, vol)
     np.testing.assert_allclose(res.matrix, np.eye(4), atol=1e-6)
     assert res.mse_before == 0.0 and res.mse_after == 0.0
+    f = prepare_volume(vol, "cpu")
+    assert gpureg.register_prepared(f, f).prepare_seconds == 0.0  # inputs came prepared
 
 
 @pytest.mark.parametrize("binarize", [False, True], ids=["grey", "binarized"])
@@ -78,6 +81,7 @@ def test_recovers_known_transform(fixed, case, binarize):
     assert mean <= 0.1, f"{case}: mean displacement error {mean:.3f} voxel"
     assert res.mse_after < res.mse_before
     assert res.device == "cpu" and len(res.iterations) == 2  # 32^3 and 64^3 levels
+    assert 0 < res.prepare_seconds < res.seconds  # preparing both volumes is part of the timed call
 
 
 @pytest.mark.parametrize("binarize", [False, True], ids=["grey", "binarized"])
