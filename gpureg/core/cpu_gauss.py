@@ -9,8 +9,14 @@ Multithreaded twins of :func:`gpureg.core.segment.gaussian` and
 - :func:`partial_volume` is the NumPy arithmetic of
   :func:`gpureg.core.segment.partial_volume` (three Gaussian derivatives of
   sigma 0.7, their float32 norm, the clipped ramp), with the three derivatives
-  sharing their separable passes (5 passes along z and y instead of 6, one
-  fused pass along x instead of 3 and the NumPy arithmetic after them).
+  sharing their separable passes (5 row passes along z and y instead of 6, one
+  along x that also forms the ramp, instead of 3 and the NumPy arithmetic).
+
+**One plane at a time.** For each output plane z, the pass along z fills a
+plane buffer from the 2r + 1 input planes around z, the pass along y another
+plane buffer, and the pass along x writes the output plane: the intermediate
+results stay in the cache instead of travelling through memory as whole
+volumes (each pass still rounds to float32, as SciPy does between axes).
 
 **Constant rows.** Every pass works on rows of voxels along x. A row whose
 inputs are all constant along x (a flat background, the 0 and 1 plateaus of a
@@ -79,10 +85,11 @@ def gaussian_filter(volume, sigma: float, order=(0, 0, 0)) -> np.ndarray:
         if any(order):
             raise ValueError(f"a derivative needs sigma > 0, got {sigma}")
         return v.copy()
-    rows = row_constants(v)
-    for axis in range(3):
-        v, rows = _pass(v, gaussian_weights(sigma, order[axis]), axis, rows)
-    return v
+    const, value = row_constants(v)
+    (wz, sz), (wy, sy), (wx, sx) = (gaussian_weights(sigma, o) for o in order)
+    out = np.empty_like(v)
+    run_planes(_gauss_planes, v.shape[0], v, const, value, wz, sz, wy, sy, wx, sx, out, n_voxels=v.size)
+    return out
 
 
 def partial_volume(volume, threshold: float, ramp: float, sigma: float, floor: float) -> tuple[np.ndarray, int]:
@@ -105,34 +112,20 @@ def partial_volume(volume, threshold: float, ramp: float, sigma: float, floor: f
         Number of voxels with ``v > threshold``.
     """
     v = np.ascontiguousarray(volume, dtype=np.float32)
-    g, d = gaussian_weights(sigma, 0), gaussian_weights(sigma, 1)
-    rows = row_constants(v)
-    gz_, rz = _pass(v, g, 0, rows)  # G_z v: feeds d/dy and d/dx
-    dz_, rdz = _pass(v, d, 0, rows)  # D_z v
-    gx_in, rx = _pass(gz_, g, 1, rz)  # G_y G_z v, then D_x
-    gy_in, ry = _pass(gz_, d, 1, rz)  # D_y G_z v, then G_x
-    gz_in, rzz = _pass(dz_, g, 1, rdz)  # G_y D_z v, then G_x
-    out = gz_
-    flags = np.stack([rows[0], rzz[0], ry[0], rx[0]])
-    values = np.stack([rows[1], rzz[1], ry[1], rx[1]])
-    counts = np.zeros(v.shape[0], dtype=np.int64)
-    run_planes(_ramp_x, v.shape[0], v, gz_in, gy_in, gx_in, flags, values, g[0], d[0], np.float32(threshold),
-               np.float32(ramp), np.float32(floor), out, counts, n_voxels=v.size)
-    return out, int(counts.sum())
-
-
-def _pass(v, weights, axis, rows):
+    g, d = gaussian_weights(sigma, 0)[0], gaussian_weights(sigma, 1)[0]
+    const, value = row_constants(v)
     out = np.empty_like(v)
-    const = np.empty(v.shape[:2], dtype=np.bool_)
-    value = np.empty(v.shape[:2], dtype=np.float32)
-    run_planes(_smooth, v.shape[0], v, weights[0], weights[1], out, axis, rows[0], rows[1], const, value,
-               n_voxels=v.size)
-    return out, (const, value)
+    counts = np.zeros(v.shape[0], dtype=np.int64)
+    run_planes(_ramp_planes, v.shape[0], v, const, value, g, d, np.float32(threshold), np.float32(ramp),
+               np.float32(floor), out, counts, n_voxels=v.size)
+    return out, int(counts.sum())
 
 
 @nb.njit(cache=True)
 def _reflect(i, n):
     # scipy's "reflect" (d c b a | a b c d | d c b a), any distance outside
+    if 0 <= i < n:  # most calls: no integer division
+        return i
     period = 2 * n
     i = i % period
     return period - 1 - i if i >= n else i
@@ -153,80 +146,87 @@ def _row_constants(v, const, value, z0, z1):
             value[z, y] = c
 
 
-@nb.njit(nogil=True, cache=True)
-def _smooth(v, w, sign, out, axis, cin, vin, cout, vout, z0, z1):
-    # One pass along z (axis 0) or y (axis 1), whole rows at once (vectorised along x), or
-    # along x (axis 2) from a reflected copy of each row. A row whose inputs are all constant
-    # along x is computed once and filled; cout/vout: the output rows known constant.
-    for z in range(z0, z1):
-        _smooth_plane(v, w, sign, out, axis, cin, vin, cout, vout, z)
-
-
 @nb.njit(cache=True)
-def _smooth_plane(v, w, sign, out, axis, cin, vin, cout, vout, z):
-    nz, ny, nx = v.shape
+def _z_row(v, z, y, w, sign, cin, vin, acc, out, cout, vout):
+    # Row (z, y) of the pass along z of volume v into row y of the plane buffer ``out``
+    # (vectorised along x). A row whose window rows are all constant along x is computed
+    # once and filled; cout/vout[y]: whether the output row is known constant, and its value.
+    nz = v.shape[0]
+    nx = v.shape[2]
     r = w.size - 1
-    acc = np.empty(nx)
-    line = np.empty(nx + 2 * r)
-    for y in range(ny):
-        flat = cin[z, y]
+    flat = cin[z, y]
+    for j in range(1, r + 1):
+        if not flat:
+            break
+        flat = cin[_reflect(z + j, nz), y] and cin[_reflect(z - j, nz), y]
+    if flat:
+        a = np.float64(vin[z, y]) * w[0]
         for j in range(1, r + 1):
-            if not flat or axis == 2:
-                break
-            if axis == 0:
-                flat = cin[_reflect(z + j, nz), y] and cin[_reflect(z - j, nz), y]
-            else:
-                flat = cin[z, _reflect(y + j, ny)] and cin[z, _reflect(y - j, ny)]
-        if flat:
-            a = np.float64(vin[z, y]) * w[0]
-            for j in range(1, r + 1):
-                if axis == 0:
-                    p, m = vin[_reflect(z + j, nz), y], vin[_reflect(z - j, nz), y]
-                elif axis == 1:
-                    p, m = vin[z, _reflect(y + j, ny)], vin[z, _reflect(y - j, ny)]
-                else:
-                    p, m = vin[z, y], vin[z, y]
-                a += (np.float64(p) + sign * np.float64(m)) * w[j]
-            f = np.float32(a)
-            for x in range(nx):
-                out[z, y, x] = f
-            cout[z, y] = True
-            vout[z, y] = f
-            continue
-        if axis == 2:
-            _fill_line(v, z, y, line, r)
-            _conv_x(line, w, sign, acc)
-        else:
-            for x in range(nx):
-                acc[x] = np.float64(v[z, y, x]) * w[0]
-            for j in range(1, r + 1):
-                if axis == 0:
-                    zp, zm, yp, ym = _reflect(z + j, nz), _reflect(z - j, nz), y, y
-                else:
-                    zp, zm, yp, ym = z, z, _reflect(y + j, ny), _reflect(y - j, ny)
-                for x in range(nx):
-                    acc[x] += (np.float64(v[zp, yp, x]) + sign * np.float64(v[zm, ym, x])) * w[j]
+            a += (np.float64(vin[_reflect(z + j, nz), y]) + sign * np.float64(vin[_reflect(z - j, nz), y])) * w[j]
+        _fill_flat(out, y, np.float32(a), cout, vout)
+        return
+    for x in range(nx):
+        acc[x] = np.float64(v[z, y, x]) * w[0]
+    for j in range(1, r + 1):
+        zp, zm = _reflect(z + j, nz), _reflect(z - j, nz)
         for x in range(nx):
-            out[z, y, x] = np.float32(acc[x])
-        cout[z, y] = False
-        vout[z, y] = out[z, y, 0]
+            acc[x] += (np.float64(v[zp, y, x]) + sign * np.float64(v[zm, y, x])) * w[j]
+    _store(out, y, acc, cout, vout)
 
 
 @nb.njit(cache=True)
-def _flat_x(c, w, sign):
-    # The x pass of a constant row (every position sees the same reflected values).
-    a = np.float64(c) * w[0]
-    for j in range(1, w.size):
-        a += (np.float64(c) + sign * np.float64(c)) * w[j]
-    return np.float32(a)
-
-
-@nb.njit(cache=True)
-def _conv_x(line, w, sign, acc):
-    # The x pass of one row from its reflected copy ``line`` (offset r), tap by tap over
-    # the whole row (vectorised; per output the same order as SciPy: w0, then j = 1..r).
+def _y_row(p, y, w, sign, cin, vin, acc, out, cout, vout):
+    # Row y of the pass along y of the plane p (rows' constancy cin/vin) into the plane ``out``.
+    ny, nx = p.shape
     r = w.size - 1
-    nx = acc.size
+    flat = cin[y]
+    for j in range(1, r + 1):
+        if not flat:
+            break
+        flat = cin[_reflect(y + j, ny)] and cin[_reflect(y - j, ny)]
+    if flat:
+        a = np.float64(vin[y]) * w[0]
+        for j in range(1, r + 1):
+            a += (np.float64(vin[_reflect(y + j, ny)]) + sign * np.float64(vin[_reflect(y - j, ny)])) * w[j]
+        _fill_flat(out, y, np.float32(a), cout, vout)
+        return
+    for x in range(nx):
+        acc[x] = np.float64(p[y, x]) * w[0]
+    for j in range(1, r + 1):
+        yp, ym = _reflect(y + j, ny), _reflect(y - j, ny)
+        for x in range(nx):
+            acc[x] += (np.float64(p[yp, x]) + sign * np.float64(p[ym, x])) * w[j]
+    _store(out, y, acc, cout, vout)
+
+
+@nb.njit(cache=True)
+def _fill_flat(out, y, f, cout, vout):
+    for x in range(out.shape[1]):
+        out[y, x] = f
+    cout[y] = True
+    vout[y] = f
+
+
+@nb.njit(cache=True)
+def _store(out, y, acc, cout, vout):
+    for x in range(out.shape[1]):
+        out[y, x] = np.float32(acc[x])
+    cout[y] = False
+    vout[y] = out[y, 0]
+
+
+@nb.njit(cache=True)
+def _x_row(row, w, sign, line, acc):
+    # The pass along x of one row into acc (float64): a reflected copy of the row in ``line``
+    # (offset r), then tap by tap over the whole row (vectorised; per output the same order
+    # as SciPy: w0, then j = 1..r).
+    nx = row.size
+    r = w.size - 1
+    for k in range(r):  # reflected borders; the interior copied as it is
+        line[k] = np.float64(row[_reflect(k - r, nx)])
+        line[nx + r + k] = np.float64(row[_reflect(nx + k, nx)])
+    for k in range(nx):
+        line[k + r] = np.float64(row[k])
     for x in range(nx):
         acc[x] = line[x + r] * w[0]
     for j in range(1, r + 1):
@@ -236,13 +236,36 @@ def _conv_x(line, w, sign, acc):
 
 
 @nb.njit(cache=True)
-def _fill_line(v, z, y, line, r):
-    nx = v.shape[2]
-    for k in range(r):  # reflected borders; the interior copied as it is
-        line[k] = np.float64(v[z, y, _reflect(k - r, nx)])
-        line[nx + r + k] = np.float64(v[z, y, _reflect(nx + k, nx)])
-    for k in range(nx):
-        line[k + r] = np.float64(v[z, y, k])
+def _flat_x(c, w, sign):
+    # The pass along x of a constant row (every position sees the same reflected values).
+    a = np.float64(c) * w[0]
+    for j in range(1, w.size):
+        a += (np.float64(c) + sign * np.float64(c)) * w[j]
+    return np.float32(a)
+
+
+@nb.njit(nogil=True, cache=True)
+def _gauss_planes(v, cin, vin, wz, sz, wy, sy, wx, sx, out, z0, z1):
+    nz, ny, nx = v.shape
+    pz, py = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+    cz, cy = np.empty(ny, np.bool_), np.empty(ny, np.bool_)
+    vz, vy = np.empty(ny, np.float32), np.empty(ny, np.float32)
+    acc = np.empty(nx)
+    line = np.empty(nx + 2 * (wx.size - 1))
+    for z in range(z0, z1):
+        for y in range(ny):
+            _z_row(v, z, y, wz, sz, cin, vin, acc, pz, cz, vz)
+        for y in range(ny):
+            _y_row(pz, y, wy, sy, cz, vz, acc, py, cy, vy)
+        for y in range(ny):
+            if cy[y]:
+                f = _flat_x(vy[y], wx, sx)
+                for x in range(nx):
+                    out[z, y, x] = f
+                continue
+            _x_row(py[y], wx, sx, line, acc)
+            for x in range(nx):
+                out[z, y, x] = np.float32(acc[x])
 
 
 @nb.njit(cache=True)
@@ -257,49 +280,54 @@ def _ramp_value(c, gz, gy, gx, t, ramp, floor):
 
 
 @nb.njit(nogil=True, cache=True)
-def _ramp_x(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out, counts, z0, z1):
-    # Last pass: G_x of the z and y derivative volumes, D_x of the smoothed one, then the ramp.
-    # flags/values: row constants of v, bz, by, bx. counts[z]: voxels of plane z with v > t.
-    for z in range(z0, z1):
-        counts[z] = _ramp_plane(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out, z)
-
-
-@nb.njit(cache=True)
-def _ramp_plane(v, bz, by, bx, flags, values, g, d, t, ramp, floor, out, z):
+def _ramp_planes(v, cin, vin, g, d, t, ramp, floor, out, counts, z0, z1):
+    # Per plane: G_z v and D_z v; G_y G_z v (then D_x: the x derivative), D_y G_z v (then G_x:
+    # the y derivative), G_y D_z v (then G_x: the z derivative); the ramp. counts[z]: voxels
+    # of plane z with v > t.
     nz, ny, nx = v.shape
     r = g.size - 1
-    count = 0
+    gz, dz = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+    bx, by, bz = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+    flags = np.empty((5, ny), np.bool_)
+    values = np.empty((5, ny), np.float32)
+    acc = np.empty(nx)
+    az, ay, ax = np.empty(nx), np.empty(nx), np.empty(nx)
+    line = np.empty(nx + 2 * r)
     floor2 = np.float64(floor) * np.float64(floor)
     half2 = 1.0201 * 0.25 * np.float64(ramp) * np.float64(ramp)  # (1.01 ramp / 2)^2
-    lz, ly, lx = np.empty(nx + 2 * r), np.empty(nx + 2 * r), np.empty(nx + 2 * r)
-    az, ay, ax = np.empty(nx), np.empty(nx), np.empty(nx)
-    for y in range(ny):
-        if flags[0, z, y] and flags[1, z, y] and flags[2, z, y] and flags[3, z, y]:
-            c = values[0, z, y]
-            f = _ramp_value(c, _flat_x(values[1, z, y], g, 1.0), _flat_x(values[2, z, y], g, 1.0),
-                            _flat_x(values[3, z, y], d, -1.0), t, ramp, floor)
+    for z in range(z0, z1):
+        for y in range(ny):
+            _z_row(v, z, y, g, 1.0, cin, vin, acc, gz, flags[0], values[0])
+            _z_row(v, z, y, d, -1.0, cin, vin, acc, dz, flags[1], values[1])
+        for y in range(ny):
+            _y_row(gz, y, g, 1.0, flags[0], values[0], acc, bx, flags[2], values[2])
+            _y_row(gz, y, d, -1.0, flags[0], values[0], acc, by, flags[3], values[3])
+            _y_row(dz, y, g, 1.0, flags[1], values[1], acc, bz, flags[4], values[4])
+        count = 0
+        for y in range(ny):
+            if cin[z, y] and flags[2, y] and flags[3, y] and flags[4, y]:
+                c = vin[z, y]
+                f = _ramp_value(c, _flat_x(values[4, y], g, 1.0), _flat_x(values[3, y], g, 1.0),
+                                _flat_x(values[2, y], d, -1.0), t, ramp, floor)
+                for x in range(nx):
+                    out[z, y, x] = f
+                if c > t:
+                    count += nx
+                continue
+            _x_row(bz[y], g, 1.0, line, az)
+            _x_row(by[y], g, 1.0, line, ay)
+            _x_row(bx[y], d, -1.0, line, ax)
             for x in range(nx):
-                out[z, y, x] = f
-            if c > t:
-                count += nx
-            continue
-        _fill_line(bz, z, y, lz, r)
-        _fill_line(by, z, y, ly, r)
-        _fill_line(bx, z, y, lx, r)
-        _conv_x(lz, g, 1.0, az)
-        _conv_x(ly, g, 1.0, ay)
-        _conv_x(lx, d, -1.0, ax)
-        for x in range(nx):
-            c = v[z, y, x]
-            gz, gy, gx = np.float32(az[x]), np.float32(ay[x]), np.float32(ax[x])
-            # Far from the surface (|d| > 1.01 ramp / 2, tested without the root and the
-            # divisions) the float32 ramp is clipped: 0 or 1 by the sign of v - t.
-            e = np.float64(c) - np.float64(t)
-            n2 = max(np.float64(gz) * gz + np.float64(gy) * gy + np.float64(gx) * gx, floor2)
-            if e * e > half2 * n2:
-                out[z, y, x] = _F1 if c > t else _F0
-            else:
-                out[z, y, x] = _ramp_value(c, gz, gy, gx, t, ramp, floor)
-            if c > t:
-                count += 1
-    return count
+                c = v[z, y, x]
+                gzx, gyx, gxx = np.float32(az[x]), np.float32(ay[x]), np.float32(ax[x])
+                # Far from the surface (|d| > 1.01 ramp / 2, tested without the root and the
+                # divisions) the float32 ramp is clipped: 0 or 1 by the sign of v - t.
+                e = np.float64(c) - np.float64(t)
+                n2 = max(np.float64(gzx) * gzx + np.float64(gyx) * gyx + np.float64(gxx) * gxx, floor2)
+                if e * e > half2 * n2:
+                    out[z, y, x] = _F1 if c > t else _F0
+                else:
+                    out[z, y, x] = _ramp_value(c, gzx, gyx, gxx, t, ramp, floor)
+                if c > t:
+                    count += 1
+        counts[z] = count
