@@ -104,26 +104,21 @@ def run_planes(kernel, n_planes: int, *args, n_voxels: int) -> None:
         job.result()
 
 
-_POOL = {"size": 0, "executor": None}
-_POOL_LOCK = threading.Lock()
+# One pool per thread count, kept for the process (a caller that changes the count while
+# another thread still runs kernels on the old one is not disturbed).
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
-    with _POOL_LOCK:
-        if _POOL["size"] != n:
-            if _POOL["executor"] is not None:
-                _POOL["executor"].shutdown(wait=False)
-            _POOL["executor"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gpureg-cpu")
-            _POOL["size"] = n
-        return _POOL["executor"]
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="gpureg-cpu")
+        return _POOLS[n]
 
 
-def _forget_pool():  # a forked child has the pool object but not its threads
-    _POOL.update(size=0, executor=None)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+if hasattr(os, "register_at_fork"):  # a forked child has the pool objects but not their threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, support=None) -> MetricTerms:

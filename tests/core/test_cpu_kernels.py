@@ -114,6 +114,27 @@ def test_pass_is_deterministic_for_any_thread_count(monkeypatch):
         np.testing.assert_array_equal(r.jtj, runs[0].jtj)
 
 
+def _sse_in_child(args):
+    fixed, moving = args
+    return metric.mse_terms(fixed, moving, np.eye(4)).sse
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_kernels_run_in_a_forked_child(monkeypatch):
+    """The thread pool of the parent is not inherited by a forked child (Dask, multiprocessing):
+    the child builds its own and gets the same sums."""
+    import multiprocessing
+
+    monkeypatch.setenv("GPUREG_THREADS", "2")
+    shape = (44, 40, 48)
+    fixed = two_particle_phantom(shape, seed=1)
+    moving = two_particle_phantom(shape, tf.rotation_matrix(3.0, (1, 1, 0), tf.grid_center(shape)), seed=1)
+    here = metric.mse_terms(fixed, moving, np.eye(4)).sse  # the parent's pool now exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        there = pool.apply_async(_sse_in_child, ((fixed, moving),)).get(timeout=120)
+    assert there == here
+
+
 def test_bad_thread_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GPUREG_THREADS", "many")
     with pytest.raises(ValueError, match="GPUREG_THREADS"):
