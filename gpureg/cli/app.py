@@ -103,6 +103,9 @@ def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress deta
         os.environ["GPUREG_THREADS"] = str(threads)
 
 
+INTERRUPTED = 130  # exit code after Ctrl-C (128 + SIGINT), as shells report it
+
+
 def main(argv=None):
     """Entry point of the ``gpureg`` command.
 
@@ -113,8 +116,7 @@ def main(argv=None):
     try:
         rc = app(args=argv, prog_name="gpureg", standalone_mode=False)
     except typer.Abort:
-        typer.echo("gpureg: aborted", err=True)
-        raise SystemExit(130) from None
+        rc = INTERRUPTED
     except Exception as exc:
         # click's UsageError (typer >= 0.2x vendors click, so it is matched by name, not imported)
         if not any(c.__name__ == "UsageError" for c in type(exc).__mro__):
@@ -126,4 +128,7 @@ def main(argv=None):
         where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         typer.echo(f"gpureg: error: {' '.join(exc.format_message().split())}{where}", err=True)
         raise SystemExit(2) from None
+    if rc == INTERRUPTED:  # Ctrl-C: click returns (or raises Abort) without a word
+        typer.echo("gpureg: interrupted; finished outputs are kept, and `gpureg run` / `gpureg watch` resume "
+                   "where they stopped when run again", err=True)
     raise SystemExit(rc or 0)  # as click's standalone mode: main() always exits

@@ -114,6 +114,23 @@ def test_bad_choice_is_a_usage_error(pair):
     assert r.returncode == 2 and r.stderr.startswith("gpureg: error: Got unexpected extra argument")
 
 
+def test_ctrl_c_exits_130_with_one_line(pair, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during a command: exit code 130, one line saying so, no output file."""
+    from gpureg.register import affine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(affine, "register_affine", interrupted)
+    d, _ = pair
+    with pytest.raises(SystemExit) as exc:
+        main(["register", str(d / "fixed.npy"), str(d / "fixed.npy"), "-o", str(tmp_path / "m.json")])
+    assert exc.value.code == 130
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("gpureg: interrupted")
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_not_hdf5(tmp_path):
     bad = tmp_path / "x.h5"
     bad.write_text("not hdf5")
