@@ -133,11 +133,11 @@ def _reflect(i, n):
 
 @nb.njit(nogil=True, cache=True)
 def _row_constants(v, const, value, z0, z1):
-    nz, ny, nx = v.shape
+    ny, nx = v.shape[1], v.shape[2]
     for z in range(z0, z1):
         for y in range(ny):
             c = v[z, y, 0]
-            same = c == c
+            same = not np.isnan(c)
             x = 1
             while same and x < nx:
                 same = v[z, y, x] == c
@@ -246,7 +246,7 @@ def _flat_x(c, w, sign):
 
 @nb.njit(nogil=True, cache=True)
 def _gauss_planes(v, cin, vin, wz, sz, wy, sy, wx, sx, out, z0, z1):
-    nz, ny, nx = v.shape
+    ny, nx = v.shape[1], v.shape[2]
     pz, py = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
     cz, cy = np.empty(ny, np.bool_), np.empty(ny, np.bool_)
     vz, vy = np.empty(ny, np.float32), np.empty(ny, np.float32)
@@ -284,7 +284,7 @@ def _ramp_planes(v, cin, vin, g, d, t, ramp, floor, out, counts, z0, z1):
     # Per plane: G_z v and D_z v; G_y G_z v (then D_x: the x derivative), D_y G_z v (then G_x:
     # the y derivative), G_y D_z v (then G_x: the z derivative); the ramp. counts[z]: voxels
     # of plane z with v > t.
-    nz, ny, nx = v.shape
+    ny, nx = v.shape[1], v.shape[2]
     r = g.size - 1
     gz, dz = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
     bx, by, bz = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)

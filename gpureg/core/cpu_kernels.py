@@ -28,6 +28,7 @@ started an OpenMP pool that spun between kernels on a shared machine.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +100,7 @@ def run_planes(kernel, n_planes: int, *args, n_voxels: int) -> None:
     parts = min(n_planes, 4 * n)
     bounds = [n_planes * k // parts for k in range(parts + 1)]
     pool = _pool(n)
-    jobs = [pool.submit(kernel, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    jobs = [pool.submit(kernel, *args, a, b) for a, b in itertools.pairwise(bounds) if b > a]
     for job in jobs:
         job.result()
 
@@ -221,14 +222,13 @@ def _cell(b, u, n):
 
 @nb.njit(nogil=True, cache=True)
 def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z0, z1):
-    nz, ny, nx = fixed.shape
     for z in range(z0, z1):
         _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z)
 
 
 @nb.njit(cache=True)
 def _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z):
-    nz, ny, nx = fixed.shape
+    ny, nx = fixed.shape[1], fixed.shape[2]
     mz, my, mx = moving.shape
     ez = np.float32(z) - aff[12]
     for y in range(ny):
@@ -325,18 +325,17 @@ def _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian
 
 @nb.njit(nogil=True, cache=True)
 def _resample(vol, aff, cval, out, z0, z1):
-    nz, ny, nx = out.shape
     for z in range(z0, z1):
         _resample_plane(vol, aff, cval, out, z)
 
 
 @nb.njit(cache=True)
 def _resample_plane(vol, aff, cval, out, z):
-    nz, ny, nx = out.shape
+    ny, nx = out.shape[1], out.shape[2]
     mz, my, mx = vol.shape
     ez = np.float32(z) - aff[12]
     for y in range(ny):
-        ey, b0, b1, b2 = _row_base(aff, ez, y)
+        _, b0, b1, b2 = _row_base(aff, ez, y)
         for x in range(nx):
             ex = np.float32(x) - aff[14]
             okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
@@ -374,7 +373,7 @@ def _support(v, out, z0, z1):
 
 @nb.njit(nogil=True, cache=True)
 def _downsample2(v, out, z0, z1):
-    oz, oy, ox = out.shape
+    oy, ox = out.shape[1], out.shape[2]
     eighth = np.float32(0.125)
     for z in range(z0, z1):
         for y in range(oy):
@@ -388,7 +387,7 @@ def _downsample2(v, out, z0, z1):
 
 @nb.njit(nogil=True, cache=True)
 def _moments(v, med, planes, z0, z1):
-    nz, ny, nx = v.shape
+    ny, nx = v.shape[1], v.shape[2]
     for z in range(z0, z1):
         for y in range(ny):
             w = 0.0
