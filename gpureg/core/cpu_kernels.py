@@ -222,140 +222,130 @@ def _cell(b, u, n):
 
 @nb.njit(nogil=True, cache=True)
 def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z0, z1):
-    for z in range(z0, z1):
-        _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z)
-
-
-@nb.njit(cache=True)
-def _mse_plane(fixed, moving, mask, use_mask, support, use_support, aff, hessian, planes, z):
     ny, nx = fixed.shape[1], fixed.shape[2]
     mz, my, mx = moving.shape
-    ez = np.float32(z) - aff[12]
-    for y in range(ny):
-        ey, b0, b1, b2 = _row_base(aff, ez, y)
-        s00 = s01 = s02 = s03 = s04 = s05 = 0.0
-        s10 = s11 = s12 = s13 = s14 = s15 = 0.0
-        s20 = s21 = s22 = s23 = s24 = s25 = 0.0
-        r00 = r01 = r02 = r10 = r11 = r12 = 0.0
-        sse = 0.0
-        cnt = 0
-        for x in range(nx):
-            if use_mask and not mask[z, y, x]:
+    for z in range(z0, z1):
+        ez = np.float32(z) - aff[12]
+        for y in range(ny):
+            ey, b0, b1, b2 = _row_base(aff, ez, y)
+            s00 = s01 = s02 = s03 = s04 = s05 = 0.0
+            s10 = s11 = s12 = s13 = s14 = s15 = 0.0
+            s20 = s21 = s22 = s23 = s24 = s25 = 0.0
+            r00 = r01 = r02 = r10 = r11 = r12 = 0.0
+            sse = 0.0
+            cnt = 0
+            for x in range(nx):
+                if use_mask and not mask[z, y, x]:
+                    continue
+                ex = np.float32(x) - aff[14]
+                okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
+                oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
+                okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
+                if not (okz and oky and okx):
+                    continue
+                f = fixed[z, y, x]
+                if use_support and f == _F0 and not support[iz, iy, ix]:
+                    cnt += 1  # r = 0 and g = 0: only the count changes
+                    continue
+                # float64 from here on (the header stays in float32): exact at integer
+                # positions, as the NumPy reference (identity gives r = 0 exactly)
+                v000 = np.float64(moving[iz, iy, ix])
+                v001 = np.float64(moving[iz, iy, ix + 1])
+                v010 = np.float64(moving[iz, iy + 1, ix])
+                v011 = np.float64(moving[iz, iy + 1, ix + 1])
+                v100 = np.float64(moving[iz + 1, iy, ix])
+                v101 = np.float64(moving[iz + 1, iy, ix + 1])
+                v110 = np.float64(moving[iz + 1, iy + 1, ix])
+                v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
+                wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
+                dx00 = v001 - v000
+                dx01 = v011 - v010
+                dx10 = v101 - v100
+                dx11 = v111 - v110
+                c00 = wx * dx00 + v000
+                c01 = wx * dx01 + v010
+                c10 = wx * dx10 + v100
+                c11 = wx * dx11 + v110
+                dy0 = c01 - c00
+                dy1 = c11 - c10
+                c0 = wy * dy0 + c00
+                c1 = wy * dy1 + c10
+                r = (wz * (c1 - c0) + c0) - np.float64(f)
+                g0 = c1 - c0
+                g1 = wz * (dy1 - dy0) + dy0
+                lx0 = wy * (dx01 - dx00) + dx00
+                lx1 = wy * (dx11 - dx10) + dx10
+                g2 = wz * (lx1 - lx0) + lx0
+                e = np.float64(ex)
+                if hessian:
+                    h0, h1, h2 = g0 * e, g1 * e, g2 * e
+                    s00 += g0 * g0
+                    s01 += g0 * g1
+                    s02 += g0 * g2
+                    s03 += g1 * g1
+                    s04 += g1 * g2
+                    s05 += g2 * g2
+                    s10 += g0 * h0
+                    s11 += g0 * h1
+                    s12 += g0 * h2
+                    s13 += g1 * h1
+                    s14 += g1 * h2
+                    s15 += g2 * h2
+                    s20 += h0 * h0
+                    s21 += h0 * h1
+                    s22 += h0 * h2
+                    s23 += h1 * h1
+                    s24 += h1 * h2
+                    s25 += h2 * h2
+                rg0, rg1, rg2 = r * g0, r * g1, r * g2
+                r00 += rg0
+                r01 += rg1
+                r02 += rg2
+                r10 += rg0 * e
+                r11 += rg1 * e
+                r12 += rg2 * e
+                sse += r * r
+                cnt += 1
+            if cnt == 0:
                 continue
-            ex = np.float32(x) - aff[14]
-            okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
-            oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
-            okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
-            if not (okz and oky and okx):
-                continue
-            f = fixed[z, y, x]
-            if use_support and f == _F0 and not support[iz, iy, ix]:
-                cnt += 1  # r = 0 and g = 0: only the count changes
-                continue
-            # float64 from here on (the header stays in float32): exact at integer
-            # positions, as the NumPy reference (identity gives r = 0 exactly)
-            v000 = np.float64(moving[iz, iy, ix])
-            v001 = np.float64(moving[iz, iy, ix + 1])
-            v010 = np.float64(moving[iz, iy + 1, ix])
-            v011 = np.float64(moving[iz, iy + 1, ix + 1])
-            v100 = np.float64(moving[iz + 1, iy, ix])
-            v101 = np.float64(moving[iz + 1, iy, ix + 1])
-            v110 = np.float64(moving[iz + 1, iy + 1, ix])
-            v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
-            wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
-            dx00 = v001 - v000
-            dx01 = v011 - v010
-            dx10 = v101 - v100
-            dx11 = v111 - v110
-            c00 = wx * dx00 + v000
-            c01 = wx * dx01 + v010
-            c10 = wx * dx10 + v100
-            c11 = wx * dx11 + v110
-            dy0 = c01 - c00
-            dy1 = c11 - c10
-            c0 = wy * dy0 + c00
-            c1 = wy * dy1 + c10
-            r = (wz * (c1 - c0) + c0) - np.float64(f)
-            g0 = c1 - c0
-            g1 = wz * (dy1 - dy0) + dy0
-            lx0 = wy * (dx01 - dx00) + dx00
-            lx1 = wy * (dx11 - dx10) + dx10
-            g2 = wz * (lx1 - lx0) + lx0
-            e = np.float64(ex)
-            if hessian:
-                h0, h1, h2 = g0 * e, g1 * e, g2 * e
-                s00 += g0 * g0
-                s01 += g0 * g1
-                s02 += g0 * g2
-                s03 += g1 * g1
-                s04 += g1 * g2
-                s05 += g2 * g2
-                s10 += g0 * h0
-                s11 += g0 * h1
-                s12 += g0 * h2
-                s13 += g1 * h1
-                s14 += g1 * h2
-                s15 += g2 * h2
-                s20 += h0 * h0
-                s21 += h0 * h1
-                s22 += h0 * h2
-                s23 += h1 * h1
-                s24 += h1 * h2
-                s25 += h2 * h2
-            rg0, rg1, rg2 = r * g0, r * g1, r * g2
-            r00 += rg0
-            r01 += rg1
-            r02 += rg2
-            r10 += rg0 * e
-            r11 += rg1 * e
-            r12 += rg2 * e
-            sse += r * r
-            cnt += 1
-        if cnt == 0:
-            continue
-        # combine_row: each row sum times the row's monomials
-        dz, dy = np.float64(ez), np.float64(ey)
-        mono = (1.0, dz, dy, dz * dz, dz * dy, dy * dy)
-        row = (s00, s01, s02, s03, s04, s05, s10, s11, s12, s13, s14, s15, s20, s21, s22, s23, s24, s25,
-               r00, r01, r02, r10, r11, r12, sse, np.float64(cnt))
-        for k in range(_ROW_TERMS):
-            for j in range(N_MONOMIALS):
-                planes[z, k, j] += row[k] * mono[j]
+            # combine_row: each row sum times the row's monomials
+            dz, dy = np.float64(ez), np.float64(ey)
+            mono = (1.0, dz, dy, dz * dz, dz * dy, dy * dy)
+            row = (s00, s01, s02, s03, s04, s05, s10, s11, s12, s13, s14, s15, s20, s21, s22, s23, s24, s25,
+                   r00, r01, r02, r10, r11, r12, sse, np.float64(cnt))
+            for k in range(_ROW_TERMS):
+                for j in range(N_MONOMIALS):
+                    planes[z, k, j] += row[k] * mono[j]
 
 
 @nb.njit(nogil=True, cache=True)
 def _resample(vol, aff, cval, out, z0, z1):
-    for z in range(z0, z1):
-        _resample_plane(vol, aff, cval, out, z)
-
-
-@nb.njit(cache=True)
-def _resample_plane(vol, aff, cval, out, z):
     ny, nx = out.shape[1], out.shape[2]
     mz, my, mx = vol.shape
-    ez = np.float32(z) - aff[12]
-    for y in range(ny):
-        _, b0, b1, b2 = _row_base(aff, ez, y)
-        for x in range(nx):
-            ex = np.float32(x) - aff[14]
-            okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
-            oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
-            okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
-            if not (okz and oky and okx):
-                out[z, y, x] = cval
-                continue
-            v000, v001 = np.float64(vol[iz, iy, ix]), np.float64(vol[iz, iy, ix + 1])
-            v010, v011 = np.float64(vol[iz, iy + 1, ix]), np.float64(vol[iz, iy + 1, ix + 1])
-            v100, v101 = np.float64(vol[iz + 1, iy, ix]), np.float64(vol[iz + 1, iy, ix + 1])
-            v110, v111 = np.float64(vol[iz + 1, iy + 1, ix]), np.float64(vol[iz + 1, iy + 1, ix + 1])
-            gx, gy, gz = np.float64(fx), np.float64(fy), np.float64(fz)
-            c00 = gx * (v001 - v000) + v000
-            c01 = gx * (v011 - v010) + v010
-            c10 = gx * (v101 - v100) + v100
-            c11 = gx * (v111 - v110) + v110
-            c0 = gy * (c01 - c00) + c00
-            c1 = gy * (c11 - c10) + c10
-            out[z, y, x] = np.float32(gz * (c1 - c0) + c0)
+    for z in range(z0, z1):
+        ez = np.float32(z) - aff[12]
+        for y in range(ny):
+            _, b0, b1, b2 = _row_base(aff, ez, y)
+            for x in range(nx):
+                ex = np.float32(x) - aff[14]
+                okz, iz, fz = _cell(z, aff[2] * ex + b0, mz)
+                oky, iy, fy = _cell(y, aff[5] * ex + b1, my)
+                okx, ix, fx = _cell(x, aff[8] * ex + b2, mx)
+                if not (okz and oky and okx):
+                    out[z, y, x] = cval
+                    continue
+                v000, v001 = np.float64(vol[iz, iy, ix]), np.float64(vol[iz, iy, ix + 1])
+                v010, v011 = np.float64(vol[iz, iy + 1, ix]), np.float64(vol[iz, iy + 1, ix + 1])
+                v100, v101 = np.float64(vol[iz + 1, iy, ix]), np.float64(vol[iz + 1, iy, ix + 1])
+                v110, v111 = np.float64(vol[iz + 1, iy + 1, ix]), np.float64(vol[iz + 1, iy + 1, ix + 1])
+                gx, gy, gz = np.float64(fx), np.float64(fy), np.float64(fz)
+                c00 = gx * (v001 - v000) + v000
+                c01 = gx * (v011 - v010) + v010
+                c10 = gx * (v101 - v100) + v100
+                c11 = gx * (v111 - v110) + v110
+                c0 = gy * (c01 - c00) + c00
+                c1 = gy * (c11 - c10) + c10
+                out[z, y, x] = np.float32(gz * (c1 - c0) + c0)
 
 
 @nb.njit(nogil=True, cache=True)

@@ -95,31 +95,25 @@ def histogram(volume, bins: int, lo: float, hi: float) -> np.ndarray:
 def _median3(v, out, z0, z1):
     # For size 3, "reflect" is a clamp: index -1 -> 0, n -> n - 1. When at least 14
     # of the 27 values equal the centre, the median is the centre (no selection).
-    for z in range(z0, z1):
-        _median3_plane(v, out, z)
-
-
-@nb.njit(cache=True)
-def _median3_plane(v, out, z):
     nz, ny, nx = v.shape
     buf = np.empty(27, dtype=np.float32)
-    zi = z
-    zs = (max(zi - 1, 0), zi, min(zi + 1, nz - 1))
-    for y in range(ny):
-        ys = (max(y - 1, 0), y, min(y + 1, ny - 1))
-        for x in range(nx):
-            c = v[z, y, x]
-            xs = (max(x - 1, 0), x, min(x + 1, nx - 1))
-            k = 0
-            same = 0
-            for zz in zs:
-                for yy in ys:
-                    for xx in xs:
-                        b = v[zz, yy, xx]
-                        buf[k] = b
-                        same += b == c
-                        k += 1
-            out[z, y, x] = c if same >= 14 else _select(buf, 13)
+    for z in range(z0, z1):
+        zs = (max(z - 1, 0), z, min(z + 1, nz - 1))
+        for y in range(ny):
+            ys = (max(y - 1, 0), y, min(y + 1, ny - 1))
+            for x in range(nx):
+                c = v[z, y, x]
+                xs = (max(x - 1, 0), x, min(x + 1, nx - 1))
+                k = 0
+                same = 0
+                for zz in zs:
+                    for yy in ys:
+                        for xx in xs:
+                            b = v[zz, yy, xx]
+                            buf[k] = b
+                            same += b == c
+                            k += 1
+                out[z, y, x] = c if same >= 14 else _select(buf, 13)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -128,18 +122,9 @@ def _impulses(v, out, size, lo, hi, jump, changed, z0, z1):
     # counts of each extreme over the ``size`` planes around z) are kept in a ring of ``size``
     # rows; a row's (z, y) neighbourhood is the sum of the ring's rows, and each extreme voxel
     # adds its ``size`` columns of that: ``size`` classified reads per voxel instead of size^3.
-    for z in range(z0, z1):
-        changed[z] = _impulses_plane(v, out, size, lo, hi, jump, z)
-
-
-@nb.njit(cache=True)
-def _impulses_plane(v, out, size, lo, hi, jump, z):
-    # One z plane of _impulses; returns its count of changed voxels.
     nz, ny, nx = v.shape
     a = -(size // 2)
     b = size - size // 2 - 1
-    changed = 0
-    z0, z1 = max(z + a, 0), min(z + b, nz - 1)
     ring_sum = np.empty((size, nx))
     ring_good = np.empty((size, nx), dtype=np.int64)
     ring_lo = np.empty((size, nx), dtype=np.int64)
@@ -150,63 +135,66 @@ def _impulses_plane(v, out, size, lo, hi, jump, z):
     win_good = np.empty(nx, dtype=np.int64)
     win_lo = np.empty(nx, dtype=np.int64)
     win_all = np.empty(nx, dtype=np.int64)
-    filled = 0  # rows 0 .. filled - 1 are in the ring (slot yy % size)
-    for y in range(ny):
-        y0, y1 = max(y + a, 0), min(y + b, ny - 1)
-        while filled <= y1:
-            k = filled % size
+    for z in range(z0, z1):
+        count = 0
+        zlo, zhi = max(z + a, 0), min(z + b, nz - 1)
+        filled = 0  # rows 0 .. filled - 1 are in the ring (slot yy % size)
+        for y in range(ny):
+            y0, y1 = max(y + a, 0), min(y + b, ny - 1)
+            while filled <= y1:
+                k = filled % size
+                for x in range(nx):
+                    ring_sum[k, x] = 0.0
+                    ring_good[k, x] = 0
+                    ring_lo[k, x] = 0
+                for zz in range(zlo, zhi + 1):
+                    for x in range(nx):  # branch-free, so that it vectorises
+                        w = v[zz, filled, x]
+                        good = (w > lo) & (w < hi)
+                        ring_lo[k, x] += w <= lo
+                        ring_good[k, x] += good
+                        ring_sum[k, x] += np.float64(w) if good else 0.0
+                filled += 1
+            extreme = False
             for x in range(nx):
-                ring_sum[k, x] = 0.0
-                ring_good[k, x] = 0
-                ring_lo[k, x] = 0
-            for zz in range(z0, z1 + 1):
-                for x in range(nx):  # branch-free, so that it vectorises
-                    w = v[zz, filled, x]
-                    good = (w > lo) & (w < hi)
-                    ring_lo[k, x] += w <= lo
-                    ring_good[k, x] += good
-                    ring_sum[k, x] += np.float64(w) if good else 0.0
-            filled += 1
-        extreme = False
-        for x in range(nx):
-            c = v[z, y, x]
-            out[z, y, x] = c
-            extreme = extreme or not ((c > lo) & (c < hi))
-        if not extreme:
-            continue
-        for x in range(nx):
-            col_sum[x] = 0.0
-            col_good[x] = 0
-            col_lo[x] = 0
-        for yy in range(y0, y1 + 1):
-            k = yy % size
+                c = v[z, y, x]
+                out[z, y, x] = c
+                extreme = extreme or not ((c > lo) & (c < hi))
+            if not extreme:
+                continue
             for x in range(nx):
-                col_sum[x] += ring_sum[k, x]
-                col_good[x] += ring_good[k, x]
-                col_lo[x] += ring_lo[k, x]
-        # sums over each voxel's x window, tap by tap over the row (vectorised; per voxel the
-        # columns x + a .. x + b in that order)
-        for x in range(nx):
-            win_sum[x] = 0.0
-            win_good[x] = 0
-            win_lo[x] = 0
-            win_all[x] = 0
-        rows = (z1 - z0 + 1) * (y1 - y0 + 1)
-        for j in range(a, b + 1):
-            for x in range(max(0, -j), min(nx, nx - j)):
-                win_sum[x] += col_sum[x + j]
-                win_good[x] += col_good[x + j]
-                win_lo[x] += col_lo[x + j]
-                win_all[x] += rows
-        for x in range(nx):  # every voxel computed, then selected (branch-free, vectorises)
-            c = v[z, y, x]
-            good = win_good[x]
-            mean = np.float32(win_sum[x] / max(good, 1))
-            majority = lo if win_lo[x] >= win_all[x] - win_lo[x] else hi
-            m = c if (c > lo) & (c < hi) else (mean if good > 0 else majority)
-            out[z, y, x] = m
-            changed += abs(np.float64(m) - np.float64(c)) > jump
-    return changed
+                col_sum[x] = 0.0
+                col_good[x] = 0
+                col_lo[x] = 0
+            for yy in range(y0, y1 + 1):
+                k = yy % size
+                for x in range(nx):
+                    col_sum[x] += ring_sum[k, x]
+                    col_good[x] += ring_good[k, x]
+                    col_lo[x] += ring_lo[k, x]
+            # sums over each voxel's x window, tap by tap over the row (vectorised; per voxel the
+            # columns x + a .. x + b in that order)
+            for x in range(nx):
+                win_sum[x] = 0.0
+                win_good[x] = 0
+                win_lo[x] = 0
+                win_all[x] = 0
+            rows = (zhi - zlo + 1) * (y1 - y0 + 1)
+            for j in range(a, b + 1):
+                for x in range(max(0, -j), min(nx, nx - j)):
+                    win_sum[x] += col_sum[x + j]
+                    win_good[x] += col_good[x + j]
+                    win_lo[x] += col_lo[x + j]
+                    win_all[x] += rows
+            for x in range(nx):  # every voxel computed, then selected (branch-free, vectorises)
+                c = v[z, y, x]
+                good = win_good[x]
+                mean = np.float32(win_sum[x] / max(good, 1))
+                majority = lo if win_lo[x] >= win_all[x] - win_lo[x] else hi
+                m = c if (c > lo) & (c < hi) else (mean if good > 0 else majority)
+                out[z, y, x] = m
+                count += abs(np.float64(m) - np.float64(c)) > jump
+        changed[z] = count
 
 
 @nb.njit(cache=True)
