@@ -188,7 +188,7 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
                 empty_start="the initial transform maps the reference grid entirely outside the moving volume")
         matrix = to_fine @ tf.matrix_from_params(params, center) @ np.linalg.inv(to_fine)
         iterations.append(n_pass)
-    support = support if fixed_levels[0] is f else _support(m)  # the finest level's, when it ran
+    # the loop ended at level 0 (pyramid()[0] is f itself): support is that of m
     before = mse_terms(f, m, np.eye(4), mask=msk, hessian=False, support=support)
     after = seen.get(np.asarray(params, dtype=np.float64).tobytes()) if fixed_levels[0] is f else None
     if after is None or not np.array_equal(matrix, tf.matrix_from_params(params, tf.grid_center(f.shape))):
