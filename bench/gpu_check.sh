@@ -1,37 +1,91 @@
 #!/usr/bin/env bash
-# One script for a lent GPU session (<= 8 minutes on one H100/H200): the `gpu` tests,
-# register_gpu at 128/256/512^3 (with SimpleITK when it is importable), FBP, XANES and a
-# 16-energy 256^3 pipeline. Every JSON goes to one folder: $OUT when set (the device
-# machine's return folder), else bench/results/gpu_check-<date>/; gpu_check.json there
-# lists each step's command, exit status and seconds, and <step>.log its output.
+# One script for a lent GPU session (one H100/H200, 16 cores; one command <= 600 s): a preflight,
+# the `gpu` tests, register_gpu at 128/256/512^3, FBP, XANES, a 64^3 pipeline and the
+# deformable registration. Each step runs under its own time limit (the table below, 480 s in
+# all) and a failed or timed-out step does not stop the others; a failed preflight stops
+# everything. Each benchmark writes its JSON into one work folder ($GPUREG_BENCH_OUT) and
+# saves after each size; <step>.log holds each step's output and gpu_check.json each step's
+# command, exit status and seconds. After every step the work folder is tarred into
+# gpu_check.tar.gz in $OUT (the device machine's return folder, which brings back at most
+# 8 files), beside gpu_check.json and preflight.log: one tar plus 2 small files.
+# Without $OUT: bench/results/gpu_check-<date>/.
 #
-# How to carry it to the device machine (it has Python 3.12, cupy-cuda13x, numpy, scipy,
-# h5py, typer, pytest, rich, matplotlib, but neither this package nor astra-toolbox,
-# scikit-image, numba, SimpleITK):
+# How to carry it to the device machine (it has Python 3.12, cupy-cuda13x, numba, scipy,
+# scikit-image, h5py, typer, pytest, pytest-timeout, but neither astra-toolbox nor SimpleITK):
 #   1. here, from the repository root:
 #        bash /work/shared/device/prepare.sh [--simpleitk --no-astra]    # fills .device/
-#      (astra for FBP and the pipeline; SimpleITK for the >= 1000x ratio: both together
-#      exceed the 64 MiB carry, so pick one per session, or --with more wheels)
-#   2. on the device, with .device carried:
+#   2. on the device, with .device carried (run's carry: [".device"]):
 #        source .device/setup.sh && bash bench/gpu_check.sh
-# Each step runs under its own time limit (seconds below, 470 s in all) and a failed step
-# does not stop the others. --dry-run runs the same plumbing on the CPU in seconds: each
-# benchmark's argument parsing (--help) and the collection of the gpu tests.
+#      or only some steps:  bash bench/gpu_check.sh --steps register_gpu,xanes
+# --dry-run (CI runs it: tests/core/test_gpu_plumbing.py) runs the same plumbing on the CPU
+# in seconds: each benchmark's argument parsing (--help), the collection of the gpu tests,
+# the tar, and bench/gpu_budget.py, which prints the step budget table and fails when a
+# step's inputs could not be generated within half its limit on 16 cores (estimated from
+# CPU timings at small sizes on this machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0
-case "${1:-}" in
-  --dry-run) dry=1 ;;
-  "") ;;
-  *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
-esac
-out=${OUT:-bench/results/gpu_check-$(date +%F)}
-mkdir -p "$out"
-export GPUREG_BENCH_OUT=$out PYTHONUNBUFFERED=1
+only=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) dry=1 ;;
+    --steps) shift; only=",${1:-},"; [ "$only" = ",," ] && { echo "gpu_check: --steps needs a list" >&2; exit 2; } ;;
+    *) echo "usage: bash bench/gpu_check.sh [--dry-run] [--steps a,b,...]" >&2; exit 2 ;;
+  esac
+  shift
+done
 py=${PYTHON:-python3}
+# pytest-timeout (on the device image): a test stuck on a kernel fails alone instead of the step.
+pertest=()
+"$py" -c "import pytest_timeout" 2>/dev/null && pertest=(-p pytest_timeout --timeout=90)
+
+# The steps, one a line: name, time limit (s), command. Add a benchmark here with its budget
+# (and, when it generates sizeable inputs on the CPU, an estimator in bench/gpu_budget.py).
+# The limits must add up to at most 480 s (gpu_budget.py checks it).
+table="
+preflight     30  \$py bench/gpu_preflight.py
+gpu_tests    120  \$py -m pytest -p no:cacheprovider -m gpu -v -rfE --durations=15 ${pertest[*]} tests
+register_gpu 170  \$py bench/register_gpu.py --sizes 128 256 512 --repeats 5 --sitk-max 256
+recon         25  \$py bench/recon.py --device gpu --quick
+xanes         45  \$py bench/xanes.py --device gpu --size 128 256 512 --host-max 128 --repeats 3
+pipeline      40  \$py bench/pipeline.py --device gpu --size 64 --energies 6 --no-sitk
+deformable    50  \$py bench/deformable.py --device gpu --sizes 128 --no-elastix
+"
+
+date_=$(date +%F)
+if [ -n "${OUT:-}" ]; then
+  dest=$OUT
+  work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")/gpu_check-$date_
+else
+  dest=bench/results/gpu_check-$date_
+  work=$dest/work
+fi
+mkdir -p "$dest" "$work"
+# The phantoms of register_gpu are kept in bench/.cache (ignored by git): a rerun on a warm
+# machine (same working tree) skips generating them.
+export GPUREG_BENCH_OUT=$work GPUREG_BENCH_CACHE=${GPUREG_BENCH_CACHE:-$PWD/bench/.cache} PYTHONUNBUFFERED=1
 summary=()
 
-step() {  # step NAME LIMIT_S COMMAND...
+write_summary() {
+  {
+    echo "{\"benchmark\": \"gpu_check\", \"dry_run\": $([ $dry = 1 ] && echo true || echo false),"
+    echo " \"date\": \"$date_\", \"git_sha\": \"$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\","
+    echo " \"steps\": ["
+    local i sep
+    for i in "${!summary[@]}"; do
+      sep=","; [ "$i" -eq $((${#summary[@]} - 1)) ] && sep=""
+      echo "  ${summary[$i]}$sep"
+    done
+    echo "]}"
+  } >"$work/gpu_check.json"
+  cp "$work/gpu_check.json" "$dest/gpu_check.json"
+  [ -f "$work/preflight.log" ] && cp "$work/preflight.log" "$dest/preflight.log"
+  # Written beside, then renamed: a session cut off mid-tar still returns the previous one.
+  tar -czf "$dest/.gpu_check.tar.gz.part" -C "$(dirname "$work")" "$(basename "$work")" \
+    && mv "$dest/.gpu_check.tar.gz.part" "$dest/gpu_check.tar.gz"
+}
+
+run_step() {  # run_step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
   local cmd=("$@")
@@ -41,27 +95,37 @@ step() {  # step NAME LIMIT_S COMMAND...
   fi
   echo "== $name: ${cmd[*]} (limit ${limit} s)"
   local t0=$SECONDS
-  timeout "$limit" "${cmd[@]}" >"$out/$name.log" 2>&1
+  timeout -k 5 "$limit" "${cmd[@]}" >"$work/$name.log" 2>&1
   local rc=$?
-  tail -n 5 "$out/$name.log"
-  summary+=("{\"step\": \"$name\", \"command\": \"${cmd[*]}\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
+  [ $rc = 124 ] && echo "gpu_check: $name stopped at its limit of $limit s" | tee -a "$work/$name.log"
+  tail -n 5 "$work/$name.log"
+  summary+=("{\"step\": \"$name\", \"command\": \"${cmd[*]}\", \"limit_s\": $limit, \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
+  write_summary
+  return $rc
 }
 
-step gpu_tests 120 "$py" -m pytest -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_gpu_plumbing.py tests/xanes/test_xanes.py tests/core/test_gpu_solver.py tests/register/test_deformable.py tests/xanes/test_chemistry.py
-step register_gpu 150 "$py" bench/register_gpu.py --sizes 128 256 512 --repeats 5 --sitk-max 256
-step recon 60 "$py" bench/recon.py --device gpu --quick
-step xanes 45 "$py" bench/xanes.py --device gpu --size 256 --repeats 3
-step pipeline 95 "$py" bench/pipeline.py --device gpu --size 256 --energies 16 --no-sitk
+if [ $dry = 1 ]; then
+  printf '%s\n' "$table" >"$work/steps.txt"
+  sed -i "s#\\\$py#$py#g" "$work/steps.txt"
+  "$py" bench/gpu_budget.py "$work/steps.txt" 2>&1 | tee "$work/budget.log"
+  budget_rc=${PIPESTATUS[0]}
+  summary+=("{\"step\": \"budget\", \"command\": \"bench/gpu_budget.py\", \"limit_s\": 0, \"rc\": $budget_rc, \"seconds\": 0}")
+fi
 
-{
-  echo "{\"benchmark\": \"gpu_check\", \"dry_run\": $([ $dry = 1 ] && echo true || echo false),"
-  echo " \"date\": \"$(date +%F)\", \"git_sha\": \"$(git rev-parse --short HEAD 2>/dev/null || echo unknown)\","
-  echo " \"steps\": ["
-  for i in "${!summary[@]}"; do
-    sep=","; [ "$i" -eq $((${#summary[@]} - 1)) ] && sep=""
-    echo "  ${summary[$i]}$sep"
-  done
-  echo "]}"
-} >"$out/gpu_check.json"
-echo "gpu_check: results in $out"
-ls "$out"
+while read -r name limit rest; do
+  [ -z "$name" ] && continue
+  case $only in "" | *",$name,"*) ;; *) continue ;; esac
+  eval "cmd=($rest)"
+  run_step "$name" "$limit" "${cmd[@]}"
+  rc=$?
+  if [ "$name" = preflight ] && [ $rc != 0 ] && [ $dry = 0 ]; then
+    echo "gpu_check: the preflight failed (above); nothing else was run"
+    break
+  fi
+done <<<"$table"
+
+write_summary
+echo "gpu_check: results in $dest (work folder $work)"
+ls -l "$dest"
+[ $dry = 1 ] && exit "$budget_rc"
+exit 0

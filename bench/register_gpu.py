@@ -97,9 +97,10 @@ def main(argv=None) -> int:
                       sitk=sitk if size <= args.sitk_max else None, sitk_repeats=args.sitk_repeats)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    rows = _merge_with_earlier(rows)
-    save("register_gpu", "gpu", rows, extra={"quick": args.quick, "repeats": repeats, "fused_pass_design": DESIGN,
-                                              "sitk_threads": os.cpu_count()})
+        # Saved after each size: a session cut off at the largest size keeps the others.
+        save("register_gpu", "gpu", _merge_with_earlier(rows),
+             extra={"quick": args.quick, "repeats": repeats, "fused_pass_design": DESIGN,
+                    "sitk_threads": os.cpu_count()})
     return 0
 
 
@@ -203,8 +204,29 @@ def phantoms(shape, truth, workers: int):
 
     The slabs use the phantom's own per-particle functions; a small grid is
     first checked to equal :func:`gpureg.two_particle_phantom` bit for bit,
-    else (the phantom module changed) the serial function is used.
+    else (the phantom module changed) the serial function is used. With
+    ``$GPUREG_BENCH_CACHE`` set they are kept there (``.npz``) for a later run
+    (bench/gpu_check.sh sets it, so a rerun on a warm machine skips the 512^3 phantoms).
     """
+    cache = os.environ.get("GPUREG_BENCH_CACHE")
+    if cache:
+        import hashlib
+
+        key = hashlib.sha1(np.asarray(truth, np.float64).tobytes() + repr(tuple(shape)).encode()).hexdigest()[:12]
+        path = Path(cache) / f"register_gpu-phantoms-{shape[0]}x{shape[1]}x{shape[2]}-{key}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return (z["fixed"], z["labels"]), z["moving"]
+        (fixed, labels), moving = _generate(shape, truth, workers)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part.npz")
+        np.savez(tmp, fixed=fixed, labels=labels, moving=moving)
+        os.replace(tmp, path)
+        return (fixed, labels), moving
+    return _generate(shape, truth, workers)
+
+
+def _generate(shape, truth, workers: int):
     if workers > 1 and _slabs_match_phantom():
         ctx = multiprocessing.get_context("spawn")  # the parent holds a CUDA context: never fork it
         n = min(workers, shape[0])
@@ -279,7 +301,8 @@ def _merge_with_earlier(rows: list) -> list:
 
     device = device_name("gpu")
     merged = {r["size"]: r for r in rows}
-    for path in RESULTS.glob(f"register_gpu-*-{datetime.date.today().isoformat()}.json"):
+    folder = Path(os.environ.get("GPUREG_BENCH_OUT") or RESULTS)  # where save() writes
+    for path in folder.glob(f"register_gpu-*-{datetime.date.today().isoformat()}.json"):
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -131,6 +131,7 @@ def main(argv=None):
             del dstack
             cp.get_default_memory_pool().free_all_blocks()
             if size > args.host_max:
+                save("xanes", device, results, extra={"quick": bool(args.quick), "accuracy_half_crossing": None})
                 continue                # a 60 x 512^3 host stack takes minutes to synthesise on the CPU
         stack = make_stack(energies, size)
         ms, maps = median_time(lambda s=stack: xanes.edge_energy_map(s, energies, slab=args.slab, device=device),
@@ -152,6 +153,8 @@ def main(argv=None):
         print(row, flush=True)
         del stack, maps
         synchronize(device)
+        # Saved after each size (the accuracy follows at the end): a run cut off keeps what it measured.
+        save("xanes", device, results, extra={"quick": bool(args.quick), "accuracy_half_crossing": None})
     acc = {f"{n}_energies": accuracy(xanes.scan_energies(fine_step=fs), n=1500 if args.quick else 5000)
            for n, fs in ((36, 3.0), (60, 1.5))}
     save("xanes", device, results, extra={"quick": bool(args.quick), "accuracy_half_crossing": acc})

@@ -8,6 +8,7 @@ CPU can show.
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +46,45 @@ def test_optional_kernel_pointers_are_explicit_nulls():
 
 
 def test_gpu_check_script_dry_run(tmp_path):
-    # The script a lent GPU session runs: its plumbing (steps, time limits, one JSON folder) on the CPU.
-    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    # The script a lent GPU session runs: its plumbing (steps, time limits, one tar) on the CPU, and
+    # the budget table: every step's inputs can be generated within half its limit on 16 cores.
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable, "HOME": str(tmp_path),
+           "GPUREG_BENCH_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+    # What comes back from a device run: one tar plus at most 3 small files (the limit is 8 files).
+    files = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert "gpu_check.tar.gz" in files and len(files) <= 4, files
+    assert all((tmp_path / f).stat().st_size < 100_000 for f in files if f != "gpu_check.tar.gz")
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["dry_run"] is True
     steps = {s["step"]: s for s in doc["steps"]}
-    assert list(steps) == ["gpu_tests", "register_gpu", "recon", "xanes", "pipeline"]
-    bad = {k: (s["rc"], (tmp_path / f"{k}.log").read_text()[-400:]) for k, s in steps.items() if s["rc"] != 0}
+    assert list(steps)[:3] == ["budget", "preflight", "gpu_tests"]
+    assert {"register_gpu", "recon", "xanes", "pipeline"} <= set(steps)
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
+        logs = {Path(m.name).name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+    bad = {k: (s["rc"], logs.get(f"{k}.log", "")[-400:]) for k, s in steps.items() if s["rc"] != 0}
     assert not bad, bad
-    assert "test_gpu.py" in (tmp_path / "gpu_tests.log").read_text()  # the gpu tests were collected
+    assert {f"{k}.log" for k in steps if k != "budget"} | {"gpu_check.json", "budget.log"} <= set(logs)
+    assert "total" in logs["budget.log"] and " NO " not in logs["budget.log"]
+    collected = logs["gpu_tests.log"]  # every gpu-marked test of the suite is selected
+    for name in ("test_gpu.py", "test_particles.py", "test_synth_recon.py", "test_deformable.py"):
+        assert name in collected, name
+
+
+def test_gpu_budget_refuses_inputs_that_do_not_fit(tmp_path, capsys):
+    # The 256^3 x 16-energy pipeline of the first script: ~370 s of single-threaded simulation
+    # against a 95 s limit. The budget must say NO (and exit 1), and refuse limits over 480 s.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_budget
+
+    table = tmp_path / "steps.txt"
+    table.write_text("pipeline 95 python bench/pipeline.py --device gpu --size 256 --energies 16\n"
+                     "recon 60 python bench/recon.py --quick  # no estimator\n")
+    assert gpu_budget.main([str(table)]) == 1
+    assert "NO" in capsys.readouterr().out
+    table.write_text("pipeline 45 python bench/pipeline.py --device gpu --size 64 --energies 6\n")
+    assert gpu_budget.main([str(table)]) == 0
+    table.write_text("recon 300 python bench/recon.py\nother 200 python bench/recon.py\n")
+    assert gpu_budget.main([str(table)]) == 1
