@@ -65,6 +65,7 @@ mkdir -p "$dest" "$work"
 # machine (same working tree) skips generating them.
 export GPUREG_BENCH_OUT=$work GPUREG_BENCH_CACHE=${GPUREG_BENCH_CACHE:-$PWD/bench/.cache} PYTHONUNBUFFERED=1
 summary=()
+stopped=0
 
 write_summary() {
   {
@@ -120,6 +121,7 @@ while read -r name limit rest; do
   rc=$?
   if [ "$name" = preflight ] && [ $rc != 0 ] && [ $dry = 0 ]; then
     echo "gpu_check: the preflight failed (above); nothing else was run"
+    stopped=1
     break
   fi
 done <<<"$table"
@@ -128,4 +130,4 @@ write_summary
 echo "gpu_check: results in $dest (work folder $work)"
 ls -l "$dest"
 [ $dry = 1 ] && exit "$budget_rc"
-exit 0
+exit "$stopped"

@@ -47,7 +47,7 @@ constexpr int kMseMinBlocks = 4;
 
 namespace gpureg {
 
-template <bool Hessian, typename MaskT>
+template <bool Hessian, bool Reload, typename MaskT>
 __device__ __forceinline__ void mse_pass(const float* __restrict__ fixed, const float* __restrict__ moving,
                                          const MaskT* __restrict__ mask, const int* __restrict__ row_code, int nz, int ny, int nx, int mz, int my,
                                          int mx, const Affine& a, double* __restrict__ partials) {
@@ -71,7 +71,7 @@ __device__ __forceinline__ void mse_pass(const float* __restrict__ fixed, const 
     float t[kTerms];
 #pragma unroll
     for (int k = 0; k < kTerms; ++k) t[k] = 0.0f;
-    mse_row_lane<Hessian>(fixed, moving, mask, ny, nx, mz, my, mx, a, z, y, lane, 32, t);
+    mse_row_lane<Hessian, MaskT, Reload>(fixed, moving, mask, ny, nx, mz, my, mx, a, z, y, lane, 32, t);
     const float s = warp_transpose_sum(t, lane);
     combine_row(acc, s, ez, ey);
   }
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kMseThreads, kMseMinBlocks)
 mse_terms_pass(const float* __restrict__ fixed, const float* __restrict__ moving, const MaskT* __restrict__ mask,
                const int* __restrict__ row_code, int nz, int ny, int nx, int mz, int my, int mx, GPUREG_AFFINE_PARAMS, double* __restrict__ partials) {
   const gpureg::Affine a = GPUREG_AFFINE_INIT;
-  gpureg::mse_pass<Hessian>(fixed, moving, mask, row_code, nz, ny, nx, mz, my, mx, a, partials);
+  gpureg::mse_pass<Hessian, false>(fixed, moving, mask, row_code, nz, ny, nx, mz, my, mx, a, partials);
 }
 
 // The pass of the device-resident solver: the transform is the trial parameters in the solver
@@ -99,12 +99,12 @@ mse_terms_state_pass(const float* __restrict__ fixed, const float* __restrict__ 
                      double* __restrict__ partials) {
   if (state[gpureg::kLmStatus] != (double)gpureg::kLmRunning) return;  // uniform over the grid
   // Through shared memory: held in registers the 15 floats spill (kernel parameters do not:
-  // they are read from the constant bank).
+  // they are read from the constant bank); the pass re-reads them per voxel (Reload).
   __shared__ gpureg::Affine sa;
   if (threadIdx.x == 0) sa = gpureg::affine_from_params(state + gpureg::kLmTrial, cz, cy, cx);
   __syncthreads();
   const gpureg::Affine& a = sa;
-  gpureg::mse_pass<Hessian>(fixed, moving, mask, row_code, nz, ny, nx, mz, my, mx, a, partials);
+  gpureg::mse_pass<Hessian, true>(fixed, moving, mask, row_code, nz, ny, nx, mz, my, mx, a, partials);
 }
 
 // Empty-space skipping: row_code[row] of reference row (z, y) = its number of valid samples when

@@ -188,7 +188,12 @@ GPUREG_HD void combine_row(double acc[kMonomials], float s, float ez, float ey) 
 // One lane's share (x = lane, lane + stride, ...) of the fused MSE pass over
 // the reference row (z, y): samples the moving volume (mz, my, mx) at q = p + u,
 // forms r = M(q) - F(p) and its gradient, and adds them to t (not reset here).
-template <bool Hessian, typename MaskT>
+// Reload: `a` lives in memory (shared), not in kernel parameters. Each voxel then reads the
+// x-column of D and c_x from it again (a compiler barrier per voxel) instead of holding them
+// in registers over the loop: kernel parameters are operands from the constant bank and cost
+// no register, shared values do, and the 4 extra registers spilled 64 B per thread under
+// NVRTC 13.5 (mse_terms_state_pass; tests/core/test_kernels_compile.py).
+template <bool Hessian, typename MaskT, bool Reload = false>
 GPUREG_HD void mse_row_lane(const float* fixed, const float* moving, const MaskT* mask, int ny, int nx,
                             int mz, int my, int mx, const Affine& a, int z, int y, int lane, int stride,
                             float t[kTerms]) {
@@ -198,6 +203,9 @@ GPUREG_HD void mse_row_lane(const float* fixed, const float* moving, const MaskT
   row_base(a, ez, ey, base);
   const int row = (z * ny + y) * nx;
   for (int x = lane; x < nx; x += stride) {
+#if defined(__CUDA_ARCH__)
+    if (Reload) asm volatile("" ::: "memory");
+#endif
     if (!inside(mask, row + x)) continue;
     const float ex = (float)x - a.c[2];
     float u[3], value, g[3];
