@@ -18,6 +18,7 @@ from .io.dataexchange import write_dataexchange
 from .io.readers import open_input
 from .pipeline.options import RunOptions
 from .pipeline.runner import run
+from .recon.align import AlignmentResult, align_projections
 from .recon.fbp import reconstruct_energy, reconstruct_fbp
 from .recon.flatfield import normalize
 from .register.affine import RegistrationResult, register_affine, register_prepared
@@ -35,6 +36,8 @@ from .xanes.lcf import FitResult, fit_references
 from .xanes.stack import edge_energy_map
 
 __all__ = [
+    "AlignmentResult",
+    "align_projections",
     "GPUUnavailableError",
     "MetricTerms",
     "ParticleResult",

@@ -27,7 +27,9 @@ def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
         from ..io.detect import describe_input, format_description
 
         d = describe_input(path)
-        typer.echo(json.dumps(d, indent=1) if as_json else format_description(d))
+        if d["kind"] == "projections":
+            d["wobble"] = _wobble(path)
+        typer.echo(json.dumps(d, indent=1) if as_json else format_description(d) + _wobble_line(d.get("wobble")))
         return
     import platform
 
@@ -142,3 +144,23 @@ def validate(
                f"summary in {outdir / 'summary.md'}")
     if res.failures:
         raise typer.Exit(1)
+
+
+def _wobble(path):
+    """Centre-of-mass residuals of the middle energy's projections (:func:`gpureg.recon.align.input_wobble`)."""
+    from ..io.readers import open_input
+    from ..recon.align import input_wobble
+
+    with open_input(path) as reader:
+        return input_wobble(reader)
+
+
+def _wobble_line(w):
+    if not w:
+        return ""
+    if w["row_rms"] != w["row_rms"]:  # NaN: the projection totals differ, centre of mass not trusted
+        return (f"\n  wobble      not estimated at {w['energy']:.2f} eV (projection totals vary by "
+                f"{100 * w['total_spread']:.1f} %: sample leaves the field of view?)")
+    hint = "; try --align-projections" if w["suggest"] else ""
+    return (f"\n  wobble      centre-of-mass residuals at {w['energy']:.2f} eV: rows {w['row_rms']:.2f} px, "
+            f"columns {w['column_rms']:.2f} px RMS (max {w['max']:.2f}){hint}")

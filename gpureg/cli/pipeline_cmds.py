@@ -45,6 +45,9 @@ DeformableOpt = flag(False, "--deformable", help="Refine every affine with a cub
                                                 "displacement and Jacobian maps.")
 SpacingOpt = typer.Option(8.0, "--spacing", help="B-spline control-point spacing (voxels, >= 3) with --deformable.")
 RegularizationOpt = typer.Option(2.0, "--regularization", help="Bending-energy weight (>= 0) with --deformable.")
+AlignProjectionsOpt = flag(False, "--align-projections",
+                           help="Align the projections of every energy before FBP (per-projection shifts from "
+                                "iterative reprojection; stage wobble); stored in /alignment. Off by default.")
 AllowFoldingOpt = flag(False, "--allow-folding", help="With --deformable: keep a deformation whose Jacobian "
                                                       "determinant reaches 0 (folding) instead of stopping.")
 
@@ -54,14 +57,15 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 per_particle: bool = False, scheduler: Optional[str] = None, references=None,
                 clusters: Optional[int] = None, skip_bad_energies: bool = False, keep: str = "recon,aligned",
                 no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
-                allow_folding: bool = False) -> RunOptions:
+                allow_folding: bool = False, align_projections: bool = False) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
                       model=model, center=center, filter=fbp_filter, edge=edge, per_particle=per_particle,
                       report=not no_report, scheduler=scheduler, references=split_references(references),
                       clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
-                      spacing=spacing, regularization=regularization, allow_folding=allow_folding)
+                      spacing=spacing, regularization=regularization, allow_folding=allow_folding,
+                      align_projections=align_projections)
 
 
 @app.command("run")
@@ -91,6 +95,7 @@ def run_cmd(
     spacing: float = SpacingOpt,
     regularization: float = RegularizationOpt,
     allow_folding: bool = AllowFoldingOpt,
+    align_projections: bool = AlignProjectionsOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -100,7 +105,7 @@ def run_cmd(
                           per_particle=per_particle, scheduler=scheduler, references=references,
                           clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep,
                           deformable=deformable, spacing=spacing, regularization=regularization,
-                          allow_folding=allow_folding)
+                          allow_folding=allow_folding, align_projections=align_projections)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
@@ -168,6 +173,7 @@ def watch_cmd(
     no_report: bool = NoReportOpt,
     keep: str = KeepOpt,
     no_keep: str = NoKeepOpt,
+    align_projections: bool = AlignProjectionsOpt,
 ):
     """Process energies as their files appear; ends on --expect, a DONE file, --idle-timeout or Ctrl-C (the same
     command resumes). Hidden and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are
@@ -176,7 +182,7 @@ def watch_cmd(
 
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
-                          no_keep=no_keep)
+                          no_keep=no_keep, align_projections=align_projections)
     _announce_devices(options)
 
     def on_energy(ev):

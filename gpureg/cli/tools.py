@@ -175,6 +175,9 @@ def simulate(
     deformation: float = typer.Option(0.0, "--deformation",
                                       help="Also deform the sample smoothly: at most this many voxels (at 64^3, "
                                            "scaled) far from the reference; exact truth in /truth."),
+    jitter: float = typer.Option(0.0, "--jitter", metavar="PX",
+                                 help="Per-projection shifts (stage wobble), RMS pixels per axis, random per energy "
+                                      "and angle; truth in /truth/projection_shifts."),
 ):
     """Simulate a Mn K-edge TXM-XANES scan: two particles, known per-energy motion and edge energies."""
     from ..synth.scan import simulate as simulate_scan
@@ -184,7 +187,7 @@ def simulate(
     with _step_progress("simulate", grid.size) as step:
         simulate_scan(output, size=size, energies=grid, n_angles=angles, noise=noise, photons=photons,
                       salt_pepper=salt_pepper, relative_motion=relative_motion, motion=motion, seed=seed,
-                      deformation=deformation, progress=step, mixture=mixture)
+                      deformation=deformation, progress=step, mixture=mixture, jitter=jitter)
     typer.echo(f"{grid.size} energies x {angles} angles of a {size}^3 sample written to {output}")
     if mixture:
         typer.echo(f"reference spectra: {output.with_name(output.stem + '_references')}/MnO.txt, Mn2O3.txt")

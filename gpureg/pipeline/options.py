@@ -155,6 +155,9 @@ class RunOptions:
     keep : tuple of str
         Stacks kept in the finished result: a subset of ``("recon", "aligned")``
         (both by default; the maps, matrices and report are always kept).
+    align_projections : bool
+        Align the projections of every energy before FBP (:func:`gpureg.recon.align_projections`;
+        ``/alignment`` in the result). Needs projections; not with ``scheduler``.
     """
 
     device: Device = Device.auto
@@ -175,6 +178,7 @@ class RunOptions:
     clusters: int | None = None
     skip_bad_energies: bool = False
     keep: tuple = KEEPABLE
+    align_projections: bool = False
 
     def __post_init__(self):
         for name, kind in (("device", Device), ("model", Model), ("filter", FBPFilter), ("edge", EdgeMethod)):
@@ -210,6 +214,9 @@ class RunOptions:
         if self.deformable and (self.per_particle or self.scheduler):
             raise ValueError("deformable registration runs on one machine and is not combined with per_particle "
                              "or scheduler")
+        object.__setattr__(self, "align_projections", bool(self.align_projections))
+        if self.align_projections and self.scheduler:
+            raise ValueError("align_projections runs on one machine: not with scheduler")
         if self.per_particle and self.scheduler:
             raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 
@@ -249,7 +256,8 @@ class RunOptions:
         for key in ("report", "scheduler", "skip_bad_energies", "keep"):
             out.pop(key)
         out["references"] = list(out["references"])
-        for key, default in (("references", []), ("clusters", None)):   # absent when unused: results unchanged
+        for key, default in (("references", []), ("clusters", None), ("align_projections", False)):
+            # absent when unused: results unchanged
             if out[key] == default:
                 out.pop(key)
         out.update(device=devices.registration, fbp_device=devices.fbp, matrices=matrices)

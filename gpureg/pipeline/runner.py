@@ -150,6 +150,8 @@ def _check_input(reader, energies, options, output):
 
     if energies.size < MIN_ENERGIES:
         raise InputError(f"{reader.path}: has {energies.size} energies; XANES maps need at least {MIN_ENERGIES}")
+    if options.align_projections and reader.kind != "projections":
+        raise InputError(f"{reader.path}: holds reconstructions; --align-projections needs projections")
     vol = 4.0 * np.prod(reader.recon_shape)
     proj = 4.0 * np.prod(reader.shape) if reader.kind == "projections" else 0.0
     # Host: reference (raw, prepared), current + next (raw, prepared, aligned), projections; XANES slabs.
@@ -177,8 +179,11 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
                 vol, t_load = loader(ref)
             except BadEnergyError as exc:
                 raise InputError(f"{exc} (the reference energy: choose another with --reference)") from None
+            _write_alignment(store, loader, ref, reader)
             store.write_energy(ref, vol, vol, np.eye(4), 0.0, 0.0, {"load": t_load})
             notify(progress, store, ref, 0.0, 0.0, t_load, {"load": t_load})
+        if options.align_projections:
+            loader.reference = store.recon(ref)  # starts the alignment of every other energy
         reference = prepare_reference(store.recon(ref), devices.registration, options.prep,
                                       name=f"reference energy {energies[ref]:g} eV")
         if options.scheduler:
@@ -244,10 +249,18 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
             else:
                 aligned = particles.apply(i, vol)
             t2 = time.perf_counter()
+            _write_alignment(store, loader, i, loader.reader)
             store.write_energy(i, vol, aligned, res.matrix, res.mse_before, mse_after,
                                {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
             notify(progress, store, i, res.mse_before, mse_after, time.perf_counter() - t0 + t_load,
                    {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
+
+
+def _write_alignment(store, loader, i, reader):
+    """Record energy ``i``'s projection alignment (before its ``done`` flag is written)."""
+    res = loader.alignments.pop(i, None)
+    if res is not None:
+        store.write_alignment(i, res, reader.theta)
 
 
 def _xanes(store, reference, options, devices):

@@ -28,21 +28,41 @@ class Loader:
     device : {"cpu", "gpu"}
         FBP device: :class:`~gpureg.pipeline.options.Devices` ``fbp`` (ASTRA-CUDA), never the
         registration device.
+    align : bool
+        Align the projections first (:func:`gpureg.recon.align_energy`); the
+        :class:`~gpureg.recon.AlignmentResult` of energy ``i`` waits in ``alignments[i]``.
+
+    Attributes
+    ----------
+    reference : (Z, Y, X) ndarray or None
+        With ``align``: the reference energy's reconstruction, set once it is
+        known; it starts the alignment of every other energy.
     """
 
-    def __init__(self, reader, *, center, filter, device):
+    def __init__(self, reader, *, center, filter, device, align=False):
         self.reader, self.center, self.filter, self.device = reader, center, getattr(filter, "value", filter), device
+        self.align, self.reference, self.alignments = bool(align), None, {}
 
     @classmethod
     def for_run(cls, reader, options, devices) -> Loader:
-        return cls(reader, center=options.center, filter=options.filter, device=devices.fbp)
+        return cls(reader, center=options.center, filter=options.filter, device=devices.fbp,
+                   align=options.align_projections)
 
     def __call__(self, i):
         """``(volume, seconds)`` of energy ``i``."""
         from ..recon.fbp import reconstruct_energy
 
         t0 = time.perf_counter()
-        vol = to_host(reconstruct_energy(self.reader, i, center=self.center, filter=self.filter, device=self.device))
+        if self.align:
+            from ..recon.align import align_energy
+
+            res = align_energy(self.reader, i, center=self.center, filter=self.filter, device=self.device,
+                               reference=self.reference)
+            self.alignments[i] = res
+            vol = to_host(res.volume)
+        else:
+            vol = to_host(reconstruct_energy(self.reader, i, center=self.center, filter=self.filter,
+                                             device=self.device))
         vol = np.ascontiguousarray(vol, dtype=np.float32)
         if not np.isfinite(vol).all():
             energy = float(self.reader.energies[i])

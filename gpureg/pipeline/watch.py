@@ -290,7 +290,9 @@ def _finish(directory, output, state, options, devices, overwrite):
     if not stack.exists() or not np.array_equal(_stack_energies(stack), energies):
         write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
                            attrs={"source": str(directory)})
-    return run(stack, output, options, overwrite=overwrite, matrices=final, devices=devices)
+    # The stack holds the (aligned) reconstructions: nothing left to align.
+    return run(stack, output, options.replace(align_projections=False), overwrite=overwrite, matrices=final,
+               devices=devices)
 
 
 def _stack_energies(path):

@@ -33,6 +33,7 @@ import numpy as np
 from ..core.transform import grid_center, rotation_matrix
 from ..io.base import check_energies
 from ..xanes.model import synthetic_spectra
+from .jitter import apply_jitter, projection_jitter
 from .mixtures import COMPOUNDS, fraction_from_e0, mixture_edge_offsets, mixture_spectra, write_references
 from .phantom import PARTICLES, particle_fields
 from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, edge_offsets, mn_energy_grid
@@ -201,7 +202,7 @@ def default_motion(energies, shape, *, seed: int = 0, reference: int | None = No
 def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise: float = 1.0,
              salt_pepper: float = 0.0, relative_motion: bool = False, seed: int = 0, motion="default",
              photons: float = 1e4, n_flat: int = 5, n_dark: int = 5, store_attenuation: bool | None = None,
-             deformation: float = 0.0, progress=None, mixture: bool = False) -> Path:
+             deformation: float = 0.0, progress=None, mixture: bool = False, jitter: float = 0.0) -> Path:
     """Simulate a TXM-XANES spectro-tomography scan and write it as Data Exchange HDF5.
 
     Parameters
@@ -256,6 +257,11 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
         ``path`` (listed in the ``references`` attribute), for
         linear-combination fitting against truth. Default off (the output is
         then unchanged).
+    jitter : float
+        Per-projection shifts, RMS pixels per component (rows, columns), random
+        per energy and angle, only their observable part
+        (:func:`gpureg.synth.jitter.projection_jitter`); stored as
+        ``/truth/projection_shifts`` ``(n_energy, n_angles, 2)``. Default 0 (off).
 
     Returns
     -------
@@ -290,6 +296,7 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     ref = int(np.argmax(e))
     matrices = _motion(motion, e, shape, seed)
     particle = _relative(matrices, e, shape, seed, ref) if relative_motion else None
+    shifts = projection_jitter(e.size, np.linspace(-90.0, 90.0, int(n_angles)), float(jitter), seed=seed)
     amplitudes = float(deformation) * size / 64 * np.abs(e - e[ref]) / max(float(np.ptp(e)), 1e-9)
     warps = [_warp(shape, a, m, seed) for a, m in zip(amplitudes, matrices)] if deformation > 0 else None
     theta = np.linspace(-90.0, 90.0, int(n_angles))
@@ -313,6 +320,8 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
             motion_i = matrices[i] if warps is None else warps[i]
             vol = sample_volumes(shape, [energy], motion_i, per_particle=per, seed=seed, **mix)[0]
             line = forward_project(vol, theta, projector="line")  # (n_angles, size, size)
+            if jitter > 0:
+                line = apply_jitter(line, shifts[i])
             counts = _counts(rng_data, beam * flux[i] * np.exp(-line.astype(np.float64)), noise)
             if salt_pepper > 0:
                 hit = rng_data.random(counts.shape) < salt_pepper
@@ -330,6 +339,8 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
                            "normalised spectrum")
     if particle is not None:
         truth["particle_matrices"] = particle
+    if jitter > 0:
+        truth["projection_shifts"] = shifts
     if warps is not None:
         truth["deformation_amplitude"] = amplitudes
         truth["deformation_seed"] = np.int64(seed)
@@ -343,6 +354,8 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
               "n_flat": int(n_flat), "n_dark": int(n_dark)}
     if deformation > 0:
         params["deformation"] = float(deformation)
+    if jitter > 0:
+        params["jitter"] = float(jitter)
     attrs = {"synthetic": "gpureg.synth.simulate: Mn K-edge TXM-XANES, two particles",
              "parameters": json.dumps(params), "voxel_size_nm": 3200.0 / size}
     if mixture:

@@ -13,6 +13,8 @@ One HDF5 file per run::
     /truth/...                                  simulated inputs
     per-particle runs: /registration/particle_labels, particle_matrix, particle_mse_global,
                        particle_mse; /aligned_global; /xanes_global/edge_energy, mask
+    --align-projections runs: /alignment/projection_shifts, estimated_shifts (n_energy, n_angle, 2) px,
+                     iterations, error_before, error_after, seconds, applied, status (n_energy,)
     deformable runs: /registration/bspline_coefficients (n_energy, 3, cz, cy, cx; attr spacing),
                      bspline_min_jacobian, bspline_mse_affine (MSE of the affine alone; mse_after: deformed)
 

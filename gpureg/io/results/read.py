@@ -148,6 +148,23 @@ class ResultFile:
                 "min_jacobian": h5["registration/bspline_min_jacobian"][...],
                 "mse_affine": h5["registration/bspline_mse_affine"][...]}
 
+    def alignment(self):
+        """Projection alignment of a run with ``--align-projections``, or ``None``.
+
+        Dict with ``energies``, ``shifts`` and ``estimated`` (n_energy, n_angle, 2),
+        ``iterations``, ``error_before``, ``error_after``, ``seconds``, ``applied``,
+        ``status`` (list of str), ``reasons`` ({energy: reason}), ``theta`` (n_angle,) deg
+        and ``truth`` (simulated shifts, or ``None``).
+        """
+        g = self.h5.get("alignment")
+        if g is None or "projection_shifts" not in g:
+            return None
+        out = {k: g[k][()] for k in ("theta", "iterations", "error_before", "error_after", "seconds", "applied")}
+        out.update(energies=self.energies(), shifts=g["projection_shifts"][()], estimated=g["estimated_shifts"][()],
+                   status=[s.decode() for s in g["status"][()]], reasons=json.loads(g["status"].attrs["reasons"]),
+                   truth=self.h5["truth/projection_shifts"][()] if "truth/projection_shifts" in self.h5 else None)
+        return out
+
     def particles(self):
         """Per-particle registration results, or ``None`` for other runs.
 

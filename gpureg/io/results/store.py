@@ -19,6 +19,8 @@ _log = logging.getLogger("gpureg")
 
 STAGES = ("load", "register", "apply", "write")
 XANES_MAPS = ("edge_energy", "edge_jump", "white_line", "mask")
+ALIGNMENT_CONVENTION = ("measured(r, c) = ideal(r - dr, c - dc) for (dr, dc) = projection_shifts[e, k]; "
+                        "aligned = measured(r + dr, c + dc); no part a + b cos + c sin in columns, zero mean rows")
 
 
 class ResultStore:
@@ -192,6 +194,45 @@ class ResultStore:
         h5["registration/bspline_coefficients"][i] = c
         h5["registration/bspline_min_jacobian"][i] = min_jacobian
         h5["registration/bspline_mse_affine"][i] = mse
+
+    # --- projection alignment (--align-projections) --------------------------------------
+    def write_alignment(self, i, result, theta):
+        """Projection alignment of energy ``i`` (:class:`gpureg.recon.AlignmentResult`), ``/alignment/*``.
+
+        Created on first use: ``projection_shifts`` (n_energy, n_angle, 2) float64
+        (applied ``(row, column)`` shifts, pixels; NaN for energies not aligned),
+        ``estimated_shifts`` (the estimate, also when not applied), ``iterations``,
+        ``error_before``/``error_after`` (relative reprojection error), ``applied``,
+        ``status`` (``aligned``, ``unchanged`` or ``fallback``; reasons in its attribute, JSON)
+        and ``theta`` (n_angle,) degrees.
+        """
+        h5, n = self.h5, len(self.energies)
+        shifts = np.asarray(result.shifts, dtype=np.float64)
+        if "alignment/projection_shifts" not in h5:
+            g = h5.require_group("alignment")
+            for name in ("projection_shifts", "estimated_shifts"):
+                g.create_dataset(name, shape=(n, *shifts.shape), dtype="f8", fillvalue=np.nan)
+            g["projection_shifts"].attrs.update({"units": "pixel", "convention": ALIGNMENT_CONVENTION})
+            g["theta"] = np.asarray(theta, dtype=np.float64)
+            g["theta"].attrs["units"] = "deg"
+            g["iterations"] = np.zeros(n, dtype=np.int32)
+            for name in ("error_before", "error_after", "seconds"):
+                g[name] = np.full(n, np.nan)
+            g["applied"] = np.zeros(n, dtype=bool)
+            g.create_dataset("status", shape=(n,), dtype="S8", fillvalue=b"")
+            g["status"].attrs["reasons"] = "{}"
+        g = h5["alignment"]
+        g["projection_shifts"][i] = shifts
+        g["estimated_shifts"][i] = np.asarray(result.estimated, dtype=np.float64)
+        g["iterations"][i] = int(result.iterations)
+        g["error_before"][i], g["error_after"][i] = result.error_before, result.error_after
+        g["seconds"][i] = result.seconds
+        g["applied"][i] = bool(result.applied)
+        g["status"][i] = result.status.encode()
+        if result.reason:
+            reasons = json.loads(g["status"].attrs["reasons"])
+            reasons[f"{self.energies[i]:g}"] = result.reason
+            g["status"].attrs["reasons"] = json.dumps(reasons)
 
     def finish(self):
         self.h5.attrs["complete"] = True
