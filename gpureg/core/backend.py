@@ -183,12 +183,35 @@ def _cupy_probe():
         return None, f"CuPy found no CUDA driver/device ({exc})"
     if n < 1:
         return None, "CuPy sees no CUDA device"
+    why = _cannot_compile(cp)
+    if why:
+        return None, why
     return cp, ""
+
+
+_CANNOT_COMPILE = "CuPy cannot compile CUDA kernels"
+_PROBE_KERNEL = 'extern "C" __global__ void gpureg_probe(int* out) { *out = 1; }'
+
+
+def _cannot_compile(cp) -> str:
+    """Why CuPy cannot build gpureg's kernels here (NVRTC missing or broken), or "" when it can.
+
+    Every gpureg kernel is compiled at run time by NVRTC: without it ``device="auto"`` would
+    pick the GPU and fail at the first kernel. One tiny kernel is compiled (cached on disk by CuPy).
+    """
+    try:
+        cp.RawKernel(_PROBE_KERNEL, "gpureg_probe").compile()
+    except Exception as exc:  # noqa: BLE001 - NVRTC missing (ImportError/OSError) or failing (CompileException)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{_CANNOT_COMPILE}: NVRTC is missing or broken ({type(exc).__name__}: {first[:200]})"
+    return ""
 
 
 @functools.lru_cache(maxsize=None)
 def _note_fallback(why: str) -> None:
-    _log.info("gpureg: no usable GPU (%s); running on the CPU", why)
+    # A GPU that is there but unusable (no NVRTC) is a warning; no CuPy or no device is the normal CPU case.
+    level = logging.WARNING if why.startswith(_CANNOT_COMPILE) else logging.INFO
+    _log.log(level, "gpureg: no usable GPU (%s); running on the CPU", why)
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ import numpy as np
 from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
 from .terms import MetricTerms
 
-__all__ = ["affine_args", "as_mask", "center_of_mass", "downsample2", "median", "mse_pass_blocks", "mse_pass_name", "mse_terms",
+__all__ = ["affine_args", "as_mask", "center_of_mass", "check_size", "downsample2", "median", "mse_pass_blocks", "mse_pass_name", "mse_terms",
            "mse_terms_device", "pointer_or_null", "reduce_partials", "resample_affine", "unpack_terms"]
 
 # Layout of the fused pass's sums; mirrors the enum in kernels/voxel_math.cuh.
@@ -125,7 +125,7 @@ def resample_affine(volume, matrix, out_shape, cval: float = 0.0):
     out_shape = tuple(int(n) for n in out_shape)
     if len(out_shape) != 3 or min(out_shape) < 0:
         raise ValueError(f"out_shape must be 3 non-negative sizes (Z, Y, X), got {out_shape}")
-    _check_size(out_shape, "out_shape")
+    check_size(out_shape, "out_shape")
     if out_shape[0] > 65535:
         raise ValueError(f"out_shape[0] must be at most 65535 (CUDA grid z), got {out_shape[0]}")
     with volume.device:
@@ -458,12 +458,13 @@ def _as_volume(cp, volume, name, min_size: int = 2):
         raise TypeError(f"{name} must be a CuPy array for the GPU kernels, got {type(volume).__name__}")
     if min(volume.shape) < min_size:
         raise ValueError(f"{name} must be at least {min_size} voxels along every axis, got shape {tuple(volume.shape)}")
-    _check_size(volume.shape, name)
+    check_size(volume.shape, name)
     with volume.device:  # convert on the array's GPU, not the current one
         return cp.ascontiguousarray(volume, dtype=cp.float32)
 
 
-def _check_size(shape, name):
+def check_size(shape, name):
+    """Raise ``ValueError`` when an array of ``shape`` is too large for the kernels' indexing."""
     if math.prod(shape) > _MAX_ELEMENTS:
         raise ValueError(f"{name} has {math.prod(shape)} voxels; the kernels index with 32-bit ints "
                          f"(at most {_MAX_ELEMENTS})")

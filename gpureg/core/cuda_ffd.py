@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cuda import affine_args
+from .cuda import affine_args, check_size, pointer_or_null
 from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
 
 __all__ = ["residual_gradient"]
@@ -44,20 +44,21 @@ def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacin
     if fixed.dtype != np.float32 or moving.dtype != np.float32 or fixed.shape != moving.shape:
         raise ValueError(f"fixed and moving must be float32 volumes of one shape, got {fixed.dtype} "
                          f"{tuple(fixed.shape)} and {moving.dtype} {tuple(moving.shape)}")
-    fixed, moving = cp.ascontiguousarray(fixed), cp.ascontiguousarray(moving)
-    c = cp.ascontiguousarray(coeffs, dtype=cp.float32)
-    if c.ndim != 4 or c.shape[0] != 3 or min(c.shape[1:]) < 4:
-        raise ValueError(f"coeffs must have shape (3, cz, cy, cx) with at least 4 points per axis, got {c.shape}")
-    m = None if mask is None else cp.ascontiguousarray(mask, dtype=cp.float32)
+    check_size(fixed.shape, "fixed")
     nz, ny, nx = fixed.shape
-    rg = cp.empty((3, nz, ny, nx), dtype=cp.float32)
     center = (np.asarray(fixed.shape, dtype=np.float64) - 1.0) / 2.0
-    with fixed.device:
+    with fixed.device:  # every buffer on the volumes' GPU, not the current one
+        fixed, moving = cp.ascontiguousarray(fixed), cp.ascontiguousarray(moving)
+        c = cp.ascontiguousarray(coeffs, dtype=cp.float32)
+        if c.ndim != 4 or c.shape[0] != 3 or min(c.shape[1:]) < 4:
+            raise ValueError(f"coeffs must have shape (3, cz, cy, cx) with at least 4 points per axis, got {c.shape}")
+        m = None if mask is None else cp.ascontiguousarray(cp.asarray(mask), dtype=cp.float32)
+        rg = cp.empty((3, nz, ny, nx), dtype=cp.float32)
         kernel = get_kernel("bspline.cu", "ffd_residual_pass")
         blocks = max(1, min(-(-fixed.size // THREADS), resident_blocks("bspline.cu", "ffd_residual_pass")))
         partials = cp.empty(2 * blocks, dtype=cp.float64)
         kernel((blocks,), (THREADS,),
-               (fixed, moving, m, np.int32(nz), np.int32(ny), np.int32(nx), c, np.int32(c.shape[1]),
+               (fixed, moving, pointer_or_null(m), np.int32(nz), np.int32(ny), np.int32(nx), c, np.int32(c.shape[1]),
                 np.int32(c.shape[2]), np.int32(c.shape[3]), *affine_args(matrix_level, center),
                 np.float32(2.0 ** level), np.float32(1.0 / spacing), rg, partials))
         sums = cp.empty(2, dtype=cp.float64)

@@ -42,9 +42,9 @@ from ..core.backend import (
     to_host,
 )
 from .flatfield import energy_problem, normalize
-from .project import Astra, estimate_center
+from .project import Astra, estimate_center, set_astra_gpu
 
-__all__ = ["astra_cuda_available", "astra_cuda_probe", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
+__all__ = ["astra_cuda_available", "astra_cuda_probe", "astra_gpu_index", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann", "none")
 
@@ -262,6 +262,7 @@ def _fbp_cuda(proj, theta_rad, shift, filt):
     n_angle, nz, nx = proj.shape
     cp = cupy_or_none()
     xp = cp if cp is not None else np
+    set_astra_gpu(astra_gpu_index(cp, proj))  # before the calibration, which runs ASTRA too
     flip_vol, flip_det, scale = _cuda_calibration()
     h = _filter_response(xp, nx, filt, shift, scale * np.pi / (2.0 * n_angle))
     slab = _slab_size(cp, n_angle, nx, nz)
@@ -288,6 +289,15 @@ def _fbp_cuda(proj, theta_rad, shift, filt):
             else:
                 out[z0:z1] = vol.get()
     return out
+
+
+def astra_gpu_index(cp, proj=None) -> int:
+    """CUDA device for ASTRA: that of ``proj`` when it is a CuPy array, else CuPy's current one (0 without CuPy)."""
+    if cp is None:
+        return 0
+    if array_device(proj) == "gpu":
+        return int(proj.device.id)
+    return int(cp.cuda.Device().id)
 
 
 def _backproject3d(a, xp, sino, pg, vg, shape):

@@ -18,7 +18,7 @@ from ..core.backend import (
     to_host,
 )
 
-__all__ = ["estimate_center", "forward_project"]
+__all__ = ["estimate_center", "forward_project", "set_astra_gpu"]
 
 _log = logging.getLogger("gpureg")
 
@@ -118,6 +118,22 @@ def estimate_center(projections, theta_deg) -> float:
 
 
 # --------------------------------------------------------------------------- ASTRA
+
+
+_astra_gpu = [None]  # what this process last gave astra.set_gpu_index
+
+
+def set_astra_gpu(index: int) -> None:
+    """Run ASTRA's CUDA algorithms on device ``index`` (``astra.set_gpu_index``, called when it changes).
+
+    A process-wide setting: without it ASTRA uses GPU 0 whatever device CuPy's arrays are
+    on, so on a multi-GPU node every worker would reconstruct on GPU 0.
+    """
+    import astra
+
+    if _astra_gpu[0] != int(index):
+        astra.set_gpu_index(int(index))
+        _astra_gpu[0] = int(index)
 
 
 class Astra:

@@ -88,3 +88,46 @@ def test_gpu_budget_refuses_inputs_that_do_not_fit(tmp_path, capsys):
     assert gpu_budget.main([str(table)]) == 0
     table.write_text("recon 300 python bench/recon.py\nother 200 python bench/recon.py\n")
     assert gpu_budget.main([str(table)]) == 1
+
+
+def test_gpu_without_nvrtc_falls_back_to_the_cpu_in_one_line(monkeypatch, caplog):
+    # CuPy imports and sees a device, but NVRTC cannot be loaded: every gpureg kernel is compiled
+    # at run time, so "auto" must choose the CPU (one warning line) and "gpu" must say why.
+    import logging
+    import types
+
+    import pytest
+
+    from gpureg.core import backend
+
+    class RawKernel:
+        def __init__(self, code, name):
+            self.name = name
+
+        def compile(self):
+            raise OSError("libnvrtc.so.13: cannot open shared object file: No such file or directory")
+
+    fake = types.ModuleType("cupy")
+    fake.RawKernel = RawKernel
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.delenv("GPUREG_DISABLE_GPU", raising=False)
+    backend._cupy_probe.cache_clear()
+    backend._note_fallback.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="gpureg"):
+            assert backend.resolve_device("auto") == "cpu"
+            assert backend.resolve_device("auto") == "cpu"
+        lines = [r for r in caplog.records if "no usable GPU" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+        assert "NVRTC" in lines[0].getMessage() and "libnvrtc.so.13" in lines[0].getMessage()
+        assert "\n" not in lines[0].getMessage()
+        with pytest.raises(backend.GPUUnavailableError, match="NVRTC"):
+            backend.resolve_device("gpu")
+        # With a working compiler the same fake device is used.
+        RawKernel.compile = lambda self: None
+        backend._cupy_probe.cache_clear()
+        assert backend.resolve_device("auto") == "gpu"
+    finally:
+        backend._cupy_probe.cache_clear()
+        backend._note_fallback.cache_clear()

@@ -371,3 +371,29 @@ def test_simulate_refuses_saturating_photon_counts(tmp_path):
     with pytest.raises(ValueError, match="saturates the simulated 16-bit detector"):
         simulate(tmp_path / "x.h5", size=16, n_angles=8, photons=1e5)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_astra_runs_on_the_device_of_the_data(monkeypatch):
+    # On a multi-GPU node ASTRA must reconstruct on the GPU holding the projections (or CuPy's
+    # current one), not on GPU 0: the index reaches astra.set_gpu_index, once per change.
+    import sys
+    import types
+
+    from gpureg.recon import fbp, project
+
+    calls = []
+    fake = types.SimpleNamespace(set_gpu_index=calls.append)
+    monkeypatch.setitem(sys.modules, "astra", fake)
+    monkeypatch.setattr(project, "_astra_gpu", [None])
+    cp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=2)))
+
+    class OnGpu3:  # what array_device sees as a CuPy array on device 3
+        __module__ = "cupy"
+        device = types.SimpleNamespace(id=3)
+
+    assert fbp.astra_gpu_index(None, np.zeros(3)) == 0
+    assert fbp.astra_gpu_index(cp, np.zeros(3)) == 2
+    assert fbp.astra_gpu_index(cp, OnGpu3()) == 3
+    for index in (2, 2, 3, 3, 2):
+        project.set_astra_gpu(index)
+    assert calls == [2, 3, 2]

@@ -1,0 +1,74 @@
+"""Kernel launches checked without a GPU: argument tuples against the CUDA signatures, buffers' devices.
+
+The launchers run against tests/fake_cupy.py (NumPy arrays that carry a device id; each launch
+is checked by ``check_launch`` against the parameter list in ``kernels/*.cu``), with the
+volumes on GPU 1 while GPU 0 is current: every buffer a launcher makes must be on GPU 1.
+"""
+
+import numpy as np
+import pytest
+
+import fake_cupy
+from gpureg.core import cuda_ffd
+from gpureg.core import transform as tf
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    cp = fake_cupy.FakeCupy()
+    rec = fake_cupy.Recorder({"reduce_partials": lambda args: args[2].__setitem__(slice(None), (5.0, 7.0))})
+    for module in (cuda_ffd,):
+        monkeypatch.setattr(module, "require_cupy", lambda: cp)
+        monkeypatch.setattr(module, "get_kernel", rec.get_kernel)
+        monkeypatch.setattr(module, "resident_blocks", lambda *a: 3)
+    return cp, rec
+
+
+def test_check_launch_catches_marshalling_errors():
+    # The checker itself: a None pointer, a Python int and a missing argument are refused.
+    args = [np.zeros(1), np.zeros(1), np.uint64(0), *(np.int32(4),) * 3, np.zeros(1), *(np.int32(4),) * 3,
+            *(np.float32(0),) * 15, np.float32(1), np.float32(0.1), np.zeros(1), np.zeros(1)]
+    fake_cupy.check_launch("bspline.cu", "ffd_residual_pass", tuple(args))
+    for k, bad in ((2, None), (3, 4), (10, np.float64(0))):
+        wrong = list(args)
+        wrong[k] = bad
+        with pytest.raises(AssertionError):
+            fake_cupy.check_launch("bspline.cu", "ffd_residual_pass", tuple(wrong))
+    with pytest.raises(AssertionError, match="arguments"):
+        fake_cupy.check_launch("bspline.cu", "ffd_residual_pass", tuple(args[:-1]))
+    assert fake_cupy.signature("affine.cu", "mse_terms_pass<true, bool>")[:4] == ["pointer"] * 4
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_ffd_pass_marshals_and_allocates_on_the_volumes_gpu(fake, with_mask):
+    cp, rec = fake
+    shape = (6, 7, 8)
+    rng = np.random.default_rng(0)
+    fixed = cp.on(rng.random(shape, dtype=np.float32), 1)
+    moving = cp.on(rng.random(shape, dtype=np.float32), 1)
+    coeffs = np.zeros((3, 5, 5, 5))  # host coefficients: copied to the volumes' GPU
+    mask = rng.random(shape) > 0.5 if with_mask else None
+    rg, sse, count = cuda_ffd.residual_gradient(fixed, moving, coeffs, np.eye(4), level=1, spacing=4.0, mask=mask)
+    assert (sse, count) == (5.0, 7)
+    assert [launch["function"] for launch in rec.launches] == ["ffd_residual_pass", "reduce_partials"]
+    for launch in rec.launches:
+        assert launch["device"] == 1
+        for a in launch["args"]:
+            if isinstance(a, np.ndarray):
+                assert a._device == 1, launch["function"]
+    mask_arg = rec.launches[0]["args"][2]
+    if with_mask:
+        assert mask_arg.dtype == np.float32 and mask_arg._device == 1
+    else:
+        assert isinstance(mask_arg, np.uint64) and mask_arg == 0  # never None (cupy#9046)
+    assert rg._device == 1 and rg.shape == (3, *shape)
+
+
+def test_ffd_pass_refuses_volumes_beyond_the_kernels_indexing(fake, monkeypatch):
+    cp, _ = fake
+    from gpureg.core import cuda
+
+    monkeypatch.setattr(cuda, "_MAX_ELEMENTS", 100)
+    vol = cp.on(np.zeros((5, 5, 5), np.float32), 0)
+    with pytest.raises(ValueError, match="fixed has 125 voxels"):
+        cuda_ffd.residual_gradient(vol, vol, np.zeros((3, 4, 4, 4)), np.eye(4), level=0, spacing=4.0)
