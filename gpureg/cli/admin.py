@@ -25,7 +25,12 @@ def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
         import json
 
         from ..io.detect import describe_input, format_description
+        from ..io.results import describe_result, is_result
 
+        if is_result(path):
+            d = describe_result(path)
+            typer.echo(json.dumps(d, indent=1) if as_json else _format_result(d))
+            return
         d = describe_input(path)
         if d["kind"] == "projections":
             d["wobble"] = _wobble(path)
@@ -164,3 +169,17 @@ def _wobble_line(w):
     hint = "; try --align-projections" if w["suggest"] else ""
     return (f"\n  wobble      centre-of-mass residuals at {w['energy']:.2f} eV: rows {w['row_rms']:.2f} px, "
             f"columns {w['column_rms']:.2f} px RMS (max {w['max']:.2f}){hint}")
+def _format_result(d: dict) -> str:
+    """The text ``gpureg info RESULT.h5`` prints for :func:`gpureg.io.results.describe_result`'s dict."""
+    e = d["energies_ev"]
+    lines = [d["path"], f"  result      gpureg {d['gpureg_version']}, {'complete' if d['complete'] else 'partial'}",
+             f"  energies    {d['n_energy']}: {e[0]:.2f} .. {e[-1]:.2f} eV" if e else "  energies    none"]
+    px = d["voxel_size_nm"]
+    lines.append(f"  voxel size  {px:.4g} nm" if px is not None else "  voxel size  unknown")
+    for name, s in d["stacks"].items():
+        lines.append(f"  /{name:<14} {tuple(s['shape'])} {s['dtype']}, {s['filter']}, {s['stored_mb']:.1f} MB stored"
+                     + ("" if s["storage_error"] == "exact" else f" ({s['storage_error']})"))
+    if d["dropped"]:
+        lines.append("  dropped     " + ", ".join(d["dropped"]))
+    lines.append("  maps        " + (", ".join(d["maps"]) or "none"))
+    return "\n".join(lines)

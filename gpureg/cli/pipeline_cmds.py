@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..io.results import DEFAULT_COMPRESSION
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions, parse_keep
 from ..register.prepare import Prep
 from .app import (
@@ -38,6 +39,12 @@ KeepOpt = typer.Option("recon,aligned", "--keep", metavar="<recon,aligned|none>"
                        help="Stacks kept in the result (the maps, matrices and report are always kept).")
 NoKeepOpt = typer.Option("", "--no-keep", metavar="<recon,aligned>", help="Stacks not to keep (e.g. --no-keep "
                                                                            "aligned).")
+CompressionOpt = typer.Option(DEFAULT_COMPRESSION, "--compression", metavar="NAME[:LEVEL]",
+                              help="Codec of the kept stacks: blosc2-zstd (default, level 0-9), blosc2-lz4, lz4 "
+                                   "(bitshuffle), zstd (bitshuffle, 1-22), gzip (1-9; any HDF5 reader), none.")
+StoreDtypeOpt = typer.Option("float32", "--store-dtype", metavar="float32|float16",
+                             help="float16 halves the stacks (lossy: relative error <= 2^-11; the maps are computed "
+                                  "from the stored stack).")
 PerParticleOpt = flag(False, "--per-particle", help="Also register every particle on its own (particles that move "
                                                     "relative to each other); stores per-particle transforms.")
 DeformableOpt = flag(False, "--deformable", help="Refine every affine with a cubic B-spline deformation (sample "
@@ -57,7 +64,8 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 per_particle: bool = False, scheduler: Optional[str] = None, references=None,
                 clusters: Optional[int] = None, skip_bad_energies: bool = False, keep: str = "recon,aligned",
                 no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
-                allow_folding: bool = False, align_projections: bool = False) -> RunOptions:
+                allow_folding: bool = False, align_projections: bool = False,
+                compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32") -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
@@ -65,7 +73,7 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                       report=not no_report, scheduler=scheduler, references=split_references(references),
                       clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
                       spacing=spacing, regularization=regularization, allow_folding=allow_folding,
-                      align_projections=align_projections)
+                      align_projections=align_projections, compression=compression, store_dtype=store_dtype)
 
 
 @app.command("run")
@@ -96,6 +104,8 @@ def run_cmd(
     regularization: float = RegularizationOpt,
     allow_folding: bool = AllowFoldingOpt,
     align_projections: bool = AlignProjectionsOpt,
+    compression: str = CompressionOpt,
+    store_dtype: str = StoreDtypeOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -105,7 +115,8 @@ def run_cmd(
                           per_particle=per_particle, scheduler=scheduler, references=references,
                           clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep,
                           deformable=deformable, spacing=spacing, regularization=regularization,
-                          allow_folding=allow_folding, align_projections=align_projections)
+                          allow_folding=allow_folding, align_projections=align_projections,
+                          compression=compression, store_dtype=store_dtype)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
@@ -174,6 +185,8 @@ def watch_cmd(
     keep: str = KeepOpt,
     no_keep: str = NoKeepOpt,
     align_projections: bool = AlignProjectionsOpt,
+    compression: str = CompressionOpt,
+    store_dtype: str = StoreDtypeOpt,
 ):
     """Process energies as their files appear; ends on --expect, a DONE file, --idle-timeout or Ctrl-C (the same
     command resumes). Hidden and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are
@@ -182,7 +195,8 @@ def watch_cmd(
 
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
-                          no_keep=no_keep, align_projections=align_projections)
+                          no_keep=no_keep, align_projections=align_projections, compression=compression,
+                          store_dtype=store_dtype)
     _announce_devices(options)
 
     def on_energy(ev):

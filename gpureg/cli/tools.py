@@ -27,7 +27,7 @@ from .app import (
     split_references,
 )
 
-__all__ = ["plot", "recon", "register", "report", "simulate", "view", "xanes"]
+__all__ = ["export", "plot", "recon", "register", "report", "simulate", "view", "xanes"]
 
 
 @app.command()
@@ -127,6 +127,21 @@ def report(
     folder = report_dir_for(result) if outdir is None else outdir
     figures = write_report(result, folder)
     typer.echo(f"report: {folder / 'report.md'} ({len(figures)} figures in {folder})")
+
+
+@app.command()
+@friendly
+def export(
+    result: Path = typer.Argument(..., help="Result HDF5 of `gpureg run`/`watch`/`demo`."),
+    zarr: Path = typer.Option(..., "--zarr", help="OME-Zarr folder to write (NGFF 0.4, multiscale): the aligned "
+                                                 "stack, particle labels and maps, with the voxel size as scale."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace an existing OUT.zarr."),
+):
+    """Export a result for napari (napari-ome-zarr), neuroglancer and other OME-Zarr viewers."""
+    from ..pipeline.export import export_zarr
+
+    out = export_zarr(result, zarr, overwrite=overwrite)
+    typer.echo(f"OME-Zarr: {out} (open with: napari {out})")
 
 
 @app.command()

@@ -19,6 +19,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..io.results import DEFAULT_COMPRESSION, parse_compression
+from ..io.results.nexus import stack_dtype
 from ..register.prepare import Prep
 
 __all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "KEEPABLE", "Model", "parse_center", "parse_keep",
@@ -158,6 +160,13 @@ class RunOptions:
     align_projections : bool
         Align the projections of every energy before FBP (:func:`gpureg.recon.align_projections`;
         ``/alignment`` in the result). Needs projections; not with ``scheduler``.
+    compression : str
+        HDF5 codec of the kept stacks, ``NAME[:LEVEL]``
+        (:func:`gpureg.io.results.parse_compression`; default Blosc2 Zstandard level 1 + shuffle).
+    store_dtype : str
+        ``"float32"`` (exact) or ``"float16"`` (lossy, half the size): how ``/recon`` and
+        ``/aligned`` are stored. The maps are computed from the stored stack, so float16 moves
+        them slightly (measured in README "Result files").
     """
 
     device: Device = Device.auto
@@ -179,6 +188,8 @@ class RunOptions:
     skip_bad_energies: bool = False
     keep: tuple = KEEPABLE
     align_projections: bool = False
+    compression: str = DEFAULT_COMPRESSION
+    store_dtype: str = "float32"
 
     def __post_init__(self):
         for name, kind in (("device", Device), ("model", Model), ("filter", FBPFilter), ("edge", EdgeMethod)):
@@ -203,6 +214,10 @@ class RunOptions:
             object.__setattr__(self, "clusters", int(self.clusters))
         object.__setattr__(self, "skip_bad_energies", bool(self.skip_bad_energies))
         object.__setattr__(self, "keep", parse_keep(self.keep))
+        name, level = parse_compression(self.compression)
+        object.__setattr__(self, "compression", name if level is None else f"{name}:{level}")
+        stack_dtype(self.store_dtype)
+        object.__setattr__(self, "store_dtype", str(self.store_dtype))
         object.__setattr__(self, "deformable", bool(self.deformable))
         object.__setattr__(self, "allow_folding", bool(self.allow_folding))
         if not (math.isfinite(float(self.spacing)) and float(self.spacing) >= 3):
@@ -247,14 +262,16 @@ class RunOptions:
 
     def parameters(self, devices: Devices, matrices=None) -> dict:
         """The result file's ``parameters`` (JSON): what decides its content (not ``report``, ``scheduler``,
-        ``skip_bad_energies``, ``keep``).
+        ``skip_bad_energies``, ``keep``, ``compression``).
 
         A run resumes an interrupted one only when these are equal (so a run
         stopped by a bad energy resumes with ``skip_bad_energies``).
         """
         out = self.to_dict()
-        for key in ("report", "scheduler", "skip_bad_energies", "keep"):
+        for key in ("report", "scheduler", "skip_bad_energies", "keep", "compression"):
             out.pop(key)
+        if out["store_dtype"] == "float32":  # absent when exact: results of earlier versions resume
+            out.pop("store_dtype")
         out["references"] = list(out["references"])
         for key, default in (("references", []), ("clusters", None), ("align_projections", False)):
             # absent when unused: results unchanged

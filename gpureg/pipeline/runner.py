@@ -168,7 +168,7 @@ def _check_input(reader, energies, options, output):
 def _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite, progress) -> int:
     """Fill ``work`` (the ``.partial`` file): every energy, then the maps; returns the energies resumed."""
     store = ResultStore.open(work, reader, energies, ref, options.parameters(devices, matrices), checksum,
-                             fresh=overwrite)
+                             fresh=overwrite, compression=options.compression, store_dtype=options.store_dtype)
     try:
         resumed = int(store.done.sum())
         if resumed:

@@ -327,3 +327,20 @@ def test_plugin_dock_on_reader_layers(qt, result):
         assert v.dims.axis_labels[0].endswith(" eV")
     finally:
         v.close()
+
+
+def test_ome_zarr_export_opens_in_napari_with_its_scale(qt, result, tmp_path):
+    """`gpureg export --zarr` output read by napari's OME-Zarr reader: the aligned stack at 0.25 um voxels."""
+    pytest.importorskip("napari_ome_zarr")
+    from gpureg.pipeline.export import export_zarr
+
+    out = export_zarr(result[0], tmp_path / "result.zarr")
+    v = qt.Viewer(show=False)
+    try:
+        layers = v.open(str(out), plugin="napari-ome-zarr")
+        image = next(ly for ly in layers if ly.data[0].ndim == 4 if hasattr(ly.data, "__getitem__"))
+        assert tuple(image.data[0].shape) == (E.size, *SHAPE)
+        np.testing.assert_allclose(image.scale, (1.0, 0.25, 0.25, 0.25))
+        assert len(image.data) >= 1 and image.multiscale in (True, False)
+    finally:
+        v.close()

@@ -21,8 +21,11 @@ One HDF5 file per run::
 Attributes also hold ``voxel_size_nm`` (when the input says), and
 ``/registration/excluded`` (n_energy,) flags energies left out by
 ``--skip-bad-energies`` (reasons in its ``reasons`` attribute, JSON).
-``/recon`` and ``/aligned`` are chunked per energy slab and gzip-compressed
-(level 1: fast); ``--no-keep`` drops them from the finished file (``dropped`` attribute).
+``/recon`` and ``/aligned`` are chunked per energy slab and compressed with a fast hdf5plugin codec
+(Blosc2 Zstandard level 1 + shuffle by default, ``compression``/``store_dtype`` attributes say how; files of
+earlier versions are gzip level 1); ``--no-keep`` drops them from the finished file (``dropped`` attribute).
+``/entry`` (NeXus ``NXentry``, the root's ``default``) holds ``NXdata`` views (soft links, with energy and
+physical axes) of the stacks and maps, for h5web, silx and Tiled.
 
 Beside ``RESULT.h5``: ``RESULT.h5.partial`` (the run being written, resumable),
 ``RESULT.h5.watch/`` (watch mode's per-energy state), ``RESULT.h5.lock`` (held
@@ -40,10 +43,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .read import ResultFile, ResultSummary, read_result, stack_names
+from .compression import COMPRESSIONS, register_filters
+from .compression import DEFAULT_COMPRESSION, dataset_filter, describe_filter, parse_compression
+from .read import ResultFile, ResultSummary, describe_result, is_result, read_result, stack_names
 from .store import STAGES, ResultStore, drop_datasets, write_chemistry, write_xanes, write_xanes_file
 
-__all__ = ["drop_datasets", "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
+register_filters()  # every gpureg process that touches results reads the hdf5plugin codecs, h5py included
+
+__all__ = ["COMPRESSIONS", "dataset_filter", "DEFAULT_COMPRESSION", "describe_filter", "describe_result", "drop_datasets", "is_result", "parse_compression", "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
            "ResultStore", "ResultSummary", "stack_names", "STAGES", "watch_dir", "write_chemistry", "write_xanes",
            "write_xanes_file"]
 

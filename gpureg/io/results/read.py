@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..files import InputError
+from .compression import describe_filter, register_filters
 
-__all__ = ["read_result", "ResultFile", "ResultSummary", "stack_names"]
+__all__ = ["describe_result", "is_result", "read_result", "ResultFile", "ResultSummary", "stack_names"]
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ResultFile:
             raise InputError(f"{self.path}: file not found")
         if not h5py.is_hdf5(self.path):
             raise InputError(f"{self.path}: not an HDF5 file")
+        register_filters()  # stacks written with an hdf5plugin codec
         self.h5 = h5py.File(self.path, "r")
 
     def __enter__(self):
@@ -201,3 +203,37 @@ def stack_names(h5, path, dataset=None, energy_dataset=None):
     if energy_dataset not in h5:
         raise InputError(f"{path}: energy dataset {energy_dataset!r} not found (name one with --energy-dataset)")
     return dataset, energy_dataset
+
+
+def is_result(path) -> bool:
+    """Whether ``path`` is an HDF5 file written by gpureg (a run, ``gpureg xanes`` or ``gpureg recon``)."""
+    import h5py
+
+    try:
+        if not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as h5:
+            return "gpureg_version" in h5.attrs or ("xanes" in h5 and "energy" in h5)
+    except OSError:
+        return False
+
+
+def describe_result(path) -> dict:
+    """What ``gpureg info RESULT.h5`` shows: energies, shape, completeness, and how each stack is stored."""
+    with ResultFile(path) as r:
+        h5, attrs = r.h5, r.attrs()
+        e = r.energies()
+        stacks = {}
+        for name in ("recon", "aligned", "aligned_global"):
+            ds = h5.get(name)
+            if ds is not None and ds.ndim == 4:
+                stacks[name] = {"shape": [int(n) for n in ds.shape], "dtype": str(ds.dtype),
+                                "filter": describe_filter(ds), "stored_mb": ds.id.get_storage_size() / 1e6,
+                                "storage_error": str(ds.attrs.get("storage_error", "exact"))}
+        return {"path": str(r.path), "gpureg_version": str(attrs.get("gpureg_version", "unknown")),
+                "complete": bool(attrs.get("complete", "xanes" in h5)),
+                "n_energy": 0 if e is None else int(e.size),
+                "energies_ev": [] if e is None else [float(x) for x in e],
+                "voxel_size_nm": r.voxel_size_nm(), "stacks": stacks,
+                "maps": sorted(k for k in h5.get("xanes", {}) if h5["xanes"][k].ndim == 3),
+                "dropped": json.loads(attrs.get("dropped", "[]"))}

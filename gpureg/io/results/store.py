@@ -12,6 +12,8 @@ import numpy as np
 
 from ...core.backend import to_host
 from ..files import InputError, atomic_path
+from .compression import DEFAULT_COMPRESSION, dataset_filter, register_filters
+from .nexus import NEXUS_ENTRY, annotate_stack, check_storable, stack_dtype, write_nexus_views
 
 __all__ = ["drop_datasets", "ResultStore", "STAGES", "write_chemistry", "write_xanes", "write_xanes_file"]
 
@@ -33,13 +35,19 @@ class ResultStore:
         self.excluded = np.zeros(len(energies), bool) if ex is None else ex[...].astype(bool)
 
     @classmethod
-    def open(cls, path, reader, energies, ref, parameters: dict, checksum, *, fresh):
+    def open(cls, path, reader, energies, ref, parameters: dict, checksum, *, fresh,
+             compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32"):
         """Open (resume) or create ``path``.
 
         An existing file is resumed only when its input checksum, ``parameters``
-        (JSON) and volume shape match; otherwise :class:`InputError`.
+        (JSON) and volume shape match; otherwise :class:`InputError`. ``compression``
+        (:func:`~gpureg.io.results.parse_compression`) and ``store_dtype`` (``float32``, or
+        ``float16``: lossy, see :data:`STORE_DTYPES`) apply to the ``/recon`` and ``/aligned``
+        stacks of a new file; a resumed file keeps those it was created with.
         """
         import h5py
+
+        register_filters()  # the stacks of a resumed file may need them
 
         from ...core.version import __version__
 
@@ -72,10 +80,11 @@ class ResultStore:
         h5.attrs["reference_index"] = ref
         if getattr(reader, "pixel_size_nm", None):
             h5.attrs["voxel_size_nm"] = float(reader.pixel_size_nm)
+        dtype = stack_dtype(store_dtype)
         for name in ("recon", "aligned"):
-            # gzip level 1 + shuffle: about 3x smaller on tomograms at a small fraction of the FBP time
-            h5.create_dataset(name, shape=(n, *shape), dtype="f4", chunks=chunks, compression="gzip",
-                              compression_opts=1, shuffle=True)
+            ds = h5.create_dataset(name, shape=(n, *shape), dtype=dtype, chunks=chunks,
+                                   **dataset_filter(compression))
+            annotate_stack(ds, compression, store_dtype)
         h5["registration/matrix"] = np.tile(np.eye(4), (n, 1, 1))
         for name in ("mse_before", "mse_after"):
             h5[f"registration/{name}"] = np.full(n, np.nan)
@@ -105,6 +114,8 @@ class ResultStore:
 
     def write_energy(self, i, recon, aligned, matrix, before, after, timings):
         t0 = time.perf_counter()
+        for name, volume in (("recon", recon), ("aligned", aligned)):
+            check_storable(self.h5[name], volume, f"{name} at {self.energies[i]:g} eV")
         self.h5["recon"][i] = recon
         self.h5["aligned"][i] = aligned
         self.h5["registration/matrix"][i] = matrix
@@ -159,7 +170,11 @@ class ResultStore:
             for name in ("particle_mse_global", "particle_mse"):
                 h5[f"registration/{name}"] = np.full((n, k + 1), np.nan)
                 h5[f"registration/{name}"][self.ref] = 0.0
-            h5.create_dataset("aligned_global", shape=h5["aligned"].shape, dtype="f4", chunks=h5["aligned"].chunks)
+            aligned = h5["aligned"]
+            spec, kind = aligned.attrs.get("compression", "none"), aligned.attrs.get("store_dtype", "float32")
+            ds = h5.create_dataset("aligned_global", shape=aligned.shape, dtype=aligned.dtype, chunks=aligned.chunks,
+                                   **dataset_filter(spec))
+            annotate_stack(ds, spec, kind)
             h5["aligned_global"][self.ref] = self.recon(self.ref)
             h5.flush()
         return h5["registration/particle_labels"][...]
@@ -235,6 +250,7 @@ class ResultStore:
             g["status"].attrs["reasons"] = json.dumps(reasons)
 
     def finish(self):
+        write_nexus_views(self.h5)
         self.h5.attrs["complete"] = True
         self.close()
 
@@ -255,13 +271,15 @@ def drop_datasets(path, names) -> None:
     if not names:
         return
     path = Path(path)
+    register_filters()
     with atomic_path(path) as tmp:
         with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
             dst.attrs.update(src.attrs)
             for key in src:
-                if key not in names:
+                if key not in names and key != NEXUS_ENTRY:
                     src.copy(src[key], dst, name=key)
             dst.attrs["dropped"] = json.dumps(sorted(names))
+            write_nexus_views(dst)  # without the views of what was dropped
 
 
 def write_xanes(parent, maps, labels=None, *, roi=None, attrs=None, group: str = "xanes", chemistry=None):
@@ -347,6 +365,7 @@ def write_xanes_file(path, energies, maps, labels, *, roi=None, attrs=None, chem
         with h5py.File(tmp, "w") as out:
             out.create_dataset("energy", data=np.asarray(energies, dtype=np.float64)).attrs["units"] = "eV"
             write_xanes(out, maps, labels, roi=roi, attrs=attrs, chemistry=chemistry)
+            write_nexus_views(out)
     return Path(path)
 
 
