@@ -35,6 +35,7 @@ from .options import KEEPABLE, Devices, RunOptions, resolve_devices
 from .particles import PerParticle, per_particle_xanes
 from .report import PipelineResult, write_report
 from .steps import Loader, RunLog, check_output, handle_bad_energy, notify, score_matrix, stored_warm_start
+from .writer import BackgroundWriter
 
 __all__ = ["file_checksum", "run"]
 
@@ -219,7 +220,13 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
     particles = PerParticle(store, reference, dev) if options.per_particle else None
     deform = DeformableStep(store, options, dev) if options.deformable and matrices is None else None
     pending = [i for i in registration_order(energies, ref) if not store.done[i]]
-    with cf.ThreadPoolExecutor(max_workers=1) as pool:
+    timings = {}
+
+    def written(i, seconds):  # in the writer thread, once energy i is on disk and flagged done
+        t = timings.pop(i)
+        notify(progress, store, i, *t["mse"], t["seconds"], {**t["stages"], "write": seconds})
+
+    with cf.ThreadPoolExecutor(max_workers=1) as pool, BackgroundWriter(store, after=written) as writer:
         nxt = pool.submit(loader, pending[0]) if pending else None
         for k, i in enumerate(pending):
             fut = nxt
@@ -234,7 +241,7 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
             t0 = time.perf_counter()
             moving = prepare_volume(vol, dev, prep, name=f"energy {energies[i]:g} eV")
             if matrices is None:
-                res = register_prepared(fixed, moving, init=stored_warm_start(store, i, ref),
+                res = register_prepared(fixed, moving, init=stored_warm_start(store, i, ref, writer.pending),
                                         model=options.model.value)
             else:
                 res = score_matrix(fixed, moving, matrices[i])
@@ -250,10 +257,9 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
                 aligned = particles.apply(i, vol)
             t2 = time.perf_counter()
             _write_alignment(store, loader, i, loader.reader)
-            store.write_energy(i, vol, aligned, res.matrix, res.mse_before, mse_after,
-                               {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
-            notify(progress, store, i, res.mse_before, mse_after, time.perf_counter() - t0 + t_load,
-                   {"load": t_load, "register": t1 - t0, "apply": t2 - t1})
+            stages = {"load": t_load, "register": t1 - t0, "apply": t2 - t1}
+            timings[i] = {"mse": (res.mse_before, mse_after), "seconds": t2 - t0 + t_load, "stages": stages}
+            writer.submit(i, vol, aligned, res.matrix, res.mse_before, mse_after, stages)
 
 
 def _write_alignment(store, loader, i, reader):

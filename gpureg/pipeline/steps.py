@@ -119,13 +119,20 @@ def score_matrix(fixed, moving, matrix):
     return RegistrationResult(m, before, mse_terms(fixed, moving, m, hessian=False).mse, [], 0.0, "given", True)
 
 
-def stored_warm_start(store, i, ref):
-    """Start matrix for energy ``i``: the nearest energy already in ``store`` (centre of mass for the reference)."""
+def stored_warm_start(store, i, ref, pending=None):
+    """Start matrix for energy ``i``: the nearest energy already registered (centre of mass for the reference).
+
+    ``pending`` (index -> matrix) holds energies registered but still queued for writing
+    (:class:`gpureg.pipeline.writer.BackgroundWriter`): they count as done, so the start is the one a
+    synchronous run would take.
+    """
     from ..register.series import warm_start
 
+    pending = dict(pending or {})
     # Done energies in index order, so a resumed run picks the same neighbour as an uninterrupted one.
-    done = [j for j in np.flatnonzero(store.done) if j != i]
-    return warm_start(((store.energies[j], None if j == ref else store.matrix(j)) for j in done), store.energies[i])
+    done = sorted({int(j) for j in np.flatnonzero(store.done)} | set(pending) - {i})
+    return warm_start(((store.energies[j], None if j == ref else pending[j] if j in pending else store.matrix(j))
+                       for j in done), store.energies[i])
 
 
 def check_output(output, overwrite):

@@ -129,6 +129,15 @@ class ResultStore:
         self.h5.flush()
         self.done[i] = True
 
+    def record_writer(self, *, busy: float, waited: float):
+        """Say on ``/timings/write`` that energies were written in the background (this run's totals, s)."""
+        attrs = self.h5["timings/write"].attrs
+        attrs["overlap"] = ("written by a background thread while the next energy was computed: per-energy "
+                            "write times overlap the other stages; write_wait_s is what writing added")
+        attrs["write_busy_s"] = attrs.get("write_busy_s", 0.0) + float(busy)
+        attrs["write_wait_s"] = attrs.get("write_wait_s", 0.0) + float(waited)
+        self.h5.flush()
+
     def exclude(self, i, reason: str):
         """Leave energy ``i`` out (``--skip-bad-energies``): flagged done and excluded, ``reason`` recorded."""
         ds = self.h5["registration/excluded"]
