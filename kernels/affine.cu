@@ -15,7 +15,7 @@
 
 // out (nz, ny, nx)[p] = volume (mz, my, mx) at q, or cval outside.
 // Launch: block (32, 8, 1), grid (ceil(nx / 32), ceil(ny / 8), nz).
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 resample_affine(const float* __restrict__ volume, int mz, int my, int mx, float* __restrict__ out, int nz,
                 int ny, int nx, GPUREG_AFFINE_PARAMS, float cval) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
@@ -42,8 +42,8 @@ resample_affine(const float* __restrict__ volume, int mz, int my, int mx, float*
 // 256 threads, at least 4 resident blocks per SM: caps the pass at 64
 // registers, where ptxas (CUDA 13.0) reports no spills for sm_80 and sm_90
 // (without the bound it spilled 12 bytes in the hessian=False variants on sm_80).
-constexpr int kMseThreads = 256;
-constexpr int kMseMinBlocks = 4;
+constexpr int kMseThreads = GPUREG_THREADS;          // gpureg.core.kernel_layout.THREADS
+constexpr int kMseMinBlocks = GPUREG_MSE_MIN_BLOCKS;  // gpureg.core.kernel_layout.MSE_MIN_BLOCKS
 
 namespace gpureg {
 
@@ -112,7 +112,7 @@ mse_terms_state_pass(const float* __restrict__ fixed, const float* __restrict__ 
 // without a non-zero corner (cell_sat: voxel_math.cuh, row_cells_any): the pass then adds only
 // that count, exactly what reading the row would add. -1: the pass reads the row. O(1) per row
 // (row_valid_range), one thread per row; kept out of the pass, whose registers it would spill.
-// Launch: block 256, grid ceil(nz * ny / 256).
+// Launch: block GPUREG_THREADS, grid ceil(nz * ny / GPUREG_THREADS).
 namespace gpureg {
 __device__ __forceinline__ void classify_row(const unsigned char* __restrict__ fixed_rows,
                                              const int* __restrict__ cell_sat, int nz, int ny, int nx, int mz, int my,
@@ -129,7 +129,7 @@ __device__ __forceinline__ void classify_row(const unsigned char* __restrict__ f
 }
 }  // namespace gpureg
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 classify_rows(const unsigned char* __restrict__ fixed_rows, const int* __restrict__ cell_sat, int nz, int ny, int nx,
               int mz, int my, int mx, GPUREG_AFFINE_PARAMS, int* __restrict__ row_code) {
   const gpureg::Affine a = GPUREG_AFFINE_INIT;
@@ -137,7 +137,7 @@ classify_rows(const unsigned char* __restrict__ fixed_rows, const int* __restric
 }
 
 // classify_rows at the solver's trial parameters (see mse_terms_state_pass).
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 classify_rows_state(const unsigned char* __restrict__ fixed_rows, const int* __restrict__ cell_sat, int nz, int ny,
                     int nx, int mz, int my, int mx, const double* __restrict__ state, float cz, float cy, float cx,
                     int* __restrict__ row_code) {

@@ -11,11 +11,11 @@
 #include "bspline_math.cuh"
 #include "reduce.cuh"
 
-constexpr int kFfdThreads = 256;
+constexpr int kFfdThreads = GPUREG_THREADS;  // gpureg.core.kernel_layout.THREADS
 
 // fixed, moving (nz, ny, nx); mask (nz, ny, nx) float (> 0.5 counts) or null;
 // coeffs (3, cz, cy, cx); rg (3, nz, ny, nx) out; partials (2, gridDim.x) out.
-// Launch: block 256, grid-stride over voxels (x fastest: coalesced rows).
+// Launch: block GPUREG_THREADS, grid-stride over voxels (x fastest: coalesced rows).
 extern "C" __global__ void __launch_bounds__(kFfdThreads)
 ffd_residual_pass(const float* __restrict__ fixed, const float* __restrict__ moving, const float* __restrict__ mask,
                   int nz, int ny, int nx, const float* __restrict__ coeffs, int cz, int cy, int cx, float d00,

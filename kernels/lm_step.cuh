@@ -4,12 +4,12 @@
 // the CPU and compares it with the NumPy reference gpureg.core.solver.levenberg_marquardt,
 // which it mirrors step for step:
 //   first pass: the start parameters' sums become the current ones (no overlap: status 3);
-//   later passes: accept the trial when it overlaps and its MSE is not larger (damping / 3,
-//   at least 1e-7), else reject (damping * 4; above 1e8, or the rejected step moved no grid
-//   corner by 10 tol voxel or more: converged);
+//   later passes: accept the trial when it overlaps and its MSE is not larger (damping / LAM_DOWN,
+//   at least LAM_MIN), else reject (damping * LAM_UP; above LAM_MAX, or the rejected step moved no
+//   grid corner by REJECT_FACTOR tol voxel or more: converged);
 //   after max_iter passes: stop (status 2); else solve the damped Gauss-Newton system
 //   (H + lam diag(H)) step = -g over the free parameters, in double, by Cholesky (a failed
-//   factorisation multiplies the damping by 10 and retries, up to 1e8: status 4); a step that moves no grid corner
+//   factorisation multiplies the damping by LAM_SINGULAR and retries, up to LAM_MAX: status 4); a step that moves no grid corner
 //   by tol voxel or more: converged; else the next pass evaluates params + step.
 // g = 2/N sum r J and H = 2/N sum J J^T come from the (32, 6) sums as gpureg.core.cuda.unpack_terms.
 #pragma once
@@ -18,25 +18,39 @@
 
 namespace gpureg {
 
-// Solver state, float64 in device memory: written by lm_update, the trial read by the pass.
+// Solver state, float64 in device memory: written by lm_update, the trial read by the pass. The
+// layout, the statuses and the constants are defined once in gpureg/core/kernel_layout.py (and
+// gpureg/core/solver.py) and arrive as -D options (NVRTC through gpureg.core.cuda_loader).
 enum : int {
-  kLmParams = 0,   // 12 accepted parameters (matrix_from_params order)
-  kLmTrial = 12,   // 12 parameters the next pass evaluates
-  kLmLam = 24,     // damping
-  kLmSse = 25,     // sums of the accepted parameters: sum r^2, count,
-  kLmCount = 26,
-  kLmRj = 27,      // sum r J (12),
-  kLmJtj = 39,     // sum J J^T (12 x 12, row-major)
-  kLmPasses = 183, // passes evaluated
-  kLmStatus = 184, // kLmRunning, or why it stopped
-  kLmMove = 185,   // largest corner move (voxels) of the step to the trial
-  kLmStateSize = 192,
+  kLmParams = GPUREG_LM_PARAMS,    // 12 accepted parameters (matrix_from_params order)
+  kLmTrial = GPUREG_LM_TRIAL,      // 12 parameters the next pass evaluates
+  kLmLam = GPUREG_LM_LAM,          // damping
+  kLmSse = GPUREG_LM_SSE,          // sums of the accepted parameters: sum r^2, count,
+  kLmCount = GPUREG_LM_COUNT,
+  kLmRj = GPUREG_LM_RJ,            // sum r J (12),
+  kLmJtj = GPUREG_LM_JTJ,          // sum J J^T (12 x 12, row-major)
+  kLmPasses = GPUREG_LM_PASSES,    // passes evaluated
+  kLmStatus = GPUREG_LM_STATUS,    // kLmRunning, or why it stopped
+  kLmMove = GPUREG_LM_MOVE,        // largest corner move (voxels) of the step to the trial
+  kLmStateSize = GPUREG_LM_SIZE,
 };
 
-// gpureg.core.solver.REJECT_FACTOR
-constexpr double kLmRejectFactor = 10.0;
+enum : int {
+  kLmRunning = GPUREG_LM_STATUS_RUNNING,
+  kLmConverged = GPUREG_LM_STATUS_CONVERGED,
+  kLmMaxPasses = GPUREG_LM_STATUS_MAX_PASSES,
+  kLmNoOverlap = GPUREG_LM_STATUS_NO_OVERLAP,
+  kLmSingular = GPUREG_LM_STATUS_SINGULAR,
+};
 
-enum : int { kLmRunning = 0, kLmConverged = 1, kLmMaxPasses = 2, kLmNoOverlap = 3, kLmSingular = 4 };
+// gpureg.core.solver: LAM_MIN, LAM_MAX, LAM_DOWN, LAM_UP, LAM_SINGULAR, REJECT_FACTOR, DIAG_FLOOR
+constexpr double kLmLamMin = GPUREG_LM_LAM_MIN;
+constexpr double kLmLamMax = GPUREG_LM_LAM_MAX;
+constexpr double kLmLamDown = GPUREG_LM_LAM_DOWN;
+constexpr double kLmLamUp = GPUREG_LM_LAM_UP;
+constexpr double kLmLamSingular = GPUREG_LM_LAM_SINGULAR;
+constexpr double kLmRejectFactor = GPUREG_LM_REJECT_FACTOR;
+constexpr double kLmDiagFloor = GPUREG_LM_DIAG_FLOOR;
 
 // Index into the (32, 6) sums of J J^T entry (a, b), J[a] = g_i e_j (a = 3 i + j < 9) or g_i
 // (a = 9 + i, e_3 = 1): the term S_{x degree}[pair ik] times the (z', y') monomial of e_j e_l.
@@ -122,12 +136,12 @@ GPUREG_HD void lm_update(double* state, const double* sums, unsigned int free_ma
     take = true;
   } else if (count > 0.0 && sse / count <= state[kLmSse] / state[kLmCount]) {
     take = true;
-    lam = fmax(lam / 3.0, 1e-7);
+    lam = fmax(lam / kLmLamDown, kLmLamMin);
   } else {
-    lam *= 4.0;
+    lam *= kLmLamUp;
     // No descent direction left at this resolution, or a step of under kLmRejectFactor * tol
     // voxel that does not lower the MSE: below that scale the MSE's own noise decides.
-    if (lam > 1e8 || state[kLmMove] < kLmRejectFactor * tol) {
+    if (lam > kLmLamMax || state[kLmMove] < kLmRejectFactor * tol) {
       state[kLmLam] = lam;
       state[kLmStatus] = kLmConverged;
       return;
@@ -155,7 +169,7 @@ GPUREG_HD void lm_update(double* state, const double* sums, unsigned int free_ma
     diag[a] = scale * state[kLmJtj + 13 * idx[a]];
     dmax = fmax(dmax, diag[a]);
   }
-  const double floor_ = 1e-12 * fmax(dmax, 1e-30);
+  const double floor_ = kLmDiagFloor * fmax(dmax, 1e-30);
   for (int a = 0; a < n; ++a) diag[a] = fmax(diag[a], floor_);
   double A[144], x[12];
   bool solved = false;
@@ -167,8 +181,8 @@ GPUREG_HD void lm_update(double* state, const double* sums, unsigned int free_ma
     }
     solved = cholesky_solve(A, x, n);
     if (!solved) {
-      lam *= 10.0;
-      if (lam > 1e8) break;  // not converged
+      lam = fmax(lam, kLmLamMin) * kLmLamSingular;  // grows from any lam (0 too), so the retries end
+      if (lam > kLmLamMax) break;  // not converged
     }
   }
   state[kLmLam] = lam;

@@ -80,10 +80,10 @@ __device__ __forceinline__ void store_block_sums(const double* acc, double* __re
 }  // namespace gpureg
 
 // out[term] = sum over b < nblocks of partials[term * nblocks + b], in double.
-// Launch: grid = number of terms, block = 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
+// Launch: grid = number of terms, block = GPUREG_THREADS threads.
+extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 reduce_partials(const double* __restrict__ partials, int nblocks, double* __restrict__ out) {
-  __shared__ double sh[8];
+  __shared__ double sh[GPUREG_THREADS / 32];
   const double* col = partials + (long long)blockIdx.x * nblocks;
   double s = 0.0;
   for (int b = threadIdx.x; b < nblocks; b += blockDim.x) s += col[b];

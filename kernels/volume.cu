@@ -7,7 +7,7 @@
 // out (oz, oy, ox)[z, y, x] = mean of in[2z:2z+2, 2y:2y+2, 2x:2x+2]; in has
 // rows of nx voxels and planes of ny rows (odd trailing planes/rows/voxels are dropped).
 // Launch: block (32, 8, 1), grid (ceil(ox / 32), ceil(oy / 8), oz).
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 downsample2(const float* __restrict__ in, int ny, int nx, float* __restrict__ out, int oz, int oy, int ox) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
   const int y = blockIdx.y * blockDim.y + threadIdx.y;
@@ -18,9 +18,9 @@ downsample2(const float* __restrict__ in, int ny, int nx, float* __restrict__ ou
 
 // Moments (sum w, sum w z, sum w y, sum w x) of w = max(v - median, 0).
 // Warps take whole rows (grid-stride), lanes x = lane, lane + 32, ...
-// partials: (4, gridDim.x) float64, term-major. Launch: block 256.
+// partials: (4, gridDim.x) float64, term-major. Launch: block GPUREG_THREADS.
 // The bound of 4 blocks per SM avoids a 12-byte spill ptxas (CUDA 13.0) made for sm_90 without it.
-constexpr int kMomentThreads = 256;
+constexpr int kMomentThreads = GPUREG_THREADS;
 
 extern "C" __global__ void __launch_bounds__(kMomentThreads, 4)
 com_moments(const float* __restrict__ v, int nz, int ny, int nx, float median, double* __restrict__ partials) {
@@ -42,10 +42,10 @@ com_moments(const float* __restrict__ v, int nz, int ny, int nx, float median, d
 // matches `prefix` on the bits of `prefix_mask`: hist[(key >> shift) & bin_mask]
 // += 1. hist (<= kRadixBins bins) must be zeroed. Shared-memory histogram with
 // warp-aggregated atomics (a smoothed binary volume is mostly one value).
-// Launch: block 256, any grid.
+// Launch: block GPUREG_THREADS, any grid.
 constexpr int kRadixBins = 2048;
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 radix_histogram(const float* __restrict__ v, long long n, unsigned int prefix, unsigned int prefix_mask, int shift,
                 unsigned int bin_mask, unsigned int* __restrict__ hist) {
   __shared__ unsigned int sh[kRadixBins];

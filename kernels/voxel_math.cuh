@@ -29,6 +29,10 @@
 #include <string.h>
 #endif
 
+#if !defined(GPUREG_THREADS) || !defined(GPUREG_N_TERMS) || !defined(GPUREG_LM_STATUS)
+#error "compile with the -D options of gpureg.core.kernel_layout.define_flags() (the loader passes them to NVRTC)"
+#endif
+
 namespace gpureg {
 
 // Layout of the per-row sums of the fused MSE pass (one float per term). With
@@ -41,16 +45,17 @@ namespace gpureg {
 // them per row into kTerms x kMonomials double sums (see combine_row and
 // gpureg.cuda.unpack_terms). kTerms is padded to a warp: in the row reduction
 // lane l ends up owning term l.
+// Defined once in gpureg/core/kernel_layout.py, passed as -D options (see the check below).
 enum : int {
-  kS0 = 0,
-  kS1 = 6,
-  kS2 = 12,
-  kR0 = 18,
-  kR1 = 21,
-  kSSE = 24,
-  kCount = 25,
-  kTerms = 32,
-  kMonomials = 6,  // 1, z', y', z'^2, z'y', y'^2
+  kS0 = GPUREG_SUMS_S0,
+  kS1 = GPUREG_SUMS_S1,
+  kS2 = GPUREG_SUMS_S2,
+  kR0 = GPUREG_SUMS_R0,
+  kR1 = GPUREG_SUMS_R1,
+  kSSE = GPUREG_SUMS_SSE,
+  kCount = GPUREG_SUMS_COUNT,
+  kTerms = GPUREG_N_TERMS,
+  kMonomials = GPUREG_N_MONOMIALS,  // 1, z', y', z'^2, z'y', y'^2
 };
 
 // The transform as the kernels use it: u = q - p = D (p - c) + t.

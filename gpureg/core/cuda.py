@@ -20,16 +20,14 @@ import math
 import numpy as np
 
 from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
+from .kernel_layout import N_MONOMIALS, N_TERMS, SUMS
 from .terms import MetricTerms
 
 __all__ = ["affine_args", "as_mask", "center_of_mass", "check_size", "downsample2", "median", "mse_pass_blocks", "mse_pass_name", "mse_terms",
            "mse_terms_device", "pointer_or_null", "reduce_partials", "resample_affine", "unpack_terms"]
 
-# Layout of the fused pass's sums; mirrors the enum in kernels/voxel_math.cuh.
-N_TERMS, N_MONOMIALS = 32, 6
-
-
-_S0, _S1, _S2, _R0, _R1, _SSE, _COUNT = 0, 6, 12, 18, 21, 24, 25
+# Layout of the fused pass's sums (kernel_layout: also given to kernels/voxel_math.cuh).
+_S0, _S1, _S2, _R0, _R1, _SSE, _COUNT = (SUMS[k] for k in ("S0", "S1", "S2", "R0", "R1", "SSE", "COUNT"))
 
 
 _PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from .backend import GPUUnavailableError, cupy_or_none
+from .kernel_layout import MSE_MIN_BLOCKS, THREADS, define_flags
 
 __all__ = ["compile_options", "get_kernel", "kernel_dir", "KERNEL_FILES", "kernel_source", "require_cupy", "resident_blocks",
            "THREADS"]
@@ -31,13 +32,8 @@ KERNEL_FILES = {
 }
 
 
-# Thread-block shapes. They are fixed by the kernels' __launch_bounds__ (256
-# threads). 32 x 8 for the 3D-grid kernels: a warp covers 32 consecutive x
-# (coalesced). Not tuned on a GPU yet.
-THREADS = 256
-
-
-_MSE_MIN_BLOCKS = 4  # kMseMinBlocks in kernels/affine.cu: resident blocks per SM it is built for
+# Thread-block shapes: THREADS (the kernels' __launch_bounds__, defined in kernel_layout);
+# 32 x 8 for the 3D-grid kernels: a warp covers 32 consecutive x (coalesced). Not tuned on a GPU yet.
 _lock = threading.Lock()  # one compilation at a time
 
 
@@ -66,8 +62,12 @@ def kernel_source(name: str) -> str:
 
 
 def compile_options() -> tuple:
-    """Compiler options for the kernel sources (NVRTC through CuPy, or nvcc)."""
-    return ("--std=c++17", f"-I{kernel_dir()}")
+    """Compiler options for the kernel sources (NVRTC through CuPy, or nvcc).
+
+    The shared constants arrive as ``-D`` options (:func:`gpureg.core.kernel_layout.define_flags`);
+    CuPy's on-disk cache keys on the options too, so a changed constant recompiles.
+    """
+    return ("--std=c++17", f"-I{kernel_dir()}", *define_flags())
 
 
 def require_cupy():
@@ -117,5 +117,5 @@ def _resident_blocks_on(name: str, function: str, device_id: int) -> int:
     try:
         per_sm = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, THREADS, 0))
     except Exception:  # older CuPy without the occupancy API: what the kernels are built for
-        per_sm = _MSE_MIN_BLOCKS
+        per_sm = MSE_MIN_BLOCKS
     return sms * max(per_sm, 1)

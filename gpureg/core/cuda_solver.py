@@ -18,15 +18,15 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import xp_of
-from .cuda import N_MONOMIALS, N_TERMS, as_mask, mse_pass_blocks, pointer_or_null, reduce_partials
+from .cuda import N_MONOMIALS, N_TERMS, as_mask, check_size, mse_pass_blocks, pointer_or_null, reduce_partials
 from .cuda_loader import THREADS, get_kernel, require_cupy
+from .kernel_layout import STATE, STATUS
+from .solver import LAM_MAX
 
-__all__ = ["STATE", "empty_space_tables", "free_mask", "initial_state", "levenberg_marquardt_device"]
+__all__ = ["STATE", "empty_space_tables", "free_mask", "initial_state", "levenberg_marquardt_device", "solver_outcome"]
 
-# Layout of the solver state (mirrors the enum of kernels/lm_step.cuh).
-STATE = {"params": 0, "trial": 12, "lam": 24, "sse": 25, "count": 26, "rj": 27, "jtj": 39, "passes": 183,
-         "status": 184, "move": 185, "size": 192}
-RUNNING, CONVERGED, MAX_PASSES, NO_OVERLAP, SINGULAR = 0, 1, 2, 3, 4
+RUNNING, CONVERGED, MAX_PASSES, NO_OVERLAP, SINGULAR = (STATUS[k] for k in ("running", "converged", "max_passes",
+                                                                            "no_overlap", "singular"))
 
 
 def empty_space_tables(fixed, moving):
@@ -111,10 +111,16 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
     passes : int
         Metric passes used (passes queued after the solver stopped return at once and are not counted).
     converged : bool
+        False with a ``RuntimeWarning`` when the solver stopped at ``max_iter`` or on a singular
+        system (:func:`solver_outcome`).
     """
-    cp = require_cupy()
     if poll_every < 1:
         raise ValueError(f"poll_every must be >= 1, got {poll_every}")
+    if not lam0 > 0:
+        raise ValueError(f"lam0 must be > 0, got {lam0}")
+    cp = require_cupy()
+    check_size(fixed.shape, "fixed")
+    check_size(moving.shape, "moving")
     fixed = cp.ascontiguousarray(fixed, dtype=cp.float32)
     moving = cp.ascontiguousarray(moving, dtype=cp.float32)
     nz, ny, nx = (int(n) for n in fixed.shape)
@@ -155,7 +161,45 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
             if status[1] != RUNNING or queued > max_iter + poll_every:
                 break
         passes, code = int(status[0]), int(status[1])
-        if code == NO_OVERLAP:
-            raise RuntimeError("the initial transform maps the reference grid entirely outside the moving volume")
+        converged = solver_outcome(code, passes, max_iter)
         params = cp.asnumpy(state[STATE["params"]:STATE["params"] + 12])
-    return params, passes, code == CONVERGED
+    return params, passes, converged
+
+
+def solver_outcome(code: int, passes: int, max_iter: int) -> bool:
+    """Whether the device solver converged, from its final status; says so when it stopped short.
+
+    Parameters
+    ----------
+    code : int
+        ``state[STATE["status"]]`` (:data:`gpureg.core.kernel_layout.STATUS`).
+    passes, max_iter : int
+        Passes it ran, and the most it was allowed.
+
+    Returns
+    -------
+    bool
+        True for ``converged``. ``max_passes`` and ``singular`` (the damped Gauss-Newton system
+        could not be factorised up to the largest damping) return False with a
+        ``RuntimeWarning`` naming the status; the last accepted parameters stand.
+
+    Raises
+    ------
+    RuntimeError
+        ``no_overlap`` (the start parameters leave no valid sample), or a status that is not a
+        final one (the solver was still running: a bug).
+    """
+    import warnings
+
+    if code == NO_OVERLAP:
+        raise RuntimeError("the initial transform maps the reference grid entirely outside the moving volume")
+    if code == SINGULAR:
+        warnings.warn(f"GPU solver status 'singular' after {passes} passes: the damped Gauss-Newton system could "
+                      f"not be factorised up to damping {LAM_MAX:g} (degenerate or non-finite data); keeping the "
+                      "last accepted transform", RuntimeWarning, stacklevel=3)
+    elif code == MAX_PASSES:
+        warnings.warn(f"GPU solver status 'max_passes': {passes} passes (max_iter={max_iter}) without converging",
+                      RuntimeWarning, stacklevel=3)
+    elif code != CONVERGED:
+        raise RuntimeError(f"GPU solver ended with status {code} after {passes} passes (expected one of {STATUS})")
+    return code == CONVERGED

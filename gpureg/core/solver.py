@@ -26,11 +26,17 @@ __all__ = ["LMResult", "levenberg_marquardt"]
 
 # Damping limits: a step rejected while lam > LAM_MAX means no descent direction is left.
 LAM_MIN, LAM_MAX = 1e-7, 1e8
+# Damping factors: an accepted step divides it by LAM_DOWN, a rejected one multiplies it by
+# LAM_UP, a system that cannot be solved by LAM_SINGULAR (then retried, up to LAM_MAX).
+LAM_DOWN, LAM_UP, LAM_SINGULAR = 3.0, 4.0, 10.0
+# Marquardt's scaling diag(H), floored at DIAG_FLOOR times its largest entry.
+DIAG_FLOOR = 1e-12
 # A rejected step that moved nothing by REJECT_FACTOR * tol or more ends the fit: at that scale
 # the objective's own noise (interpolation, the count of overlapping samples) decides, and the
 # damping would need several more passes to shrink the step below tol. Measured on the CPU
 # benchmark (bench/register_cpu.py, 128^3, 10 % noise, binarized): finest-level passes 12 -> 7,
-# error unchanged (0.0158 voxel). kernels/lm_step.cuh holds the same factor.
+# error unchanged (0.0158 voxel). The device solver (kernels/lm_step.cuh) gets these constants
+# through gpureg.core.kernel_layout.
 REJECT_FACTOR = 10.0
 
 
@@ -73,7 +79,7 @@ def levenberg_marquardt(evaluate, x0, step_size, *, free=None, max_iter: int = 6
     tol : float
         Converged when a proposed step moves nothing by more than this.
     lam0 : float
-        Initial damping.
+        Initial damping (> 0).
     empty_start : str
         Message of the ``RuntimeError`` raised when ``evaluate(x0)`` has no
         valid sample.
@@ -83,6 +89,8 @@ def levenberg_marquardt(evaluate, x0, step_size, *, free=None, max_iter: int = 6
     LMResult
         ``(x, passes, converged)``.
     """
+    if not lam0 > 0:
+        raise ValueError(f"lam0 must be > 0, got {lam0}")
     x = np.asarray(x0, dtype=np.float64).copy()
     free = np.ones(x.size, bool) if free is None else np.asarray(free, bool)
     cur = evaluate(x)
@@ -93,11 +101,11 @@ def levenberg_marquardt(evaluate, x0, step_size, *, free=None, max_iter: int = 6
         g = cur.gradient[free]
         h = cur.hessian[np.ix_(free, free)]
         diag = np.diag(h).copy()
-        diag = np.maximum(diag, 1e-12 * max(diag.max(), 1e-30))
+        diag = np.maximum(diag, DIAG_FLOOR * max(diag.max(), 1e-30))
         try:
             step_free = np.linalg.solve(h + lam * np.diag(diag), -g)
         except np.linalg.LinAlgError:
-            lam *= 10.0
+            lam = max(lam, LAM_MIN) * LAM_SINGULAR  # grows from any lam, so the retries end
             if lam > LAM_MAX:
                 break
             continue
@@ -111,9 +119,9 @@ def levenberg_marquardt(evaluate, x0, step_size, *, free=None, max_iter: int = 6
         passes += 1
         if trial.count > 0 and trial.mse <= cur.mse:
             x, cur = x + step, trial
-            lam = max(lam / 3.0, LAM_MIN)
+            lam = max(lam / LAM_DOWN, LAM_MIN)
         else:
-            lam *= 4.0
+            lam *= LAM_UP
             if lam > LAM_MAX or move < REJECT_FACTOR * tol:
                 converged = True  # no descent direction left (at this resolution, or above the MSE's noise)
                 break

@@ -209,3 +209,59 @@ def test_empty_space_tables_numpy():
     ref = np.zeros((4, 3), int)
     ref[1:, 1:] = cells.cumsum(0).cumsum(1)
     np.testing.assert_array_equal(sat.reshape(4, 3), ref)
+
+
+def _emulated_level(emu, f, m, params0, c, max_iter, blocks=3):
+    state = cuda_solver.initial_state(params0)
+    sums = np.empty(192)
+    for _ in range(max_iter + 2):
+        assert emu.e_solver_pass(f, m, None, None, *f.shape, *m.shape, state, c.astype(np.float32),
+                                 cuda_solver.free_mask(None), 1e-3, max_iter, blocks, sums) == 0
+    return state
+
+
+def test_device_solver_reports_max_passes_and_singular(emu):
+    # The statuses the host reads back (gpureg/core/cuda_solver.py) from the emulated device passes:
+    # max_iter reached, and a system that stays singular (a NaN in the moving volume makes every
+    # J^T J entry NaN after the first pass), each a RuntimeWarning and converged=False; no overlap
+    # is an error.
+    shape = (10, 12, 40)
+    f, m, truth = _pair(shape, seed=3)
+    c = tf.grid_center(shape)
+    params0 = tf.params_from_matrix(np.eye(4), c)
+    state = _emulated_level(emu, f, m, params0, c, max_iter=2)
+    assert _status(state) == cuda_solver.MAX_PASSES and state[cuda_solver.STATE["passes"]] == 2
+    with pytest.warns(RuntimeWarning, match="'max_passes': 2 passes"):
+        assert cuda_solver.solver_outcome(_status(state), 2, 2) is False
+    bad = m.copy()
+    bad[5, 6, 20] = np.nan
+    state = _emulated_level(emu, f, bad, params0, c, max_iter=8)
+    assert _status(state) == cuda_solver.SINGULAR and state[cuda_solver.STATE["passes"]] == 1
+    with pytest.warns(RuntimeWarning, match="'singular'"):
+        assert cuda_solver.solver_outcome(_status(state), 1, 8) is False
+    assert cuda_solver.solver_outcome(cuda_solver.CONVERGED, 5, 8) is True
+    with pytest.raises(RuntimeError, match="outside the moving volume"):
+        cuda_solver.solver_outcome(cuda_solver.NO_OVERLAP, 1, 8)
+    with pytest.raises(RuntimeError, match="status 0"):
+        cuda_solver.solver_outcome(cuda_solver.RUNNING, 9, 8)
+
+
+def test_zero_damping_is_refused_and_cannot_loop(emu):
+    # lam0 == 0 made the retry loop (lam *= 10 on a failed factorisation) spin forever. Both
+    # solvers refuse it; the kernel's retry grows from LAM_MIN whatever the state holds, so a
+    # zero damping in the state with a singular system still ends (status singular).
+    with pytest.raises(ValueError, match="lam0 must be > 0"):
+        levenberg_marquardt(lambda p: None, np.zeros(12), corner_move((8, 8, 8)), lam0=0.0)
+    with pytest.raises(ValueError, match="lam0 must be > 0"):
+        cuda_solver.levenberg_marquardt_device(None, None, np.zeros(12), np.zeros(3), lam0=0.0)
+    sums = np.full(192, np.nan)
+    sums[cuda._COUNT * 6] = 100.0  # overlap, but a NaN J^T J: no damping makes it factorisable
+    state = cuda_solver.initial_state(np.zeros(12), lam0=0.0)
+    emu.h_lm_update(state, sums, 0xFFF, 8, 8, 8, 1e-3, 60)
+    assert _status(state) == cuda_solver.SINGULAR
+    assert state[cuda_solver.STATE["lam"]] > solver.LAM_MAX
+    sums = np.zeros(192)
+    sums[cuda._COUNT * 6] = 100.0  # J^T J = 0: factorisable once the damping is > 0, zero step
+    state = cuda_solver.initial_state(np.zeros(12), lam0=0.0)
+    emu.h_lm_update(state, sums, 0xFFF, 8, 8, 8, 1e-3, 60)
+    assert _status(state) == cuda_solver.CONVERGED

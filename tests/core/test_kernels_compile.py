@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from gpureg.core import cuda, cuda_loader, metric
+from gpureg.core.kernel_layout import define_flags
 from gpureg import register as reg
 from gpureg.core import transform as tf
 from gpureg.synth.phantom import two_particle_phantom
@@ -53,7 +54,8 @@ def test_every_source_is_loaded_by_gpureg_cuda():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES)
 def test_nvcc_cubin_without_register_spills(source, arch, tmp_path):
-    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "--cubin", "-I", str(KERNELS), "-Xptxas", "-warn-spills", "-o",
+    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "--cubin", "-I", str(KERNELS), *define_flags(), "-Xptxas",
+           "-warn-spills", "-o",
            str(tmp_path / (Path(source).stem + f".{arch}.cubin")), str(KERNELS / source)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr}"
