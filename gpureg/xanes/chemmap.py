@@ -26,6 +26,7 @@ from .cluster import Components, assign_clusters, kmeans, order_clusters, pca_co
 from .lcf import LinearCombination, prepare_references
 from .preedge import pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump
+from .stack import stack_ranges
 
 __all__ = ["chemistry_map"]
 
@@ -36,7 +37,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
                   n_components: int | None = None, offset: bool = True, sum_to_one: bool = False,
                   nonneg: bool = True, use: str = "norm", fit_range=None, mask=None, min_step: float | None = None,
                   slab: int = 16, device: str = "auto", sample: int = 100_000, seed: int = 0,
-                  info: dict | None = None) -> dict:
+                  info: dict | None = None, e0=None, column=None) -> dict:
     """Reference fractions and/or k-means clusters of every voxel of an energy stack.
 
     Parameters
@@ -67,7 +68,12 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     seed : int
         Sampling and k-means++ seed.
     info : dict, optional
-        Filled with ``min_step``, ``device``, ``n_voxels``.
+        Filled with ``min_step``, ``device``, ``n_voxels``, ``e0``.
+    e0 : float, optional
+        The common E0 (eV) of data and references; default Larch's
+        ``find_e0`` of the mean spectrum of up to 5 z-planes (as the edge maps).
+    column : str, optional
+        ``mu`` column of reference files.
 
     Returns
     -------
@@ -95,10 +101,12 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     dev = resolve_device(device)
     xp = get_xp(dev)
     flat = use == "flat"
+    if e0 is None:
+        e0 = stack_ranges(read, shape, E)["e0"]
     out = {"e0": np.full(shape, np.nan, np.float32), "edge_step": np.full(shape, np.nan, np.float32)}
     solver = None
     if references is not None:
-        rnames, A = prepare_references(references, E, use=use, names=names)
+        rnames, A = prepare_references(references, E, use=use, names=names, e0=e0, column=column)
         solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range)
         out.update(fractions=np.full((len(rnames), *shape), np.nan, np.float32),
                    residual=np.full(shape, np.nan, np.float32), r_factor=np.full(shape, np.nan, np.float32),
@@ -111,13 +119,13 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     samples, sample_steps = [], []
     slabs = [(z0, min(shape[0], z0 + int(slab))) for z0 in range(0, shape[0], int(slab))]
     for z0, z1 in slabs:
-        y, valid, sub_mask = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out)
+        y, valid, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0)
         if solver is not None and bool(valid.any()):
             x, res, rf = solver.solve(xp, y[:, valid])
             idx = np.flatnonzero(to_host(valid))
             n_r = len(out["reference_names"])
             plane = (z1 - z0,) + shape[1:]
-            for key, val in (("residual", res), ("r_factor", rf)) + ((("offset", x[-1]),) if offset else ()):
+            for key, val in (("residual", res), ("r_factor", rf)) + ((("offset", x[len(out["reference_names"])]),) if offset else ()):
                 buf = np.full(int(np.prod(plane)), np.nan, np.float32)
                 buf[idx] = to_host(val)
                 out[key][z0:z1] = buf.reshape(plane)
@@ -148,23 +156,24 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
             if key in out:
                 out[key][..., ~use_mask] = np.nan
     if k is not None:
-        _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, int(k), n_components, seed)
+        _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, int(k), n_components, seed,
+                  e0)
     if info is not None:
-        info.update(min_step=thr, device=dev, n_voxels=int(use_mask.sum()))
+        info.update(min_step=thr, device=dev, n_voxels=int(use_mask.sum()), e0=float(e0))
     _log.info("chemistry_map: %d of %d voxels analysed (%s)", int(use_mask.sum()), n_total, dev)
     return out
 
 
 # --------------------------------------------------------------------------- helpers
 
-def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out):
+def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0):
     """Normalised spectra of a slab (n, M) on the device, voxels normalised (M,), the slab mask; fills e0/step."""
     sub = to_device(read(z0, z1), dev, dtype=np.float32)
     mu = sub.reshape(E.size, -1)
     sub_mask = None
     if mask is not None:
         sub_mask = to_device(np.asarray(to_host(mask[z0:z1]), dtype=bool), dev).reshape(-1)
-    pe = pre_edge(mu, E, flatten=flat, mask=sub_mask)
+    pe = pre_edge(mu, E, flatten=flat, mask=sub_mask, e0=e0)
     y = pe["flat" if flat else "norm"]
     out["e0"][z0:z1] = to_host(pe["e0"]).reshape(out["e0"][z0:z1].shape)
     out["edge_step"][z0:z1] = to_host(pe["edge_step"]).reshape(out["e0"][z0:z1].shape)
@@ -172,7 +181,7 @@ def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out):
     return y, valid, sub_mask
 
 
-def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, k, n_components, seed):
+def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, k, n_components, seed, e0):
     if not samples:
         raise ValueError("clusters: no voxel to cluster")
     S = np.concatenate(samples, axis=1)
@@ -194,8 +203,8 @@ def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, t
     sums = np.zeros((k, E.size))
     counts = np.zeros(k, np.int64)
     for z0, z1 in slabs:
-        y, valid, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, {"e0": np.empty(shape, np.float32),
-                                                                            "edge_step": np.empty(shape, np.float32)})
+        scratch = {"e0": np.empty(shape, np.float32), "edge_step": np.empty(shape, np.float32)}
+        y, _, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, scratch, e0)
         m = out["mask"][z0:z1].reshape(-1)
         idx = np.flatnonzero(m)
         if idx.size == 0:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..io.base import check_energies
-from .lcf import normalized_spectra
+from .lcf import common_e0, normalized_spectra
 from .spectra import MIN_ENERGIES, spectra_matrix
 
 __all__ = ["ClusterResult", "Components", "assign_clusters", "cluster_spectra", "kmeans", "order_clusters", "pca_columns",
@@ -123,7 +123,7 @@ def spectral_components(spectra, n: int, *, mask=None) -> Components:
 
 def cluster_spectra(spectra, energies, k: int, *, method: str = "kmeans", n_components: int | None = None,
                     mask=None, normalize: bool = True, use: str = "norm", min_step: float | None = None,
-                    seed: int = 0, n_init: int = 3, max_iter: int = 100) -> ClusterResult:
+                    seed: int = 0, n_init: int = 3, max_iter: int = 100, e0="mean") -> ClusterResult:
     """k-means clusters of the normalised voxel spectra.
 
     Parameters
@@ -142,8 +142,8 @@ def cluster_spectra(spectra, energies, k: int, *, method: str = "kmeans", n_comp
     mask : (...) ndarray of bool, optional
         Voxels to cluster; by default those with an edge step above ``min_step``
         (as :func:`~gpureg.xanes.lcf.fit_references`).
-    normalize, use, min_step
-        As :func:`~gpureg.xanes.lcf.fit_references`.
+    normalize, use, min_step, e0
+        As :func:`~gpureg.xanes.lcf.fit_references` (one common E0 by default).
     seed : int
         k-means++ seed (results are deterministic per seed).
     n_init : int
@@ -162,7 +162,9 @@ def cluster_spectra(spectra, energies, k: int, *, method: str = "kmeans", n_comp
         raise ValueError(f"cluster_spectra: k must be an integer >= 2, got {k!r}")
     E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, vox = spectra_matrix(spectra, E, "cluster_spectra")
-    y, _, _, valid = normalized_spectra(xp, mu, E, vox, normalize=normalize, use=use, mask=mask, min_step=min_step)
+    e0c = common_e0(xp, mu, E, e0, mask=mask) if normalize else None
+    y, _, _, valid = normalized_spectra(xp, mu, E, vox, normalize=normalize, use=use, mask=mask, min_step=min_step,
+                                        e0=e0c)
     Y = y[:, valid]
     N = int(Y.shape[1])
     if k > N:

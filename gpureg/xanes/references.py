@@ -1,8 +1,9 @@
 """Reference spectra for linear-combination fitting: reading, checking, putting them on the scan's energies.
 
 A reference is a named absorption spectrum ``mu(E)`` of a known compound.
-They come from two-column text files (energy in eV, ``mu``; ``#`` comments,
-extra columns ignored) or Athena project files (``.prj``, read through
+They come from text files (XDI, Athena/Larch exports, plain columns: see
+:func:`read_columns` for how the energy and ``mu`` columns are chosen by
+name) or Athena project files (``.prj``, read through
 xraylarch when it is installed), or directly as arrays. Before fitting they are
 linearly interpolated onto the scan's energies and then normalised exactly like
 the voxel spectra (:func:`gpureg.xanes.preedge.pre_edge`), so a voxel made of
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Reference", "check_reference", "load_references", "reference_matrix"]
+__all__ = ["Reference", "check_reference", "load_references", "read_columns", "reference_matrix"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,15 @@ class Reference:
     mu: np.ndarray
 
 
-def load_references(sources, names=None) -> list[Reference]:
+MU_NAMES = ("mu", "xmu", "mu_e", "mu(e)", "mutrans", "mu_trans", "mufluor", "mu_fluor", "mufl")
+"""Column names taken as ``mu`` (case-insensitive), in this order."""
+I0_NAMES = ("i0", "io", "izero")
+IT_NAMES = ("it", "i1", "itrans", "i_t")
+IF_NAMES = ("if", "ifluor", "i_f", "fluor", "ifl")
+ENERGY_NAMES = ("energy", "energy_ev", "e", "ene")
+
+
+def load_references(sources, names=None, *, column=None) -> list[Reference]:
     """Read reference spectra from files, arrays or :class:`Reference` objects.
 
     Parameters
@@ -44,6 +53,9 @@ def load_references(sources, names=None) -> list[Reference]:
         A mapping ``{name: (energy, mu)}`` is also accepted.
     names : sequence of str, optional
         Names for the references (default: file stem, Athena label, ``ref<k>``).
+    column : str, optional
+        Name (or 1-based number) of the ``mu`` column in text files; see
+        :func:`read_columns`.
 
     Returns
     -------
@@ -66,7 +78,7 @@ def load_references(sources, names=None) -> list[Reference]:
             if p.suffix.lower() == ".prj":
                 refs.extend(_read_athena(p))
             else:
-                e, mu = _read_text(p)
+                e, mu = read_columns(p, column)
                 refs.append(check_reference(p.stem, e, mu, where=str(p)))
         else:
             try:
@@ -163,15 +175,93 @@ def reference_matrix(refs, energies) -> np.ndarray:
 
 # --------------------------------------------------------------------------- helpers
 
-def _read_text(path):
+def read_columns(path, column=None):
+    """Energy and ``mu`` of a text spectrum, columns chosen by name: (energy, mu) float64.
+
+    Column names come from XDI ``# Column.N: name`` lines, else from the last
+    comment line with one word per data column (Athena, Larch and beamline
+    exports), else they are ``1, 2, ...``. Energy: the column named
+    ``energy`` (or ``e``, ``energy_ev``), else the first. ``mu``: the column
+    ``column`` (a name or a 1-based number) when given; else the one named as
+    in :data:`MU_NAMES`; else ``ln(I0/It)`` from I0 and It columns, or
+    ``If/I0`` from I0 and If columns; else the second of exactly two columns.
+    Anything else is ambiguous and refused with one line listing the columns.
+    """
+    text = Path(path).read_text(errors="replace").splitlines()
+    comments, rows = [], []
+    for line in text:
+        t = line.strip()
+        if not t:
+            continue
+        if t[0] in "#%!;":
+            comments.append(t.lstrip("#%!; ").strip())
+        else:
+            rows.append(t)
     try:
-        data = np.loadtxt(path, comments=("#", "%", "!", ";"), ndmin=2, dtype=np.float64)
+        data = np.array([[float(v) for v in r.replace(",", " ").split()] for r in rows], dtype=np.float64)
     except ValueError:
         raise ValueError(f"reference file {path}: expected numeric columns (energy in eV, mu), "
                          f"'#' for comments") from None
-    if data.shape[1] < 2 or data.shape[0] == 0:
-        raise ValueError(f"reference file {path}: expected two columns (energy in eV, mu), got shape {data.shape}")
-    return data[:, 0], data[:, 1]
+    if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] < 2:
+        raise ValueError(f"reference file {path}: expected at least two numeric columns (energy in eV, mu), "
+                         f"got shape {data.shape}")
+    ncol = data.shape[1]
+    names = _column_names(comments, ncol)
+    low = [n.lower() for n in names]
+
+    def col(k):
+        return data[:, k]
+
+    ie = next((low.index(n) for n in ENERGY_NAMES if n in low), 0)
+    listing = ", ".join(names)
+    if column is not None:
+        key = str(column).strip()
+        if key.isdigit() and 1 <= int(key) <= ncol:
+            return col(ie), col(int(key) - 1)
+        if key.lower() in low:
+            return col(ie), col(low.index(key.lower()))
+        raise ValueError(f"reference file {path}: no column {key!r}; columns: {listing}")
+    for n in MU_NAMES:
+        if n in low:
+            return col(ie), col(low.index(n))
+    i0 = next((low.index(n) for n in I0_NAMES if n in low), None)
+    it = next((low.index(n) for n in IT_NAMES if n in low), None)
+    i_f = next((low.index(n) for n in IF_NAMES if n in low), None)
+    if i0 is not None and (it is None) != (i_f is None):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mu = np.log(col(i0) / col(it)) if it is not None else col(i_f) / col(i0)
+        return col(ie), mu
+    if ncol == 2:
+        return col(ie), col(1 - ie)
+    raise ValueError(f"reference file {path}: cannot tell which of its {ncol} columns is mu ({listing}); "
+                     f"choose one with column=NAME (command line: --reference-column NAME)")
+
+
+def _column_names(comments, ncol):
+    """Column names from XDI ``Column.N`` lines or the last comment line with ``ncol`` words; else 1..ncol."""
+    xdi = {}
+    for c in comments:
+        if c.lower().startswith("column."):
+            key, _, val = c.partition(":")
+            try:
+                xdi[int(key.split(".")[1])] = val.split()[0] if val.split() else key
+            except (ValueError, IndexError):
+                continue
+    if xdi and len(xdi) == ncol and sorted(xdi) == list(range(1, ncol + 1)):
+        return [xdi[k] for k in range(1, ncol + 1)]
+    for c in reversed(comments):
+        words = c.replace(",", " ").split()
+        if len(words) == ncol and not any(_is_number(w) for w in words):
+            return words
+    return [str(k) for k in range(1, ncol + 1)]
+
+
+def _is_number(w):
+    try:
+        float(w)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_athena(path):

@@ -1,4 +1,4 @@
-"""Shared steps of the XANES analysis: line-fit weights, fit ranges on the grid, the spectra matrix, the jump threshold.
+"""Shared steps of the XANES analysis: fit ranges on the grid, the spectra matrix, the jump threshold.
 
 Used by :mod:`~gpureg.xanes.edge` (per-voxel normalisation and edge energy)
 and :mod:`~gpureg.xanes.stack` (the same on a stack, slab by slab). The
@@ -11,16 +11,10 @@ import numpy as np
 
 from ..core.backend import to_host, xp_of
 
-__all__ = ["auto_min_jump", "fine_region", "line_weights", "MIN_ENERGIES", "POST_GAP_EV", "PRE_GAP_EV",
-           "snap_range", "spectra_matrix"]
+__all__ = ["MIN_ENERGIES", "auto_min_jump", "fine_region", "snap_range", "spectra_matrix"]
 
 MIN_ENERGIES = 5
 """Fewest energies a spectrum needs: pre-edge, edge and post-edge."""
-
-# Default gaps (eV) between the edge and the fit ranges when the grid has no
-# distinct fine-step region (uniform scans).
-PRE_GAP_EV = 20.0
-POST_GAP_EV = 40.0
 
 # Automatic edge-jump threshold: this fraction of the 99.5th percentile of the
 # positive jumps (background voxels have a jump near zero; particles near 1 in
@@ -28,18 +22,6 @@ POST_GAP_EV = 40.0
 # min_jump= to set an absolute threshold instead.
 _MIN_JUMP_FRACTION = 0.1
 _PERCENTILE_SAMPLE = 1 << 20
-
-
-def line_weights(x, idx):
-    """Rows (intercept, slope) of least-squares line-fit weights over ``x[idx]`` (2, n)."""
-    w = np.zeros((2, x.size))
-    xi = x[idx]
-    xm = xi.mean()
-    sxx = ((xi - xm) ** 2).sum()
-    slope = (xi - xm) / sxx
-    w[1, idx] = slope
-    w[0, idx] = 1.0 / idx.size - xm * slope
-    return w
 
 
 def fine_region(E):
@@ -63,7 +45,7 @@ def fine_region(E):
 
 
 def snap_range(E, r, name):
-    """``(lo, hi)`` of the range ``r`` snapped to grid energies, checked to hold at least 2 of them."""
+    """``(lo, hi)`` of the range ``r`` as floats (eV), checked to hold at least 2 grid energies."""
     try:
         lo, hi = (float(v) for v in r)
     except (TypeError, ValueError):
@@ -72,9 +54,9 @@ def snap_range(E, r, name):
         raise ValueError(f"edge_ranges: {name} range must have low <= high, got {r!r}")
     sel = E[(E >= lo - 1e-6) & (E <= hi + 1e-6)]
     if sel.size < 2:
-        raise ValueError(f"edge_ranges: {name}-edge range {(lo, hi)} eV holds {sel.size} energies; a line fit needs "
+        raise ValueError(f"edge_ranges: {name}-edge range {(lo, hi)} eV holds {sel.size} energies; a fit needs "
                          f"at least 2 (grid {E[0]:g}..{E[-1]:g} eV)")
-    return (float(sel[0]), float(sel[-1]))
+    return (lo, hi)
 
 
 def spectra_matrix(spectra, E, caller):

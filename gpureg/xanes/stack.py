@@ -15,9 +15,9 @@ import numpy as np
 from ..core.backend import resolve_device, to_device, to_host, xp_of
 from .edge import edge_energy, edge_ranges
 from ..io.base import check_energies
-from .spectra import MIN_ENERGIES, auto_min_jump, fine_region
+from .spectra import MIN_ENERGIES, auto_min_jump
 
-__all__ = ["edge_energy_map"]
+__all__ = ["edge_energy_map", "stack_ranges"]
 
 _log = logging.getLogger("gpureg")
 
@@ -72,8 +72,8 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     if mask is not None:
         if tuple(mask.shape) != shape:
             raise ValueError(f"edge_energy_map: mask must have the volume shape {shape}, got {tuple(mask.shape)}")
-    rng = _stack_ranges(read, shape, E, pre, post)
-    kw.setdefault("e0", rng["e0"])
+    rng = stack_ranges(read, shape, E, pre, post, kw.get("e0"))
+    kw["e0"] = rng["e0"]
     out = None
     for z0 in range(0, shape[0], int(slab)):
         z1 = min(shape[0], z0 + int(slab))
@@ -131,12 +131,11 @@ class Reordered:
         return self.ds[int(self.order[i])]
 
 
-def _stack_ranges(read, shape, E, pre, post):
-    """Fit ranges for a whole stack: from the grid, or from the mean spectrum of <= 5 z-planes."""
-    if pre is not None and post is not None:
-        return edge_ranges(E, pre=pre, post=post)
-    if fine_region(E) is not None:
-        return edge_ranges(E, pre=pre, post=post)
+def stack_ranges(read, shape, E, pre=None, post=None, e0=None):
+    """Common E0 and fit ranges for a whole stack (:func:`edge_ranges`), E0 from the mean spectrum of <= 5
+    z-planes unless given."""
+    if e0 is not None:
+        return edge_ranges(E, pre=pre, post=post, e0=e0)
     planes = sorted({int(round(z)) for z in np.linspace(0, shape[0] - 1, min(shape[0], 5))})
     acc, count = np.zeros(E.size), 0
     for z in planes:
