@@ -75,7 +75,8 @@ class FitResult:
 
 def fit_references(spectra, energies, references, *, offset: bool = True, sum_to_one: bool = False,
                    nonneg: bool = True, mask=None, normalize: bool = True, use: str = "norm", fit_range=None,
-                   min_step: float | None = None, names=None, e0="mean", column=None) -> FitResult:
+                   min_step: float | None = None, names=None, e0="mean", column=None,
+                   fit: str = "spline") -> FitResult:
     """Fractions of reference compounds in every voxel (batched non-negative least squares).
 
     Parameters
@@ -123,6 +124,9 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
     column : str, optional
         Column to read from reference files (see
         :func:`~gpureg.xanes.references.load_references`).
+    fit : {"spline", "points"}
+        How the normalisation fits its lines (:func:`~gpureg.xanes.preedge.pre_edge`);
+        ``"points"`` with ``e0="each"`` is Larch's ``lincombo_fit`` exactly.
 
     Returns
     -------
@@ -133,10 +137,10 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
     xp, mu, vox = spectra_matrix(spectra, E, "fit_references")
     e0c = common_e0(xp, mu, E, e0, mask=mask, vox=vox) if normalize else None
     names_, A = prepare_references(references, E, normalize=normalize, use=use, names=names, e0=e0c,
-                                   column=column)
+                                   column=column, fit=fit)
     solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range)
     y, e0, step, valid = normalized_spectra(xp, mu, E, vox, normalize=normalize, use=use, mask=mask,
-                                            min_step=min_step, e0=e0c)
+                                            min_step=min_step, e0=e0c, fit=fit)
     x, resid, rfac = solver.solve(xp, y[:, valid] if not bool(valid.all()) else y)
     N = mu.shape[1]
     nan = xp.float32(np.nan)
@@ -179,7 +183,7 @@ def common_e0(xp, mu, E, e0, *, mask=None, vox=None):
 
 
 def prepare_references(references, energies, *, normalize: bool = True, use: str = "norm", names=None, e0=None,
-                       column=None):
+                       column=None, fit="spline"):
     """Reference names and their normalised spectra on ``energies``: (names, (n_energy, n_refs) float64).
 
     ``e0``: the common E0 (eV) to normalise with (None: each its own).
@@ -195,7 +199,7 @@ def prepare_references(references, energies, *, normalize: bool = True, use: str
     raw = reference_matrix(refs, E)
     if not normalize:
         return [r.name for r in refs], raw
-    pe = pre_edge(raw.astype(np.float32), E, flatten=(use == "flat"), e0=e0)
+    pe = pre_edge(raw.astype(np.float32), E, flatten=(use == "flat"), e0=e0, fit=fit)
     A = np.asarray(pe[use], dtype=np.float64)
     for k, r in enumerate(refs):
         if not np.isfinite(A[:, k]).all() or not pe["edge_step"][k] > 1e-6 * max(np.abs(raw[:, k]).max(), 1e-30):
@@ -204,7 +208,7 @@ def prepare_references(references, energies, *, normalize: bool = True, use: str
     return [r.name for r in refs], A
 
 
-def normalized_spectra(xp, mu, E, vox, *, normalize, use, mask, min_step, e0=None):
+def normalized_spectra(xp, mu, E, vox, *, normalize, use, mask, min_step, e0=None, fit="spline"):
     """(y (n, N) float32, e0 (N,), step (N,), valid (N,) bool) for the voxels to fit."""
     finite = xp.isfinite(mu).all(axis=0)
     user = None
@@ -216,7 +220,7 @@ def normalized_spectra(xp, mu, E, vox, *, normalize, use, mask, min_step, e0=Non
     sel = finite if user is None else finite & user
     nan = xp.float32(np.nan)
     if normalize:
-        pe = pre_edge(mu, E, flatten=(use == "flat"), mask=sel, e0=e0)
+        pe = pre_edge(mu, E, flatten=(use == "flat"), mask=sel, e0=e0, fit=fit)
         y, e0, step = pe[use], pe["e0"], pe["edge_step"]
     else:
         y = mu
