@@ -57,8 +57,8 @@ def main(argv=None):
             for filt in args.denoise if noise else [None]:
                 for mode in [("binarized", r) for r in args.ramps] + [("raw", None)]:
                     t0 = time.perf_counter()
-                    res = gpureg.register_affine(fixed, m, binarize=mode[0] == "binarized", ramp=mode[1] or 0.0,
-                                                 denoise=filt, device=args.device)
+                    prep = gpureg.Prep(binarize=mode[0] == "binarized", ramp=mode[1] or 0.0, denoise=filt)
+                    res = gpureg.register_affine(fixed, m, prep=prep, device=args.device)
                     err = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0]
                     name = mode[0] if mode[1] is None else f"binarized, ramp {mode[1]:g}"
                     record(f"random affine {n}^3, {name}, salt-and-pepper {100 * noise:g} %"
@@ -73,7 +73,7 @@ def main(argv=None):
             moving = gpureg.two_particle_phantom((size,) * 3, truth, edge_width=edge)
             for ramp in args.ramps:
                 t0 = time.perf_counter()
-                res = gpureg.register_affine(fixed, moving, binarize=True, ramp=ramp, device=args.device)
+                res = gpureg.register_affine(fixed, moving, prep=gpureg.Prep(ramp=ramp), device=args.device)
                 err = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0]
                 record(f"sub-voxel shift {size}^3, binarized, ramp {ramp:g}", err, time.perf_counter() - t0)
     results = [{"case": key, "size": int(key.split("^")[0].split()[-1]), "cases": len(v),

@@ -45,7 +45,7 @@ from common import save, synchronize
 from gpureg.core import transform as tf
 from gpureg.core.backend import to_device, to_host
 from gpureg.register.deformable import register_deformable_prepared
-from gpureg.register.prepare import prepare_volume
+from gpureg.register.prepare import Prep, prepare_volume
 from gpureg.synth.deform import SmoothWarp
 from gpureg.synth.phantom import two_particle_phantom
 
@@ -122,8 +122,9 @@ def main(argv=None):
     results = []
     for size in args.sizes:
         fixed, moving, points, truth, best = make_pair(size)
-        f = prepare_volume(fixed, "cpu")  # Gaussian sigma 1, the common input of both methods
-        m = prepare_volume(moving, "cpu")
+        grey = Prep(binarize=False)  # Gaussian sigma 1 only: the common input of both methods
+        f = prepare_volume(fixed, "cpu", grey)
+        m = prepare_volume(moving, "cpu", grey)
         floor = float(np.linalg.norm(points @ best[:3, :3].T + best[:3, 3] - truth, axis=1).mean())
         if args.device == "gpu":
             run_gpureg(f, m, args.spacing, "gpu")  # warm-up: kernel compilation

@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n = 48, N = 6")
     ap.add_argument("--no-sitk", action="store_true")
     ap.add_argument("--engines", nargs="+", choices=["numba", "numpy"], default=["numba"],
-                    help="CPU engines to run in turn on the same data (GPUREG_CPU_BACKEND)")
+                    help="CPU engines to run in turn on the same data (gpureg.config.cpu_backend)")
     args = ap.parse_args(argv)
     size, n_e = (48, 6) if args.quick else (args.size, args.energies)
     dev = resolve_device(args.device)
@@ -62,10 +62,10 @@ def main(argv=None):
         sim_s = time.perf_counter() - t0
         rows = []
         for i, engine in enumerate(args.engines):
-            os.environ["GPUREG_CPU_BACKEND"] = engine
             out = Path(tmp) / f"out-{engine}.h5"
             t0 = time.perf_counter()
-            res = run(raw, out, device=dev, report=False)
+            with gpureg.config(cpu_backend=engine):
+                res = run(raw, out, device=dev, report=False)
             wall = time.perf_counter() - t0
             stages = {k: float(v.sum()) for k, v in res.timings.items()}
             with h5py.File(out) as h5:
@@ -81,7 +81,6 @@ def main(argv=None):
                     row.update(_sitk_reference(h5, res, stages["register"]))
             print(row, flush=True)
             rows.append(row)
-        os.environ.pop("GPUREG_CPU_BACKEND", None)
     save("pipeline", dev, rows, extra={"quick": args.quick, "engines": args.engines,
                                        "load_average": round(os.getloadavg()[0], 2)})
 
@@ -95,9 +94,8 @@ def _sitk_reference(h5, res, register_s):
         return {}
     order = registration_order(res.energies, res.reference_index)[1:]
     i = order[len(order) // 2]
-    prep = {"binarize": True}
-    f = prepare_volume(h5["recon"][res.reference_index], "cpu", **prep)
-    m = prepare_volume(h5["recon"][i], "cpu", **prep)
+    f = prepare_volume(h5["recon"][res.reference_index], "cpu", gpureg.Prep())
+    m = prepare_volume(h5["recon"][i], "cpu", gpureg.Prep())
     _, seconds = register_sitk(f, m)
     ref_ms = seconds * 1e3 * len(order)
     return {"reference": "SimpleITK affine MSE, one energy x registered energies", "reference_ms": round(ref_ms, 1),

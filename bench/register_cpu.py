@@ -76,8 +76,9 @@ def make_pair(size, noise=0.0, binarize=True, device="cpu"):
     if noise:
         fixed, moving = salt_and_pepper(fixed, noise, seed=size + 1), salt_and_pepper(moving, noise, seed=size + 2)
     den = "impulse" if noise else None
-    f = prepare_volume(fixed, device, binarize=binarize, denoise=den)
-    m = prepare_volume(moving, device, binarize=binarize, denoise=den)
+    prep = gpureg.Prep(binarize=binarize, denoise=den)
+    f = prepare_volume(fixed, device, prep)
+    m = prepare_volume(moving, device, prep)
     return fixed, moving, f, m, labels > 0, truth, den
 
 
@@ -92,8 +93,8 @@ def numba_compile_seconds() -> dict:
     """First-call time of a small registration in a fresh process: empty numba cache, then warm cache."""
     code = ("import time, numpy as np, gpureg; from gpureg.register import register_affine; "
             "f = gpureg.two_particle_phantom((32,) * 3); t = time.perf_counter(); "
-            "register_affine(f, f, device='cpu', binarize=True, denoise='impulse'); "
-            "register_affine(f, f, device='cpu', binarize=False); print(time.perf_counter() - t)")
+            "register_affine(f, f, device='cpu', prep=gpureg.Prep(denoise='impulse')); "
+            "register_affine(f, f, device='cpu', prep=gpureg.Prep(binarize=False)); print(time.perf_counter() - t)")
     root = str(Path(__file__).resolve().parents[1])
     out = {}
     with tempfile.TemporaryDirectory() as cache:
@@ -121,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--no-peers", action="store_true", help="gpureg only")
     args = ap.parse_args(argv)
     sizes, rounds = ([64], 1) if args.quick else (args.sizes, args.rounds)
-    os.environ["GPUREG_THREADS"] = str(args.threads)
+    gpureg.config.set(threads=args.threads)
     from gpureg.validate.sitk import register_sitk, sitk_available
 
     compile_s = numba_compile_seconds()
@@ -150,7 +151,7 @@ def main(argv=None):
                 prep_times = []
 
                 def ours(fixed=fixed, moving=moving, binarize=binarize, den=den, prep_times=prep_times):
-                    result = register_affine(fixed, moving, device="cpu", binarize=binarize, denoise=den)
+                    result = register_affine(fixed, moving, device="cpu", prep=gpureg.Prep(binarize=binarize, denoise=den))
                     prep_times.append(result.prepare_seconds * 1e3)
                     return result.matrix
 

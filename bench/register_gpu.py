@@ -16,7 +16,7 @@ one run, on one device:
 - ``registration_ms``: :func:`gpureg.register_affine` on the prepared pair
   (median of ``--repeats`` >= 5 after a warm-up, synchronised; the
   Levenberg-Marquardt steps on the device), ``registration_host_solver_ms``
-  the same with the NumPy solver on the host (``GPUREG_GPU_SOLVER=host``), and
+  the same with the NumPy solver on the host (``solver="host"``), and
   ``registration_binarize_ms`` including Otsu + smoothing of both raw volumes;
 - ``error_vox``: mean displacement error over the particles' voxels;
 - SimpleITK (:func:`gpureg.validate.sitk.register_sitk`, all CPU cores) on
@@ -121,8 +121,8 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
     mask = labels > 0
     f_raw, m_raw = cp.asarray(fixed), cp.asarray(moving)
     del fixed, moving
-    f = prepare_volume(f_raw, "gpu", binarize=True)
-    m = prepare_volume(m_raw, "gpu", binarize=True)
+    f = prepare_volume(f_raw, "gpu", gpureg.Prep())
+    m = prepare_volume(m_raw, "gpu", gpureg.Prep())
 
     center = tf.grid_center(shape)
     pass_ms = event_ms(lambda: cuda.mse_terms_device(f, m, truth, center), repeats=n_pass)
@@ -134,12 +134,10 @@ def measure(size: int, *, repeats: int, n_pass: int, workers: int, sitk, sitk_re
 
     reg_ms, res = median_time(lambda: register_prepared(f, m), repeats=repeats, warmup=1,
                               device="gpu")
-    os.environ["GPUREG_GPU_SOLVER"] = "host"  # the NumPy solver on the host, for comparison
-    try:
-        host_ms, res_host = median_time(lambda: register_prepared(f, m), repeats=repeats, warmup=1, device="gpu")
-    finally:
-        del os.environ["GPUREG_GPU_SOLVER"]
-    bin_ms, res_b = median_time(lambda: gpureg.register_affine(f_raw, m_raw, binarize=True, device="gpu"),
+    # the NumPy solver on the host, for comparison
+    host_ms, res_host = median_time(lambda: register_prepared(f, m, solver="host"), repeats=repeats, warmup=1,
+                                    device="gpu")
+    bin_ms, res_b = median_time(lambda: gpureg.register_affine(f_raw, m_raw, prep=gpureg.Prep(), device="gpu"),
                                 repeats=repeats, warmup=1, device="gpu")
     err = gpureg.displacement_error(res.matrix, truth, mask=mask)[0]
     row = {

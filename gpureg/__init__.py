@@ -8,11 +8,20 @@ below (``core`` -> ``io``/``recon``/``register``/``xanes`` -> ``figures`` ->
 """
 
 from .core.backend import GPUUnavailableError, get_xp, gpu_available, to_device, to_host
+from .core.config import config
 from .core.metric import mse_terms
 from .core.segment import binarize, otsu_threshold, particle_labels
 from .core.terms import MetricTerms
-from .core.transform import (apply_affine, compose, displacement_error, invert, matrix_from_params,
-                             params_from_matrix, rotation_matrix, scale_matrix)
+from .core.transform import (
+                             apply_affine,
+                             compose,
+                             displacement_error,
+                             invert,
+                             matrix_from_params,
+                             params_from_matrix,
+                             rotation_matrix,
+                             scale_matrix,
+)
 from .core.version import __version__
 from .io.dataexchange import write_dataexchange
 from .io.readers import open_input
@@ -53,6 +62,7 @@ __all__ = [
     "apply_piecewise",
     "binarize",
     "compose",
+    "config",
     "detect_relative_motion",
     "displacement_error",
     "cluster_spectra",

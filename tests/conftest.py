@@ -1,9 +1,12 @@
 """Shared fixtures: backend-parametrized ``xp`` and the ``gpu`` marker."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from gpureg.core.backend import cupy_or_none
+from gpureg.core.config import config
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,3 +26,11 @@ def xp(request):
     if request.param == "numpy":
         return np
     return cupy_or_none()
+
+
+@pytest.fixture(autouse=True)
+def _config_restored():
+    """Every test starts from, and leaves, the process-wide ``gpureg.config`` it found (``--threads`` sets it)."""
+    saved = config.get()
+    yield
+    config.set(**dataclasses.asdict(saved))

@@ -42,6 +42,15 @@ RawOpt = flag(False, "--raw", help="Register grey levels instead of Otsu-binariz
 DenoiseOpt = typer.Option(None, "--denoise", help="Filter before binarizing/registering (impulse or median: salt-and-pepper).")
 SmoothOpt = typer.Option(1.0, "--smooth", help="Gaussian sigma (voxels) applied to both volumes before "
                                                "registering (0: none).")
+RampOpt = typer.Option(3.0, "--ramp", help="Width (voxels) of the partial-volume ramp across the Otsu surface of the "
+                                           "binarization (0: hard 0/1; ignored with --raw).")
+
+
+def cli_prep(*, raw: bool, denoise, smooth: float, ramp: float):
+    """The :class:`gpureg.Prep` of the shared options ``--raw``, ``--denoise``, ``--smooth``, ``--ramp``."""
+    from ..register.prepare import Prep
+
+    return Prep(binarize=not raw, denoise=denoise, smooth=smooth, ramp=ramp)
 ModelOpt = typer.Option(Model.affine, "--model", help="Registration model.")
 CenterOpt = typer.Option(None, "--center", metavar="<column|auto>", help="Rotation-axis detector column for FBP, or 'auto' (0/180-degree "
                                                 "correlation); default: the detector middle.")
@@ -94,13 +103,13 @@ def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress deta
           version: bool = typer.Option(False, "--version", help="Print the version and exit.", metavar="",
                                        callback=_version, is_eager=True),
           threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                                help="CPU threads of the compiled kernels (default: all cores; "
-                                                     "same as GPUREG_THREADS).")):
+                                                help="CPU threads of the compiled kernels (default: all cores, or "
+                                                     "GPUREG_THREADS).")):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if threads is not None:
-        import os
+        from ..core.config import config
 
-        os.environ["GPUREG_THREADS"] = str(threads)
+        config.set(threads=threads)
 
 
 INTERRUPTED = 130  # exit code after Ctrl-C (128 + SIGINT), as shells report it

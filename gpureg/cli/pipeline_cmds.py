@@ -10,7 +10,6 @@ import typer
 
 from ..io.results import DEFAULT_COMPRESSION
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions, parse_keep
-from ..register.prepare import Prep
 from .app import (
     CenterOpt,
     ClustersOpt,
@@ -19,11 +18,13 @@ from .app import (
     EdgeOpt,
     FilterOpt,
     ModelOpt,
+    RampOpt,
     RawOpt,
     ReferenceOpt,
     ReferencesOpt,
     SmoothOpt,
     app,
+    cli_prep,
     flag,
     friendly,
     split_references,
@@ -59,8 +60,8 @@ AllowFoldingOpt = flag(False, "--allow-folding", help="With --deformable: keep a
                                                       "determinant reaches 0 (folding) instead of stopping.")
 
 
-def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[Denoise], smooth: float, model: Model,
-                center: Optional[str], fbp_filter: FBPFilter, edge: EdgeMethod, no_report: bool = False,
+def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[Denoise], smooth: float, ramp: float,
+                model: Model, center: Optional[str], fbp_filter: FBPFilter, edge: EdgeMethod, no_report: bool = False,
                 per_particle: bool = False, scheduler: Optional[str] = None, references=None,
                 clusters: Optional[int] = None, skip_bad_energies: bool = False, keep: str = "recon,aligned",
                 no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
@@ -68,9 +69,9 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32") -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
-    return RunOptions(device=device, reference=reference, prep=Prep(binarize=not raw, denoise=denoise, smooth=smooth),
-                      model=model, center=center, filter=fbp_filter, edge=edge, per_particle=per_particle,
-                      report=not no_report, scheduler=scheduler, references=split_references(references),
+    prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
+    return RunOptions(device=device, reference=reference, prep=prep, model=model, center=center, filter=fbp_filter,
+                      edge=edge, per_particle=per_particle, report=not no_report, scheduler=scheduler, references=split_references(references),
                       clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
                       spacing=spacing, regularization=regularization, allow_folding=allow_folding,
                       align_projections=align_projections, compression=compression, store_dtype=store_dtype)
@@ -86,6 +87,7 @@ def run_cmd(
     raw: bool = RawOpt,
     denoise: Optional[Denoise] = DenoiseOpt,
     smooth: float = SmoothOpt,
+    ramp: float = RampOpt,
     model: Model = ModelOpt,
     center: Optional[str] = CenterOpt,
     fbp_filter: FBPFilter = FilterOpt,
@@ -110,7 +112,8 @@ def run_cmd(
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
 
-    options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
+    options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, ramp=ramp,
+                          model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report,
                           per_particle=per_particle, scheduler=scheduler, references=references,
                           clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep,
@@ -176,6 +179,7 @@ def watch_cmd(
     raw: bool = RawOpt,
     denoise: Optional[Denoise] = DenoiseOpt,
     smooth: float = SmoothOpt,
+    ramp: float = RampOpt,
     model: Model = ModelOpt,
     center: Optional[str] = CenterOpt,
     fbp_filter: FBPFilter = FilterOpt,
@@ -193,7 +197,8 @@ def watch_cmd(
     skipped with a warning and tried again."""
     from ..pipeline.watch import watch
 
-    options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, model=model,
+    options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, ramp=ramp,
+                          model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
                           no_keep=no_keep, align_projections=align_projections, compression=compression,
                           store_dtype=store_dtype)

@@ -18,10 +18,12 @@ from .app import (
     EdgeOpt,
     FilterOpt,
     ModelOpt,
+    RampOpt,
     RawOpt,
     ReferencesOpt,
     SmoothOpt,
     app,
+    cli_prep,
     flag,
     friendly,
     split_references,
@@ -41,6 +43,7 @@ def register(
     raw: bool = RawOpt,
     denoise: Optional[Denoise] = DenoiseOpt,
     smooth: float = SmoothOpt,
+    ramp: float = RampOpt,
     model: Model = ModelOpt,
     device: Device = DeviceOpt,
 ):
@@ -55,11 +58,11 @@ def register(
         check_file_target(check_suffix(aligned, (".npy",) + HDF5_SUFFIXES, "--aligned (the volume)"))
     f = load_volume(fixed, dataset, finite=True)
     m = load_volume(moving, dataset, finite=True)
-    res = register_affine(f, m, device=device.value, binarize=not raw, model=model.value,
-                          denoise=None if denoise is None else denoise.value, smooth=smooth)
+    prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
+    res = register_affine(f, m, prep=prep, device=device.value, model=model.value)
     meta = {"mse_before": res.mse_before, "mse_after": res.mse_after, "iterations": res.iterations,
             "seconds": res.seconds, "device": res.device, "fixed": str(fixed), "moving": str(moving),
-            "binarize": not raw}
+            "binarize": not raw, "prep": prep.to_dict()}
     save_matrix(output, res.matrix, attrs=meta if output.suffix == ".json" else {k: json.dumps(v) for k, v in meta.items()})
     if aligned is not None:
         save_volume(aligned, apply_affine(m, res.matrix, device=device.value), dataset="aligned")

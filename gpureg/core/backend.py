@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import numpy as np
 
-__all__ = ["array_device", "cpu_engine", "CPU_ENGINES", "cupy_or_none", "cupy_probe", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
+from .config import config
+
+__all__ = ["array_device", "cpu_engine", "cupy_or_none", "cupy_probe", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
 
 DEVICES = ("auto", "cpu", "gpu")
-
-CPU_ENGINES = ("numba", "numpy")
 
 
 _log = logging.getLogger("gpureg")
@@ -29,8 +28,8 @@ class GPUUnavailableError(RuntimeError):
 def cupy_or_none():
     """Return the ``cupy`` module when it imports and sees a device, else ``None``.
 
-    Setting the environment variable ``GPUREG_DISABLE_GPU=1`` hides the GPU
-    (useful to force the CPU path in tests and benchmarks).
+    ``gpureg.config.disable_gpu`` (environment: ``GPUREG_DISABLE_GPU=1``) hides
+    the GPU (useful to force the CPU path in tests and benchmarks).
     """
     return cupy_probe()[0]
 
@@ -38,9 +37,12 @@ def cupy_or_none():
 def cupy_probe() -> tuple:
     """``(cupy module, "")`` when CuPy imports and sees a CUDA device, else ``(None, reason)``.
 
-    Probed once per process (``GPUREG_DISABLE_GPU=1`` hides the GPU). ASTRA's
-    CUDA support is probed separately, by :func:`gpureg.recon.fbp.astra_cuda_probe`.
+    CuPy and the device are probed once per process; ``gpureg.config.disable_gpu``
+    hides the GPU (checked at every call). ASTRA's CUDA support is probed
+    separately, by :func:`gpureg.recon.fbp.astra_cuda_probe`.
     """
+    if config.disable_gpu:
+        return None, "GPU use is disabled (gpureg.config.disable_gpu; GPUREG_DISABLE_GPU)"
     return _cupy_probe()
 
 
@@ -148,14 +150,13 @@ def to_host(array):
 def cpu_engine() -> str:
     """Implementation of the CPU kernels: ``"numba"`` (compiled, multithreaded) or ``"numpy"``.
 
-    ``"numba"`` unless the environment variable ``GPUREG_CPU_BACKEND=numpy``
-    selects the pure NumPy/SciPy reference (readable, single-threaded, what
-    the tests compare the compiled kernels against), or numba is not installed
-    (then NumPy, logged once). Read at every call, so it can be switched at run time.
+    ``gpureg.config.cpu_backend`` (environment: ``GPUREG_CPU_BACKEND``):
+    ``"numba"`` unless ``"numpy"`` selects the pure NumPy/SciPy reference
+    (readable, single-threaded, what the tests compare the compiled kernels
+    against), or numba is not installed (then NumPy, logged once). Read at
+    every call, so ``with gpureg.config(cpu_backend="numpy")`` switches it.
     """
-    name = os.environ.get("GPUREG_CPU_BACKEND", "").strip().lower() or "numba"
-    if name not in CPU_ENGINES:
-        raise ValueError(f"GPUREG_CPU_BACKEND must be one of {CPU_ENGINES}, got {name!r}")
+    name = config.cpu_backend
     if name == "numba" and not _numba_installed():
         _note_once("gpureg: numba is not installed; the CPU runs the NumPy reference kernels (slower)")
         return "numpy"
@@ -171,8 +172,6 @@ def _numba_installed() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _cupy_probe():
-    if os.environ.get("GPUREG_DISABLE_GPU", "") not in ("", "0"):
-        return None, "GPUREG_DISABLE_GPU is set"
     try:
         import cupy as cp
     except Exception as exc:  # ImportError, or a broken CUDA install

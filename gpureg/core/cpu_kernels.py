@@ -15,8 +15,8 @@ thread count.
 numba is imported here only; :mod:`gpureg.core.metric` and friends import
 this module lazily, when the compiled CPU engine is selected
 (:func:`gpureg.core.backend.cpu_engine`). Functions are compiled on first
-use and cached on disk (``cache=True``). Threads: :func:`set_threads` or
-``GPUREG_THREADS`` (default: all cores).
+use and cached on disk (``cache=True``). Threads: ``gpureg.config.threads``
+(environment ``GPUREG_THREADS``; default: all cores).
 
 **Threads.** Every kernel is a serial numba function over a range of z planes
 (``nogil=True``), and :func:`run_planes` runs ranges of planes on a pool of
@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba as nb
 import numpy as np
 
+from .config import config
 from .cuda import N_MONOMIALS, N_TERMS, affine_args, unpack_terms
 from .terms import MetricTerms
 
@@ -53,30 +54,22 @@ SMALL_VOLUME = 1 << 16
 
 
 def threads() -> int:
-    """Thread count the kernels use: ``GPUREG_THREADS`` if set, else all cores (numba's maximum)."""
-    env = os.environ.get("GPUREG_THREADS", "").strip()
-    n = nb.config.NUMBA_NUM_THREADS
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"GPUREG_THREADS must be a positive integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"GPUREG_THREADS must be a positive integer, got {env!r}")
-    return max(1, min(n, nb.config.NUMBA_NUM_THREADS))
+    """Thread count the kernels use: ``gpureg.config.threads`` (environment: ``GPUREG_THREADS``), else all cores.
+
+    At most numba's maximum (``NUMBA_NUM_THREADS``, the number of cores).
+    """
+    n = config.threads
+    return max(1, min(nb.config.NUMBA_NUM_THREADS if n is None else n, nb.config.NUMBA_NUM_THREADS))
 
 
 def set_threads(n: int | None) -> int:
-    """Set the kernels' thread count (``None``: all cores); returns the count in effect.
+    """Set the kernels' thread count for the whole process (``None``: all cores); returns the count in effect.
 
-    Stored in ``GPUREG_THREADS`` so that worker threads and later calls see it.
+    Same as ``gpureg.config.set(threads=n)``; ``with gpureg.config(threads=n):`` sets it for a block.
     """
-    if n is None:
-        os.environ.pop("GPUREG_THREADS", None)
-    else:
-        if int(n) < 1:
-            raise ValueError(f"threads must be >= 1, got {n}")
-        os.environ["GPUREG_THREADS"] = str(int(n))
+    if n is not None and (isinstance(n, bool) or int(n) != n or int(n) < 1):
+        raise ValueError(f"threads must be >= 1, got {n}")
+    config.set(threads=None if n is None else int(n))
     return threads()
 
 
@@ -92,17 +85,29 @@ def run_planes(kernel, n_planes: int, *args, n_voxels: int) -> None:
     and writes per-plane outputs; the planes are cut into ``4 x threads`` ranges
     (uneven work per plane, e.g. empty space, balances out) taken by a pool of
     threads. Exceptions of a range are raised here.
+
+    Re-entrant: called from one of the pool's own threads (a kernel range that
+    runs another kernel), it runs ``kernel`` over all planes on that thread
+    instead of waiting on a pool whose threads all wait, which would deadlock.
     """
     n = min(use_threads(n_voxels), n_planes)
-    if n <= 1:
+    if n <= 1 or getattr(_IN_POOL, "active", False):
         kernel(*args, 0, n_planes)
         return
     parts = min(n_planes, 4 * n)
     bounds = [n_planes * k // parts for k in range(parts + 1)]
     pool = _pool(n)
-    jobs = [pool.submit(kernel, *args, a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    jobs = [pool.submit(_in_pool, kernel, *args, a, b) for a, b in itertools.pairwise(bounds) if b > a]
     for job in jobs:
         job.result()
+
+
+_IN_POOL = threading.local()  # .active: this thread is one of the pools' workers
+
+
+def _in_pool(kernel, *args):
+    _IN_POOL.active = True
+    kernel(*args)
 
 
 # One pool per thread count, kept for the process (a caller that changes the count while
@@ -118,8 +123,16 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOLS[n]
 
 
-if hasattr(os, "register_at_fork"):  # a forked child has the pool objects but not their threads
-    os.register_at_fork(after_in_child=_POOLS.clear)
+def _after_fork_in_child() -> None:
+    """A forked child has the pool objects but not their threads, and the lock in whatever state
+    another thread of the parent left it (held: the child's first :func:`_pool` would wait forever)."""
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def mse_terms(fixed, moving, matrix, center, mask=None, hessian: bool = True, support=None) -> MetricTerms:
@@ -352,13 +365,13 @@ def _resample(vol, aff, cval, out, z0, z1):
 def _support(v, out, z0, z1):
     nz, ny, nx = v.shape
     for z in range(z0, z1):
-        z1 = min(z + 1, nz - 1)
+        zn = min(z + 1, nz - 1)  # the next plane (not z1: that is the range's end)
         for y in range(ny):
-            y1 = min(y + 1, ny - 1)
+            yn = min(y + 1, ny - 1)
             for x in range(nx):
-                x1 = min(x + 1, nx - 1)
-                out[z, y, x] = (v[z, y, x] != 0 or v[z, y, x1] != 0 or v[z, y1, x] != 0 or v[z, y1, x1] != 0
-                                or v[z1, y, x] != 0 or v[z1, y, x1] != 0 or v[z1, y1, x] != 0 or v[z1, y1, x1] != 0)
+                xn = min(x + 1, nx - 1)
+                out[z, y, x] = (v[z, y, x] != 0 or v[z, y, xn] != 0 or v[z, yn, x] != 0 or v[z, yn, xn] != 0
+                                or v[zn, y, x] != 0 or v[zn, y, xn] != 0 or v[zn, yn, x] != 0 or v[zn, yn, xn] != 0)
 
 
 @nb.njit(nogil=True, cache=True)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .config import submit
 from .cuda_loader import require_cupy
 
 __all__ = ["HostToDevicePrefetcher"]
@@ -62,7 +63,7 @@ class HostToDevicePrefetcher:
                 out = self._cp.empty(shape, dtype=self._cp.float32)
                 ready = self._cp.cuda.Event(disable_timing=True)
                 ready.record()  # on the current (consuming) stream of the calling thread
-        self._pending[index] = self._pool.submit(self._load, index, out, ready)
+        self._pending[index] = submit(self._pool, self._load, index, out, ready)  # in the caller's gpureg.config
 
     def take(self, index: int):
         """``volumes[index]`` on the device (float32 CuPy array), waiting for its copy.

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from ..core.config import config
 from ..io.files import BadEnergyError
 from .steps import Loader, handle_bad_energy, notify
 
@@ -53,8 +54,9 @@ def register_energies_dask(scheduler: str, store, input_path, reference, options
     try:
         fixed = client.scatter(to_host(reference.volume), broadcast=True)
         pending = [i for i in range(len(store.energies)) if not store.done[i]]
-        futures = [client.submit(register_one, str(input_path), i, fixed, reference.prep, options, devices, pure=False)
-                   for i in pending]
+        settings = config.get()  # the workers run under the client's gpureg.config
+        futures = [client.submit(register_one, str(input_path), i, fixed, reference.prep, options, devices, settings,
+                                 pure=False) for i in pending]
         for fut in as_completed(futures):
             try:
                 i, vol, aligned, res, timings = fut.result()
@@ -67,11 +69,18 @@ def register_energies_dask(scheduler: str, store, input_path, reference, options
         client.close()
 
 
-def register_one(path, i, fixed_prepared, prep, options, devices):
+def register_one(path, i, fixed_prepared, prep, options, devices, settings=None):
     """Worker task: reconstruct energy ``i`` of ``path``, register it to the prepared reference, resample it.
 
+    ``settings`` (:class:`gpureg.core.config.Settings`, the client's) is the
+    ``gpureg.config`` the task runs under (default: the worker's own).
     Returns ``(i, volume, aligned, RegistrationResult, timings)`` (host arrays).
     """
+    with config(settings):
+        return _register_one(path, i, fixed_prepared, prep, options, devices)
+
+
+def _register_one(path, i, fixed_prepared, prep, options, devices):
     from ..core.backend import to_device, to_host
     from ..core.transform import apply_affine
     from ..io.readers import open_input

@@ -17,11 +17,17 @@ import dataclasses
 import enum
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
+from ..core.backend import DEVICES
+from ..core.segment import DENOISE
 from ..io.results import DEFAULT_COMPRESSION, parse_compression
 from ..io.results.nexus import stack_dtype
-from ..register.prepare import Prep
+from ..recon.fbp import FILTERS
+from ..register.affine import MODELS
+from ..register.prepare import PREP_KEYWORDS, Prep
+from ..xanes.edge import METHODS as EDGE_METHODS
 
 __all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "KEEPABLE", "Model", "parse_center", "parse_keep",
            "resolve_devices", "RunOptions"]
@@ -29,47 +35,24 @@ __all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "KEEPABLE"
 KEEPABLE = ("recon", "aligned")
 
 
-class Device(str, enum.Enum):
-    """Where to compute: ``auto`` (GPU when usable, else CPU, logged), ``cpu`` or ``gpu`` (an error without one)."""
-
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-
-
-class Model(str, enum.Enum):
-    """Registration model."""
-
-    affine = "affine"
-    translation = "translation"
+def _choices(name: str, values, doc: str) -> type[enum.Enum]:
+    """A ``str`` :class:`enum.Enum` whose values are ``values`` (the one definition, in the layer that uses them);
+    member names are the values with ``-`` as ``_`` (``FBPFilter.ram_lak.value == "ram-lak"``); ``None`` is left out."""
+    members = [(v.replace("-", "_"), v) for v in values if v is not None]
+    cls = enum.Enum(name, members, type=str, module=__name__, qualname=name)
+    cls.__doc__ = doc
+    return cls
 
 
-class Denoise(str, enum.Enum):
-    """Filter before binarizing/registering: 3-voxel median (salt-and-pepper noise), impulse (only the
-    saturated salt-and-pepper voxels replaced; faster and unbiased) or Gaussian (sigma 1)."""
-
-    median = "median"
-    gaussian = "gaussian"
-    impulse = "impulse"
-
-
-class EdgeMethod(str, enum.Enum):
-    """Edge-energy definition: 0.5 crossing of the normalised spectrum, max of dmu/dE, or both."""
-
-    half = "half"
-    derivative = "derivative"
-    both = "both"
-
-
-class FBPFilter(str, enum.Enum):
-    """FBP filter (:data:`gpureg.recon.FILTERS`)."""
-
-    ram_lak = "ram-lak"
-    shepp_logan = "shepp-logan"
-    cosine = "cosine"
-    hamming = "hamming"
-    hann = "hann"
-    none = "none"
+Device = _choices("Device", DEVICES, "Where to compute: ``auto`` (GPU when usable, else CPU, logged), ``cpu`` or "
+                                     "``gpu`` (an error without one) (:data:`gpureg.core.backend.DEVICES`).")
+Model = _choices("Model", MODELS, "Registration model (:data:`gpureg.register.affine.MODELS`).")
+Denoise = _choices("Denoise", DENOISE, "Filter before binarizing/registering: 3-voxel median (salt-and-pepper noise), "
+                                       "impulse (only the saturated salt-and-pepper voxels replaced; faster and "
+                                       "unbiased) or Gaussian (sigma 1) (:data:`gpureg.core.segment.DENOISE`).")
+EdgeMethod = _choices("EdgeMethod", EDGE_METHODS, "Edge-energy definition: 0.5 crossing of the normalised spectrum, "
+                                                  "max of dmu/dE, or both (:data:`gpureg.xanes.edge.METHODS`).")
+FBPFilter = _choices("FBPFilter", FILTERS, "FBP filter (:data:`gpureg.recon.fbp.FILTERS`).")
 
 
 @dataclass(frozen=True)
@@ -236,9 +219,14 @@ class RunOptions:
             raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 
     def replace(self, **changes) -> RunOptions:
-        """A copy with some settings changed (``prep`` settings may be given by name: ``binarize=False``)."""
-        prep = {k: changes.pop(k) for k in ("binarize", "denoise", "smooth", "ramp") if k in changes}
+        """A copy with some settings changed (``opts.replace(prep=Prep(binarize=False))``).
+
+        ``binarize=``, ``denoise=``, ``smooth=``, ``ramp=`` (deprecated) change those of ``prep``.
+        """
+        prep = {k: changes.pop(k) for k in PREP_KEYWORDS if k in changes}
         if prep:
+            warnings.warn(f"RunOptions.replace: {', '.join(prep)} are deprecated; pass prep=dataclasses.replace("
+                          f"options.prep, ...) instead", DeprecationWarning, stacklevel=2)
             changes["prep"] = dataclasses.replace(changes.get("prep", self.prep), **prep)
         return dataclasses.replace(self, **changes)
 

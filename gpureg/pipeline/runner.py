@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backend import to_host
+from ..core.config import submit
 from ..core.transform import apply_affine
 from ..core.version import __version__
 from ..io.files import BadEnergyError, InputError
@@ -71,7 +72,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
         ``resolve_devices(options.device)``.
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given:
-        ``device``, ``reference``, ``binarize``, ``denoise``, ``smooth``, ``model``,
+        ``device``, ``reference``, ``prep``, ``model``,
         ``center``, ``filter``, ``edge``, ``per_particle``, ``deformable``, ``spacing``, ``regularization``,
         ``allow_folding``, ``report``, ``scheduler``, ``references``, ``clusters``.
 
@@ -227,10 +228,11 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
         notify(progress, store, i, *t["mse"], t["seconds"], {**t["stages"], "write": seconds})
 
     with cf.ThreadPoolExecutor(max_workers=1) as pool, BackgroundWriter(store, after=written) as writer:
-        nxt = pool.submit(loader, pending[0]) if pending else None
+        # the loader thread runs in the caller's gpureg.config context (contextvars are not inherited by threads)
+        nxt = submit(pool, loader, pending[0]) if pending else None
         for k, i in enumerate(pending):
             fut = nxt
-            nxt = pool.submit(loader, pending[k + 1]) if k + 1 < len(pending) else None
+            nxt = submit(pool, loader, pending[k + 1]) if k + 1 < len(pending) else None
             try:
                 vol, t_load = fut.result()
             except BadEnergyError as exc:

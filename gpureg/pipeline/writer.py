@@ -11,6 +11,7 @@ a synchronous run would see.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -40,7 +41,9 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="gpureg-writer", daemon=True)
+        # in the caller's gpureg.config context (a thread does not inherit contextvars)
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                        name="gpureg-writer", daemon=True)
         self._thread.start()
 
     def submit(self, i, recon, aligned, matrix, before, after, timings) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from ..core.backend import (
     cupy_or_none,
     to_host,
 )
+from ..core.config import config
 from .flatfield import energy_problem, normalize
 from .project import Astra, estimate_center, set_astra_gpu
 
@@ -214,7 +214,7 @@ def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram
 
 
 def astra_cuda_available() -> bool:
-    """True when ASTRA was built with CUDA and sees a GPU (``GPUREG_DISABLE_GPU`` hides it)."""
+    """True when ASTRA was built with CUDA and sees a GPU (``gpureg.config.disable_gpu`` hides it)."""
     return astra_cuda_probe()[0]
 
 
@@ -223,7 +223,10 @@ def astra_cuda_probe() -> tuple:
 
     Probed once per process, independently of CuPy (:func:`gpureg.core.backend.cupy_probe`):
     CuPy may be usable while the installed ASTRA has no CUDA, and the other way round.
+    ``gpureg.config.disable_gpu`` hides the GPU (checked at every call).
     """
+    if config.disable_gpu:
+        return False, "GPU use is disabled (gpureg.config.disable_gpu; GPUREG_DISABLE_GPU)"
     return _astra_cuda_probe()
 
 
@@ -375,8 +378,6 @@ def _cuda_calibration():
 
 @functools.lru_cache(maxsize=1)
 def _astra_cuda_probe():
-    if os.environ.get("GPUREG_DISABLE_GPU", "") not in ("", "0"):
-        return False, "GPUREG_DISABLE_GPU is set"
     try:
         import astra
     except Exception as exc:  # noqa: BLE001 - missing or broken install

@@ -10,7 +10,6 @@ the host on the 1 + 1 + 12 + 78 reduced numbers.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,9 +21,10 @@ from ..core.backend import (
     resolve_device,
     to_device,
 )
+from ..core.config import SOLVERS, config
 from ..core.metric import cell_support, mse_terms
 from ..core.solver import levenberg_marquardt
-from .prepare import Prep, center_of_mass_init, level_to_fine, prepare_volume, pyramid
+from .prepare import Prep, center_of_mass_init, level_to_fine, prep_from, prepare_volume, pyramid
 
 __all__ = ["MODELS", "register_affine", "register_prepared", "RegistrationResult"]
 
@@ -68,10 +68,9 @@ class RegistrationResult:
     prepare_seconds: float = 0.0
 
 
-def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = False, init=None, mask=None,
-                    model: str = "affine", denoise: str | None = None, smooth: float = 1.0, ramp: float = 3.0,
-                    min_size: int = 24,
-                    max_iter: int = 60, tol: float = 1e-3) -> RegistrationResult:
+def register_affine(fixed, moving, *, prep: Prep | None = None, device: str = "auto", init=None, mask=None,
+                    model: str = "affine", min_size: int = 24, max_iter: int = 60, tol: float = 1e-3,
+                    solver: str | None = None, **deprecated) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a 12-parameter affine minimising MSE.
 
     Parameters
@@ -79,38 +78,19 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
     fixed, moving : (Z, Y, X) ndarray
         Reference and moving volumes of the same shape (NumPy or CuPy; any real
         dtype, converted to float32). NaN/inf and constant volumes are errors.
+    prep : Prep, optional
+        How both volumes are prepared (:class:`gpureg.Prep`): default ``Prep()``,
+        Otsu-binarized (the reference method) with a partial-volume ramp of 3
+        voxels, then smoothed (sigma 1 voxel); ``Prep(binarize=False)`` registers
+        grey levels. Its ``denoise``, ``smooth`` and ``ramp`` are explained below.
     device : {"auto", "cpu", "gpu"}
         Where to compute; CuPy inputs always run on the GPU.
-    binarize : bool
-        Register Otsu-binarized copies (the reference method) instead of the
-        grey levels; the binarization keeps a partial-volume ramp of ``ramp``
-        voxels across the threshold surface (see ``ramp``).
     init : (4, 4) array_like, optional
         Starting ``moving_from_reference``; default: centre-of-mass translation.
     mask : (Z, Y, X) ndarray of bool, optional
         Restrict the metric to these reference voxels.
     model : {"affine", "translation"}
         Free parameters: all 12, or the 3 shifts only.
-    denoise : {None, "impulse", "median", "gaussian"}
-        Filter both volumes first (before binarization when that is asked).
-        For salt-and-pepper noise ``"impulse"`` (only the saturated voxels
-        replaced: unbiased, measured 0.09 -> 0.04 voxel at 10 % binarized)
-        rather than ``"median"`` (erodes the particles the more the noisier).
-    smooth : float
-        Gaussian sigma (voxels) applied to both volumes (after binarization)
-        before registering; 0 = off. The MSE of two binary volumes is nearly
-        piecewise constant in sub-voxel motion, and with trilinear interpolation
-        the MSE of sharp grey volumes is biased toward grid-aligned transforms
-        (the "grid effect"); sigma = 1 removes both (test phantom: binarized
-        0.24 -> 0.04 voxel, grey near-identity motion 0.25 -> 0.03 voxel).
-    ramp : float
-        With ``binarize``: width (voxels) of the partial-volume ramp across the
-        Otsu surface (:func:`gpureg.core.segment.partial_volume`, the clipped
-        signed distance to the surface, contrast-invariant like the hard
-        binarization); 0 = hard 0/1. Smoothing alone cannot undo the grid
-        quantisation of a hard binarization: measured at 64^3 (CPU,
-        tests/register/test_accuracy.py, bench/accuracy.py), pure sub-voxel
-        shifts 0.22 -> 0.04 voxel, random affines 0.08 -> 0.03 voxel noise-free.
     min_size : int
         The pyramid halves the grid while the smallest axis stays >= this.
     max_iter : int
@@ -118,39 +98,72 @@ def register_affine(fixed, moving, *, device: str = "auto", binarize: bool = Fal
     tol : float
         Stop a level when a step moves no voxel of the grid by more than this
         many voxels (of that level).
+    solver : {"device", "host"}, optional
+        On the GPU: Levenberg-Marquardt steps on the device, or the NumPy solver
+        on the host (for comparisons); default ``gpureg.config.solver``. The
+        CPU always solves on the host.
+    **deprecated
+        ``binarize``, ``denoise``, ``smooth``, ``ramp``: the old spelling of
+        ``prep`` (they build the :class:`Prep`, with a :class:`DeprecationWarning`).
 
     Returns
     -------
     RegistrationResult
         ``apply_affine(moving, result.matrix)`` lies on the grid of ``fixed``.
+
+    Notes
+    -----
+    ``prep.denoise``: filter both volumes first (before binarization when that is asked).
+    For salt-and-pepper noise ``"impulse"`` (only the saturated voxels
+    replaced: unbiased, measured 0.09 -> 0.04 voxel at 10 % binarized)
+    rather than ``"median"`` (erodes the particles the more the noisier).
+
+    ``prep.smooth``: Gaussian sigma (voxels) applied to both volumes (after binarization)
+    before registering; 0 = off. The MSE of two binary volumes is nearly
+    piecewise constant in sub-voxel motion, and with trilinear interpolation
+    the MSE of sharp grey volumes is biased toward grid-aligned transforms
+    (the "grid effect"); sigma = 1 removes both (test phantom: binarized
+    0.24 -> 0.04 voxel, grey near-identity motion 0.25 -> 0.03 voxel).
+
+    ``prep.ramp``: with ``binarize``, width (voxels) of the partial-volume ramp across the
+    Otsu surface (:func:`gpureg.core.segment.partial_volume`, the clipped
+    signed distance to the surface, contrast-invariant like the hard
+    binarization); 0 = hard 0/1. Smoothing alone cannot undo the grid
+    quantisation of a hard binarization: measured at 64^3 (CPU,
+    tests/register/test_accuracy.py, bench/accuracy.py), pure sub-voxel
+    shifts 0.22 -> 0.04 voxel, random affines 0.08 -> 0.03 voxel noise-free.
     """
     t0 = time.perf_counter()
+    prep = prep_from(prep, deprecated, "register_affine")
     dev = "gpu" if array_device(fixed) == "gpu" else resolve_device(device)
-    prep = Prep(binarize=binarize, denoise=denoise, smooth=smooth, ramp=ramp)
     f = prepare_volume(fixed, dev, prep, name="fixed")
     m = prepare_volume(moving, dev, prep, name="moving")
     prepared = time.perf_counter()
     result = register_prepared(f, m, init=init, mask=mask, model=model, min_size=min_size, max_iter=max_iter, tol=tol,
-                               t0=t0)
+                               solver=solver)
     result.prepare_seconds = prepared - t0
+    result.seconds = time.perf_counter() - t0  # preparation included
     return result
 
 
 def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affine", min_size: int = 24,
-                      max_iter: int = 60, tol: float = 1e-3, t0: float | None = None) -> RegistrationResult:
+                      max_iter: int = 60, tol: float = 1e-3, solver: str | None = None) -> RegistrationResult:
     """Register volumes already made by :func:`prepare_volume` (no further filtering).
 
     Series, the pipeline and watch mode prepare the reference once and call
     this for every energy. Parameters as in :func:`register_affine`; the
     device is that of ``fixed`` (NumPy or CuPy float32 arrays). On the GPU the
     Levenberg-Marquardt steps run on the device
-    (:func:`gpureg.core.cuda_solver.levenberg_marquardt_device`); the
-    environment variable ``GPUREG_GPU_SOLVER=host`` selects the NumPy solver
-    on the host instead (for comparisons).
+    (:func:`gpureg.core.cuda_solver.levenberg_marquardt_device`) unless
+    ``solver="host"`` (default: ``gpureg.config.solver``) selects the NumPy
+    solver on the host (for comparisons).
     """
-    t0 = time.perf_counter() if t0 is None else t0
+    t0 = time.perf_counter()
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    solver = config.solver if solver is None else solver
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     f, m = fixed, moving
     dev = array_device(f)
     if f.shape != m.shape:
@@ -176,7 +189,7 @@ def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affi
             seen[np.asarray(p, dtype=np.float64).tobytes()] = out
             return out
 
-        if dev == "gpu" and os.environ.get("GPUREG_GPU_SOLVER", "device") != "host":
+        if dev == "gpu" and solver == "device":
             # The solver's state stays on the GPU; the host reads its status every 8 passes.
             from ..core.cuda_solver import levenberg_marquardt_device
 

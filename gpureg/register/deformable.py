@@ -38,7 +38,7 @@ from ..core.backend import (
 from . import bspline
 from .affine import RegistrationResult, register_prepared
 from .ffd_level import LevelObjective
-from .prepare import prepare_volume, pyramid
+from .prepare import Prep, prep_from, prepare_volume, pyramid
 
 __all__ = [
     "DeformableResult",
@@ -96,16 +96,18 @@ class DeformableResult:
     affine: RegistrationResult | None = None
 
 
-def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, levels: int = 3,
-                        regularization: float = 2.0, device: str = "auto", binarize: bool = False,
-                        denoise: str | None = None, smooth: float = 1.0, mask=None, max_iter: int = 40,
-                        tol: float = 1e-6, min_size: int = 16) -> DeformableResult:
+def register_deformable(fixed, moving, *, prep: Prep | None = None, init=None, spacing: float = 8.0,
+                        levels: int = 3, regularization: float = 2.0, device: str = "auto", mask=None,
+                        max_iter: int = 40, tol: float = 1e-6, min_size: int = 16, **deprecated) -> DeformableResult:
     """Register ``moving`` to ``fixed``: an affine, then a cubic B-spline free-form deformation.
 
     Parameters
     ----------
     fixed, moving : (Z, Y, X) ndarray
         Reference and moving volumes of the same shape (NumPy or CuPy).
+    prep : Prep, optional
+        How both volumes are prepared, as in :func:`gpureg.register_affine`
+        (default ``Prep()``: binarized with a ramp, smoothed; ``Prep(binarize=False)``: grey levels).
     init : (4, 4) array_like or RegistrationResult, optional
         The affine ``moving_from_reference`` to refine; default: run
         :func:`gpureg.register_affine` on the same prepared volumes first.
@@ -119,8 +121,8 @@ def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, level
         Weight of the bending energy (mean squared second derivative of the
         displacement, 1/voxel^2) against MSE / var(reference); >= 0. On the
         64^3 test case (40 iterations): 0.5 -> 0.158, 2 -> 0.139, 5 -> 0.152 voxel.
-    device, binarize, denoise, smooth
-        As in :func:`gpureg.register_affine` (the same preparation).
+    device : {"auto", "cpu", "gpu"}
+        As in :func:`gpureg.register_affine`.
     mask : (Z, Y, X) ndarray of bool, optional
         Reference voxels that count in the metric.
     max_iter : int
@@ -131,6 +133,9 @@ def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, level
         than this fraction of its value at the grid's start.
     min_size : int
         Smallest pyramid axis used for the coarse grids.
+    **deprecated
+        ``binarize``, ``denoise``, ``smooth``, ``ramp``: the old spelling of
+        ``prep`` (they build the :class:`Prep`, with a :class:`DeprecationWarning`).
 
     Returns
     -------
@@ -138,21 +143,23 @@ def register_deformable(fixed, moving, *, init=None, spacing: float = 8.0, level
         ``apply_deformation(moving, result)`` lies on the grid of ``fixed``.
     """
     t0 = time.perf_counter()
+    prep = prep_from(prep, deprecated, "register_deformable")
     _check_options(getattr(fixed, "shape", ()), spacing, levels, regularization)
     dev = "gpu" if array_device(fixed) == "gpu" else resolve_device(device)
-    f = prepare_volume(fixed, dev, name="fixed", binarize=binarize, denoise=denoise, smooth=smooth)
-    m = prepare_volume(moving, dev, name="moving", binarize=binarize, denoise=denoise, smooth=smooth)
-    return register_deformable_prepared(f, m, init=init, spacing=spacing, levels=levels,
-                                        regularization=regularization, mask=mask, max_iter=max_iter, tol=tol,
-                                        min_size=min_size, t0=t0)
+    f = prepare_volume(fixed, dev, prep, name="fixed")
+    m = prepare_volume(moving, dev, prep, name="moving")
+    result = register_deformable_prepared(f, m, init=init, spacing=spacing, levels=levels,
+                                          regularization=regularization, mask=mask, max_iter=max_iter, tol=tol,
+                                          min_size=min_size)
+    result.seconds = time.perf_counter() - t0  # preparation included
+    return result
 
 
 def register_deformable_prepared(fixed, moving, *, init=None, spacing: float = 8.0, levels: int = 3,
                                  regularization: float = 2.0, mask=None, max_iter: int = 40, tol: float = 1e-6,
-                                 min_size: int = 16,
-                                 t0: float | None = None) -> DeformableResult:
+                                 min_size: int = 16) -> DeformableResult:
     """:func:`register_deformable` on volumes already made by :func:`prepare_volume` (same device)."""
-    t0 = time.perf_counter() if t0 is None else t0
+    t0 = time.perf_counter()
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed and moving must have the same shape, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
     shape = tuple(int(n) for n in fixed.shape)

@@ -9,12 +9,13 @@ import numpy as np
 from ..core.backend import to_host
 from .affine import RegistrationResult
 from .particles import register_particles
+from .prepare import PREP_KEYWORDS, Prep, prep_from
 from .residuals import ResidualReport, is_suspect, warn_relative
 
 __all__ = ["detect_relative_motion"]
 
 
-def detect_relative_motion(fixed, moving, matrix, labels=None, *, device: str = "auto", binarize: bool = True,
+def detect_relative_motion(fixed, moving, matrix, labels=None, *, prep: Prep | None = None, device: str = "auto",
                            ratio: float = 3.0, floor: float = 0.02, shift_tol: float = 0.3, warn: bool = True,
                            **options) -> ResidualReport:
     """Residual MSE inside each particle after a global registration, and whether the particles moved apart.
@@ -39,9 +40,9 @@ def detect_relative_motion(fixed, moving, matrix, labels=None, *, device: str = 
     labels : (Z, Y, X) ndarray of int, optional
         Particle labels on the reference grid (0 background); default as in
         :func:`register_particles`.
-    device, binarize
+    prep, device
         As in :func:`register_particles` (the residual is that of the
-        registration inputs).
+        registration inputs; default ``Prep()``, binarized).
     ratio : float
         MSE ratio above which relative motion is suspected (> 1) ...
     floor : float
@@ -56,7 +57,7 @@ def detect_relative_motion(fixed, moving, matrix, labels=None, *, device: str = 
         Issue a :class:`RelativeMotionWarning` when suspect.
     **options
         Passed to :func:`register_particles` (``dilate``, ``guard``,
-        ``min_voxels``, ``denoise``, ``particle_model``...).
+        ``min_voxels``, ``particle_model``...).
 
     Returns
     -------
@@ -68,9 +69,10 @@ def detect_relative_motion(fixed, moving, matrix, labels=None, *, device: str = 
     if float(ratio) <= 1 or float(shift_tol) <= 0:
         raise ValueError(f"detect_relative_motion: need ratio > 1 and shift_tol > 0, got {ratio}, {shift_tol}")
     given = RegistrationResult(matrix=m_, mse_before=float("nan"), mse_after=float("nan"), device="given")
+    prep = prep_from(prep, {k: options.pop(k) for k in PREP_KEYWORDS if k in options}, "detect_relative_motion")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped labels: not this function's news
-        res = register_particles(fixed, moving, labels, device=device, binarize=binarize, global_result=given,
+        res = register_particles(fixed, moving, labels, prep=prep, device=device, global_result=given,
                                  ratio=ratio, **options)
     rep = res.residual
     rep.suspect = is_suspect(rep, ratio, rep.variance, floor, shift_tol)

@@ -37,7 +37,7 @@ import numpy as np
 from ..core.backend import array_device, resolve_device, to_device, to_host, xp_of
 from .affine import RegistrationResult, register_prepared
 from .particle_fit import Crop, fit_shared_rigid, mse_of, region_terms, shift_matrix
-from .prepare import prepare_volume
+from .prepare import PREP_KEYWORDS, Prep, prep_from, prepare_volume
 from .residuals import ResidualReport, region_variance, residual_report
 
 __all__ = ["apply_piecewise", "PARTICLE_MODELS", "particle_regions", "ParticleResult", "register_particles"]
@@ -117,8 +117,8 @@ class ParticleResult:
         return out[0], out[1]
 
 
-def register_particles(fixed, moving, labels=None, *, device: str = "auto", binarize: bool = True,
-                       denoise: str | None = None, smooth: float = 1.0, prepared: bool = False,
+def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None, device: str = "auto",
+                       prepared: bool = False,
                        particle_model: str = "rigid", min_voxels: int = 1000, dilate: int = 3, guard: int = 5,
                        margin: int = 8, init=None,
                        global_result: RegistrationResult | None = None, min_gain: float = 1.3,
@@ -133,19 +133,17 @@ def register_particles(fixed, moving, labels=None, *, device: str = "auto", bina
         Particle labels on the reference grid (0 background). Default: the
         connected components of the Otsu-binarized ``fixed`` with at least
         ``min_voxels`` voxels (:func:`gpureg.xanes.particle_labels`).
+    prep : Prep, optional
+        How both volumes are prepared (default ``Prep()``: binarized, the
+        reference method; ``Prep(binarize=False)``: grey levels), as in
+        :func:`gpureg.register_affine`; its ``denoise`` also applies to the
+        default labels.
     device : {"auto", "cpu", "gpu"}
         Where to compute; CuPy inputs always run on the GPU.
-    binarize : bool
-        Register Otsu-binarized copies (the reference method); False: grey levels.
-    denoise : {None, "median", "gaussian"}
-        Filter both volumes first (see :func:`gpureg.register_affine`).
-    smooth : float
-        Gaussian sigma (voxels) applied to both (after binarization), as in
-        :func:`gpureg.register_affine`.
     prepared : bool
         ``fixed`` and ``moving`` were already made by
-        :func:`gpureg.register.prepare_volume` (as the pipeline does):
-        ``binarize``, ``denoise`` and ``smooth`` are not applied again.
+        :func:`gpureg.register.prepare_volume` (as the pipeline does): ``prep``
+        is not applied again (and must not be given).
     particle_model : {"rigid", "affine"}
         ``"rigid"``: every particle is ``A @ R_k``: one affine ``A`` shared by
         all particles (the imaging: drift, magnification, shear) and a rigid
@@ -194,8 +192,10 @@ def register_particles(fixed, moving, labels=None, *, device: str = "auto", bina
         registration (as :func:`detect_relative_motion`; no warning here).
     **options
         Passed to :func:`gpureg.register.register_prepared` (``model``,
-        ``min_size``, ``max_iter``, ``tol``); ``min_size``, ``max_iter`` and
-        ``tol`` also set the per-particle pyramid and solver.
+        ``min_size``, ``max_iter``, ``tol``, ``solver``); ``min_size``,
+        ``max_iter`` and ``tol`` also set the per-particle pyramid and solver.
+        The old ``binarize``, ``denoise``, ``smooth``, ``ramp`` still build
+        ``prep`` (:class:`DeprecationWarning`).
 
     Returns
     -------
@@ -235,14 +235,17 @@ def register_particles(fixed, moving, labels=None, *, device: str = "auto", bina
                          f"guard={guard}, margin={margin}")
     if "mask" in options:
         raise ValueError("register_particles: option 'mask' is not allowed (each particle's region is its mask)")
+    prep = prep_from(prep, {k: options.pop(k) for k in PREP_KEYWORDS if k in options}, "register_particles")
+    if prepared:
+        if prep != Prep():
+            raise ValueError("register_particles: prepared=True takes volumes already prepared; prep is not applied")
+        prep = Prep(binarize=False, smooth=0.0)  # only the checks and the conversion to float32
     dev = "gpu" if array_device(fixed) == "gpu" else resolve_device(device)
-    prep = {"binarize": False, "denoise": None, "smooth": 0.0} if prepared else \
-        {"binarize": binarize, "denoise": denoise, "smooth": smooth}
-    f = prepare_volume(fixed, dev, name="fixed", **prep)
-    m = prepare_volume(moving, dev, name="moving", **prep)
+    f = prepare_volume(fixed, dev, prep, name="fixed")
+    m = prepare_volume(moving, dev, prep, name="moving")
     if f.shape != m.shape:
         raise ValueError(f"fixed and moving must have the same shape, got {tuple(f.shape)} and {tuple(m.shape)}")
-    lab = _labels(fixed, labels, f.shape, None if prepared else denoise, min_voxels)
+    lab = _labels(fixed, labels, f.shape, prep.denoise, min_voxels)
 
     if global_result is None:
         global_result = register_prepared(f, m, init=init, **options)

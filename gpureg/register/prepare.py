@@ -6,6 +6,7 @@ applied once to a series' reference (:func:`prepare_reference`) and then to ever
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +23,11 @@ from ..core.segment import binarize as _binarize
 from ..core.segment import denoise as denoise_volume
 from ..core.segment import gaussian
 
-__all__ = ["center_of_mass", "foreground_fraction", "Prep", "prepare_reference", "prepare_volume", "PreparedReference",
-           "pyramid"]
+__all__ = ["center_of_mass", "foreground_fraction", "Prep", "prep_from", "prepare_reference", "prepare_volume",
+           "PreparedReference", "pyramid"]
+
+# The keywords that said the preparation before one Prep did (deprecated; removed in the release after next).
+PREP_KEYWORDS = ("binarize", "denoise", "smooth", "ramp")
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,41 @@ def prepare_reference(volume, device: str, prep: Prep, *, name: str = "reference
     return PreparedReference(volume=v, prep=prep, mask=host_mask > 0.5)
 
 
-def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str = "volume", **settings):
+def prep_from(prep: Prep | None, deprecated: dict, where: str, *, stacklevel: int = 3) -> Prep:
+    """The :class:`Prep` of a call: ``prep``, or ``Prep()`` (the default), or one built from old keywords.
+
+    ``deprecated`` holds the call's other keywords: the old ``binarize``,
+    ``denoise``, ``smooth``, ``ramp`` build ``Prep(**deprecated)`` (the
+    defaults of :class:`Prep` for the rest, so ``binarize`` is True unless given)
+    with a :class:`DeprecationWarning`; anything else is a ``TypeError``, as
+    for any unknown keyword.
+
+    Parameters
+    ----------
+    prep : Prep or None
+    deprecated : dict
+        The ``**deprecated`` keywords of the caller.
+    where : str
+        The caller's name, for the messages.
+    stacklevel : int
+        Of the warning: 3 points at the caller's caller.
+    """
+    unknown = sorted(set(deprecated) - set(PREP_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if prep is not None and not isinstance(prep, Prep):
+        raise TypeError(f"{where}: prep must be a gpureg.Prep, got {type(prep).__name__}")
+    if not deprecated:
+        return Prep() if prep is None else prep
+    if prep is not None:
+        raise TypeError(f"{where}: give prep=Prep(...) or the deprecated keywords {sorted(deprecated)}, not both")
+    spelled = ", ".join(f"{k}={v!r}" for k, v in deprecated.items())
+    warnings.warn(f"{where}: the keywords {', '.join(deprecated)} are deprecated and will be removed; pass "
+                  f"prep=gpureg.Prep({spelled}) instead", DeprecationWarning, stacklevel=stacklevel)
+    return Prep(**deprecated)
+
+
+def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str = "volume", **deprecated):
     """Validate a volume and return it as float32 on ``device``, prepared as ``prep`` says.
 
     Parameters
@@ -176,20 +214,18 @@ def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str =
         Where the result lives.
     prep : Prep, optional
         Denoise / binarize (ramp) / smooth settings (for a series: the ``prep`` of
-        :func:`prepare_reference`, which carries the reference's fraction).
+        :func:`prepare_reference`, which carries the reference's fraction);
+        default ``Prep()`` (binarized, ramp 3, smoothed sigma 1).
     name : str
         Names the volume in error messages.
-    **settings
-        Shorthand for ``Prep(**settings)`` when ``prep`` is not given
-        (``binarize`` defaults to False here, as in :func:`register_affine`).
+    **deprecated
+        ``binarize``, ``denoise``, ``smooth``, ``ramp``: the old spelling of
+        ``prep`` (a :class:`DeprecationWarning`; see :func:`prep_from`).
 
     Raises a ``ValueError`` naming ``name`` for a non-3D, too small, non-real,
     non-finite or constant volume.
     """
-    if prep is None:
-        prep = Prep(**{"binarize": False, **settings})
-    elif settings:
-        raise TypeError(f"prepare_volume: give either prep or keyword settings, not both ({sorted(settings)})")
+    prep = prep_from(prep, deprecated, "prepare_volume")
     v = _checked(volume, device, name)
     v = denoise_volume(v, prep.denoise)
     if prep.binarize:

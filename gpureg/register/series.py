@@ -10,6 +10,7 @@ helpers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ..core.backend import (
     resolve_device,
 )
 from .affine import RegistrationResult, register_prepared
-from .prepare import foreground_fraction, prepare_volume
+from .prepare import PREP_KEYWORDS, Prep, foreground_fraction, prep_from, prepare_volume
 
 __all__ = ["register_series", "SeriesResult"]
 
@@ -49,7 +50,7 @@ class SeriesResult:
         return np.array([r.mse_after for r in self.results])
 
 
-def register_series(volumes, energies, reference="highest", *, device: str = "auto", binarize: bool = True,
+def register_series(volumes, energies, reference="highest", *, prep: Prep | None = None, device: str = "auto",
                     progress=None, **options) -> SeriesResult:
     """Register every energy of a series to the reference energy.
 
@@ -65,11 +66,19 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
         Energies in eV.
     reference : "highest", "lowest" or float
         Reference energy (a float must be one of ``energies``).
-    device, binarize : see :func:`register_affine`.
+    prep : Prep, optional
+        How the volumes are prepared (default ``Prep()``: binarized; see
+        :func:`register_affine`). With ``binarize``, every energy whose Otsu
+        foreground fraction differs from the reference's by more than 5 % is
+        thresholded to keep the reference's (:class:`Prep` ``fraction``).
+    device : {"auto", "cpu", "gpu"}
+        Where to compute.
     progress : callable, optional
         Called as ``progress(index, result)`` after each energy.
     **options
-        Passed to :func:`register_affine` (``model``, ``denoise``, ``tol``...).
+        Passed to :func:`register_prepared` (``model``, ``min_size``,
+        ``max_iter``, ``tol``, ``solver``); the old ``binarize``, ``denoise``,
+        ``smooth``, ``ramp`` still build ``prep`` (:class:`DeprecationWarning`).
 
     Returns
     -------
@@ -80,8 +89,7 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
         raise ValueError(f"need one energy per volume: {len(volumes)} volumes, energies of shape {energies.shape}")
     ref = reference_index(energies, reference)
     dev = resolve_device(device)
-    prep = {"binarize": binarize, "denoise": options.pop("denoise", None), "smooth": options.pop("smooth", 1.0),
-            "ramp": options.pop("ramp", 3.0)}
+    prep = prep_from(prep, {k: options.pop(k) for k in PREP_KEYWORDS if k in options}, "register_series")
     order = registration_order(energies, ref)
     # On the GPU only the reference, the current and the next volume are on the device: the next
     # one is read and copied host->device on a side stream (core.prefetch.HostToDevicePrefetcher) while the
@@ -96,9 +104,9 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
         source = fetch.take(ref) if fetch else volumes[ref]
         if fetch and len(order) > 1:
             fetch.submit(order[1])
-        if binarize:
-            prep["fraction"] = foreground_fraction(source, denoise=prep["denoise"])
-        f = prepare_volume(source, dev, name=f"volume {ref} (reference)", **prep)
+        if prep.binarize:
+            prep = dataclasses.replace(prep, fraction=foreground_fraction(source, denoise=prep.denoise))
+        f = prepare_volume(source, dev, prep, name=f"volume {ref} (reference)")
         del source
         results = [None] * len(energies)
         t0 = time.perf_counter()
@@ -108,7 +116,7 @@ def register_series(volumes, energies, reference="highest", *, device: str = "au
             source = fetch.take(i) if fetch else volumes[i]
             if fetch and n + 1 < len(order):
                 fetch.submit(order[n + 1])
-            m = prepare_volume(source, dev, name=f"volume {i}", **prep)
+            m = prepare_volume(source, dev, prep, name=f"volume {i}")
             del source
             init = warm_start(((energies[j], None if j == ref else results[j].matrix) for j in done), energies[i])
             results[i] = register_prepared(f, m, init=init, **options)

@@ -34,7 +34,7 @@ which erodes the particles more in the noisier volume and biased every
 binarized row by 0.05-0.15 voxel), in ``binarized`` mode Otsu binarization
 with gpureg's default partial-volume ramp of 3 voxels (each volume its own
 threshold, as in :func:`gpureg.register_affine`), then a Gaussian of sigma ``smooth`` = 1 voxel (gpureg's default, grey and binary):
-exactly what ``register_affine(..., binarize=..., denoise=...)`` registers.
+exactly what ``register_affine(..., prep=Prep(binarize=..., denoise=...))`` registers.
 gpureg (:func:`gpureg.register.register_prepared`, the registration of
 :func:`gpureg.register_affine` without its preparation), SimpleITK
 (:func:`gpureg.validate.sitk.register_sitk`) and, when asked, elastix
@@ -144,7 +144,7 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
         ``"auto"``: ``"impulse"`` on the noisy cases, none at noise 0.
     smooth : float
         Gaussian sigma (voxels) applied to both prepared volumes (after
-        binarization), as ``register_affine(smooth=...)``; 0 = off.
+        binarization), as ``Prep(smooth=...)``; 0 = off.
     edge_width : float
         Soft edge of the phantom particles in voxels (1 voxel: a sharp but
         realistic tomographic edge).
@@ -168,7 +168,7 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     from ..core.segment import DENOISE
     from ..core.version import __version__
     from ..register.affine import register_prepared
-    from ..register.prepare import prepare_volume
+    from ..register.prepare import Prep, prepare_volume
     from ..synth.phantom import two_particle_phantom
     from .sitk import register_sitk, sitk_available
 
@@ -225,7 +225,7 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
         "simpleitk": use_sitk, "elastix": use_elastix, "gpureg_version": __version__, **_environment(dev, use_sitk),
     }
     if dev == "gpu":  # compile kernels and warm the memory pool outside the timings
-        warm = prepare_volume(fixed_clean, dev, binarize=True)
+        warm = prepare_volume(fixed_clean, dev, Prep())
         register_prepared(warm, warm, max_iter=2)
 
     writer = CsvRows(out / "validation.csv") if out is not None else None
@@ -243,9 +243,9 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
                 filt = ("impulse" if level > 0 else None) if denoise == "auto" else denoise
                 for mode in modes:
                     t0 = time.perf_counter()
-                    prep_kw = dict(binarize=mode == "binarized", denoise=filt, smooth=smooth)
-                    a = prepare_volume(fixed_noisy[ni], dev, name="fixed", **prep_kw)
-                    b = prepare_volume(moving_noisy, dev, name="moving", **prep_kw)
+                    how = Prep(binarize=mode == "binarized", denoise=filt, smooth=smooth)
+                    a = prepare_volume(fixed_noisy[ni], dev, how, name="fixed")
+                    b = prepare_volume(moving_noisy, dev, how, name="moving")
                     prep = time.perf_counter() - t0
                     mse_before = mse_terms(a, b, np.eye(4), hessian=False).mse
                     case = {"distortion": dist, "magnitude": mag, "noise": level, "mode": mode, "filter": filt or "none",

@@ -7,11 +7,11 @@ cheap and ``import gpureg`` never pulls in Qt.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..core.config import getenv, setenv_default
 from .data import open_file, result_layers
 
 __all__ = ["attach", "check_opengl", "open_result", "pick_voxel", "require_napari", "screenshot"]
@@ -143,7 +143,7 @@ def screenshot(path, png, *, size=(1500, 900), voxel=None):
     -------
     Path
     """
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    setenv_default("QT_QPA_PLATFORM", "offscreen")
     out = Path(png)
     viewer = open_result(path, show=False)
     try:
@@ -180,7 +180,7 @@ def check_opengl():
     ctx, surface = QOpenGLContext(), QOffscreenSurface()
     surface.create()
     if not (ctx.create() and ctx.makeCurrent(surface)):
-        platform = os.environ.get("QT_QPA_PLATFORM", "default")
-        raise RuntimeError(f"no OpenGL context (Qt platform {platform}, DISPLAY={os.environ.get('DISPLAY', 'unset')}): "
+        platform = getenv("QT_QPA_PLATFORM", "default")
+        raise RuntimeError(f"no OpenGL context (Qt platform {platform}, DISPLAY={getenv('DISPLAY', 'unset')}): "
                            "the viewer needs a display; headless, run under xvfb-run (Debian package xvfb)")
     ctx.doneCurrent()

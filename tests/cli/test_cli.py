@@ -50,8 +50,8 @@ def test_register_binarizes_by_default_like_run(pair):
     doc = json.loads((d / "b.json").read_text())
     assert doc["binarize"] is True and "binarized" in r.stdout
     fixed, moving = np.load(d / "fixed.npy"), h5py.File(d / "moving.h5", "r")["exchange/recon"][...]
-    binarized = gpureg.register_affine(fixed, moving, device="cpu", binarize=True).matrix
-    grey = gpureg.register_affine(fixed, moving, device="cpu", binarize=False).matrix
+    binarized = gpureg.register_affine(fixed, moving, device="cpu").matrix
+    grey = gpureg.register_affine(fixed, moving, device="cpu", prep=gpureg.Prep(binarize=False)).matrix
     assert np.abs(grey - binarized).max() > 1e-3          # the two modes differ on this pair...
     np.testing.assert_allclose(doc["matrix"], binarized, atol=1e-9)   # ...and the CLI default is the binarized one
     _, labels = gpureg.two_particle_phantom((40, 40, 40), return_labels=True)

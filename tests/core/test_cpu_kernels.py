@@ -2,7 +2,7 @@
 
 Three implementations of the per-voxel arithmetic (DESIGN.md): the numba
 kernels of :mod:`gpureg.core.cpu_kernels` / :mod:`gpureg.core.cpu_prep`, the
-NumPy reference (``GPUREG_CPU_BACKEND=numpy``) and ``kernels/voxel_math.cuh``
+NumPy reference (``gpureg.config.cpu_backend = "numpy"``) and ``kernels/voxel_math.cuh``
 compiled by g++ (the harness of ``tests/test_voxel_math.py``). They run here on
 the same inputs and are compared term by term.
 
@@ -23,6 +23,7 @@ from test_voxel_math import CASES, _mse_sums, _pair, lib  # noqa: F401  (the g++
 
 import gpureg
 from gpureg.core import cpu_gauss, cpu_kernels, cpu_prep, metric, segment
+from gpureg.core.config import config
 from gpureg.core import transform as tf
 from gpureg.register import prepare as prep
 from gpureg.register import prepare_volume, register_affine
@@ -34,13 +35,10 @@ TOL = 1e-5
 
 
 @pytest.fixture
-def numpy_engine(monkeypatch):
-    """Run a block with the NumPy reference kernels."""
+def numpy_engine():
+    """Switch to the NumPy reference kernels (True) and back (False); conftest restores the config."""
     def use(flag: bool):
-        if flag:
-            monkeypatch.setenv("GPUREG_CPU_BACKEND", "numpy")
-        else:
-            monkeypatch.delenv("GPUREG_CPU_BACKEND", raising=False)
+        config.set(cpu_backend="numpy" if flag else "numba")
     return use
 
 
@@ -99,16 +97,16 @@ def test_sparse_support_skip_is_exact(numpy_engine, case):
     np.testing.assert_allclose(with_skip.jtj, without.jtj, rtol=1e-12, atol=1e-12 * np.abs(without.jtj).max())
 
 
-def test_pass_is_deterministic_for_any_thread_count(monkeypatch):
+def test_pass_is_deterministic_for_any_thread_count():
     shape = (44, 40, 48)  # above SMALL_VOLUME, so the threads are used
     assert np.prod(shape) >= cpu_kernels.SMALL_VOLUME
     fixed = two_particle_phantom(shape, seed=1)
     moving = two_particle_phantom(shape, tf.rotation_matrix(3.0, (1, 1, 0), tf.grid_center(shape)), seed=1)
     matrix = tf.matrix_from_params([0.01, 0, 0, 0, -0.02, 0, 0, 0, 0.01, 0.5, 0.2, -0.3], tf.grid_center(shape))
     runs = []
-    for n in ("1", "2", "3"):
-        monkeypatch.setenv("GPUREG_THREADS", n)
-        runs.append(metric.mse_terms(fixed, moving, matrix))
+    for n in (1, 2, 3):
+        with config(threads=n):
+            runs.append(metric.mse_terms(fixed, moving, matrix))
     for r in runs[1:]:
         assert r.count == runs[0].count and r.sse == runs[0].sse
         np.testing.assert_array_equal(r.jtj, runs[0].jtj)
@@ -120,12 +118,12 @@ def _sse_in_child(args):
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
-def test_kernels_run_in_a_forked_child(monkeypatch):
+def test_kernels_run_in_a_forked_child():
     """The thread pool of the parent is not inherited by a forked child (Dask, multiprocessing):
     the child builds its own and gets the same sums."""
     import multiprocessing
 
-    monkeypatch.setenv("GPUREG_THREADS", "2")
+    config.set(threads=2)
     shape = (44, 40, 48)
     fixed = two_particle_phantom(shape, seed=1)
     moving = two_particle_phantom(shape, tf.rotation_matrix(3.0, (1, 1, 0), tf.grid_center(shape)), seed=1)
@@ -135,10 +133,11 @@ def test_kernels_run_in_a_forked_child(monkeypatch):
     assert there == here
 
 
-def test_bad_thread_count_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("GPUREG_THREADS", "many")
-    with pytest.raises(ValueError, match="GPUREG_THREADS"):
-        cpu_kernels.threads()
+def test_bad_thread_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="threads"):
+        config.set(threads=0)
+    with pytest.raises(ValueError, match="threads"):
+        cpu_kernels.set_threads(1.5)
 
 
 @pytest.mark.parametrize("out_shape", [(24, 28, 36), (20, 31, 29)])
@@ -279,9 +278,9 @@ def test_registration_matches_the_numpy_engine(numpy_engine, binarize):
     truth[:3, 3] += (1.5, -2.0, 1.0)
     fixed, labels = two_particle_phantom(shape, return_labels=True)
     moving = two_particle_phantom(shape, truth)
-    fast = register_affine(fixed, moving, device="cpu", binarize=binarize)
+    fast = register_affine(fixed, moving, device="cpu", prep=gpureg.Prep(binarize=binarize))
     numpy_engine(True)
-    ref = register_affine(fixed, moving, device="cpu", binarize=binarize)
+    ref = register_affine(fixed, moving, device="cpu", prep=gpureg.Prep(binarize=binarize))
     # float32 vs float64 coordinates: the same minimum within far less than the accuracy
     assert tf.displacement_error(fast.matrix, ref.matrix, mask=labels > 0)[0] < 2e-3
     err = tf.displacement_error(fast.matrix, truth, mask=labels > 0)[0]
@@ -297,23 +296,26 @@ def test_noisy_registration_with_impulse_filter_is_as_accurate_as_clean():
     truth[:3, 3] += (-1.0, 2.0, 1.5)
     fixed, labels = two_particle_phantom(shape, return_labels=True)
     moving = two_particle_phantom(shape, truth)
-    clean = register_affine(fixed, moving, device="cpu", binarize=True)
-    f = prepare_volume(salt_and_pepper(fixed, 0.1, seed=1), "cpu", binarize=True, denoise="impulse")
-    m = prepare_volume(salt_and_pepper(moving, 0.1, seed=2), "cpu", binarize=True, denoise="impulse")
+    clean = register_affine(fixed, moving, device="cpu", prep=gpureg.Prep())
+    impulse = gpureg.Prep(denoise="impulse")
+    f = prepare_volume(salt_and_pepper(fixed, 0.1, seed=1), "cpu", impulse)
+    m = prepare_volume(salt_and_pepper(moving, 0.1, seed=2), "cpu", impulse)
     noisy = gpureg.register_prepared(f, m)
     e_clean = tf.displacement_error(clean.matrix, truth, mask=labels > 0)[0]
     e_noisy = tf.displacement_error(noisy.matrix, truth, mask=labels > 0)[0]
     assert e_noisy < max(2 * e_clean, 0.1), (e_clean, e_noisy)
 
 
-def test_cli_threads_option_sets_the_kernel_thread_count(monkeypatch):
+def test_cli_threads_option_sets_the_kernel_thread_count():
+    import os
+
     from typer.testing import CliRunner
 
     from gpureg.cli.app import app
 
-    monkeypatch.delenv("GPUREG_THREADS", raising=False)
+    before = os.environ.get("GPUREG_THREADS")
     r = CliRunner().invoke(app, ["--threads", "1", "info"])
     assert r.exit_code == 0, r.output
-    assert cpu_kernels.threads() == 1
-    monkeypatch.delenv("GPUREG_THREADS", raising=False)
+    assert cpu_kernels.threads() == 1 and config.threads == 1
+    assert os.environ.get("GPUREG_THREADS") == before  # the configuration, not the environment
     assert CliRunner().invoke(app, ["--threads", "0", "info"]).exit_code != 0

@@ -137,8 +137,8 @@ def test_registration_recovers_known_transform_like_cpu(cp, fixed, case):
     vol, labels = fixed
     truth = KNOWN[case]
     moving = gpureg.two_particle_phantom(SHAPE, truth)
-    gpu = gpureg.register_affine(cp.asarray(vol), cp.asarray(moving), binarize=True)
-    cpu = gpureg.register_affine(vol, moving, binarize=True, device="cpu")
+    gpu = gpureg.register_affine(cp.asarray(vol), cp.asarray(moving), prep=gpureg.Prep())
+    cpu = gpureg.register_affine(vol, moving, prep=gpureg.Prep(), device="cpu")
     assert gpu.device == "gpu"
     err, _ = gpureg.displacement_error(gpu.matrix, truth, mask=labels > 0)
     diff, _ = gpureg.displacement_error(gpu.matrix, cpu.matrix, mask=labels > 0)
@@ -146,7 +146,7 @@ def test_registration_recovers_known_transform_like_cpu(cp, fixed, case):
     assert diff <= 0.05, f"{case}: GPU and CPU results differ by {diff:.3f} voxel"
     assert gpu.mse_after < gpu.mse_before
     # NumPy inputs with device="gpu" run the same kernels
-    host = gpureg.register_affine(vol, moving, binarize=True, device="gpu")
+    host = gpureg.register_affine(vol, moving, prep=gpureg.Prep(), device="gpu")
     np.testing.assert_allclose(host.matrix, gpu.matrix, atol=1e-6)
 
 
@@ -282,9 +282,9 @@ def test_device_solver_matches_host_solver(cp, fixed, skip_empty):
     from gpureg.core.solver import levenberg_marquardt
 
     vol, _ = fixed
-    f = gpureg.register.prepare_volume(cp.asarray(vol), "gpu", binarize=True)
+    f = gpureg.register.prepare_volume(cp.asarray(vol), "gpu", gpureg.Prep())
     m = gpureg.register.prepare_volume(cp.asarray(gpureg.two_particle_phantom(SHAPE, KNOWN["combined"])), "gpu",
-                                       binarize=True)
+                                       gpureg.Prep())
     c = tf.grid_center(f.shape)
     p0 = np.zeros(12)
 
@@ -305,9 +305,9 @@ def test_device_solver_matches_host_solver(cp, fixed, skip_empty):
 
 def test_empty_space_skipping_on_gpu(cp, fixed):
     vol, _ = fixed
-    f = gpureg.register.prepare_volume(cp.asarray(vol), "gpu", binarize=True)
+    f = gpureg.register.prepare_volume(cp.asarray(vol), "gpu", gpureg.Prep())
     m = gpureg.register.prepare_volume(cp.asarray(gpureg.two_particle_phantom(SHAPE, KNOWN["combined"])), "gpu",
-                                       binarize=True)
+                                       gpureg.Prep())
     c = tf.grid_center(f.shape)
     tables = cuda_solver.empty_space_tables(f, m)
     for matrix in (np.eye(4), KNOWN["combined"]):

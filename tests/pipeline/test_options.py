@@ -86,7 +86,9 @@ def test_run_options_round_trip_json_and_pickle():
     assert pickle.loads(pickle.dumps(opts)) == opts  # what Dask does to reach its workers
     with pytest.raises(AttributeError):
         opts.model = "affine"  # frozen
-    assert opts.replace(binarize=True).prep == Prep(binarize=True, denoise="median", smooth=0.5)
+    assert opts.replace(prep=Prep()).prep == Prep()
+    with pytest.warns(DeprecationWarning, match="binarize"):  # the old spelling, for one release
+        assert opts.replace(binarize=True).prep == Prep(binarize=True, denoise="median", smooth=0.5)
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -11,7 +11,7 @@ import pytest
 import gpureg
 from gpureg.core import transform as tf
 from gpureg.io import write_dataexchange
-from gpureg.pipeline import run
+from gpureg.pipeline import Prep, run
 from gpureg.pipeline.watch import rereference, watch
 
 SIZE = 48  # at <= 40^3 the trilinear "grid effect" biases near-identity motions by up to 0.4 voxel
@@ -121,7 +121,7 @@ def test_resume_refuses_other_parameters(series, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(path, tmp_path / "a.h5", report=False, progress=stop)
     with pytest.raises(ValueError, match="different input or parameters"):
-        run(path, tmp_path / "a.h5", report=False, binarize=False)
+        run(path, tmp_path / "a.h5", report=False, prep=Prep(binarize=False))
 
 
 def test_rereference_is_a_composition():
@@ -156,10 +156,10 @@ def test_watch_matches_batch(grey_series, tmp_path):
 
     deliver(order[0])
     res = watch(inbox, tmp_path / "live.h5", expect=len(order), poll=0, settle=0, report=False, on_energy=on_energy,
-                binarize=False)
+                prep=Prep(binarize=False))
     assert sorted(ev["source"] for ev in seen) == sorted(f"e{k:02d}.h5" for k in order)  # each once
     assert all(ev["latency_s"] >= 0 for ev in seen)
-    batch = run(path, tmp_path / "batch.h5", report=False, binarize=False)
+    batch = run(path, tmp_path / "batch.h5", report=False, prep=Prep(binarize=False))
     assert res.reference_index == batch.reference_index
     assert _errors(batch.matrices, truths, labels).max() <= 0.05
     diff = _errors(res.matrices, batch.matrices, labels)

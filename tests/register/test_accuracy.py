@@ -42,7 +42,8 @@ def affine_case(request):
 def test_random_affine_subvoxel(affine_case, noise, tol, binarize):
     seed, fixed, moving, mask, truth = affine_case
     m = salt_and_pepper(moving, noise, seed=seed + 17) if noise else moving
-    res = gpureg.register_affine(fixed, m, binarize=binarize, denoise="impulse" if noise else None, device="cpu")
+    prep = gpureg.Prep(binarize=binarize, denoise="impulse" if noise else None)
+    res = gpureg.register_affine(fixed, m, prep=prep, device="cpu")
     err, _ = gpureg.displacement_error(res.matrix, truth, mask=mask)
     assert err <= tol, f"seed {seed}, noise {noise:.0%}: mean displacement error {err:.3f} voxel > {tol}"
 
@@ -55,7 +56,7 @@ def test_subvoxel_translation_binarized(n, tol):
         truth = np.eye(4)
         truth[:3, 3] = shift
         moving = gpureg.two_particle_phantom((n,) * 3, truth, edge_width=EDGE)
-        res = gpureg.register_affine(fixed, moving, binarize=True, device="cpu")
+        res = gpureg.register_affine(fixed, moving, prep=gpureg.Prep(), device="cpu")
         errors.append(gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0])
     assert max(errors) <= tol, f"{n}^3 sub-voxel shifts: errors {np.round(errors, 3)} voxel, tolerance {tol}"
 
@@ -116,5 +117,6 @@ def test_noisy_copy_registers_to_identity(binarize):
     """
     clean, labels = gpureg.two_particle_phantom((48,) * 3, edge_width=EDGE, return_labels=True)
     noisy = salt_and_pepper(clean, 0.10, seed=1)
-    res = gpureg.register_affine(clean, noisy, binarize=binarize, denoise="impulse", init=np.eye(4), device="cpu")
+    res = gpureg.register_affine(clean, noisy, prep=gpureg.Prep(binarize=binarize, denoise="impulse"), init=np.eye(4),
+                                 device="cpu")
     assert gpureg.displacement_error(res.matrix, np.eye(4), mask=labels > 0)[0] <= 0.02

@@ -22,11 +22,12 @@ from gpureg.register.deformable import (
     register_deformable,
 )
 from gpureg.register.ffd_level import LevelObjective
-from gpureg.register.prepare import pyramid
+from gpureg.register.prepare import Prep, pyramid
 from gpureg.synth.deform import SmoothWarp
 from gpureg.synth.phantom import two_particle_phantom
 
 SHAPE = (64, 64, 64)
+GREY = Prep(binarize=False)  # the accuracies below were measured on grey levels (the default binarizes)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def deformed():
     warp = SmoothWarp(SHAPE, 3.0, matrix=affine, seed=1)
     fixed, labels = two_particle_phantom(SHAPE, seed=2, return_labels=True)
     moving = two_particle_phantom(SHAPE, warp, seed=2)
-    result = register_deformable(fixed, moving, device="cpu", spacing=8)
+    result = register_deformable(fixed, moving, prep=GREY, device="cpu", spacing=8)
     points = np.argwhere(labels > 0).astype(np.float64)
     return {"warp": warp, "fixed": fixed, "moving": moving, "labels": labels, "result": result, "points": points,
             "truth": warp.moving_from_reference(points)}
@@ -83,7 +84,7 @@ def test_stored_coefficients_rebuild_the_field_and_resampling_aligns(deformed):
 def test_identity_input_stays_identity():
     shape = (48, 48, 48)
     vol, labels = two_particle_phantom(shape, seed=3, return_labels=True)
-    res = register_deformable(vol, vol, device="cpu", spacing=8)
+    res = register_deformable(vol, vol, prep=GREY, device="cpu", spacing=8)
     idx = labels > 0
     dist = np.sqrt((res.displacement ** 2).sum(axis=0))
     assert float(dist[idx].mean()) <= 0.02 and float(dist[idx].max()) <= 0.05
@@ -177,7 +178,7 @@ def test_smooth_warp_inverse_and_truth_field():
 def test_bad_input_is_one_line_error(kwargs, shape, match):
     vol = np.random.default_rng(0).random(shape).astype(np.float32)
     with pytest.raises(ValueError, match=match) as err:
-        register_deformable(vol, vol, device="cpu", **kwargs)
+        register_deformable(vol, vol, prep=GREY, device="cpu", **kwargs)
     assert "\n" not in str(err.value)
 
 
@@ -197,8 +198,8 @@ def test_gpu_objective_matches_cpu():
         gpu = LevelObjective(cp.asarray(f), cp.asarray(m), matrix, **kw)(x)
         np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-4)
         np.testing.assert_allclose(gpu[1], cpu[1], rtol=0, atol=1e-3 * np.abs(cpu[1]).max())
-    res_cpu = register_deformable(fixed, moving, device="cpu")
-    res_gpu = register_deformable(cp.asarray(fixed), cp.asarray(moving))
+    res_cpu = register_deformable(fixed, moving, prep=GREY, device="cpu")
+    res_gpu = register_deformable(cp.asarray(fixed), cp.asarray(moving), prep=GREY)
     assert res_gpu.device == "gpu"
     d = cp.asnumpy(res_gpu.displacement) - res_cpu.displacement
     assert float(np.sqrt((d ** 2).sum(axis=0)).mean()) < 0.05

@@ -15,6 +15,8 @@ from gpureg.core.metric import mse_terms
 from gpureg.register import prepare_volume
 from known_transforms import CASES, SHAPE, affine
 
+GREY = gpureg.Prep(binarize=False)  # grey levels (the default binarizes)
+
 
 @pytest.fixture(scope="module")
 def fixed():
@@ -64,10 +66,10 @@ def test_gradient_matches_finite_differences():
 
 def test_identity_is_exact(fixed):
     vol, _ = fixed
-    res = gpureg.register_affine(vol, vol)
+    res = gpureg.register_affine(vol, vol, prep=GREY)
     np.testing.assert_allclose(res.matrix, np.eye(4), atol=1e-6)
     assert res.mse_before == 0.0 and res.mse_after == 0.0
-    f = prepare_volume(vol, "cpu")
+    f = prepare_volume(vol, "cpu", GREY)
     assert gpureg.register_prepared(f, f).prepare_seconds == 0.0  # inputs came prepared
 
 
@@ -76,7 +78,7 @@ def test_identity_is_exact(fixed):
 def test_recovers_known_transform(fixed, case, binarize):
     vol, labels = fixed
     truth = CASES[case]
-    res = gpureg.register_affine(vol, _moving(truth), binarize=binarize, device="cpu")
+    res = gpureg.register_affine(vol, _moving(truth), prep=gpureg.Prep(binarize=binarize), device="cpu")
     mean, _ = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)
     assert mean <= 0.1, f"{case}: mean displacement error {mean:.3f} voxel"
     assert res.mse_after < res.mse_before
@@ -90,7 +92,7 @@ def test_salt_and_pepper_10_percent(fixed, binarize):
     truth = CASES["combined"]
     f = _salt_pepper(vol, 0.10, seed=1)
     m = _salt_pepper(_moving(truth), 0.10, seed=2)
-    res = gpureg.register_affine(f, m, binarize=binarize, denoise="median")
+    res = gpureg.register_affine(f, m, prep=gpureg.Prep(binarize=binarize, denoise="median"))
     mean, _ = gpureg.displacement_error(res.matrix, truth, mask=labels > 0)
     assert mean <= 0.25, f"mean displacement error {mean:.3f} voxel"
 
@@ -128,7 +130,7 @@ def test_series_reference_energy_must_exist():
 def test_translation_model_keeps_linear_part_identity(fixed):
     vol, labels = fixed
     truth = CASES["translation"]
-    res = gpureg.register_affine(vol, _moving(truth), model="translation")
+    res = gpureg.register_affine(vol, _moving(truth), prep=GREY, model="translation")
     np.testing.assert_array_equal(res.matrix[:3, :3], np.eye(3))
     assert gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0] <= 0.1
 
@@ -136,7 +138,7 @@ def test_translation_model_keeps_linear_part_identity(fixed):
 def test_mask_restricts_metric(fixed):
     vol, labels = fixed
     truth = CASES["translation"]
-    res = gpureg.register_affine(vol, _moving(truth), mask=labels == 1)
+    res = gpureg.register_affine(vol, _moving(truth), prep=GREY, mask=labels == 1)
     assert gpureg.displacement_error(res.matrix, truth, mask=labels == 1)[0] <= 0.1
 
 
@@ -173,9 +175,9 @@ def test_empty_after_binarization():
     a = np.zeros((16, 16, 16), np.float32)
     a[4, 4, 4] = a[10, 9, 8] = 1.0
     with pytest.raises(ValueError, match="fixed: .*constant"):
-        gpureg.register_affine(a, a, binarize=True, denoise="median")
+        gpureg.register_affine(a, a, prep=gpureg.Prep(denoise="median"))
     with pytest.raises(ValueError, match="mask selects no voxel"):
-        gpureg.register_affine(a, a, mask=np.zeros(a.shape, bool))
+        gpureg.register_affine(a, a, prep=GREY, mask=np.zeros(a.shape, bool))
 
 
 def test_integer_dtypes_are_converted(fixed):
@@ -183,7 +185,7 @@ def test_integer_dtypes_are_converted(fixed):
     truth = CASES["translation"]
     f16 = (vol * 4000).astype(np.uint16)
     m16 = (_moving(truth) * 4000).astype(np.uint16)
-    res = gpureg.register_affine(f16, m16)
+    res = gpureg.register_affine(f16, m16, prep=GREY)
     assert gpureg.displacement_error(res.matrix, truth, mask=labels > 0)[0] <= 0.1
 
 
