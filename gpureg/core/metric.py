@@ -53,7 +53,7 @@ def mse_terms(fixed, moving, matrix, *, center=None, mask=None, hessian: bool = 
     MetricTerms
         Float64 sums on the host. Runs on the GPU when ``fixed`` is a CuPy array;
         on the CPU as compiled numba kernels (:mod:`gpureg.core.cpu_kernels`), or
-        as the NumPy reference below when ``GPUREG_CPU_BACKEND=numpy``
+        as the NumPy reference below when ``gpureg.config.cpu_backend`` is ``"numpy"``
         (:func:`gpureg.core.backend.cpu_engine`).
     """
     m = np.asarray(matrix, dtype=np.float64)

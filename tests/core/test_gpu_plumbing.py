@@ -111,7 +111,9 @@ def test_gpu_without_nvrtc_falls_back_to_the_cpu_in_one_line(monkeypatch, caplog
     fake.RawKernel = RawKernel
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.delenv("GPUREG_DISABLE_GPU", raising=False)
+    from gpureg.core.config import config
+
+    config.set(disable_gpu=False)  # conftest restores the configuration
     backend._cupy_probe.cache_clear()
     backend._note_fallback.cache_clear()
     try:
