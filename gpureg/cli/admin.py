@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..pipeline.options import Device
-from .app import DeviceOpt, app, flag, friendly
+from .app import ApiKeyFileOpt, DeviceOpt, app, flag, friendly, use_api_key_file
 
 __all__ = ["bench", "info", "validate"]
 
@@ -19,8 +19,11 @@ __all__ = ["bench", "info", "validate"]
 def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
                                               help="Describe this input (file, folder or quoted glob): layout, "
                                                    "shapes, energies, angles, pixel size, what was guessed."),
-         as_json: bool = typer.Option(False, "--json", help="With FILE_OR_FOLDER: print the description as JSON.")):
-    """Describe an input's layout; without one: versions, and whether CuPy/GPU and ASTRA-CUDA are usable."""
+         as_json: bool = typer.Option(False, "--json", help="With FILE_OR_FOLDER: print the description as JSON."),
+         api_key_file: Optional[Path] = ApiKeyFileOpt):
+    """Describe an input's layout (a file, folder, glob or Tiled URI); without one: versions, and whether CuPy/GPU
+    and ASTRA-CUDA are usable."""
+    use_api_key_file(api_key_file)
     if path is not None:
         import json
 

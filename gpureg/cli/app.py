@@ -18,8 +18,8 @@ import typer
 
 from ..pipeline.options import Device, EdgeMethod, FBPFilter, Model
 
-__all__ = ["app", "CenterOpt", "DenoiseOpt", "DeviceOpt", "EdgeOpt", "FilterOpt", "flag", "friendly", "main",
-           "ModelOpt", "RawOpt", "ReferenceOpt", "SmoothOpt"]
+__all__ = ["app", "ApiKeyFileOpt", "CenterOpt", "DenoiseOpt", "DeviceOpt", "EdgeOpt", "FilterOpt", "flag", "friendly", "main",
+           "ModelOpt", "RawOpt", "ReferenceOpt", "SmoothOpt", "use_api_key_file"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gpureg: GPU engine for TXM-XANES spectro-tomography (FBP, 3D affine registration, "
@@ -62,6 +62,19 @@ ReferencesOpt = typer.Option(None, "--references", metavar="FILE[,FILE...]",
                              help="Reference spectra (two-column text: energy eV, mu; or Athena .prj) for "
                                   "linear-combination fractions per voxel; repeat or comma-separate.")
 ClustersOpt = typer.Option(None, "--clusters", min=2, help="k-means clusters of the normalised voxel spectra.")
+
+
+ApiKeyFileOpt = typer.Option(None, "--api-key-file", metavar="FILE",
+                             help="For a Tiled URI: file holding the API key (default: $TILED_API_KEY); the key is "
+                                  "never printed or logged.")
+
+
+def use_api_key_file(path) -> None:
+    """Apply ``--api-key-file`` (when given) for the Tiled client."""
+    if path is not None:
+        from ..io.tiled import use_api_key_file as use
+
+        use(path)
 
 
 def split_references(values) -> tuple:

@@ -11,6 +11,7 @@ import typer
 from ..io.results import DEFAULT_COMPRESSION
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions, parse_keep
 from .app import (
+    ApiKeyFileOpt,
     CenterOpt,
     ClustersOpt,
     DenoiseOpt,
@@ -28,6 +29,7 @@ from .app import (
     flag,
     friendly,
     split_references,
+    use_api_key_file,
 )
 
 __all__ = ["demo", "run_cmd", "run_options", "watch_cmd"]
@@ -80,7 +82,8 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
 @app.command("run")
 @friendly
 def run_cmd(
-    input: Path = typer.Argument(..., help="Data Exchange HDF5 (projections or /exchange/recon) or folder of per-energy files."),
+    input: str = typer.Argument(..., help="Data Exchange HDF5 (projections or /exchange/recon), folder of per-energy "
+                                         "files, or a Tiled URI (http://HOST:PORT/api/v1/metadata/PATH)."),
     output: Path = typer.Argument(..., help="Result HDF5 (a report folder RESULT_report/ is written beside it)."),
     device: Device = DeviceOpt,
     reference: str = ReferenceOpt,
@@ -108,10 +111,12 @@ def run_cmd(
     align_projections: bool = AlignProjectionsOpt,
     compression: str = CompressionOpt,
     store_dtype: str = StoreDtypeOpt,
+    api_key_file: Optional[Path] = ApiKeyFileOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
 
+    use_api_key_file(api_key_file)
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, ramp=ramp,
                           model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report,

@@ -11,6 +11,7 @@ import typer
 
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, parse_center
 from .app import (
+    ApiKeyFileOpt,
     CenterOpt,
     ClustersOpt,
     DenoiseOpt,
@@ -27,6 +28,7 @@ from .app import (
     flag,
     friendly,
     split_references,
+    use_api_key_file,
 )
 
 __all__ = ["export", "plot", "recon", "register", "report", "simulate", "view", "xanes"]
@@ -214,15 +216,18 @@ def simulate(
 @app.command()
 @friendly
 def recon(
-    input: Path = typer.Argument(..., help="Data Exchange HDF5, or a folder/glob of per-energy HDF5 or TIFF files."),
+    input: str = typer.Argument(..., help="Data Exchange HDF5, a folder/glob of per-energy HDF5 or TIFF files, or a "
+                                         "Tiled URI."),
     output: Path = typer.Argument(..., help="HDF5 with /exchange/recon (n_energy, nz, ny, nx), energies and /truth."),
     center: Optional[str] = CenterOpt,
     fbp_filter: FBPFilter = FilterOpt,
     device: Device = DeviceOpt,
+    api_key_file: Optional[Path] = ApiKeyFileOpt,
 ):
     """Flat/dark-correct and FBP-reconstruct every energy (ASTRA; CUDA when available)."""
     from ..recon.fbp import reconstruct_file
 
+    use_api_key_file(api_key_file)
     done = []
     with _step_progress("recon", None) as step:
         reconstruct_file(input, output, center=parse_center(center), filter=fbp_filter.value, device=device.value,

@@ -25,6 +25,7 @@ __all__ = ["InputReader"]
 
 _log = logging.getLogger("gpureg")
 _MIN_TOMO_ANGLES = 10  # fewer projections than this: too few to judge the angular range
+_URI_RE = re.compile(r"^(tiled\+)?https?://", re.IGNORECASE)
 _ENERGY_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(k?ev)(?![a-z])", re.IGNORECASE)
 
 
@@ -114,6 +115,27 @@ class InputReader:
         if not 0 <= int(i) < self.n_energy:
             raise IndexError(f"{self.path}: energy index {i} out of range 0..{self.n_energy - 1}")
         return int(i)
+
+
+def is_uri(path) -> bool:
+    """True for a Tiled URI (``http(s)://...`` or ``tiled+http(s)://...``) rather than a file path."""
+    return isinstance(path, str) and _URI_RE.match(path) is not None
+
+
+def source_path(source):
+    """What a reader calls its input: a Path, or (a Tiled URI or :class:`~gpureg.io.tiled.TiledFile`) as given."""
+    if hasattr(source, "open_group") or is_uri(source):
+        return source
+    return Path(source)
+
+
+def open_group(source):
+    """The root group of an input file: ``h5py.File(source, "r")``, or a Tiled container's group view."""
+    if hasattr(source, "open_group"):
+        return source.open_group()
+    import h5py
+
+    return h5py.File(source, "r")
 
 
 def dataset(group, name, where):

@@ -119,6 +119,10 @@ class DataExchangeFile(InputReader):
     def __init__(self, path, *, single_energy: bool = False):
         import h5py
 
+        if hasattr(path, "open_group"):  # a Tiled container standing for the file
+            self.path, self._h5 = path, path.open_group()
+            self._validate(single_energy)
+            return
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: file not found")
@@ -250,8 +254,8 @@ class DataExchangeFile(InputReader):
         return out
 
     def close(self):
-        h5 = getattr(self, "_h5", None)
-        if h5 is not None and h5.id.valid:
+        h5, self._h5 = getattr(self, "_h5", None), None
+        if h5 is not None:
             h5.close()
 
 

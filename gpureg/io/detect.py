@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import InputReader
+from .base import InputReader, is_uri, open_group
 from .dataexchange import DataExchangeFile
 from .files import InputError
 from .stacks import FileStack, TiffStack
@@ -61,6 +61,8 @@ def open_detected(path) -> InputReader:
         One line naming the file and, when no layout matches, each layout tried and what it lacked.
     """
     text = str(path)
+    if is_uri(text):
+        return _open_tiled(text)
     if any(ch in text for ch in "*?["):
         entries = sorted(Path(f) for f in _glob.glob(text))
         if not entries:
@@ -185,13 +187,11 @@ def _open_hdf5(label, files):
 
 
 def _hdf5_layout(path):
-    import h5py
-
     from .fxi import is_fxi
     from .nexus import nxtomo_entries
 
     try:
-        with h5py.File(path, "r") as h5:
+        with open_group(path) as h5:
             if "exchange" in h5:
                 return "Data Exchange"
             if is_fxi(h5):
@@ -201,6 +201,29 @@ def _hdf5_layout(path):
     except OSError as exc:
         raise InputError(f"{path}: cannot open as HDF5 ({exc})") from None
     return None
+
+
+def _open_tiled(uri):
+    """A Tiled node: a Bluesky run, one served file (a container in a known layout), or a folder of them."""
+    from .tiled import TiledFile, connect, describe_node, family, is_bluesky_run, normalize_uri
+
+    uri = normalize_uri(uri).rstrip("/")
+    node = connect(uri)
+    if is_bluesky_run(node):
+        from .tiled_run import BlueskyRun
+
+        return BlueskyRun(node, uri)
+    if family(node) == "container":
+        whole = TiledFile(node, uri)
+        if _hdf5_layout(whole) is not None:
+            return _open_hdf5(uri, [whole])
+        files = [TiledFile(node[k], f"{uri}/{k}") for k in node]
+        files = [f for f in files if family(f.node) == "container" and _hdf5_layout(f) is not None]
+        if files:
+            return _open_hdf5(uri, files)
+    raise InputError(f"{uri}: holds {describe_node(node, uri)}; expected a tomography container: Data Exchange "
+                     "(exchange/data or exchange/recon), NSLS-II FXI 18-ID (img_tomo, X_eng), NeXus NXtomo (an "
+                     "NXentry with image_key), a container of such files, or a Bluesky run (TiledWriter)")
 
 
 def _lacks(path) -> str:

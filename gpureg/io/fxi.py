@@ -9,11 +9,10 @@ such as ``"21.3nm"``, or a number in nm), ``/Magnification``.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
-from .base import InputReader
+from .base import InputReader, open_group, source_path
 from .files import InputError
 
 __all__ = ["FXI_REQUIRED", "FxiSeries", "is_fxi"]
@@ -30,17 +29,15 @@ class FxiSeries(InputReader):
     """Per-energy FXI 18-ID files (each read lazily: one energy at a time)."""
 
     def __init__(self, label, files):
-        import h5py
-
-        self.path = Path(label)
+        self.path = source_path(label)
         self.layout = "NSLS-II FXI 18-ID"
         self.attrs = {}
         guessed = []
         items = []
         for f in files:
             try:
-                with h5py.File(f, "r") as h5:
-                    items.append(_metadata(Path(f), h5, guessed))
+                with open_group(f) as h5:
+                    items.append(_metadata(source_path(f), h5, guessed))
             except OSError as exc:
                 raise InputError(f"{f}: cannot open as HDF5 ({exc})") from None
         items.sort(key=lambda it: it["energy"])
@@ -71,10 +68,8 @@ class FxiSeries(InputReader):
         self.guessed = tuple(dict.fromkeys(guessed))
 
     def _read(self, i, name):
-        import h5py
-
         it = self._items[self._index(i)]
-        with h5py.File(it["path"], "r") as h5:
+        with open_group(it["path"]) as h5:
             if name not in h5:
                 return np.zeros((1,) + self.shape[1:], dtype=np.float32)
             return np.asarray(h5[name][()], dtype=np.float32)
@@ -127,6 +122,8 @@ def _pixel_size(h5, path):
     if "Pixel Size" not in h5:
         return None
     v = h5["Pixel Size"][()]
+    if isinstance(v, np.ndarray) and v.size == 1:  # a scalar served by Tiled comes as one element
+        v = v.reshape(-1)[0]
     if isinstance(v, bytes):
         v = v.decode(errors="replace")
     if isinstance(v, str):

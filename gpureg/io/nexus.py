@@ -15,11 +15,9 @@ energy (in one file or several).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from .base import InputReader
+from .base import InputReader, open_group, source_path
 from .files import InputError
 
 __all__ = ["NexusTomo", "nxtomo_entries"]
@@ -47,9 +45,7 @@ class NexusTomo(InputReader):
     """NXtomo entries of one or more files, grouped by energy."""
 
     def __init__(self, label, files):
-        import h5py
-
-        self.path = Path(label)
+        self.path = source_path(label)
         self.layout = "NeXus NXtomo"
         self.kind = "projections"
         self.attrs = {}
@@ -57,7 +53,7 @@ class NexusTomo(InputReader):
         groups = {}  # energy key -> dict(file, data, proj, flat, dark, angle, where)
         for f in files:
             try:
-                h5 = h5py.File(f, "r")
+                h5 = open_group(f)
             except OSError as exc:
                 raise InputError(f"{f}: cannot open as HDF5 ({exc})") from None
             with h5:
@@ -65,7 +61,7 @@ class NexusTomo(InputReader):
                 if not names:
                     raise InputError(f"{f}: no NXentry with instrument/detector/data and image_key (NXtomo)")
                 for name in names:
-                    for key, g in _entry_groups(Path(f), h5[name], name, guessed).items():
+                    for key, g in _entry_groups(source_path(f), h5[name], name, guessed).items():
                         if key in groups:
                             raise InputError(f"{g['where']}: energy {key:g} eV repeats that of {groups[key]['where']}")
                         groups[key] = g
@@ -89,13 +85,11 @@ class NexusTomo(InputReader):
         self.guessed = tuple(dict.fromkeys(guessed))
 
     def _read(self, i, what):
-        import h5py
-
         g = self._groups[self._index(i)]
         idx = g[what]
         if not len(idx):
             return np.zeros((1,) + self.shape[1:], dtype=np.float32)
-        with h5py.File(g["file"], "r") as h5:
+        with open_group(g["file"]) as h5:
             return np.asarray(h5[g["data"]][idx], dtype=np.float32)
 
     def projections(self, i):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import InputReader, energy_from_name
+from .base import InputReader, energy_from_name, source_path
 from .dataexchange import DataExchangeFile
 from .files import InputError
 
-__all__ = ["FileStack", "TIFF_SUFFIXES", "TiffStack"]
+__all__ = ["TIFF_SUFFIXES", "FileStack", "TiffStack"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -29,7 +29,7 @@ class FileStack(InputReader):
     """A folder of per-energy Data Exchange HDF5 files (one energy each)."""
 
     def __init__(self, label, files):
-        self.path = Path(label)
+        self.path = source_path(label)
         self._files = []
         try:
             for f in files:

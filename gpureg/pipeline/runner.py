@@ -25,6 +25,7 @@ from ..core.backend import to_host
 from ..core.config import submit
 from ..core.transform import apply_affine
 from ..core.version import __version__
+from ..io.base import is_uri
 from ..io.files import BadEnergyError, InputError
 from ..io.lock import OutputLock
 from ..io.results import ResultStore, drop_datasets, lock_path, log_path, partial_path, read_result, report_dir_for
@@ -100,7 +101,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
 
                 prepare_references(options.references, np.sort(energies))
             ref = reference_index(energies, options.reference)
-            checksum = file_checksum(input)
+            checksum = reader_fingerprint(reader) if is_uri(str(input)) else file_checksum(input)
             work = partial_path(output)
             with RunLog(log_path(output)):
                 _log.info("gpureg %s: %s -> %s; devices: registration on %s, FBP on %s", __version__, reader.path,
@@ -140,6 +141,17 @@ def file_checksum(path) -> str:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 23), b""):
                 h.update(block)
+    return h.hexdigest()
+
+
+def reader_fingerprint(reader) -> str:
+    """BLAKE2b of what a reader presents (source, energies, angles, shape): the checksum of a served input."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(reader.path).encode())
+    h.update(repr(tuple(reader.shape)).encode())
+    for a in (reader.energies, reader.theta):
+        if a is not None:
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
