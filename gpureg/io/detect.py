@@ -217,8 +217,8 @@ def _open_tiled(uri):
         whole = TiledFile(node, uri)
         if _hdf5_layout(whole) is not None:
             return _open_hdf5(uri, [whole])
-        files = [TiledFile(node[k], f"{uri}/{k}") for k in node]
-        files = [f for f in files if family(f.node) == "container" and _hdf5_layout(f) is not None]
+        files = [TiledFile(child, f"{uri}/{k}") for k, child in node.items() if family(child) == "container"]
+        files = [f for f in files if _hdf5_layout(f) is not None]
         if files:
             return _open_hdf5(uri, files)
     raise InputError(f"{uri}: holds {describe_node(node, uri)}; expected a tomography container: Data Exchange "

@@ -30,11 +30,12 @@ import numpy as np
 from .files import InputError
 
 __all__ = ["TiledFile", "TiledUnavailable", "connect", "describe_node", "family", "is_bluesky_run", "normalize_uri",
-           "retrying", "translate_errors", "use_api_key_file"]
+           "retrying", "set_outage_limit", "translate_errors", "use_api_key_file"]
 
 _log = logging.getLogger("gpureg")
 _BLOCK_BYTES = 64 << 20  # one request fetches at most this much of an array
 _KEY_FILE = None
+_OUTAGE_S = 120.0
 
 
 class TiledUnavailable(InputError):
@@ -67,12 +68,20 @@ def _api_key():
     return (key.strip(), "TILED_API_KEY") if key and key.strip() else (None, None)
 
 
+def set_outage_limit(seconds: float) -> None:
+    """How long reads keep retrying a server that went away (default 120 s; ``gpureg watch`` sets its own)."""
+    global _OUTAGE_S
+    _OUTAGE_S = float(seconds)
+
+
 def _import_client():
-    os.environ.setdefault("TILED_RETRY_ATTEMPTS", "1")  # gpureg retries itself (retrying), one line per outage
     try:
         from tiled.client import from_uri
+        from tiled.client import utils as client_utils
     except ImportError:
         raise InputError("reading from a Tiled server needs the Tiled client: pip install 'gpureg[live]'") from None
+    if "TILED_RETRY_ATTEMPTS" not in os.environ:  # gpureg retries itself (retrying): one line per outage
+        client_utils.TILED_RETRY_ATTEMPTS = 1
     return from_uri
 
 
@@ -152,10 +161,15 @@ def translate_errors(fn, uri, key_source=None):
             raise TiledUnavailable(f"{uri}: Tiled server error (HTTP {code})") from None
         raise InputError(f"{uri}: Tiled server answered HTTP {code}") from None
     except RuntimeError as exc:
-        if "api key" in str(exc).lower():  # tiled's own message when a server needs a key and none was given
+        if "api key" not in str(exc).lower():  # tiled's own message when a server refuses anonymous access
+            raise
+        if key_source is None:
+            key_source = _api_key()[1]
+        if key_source is None:
             raise InputError(f"{uri}: the Tiled server requires an API key and none was given: set TILED_API_KEY "
                              "or pass --api-key-file FILE") from None
-        raise
+        raise InputError(f"{uri}: the Tiled server refused the API key from {key_source} (HTTP 401): give a key "
+                         "with read access (and write access for --publish)") from None
     except (httpx.TransportError, ConnectionError) as exc:
         raise TiledUnavailable(f"Tiled server at {_host(uri)} unreachable ({type(exc).__name__})") from None
     except KeyError as exc:
@@ -209,7 +223,7 @@ class TiledDataset:
 
     def _read(self, key):
         key = tuple(_plain(k) for k in key)
-        return translate_errors(lambda: np.asarray(self._node[key]), self.uri)
+        return retrying(lambda: translate_errors(lambda: np.asarray(self._node[key]), self.uri), self.uri, _OUTAGE_S)
 
 
 def _plain(k):
@@ -229,8 +243,10 @@ class TiledGroup:
         self._children = {}
 
     def keys(self):
-        if self._keys is None:
-            self._keys = translate_errors(lambda: list(self._node), self.uri)
+        if self._keys is None:  # one paged listing brings every child's structure and metadata
+            self._nodes = retrying(lambda: translate_errors(lambda: dict(self._node.items()), self.uri), self.uri,
+                                   _OUTAGE_S)
+            self._keys = list(self._nodes)
         return list(self._keys)
 
     def __iter__(self):
@@ -250,7 +266,7 @@ class TiledGroup:
         if head not in self._children:
             if head not in self.keys():
                 raise KeyError(f"{self.uri}/{head}")
-            node = translate_errors(lambda: self._node[head], self.uri)
+            node = self._nodes[head]
             uri = f"{self.uri}/{head}"
             self._children[head] = TiledGroup(node, uri) if family(node) in ("container", "composite") \
                 else TiledDataset(node, uri)
@@ -290,10 +306,13 @@ class TiledFile:
     def __init__(self, node, uri):
         self.node, self.uri = node, uri.rstrip("/")
         self.name = self.stem = self.uri.rsplit("/", 1)[-1]
+        self._group = None
 
     def open_group(self):
-        """The container as an ``h5py.File``-like :class:`TiledGroup`."""
-        return TiledGroup(self.node, self.uri)
+        """The container as an ``h5py.File``-like :class:`TiledGroup` (one per file: its listings are kept)."""
+        if self._group is None:
+            self._group = TiledGroup(self.node, self.uri)
+        return self._group
 
     def is_file(self):
         return True
