@@ -34,7 +34,8 @@ from .options import RunOptions, resolve_devices
 from .runner import run
 from .steps import Loader, check_output
 
-__all__ = ["is_temporary", "rereference", "watch", "WatchState"]
+__all__ = ["WatchState", "finish_watch", "is_temporary", "provisional_reference", "register_arrival", "rereference",
+           "watch"]
 
 _log = logging.getLogger("gpureg")
 _RETRY_S = 30.0  # an unreadable file that does not change is tried again after this long
@@ -174,13 +175,82 @@ def watch(directory, output, options: RunOptions | None = None, *, pattern: str 
             _log.warning("gpureg: watch interrupted with %d energies done (kept in %s); run the same command again "
                          "to resume", len(state.entries), state.folder)
             raise
-        return _finish(directory, output, state, options, devices, overwrite)
+        return finish_watch(directory, output, state, options, devices, overwrite)
 
 
 def is_temporary(name: str) -> bool:
     """Hidden or temporary file names a writer uses before its final rename (``.*``, ``~*``, ``*.tmp``, ``*.part``)."""
     low = name.lower()
     return name.startswith((".", "~")) or low.endswith((".tmp", ".part", ".partial", "~"))
+
+
+def register_arrival(state, source, energy, vol, reference, options, device, seen_at):
+    """Register one newly arrived energy to the provisional reference and record it in ``state``.
+
+    The first energy becomes the provisional reference (identity); later ones are
+    warm-started from the nearest energy done.
+
+    Parameters
+    ----------
+    state : WatchState
+    source : str
+        Name of the energy's source (file name, or run and energy).
+    energy : float
+        eV.
+    vol : (nz, ny, nx) ndarray
+        The reconstructed volume.
+    reference : PreparedReference or None
+        The provisional reference (None: this energy becomes it).
+    options : RunOptions
+    device : str
+        Registration device.
+    seen_at : float
+        ``time.monotonic()`` when the energy was first seen (for the latency).
+
+    Returns
+    -------
+    reference, event
+        The provisional reference (new or unchanged) and the ``on_energy`` event dict
+        (``energy``, ``source``, ``latency_s``, ``mse_before``, ``mse_after``, ``count``).
+    """
+    if reference is None:
+        matrix, before, after, provisional = np.eye(4), 0.0, 0.0, True
+        reference = prepare_reference(vol, device, options.prep, name=f"{source} (provisional reference)")
+    else:
+        moving = prepare_volume(vol, device, reference.prep, name=source)
+        init = warm_start(((v["energy"], None if v["provisional"] else v["matrix"])
+                           for v in state.entries.values()), energy)
+        res = register_prepared(reference.volume, moving, model=options.model.value, init=init)
+        matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
+    latency = time.monotonic() - seen_at
+    state.add(source, energy, vol, matrix, latency, provisional)
+    return reference, {"energy": energy, "source": source, "latency_s": latency, "mse_before": before,
+                       "mse_after": after, "count": len(state.entries)}
+
+
+def provisional_reference(state, options, device):
+    """The prepared provisional reference of a resumed watch (None before the first energy)."""
+    if state.provisional is None:
+        return None
+    return prepare_reference(state.recon(state.provisional), device, options.prep, name="provisional reference")
+
+
+def finish_watch(source, output, state, options, devices, overwrite):
+    """Re-reference every transform to the final reference and write the result by :func:`gpureg.pipeline.run`."""
+    from ..io.dataexchange import write_dataexchange
+
+    if len(state.entries) < 2:
+        raise InputError(f"{source}: watch ended with {len(state.entries)} energies; need at least 2")
+    sources = sorted(state.entries, key=lambda k: state.entries[k]["energy"])
+    energies = np.array([state.entries[k]["energy"] for k in sources])
+    final = rereference([state.entries[k]["matrix"] for k in sources], energies, options.reference)
+    stack = state.folder / "recon.h5"  # rewritten when a resumed watch has other energies than the last one
+    if not stack.exists() or not np.array_equal(_stack_energies(stack), energies):
+        write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
+                           attrs={"source": str(source)})
+    # The stack holds the (aligned) reconstructions: nothing left to align.
+    return run(stack, output, options.replace(align_projections=False), overwrite=overwrite, matrices=final,
+               devices=devices)
 
 
 # --- internals ---------------------------------------------------------------------------
@@ -226,9 +296,7 @@ def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeou
     from ..io.readers import open_input
 
     dev = devices.registration
-    reference = None
-    if state.provisional is not None:
-        reference = prepare_reference(state.recon(state.provisional), dev, options.prep, name="provisional reference")
+    reference = provisional_reference(state, options, dev)
     files = _Candidates(directory, pattern, sentinel, settle)
     energies_done = {round(v["energy"], 6): k for k, v in state.entries.items()}
     seen_at, last_new = {}, time.monotonic()
@@ -249,22 +317,11 @@ def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeou
             except (OSError, ValueError, KeyError) as exc:  # InputError is a ValueError
                 files.fail(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
-            if reference is None:
-                matrix, before, after, provisional = np.eye(4), 0.0, 0.0, True
-                reference = prepare_reference(vol, dev, options.prep, name=f"{name} (provisional reference)")
-            else:
-                moving = prepare_volume(vol, dev, reference.prep, name=name)
-                init = warm_start(((v["energy"], None if v["provisional"] else v["matrix"])
-                                   for v in state.entries.values()), energy)
-                res = register_prepared(reference.volume, moving, model=options.model.value, init=init)
-                matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
-            latency = time.monotonic() - seen_at[name]
-            state.add(name, energy, vol, matrix, latency, provisional)
+            reference, event = register_arrival(state, name, energy, vol, reference, options, dev, seen_at[name])
             energies_done[round(energy, 6)] = name
             last_new = time.monotonic()
             if on_energy is not None:
-                on_energy({"energy": energy, "source": name, "latency_s": latency, "mse_before": before,
-                           "mse_after": after, "count": len(state.entries)})
+                on_energy(event)
         if expect is not None and len(state.entries) >= expect:
             _log.warning("gpureg: watch: %d energies, as expected; finishing", len(state.entries))
             return
@@ -276,23 +333,6 @@ def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeou
                          len(state.entries))
             return
         time.sleep(poll)
-
-
-def _finish(directory, output, state, options, devices, overwrite):
-    from ..io.dataexchange import write_dataexchange
-
-    if len(state.entries) < 2:
-        raise InputError(f"{directory}: watch ended with {len(state.entries)} energy file(s); need at least 2")
-    sources = sorted(state.entries, key=lambda k: state.entries[k]["energy"])
-    energies = np.array([state.entries[k]["energy"] for k in sources])
-    final = rereference([state.entries[k]["matrix"] for k in sources], energies, options.reference)
-    stack = state.folder / "recon.h5"  # rewritten when a resumed watch has other energies than the last one
-    if not stack.exists() or not np.array_equal(_stack_energies(stack), energies):
-        write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
-                           attrs={"source": str(directory)})
-    # The stack holds the (aligned) reconstructions: nothing left to align.
-    return run(stack, output, options.replace(align_projections=False), overwrite=overwrite, matrices=final,
-               devices=devices)
 
 
 def _stack_energies(path):
