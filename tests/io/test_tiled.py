@@ -24,7 +24,7 @@ import tiled_servers
 from tiled_servers import KEY
 
 SIZE, N_ANGLES = 24, 31
-ENERGIES = np.array([6500.0, 6540.0, 6548.0, 6552.5, 6556.0, 6620.0])
+ENERGIES = np.array([6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0])
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_short_uri_form_and_sub_node(served):
 
 
 def test_not_a_tomography_container_says_what_it_holds(served):
-    with pytest.raises(InputError, match=r"scan/exchange/data: holds an array of shape \(6, 31, 24, 24\).*expected a "
+    with pytest.raises(InputError, match=r"scan/exchange/data: holds an array of shape \(7, 31, 24, 24\).*expected a "
                                          r"tomography container"):
         open_input(f"{served['uri']}/scan/exchange/data")
     with pytest.raises(InputError, match=r"scan/exchange: holds a container of .* entries \(.*data.*\); expected"):
@@ -144,5 +144,5 @@ def test_cli_info_with_key_file_never_shows_the_key(served, tmp_path):
     out = subprocess.run([sys.executable, "-m", "gpureg", "info", f"{served['uri']}/fxi", "--api-key-file",
                           str(key_file)], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    assert "NSLS-II FXI 18-ID" in out.stdout and "energies    6:" in out.stdout
+    assert "NSLS-II FXI 18-ID" in out.stdout and "energies    7:" in out.stdout
     assert KEY not in out.stdout + out.stderr
