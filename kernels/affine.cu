@@ -23,7 +23,7 @@ resample_affine(const float* __restrict__ volume, int mz, int my, int mx, float*
   const int z = blockIdx.z;
   if (x >= nx || y >= ny || z >= nz) return;
   const gpureg::Affine a = GPUREG_AFFINE_INIT;
-  out[(z * ny + y) * nx + x] = gpureg::resample_voxel(volume, mz, my, mx, a, z, y, x, cval);
+  out[((gpureg::index_t)z * ny + y) * nx + x] = gpureg::resample_voxel(volume, mz, my, mx, a, z, y, x, cval);
 }
 
 // The fused MSE pass. Each warp takes whole reference rows (z, y) in turn
@@ -44,6 +44,13 @@ resample_affine(const float* __restrict__ volume, int mz, int my, int mx, float*
 // (without the bound it spilled 12 bytes in the hessian=False variants on sm_80).
 constexpr int kMseThreads = GPUREG_THREADS;          // gpureg.core.kernel_layout.THREADS
 constexpr int kMseMinBlocks = GPUREG_MSE_MIN_BLOCKS;  // gpureg.core.kernel_layout.MSE_MIN_BLOCKS
+// The device solver's pass (transform from shared memory) with 64-bit indices needs more than 64
+// registers: NVRTC 13.5 spilled 72 B at 4 blocks per SM, none at 3.
+#if defined(GPUREG_WIDE_INDEX)
+constexpr int kMseStateMinBlocks = GPUREG_MSE_STATE_MIN_BLOCKS_WIDE;
+#else
+constexpr int kMseStateMinBlocks = kMseMinBlocks;
+#endif
 
 namespace gpureg {
 
@@ -93,7 +100,7 @@ mse_terms_pass(const float* __restrict__ fixed, const float* __restrict__ moving
 // state (lm_step.cuh, written by lm_step in solver.cu), about the centre (cz, cy, cx); nothing
 // is computed once the solver has stopped (its partials are then ignored).
 template <bool Hessian, typename MaskT>
-__global__ void __launch_bounds__(kMseThreads, kMseMinBlocks)
+__global__ void __launch_bounds__(kMseThreads, kMseStateMinBlocks)
 mse_terms_state_pass(const float* __restrict__ fixed, const float* __restrict__ moving, const MaskT* __restrict__ mask,
                      const int* __restrict__ row_code, int nz, int ny, int nx, int mz, int my, int mx, const double* __restrict__ state, float cz, float cy, float cx,
                      double* __restrict__ partials) {

@@ -33,7 +33,7 @@ ffd_residual_pass(const float* __restrict__ fixed, const float* __restrict__ mov
     const int z = (int)(row / ny);
     float r, g[3];
     const bool ok = gpureg::ffd_voxel(fixed, moving, nz, ny, nx, coeffs, cz, cy, cx, a, scale, inv_spacing, z, y, x,
-                                      r, g) && gpureg::inside(mask, (int)i);
+                                      r, g) && gpureg::inside(mask, (gpureg::index_t)i);
     const float s = ok ? r * inv_scale : 0.0f;
     rg[i] = s * g[0];
     rg[n + i] = s * g[1];

@@ -13,7 +13,7 @@ downsample2(const float* __restrict__ in, int ny, int nx, float* __restrict__ ou
   const int y = blockIdx.y * blockDim.y + threadIdx.y;
   const int z = blockIdx.z;
   if (x >= ox || y >= oy || z >= oz) return;
-  out[(z * oy + y) * ox + x] = gpureg::box_mean8(in, ny, nx, z, y, x);
+  out[((gpureg::index_t)z * oy + y) * ox + x] = gpureg::box_mean8(in, ny, nx, z, y, x);
 }
 
 // Moments (sum w, sum w z, sum w y, sum w x) of w = max(v - median, 0).
@@ -45,9 +45,16 @@ com_moments(const float* __restrict__ v, int nz, int ny, int nx, float median, d
 // Launch: block GPUREG_THREADS, any grid.
 constexpr int kRadixBins = 2048;
 
+// The counts: 32-bit, or 64-bit in the wide build (a 2048 x 2048 x 1024 volume has 2^32 values).
+#if defined(GPUREG_WIDE_INDEX)
+typedef unsigned long long radix_count_t;
+#else
+typedef unsigned int radix_count_t;
+#endif
+
 extern "C" __global__ void __launch_bounds__(GPUREG_THREADS)
 radix_histogram(const float* __restrict__ v, long long n, unsigned int prefix, unsigned int prefix_mask, int shift,
-                unsigned int bin_mask, unsigned int* __restrict__ hist) {
+                unsigned int bin_mask, radix_count_t* __restrict__ hist) {
   __shared__ unsigned int sh[kRadixBins];
   for (int b = threadIdx.x; b < kRadixBins; b += blockDim.x) sh[b] = 0u;
   __syncthreads();
@@ -71,6 +78,6 @@ radix_histogram(const float* __restrict__ v, long long n, unsigned int prefix, u
   }
   __syncthreads();
   for (int b = threadIdx.x; b <= (int)bin_mask; b += blockDim.x) {
-    if (sh[b] != 0u) atomicAdd(&hist[b], sh[b]);
+    if (sh[b] != 0u) atomicAdd(&hist[b], (radix_count_t)sh[b]);
   }
 }

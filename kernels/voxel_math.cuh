@@ -35,6 +35,15 @@
 
 namespace gpureg {
 
+// Index of a voxel in a volume. 32-bit by default; the loader builds a second variant with
+// GPUREG_WIDE_INDEX for volumes of more than 2^31 - 1 voxels (a 2048 x 2048 x 1024 tomogram),
+// selected by size as cupyx.scipy.ndimage does. Row and plane counts stay int.
+#if defined(GPUREG_WIDE_INDEX)
+typedef long long index_t;
+#else
+typedef int index_t;
+#endif
+
 // Layout of the per-row sums of the fused MSE pass (one float per term). With
 // x' = x - c_x, the sums over one reference row (z, y) are
 //   S_a[ik] = sum g_i g_k x'^a  (a = 0, 1, 2; pairs ik = zz zy zx yy yx xx),
@@ -116,9 +125,9 @@ GPUREG_HD bool sample(const float* vol, int nz, int ny, int nx, int bz, int by, 
     }
     return false;
   }
-  const int sy = nx;
-  const int sz = ny * nx;
-  const float* p = vol + ((iz * ny + iy) * nx + ix);
+  const index_t sy = nx;
+  const index_t sz = (index_t)ny * nx;
+  const float* p = vol + (((index_t)iz * ny + iy) * nx + ix);
   const float v000 = load(p), v001 = load(p + 1);
   const float v010 = load(p + sy), v011 = load(p + sy + 1);
   const float v100 = load(p + sz), v101 = load(p + sz + 1);
@@ -150,8 +159,8 @@ GPUREG_HD void voxel_offset(const Affine& a, const float base[3], float ex, floa
 }
 
 // Whether reference voxel idx is inside the optional mask (null: no mask).
-GPUREG_HD bool inside(const float* mask, int idx) { return mask == nullptr || mask[idx] > 0.5f; }
-GPUREG_HD bool inside(const bool* mask, int idx) { return mask == nullptr || mask[idx]; }
+GPUREG_HD bool inside(const float* mask, index_t idx) { return mask == nullptr || mask[idx] > 0.5f; }
+GPUREG_HD bool inside(const bool* mask, index_t idx) { return mask == nullptr || mask[idx]; }
 
 // Adds one valid voxel's residual r, gradient g and x' to the row sums t
 // (layout above). Without Hessian only R, SSE and the count are formed.
@@ -206,7 +215,7 @@ GPUREG_HD void mse_row_lane(const float* fixed, const float* moving, const MaskT
   const float ey = (float)y - a.c[1];
   float base[3];
   row_base(a, ez, ey, base);
-  const int row = (z * ny + y) * nx;
+  const index_t row = ((index_t)z * ny + y) * nx;
   for (int x = lane; x < nx; x += stride) {
 #if defined(__CUDA_ARCH__)
     if (Reload) asm volatile("" ::: "memory");
@@ -321,8 +330,8 @@ GPUREG_HD float resample_voxel(const float* vol, int mz, int my, int mx, const A
 
 // Mean of the 2x2x2 block of v (., ny, nx) under output voxel (z, y, x).
 GPUREG_HD float box_mean8(const float* v, int ny, int nx, int z, int y, int x) {
-  const int sz = ny * nx;
-  const float* p = v + ((2 * z) * ny + 2 * y) * nx + 2 * x;
+  const index_t sz = (index_t)ny * nx;
+  const float* p = v + ((index_t)(2 * z) * ny + 2 * y) * nx + 2 * x;
   const float lo = (load(p) + load(p + 1)) + (load(p + nx) + load(p + nx + 1));
   const float hi = (load(p + sz) + load(p + sz + 1)) + (load(p + sz + nx) + load(p + sz + nx + 1));
   return (lo + hi) * 0.125f;

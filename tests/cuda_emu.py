@@ -133,8 +133,9 @@ inline unsigned __match_any_sync(unsigned mask, unsigned v) {
   return r;
 }
 
-inline unsigned atomicAdd(unsigned* p, unsigned v) {
-  const unsigned old = *p;  // fibers never interleave inside a call
+template <class T>
+inline T atomicAdd(T* p, T v) {
+  const T old = *p;  // fibers never interleave inside a call
   *p += v;
   return old;
 }
@@ -240,7 +241,7 @@ int e_moments(const float* v, int nz, int ny, int nx, float median, int blocks, 
 }
 
 int e_radix(const float* v, long long n, unsigned prefix, unsigned prefix_mask, int shift, unsigned bin_mask,
-            unsigned* hist, int blocks, int threads) {
+            radix_count_t* hist, int blocks, int threads) {
   emu::misuse = false;
   emu::launch(radix_histogram, dim3{(unsigned)blocks, 1, 1}, dim3{(unsigned)threads, 1, 1}, v, n, prefix,
               prefix_mask, shift, bin_mask, hist);
@@ -306,12 +307,15 @@ F32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
 F64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
 I32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
 U32 = np.ctypeslib.ndpointer(np.uint32, flags="C_CONTIGUOUS")
+U64 = np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS")
 U8 = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
 
 
-def build(tmp_path_factory):
-    """Compile the emulator with the kernels (skips the test without g++)."""
-    lib = build_shared(tmp_path_factory, "emulator", SOURCE, ("-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas"))
+def build(tmp_path_factory, wide: bool = False):
+    """Compile the emulator with the kernels (skips the test without g++); ``wide``: the 64-bit index build."""
+    flags = ("-std=c++20", "-O1", "-Wall", "-Wno-unknown-pragmas", *((cuda_loader.WIDE_INDEX,) if wide else ()))
+    lib = build_shared(tmp_path_factory, "emulator_wide" if wide else "emulator", SOURCE, flags)
+    lib.wide = wide
     i, f = ctypes.c_int, ctypes.c_float
     lib.e_mse.argtypes = [F32, F32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, i, i, i, i, i, i, F32, i, i, i,
                           F64]
@@ -324,7 +328,8 @@ def build(tmp_path_factory):
     lib.e_resample.argtypes = [F32, i, i, i, F32, i, i, i, F32, f, I32, I32]
     lib.e_downsample2.argtypes = [F32, i, i, F32, i, i, i, I32, I32]
     lib.e_moments.argtypes = [F32, i, i, i, f, i, i, F64]
-    lib.e_radix.argtypes = [F32, ctypes.c_longlong, ctypes.c_uint, ctypes.c_uint, i, ctypes.c_uint, U32, i, i]
+    lib.e_radix.argtypes = [F32, ctypes.c_longlong, ctypes.c_uint, ctypes.c_uint, i, ctypes.c_uint, U64 if wide else U32,
+                            i, i]
     return lib
 
 

@@ -136,11 +136,11 @@ class Recorder:
         self.launches = []
         self.results = results or {}  # function -> callable(args) run at launch (e.g. to fill outputs)
 
-    def get_kernel(self, source, function, *rest, **kw):
+    def get_kernel(self, source, function, wide=False):
         def launch(grid, block, args):
             check_launch(source, function, args)
             self.launches.append({"function": function, "grid": grid, "block": block, "args": args,
-                                  "device": FakeDevice.current})
+                                  "device": FakeDevice.current, "wide": bool(wide)})
             if function in self.results:
                 self.results[function](args)
 

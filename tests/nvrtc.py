@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("sm_90", "sm_80")
+# Targets: each arch, and the variant with 64-bit voxel indices for sm_90.
+ARCHS = ("sm_90", "sm_80", "sm_90+wide")
 # The options CuPy adds for NVRTC (cupy/cuda/compiler.py) after gpureg's, and ptxas's report.
 CUPY_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
 REPORT = "--ptxas-options=-v"
@@ -112,18 +113,17 @@ def _run(job: dict) -> dict:
     lib = ctypes.CDLL(lib_path)
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    programs = {}
-    if job.get("extra"):
-        programs = {k: (text, names, []) for k, (text, names) in job["extra"].items()}
-    else:
-        for source in job.get("sources") or cuda_loader.KERNEL_FILES:
-            programs[source] = (cuda_loader.kernel_source(source), cuda_loader.KERNEL_FILES[source],
-                                list(cuda_loader.compile_options()))
     results = {}
-    for source, (text, names, options) in programs.items():
-        for arch in job["archs"]:
+    for source in job["extra"] or job.get("sources") or cuda_loader.KERNEL_FILES:
+        for arch in job["archs"]:  # "sm_90", or "sm_90+wide": the 64-bit index variant
+            target, _, variant = arch.partition("+")
+            if job["extra"]:
+                (text, names), options = job["extra"][source], []
+            else:
+                text, names = cuda_loader.kernel_source(source), cuda_loader.KERNEL_FILES[source]
+                options = list(cuda_loader.compile_options(wide=variant == "wide"))
             results.setdefault(source, {})[arch] = _compile(lib, text, source, names,
-                                                            [*options, f"-arch={arch}", *CUPY_OPTIONS, REPORT])
+                                                            [*options, f"-arch={target}", *CUPY_OPTIONS, REPORT])
     return {"version": f"{major.value}.{minor.value}", "results": results}
 
 

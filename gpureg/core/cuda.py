@@ -24,7 +24,7 @@ from .kernel_layout import N_MONOMIALS, N_TERMS, SUMS
 from .terms import MetricTerms
 
 __all__ = ["affine_args", "as_mask", "center_of_mass", "check_size", "downsample2", "median", "mse_pass_blocks", "mse_pass_name", "mse_terms",
-           "mse_terms_device", "pointer_or_null", "reduce_partials", "resample_affine", "unpack_terms"]
+           "mse_terms_device", "pointer_or_null", "reduce_partials", "resample_affine", "unpack_terms", "wide_index"]
 
 # Layout of the fused pass's sums (kernel_layout: also given to kernels/voxel_math.cuh).
 _S0, _S1, _S2, _R0, _R1, _SSE, _COUNT = (SUMS[k] for k in ("S0", "S1", "S2", "R0", "R1", "SSE", "COUNT"))
@@ -39,7 +39,8 @@ _BLOCK_3D = (32, 8, 1)
 _RADIX = ((11, 21), (11, 10), (10, 0))  # (bits, shift) of the three radix-select passes
 
 
-_MAX_ELEMENTS = 2**31 - 1  # the kernels index with 32-bit ints
+_MAX_ELEMENTS = 2**31 - 1  # above: the kernels' 64-bit index build (cuda_loader.WIDE_INDEX)
+_MAX_WIDE = 2**62  # 64-bit indices (with room for the kernels' 3-plane outputs)
 
 
 def affine_args(matrix, center) -> tuple:
@@ -133,7 +134,7 @@ def resample_affine(volume, matrix, out_shape, cval: float = 0.0):
         nz, ny, nx = out_shape
         mz, my, mx = volume.shape
         args = affine_args(matrix, (np.asarray(out_shape, dtype=np.float64) - 1.0) / 2.0)
-        kernel = get_kernel("affine.cu", "resample_affine")
+        kernel = get_kernel("affine.cu", "resample_affine", wide_index(volume.shape, out_shape))
         kernel(_grid_3d(out_shape), _BLOCK_3D,
                (volume, np.int32(mz), np.int32(my), np.int32(mx), out, np.int32(nz), np.int32(ny), np.int32(nx),
                 *args, np.float32(cval)))
@@ -203,20 +204,21 @@ def mse_terms_device(fixed, moving, matrix, center, mask=None, hessian: bool = T
     name = mse_pass_name(hessian, mask)
     nz, ny, nx = fixed.shape
     mz, my, mx = moving.shape
+    wide = wide_index(fixed.shape, moving.shape)
     with fixed.device:
-        kernel = get_kernel("affine.cu", name)
-        blocks = mse_pass_blocks(name, nz * ny)
+        kernel = get_kernel("affine.cu", name, wide)
+        blocks = mse_pass_blocks(name, nz * ny, wide=wide)
         partials = cp.empty(N_TERMS * N_MONOMIALS * blocks, dtype=cp.float64)
         args = affine_args(matrix, center)
         dims = (np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz), np.int32(my), np.int32(mx))
         row_code = None
         if empty_space is not None and mask is None:
             row_code = cp.empty(nz * ny, dtype=cp.int32)
-            get_kernel("affine.cu", "classify_rows")((-(-(nz * ny) // THREADS),), (THREADS,),
+            get_kernel("affine.cu", "classify_rows", wide)((-(-(nz * ny) // THREADS),), (THREADS,),
                                                      (*empty_space, *dims, *args, row_code))
         kernel((blocks,), (THREADS,), (fixed, moving, pointer_or_null(mask), pointer_or_null(row_code), *dims, *args,
                                        partials))
-        sums = reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks)
+        sums = reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks, wide=wide)
     return sums.reshape(N_TERMS, N_MONOMIALS)
 
 
@@ -252,9 +254,9 @@ def mse_pass_name(hessian: bool, mask) -> str:
     return f"mse_terms_pass<{'true' if hessian else 'false'}, {mask_type}>"
 
 
-def mse_pass_blocks(name: str, rows: int, source: str = "affine.cu") -> int:
+def mse_pass_blocks(name: str, rows: int, source: str = "affine.cu", wide: bool = False) -> int:
     """Grid of the fused pass: one warp per row up to the blocks that fill the device."""
-    return max(1, min(-(-rows // (THREADS // 32)), resident_blocks(source, name)))
+    return max(1, min(-(-rows // (THREADS // 32)), resident_blocks(source, name, wide)))
 
 
 def downsample2(volume):
@@ -279,7 +281,7 @@ def downsample2(volume):
             return out
         _, ny, nx = volume.shape
         oz, oy, ox = out_shape
-        get_kernel("volume.cu", "downsample2")(_grid_3d(out_shape), _BLOCK_3D,
+        get_kernel("volume.cu", "downsample2", wide_index(volume.shape))(_grid_3d(out_shape), _BLOCK_3D,
                                             (volume, np.int32(ny), np.int32(nx), out, np.int32(oz), np.int32(oy),
                                              np.int32(ox)))
     return out
@@ -307,12 +309,12 @@ def median(volume) -> float:
     n = int(v.size)
     if n == 0:
         raise ValueError("cannot take the median of an empty volume")
-    if n > 2**32 - 1:
-        raise ValueError(f"volume has {n} values; the median kernel counts at most 2**32 - 1")
+    check_size((n,), "volume")
+    wide = wide_index((n,))  # the 64-bit build also counts in 64 bits
     with v.device:
-        hist = cp.zeros(1 << max(b for b, _ in _RADIX), dtype=cp.uint32)
-        kernel = get_kernel("volume.cu", "radix_histogram")
-        blocks = max(1, min(-(-n // THREADS), resident_blocks("volume.cu", "radix_histogram")))
+        hist = cp.zeros(1 << max(b for b, _ in _RADIX), dtype=cp.uint64 if wide else cp.uint32)
+        kernel = get_kernel("volume.cu", "radix_histogram", wide)
+        blocks = max(1, min(-(-n // THREADS), resident_blocks("volume.cu", "radix_histogram", wide)))
 
         def histogram(prefix, prefix_mask, shift, bits):
             hist.fill(0)
@@ -374,17 +376,18 @@ def center_of_mass(volume) -> np.ndarray:
     med = np.float32(median(volume))
     with volume.device:
         name = "com_moments"
-        blocks = max(1, min(-(-(nz * ny) // (THREADS // 32)), resident_blocks("volume.cu", name)))
+        wide = wide_index(volume.shape)
+        blocks = max(1, min(-(-(nz * ny) // (THREADS // 32)), resident_blocks("volume.cu", name, wide)))
         partials = cp.empty(4 * blocks, dtype=cp.float64)
-        get_kernel("volume.cu", name)((blocks,), (THREADS,),
+        get_kernel("volume.cu", name, wide)((blocks,), (THREADS,),
                                    (volume, np.int32(nz), np.int32(ny), np.int32(nx), med, partials))
-        m = reduce_partials("volume.cu", partials, 4, blocks).get()
+        m = reduce_partials("volume.cu", partials, 4, blocks, wide=wide).get()
     if not m[0] > 0:
         return (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
     return m[1:] / m[0]
 
 
-def reduce_partials(name: str, partials, n_terms: int, blocks: int):
+def reduce_partials(name: str, partials, n_terms: int, blocks: int, wide: bool = False):
     """Sums over blocks of term-major block partials, in double, on the device.
 
     Parameters
@@ -394,6 +397,8 @@ def reduce_partials(name: str, partials, n_terms: int, blocks: int):
     partials : (n_terms * blocks,) cupy.ndarray of float64
         ``partials[term * blocks + block]``.
     n_terms, blocks : int
+    wide : bool
+        From the 64-bit index build of ``name`` (the one the pass used: no second compilation).
 
     Returns
     -------
@@ -401,7 +406,7 @@ def reduce_partials(name: str, partials, n_terms: int, blocks: int):
     """
     cp = require_cupy()
     out = cp.empty(n_terms, dtype=cp.float64)
-    get_kernel(name, "reduce_partials")((n_terms,), (THREADS,), (partials, np.int32(blocks), out))
+    get_kernel(name, "reduce_partials", wide)((n_terms,), (THREADS,), (partials, np.int32(blocks), out))
     return out
 
 
@@ -461,11 +466,28 @@ def _as_volume(cp, volume, name, min_size: int = 2):
         return cp.ascontiguousarray(volume, dtype=cp.float32)
 
 
+def wide_index(*shapes) -> bool:
+    """Whether a launch over arrays of these shapes needs the kernels' 64-bit index build.
+
+    The kernels index voxels with 32-bit ints up to 2^31 - 1 voxels, and are compiled a second
+    time with 64-bit indices for larger volumes (as ``cupyx.scipy.ndimage`` selects its
+    kernels by size); shapes are checked by :func:`check_size` first.
+    """
+    return max(math.prod(s) for s in shapes) > _MAX_ELEMENTS
+
+
 def check_size(shape, name):
-    """Raise ``ValueError`` when an array of ``shape`` is too large for the kernels' indexing."""
-    if math.prod(shape) > _MAX_ELEMENTS:
-        raise ValueError(f"{name} has {math.prod(shape)} voxels; the kernels index with 32-bit ints "
-                         f"(at most {_MAX_ELEMENTS})")
+    """Raise ``ValueError`` when an array of ``shape`` is beyond what any kernel build can index.
+
+    Rows ``(z, y)`` are counted with 32-bit ints in both builds; voxels with 64-bit ones above
+    2^31 - 1 (:func:`wide_index`).
+    """
+    shape = tuple(int(n) for n in shape)
+    if math.prod(shape) > _MAX_WIDE:
+        raise ValueError(f"{name} has {math.prod(shape)} voxels; the kernels index at most {_MAX_WIDE}")
+    if len(shape) >= 2 and math.prod(shape[:-1]) > _MAX_ELEMENTS:
+        raise ValueError(f"{name} has {math.prod(shape[:-1])} rows of voxels; the kernels count rows with "
+                         f"32-bit ints (at most {_MAX_ELEMENTS})")
 
 
 def _grid_3d(shape):

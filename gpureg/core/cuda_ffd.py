@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cuda import affine_args, check_size, pointer_or_null
+from .cuda import affine_args, check_size, pointer_or_null, wide_index
 from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
 
 __all__ = ["residual_gradient"]
@@ -45,6 +45,7 @@ def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacin
         raise ValueError(f"fixed and moving must be float32 volumes of one shape, got {fixed.dtype} "
                          f"{tuple(fixed.shape)} and {moving.dtype} {tuple(moving.shape)}")
     check_size(fixed.shape, "fixed")
+    wide = wide_index(fixed.shape)
     nz, ny, nx = fixed.shape
     center = (np.asarray(fixed.shape, dtype=np.float64) - 1.0) / 2.0
     with fixed.device:  # every buffer on the volumes' GPU, not the current one
@@ -54,14 +55,14 @@ def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacin
             raise ValueError(f"coeffs must have shape (3, cz, cy, cx) with at least 4 points per axis, got {c.shape}")
         m = None if mask is None else cp.ascontiguousarray(cp.asarray(mask), dtype=cp.float32)
         rg = cp.empty((3, nz, ny, nx), dtype=cp.float32)
-        kernel = get_kernel("bspline.cu", "ffd_residual_pass")
-        blocks = max(1, min(-(-fixed.size // THREADS), resident_blocks("bspline.cu", "ffd_residual_pass")))
+        kernel = get_kernel("bspline.cu", "ffd_residual_pass", wide)
+        blocks = max(1, min(-(-fixed.size // THREADS), resident_blocks("bspline.cu", "ffd_residual_pass", wide)))
         partials = cp.empty(2 * blocks, dtype=cp.float64)
         kernel((blocks,), (THREADS,),
                (fixed, moving, pointer_or_null(m), np.int32(nz), np.int32(ny), np.int32(nx), c, np.int32(c.shape[1]),
                 np.int32(c.shape[2]), np.int32(c.shape[3]), *affine_args(matrix_level, center),
                 np.float32(2.0 ** level), np.float32(1.0 / spacing), rg, partials))
         sums = cp.empty(2, dtype=cp.float64)
-        get_kernel("bspline.cu", "reduce_partials")((2,), (THREADS,), (partials, np.int32(blocks), sums))
+        get_kernel("bspline.cu", "reduce_partials", wide)((2,), (THREADS,), (partials, np.int32(blocks), sums))
         sse, count = sums.get()
     return rg, float(sse), round(count)

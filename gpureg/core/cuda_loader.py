@@ -18,7 +18,7 @@ from .backend import GPUUnavailableError, cupy_or_none
 from .kernel_layout import MSE_MIN_BLOCKS, THREADS, define_flags
 
 __all__ = ["compile_options", "get_kernel", "kernel_dir", "KERNEL_FILES", "kernel_source", "require_cupy", "resident_blocks",
-           "THREADS"]
+           "THREADS", "WIDE_INDEX"]
 
 # Kernel source -> the name expressions CuPy compiles (templates by name, never by string formatting).
 KERNEL_FILES = {
@@ -34,6 +34,8 @@ KERNEL_FILES = {
 
 # Thread-block shapes: THREADS (the kernels' __launch_bounds__, defined in kernel_layout);
 # 32 x 8 for the 3D-grid kernels: a warp covers 32 consecutive x (coalesced). Not tuned on a GPU yet.
+# The compile variant with 64-bit voxel indices (kernels/voxel_math.cuh, index_t).
+WIDE_INDEX = "-DGPUREG_WIDE_INDEX=1"
 _lock = threading.Lock()  # one compilation at a time
 
 
@@ -61,13 +63,14 @@ def kernel_source(name: str) -> str:
     return f'// gpureg headers {digest}\n#line 1 "kernels/{name}"\n' + path.read_text()
 
 
-def compile_options() -> tuple:
+def compile_options(wide: bool = False) -> tuple:
     """Compiler options for the kernel sources (NVRTC through CuPy, or nvcc).
 
     The shared constants arrive as ``-D`` options (:func:`gpureg.core.kernel_layout.define_flags`);
-    CuPy's on-disk cache keys on the options too, so a changed constant recompiles.
+    CuPy's on-disk cache keys on the options too, so a changed constant recompiles. ``wide``:
+    the variant with 64-bit voxel indices (:data:`WIDE_INDEX`), for volumes over 2^31 - 1 voxels.
     """
-    return ("--std=c++17", f"-I{kernel_dir()}", *define_flags())
+    return ("--std=c++17", f"-I{kernel_dir()}", *define_flags(), *((WIDE_INDEX,) if wide else ()))
 
 
 def require_cupy():
@@ -77,14 +80,17 @@ def require_cupy():
     return cp
 
 
-def get_kernel(name: str, function: str):
-    """The compiled kernel ``function`` of ``kernels/<name>`` on the current device."""
-    return _kernel_on(name, function, require_cupy().cuda.Device().id)
+def get_kernel(name: str, function: str, wide: bool = False):
+    """The compiled kernel ``function`` of ``kernels/<name>`` on the current device.
+
+    ``wide``: from the build with 64-bit voxel indices (:func:`gpureg.core.cuda.wide_index` says when).
+    """
+    return _kernel_on(name, function, require_cupy().cuda.Device().id, bool(wide))
 
 
-def resident_blocks(name: str, function: str) -> int:
+def resident_blocks(name: str, function: str, wide: bool = False) -> int:
     """Blocks of ``THREADS`` threads that fill the current device (grid of the grid-stride kernels)."""
-    return _resident_blocks_on(name, function, require_cupy().cuda.Device().id)
+    return _resident_blocks_on(name, function, require_cupy().cuda.Device().id, bool(wide))
 
 
 def _find_kernel_dir(package_dir: Path) -> Path:
@@ -96,24 +102,24 @@ def _find_kernel_dir(package_dir: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(name: str, device_id: int):
+def _module(name: str, device_id: int, wide: bool):
     cp = require_cupy()
-    return cp.RawModule(code=kernel_source(name), options=compile_options(), name_expressions=KERNEL_FILES[name])
+    return cp.RawModule(code=kernel_source(name), options=compile_options(wide), name_expressions=KERNEL_FILES[name])
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_on(name: str, function: str, device_id: int):
+def _kernel_on(name: str, function: str, device_id: int, wide: bool = False):
     if function not in KERNEL_FILES[name]:
         raise ValueError(f"kernel {function!r} is not declared for {name} (have {KERNEL_FILES[name]})")
     with _lock:  # compilation is not reentrant across threads
-        return _module(name, device_id).get_function(function)
+        return _module(name, device_id, wide).get_function(function)
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_blocks_on(name: str, function: str, device_id: int) -> int:
+def _resident_blocks_on(name: str, function: str, device_id: int, wide: bool = False) -> int:
     cp = require_cupy()
     sms = int(cp.cuda.Device(device_id).attributes["MultiProcessorCount"])
-    kernel = _kernel_on(name, function, device_id)
+    kernel = _kernel_on(name, function, device_id, wide)
     try:
         per_sm = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, THREADS, 0))
     except Exception:  # older CuPy without the occupancy API: what the kernels are built for

@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import xp_of
-from .cuda import N_MONOMIALS, N_TERMS, as_mask, check_size, mse_pass_blocks, pointer_or_null, reduce_partials
+from .cuda import (N_MONOMIALS, N_TERMS, as_mask, check_size, mse_pass_blocks, pointer_or_null, reduce_partials,
+                   wide_index)
 from .cuda_loader import THREADS, get_kernel, require_cupy
 from .kernel_layout import STATE, STATUS
 from .solver import LAM_MAX
@@ -121,6 +122,7 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
     cp = require_cupy()
     check_size(fixed.shape, "fixed")
     check_size(moving.shape, "moving")
+    wide = wide_index(fixed.shape, moving.shape)
     fixed = cp.ascontiguousarray(fixed, dtype=cp.float32)
     moving = cp.ascontiguousarray(moving, dtype=cp.float32)
     nz, ny, nx = (int(n) for n in fixed.shape)
@@ -129,7 +131,7 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
     with fixed.device:
         mask = as_mask(cp, mask, fixed)
         name = f"mse_terms_state_pass<true, {'bool' if mask is not None and mask.dtype == np.bool_ else 'float'}>"
-        blocks = mse_pass_blocks(name, nz * ny)
+        blocks = mse_pass_blocks(name, nz * ny, wide=wide)
         state = cp.asarray(initial_state(params0, lam0))
         partials = cp.empty(N_TERMS * N_MONOMIALS * blocks, dtype=cp.float64)
         tables = empty_space_tables(fixed, moving) if skip_empty and mask is None else None
@@ -138,8 +140,8 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
         centre = tuple(np.float32(v) for v in c)
         step_args = (np.uint32(free_mask(free)), np.int32(nz), np.int32(ny), np.int32(nx), np.float64(tol),
                      np.int32(max_iter))
-        pass_kernel = get_kernel("affine.cu", name)
-        classify = get_kernel("affine.cu", "classify_rows_state")
+        pass_kernel = get_kernel("affine.cu", name, wide)
+        classify = get_kernel("affine.cu", "classify_rows_state", wide)
         step = get_kernel("solver.cu", "lm_step")
         import cupyx
 
@@ -152,7 +154,7 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
                     classify((-(-(nz * ny) // THREADS),), (THREADS,), (*tables, *dims, state, *centre, row_code))
                 pass_kernel((blocks,), (THREADS,), (fixed, moving, pointer_or_null(mask), pointer_or_null(row_code),
                                                     *dims, state, *centre, partials))
-                sums = reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks)
+                sums = reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks, wide=wide)
                 step((1,), (32,), (sums, state, *step_args))
             queued += poll_every
             state[STATE["passes"]:STATE["status"] + 1].get(stream=stream, out=status, blocking=False)

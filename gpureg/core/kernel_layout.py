@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from . import solver
 
-__all__ = ["define_flags", "defines", "MSE_MIN_BLOCKS", "N_MONOMIALS", "N_TERMS", "STATE", "STATUS", "SUMS", "THREADS"]
+__all__ = ["define_flags", "defines", "MSE_MIN_BLOCKS", "MSE_STATE_MIN_BLOCKS_WIDE", "N_MONOMIALS", "N_TERMS", "STATE", "STATUS", "SUMS", "THREADS"]
 
 # Threads per block of every 1D kernel (their __launch_bounds__); 32 x 8 for the 3D-grid kernels.
 THREADS = 256
 # Resident blocks per SM the fused pass is built for: caps it at 64 registers, where ptxas
 # (nvcc 13.0, NVRTC 13.0-13.5) reports no spills for sm_80 and sm_90.
 MSE_MIN_BLOCKS = 4
+# The same for the device solver's pass in the 64-bit index build (more registers: 80).
+MSE_STATE_MIN_BLOCKS_WIDE = 3
 
 # The fused pass's sums: N_TERMS row-sum terms (padded to a warp) x N_MONOMIALS monomials of
 # (z', y') (kernels/voxel_math.cuh; gpureg.core.cuda.unpack_terms). SUMS: first term of each group.
@@ -33,7 +35,8 @@ STATUS = {"running": 0, "converged": 1, "max_passes": 2, "no_overlap": 3, "singu
 
 def defines() -> dict:
     """``{macro: value}`` of every constant above, as the kernels name them."""
-    out = {"GPUREG_THREADS": THREADS, "GPUREG_MSE_MIN_BLOCKS": MSE_MIN_BLOCKS, "GPUREG_N_TERMS": N_TERMS,
+    out = {"GPUREG_THREADS": THREADS, "GPUREG_MSE_MIN_BLOCKS": MSE_MIN_BLOCKS,
+           "GPUREG_MSE_STATE_MIN_BLOCKS_WIDE": MSE_STATE_MIN_BLOCKS_WIDE, "GPUREG_N_TERMS": N_TERMS,
            "GPUREG_N_MONOMIALS": N_MONOMIALS}
     out.update({f"GPUREG_SUMS_{k}": v for k, v in SUMS.items()})
     out.update({f"GPUREG_LM_{k.upper()}": v for k, v in STATE.items()})

@@ -64,11 +64,17 @@ def test_ffd_pass_marshals_and_allocates_on_the_volumes_gpu(fake, with_mask):
     assert rg._device == 1 and rg.shape == (3, *shape)
 
 
-def test_ffd_pass_refuses_volumes_beyond_the_kernels_indexing(fake, monkeypatch):
-    cp, _ = fake
+def test_ffd_pass_selects_the_64_bit_build_by_size(fake, monkeypatch):
+    # Above 2^31 - 1 voxels (here: a limit lowered to 100) every launch uses the wide build.
+    cp, rec = fake
     from gpureg.core import cuda
 
-    monkeypatch.setattr(cuda, "_MAX_ELEMENTS", 100)
     vol = cp.on(np.zeros((5, 5, 5), np.float32), 0)
+    cuda_ffd.residual_gradient(vol, vol, np.zeros((3, 4, 4, 4)), np.eye(4), level=0, spacing=4.0)
+    assert [launch["wide"] for launch in rec.launches] == [False, False]
+    monkeypatch.setattr(cuda, "_MAX_ELEMENTS", 100)
+    cuda_ffd.residual_gradient(vol, vol, np.zeros((3, 4, 4, 4)), np.eye(4), level=0, spacing=4.0)
+    assert [launch["wide"] for launch in rec.launches[2:]] == [True, True]
+    monkeypatch.setattr(cuda, "_MAX_WIDE", 100)
     with pytest.raises(ValueError, match="fixed has 125 voxels"):
         cuda_ffd.residual_gradient(vol, vol, np.zeros((3, 4, 4, 4)), np.eye(4), level=0, spacing=4.0)

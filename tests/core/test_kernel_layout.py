@@ -70,6 +70,7 @@ def _literal_definitions():
 
 @pytest.mark.parametrize("name, home", [
     ("THREADS", "core/kernel_layout.py"), ("MSE_MIN_BLOCKS", "core/kernel_layout.py"),
+    ("MSE_STATE_MIN_BLOCKS_WIDE", "core/kernel_layout.py"), ("WIDE_INDEX", "core/cuda_loader.py"),
     ("N_TERMS", "core/kernel_layout.py"), ("N_MONOMIALS", "core/kernel_layout.py"),
     ("SUMS", "core/kernel_layout.py"), ("STATE", "core/kernel_layout.py"), ("STATUS", "core/kernel_layout.py"),
     ("LAM_MIN", "core/solver.py"), ("LAM_MAX", "core/solver.py"), ("LAM_DOWN", "core/solver.py"),

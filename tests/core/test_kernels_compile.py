@@ -110,7 +110,7 @@ def nvrtc_build(request):
     return nvrtc.compile_all(NVRTC_LIBS[request.param])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", nvrtc.ARCHS)
 @pytest.mark.parametrize("source", SOURCES)
 def test_nvrtc_compiles_what_cupy_gets(nvrtc_build, source, arch):
     # Exactly the source text, options and name expressions that gpureg.core.cuda_loader hands to
@@ -120,7 +120,7 @@ def test_nvrtc_compiles_what_cupy_gets(nvrtc_build, source, arch):
     assert set(res["lowered"]) == set(cuda_loader.KERNEL_FILES[source]), res["lowered"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", nvrtc.ARCHS)
 @pytest.mark.parametrize("source", SOURCES)
 def test_nvrtc_kernels_do_not_spill(nvrtc_build, source, arch):
     # ptxas's report (--ptxas-options=-v) of what CuPy builds at run time: the launch bounds must
@@ -163,9 +163,11 @@ def test_nvrtc_spill_check_catches_a_spilling_kernel():
 # --- the kernels under a CPU emulation of CUDA threads ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    return cuda_emu.build(tmp_path_factory)
+@pytest.fixture(scope="module", params=[False, True], ids=["int32", "int64"])
+def emu(tmp_path_factory, request):
+    # Both builds of the kernels: 32-bit voxel indices, and the 64-bit variant the loader
+    # compiles for volumes over 2^31 - 1 voxels (same results at every size).
+    return cuda_emu.build(tmp_path_factory, wide=request.param)
 
 
 def _emulated_mse(emu, fixed, moving, matrix, center, mask, hessian, blocks):
@@ -228,7 +230,7 @@ def test_emulated_median_and_center_of_mass(emu, data):
     v = (two_particle_phantom((12, 14, 40), seed=4) if data == "phantom"
          else (rng.random((8, 9, 34)) - 0.5).astype(np.float32))
     flat = v.ravel()
-    hist = np.zeros(2048, np.uint32)
+    hist = np.zeros(2048, np.uint64 if emu.wide else np.uint32)
 
     def histogram(prefix, prefix_mask, shift, bits):
         hist[:] = 0
