@@ -12,7 +12,10 @@ constant background). The codecs are those ``gpureg.io.results`` offers (``COMPR
 benchmark is also the record of why the default is the default. The reference is gzip level 1 + shuffle
 (the default before issue 30); ``ratio_vs_gzip`` is gzip's write time over the codec's.
 
-Usage: ``python bench/write.py [--size 256] [--repeats 3] [--dir /tmp]``
+With ``--pipeline N``: ``gpureg run`` at ``N``^3 with the default codec, ``--keep none`` and gzip level 1,
+and how long the processing thread waited for the background writer (``write_wait_ms``).
+
+Usage: ``python bench/write.py [--size 256] [--repeats 3] [--dir /tmp] [--pipeline 128 --energies 12]``
 """
 
 from __future__ import annotations
@@ -75,11 +78,54 @@ def measure(vol: np.ndarray, spec: str, folder: Path, repeats: int) -> dict:
             "ratio": vol.nbytes / max(stored, 1)}
 
 
+def pipeline_rows(n: int, n_energy: int, folder: Path) -> list[dict]:
+    """``gpureg.run`` on reconstructed volumes (no FBP: writing is the largest possible share) at ``n``^3.
+
+    Rows: the default codec, ``--keep none`` (the maps only; the stacks still pass through the
+    ``.partial`` file, which the run needs for the maps and to resume), and gzip level 1 (the old default).
+    ``write_wait_s`` is the time the processing thread waited for the writer: what writing added to the wall.
+    """
+    import h5py
+
+    import gpureg
+    from gpureg.io import write_dataexchange
+
+    energies = np.linspace(6500.0, 6600.0, n_energy)
+    step = 0.3 + 0.7 / (1 + np.exp(-(energies - 6550.0) / 3.0))
+    c = (n - 1) / 2.0
+    vols = []
+    for k, s in enumerate(step):
+        a = (n_energy - 1 - k) / max(n_energy - 1, 1)
+        m = gpureg.rotation_matrix(1.5 * a, (0.2, 1, 0.4), (c, c, c))
+        m[:3, 3] += np.array([1.0, -1.5, 0.5]) * a
+        vols.append(gpureg.two_particle_phantom((n,) * 3, m) * s)
+    src = write_dataexchange(folder / "series.h5", recon=vols, energy=energies)
+    rows = []
+    for label, opts in (("default codec", {}), ("--keep none", {"keep": ()}), ("gzip:1", {"compression": "gzip:1"})):
+        out = folder / f"out-{len(rows)}.h5"
+        t0 = time.perf_counter()
+        gpureg.run(src, out, gpureg.RunOptions(report=False, **opts), overwrite=True)
+        wall = time.perf_counter() - t0
+        with h5py.File(out, "r") as h5:
+            attrs = h5["timings/write"].attrs
+            busy, waited = float(attrs.get("write_busy_s", np.nan)), float(attrs.get("write_wait_s", np.nan))
+        rows.append({"case": f"gpureg run, {n_energy} reconstructed energies of {n}^3 (no FBP), {label}",
+                     "size": n, "n_energy": n_energy, "run": label, "wall_ms": 1e3 * wall,
+                     "write_busy_ms": 1e3 * busy, "write_wait_ms": 1e3 * waited, "write_wait_share": waited / wall})
+    base = rows[1]["wall_ms"]
+    for r in rows:
+        r.update(reference="--keep none", reference_ms=base, ratio=base / r["wall_ms"])
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="folder for the temporary file (default: the system's temp dir)")
+    ap.add_argument("--pipeline", type=int, default=0, metavar="N",
+                    help="also time gpureg run at N^3 (default codec, --keep none, gzip:1)")
+    ap.add_argument("--energies", type=int, default=12, help="energies of the --pipeline series")
     args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -96,6 +142,13 @@ def main(argv=None):
     for r in results:
         print(f"{r['volume']:10} {r['codec']:22} {r['write_mb_s']:10.0f} {r['read_mb_s']:10.0f} {r['ratio']:6.3f} "
               f"{r['ratio_vs_gzip']:7.1f}")
+    if args.pipeline:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            runs = pipeline_rows(args.pipeline, args.energies, Path(tmp))
+        for r in runs:
+            print(f"{r['case']}: {r['wall_ms'] / 1e3:.1f} s, writer busy {r['write_busy_ms'] / 1e3:.2f} s, "
+                  f"waited for {r['write_wait_ms'] / 1e3:.2f} s ({100 * r['write_wait_share']:.1f} % of the wall)")
+        results += runs
     save("write", "cpu", results, extra={"default": DEFAULT_COMPRESSION, "threads": os.cpu_count()})
 
 
