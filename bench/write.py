@@ -149,7 +149,8 @@ def main(argv=None):
             print(f"{r['case']}: {r['wall_ms'] / 1e3:.1f} s, writer busy {r['write_busy_ms'] / 1e3:.2f} s, "
                   f"waited for {r['write_wait_ms'] / 1e3:.2f} s ({100 * r['write_wait_share']:.1f} % of the wall)")
         results += runs
-    save("write", "cpu", results, extra={"default": DEFAULT_COMPRESSION, "threads": os.cpu_count()})
+    save("write", "cpu", results, extra={"default": DEFAULT_COMPRESSION, "threads": os.cpu_count(),
+                                        "load_average": round(os.getloadavg()[0], 2)})
 
 
 if __name__ == "__main__":
