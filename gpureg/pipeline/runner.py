@@ -198,6 +198,8 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
             notify(progress, store, ref, 0.0, 0.0, t_load, {"load": t_load})
         if options.align_projections:
             loader.reference = store.recon(ref)  # starts the alignment of every other energy
+        elif reader.kind == "projections" and not resumed:
+            _hint_wobble(reader, ref)
         reference = prepare_reference(store.recon(ref), devices.registration, options.prep,
                                       name=f"reference energy {energies[ref]:g} eV")
         if options.scheduler:
@@ -274,6 +276,17 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
             stages = {"load": t_load, "register": t1 - t0, "apply": t2 - t1}
             timings[i] = {"mse": (res.mse_before, mse_after), "seconds": t2 - t0 + t_load, "stages": stages}
             writer.submit(i, vol, aligned, res.matrix, res.mse_before, mse_after, stages)
+
+
+def _hint_wobble(reader, ref):
+    """Warn when the reference energy's projections wobble and ``--align-projections`` is off (cheap: centres
+    of mass, no reconstruction)."""
+    from ..recon.align import input_wobble
+
+    w = input_wobble(reader, ref)
+    if w["suggest"]:
+        _log.warning("gpureg: the projections at %g eV wobble (centre-of-mass residuals %.2f px rows, %.2f px "
+                     "columns RMS); --align-projections would remove it", w["energy"], w["row_rms"], w["column_rms"])
 
 
 def _write_alignment(store, loader, i, reader):

@@ -210,7 +210,8 @@ def align_projections(projections, theta_deg, *, center=None, filter: str = "ram
             shifts = _constrain(shifts + _constrain(step * b, theta), theta, anchor, smooth_modes)
             iterations += 1
             update = float(np.sqrt(((step * b) ** 2).mean()))
-            _log.debug("%s: alignment binning %d iteration %d: error %.4f, update %.3f px RMS", name, b, k, err, update)
+            _log.debug("%s: alignment binning %d iteration %d: error %.4f, update %.3f px RMS", name, b, k, err,
+                       update)
             if not np.isfinite(update) or update < (tol / 2 if level + 1 < len(plan) else tol):
                 break
     converged = bool(np.isfinite(update) and update < tol)

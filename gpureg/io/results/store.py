@@ -243,7 +243,7 @@ class ResultStore:
             for name in ("error_before", "error_after", "seconds"):
                 g[name] = np.full(n, np.nan)
             g["applied"] = np.zeros(n, dtype=bool)
-            g.create_dataset("status", shape=(n,), dtype="S8", fillvalue=b"")
+            g.create_dataset("status", shape=(n,), dtype="S12", fillvalue=b"")
             g["status"].attrs["reasons"] = "{}"
         g = h5["alignment"]
         g["projection_shifts"][i] = shifts
