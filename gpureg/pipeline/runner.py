@@ -196,9 +196,7 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
             _write_alignment(store, loader, ref, reader)
             store.write_energy(ref, vol, vol, np.eye(4), 0.0, 0.0, {"load": t_load})
             notify(progress, store, ref, 0.0, 0.0, t_load, {"load": t_load})
-        if options.align_projections:
-            loader.reference = store.recon(ref)  # starts the alignment of every other energy
-        elif reader.kind == "projections" and not resumed:
+        if not options.align_projections and reader.kind == "projections" and not resumed:
             _hint_wobble(reader, ref)
         reference = prepare_reference(store.recon(ref), devices.registration, options.prep,
                                       name=f"reference energy {energies[ref]:g} eV")

@@ -35,7 +35,7 @@ def forward_project(volume, theta_deg, *, projector: str = "strip", device: str 
     device : str
         ``"cpu"`` (default), or ``"gpu"``: ASTRA's 2D CUDA forward projector (``FP_CUDA``)
         in the same 2D geometry, so no orientation calibration is needed (``projector`` is
-        then ignored); ``"auto"``: the GPU when ASTRA-CUDA is usable.
+        then ignored). Resolve ``"auto"`` first with :func:`~gpureg.recon.fbp_device`.
 
     Returns
     -------
@@ -43,8 +43,8 @@ def forward_project(volume, theta_deg, *, projector: str = "strip", device: str 
         Line integrals in the geometry that :func:`reconstruct_fbp` inverts; on the
         device when the input was a CuPy array.
     """
-    from .fbp import fbp_device
-
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu' (resolve 'auto' with fbp_device), got {device!r}")
     on_device = array_device(volume) == "gpu"
     vol = np.asarray(to_host(volume), dtype=np.float32)
     if vol.ndim != 3 or vol.shape[1] != vol.shape[2]:
@@ -52,7 +52,7 @@ def forward_project(volume, theta_deg, *, projector: str = "strip", device: str 
     if projector not in ("strip", "line", "linear"):
         raise ValueError(f"projector must be 'strip', 'line' or 'linear', got {projector!r}")
     theta = np.deg2rad(np.asarray(theta_deg, dtype=np.float64).ravel())
-    gpu = fbp_device(device) == "gpu"
+    gpu = device == "gpu"
     nz, n, _ = vol.shape
     out = np.empty((theta.size, nz, n), dtype=np.float32)
     with Astra() as a:

@@ -213,6 +213,8 @@ def is_result(path) -> bool:
         if not h5py.is_hdf5(path):
             return False
         with h5py.File(path, "r") as h5:
+            if "exchange/data" in h5:  # projections (gpureg simulate writes gpureg_version too): an input
+                return False
             return "gpureg_version" in h5.attrs or ("xanes" in h5 and "energy" in h5)
     except OSError:
         return False
