@@ -62,6 +62,13 @@ ReferencesOpt = typer.Option(None, "--references", metavar="FILE[,FILE...]",
                              help="Reference spectra (two-column text: energy eV, mu; or Athena .prj) for "
                                   "linear-combination fractions per voxel; repeat or comma-separate.")
 ClustersOpt = typer.Option(None, "--clusters", min=2, help="k-means clusters of the normalised voxel spectra.")
+ReferenceColumnOpt = typer.Option(None, "--reference-column", metavar="NAME",
+                                  help="mu column of the reference files (a header name or a 1-based number); "
+                                       "default: mu by name, or from I0/It/If.")
+DenoiseSpectraOpt = typer.Option("off", "--denoise-spectra", metavar="auto|K|off",
+                                 help="Spectral denoising before the XANES maps and fits: truncated PCA of the "
+                                      "energy x voxel matrix with components chosen from the data (auto) or K "
+                                      "components.")
 
 
 ApiKeyFileOpt = typer.Option(None, "--api-key-file", metavar="FILE",

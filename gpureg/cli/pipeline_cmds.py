@@ -15,12 +15,14 @@ from .app import (
     CenterOpt,
     ClustersOpt,
     DenoiseOpt,
+    DenoiseSpectraOpt,
     DeviceOpt,
     EdgeOpt,
     FilterOpt,
     ModelOpt,
     RampOpt,
     RawOpt,
+    ReferenceColumnOpt,
     ReferenceOpt,
     ReferencesOpt,
     SmoothOpt,
@@ -68,7 +70,8 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 clusters: Optional[int] = None, skip_bad_energies: bool = False, keep: str = "recon,aligned",
                 no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
                 allow_folding: bool = False, align_projections: bool = False,
-                compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32") -> RunOptions:
+                compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32", denoise_spectra: str = "off",
+                reference_column: Optional[str] = None) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
@@ -76,7 +79,8 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                       edge=edge, per_particle=per_particle, report=not no_report, scheduler=scheduler, references=split_references(references),
                       clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
                       spacing=spacing, regularization=regularization, allow_folding=allow_folding,
-                      align_projections=align_projections, compression=compression, store_dtype=store_dtype)
+                      align_projections=align_projections, compression=compression, store_dtype=store_dtype,
+                      denoise_spectra=denoise_spectra, reference_column=reference_column)
 
 
 @app.command("run")
@@ -112,6 +116,8 @@ def run_cmd(
     compression: str = CompressionOpt,
     store_dtype: str = StoreDtypeOpt,
     api_key_file: Optional[Path] = ApiKeyFileOpt,
+    denoise_spectra: str = DenoiseSpectraOpt,
+    reference_column: Optional[str] = ReferenceColumnOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -124,7 +130,8 @@ def run_cmd(
                           clusters=clusters, skip_bad_energies=skip_bad_energies, keep=keep, no_keep=no_keep,
                           deformable=deformable, spacing=spacing, regularization=regularization,
                           allow_folding=allow_folding, align_projections=align_projections,
-                          compression=compression, store_dtype=store_dtype)
+                          compression=compression, store_dtype=store_dtype, denoise_spectra=denoise_spectra,
+                          reference_column=reference_column)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
@@ -196,6 +203,7 @@ def watch_cmd(
     align_projections: bool = AlignProjectionsOpt,
     compression: str = CompressionOpt,
     store_dtype: str = StoreDtypeOpt,
+    denoise_spectra: str = DenoiseSpectraOpt,
 ):
     """Process energies as their files appear; ends on --expect, a DONE file, --idle-timeout or Ctrl-C (the same
     command resumes). Hidden and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are
@@ -206,7 +214,7 @@ def watch_cmd(
                           model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
                           no_keep=no_keep, align_projections=align_projections, compression=compression,
-                          store_dtype=store_dtype)
+                          store_dtype=store_dtype, denoise_spectra=denoise_spectra)
     _announce_devices(options)
 
     def on_energy(ev):

@@ -15,12 +15,14 @@ from .app import (
     CenterOpt,
     ClustersOpt,
     DenoiseOpt,
+    DenoiseSpectraOpt,
     DeviceOpt,
     EdgeOpt,
     FilterOpt,
     ModelOpt,
     RampOpt,
     RawOpt,
+    ReferenceColumnOpt,
     ReferencesOpt,
     SmoothOpt,
     app,
@@ -87,14 +89,18 @@ def xanes(
     device: Device = DeviceOpt,
     references: Optional[list[str]] = ReferencesOpt,
     clusters: Optional[int] = ClustersOpt,
+    denoise_spectra: str = DenoiseSpectraOpt,
+    reference_column: Optional[str] = ReferenceColumnOpt,
 ):
     """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack;
     with --references / --clusters also reference fractions and k-means clusters."""
+    from ..xanes.denoise import parse_denoise
     from ..xanes.write import write_xanes
 
     s = write_xanes(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
                     min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value, overwrite=overwrite,
-                    references=split_references(references) or None, clusters=clusters)
+                    references=split_references(references) or None, clusters=clusters,
+                    denoise=parse_denoise(denoise_spectra), column=reference_column)
     typer.echo(f"{s['valid']} of {s['voxels']} voxels mapped, {s['particles']} particles, median edge energy "
                f"{s['edge_energy_median']:.2f} eV (pre {s['pre']}, post {s['post']} eV); written to {output}")
     if "fraction_medians" in s:

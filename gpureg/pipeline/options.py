@@ -134,6 +134,11 @@ class RunOptions:
         fractions per voxel (``/xanes/fractions``, ``/xanes/r_factor``).
     clusters : int, optional
         k-means clusters of the normalised voxel spectra (``/xanes/clusters``, centroids).
+    denoise_spectra : "auto", int or None
+        Spectral denoising before the XANES maps and fits (:mod:`gpureg.xanes.denoise`);
+        recorded in ``/xanes`` attributes (``spectral_denoise``).
+    reference_column : str, optional
+        ``mu`` column of the reference files (:func:`gpureg.xanes.references.read_columns`).
     skip_bad_energies : bool
         Leave out an energy that cannot give a valid volume (all NaN, zero flat
         field), recording it in the result and report, instead of stopping.
@@ -168,6 +173,8 @@ class RunOptions:
     scheduler: str | None = None
     references: tuple = ()
     clusters: int | None = None
+    denoise_spectra: str | int | None = None
+    reference_column: str | None = None
     skip_bad_energies: bool = False
     keep: tuple = KEEPABLE
     align_projections: bool = False
@@ -196,6 +203,11 @@ class RunOptions:
         if self.clusters is not None:
             object.__setattr__(self, "clusters", int(self.clusters))
         object.__setattr__(self, "skip_bad_energies", bool(self.skip_bad_energies))
+        from ..xanes.denoise import parse_denoise
+
+        object.__setattr__(self, "denoise_spectra", parse_denoise(self.denoise_spectra))
+        if self.reference_column is not None:
+            object.__setattr__(self, "reference_column", str(self.reference_column))
         object.__setattr__(self, "keep", parse_keep(self.keep))
         name, level = parse_compression(self.compression)
         object.__setattr__(self, "compression", name if level is None else f"{name}:{level}")
@@ -261,7 +273,8 @@ class RunOptions:
         if out["store_dtype"] == "float32":  # absent when exact: results of earlier versions resume
             out.pop("store_dtype")
         out["references"] = list(out["references"])
-        for key, default in (("references", []), ("clusters", None), ("align_projections", False)):
+        for key, default in (("references", []), ("clusters", None), ("align_projections", False),
+                             ("denoise_spectra", None), ("reference_column", None)):
             # absent when unused: results unchanged
             if out[key] == default:
                 out.pop(key)

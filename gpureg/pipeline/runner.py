@@ -99,7 +99,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
             if options.references:  # bad reference files fail now, not after registration
                 from ..xanes.lcf import prepare_references
 
-                prepare_references(options.references, np.sort(energies))
+                prepare_references(options.references, np.sort(energies), column=options.reference_column)
             ref = reference_index(energies, options.reference)
             checksum = reader_fingerprint(reader) if is_uri(str(input)) else file_checksum(input)
             work = partial_path(output)
@@ -294,6 +294,19 @@ def _write_alignment(store, loader, i, reader):
         store.write_alignment(i, res, reader.theta)
 
 
+def xanes_attrs(info) -> dict:
+    """``/xanes`` attributes of an edge map's ``info``: common E0, fit ranges, spectral basis (JSON)."""
+    import json
+
+    out = {"e0_common_ev": float(info["e0"]), "pre_ev": list(info["pre"]), "post_ev": list(info["post"]),
+           "e0_rule": info["rule"]}
+    if info.get("basis") is not None:
+        b = info["basis"].to_dict()
+        b["applied"] = info.get("denoise") is not None
+        out["spectral_denoise"] = json.dumps(b)
+    return out
+
+
 def _xanes(store, reference, options, devices):
     from ..core.segment import particle_labels
     from ..xanes.spectra import MIN_ENERGIES
@@ -304,8 +317,9 @@ def _xanes(store, reference, options, devices):
         left = ", ".join(f"{e:g}" for e in store.energies[store.excluded])
         raise InputError(f"only {used.size} usable energies after leaving out {left} eV; XANES maps need at least "
                          f"{MIN_ENERGIES}")
+    info = {}
     maps = edge_energy_map(store.volumes("aligned", used), store.energies[used], device=devices.registration,
-                           method=options.edge.value)
+                           method=options.edge.value, denoise=options.denoise_spectra, info=info)
     labels, _ = particle_labels(reference.mask)
     chem = None
     if options.references or options.clusters:
@@ -313,5 +327,7 @@ def _xanes(store, reference, options, devices):
 
         stack = store.stack("aligned") if used.size == store.energies.size else store.volumes("aligned", used)
         chem = chemistry_map(stack, store.energies[used], references=options.references or None,
-                             k=options.clusters, mask=maps["mask"], device=devices.registration)
-    store.write_xanes(maps, to_host(labels), chemistry=chem)
+                             k=options.clusters, mask=maps["mask"], device=devices.registration, e0=info["e0"],
+                             denoise=info["basis"] if options.denoise_spectra is not None else None,
+                             column=options.reference_column)
+    store.write_xanes(maps, to_host(labels), chemistry=chem, attrs=xanes_attrs(info))

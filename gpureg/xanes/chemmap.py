@@ -26,7 +26,8 @@ from .cluster import Components, assign_clusters, kmeans, order_clusters, pca_co
 from .lcf import LinearCombination, prepare_references
 from .preedge import pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump
-from .stack import stack_ranges
+from .denoise import SpectralBasis, parse_denoise, project
+from .stack import stack_basis, stack_ranges
 
 __all__ = ["chemistry_map"]
 
@@ -37,7 +38,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
                   n_components: int | None = None, offset: bool = True, sum_to_one: bool = False,
                   nonneg: bool = True, use: str = "norm", fit_range=None, mask=None, min_step: float | None = None,
                   slab: int = 16, device: str = "auto", sample: int = 100_000, seed: int = 0,
-                  info: dict | None = None, e0=None, column=None) -> dict:
+                  info: dict | None = None, e0=None, column=None, denoise=None) -> dict:
     """Reference fractions and/or k-means clusters of every voxel of an energy stack.
 
     Parameters
@@ -74,6 +75,10 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
         ``find_e0`` of the mean spectrum of up to 5 z-planes (as the edge maps).
     column : str, optional
         ``mu`` column of reference files.
+    denoise : SpectralBasis, "auto" or int, optional
+        Spectral denoising of every slab before the fits
+        (:mod:`gpureg.xanes.denoise`): a basis (e.g. the edge map's), or
+        estimated here from up to 16 z-planes.
 
     Returns
     -------
@@ -103,6 +108,9 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     flat = use == "flat"
     if e0 is None:
         e0 = stack_ranges(read, shape, E)["e0"]
+    basis = denoise
+    if denoise is not None and not isinstance(denoise, SpectralBasis):
+        basis = stack_basis(read, shape, E, parse_denoise(denoise) or "auto")
     out = {"e0": np.full(shape, np.nan, np.float32), "edge_step": np.full(shape, np.nan, np.float32)}
     solver = None
     if references is not None:
@@ -119,7 +127,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     samples, sample_steps = [], []
     slabs = [(z0, min(shape[0], z0 + int(slab))) for z0 in range(0, shape[0], int(slab))]
     for z0, z1 in slabs:
-        y, valid, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0)
+        y, valid, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0, basis)
         if solver is not None and bool(valid.any()):
             x, res, rf = solver.solve(xp, y[:, valid])
             idx = np.flatnonzero(to_host(valid))
@@ -157,7 +165,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
                 out[key][..., ~use_mask] = np.nan
     if k is not None:
         _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, int(k), n_components, seed,
-                  e0)
+                  e0, basis)
     if info is not None:
         info.update(min_step=thr, device=dev, n_voxels=int(use_mask.sum()), e0=float(e0))
     _log.info("chemistry_map: %d of %d voxels analysed (%s)", int(use_mask.sum()), n_total, dev)
@@ -166,10 +174,14 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
 
 # --------------------------------------------------------------------------- helpers
 
-def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0):
+def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0, basis):
     """Normalised spectra of a slab (n, M) on the device, voxels normalised (M,), the slab mask; fills e0/step."""
     sub = to_device(read(z0, z1), dev, dtype=np.float32)
     mu = sub.reshape(E.size, -1)
+    if basis is not None:
+        ok = xp.isfinite(mu).all(axis=0)
+        y, _ = project(xp, xp.where(ok[None, :], mu, xp.float32(0)), basis)
+        mu = xp.where(ok[None, :], y, xp.float32(np.nan))
     sub_mask = None
     if mask is not None:
         sub_mask = to_device(np.asarray(to_host(mask[z0:z1]), dtype=bool), dev).reshape(-1)
@@ -181,7 +193,8 @@ def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0):
     return y, valid, sub_mask
 
 
-def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, k, n_components, seed, e0):
+def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, k, n_components, seed, e0,
+              basis):
     if not samples:
         raise ValueError("clusters: no voxel to cluster")
     S = np.concatenate(samples, axis=1)
@@ -204,7 +217,7 @@ def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, t
     counts = np.zeros(k, np.int64)
     for z0, z1 in slabs:
         scratch = {"e0": np.empty(shape, np.float32), "edge_step": np.empty(shape, np.float32)}
-        y, _, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, scratch, e0)
+        y, _, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, scratch, e0, basis)
         m = out["mask"][z0:z1].reshape(-1)
         idx = np.flatnonzero(m)
         if idx.size == 0:

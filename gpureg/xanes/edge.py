@@ -46,7 +46,7 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..io.base import check_energies
-from .preedge import find_e0_index, fit_ranges, pre_edge
+from .preedge import find_e0_index, fit_ranges, normalisation_functionals, pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump, fine_region, snap_range, spectra_matrix
 
 __all__ = ["edge_energy", "edge_ranges", "METHODS", "normalize"]
@@ -128,7 +128,7 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
 
 
 def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None, min_jump: float | None = None,
-                smooth: float = 1.0, mask=None, e0: float | None = None, noise=None) -> dict:
+                smooth: float = 1.0, mask=None, e0: float | None = None, noise=None, noise_components=None) -> dict:
     """Per-spectrum edge energy, edge jump and white-line energy.
 
     Parameters
@@ -155,10 +155,16 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         Extra mask (e.g. the binarized reference); voxels outside it are masked.
     e0 : float, optional
         The common E0 (eV) of the normalisation; default from :func:`edge_ranges`.
-    noise : (n_energy, ...) or (...) ndarray, optional
-        Standard deviation of ``mu`` per voxel (and energy); with it the result
-        holds ``edge_energy_sigma``, the 1-sigma error of the 0.5 crossing
-        propagated through the interpolant (``noise / step / slope``).
+    noise : (...) ndarray, optional
+        Standard deviation of the (white) noise of every voxel's ``mu``
+        (e.g. from :func:`gpureg.xanes.denoise.denoise_spectra`); with it the
+        result holds ``edge_energy_sigma``, the 1-sigma error of the 0.5
+        crossing: the noise of ``mu - pre_edge - step / 2`` at the crossing
+        (the interpolated samples, the pre-edge line and the step, all linear
+        in ``mu``) over its slope there (``step x dnorm/dE``).
+    noise_components : (n_energy, K) ndarray, optional
+        When the spectra were denoised by projection onto these orthonormal
+        components, the noise left is that projection of the white noise.
 
     Returns
     -------
@@ -198,13 +204,10 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
     sig = None
     if noise is not None:
         sig = xp.asarray(noise, dtype=xp.float32)
-        if tuple(sig.shape) == out_shape:
-            sig = xp.broadcast_to(sig.reshape(1, -1), mu.shape)
-        elif tuple(sig.shape) == (E.size,) + out_shape:
-            sig = sig.reshape(E.size, -1)
-        else:
-            raise ValueError(f"edge_energy: noise must have shape {out_shape} or {(E.size,) + out_shape}, "
+        if tuple(sig.shape) != out_shape:
+            raise ValueError(f"edge_energy: noise must have shape {out_shape} (spectra.shape[1:]), "
                              f"got {tuple(sig.shape)}")
+        sig = (sig.reshape(-1), None if noise_components is None else np.asarray(noise_components, np.float64))
     if e0 is None:
         mean = to_host(mu.sum(axis=1)) / n_finite
         rng = edge_ranges(E, mean, pre=pre, post=post)
@@ -279,10 +282,7 @@ def _edge_core(xp, mu, E, rng, method, smooth, sig):
         e_half, slope, i, t = crossing(xp, norm, 0.5, E, i_lo, i_hi)
         edge = e_half
         if sig is not None:
-            cols = xp.arange(mu.shape[1])
-            s0, s1 = sig[i, cols], sig[i + 1, cols]
-            s_val = xp.sqrt(((1 - t) * s0) ** 2 + (t * s1) ** 2) / step
-            out["sigma"] = s_val / xp.maximum(slope, xp.float32(1e-6))
+            out["sigma"] = _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, *sig)
     if method in ("derivative", "both"):
         K = _derivative_operator(E, smooth)[w]             # (W, n): smoothed d/dE
         der = xp.asarray(K.astype(np.float32)) @ mu
@@ -300,6 +300,25 @@ def _edge_core(xp, mu, E, rng, method, smooth, sig):
     out["edge_energy"] = edge
     out["edge_jump"] = step
     return out
+
+
+def _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, sigma, U):
+    """1-sigma error of the crossing energy: ``sigma |P^T w| / (step slope)`` with ``w`` the functional
+    ``mu(Ec) - pre_edge(Ec) - step / 2`` of ``mu`` and ``P`` the noise projector (identity without ``U``)."""
+    c0, c1, st, mid, half = normalisation_functionals(E, rng["e0"], pre=rng["pre"], post=rng["post"])
+    a0 = c0 + 0.5 * st
+    P = np.eye(E.size) if U is None else U                     # (n, K)
+    f32 = xp.float32
+    PT = xp.asarray(P.astype(np.float32))                       # rows: energies
+    pa0 = xp.asarray((P.T @ a0).astype(np.float32))[:, None]
+    pc1 = xp.asarray((P.T @ c1).astype(np.float32))[:, None]
+    ok = xp.isfinite(e_half)
+    tt = xp.where(ok, t, f32(0))
+    tau = (xp.where(ok, e_half, f32(mid)) - f32(mid)) / f32(half)
+    ii = xp.where(ok, i, 0)
+    pw = (1 - tt)[None, :] * PT[ii].T + tt[None, :] * PT[xp.minimum(ii + 1, E.size - 1)].T - pa0 - tau[None, :] * pc1
+    g = xp.sqrt((pw * pw).sum(axis=0))
+    return xp.where(ok, sigma * g / xp.maximum(step * slope, f32(1e-12)), f32(np.nan))
 
 
 def crossing(xp, y, level, E, i_lo, i_hi):

@@ -170,6 +170,22 @@ def pre_edge(spectra, energies, *, e0: float | None = None, pre1: float | None =
     return res
 
 
+def normalisation_functionals(energies, e0: float, *, pre=None, post=None, fit: str = "spline"):
+    """The normalisation with one E0 as linear functionals of ``mu`` (float64, host).
+
+    Returns ``(c0, c1, step, mid, half)``: the pre-edge line at energy ``x`` is
+    ``(c0 + (x - mid) / half * c1) @ mu`` and the edge step ``step @ mu``
+    (each an ``(n_energy,)`` vector), as :func:`pre_edge` computes them.
+    """
+    E = np.asarray(energies, dtype=np.float64)
+    ranges = tuple(sorted({"pre1": None, "pre2": None, "norm1": None, "norm2": None, "nnorm": None}.items()))
+    ranges += (("pre", _pair(pre, "pre")), ("post", _pair(post, "post")))
+    deg = max(1, fit_ranges(E, float(e0), fit=fit, **dict(ranges))["nnorm"])
+    C, v0 = _coef_matrix(E.tobytes(), float(e0), ranges, deg, fit)
+    C, v0 = C.astype(np.float64), v0.astype(np.float64)
+    return C[0], C[1], v0 @ C[2:], 0.5 * (E[0] + E[-1]), max(0.5 * (E[-1] - E[0]), 1e-9)
+
+
 def fit_ranges(energies, e0: float, *, fit="points", pre1=None, pre2=None, norm1=None, norm2=None, nnorm=None,
                pre=None, post=None) -> dict:
     """:func:`larch_ranges`, or the absolute ranges ``pre``/``post`` (eV, inclusive) in the same form.

@@ -15,15 +15,17 @@ import numpy as np
 from ..core.backend import resolve_device, to_device, to_host, xp_of
 from .edge import edge_energy, edge_ranges
 from ..io.base import check_energies
+from .denoise import parse_denoise, project, spectral_basis
 from .spectra import MIN_ENERGIES, auto_min_jump
 
-__all__ = ["edge_energy_map", "stack_ranges"]
+__all__ = ["edge_energy_map", "stack_basis", "stack_ranges"]
 
 _log = logging.getLogger("gpureg")
 
 
 def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", mask=None,
-                    min_jump: float | None = None, pre=None, post=None, info: dict | None = None, **kw) -> dict:
+                    min_jump: float | None = None, pre=None, post=None, info: dict | None = None,
+                    denoise=None, sigma: bool = True, **kw) -> dict:
     """Edge-energy maps of a whole energy stack, processed in z-slabs (bounded memory).
 
     Parameters
@@ -50,7 +52,14 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         mean spectrum of a few z-planes (see :func:`edge_ranges`).
     info : dict, optional
         Filled with what was used: ``pre``, ``post``, ``e0``, ``rule`` (see
-        :func:`edge_ranges`), ``min_jump`` (the threshold applied), ``device``.
+        :func:`edge_ranges`), ``min_jump`` (the threshold applied), ``device``,
+        ``basis`` (the :class:`~gpureg.xanes.denoise.SpectralBasis`), ``denoise``.
+    denoise : {"auto", None} or int
+        Spectral denoising before the maps (:mod:`gpureg.xanes.denoise`):
+        components chosen from the data, a given number, or none.
+    sigma : bool
+        Also map ``edge_energy_sigma`` (noise from the residual of the
+        spectral basis, propagated to the crossing).
     **kw
         ``method``, ``smooth``, ``e0``: passed to :func:`edge_energy`.
 
@@ -74,13 +83,28 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
             raise ValueError(f"edge_energy_map: mask must have the volume shape {shape}, got {tuple(mask.shape)}")
     rng = stack_ranges(read, shape, E, pre, post, kw.get("e0"))
     kw["e0"] = rng["e0"]
+    denoise = parse_denoise(denoise)
+    basis = None
+    if denoise is not None or (sigma and kw.get("method", "half") != "derivative"):
+        basis = stack_basis(read, shape, E, "auto" if denoise is None else denoise)
     out = None
     for z0 in range(0, shape[0], int(slab)):
         z1 = min(shape[0], z0 + int(slab))
         sub = to_device(read(z0, z1), dev, dtype=np.float32)
         sub_mask = None if mask is None else to_device(np.asarray(to_host(mask[z0:z1]), dtype=bool), dev)
+        extra = {}
+        if basis is not None:
+            xp = xp_of(sub)
+            mu = sub.reshape(E.size, -1)
+            ok = xp.isfinite(mu).all(axis=0)
+            y, noise = project(xp, xp.where(ok[None, :], mu, xp.float32(0)), basis, denoise=denoise is not None)
+            if denoise is not None:
+                sub = xp.where(ok[None, :], y, xp.float32(np.nan)).reshape(sub.shape)
+            if sigma:
+                extra = {"noise": noise.reshape(sub.shape[1:]),
+                         "noise_components": basis.components if denoise is not None else None}
         try:
-            res = edge_energy(sub, E, pre=rng["pre"], post=rng["post"], min_jump=0.0, mask=sub_mask, **kw)
+            res = edge_energy(sub, E, pre=rng["pre"], post=rng["post"], min_jump=0.0, mask=sub_mask, **kw, **extra)
         except ValueError as exc:
             if "none of the" not in str(exc):
                 raise
@@ -88,6 +112,7 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         if out is None:
             keys = ("edge_energy", "edge_jump", "white_line", "mask")
             keys += ("e0_derivative",) if kw.get("method") == "both" else ()
+            keys += ("edge_energy_sigma",) if extra else ()
             out = {k: (np.zeros(shape, bool) if k == "mask" else np.full(shape, np.nan, np.float32)) for k in keys}
         if res is not None:
             for k, v in res.items():
@@ -99,12 +124,12 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         raise ValueError("edge_energy_map: no voxel has a finite spectrum at every energy (all NaN/inf)")
     thr = auto_min_jump(np, out["edge_jump"][finite]) if min_jump is None else float(min_jump)
     valid &= out["edge_jump"] > thr
-    for k in ("edge_energy", "white_line", "e0_derivative"):
+    for k in ("edge_energy", "white_line", "e0_derivative", "edge_energy_sigma"):
         if k in out:
             out[k][~valid] = np.nan
     if info is not None:
         info.update(pre=rng["pre"], post=rng["post"], e0=float(kw["e0"]), rule=rng["rule"], min_jump=float(thr),
-                    device=dev)
+                    device=dev, basis=basis, denoise=denoise)
     _log.info("edge_energy_map: %d of %d voxels valid (min_jump %.4g, ranges pre %s post %s, %s)",
               int(valid.sum()), valid.size, thr, rng["pre"], rng["post"], rng["rule"])
     return out
@@ -129,6 +154,23 @@ class Reordered:
 
     def __getitem__(self, i):
         return self.ds[int(self.order[i])]
+
+
+def stack_basis(read, shape, E, components, *, planes: int = 16):
+    """:class:`~gpureg.xanes.denoise.SpectralBasis` of a stack from up to ``planes`` evenly spaced z-planes,
+    over the voxels with an edge (crude jump, last 3 minus first 3 energies, above 0.1 x its 99.5th percentile)."""
+    zs = sorted({round(z) for z in np.linspace(0, shape[0] - 1, min(shape[0], planes))})
+    cols = []
+    for z in zs:
+        sub = np.asarray(to_host(read(z, z + 1)), dtype=np.float32).reshape(E.size, -1)
+        cols.append(sub[:, np.isfinite(sub).all(axis=0)])
+    X = np.concatenate(cols, axis=1)
+    k = min(3, max(1, E.size // 4))
+    jump = X[-k:].mean(axis=0) - X[:k].mean(axis=0)
+    sel = jump > auto_min_jump(np, jump)
+    if sel.sum() < 2 * E.size:
+        sel = np.ones(X.shape[1], bool)
+    return spectral_basis(X[:, sel], components, max_components=min(20, E.size - 1))
 
 
 def stack_ranges(read, shape, E, pre=None, post=None, e0=None):

@@ -21,7 +21,7 @@ __all__ = ["write_xanes"]
 def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
                 method: str = "half", min_jump: float | None = None, min_voxels: int = 64, slab: int = 16,
                 device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False,
-                references=None, clusters: int | None = None) -> dict:
+                references=None, clusters: int | None = None, denoise=None, column: str | None = None) -> dict:
     """Edge-energy maps, particle labels and particle spectra of an aligned stack, written to HDF5.
 
     Reads ``/aligned`` + ``/energy`` (pipeline output) or ``/exchange/recon`` +
@@ -50,6 +50,10 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
         see :func:`gpureg.xanes.chemistry_map`; fitted in the edge-map mask.
     clusters : int, optional
         k-means clusters of the normalised spectra (``/xanes/clusters``, ``cluster_centroids``).
+    denoise : {"auto", None} or int
+        Spectral denoising before the maps and fits (:mod:`gpureg.xanes.denoise`).
+    column : str, optional
+        ``mu`` column of the reference files.
 
     Returns
     -------
@@ -81,10 +85,10 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
         if references:             # bad reference files fail before the maps are computed
             from .lcf import prepare_references
 
-            prepare_references(references, np.sort(E_in))
+            prepare_references(references, np.sort(E_in), column=column)
         rng = {}
         maps = edge_energy_map(ds, E_in, slab=slab, device=device, min_jump=min_jump, pre=pre, post=post,
-                               method=method, smooth=smooth, info=rng)
+                               method=method, smooth=smooth, info=rng, denoise=denoise)
         order = np.argsort(E_in, kind="stable")
         E_sorted = E_in[order]
         ref = np.asarray(ds[int(np.argmax(E_in))], dtype=np.float32)
@@ -101,7 +105,8 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
             from .chemmap import chemistry_map
 
             chem = chemistry_map(ds, E_in, references=references or None, k=clusters, mask=maps["mask"], slab=slab,
-                                 device=device)
+                                 device=device, e0=rng["e0"], column=column,
+                                 denoise=rng["basis"] if rng["denoise"] is not None else None)
     valid = maps["mask"]
     summary = {"voxels": int(valid.size), "valid": int(valid.sum()), "particles": n, "pre": rng["pre"],
                "post": rng["post"],
@@ -115,6 +120,10 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
              "device": rng["device"], "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
              "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
              "range_rule": rng["rule"]}
+    if rng["basis"] is not None:
+        import json
+
+        attrs["spectral_denoise"] = json.dumps({**rng["basis"].to_dict(), "applied": rng["denoise"] is not None})
     if chem is not None and "fractions" in chem:
         summary["fraction_medians"] = {nm: float(np.nanmedian(chem["fractions"][j]))
                                        for j, nm in enumerate(chem["reference_names"])}

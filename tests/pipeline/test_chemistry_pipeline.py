@@ -83,3 +83,24 @@ def test_cli_bad_references(mixture_recon, tmp_path):
                                  f"{refs[0]},{bad}"])
     assert r.exit_code != 0
     assert "short by 15 eV below and 60.5 eV above" in r.output
+
+
+def test_xanes_denoise_spectra_and_sigma_recorded(mixture_recon, tmp_path):
+    """``gpureg xanes --denoise-spectra auto --reference-column mu``: the basis is recorded, the sigma map written,
+    and the fractions stay within the tolerance of the run above."""
+    import json
+
+    path, refs, truth = mixture_recon
+    out = tmp_path / "x.h5"
+    r = CliRunner().invoke(app, ["xanes", str(path), str(out), "--device", "cpu", "--denoise-spectra", "auto",
+                                 "--references", f"{refs[0]},{refs[1]}", "--reference-column", "2"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out, "r") as h5:
+        x = h5["xanes"]
+        info = json.loads(x.attrs["spectral_denoise"])
+        assert info["applied"] and 1 <= info["components"] <= 20 and len(info["eigenvalues"]) == 29
+        sigma, mask = x["edge_energy_sigma"][()], x["mask"][()]
+        assert np.isfinite(sigma[mask]).all() and (sigma[mask] > 0).all() and np.isnan(sigma[~mask]).all()
+        frac = x["fractions"][()]
+        sel = mask & (truth["labels"] > 0) & np.isfinite(frac[1])
+        assert float(np.sqrt(np.mean((frac[:, sel] - truth["fractions"][:, sel]) ** 2))) <= 0.05

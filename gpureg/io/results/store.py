@@ -158,9 +158,9 @@ class ResultStore:
         ds = self.h5[name]
         return [_EnergyView(ds, int(i)) for i in (self.used() if indices is None else indices)]
 
-    def write_xanes(self, maps, labels, *, group: str = "xanes", chemistry=None):
+    def write_xanes(self, maps, labels, *, group: str = "xanes", chemistry=None, attrs=None):
         """The ``/xanes`` (or ``/xanes_global``) group, see :func:`write_xanes`."""
-        write_xanes(self.h5, maps, labels, group=group, chemistry=chemistry)
+        write_xanes(self.h5, maps, labels, group=group, chemistry=chemistry, attrs=attrs)
 
     # --- per-particle runs ---------------------------------------------------------------
     def particle_labels(self, make_labels):
