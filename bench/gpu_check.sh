@@ -37,7 +37,7 @@ done
 py=${PYTHON:-python3}
 # pytest-timeout (on the device image): a test stuck on a kernel fails alone instead of the step.
 pertest=()
-"$py" -c "import pytest_timeout" 2>/dev/null && pertest=(-p pytest_timeout --timeout=90)
+"$py" -c "import pytest_timeout" 2>/dev/null && pertest=(--timeout=90)
 
 # The steps, one a line: name, time limit (s), command. Add a benchmark here with its budget
 # (and, when it generates sizeable inputs on the CPU, an estimator in bench/gpu_budget.py).

@@ -68,14 +68,19 @@ def compile_all(report: dict) -> None:
     from gpureg.core import cuda_loader
 
     t0 = time.perf_counter()
-    for source, names in cuda_loader.KERNEL_FILES.items():
-        for name in names:
-            try:
-                kernel = cuda_loader.get_kernel(source, name)
-            except Exception as exc:
-                raise Failed(f"kernel {name} of {source} does not compile or load: {exc}") from exc
-            report.setdefault("registers", {})[f"{source}:{name}"] = int(kernel.num_regs)
-            report.setdefault("local_bytes", {})[f"{source}:{name}"] = int(kernel.local_size_bytes)
+    for wide in (False, True):  # and the 64-bit index build (volumes over 2^31 voxels): no test runs it here
+        for source, names in cuda_loader.KERNEL_FILES.items():
+            for name in names:
+                key = f"{source}:{name}{':wide' if wide else ''}"
+                try:
+                    kernel = cuda_loader.get_kernel(source, name, wide)
+                except Exception as exc:
+                    raise Failed(f"kernel {key} does not compile or load: {exc}") from exc
+                report.setdefault("registers", {})[key] = int(kernel.num_regs)
+                report.setdefault("local_bytes", {})[key] = int(kernel.local_size_bytes)
+    spilled = {k: v for k, v in report["local_bytes"].items() if v}
+    if spilled:
+        print(f"preflight: local memory (spills or stack) in {spilled}", flush=True)
     report["compile_s"] = round(time.perf_counter() - t0, 2)
 
 

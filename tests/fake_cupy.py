@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import types
 
 import numpy as np
 
@@ -72,8 +73,11 @@ class FakeArray(np.ndarray):
     def device(self):
         return FakeDevice(self._device)
 
-    def get(self):
-        return np.asarray(self)
+    def get(self, stream=None, out=None, blocking=True):
+        if out is None:
+            return np.array(self)
+        out[...] = np.asarray(self)
+        return out
 
 
 class FakeDevice:
@@ -99,6 +103,20 @@ class FakeCupy:
     class cuda:  # noqa: N801 - mirrors cupy.cuda
         Device = FakeDevice
 
+        class _Stream:
+            def record(self):
+                return types.SimpleNamespace(synchronize=lambda: None)
+
+        @staticmethod
+        def get_current_stream():
+            return FakeCupy.cuda._Stream()
+
+    allocations = 0  # buffers made by empty/zeros
+
+    @staticmethod
+    def asnumpy(a):
+        return np.array(a)
+
     @staticmethod
     def _on_device(a):
         out = np.asarray(a).view(FakeArray)
@@ -106,9 +124,11 @@ class FakeCupy:
         return out
 
     def empty(self, shape, dtype=np.float32):
+        self.allocations += 1
         return self._on_device(np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype))
 
     def zeros(self, shape, dtype=np.float32):
+        self.allocations += 1
         return self._on_device(np.zeros(shape, dtype))
 
     def asarray(self, a, dtype=None):

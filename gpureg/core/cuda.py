@@ -387,7 +387,7 @@ def center_of_mass(volume) -> np.ndarray:
     return m[1:] / m[0]
 
 
-def reduce_partials(name: str, partials, n_terms: int, blocks: int, wide: bool = False):
+def reduce_partials(name: str, partials, n_terms: int, blocks: int, wide: bool = False, out=None):
     """Sums over blocks of term-major block partials, in double, on the device.
 
     Parameters
@@ -399,13 +399,15 @@ def reduce_partials(name: str, partials, n_terms: int, blocks: int, wide: bool =
     n_terms, blocks : int
     wide : bool
         From the 64-bit index build of ``name`` (the one the pass used: no second compilation).
+    out : (n_terms,) cupy.ndarray of float64, optional
+        Written in place (a loop of passes allocates nothing per pass).
 
     Returns
     -------
     (n_terms,) cupy.ndarray of float64
     """
-    cp = require_cupy()
-    out = cp.empty(n_terms, dtype=cp.float64)
+    if out is None:
+        out = require_cupy().empty(n_terms, dtype=np.float64)
     get_kernel(name, "reduce_partials", wide)((n_terms,), (THREADS,), (partials, np.int32(blocks), out))
     return out
 

@@ -123,17 +123,18 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
     check_size(fixed.shape, "fixed")
     check_size(moving.shape, "moving")
     wide = wide_index(fixed.shape, moving.shape)
-    fixed = cp.ascontiguousarray(fixed, dtype=cp.float32)
-    moving = cp.ascontiguousarray(moving, dtype=cp.float32)
     nz, ny, nx = (int(n) for n in fixed.shape)
     mz, my, mx = (int(n) for n in moving.shape)
     c = np.asarray(center, dtype=np.float64).reshape(3)
-    with fixed.device:
+    with fixed.device:  # every buffer, converted volume included, on the volumes' GPU
+        fixed = cp.ascontiguousarray(fixed, dtype=cp.float32)
+        moving = cp.ascontiguousarray(moving, dtype=cp.float32)
         mask = as_mask(cp, mask, fixed)
         name = f"mse_terms_state_pass<true, {'bool' if mask is not None and mask.dtype == np.bool_ else 'float'}>"
         blocks = mse_pass_blocks(name, nz * ny, wide=wide)
         state = cp.asarray(initial_state(params0, lam0))
         partials = cp.empty(N_TERMS * N_MONOMIALS * blocks, dtype=cp.float64)
+        sums = cp.empty(N_TERMS * N_MONOMIALS, dtype=cp.float64)  # reused by every pass: no allocation per pass
         tables = empty_space_tables(fixed, moving) if skip_empty and mask is None else None
         row_code = cp.empty(nz * ny, dtype=cp.int32) if tables is not None else None
         dims = (np.int32(nz), np.int32(ny), np.int32(nx), np.int32(mz), np.int32(my), np.int32(mx))
@@ -154,7 +155,7 @@ def levenberg_marquardt_device(fixed, moving, params0, center, *, free=None, mas
                     classify((-(-(nz * ny) // THREADS),), (THREADS,), (*tables, *dims, state, *centre, row_code))
                 pass_kernel((blocks,), (THREADS,), (fixed, moving, pointer_or_null(mask), pointer_or_null(row_code),
                                                     *dims, state, *centre, partials))
-                sums = reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks, wide=wide)
+                reduce_partials("affine.cu", partials, N_TERMS * N_MONOMIALS, blocks, wide=wide, out=sums)
                 step((1,), (32,), (sums, state, *step_args))
             queued += poll_every
             state[STATE["passes"]:STATE["status"] + 1].get(stream=stream, out=status, blocking=False)

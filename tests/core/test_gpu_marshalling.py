@@ -78,3 +78,66 @@ def test_ffd_pass_selects_the_64_bit_build_by_size(fake, monkeypatch):
     monkeypatch.setattr(cuda, "_MAX_WIDE", 100)
     with pytest.raises(ValueError, match="fixed has 125 voxels"):
         cuda_ffd.residual_gradient(vol, vol, np.zeros((3, 4, 4, 4)), np.eye(4), level=0, spacing=4.0)
+
+
+def _solver_fakes(monkeypatch, cp, rec):
+    import sys
+    import types
+
+    from gpureg.core import cuda, cuda_solver
+
+    for module in (cuda_solver, cuda):
+        monkeypatch.setattr(module, "require_cupy", lambda: cp)
+        monkeypatch.setattr(module, "get_kernel", rec.get_kernel)
+    monkeypatch.setattr(cuda, "resident_blocks", lambda *a: 3)
+    monkeypatch.setattr(cuda_solver, "xp_of", lambda a: cp)
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=lambda n, dtype: np.empty(n, dtype)))
+    return cuda_solver
+
+
+@pytest.mark.parametrize("skip_empty", [False, True])
+def test_device_solver_marshals_and_allocates_nothing_per_pass(monkeypatch, skip_empty):
+    # Every launch of a level (classify_rows_state, the state pass, reduce_partials, lm_step) against
+    # its CUDA signature, every buffer on the volumes' GPU, no allocation per pass, and the status
+    # the (stand-in) lm_step leaves reported: converged after 3 passes; max_passes as a warning.
+    from gpureg.core.kernel_layout import STATE, STATUS
+
+    def run(poll_every, stop_at, max_iter=60):
+        cp = fake_cupy.FakeCupy()
+
+        def lm_step(args):
+            state = args[1]
+            if state[STATE["status"]] != STATUS["running"]:
+                return  # as the kernel: a no-op once stopped
+            state[STATE["passes"]] += 1
+            if state[STATE["passes"]] >= stop_at:
+                state[STATE["status"]] = STATUS["converged"] if stop_at < max_iter else STATUS["max_passes"]
+
+        rec = fake_cupy.Recorder({"lm_step": lm_step})
+        cuda_solver = _solver_fakes(monkeypatch, cp, rec)
+        shape = (6, 7, 40)
+        rng = np.random.default_rng(1)
+        fixed = cp.on(rng.random(shape, dtype=np.float32), 1)
+        moving = cp.on(rng.random(shape, dtype=np.float32), 1)
+        out = cuda_solver.levenberg_marquardt_device(fixed, moving, np.zeros(12), (2.5, 3.0, 19.5),
+                                                     poll_every=poll_every, skip_empty=skip_empty, max_iter=max_iter)
+        return out, rec, cp
+
+    (params, passes, converged), rec, cp = run(poll_every=8, stop_at=3)
+    assert (passes, converged) == (3, True) and params.shape == (12,)
+    per_pass = (["classify_rows_state"] if skip_empty else []) + ["mse_terms_state_pass<true, float>",
+                                                                  "reduce_partials", "lm_step"]
+    assert [launch["function"] for launch in rec.launches] == per_pass * 8  # one block of 8 passes queued
+    for launch in rec.launches:
+        assert launch["device"] == 1 and not launch["wide"]
+        for a in launch["args"]:
+            if isinstance(a, np.ndarray):
+                assert a._device == 1, launch["function"]
+    assert rec.launches[len(per_pass) - 3]["args"][2] == np.uint64(0)  # no mask: a null pointer, never None
+    allocations = cp.allocations
+    (_, passes, _), rec, cp = run(poll_every=2, stop_at=9)  # 5 blocks of 2 passes
+    assert passes == 9 and len(rec.launches) == len(per_pass) * 10
+    assert cp.allocations == allocations  # buffers made once per level, whatever the number of passes
+    with pytest.warns(RuntimeWarning, match="max_passes"):
+        (_, passes, converged), _, _ = run(poll_every=8, stop_at=5, max_iter=5)
+    assert (passes, converged) == (5, False)
