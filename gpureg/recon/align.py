@@ -206,7 +206,10 @@ def align_projections(projections, theta_deg, *, center=None, filter: str = "ram
             err = _error(xp, aligned, model, weight)
             if first and not np.any(shifts) and reference is None:
                 error_before = err
-            step = _xcorr(xp, aligned, model, weight) if first else _gauss_newton(xp, aligned, model, weight)
+            register = _xcorr if first else _gauss_newton
+            h, w = aligned.shape[1:]
+            step = np.concatenate([register(xp, aligned[a:b], model[a:b], weight)
+                                   for a, b in _chunks(n_angle, h * w * (64 if first else 48))])
             shifts = _constrain(shifts + _constrain(step * b, theta), theta, anchor, smooth_modes)
             iterations += 1
             update = float(np.sqrt(((step * b) ** 2).mean()))
@@ -307,15 +310,17 @@ def shift_projections(projections, shifts):
         return p
     n, h, w = p.shape
     m = int(np.ceil(np.abs(s).max())) + 2
-    padded = xp.pad(p, ((0, 0), (m, m), (m, m)), mode="edge")
     hh, ww = h + 2 * m, w + 2 * m
     kr = xp.asarray(np.fft.fftfreq(hh))[None, :, None]
     kc = xp.asarray(np.fft.rfftfreq(ww))[None, None, :]
-    sd = xp.asarray(s)
-    phase = (xp.exp(2j * np.pi * kr * sd[:, 0, None, None]).astype(xp.complex64)
-             * xp.exp(2j * np.pi * kc * sd[:, 1, None, None]).astype(xp.complex64))  # separable: (n,h,1)*(n,1,w)
-    out = xp.fft.irfft2(xp.fft.rfft2(padded) * phase, s=(hh, ww))
-    return xp.ascontiguousarray(out[:, m:m + h, m:m + w]).astype(xp.float32)
+    out = xp.empty_like(p)
+    for a, b in _chunks(n, hh * ww * 16):  # spectrum, phase and padded copy of a chunk within _CHUNK_BYTES
+        sd = xp.asarray(s[a:b])
+        phase = (xp.exp(2j * np.pi * kr * sd[:, 0, None, None]).astype(xp.complex64)
+                 * xp.exp(2j * np.pi * kc * sd[:, 1, None, None]).astype(xp.complex64))  # (n,h,1)*(n,1,w)
+        padded = xp.pad(p[a:b], ((0, 0), (m, m), (m, m)), mode="edge")
+        out[a:b] = xp.fft.irfft2(xp.fft.rfft2(padded) * phase, s=(hh, ww))[:, m:m + h, m:m + w]
+    return out
 
 
 def unobservable_part(shifts, theta_deg):
@@ -425,6 +430,15 @@ def input_wobble(reader, i: int | None = None) -> dict:
 
 
 # --- internals ---------------------------------------------------------------------------
+
+_CHUNK_BYTES = 1 << 28  # temporary memory per batch of projections (shift, registration): 256 MiB
+
+
+def _chunks(n, bytes_per_item):
+    """``(start, stop)`` batches of ``n`` projections using at most :data:`_CHUNK_BYTES` of temporaries each."""
+    step = max(1, int(_CHUNK_BYTES // max(int(bytes_per_item), 1)))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
 
 def _levels(nx, warm):
     """Default plan: 2x2 binning (none below 48 columns), preceded by coarser levels down to 32-63 columns.
