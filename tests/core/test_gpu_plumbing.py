@@ -133,3 +133,21 @@ def test_gpu_without_nvrtc_falls_back_to_the_cpu_in_one_line(monkeypatch, caplog
     finally:
         backend._cupy_probe.cache_clear()
         backend._note_fallback.cache_clear()
+
+
+def test_register_gpu_keeps_rows_saved_in_the_output_folder(tmp_path, monkeypatch):
+    # register_gpu saves after each size into $GPUREG_BENCH_OUT (gpu_check.sh's work folder) and
+    # merges the rows of an earlier run of the day from that same folder, not from bench/results.
+    import datetime
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import register_gpu
+    from common import device_name
+
+    monkeypatch.setenv("GPUREG_BENCH_OUT", str(tmp_path))
+    earlier = {"device": device_name("gpu"), "git_sha": "abc", "results": [{"size": 512, "pass_ms": 9.0}]}
+    (tmp_path / f"register_gpu-gpu-{datetime.date.today().isoformat()}.json").write_text(json.dumps(earlier))
+    rows = register_gpu._merge_with_earlier([{"size": 128, "pass_ms": 1.0}])
+    assert [r["size"] for r in rows] == [128, 512] and rows[1]["git_sha"] == "abc"
+    monkeypatch.setenv("GPUREG_BENCH_OUT", str(tmp_path / "elsewhere"))
+    assert [r["size"] for r in register_gpu._merge_with_earlier([{"size": 128}])] == [128]
