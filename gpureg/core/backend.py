@@ -62,7 +62,7 @@ def gpu_name() -> str | None:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def resolve_device(device: str = "auto") -> str:
+def resolve_device(device: str = "auto", *, probe=None, what: str = "") -> str:
     """Turn ``"auto" | "cpu" | "gpu"`` into ``"cpu"`` or ``"gpu"``.
 
     Parameters
@@ -71,6 +71,11 @@ def resolve_device(device: str = "auto") -> str:
         ``"auto"`` picks the GPU when CuPy and a device are usable and falls
         back to the CPU otherwise (logged once). ``"gpu"`` without a usable
         GPU raises :class:`GPUUnavailableError`.
+    probe : callable, optional
+        ``probe() -> (usable, reason)`` of the library that would use the GPU;
+        default :func:`cupy_probe` (FBP passes ASTRA's CUDA probe).
+    what : str
+        The stage, for the messages (e.g. ``"FBP (ASTRA CUDA)"``).
 
     Returns
     -------
@@ -82,12 +87,13 @@ def resolve_device(device: str = "auto") -> str:
     device = device.lower()
     if device == "cpu":
         return "cpu"
-    cp, why = cupy_probe()
-    if cp is not None:
+    usable, why = (probe or cupy_probe)()
+    if usable:
         return "gpu"
+    where = f" for {what}" if what else ""
     if device == "gpu":
-        raise GPUUnavailableError(f"device='gpu' was requested but no GPU is usable: {why}")
-    _note_fallback(why)
+        raise GPUUnavailableError(f"device='gpu' was requested but no GPU is usable{where}: {why}")
+    _note_fallback(why, where)
     return "cpu"
 
 
@@ -207,10 +213,10 @@ def _cannot_compile(cp) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _note_fallback(why: str) -> None:
+def _note_fallback(why: str, where: str = "") -> None:
     # A GPU that is there but unusable (no NVRTC) is a warning; no CuPy or no device is the normal CPU case.
     level = logging.WARNING if why.startswith(_CANNOT_COMPILE) else logging.INFO
-    _log.log(level, "gpureg: no usable GPU (%s); running on the CPU", why)
+    _log.log(level, "gpureg: no usable GPU%s (%s); running on the CPU", where, why)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,15 +13,25 @@ The rotation axis is at detector column ``center`` (default ``(nx - 1) / 2``,
 ASTRA's detector middle); another centre is handled by a sub-pixel Fourier
 shift of the detector axis before filtering.
 
+Where a voxel projects (the convention, fixed once and tested against an analytic phantom)
+-----------------------------------------------------------------------------------------
+ASTRA's 2D ``parallel`` geometry with unit detector pixels and an ``nx x nx``
+volume grid: with ``c = (nx - 1) / 2``, voxel ``(z, y, x)`` projects at angle
+``theta`` onto detector row ``z``, column
+``u = c + (x - c) cos(theta) - (y - c) sin(theta)``
+(``tests/recon/test_fbp_geometry.py`` checks it on both devices with
+analytic projections of off-centre Gaussian blobs, not ASTRA's own projector).
+
 Backends
 --------
-CPU: ASTRA's ``FBP`` algorithm with the ``linear`` projector, slice by slice,
-with the ASTRA objects created once and reused. GPU (ASTRA built with CUDA and
-a device present): the sinograms are ramp-filtered with the same filter as
-ASTRA's (CuPy FFT when CuPy is present, else NumPy), then back-projected with
-``BP3D_CUDA`` in slabs of slices sized to the free device memory. The 3D CUDA
-geometry is checked against the 2D CPU one once per process (orientation and
-scale, on a small random sinogram) so both paths give the same volume.
+The same ASTRA 2D geometry and ASTRA's own FBP filter on both: the ``FBP``
+algorithm with the ``linear`` projector on the CPU, ``FBP_CUDA`` on the GPU
+(ASTRA built with CUDA and a device present), slice by slice, with the ASTRA
+objects created once per volume and reused. Nothing is calibrated at run time.
+Until issue 23 the GPU path filtered with its own copy of ASTRA's filter and
+back-projected with the 3D ``BP3D_CUDA`` in slabs, whose orientation and scale
+relative to the 2D geometry were probed at run time (a random sinogram
+back-projected both ways, every flip tried).
 All ASTRA objects are created through :class:`Astra`, which always frees them.
 """
 
@@ -35,9 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backend import (
-    GPUUnavailableError,
     array_device,
     cupy_or_none,
+    resolve_device,
     to_host,
 )
 from ..core.config import config
@@ -97,21 +107,22 @@ def reconstruct_fbp(projections, theta_deg, *, center=None, filter: str = "ram-l
         raise ValueError(f"center must lie on the detector [-0.5, {nx - 0.5}], got {center}")
     shift = c - mid
     on_gpu_input = array_device(projections) == "gpu"
-    if _use_cuda(device):
+    if abs(shift) > 1e-6:  # on the device the projections are on
+        projections = _fourier_shift(cupy_or_none() if on_gpu_input else np, projections, shift)
+    proj = np.asarray(to_host(projections), dtype=np.float32)
+    out = None
+    if fbp_device(device) == "gpu":
         try:
-            out = _fbp_cuda(projections, np.deg2rad(theta), shift, filt)
+            set_astra_gpu(astra_gpu_index(cupy_or_none(), projections))
+            out = _fbp_astra(proj, np.deg2rad(theta), filt, cuda=True)
         except Exception as exc:  # noqa: BLE001 - untested CUDA setups: fall back loudly under "auto"
             if device != "auto" or isinstance(exc, (ValueError, MemoryError)):
                 raise
             warnings.warn(f"ASTRA CUDA FBP failed ({type(exc).__name__}: {exc}); using the CPU", RuntimeWarning,
                           stacklevel=2)
-            out = None
-        if out is not None:
-            return out if on_gpu_input or array_device(out) == "cpu" else out.get()
-    out = _fbp_cpu(np.asarray(to_host(projections), dtype=np.float32), np.deg2rad(theta), shift, filt)
-    if on_gpu_input:
-        return cupy_or_none().asarray(out)
-    return out
+    if out is None:
+        out = _fbp_astra(proj, np.deg2rad(theta), filt, cuda=False)
+    return cupy_or_none().asarray(out) if on_gpu_input else out
 
 
 def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device: str = "auto"):
@@ -233,64 +244,31 @@ def astra_cuda_probe() -> tuple:
 def fbp_device(device: str = "auto") -> str:
     """The device FBP runs on for ``"auto" | "cpu" | "gpu"``: ``"gpu"`` means ASTRA-CUDA.
 
+    :func:`gpureg.core.backend.resolve_device` with ASTRA's CUDA probe:
     ``"auto"`` falls back to the CPU (logged once) when ASTRA-CUDA is unusable;
     ``"gpu"`` then raises :class:`~gpureg.core.backend.GPUUnavailableError`.
     """
-    return "gpu" if _use_cuda(device) else "cpu"
+    return resolve_device(device, probe=astra_cuda_probe, what="FBP (ASTRA CUDA)")
 
 
-def _fbp_cpu(proj, theta_rad, shift, filt):
-    """ASTRA CPU FBP (``linear`` projector), one reused algorithm for all slices."""
-    n_angle, nz, nx = proj.shape
-    if abs(shift) > 1e-6:
-        proj = _fourier_shift(np, proj, shift)
+def _fbp_astra(proj, theta_rad, filt, *, cuda: bool):
+    """ASTRA's 2D FBP of every slice (``FBP`` + ``linear`` projector, or ``FBP_CUDA``), objects made once."""
+    _, nz, nx = proj.shape
     out = np.empty((nz, nx, nx), dtype=np.float32)
     with Astra() as a:
         vg = a.astra.create_vol_geom(nx, nx)
         pg = a.astra.create_proj_geom("parallel", 1.0, nx, theta_rad)
-        pid = a.projector("linear", pg, vg)
         sid = a.data2d("-sino", pg)
         rid = a.data2d("-vol", vg)
-        aid = a.algorithm({"type": "FBP", "ProjectorId": pid, "ProjectionDataId": sid,
-                           "ReconstructionDataId": rid, "option": {"FilterType": filt}})
+        cfg = {"type": "FBP_CUDA" if cuda else "FBP", "ProjectionDataId": sid, "ReconstructionDataId": rid,
+               "option": {"FilterType": filt}}
+        if not cuda:
+            cfg["ProjectorId"] = a.projector("linear", pg, vg)
+        aid = a.algorithm(cfg)
         for z in range(nz):
             a.astra.data2d.store(sid, np.ascontiguousarray(proj[:, z, :]))
             a.astra.algorithm.run(aid)
             out[z] = a.astra.data2d.get_shared(rid)
-    return out
-
-
-def _fbp_cuda(proj, theta_rad, shift, filt):
-    """Ramp filter (CuPy or NumPy) + ASTRA ``BP3D_CUDA`` over slabs of slices."""
-    n_angle, nz, nx = proj.shape
-    cp = cupy_or_none()
-    xp = cp if cp is not None else np
-    set_astra_gpu(astra_gpu_index(cp, proj))  # before the calibration, which runs ASTRA too
-    flip_vol, flip_det, scale = _cuda_calibration()
-    h = _filter_response(xp, nx, filt, shift, scale * np.pi / (2.0 * n_angle))
-    slab = _slab_size(cp, n_angle, nx, nz)
-    dev_out = array_device(proj) == "gpu"
-    out = cp.empty((nz, nx, nx), dtype=cp.float32) if dev_out else np.empty((nz, nx, nx), dtype=np.float32)
-    with Astra() as a:
-        for z0 in range(0, nz, slab):
-            z1 = min(nz, z0 + slab)
-            m = z1 - z0
-            sino = xp.asarray(proj[:, z0:z1, :], dtype=xp.float32)
-            sino = _apply_filter(xp, sino, h)  # (n_angle, m, nx)
-            if flip_det:
-                sino = sino[..., ::-1]
-            sino = xp.ascontiguousarray(sino.transpose(1, 0, 2))  # ASTRA 3D: (rows, angles, cols)
-            vg = a.astra.create_vol_geom(nx, nx, m)
-            pg = a.astra.create_proj_geom("parallel3d", 1.0, 1.0, m, nx, theta_rad)
-            vol = _backproject3d(a, xp, sino, pg, vg, (m, nx, nx))
-            if flip_vol[0]:
-                vol = vol[:, ::-1, :]
-            if flip_vol[1]:
-                vol = vol[:, :, ::-1]
-            if dev_out or xp is np:
-                out[z0:z1] = vol
-            else:
-                out[z0:z1] = vol.get()
     return out
 
 
@@ -301,79 +279,6 @@ def astra_gpu_index(cp, proj=None) -> int:
     if array_device(proj) == "gpu":
         return int(proj.device.id)
     return int(cp.cuda.Device().id)
-
-
-def _backproject3d(a, xp, sino, pg, vg, shape):
-    """One BP3D_CUDA run on a slab; device-resident (DLPack link) with CuPy, host arrays otherwise."""
-    if xp is np:
-        sid = a.data3d("-sino", pg, sino)
-        vid = a.data3d("-vol", vg, 0.0)
-        aid = a.algorithm({"type": "BP3D_CUDA", "ProjectionDataId": sid, "ReconstructionDataId": vid})
-        a.astra.algorithm.run(aid)
-        return a.astra.data3d.get(vid)
-    vol = xp.zeros(shape, dtype=xp.float32)
-    sid = a.data3d("-sino", pg, sino, link=True)
-    vid = a.data3d("-vol", vg, vol, link=True)
-    aid = a.algorithm({"type": "BP3D_CUDA", "ProjectionDataId": sid, "ReconstructionDataId": vid})
-    # ASTRA runs on its own CUDA stream: finish CuPy's filtering before, and ASTRA's kernels after.
-    xp.cuda.Device().synchronize()
-    a.astra.algorithm.run(aid)
-    xp.cuda.Device().synchronize()
-    return vol
-
-
-@functools.lru_cache(maxsize=1)
-def _cuda_calibration():
-    """Orientation and scale of ASTRA's 3D CUDA back-projection relative to its 2D CPU one.
-
-    ASTRA's 2D and 3D geometries are defined separately; rather than rely on
-    their documentation, back-project one smooth random sinogram both ways and
-    pick the volume/detector flips (and the scale) that make them agree.
-
-    Returns
-    -------
-    ((bool, bool), bool, float)
-        Flip of the volume's (y, x) axes, flip of the detector axis, and the
-        factor that scales the 3D back-projection onto the 2D one.
-    """
-    from scipy import ndimage
-
-    n, n_angle = 24, 36
-    theta = np.deg2rad(np.linspace(-90.0, 90.0, n_angle, endpoint=False) + 3.0)
-    rng = np.random.default_rng(0)
-    sino = ndimage.gaussian_filter(rng.random((n_angle, n)), (0.0, 1.5)).astype(np.float32)
-    sino[:, :3] = sino[:, -3:] = 0.0
-    with Astra() as a:
-        vg2 = a.astra.create_vol_geom(n, n)
-        pg2 = a.astra.create_proj_geom("parallel", 1.0, n, theta)
-        pid = a.projector("linear", pg2, vg2)
-        sid = a.data2d("-sino", pg2, sino)
-        rid = a.data2d("-vol", vg2)
-        aid = a.algorithm({"type": "BP", "ProjectorId": pid, "ProjectionDataId": sid, "ReconstructionDataId": rid})
-        a.astra.algorithm.run(aid)
-        ref = a.astra.data2d.get(rid)
-    best = None
-    for flip_det in (False, True):
-        s = sino[:, ::-1] if flip_det else sino
-        s3 = np.ascontiguousarray(np.repeat(s[None], 2, axis=0))  # 2 rows, (rows, angles, cols)
-        with Astra() as a:
-            vg = a.astra.create_vol_geom(n, n, 2)
-            pg = a.astra.create_proj_geom("parallel3d", 1.0, 1.0, 2, n, theta)
-            vol = _backproject3d(a, np, s3, pg, vg, (2, n, n))[0]
-        for fy in (False, True):
-            for fx in (False, True):
-                v = vol[::-1] if fy else vol
-                v = v[:, ::-1] if fx else v
-                k = float((v * ref).sum() / max((v * v).sum(), 1e-30))
-                err = float(np.abs(k * v - ref).max() / np.abs(ref).max())
-                if best is None or err < best[0]:
-                    best = (err, (fy, fx), flip_det, k)
-    err, flip_vol, flip_det, k = best
-    if err > 0.05:
-        raise RuntimeError(f"ASTRA's 3D CUDA back-projection does not match its 2D CPU one (error {err:.3f})")
-    _log.info("gpureg: ASTRA CUDA calibration: flips %s, detector flip %s, scale %.4f (error %.2g)",
-              flip_vol, flip_det, k, err)
-    return flip_vol, flip_det, k
 
 
 @functools.lru_cache(maxsize=1)
@@ -388,80 +293,6 @@ def _astra_cuda_probe():
     except Exception as exc:  # noqa: BLE001
         return False, f"ASTRA CUDA probe failed ({exc})"
     return True, ""
-
-
-def _use_cuda(device) -> bool:
-    if not isinstance(device, str) or device.lower() not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"device must be one of ('auto', 'cpu', 'gpu'), got {device!r}")
-    device = device.lower()
-    if device == "cpu":
-        return False
-    ok, why = astra_cuda_probe()
-    if ok:
-        return True
-    if device == "gpu":
-        raise GPUUnavailableError(f"device='gpu' was requested for FBP but ASTRA CUDA is unusable: {why}")
-    _note_cpu_fbp(why)
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _note_cpu_fbp(why):
-    _log.info("gpureg: FBP on the CPU (%s)", why)
-
-
-def _slab_size(cp, n_angle, nx, nz):
-    """Slices per slab: sinogram, its FFT and the volume slab within 40% of free device memory."""
-    per_slice = 4 * (3 * n_angle * 2 * nx + 2 * nx * nx)  # float32 sino + complex spectrum + volume
-    budget = 2 << 30
-    if cp is not None:
-        free, _ = cp.cuda.Device().mem_info
-        budget = int(0.4 * free)
-    return int(max(1, min(nz, budget // per_slice)))
-
-
-def _filter_response(xp, n, filt, shift, scale):
-    """ASTRA's FBP filter (spatial-domain Ram-Lak times a window) for ``n`` columns, as an rfft response.
-
-    Includes the FBP normalisation ``scale`` and, for an off-centre axis, the
-    phase ramp that shifts the detector by ``shift`` columns.
-    """
-    size = _fft_size(n)
-    if filt == "none":
-        resp = np.ones(size // 2 + 1)
-    else:
-        i = np.arange(size)
-        j = np.minimum(i, size - i)
-        h = np.zeros(size)
-        odd = i % 2 == 1
-        h[odd] = -1.0 / (np.pi * j[odd]) ** 2
-        h[0] = 0.25
-        resp = 2.0 * np.fft.rfft(h).real
-        w = 2.0 * np.pi * np.arange(size // 2 + 1) / size
-        with np.errstate(invalid="ignore", divide="ignore"):
-            window = {
-                "ram-lak": np.ones_like(w),
-                "shepp-logan": np.where(w > 0, np.sin(w / 2) / (w / 2), 1.0),
-                "cosine": np.cos(w / 2),
-                "hamming": 0.54 + 0.46 * np.cos(w),
-                "hann": (1.0 + np.cos(w)) / 2.0,
-            }[filt]
-        window[0] = 1.0
-        resp = resp * window
-    resp = resp * scale
-    if abs(shift) > 1e-6:
-        k = np.arange(size // 2 + 1)
-        resp = resp * np.exp(2j * np.pi * k * shift / size)
-        return xp.asarray(resp.astype(np.complex64))
-    return xp.asarray(resp.astype(np.float32))
-
-
-def _apply_filter(xp, sino, resp):
-    n = sino.shape[-1]
-    size = _fft_size(n)
-    spec = xp.fft.rfft(sino, size, axis=-1)
-    spec *= resp
-    return xp.fft.irfft(spec, size, axis=-1)[..., :n].astype(xp.float32)
 
 
 def _fourier_shift(xp, proj, shift):
