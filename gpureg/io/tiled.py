@@ -20,13 +20,13 @@ line when it goes, one when it is back).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..core.config import getenv
 from .files import InputError
 
 __all__ = ["TiledFile", "TiledUnavailable", "connect", "describe_node", "family", "is_bluesky_run", "normalize_uri",
@@ -64,7 +64,7 @@ def _api_key():
         if not key:
             raise InputError(f"{_KEY_FILE}: --api-key-file is empty")
         return key[0].strip(), f"--api-key-file {_KEY_FILE}"
-    key = os.environ.get("TILED_API_KEY")
+    key = getenv("TILED_API_KEY")
     return (key.strip(), "TILED_API_KEY") if key and key.strip() else (None, None)
 
 
@@ -80,7 +80,7 @@ def _import_client():
         from tiled.client import utils as client_utils
     except ImportError:
         raise InputError("reading from a Tiled server needs the Tiled client: pip install 'gpureg[live]'") from None
-    if "TILED_RETRY_ATTEMPTS" not in os.environ:  # gpureg retries itself (retrying): one line per outage
+    if getenv("TILED_RETRY_ATTEMPTS") is None:  # gpureg retries itself (retrying): one line per outage
         client_utils.TILED_RETRY_ATTEMPTS = 1
     return from_uri
 
