@@ -271,7 +271,7 @@ def test_voxel_size_compression_keep_and_report_statistic(scan, tmp_path):
     with h5py.File(tmp_path / "out.h5") as h5:
         assert h5.attrs["voxel_size_nm"] == pytest.approx(3200.0 / 24)   # simulate's voxel size, kept
         assert "aligned" not in h5 and json.loads(h5.attrs["dropped"]) == ["aligned"]
-        assert h5["recon"].compression == "gzip" and h5["recon"].chunks[0] == 1
+        assert h5["recon"].attrs["compression"] == "blosc2-zstd:1" and h5["recon"].chunks[0] == 1
         assert "xanes/edge_energy" in h5
     summary = json.loads((res.report_dir / "summary.json").read_text())
     report = (res.report_dir / "report.md").read_text()

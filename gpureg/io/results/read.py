@@ -206,16 +206,18 @@ def stack_names(h5, path, dataset=None, energy_dataset=None):
 
 
 def is_result(path) -> bool:
-    """Whether ``path`` is an HDF5 file written by gpureg (a run, ``gpureg xanes`` or ``gpureg recon``)."""
+    """Whether ``path`` is a result of gpureg (a run's, or ``gpureg xanes``'s), not an input it wrote.
+
+    Inputs (``gpureg simulate``'s projections, ``gpureg recon``'s volumes) are Data Exchange files with
+    ``/exchange``, gpureg_version attribute or not.
+    """
     import h5py
 
     try:
-        if not h5py.is_hdf5(path):
+        if not Path(path).is_file() or not h5py.is_hdf5(path):
             return False
         with h5py.File(path, "r") as h5:
-            if "exchange/data" in h5:  # projections (gpureg simulate writes gpureg_version too): an input
-                return False
-            return "gpureg_version" in h5.attrs or ("xanes" in h5 and "energy" in h5)
+            return "exchange" not in h5 and "energy" in h5 and ("registration" in h5 or "xanes" in h5)
     except OSError:
         return False
 
