@@ -121,9 +121,23 @@ def deformable(argv):
     return [(f"warped pair {n}^3", per * n ** 3, 1) for n in args.sizes]
 
 
+def align(argv):
+    import align as bench_align
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--parts", nargs="+", default=["speed", "accuracy", "e2e"])
+    args, _ = ap.parse_known_args(argv)
+    per = _per_voxel("align", lambda: bench_align._projections(48, 6552.0, 2.0, 12), 48 ** 3)
+    out = [(f"2 jittered projection sets {n}^3", 2 * per * n ** 3, 1) for n in args.sizes if "speed" in args.parts]
+    if set(args.parts) - {"speed"}:
+        out.append(("accuracy / e2e simulations (not estimated)", float("inf"), 1))
+    return out
+
+
 # benchmark script -> estimator of its input generation
 ESTIMATORS = {"register_gpu.py": register_gpu, "xanes.py": xanes, "pipeline.py": pipeline,
-              "deformable.py": deformable}
+              "deformable.py": deformable, "align.py": align}
 
 
 def read_table(path) -> list:

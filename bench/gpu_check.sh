@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One script for a lent GPU session (one H100/H200, 16 cores; one command <= 600 s): a preflight,
-# the `gpu` tests, register_gpu at 128/256/512^3, FBP, XANES, a 64^3 pipeline and the
-# deformable registration. Each step runs under its own time limit (the table below, 480 s in
+# the `gpu` tests, register_gpu at 128/256/512^3, FBP, XANES, a 64^3 pipeline, the deformable
+# registration and the projection alignment. bench/write.py (HDF5 compression: CPU and disk,
+# and hdf5plugin is not on the device image) is measured on the CPU machines instead. Each step runs under its own time limit (the table below, 480 s in
 # all) and a failed or timed-out step does not stop the others; a failed preflight stops
 # everything. Each benchmark writes its JSON into one work folder ($GPUREG_BENCH_OUT) and
 # saves after each size; <step>.log holds each step's output and gpu_check.json each step's
@@ -44,12 +45,13 @@ pertest=()
 # The limits must add up to at most 480 s (gpu_budget.py checks it).
 table="
 preflight     30  \$py bench/gpu_preflight.py
-gpu_tests    120  \$py -m pytest -p no:cacheprovider -m gpu -v -rfE --durations=15 ${pertest[*]} tests
-register_gpu 170  \$py bench/register_gpu.py --sizes 128 256 512 --repeats 5 --sitk-max 256
+gpu_tests    100  \$py -m pytest -p no:cacheprovider -m gpu -v -rfE --durations=15 ${pertest[*]} tests
+register_gpu 160  \$py bench/register_gpu.py --sizes 128 256 512 --repeats 5 --sitk-max 256
 recon         25  \$py bench/recon.py --device gpu --quick
 xanes         45  \$py bench/xanes.py --device gpu --size 128 256 512 --host-max 128 --repeats 3
 pipeline      40  \$py bench/pipeline.py --device gpu --size 64 --energies 6 --no-sitk
-deformable    50  \$py bench/deformable.py --device gpu --sizes 128 --no-elastix
+deformable    40  \$py bench/deformable.py --device gpu --sizes 128 --no-elastix
+align         40  \$py bench/align.py --device gpu --sizes 128 --parts speed
 "
 
 date_=$(date +%F)
