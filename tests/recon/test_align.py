@@ -1,7 +1,5 @@
 """Per-projection alignment (issue 25): shifts recovered against simulated truth, fallbacks, the pipeline option."""
 
-import subprocess
-import sys
 import warnings
 
 import h5py
@@ -164,6 +162,17 @@ def test_pipeline_stores_the_alignment(jittered_input, tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_run_without_the_option_says_the_projections_wobble(jittered_input, tmp_path, caplog):
+    import logging
+
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="gpureg"):
+        warnings.simplefilter("ignore", UserWarning)
+        gpureg.run(jittered_input, tmp_path / "plain.h5", device="cpu", report=False)
+    assert "wobble" in caplog.text and "--align-projections would remove it" in caplog.text
+    with h5py.File(tmp_path / "plain.h5") as h5:
+        assert "alignment" not in h5 and "align_projections" not in h5.attrs["parameters"]
+
+
 def test_alignment_needs_projections(tmp_path):
     path = gpureg.write_dataexchange(tmp_path / "recon.h5", recon=[np.zeros((8, 8, 8), np.float32)] * 5,
                                      energy=[6500.0, 6540.0, 6550.0, 6560.0, 6600.0])
@@ -173,12 +182,16 @@ def test_alignment_needs_projections(tmp_path):
         gpureg.RunOptions(align_projections=True, scheduler="tcp://x:1")
 
 
-def test_cli_simulate_jitter_and_info(tmp_path):
+def test_cli_simulate_jitter_and_info(jittered_input, tmp_path):
+    from typer.testing import CliRunner
+
+    from gpureg.cli import app
+
     raw = tmp_path / "j.h5"
-    r = subprocess.run([sys.executable, "-m", "gpureg", "simulate", str(raw), "--size", "32", "--angles", "31",
-                        "--energies", "6540,6560", "--jitter", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(app, ["simulate", str(raw), "--size", "16", "--angles", "31", "--energies", "6540,6560",
+                                 "--jitter", "2"])
+    assert r.exit_code == 0, r.output
     with h5py.File(raw) as h5:
         assert h5["truth/projection_shifts"].shape == (2, 31, 2)
-    r = subprocess.run([sys.executable, "-m", "gpureg", "info", str(raw)], capture_output=True, text=True)
-    assert r.returncode == 0 and "try --align-projections" in r.stdout, r.stdout + r.stderr
+    r = CliRunner().invoke(app, ["info", str(jittered_input)])
+    assert r.exit_code == 0 and "wobble" in r.output and "try --align-projections" in r.output, r.output
