@@ -63,6 +63,10 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     attrs = res.attrs
     with ResultFile(result_h5) as rf:
         maps = rf.xanes(maps_only=True)
+        storage = {name: {k: str(rf.h5[name].attrs[k]) for k in ("compression", "store_dtype", "storage_error")
+                          if k in rf.h5[name].attrs} for name in ("recon", "aligned") if rf.stack(name) is not None}
+        write = {k: float(v) for k, v in rf.h5["timings/write"].attrs.items() if k.endswith("_s")} \
+            if "timings/write" in rf.h5 else {}
     xanes = {}
     if maps is not None and "labels" in maps:
         e0, labels, mask = maps["edge_energy"], maps["labels"], maps["mask"].astype(bool)
@@ -81,6 +85,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         "figures": [p.name for p in figures], "voxel_size_nm": attrs.get("voxel_size_nm"),
         "excluded_energies": [{"energy_ev": e, "reason": r} for e, r in sorted(res.excluded.items())],
         "mse_ratio_median": median_mse_ratio(res.mse_before, res.mse_after),
+        "storage": storage, "background_write_s": write,
     }
     summary.update(pp_summary)
     summary.update(df_summary)
@@ -96,7 +101,11 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
              f"- MSE vs reference ({_compared(summary['parameters'])}), median over energies: before "
              f"{np.nanmedian(res.mse_before[used]):.4g}, after {np.nanmedian(res.mse_after[used]):.4g}; "
              f"median over energies of MSE before/after: x{summary['mse_ratio_median']:.3g}",
-             "- time per stage (s, all energies): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["total_s"].items()),
+             "- time per stage (s, all energies): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["total_s"].items())
+             + (f" (written in the background, overlapping the other stages: writing added "
+                f"{write['write_wait_s']:.1f} s)" if "write_wait_s" in write else ""),
+             *[f"- /{k} stored as {v.get('store_dtype', 'float32')} ({v.get('storage_error', 'exact')}), "
+               f"compression {v.get('compression', 'gzip:1')}" for k, v in storage.items()],
              ""]
     for e, r in sorted(res.excluded.items()):
         lines.append(f"- **energy {e:g} eV left out** (--skip-bad-energies): {r}")

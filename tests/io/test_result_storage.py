@@ -151,3 +151,26 @@ def test_ome_zarr_export_has_levels_scale_and_maps(result, tmp_path):
     assert root["labels/particles/0"][...].max() >= 2
     with pytest.raises(ValueError, match="exists"):
         export_zarr(result, out)
+
+
+def test_report_says_how_stacks_are_stored_and_that_writing_overlapped(series, tmp_path):
+    res = run(series, tmp_path / "rep.h5", gpureg.RunOptions(store_dtype="float16"))
+    report = (res.report_dir / "report.md").read_text()
+    summary = json.loads((res.report_dir / "summary.json").read_text())
+    assert "/aligned stored as float16 (lossy" in report and "compression blosc2-zstd:1" in report
+    assert "written in the background" in report
+    assert summary["storage"]["recon"]["store_dtype"] == "float16"
+    assert summary["background_write_s"]["write_busy_s"] > 0
+
+
+def test_missing_filter_plugin_is_a_clear_error(monkeypatch):
+    import sys
+
+    from gpureg.io.results.compression import FilterUnavailableError, register_filters
+
+    monkeypatch.setitem(sys.modules, "hdf5plugin", None)  # what an install without the plugin sees
+    with pytest.raises(FilterUnavailableError, match="pip install hdf5plugin"):
+        register_filters()
+    with pytest.raises(FilterUnavailableError, match="hdf5plugin"):
+        dataset_filter("blosc2-zstd:1")
+    assert dataset_filter("gzip:1")["compression"] == "gzip"  # gzip needs no plugin
