@@ -151,3 +151,20 @@ def test_register_gpu_keeps_rows_saved_in_the_output_folder(tmp_path, monkeypatc
     assert [r["size"] for r in rows] == [128, 512] and rows[1]["git_sha"] == "abc"
     monkeypatch.setenv("GPUREG_BENCH_OUT", str(tmp_path / "elsewhere"))
     assert [r["size"] for r in register_gpu._merge_with_earlier([{"size": 128}])] == [128]
+
+
+def test_gpu_preflight_code_paths_on_the_cpu(tmp_path, monkeypatch, capsys):
+    # The preflight gates a lent session: its comparisons must run, here with NumPy standing in
+    # for the GPU (the same calls into gpureg, so an API change breaks this test, not the session).
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_preflight
+
+    monkeypatch.setenv("GPUREG_BENCH_OUT", str(tmp_path))
+    assert gpu_preflight.main(["--cpu-selftest", "--size", "32"]) == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    assert report["pass_32"]["rj_rel_err"] == 0.0 and report["registration"]["gpu_vs_cpu_vox"] == 0.0
+    assert set(report["seconds"]) == {"pass_vs_cpu", "registration_vs_cpu"}
+    # Without CuPy the real run stops with one line and status 1 (gpu_check.sh then runs nothing else).
+    if "cupy" not in sys.modules:
+        assert gpu_preflight.main([]) == 1
+        assert "preflight: FAILED" in capsys.readouterr().out
