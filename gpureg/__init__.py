@@ -33,7 +33,7 @@ from .recon.flatfield import normalize
 from .register.affine import RegistrationResult, register_affine, register_prepared
 from .register.deformable import DeformableResult, apply_deformation, register_deformable
 from .register.particle_check import detect_relative_motion
-from .register.particles import ParticleResult, apply_piecewise, register_particles
+from .register.particles import ParticleOptions, ParticleResult, apply_piecewise, register_particles
 from .register.prepare import Prep
 from .register.series import SeriesResult, register_series
 from .synth.phantom import two_particle_phantom
@@ -49,6 +49,7 @@ __all__ = [
     "align_projections",
     "GPUUnavailableError",
     "MetricTerms",
+    "ParticleOptions",
     "ParticleResult",
     "Prep",
     "RegistrationResult",

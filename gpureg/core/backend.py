@@ -13,9 +13,10 @@ import numpy as np
 
 from .config import config
 
-__all__ = ["array_device", "cpu_engine", "cupy_or_none", "cupy_probe", "DEVICES", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
+__all__ = ["array_device", "cpu_engine", "cupy_or_none", "cupy_probe", "DEVICES", "HARDWARE", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
 
-DEVICES = ("auto", "cpu", "gpu")
+HARDWARE = ("cpu", "gpu")  # what a device choice resolves to
+DEVICES = ("auto", *HARDWARE)
 
 
 _log = logging.getLogger("gpureg")

@@ -20,7 +20,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from ..core.backend import DEVICES
+from ..core.backend import DEVICES, HARDWARE
 from ..core.segment import DENOISE
 from ..io.results import DEFAULT_COMPRESSION, parse_compression
 from ..io.results.nexus import stack_dtype
@@ -72,8 +72,8 @@ class Devices:
 
     def __post_init__(self):
         for name in ("registration", "fbp"):
-            if getattr(self, name) not in ("cpu", "gpu"):
-                raise ValueError(f"Devices.{name} must be 'cpu' or 'gpu', got {getattr(self, name)!r}")
+            if getattr(self, name) not in HARDWARE:
+                raise ValueError(f"Devices.{name} must be one of {HARDWARE}, got {getattr(self, name)!r}")
 
 
 def resolve_devices(device="auto") -> Devices:

@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from ..core.backend import array_device, cupy_or_none, to_host
+from ..core.backend import HARDWARE, array_device, cupy_or_none, to_host
 
 __all__ = ["estimate_center", "forward_project", "set_astra_gpu"]
 
@@ -43,8 +43,8 @@ def forward_project(volume, theta_deg, *, projector: str = "strip", device: str 
         Line integrals in the geometry that :func:`reconstruct_fbp` inverts; on the
         device when the input was a CuPy array.
     """
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu' (resolve 'auto' with fbp_device), got {device!r}")
+    if device not in HARDWARE:
+        raise ValueError(f"device must be one of {HARDWARE} (resolve 'auto' with fbp_device), got {device!r}")
     on_device = array_device(volume) == "gpu"
     vol = np.asarray(to_host(volume), dtype=np.float32)
     if vol.ndim != 3 or vol.shape[1] != vol.shape[2]:

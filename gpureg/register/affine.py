@@ -24,11 +24,13 @@ from ..core.backend import (
 from ..core.config import SOLVERS, config
 from ..core.metric import cell_support, mse_terms
 from ..core.solver import levenberg_marquardt
-from .prepare import Prep, center_of_mass_init, level_to_fine, prep_from, prepare_volume, pyramid
+from .prepare import MIN_SIZE, Prep, center_of_mass_init, level_to_fine, prep_from, prepare_volume, pyramid
 
 __all__ = ["MODELS", "register_affine", "register_prepared", "RegistrationResult"]
 
 MODELS = ("affine", "translation")
+MAX_ITER = 60  # metric passes per pyramid level at most (default)
+TOL = 1e-3  # a level stops when a step moves no voxel by more than this (voxels of that level; default)
 
 
 _log = logging.getLogger("gpureg")
@@ -69,7 +71,7 @@ class RegistrationResult:
 
 
 def register_affine(fixed, moving, *, prep: Prep | None = None, device: str = "auto", init=None, mask=None,
-                    model: str = "affine", min_size: int = 24, max_iter: int = 60, tol: float = 1e-3,
+                    model: str = "affine", min_size: int = MIN_SIZE, max_iter: int = MAX_ITER, tol: float = TOL,
                     solver: str | None = None, **deprecated) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a 12-parameter affine minimising MSE.
 
@@ -146,8 +148,8 @@ def register_affine(fixed, moving, *, prep: Prep | None = None, device: str = "a
     return result
 
 
-def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affine", min_size: int = 24,
-                      max_iter: int = 60, tol: float = 1e-3, solver: str | None = None) -> RegistrationResult:
+def register_prepared(fixed, moving, *, init=None, mask=None, model: str = "affine", min_size: int = MIN_SIZE,
+                      max_iter: int = MAX_ITER, tol: float = TOL, solver: str | None = None) -> RegistrationResult:
     """Register volumes already made by :func:`prepare_volume` (no further filtering).
 
     Series, the pipeline and watch mode prepare the reference once and call

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 
 from ..core.backend import to_host
 from .affine import RegistrationResult
+from .particle_options import ParticleOptions, particle_options_from
 from .particles import register_particles
 from .prepare import PREP_KEYWORDS, Prep, prep_from
 from .residuals import ResidualReport, is_suspect, warn_relative
@@ -15,8 +17,8 @@ from .residuals import ResidualReport, is_suspect, warn_relative
 __all__ = ["detect_relative_motion"]
 
 
-def detect_relative_motion(fixed, moving, matrix, labels=None, *, prep: Prep | None = None, device: str = "auto",
-                           ratio: float = 3.0, floor: float = 0.02, shift_tol: float = 0.3, warn: bool = True,
+def detect_relative_motion(fixed, moving, matrix, labels=None, *, prep: Prep | None = None,
+                           particles: ParticleOptions | None = None, device: str = "auto", ratio: float = 3.0, floor: float = 0.02, shift_tol: float = 0.3, warn: bool = True,
                            **options) -> ResidualReport:
     """Residual MSE inside each particle after a global registration, and whether the particles moved apart.
 
@@ -55,9 +57,10 @@ def detect_relative_motion(fixed, moving, matrix, labels=None, *, prep: Prep | N
         4 degrees + 3 voxels.
     warn : bool
         Issue a :class:`RelativeMotionWarning` when suspect.
+    particles : ParticleOptions, optional
+        As in :func:`register_particles` (its ``ratio`` is replaced by ``ratio``).
     **options
-        Passed to :func:`register_particles` (``dilate``, ``guard``,
-        ``min_voxels``, ``particle_model``...).
+        Passed to :func:`register_particles` (``model``, ``tol``...).
 
     Returns
     -------
@@ -70,10 +73,11 @@ def detect_relative_motion(fixed, moving, matrix, labels=None, *, prep: Prep | N
         raise ValueError(f"detect_relative_motion: need ratio > 1 and shift_tol > 0, got {ratio}, {shift_tol}")
     given = RegistrationResult(matrix=m_, mse_before=float("nan"), mse_after=float("nan"), device="given")
     prep = prep_from(prep, {k: options.pop(k) for k in PREP_KEYWORDS if k in options}, "detect_relative_motion")
+    particles = dataclasses.replace(particle_options_from(particles, options, "detect_relative_motion"), ratio=ratio)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped labels: not this function's news
-        res = register_particles(fixed, moving, labels, prep=prep, device=device, global_result=given,
-                                 ratio=ratio, **options)
+        res = register_particles(fixed, moving, labels, prep=prep, particles=particles, device=device,
+                                 global_result=given, **options)
     rep = res.residual
     rep.suspect = is_suspect(rep, ratio, rep.variance, floor, shift_tol)
     if warn and rep.suspect:

@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.backend import array_device, resolve_device, to_device, to_host, xp_of
-from .affine import RegistrationResult, register_prepared
+from .affine import MAX_ITER, TOL, RegistrationResult, register_prepared
 from .particle_fit import Crop, fit_shared_rigid, mse_of, region_terms, shift_matrix
-from .prepare import PREP_KEYWORDS, Prep, prep_from, prepare_volume
+from .particle_options import PARTICLE_MODELS, ParticleOptions, particle_options_from
+from .prepare import MIN_SIZE, PREP_KEYWORDS, Prep, prep_from, prepare_volume
 from .residuals import ResidualReport, region_variance, residual_report
 
-__all__ = ["apply_piecewise", "PARTICLE_MODELS", "particle_regions", "ParticleResult", "register_particles"]
-
-PARTICLE_MODELS = ("rigid", "affine")
+__all__ = ["apply_piecewise", "PARTICLE_MODELS", "particle_regions", "ParticleOptions", "ParticleResult",
+           "register_particles"]
 
 
 _log = logging.getLogger("gpureg")
@@ -117,12 +117,9 @@ class ParticleResult:
         return out[0], out[1]
 
 
-def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None, device: str = "auto",
-                       prepared: bool = False,
-                       particle_model: str = "rigid", min_voxels: int = 1000, dilate: int = 3, guard: int = 5,
-                       margin: int = 8, init=None,
-                       global_result: RegistrationResult | None = None, min_gain: float = 1.3,
-                       ratio: float = 3.0, **options) -> ParticleResult:
+def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None,
+                       particles: ParticleOptions | None = None, device: str = "auto", prepared: bool = False,
+                       init=None, global_result: RegistrationResult | None = None, **options) -> ParticleResult:
     """Register ``moving`` to ``fixed`` with one transform per particle.
 
     Parameters
@@ -144,58 +141,22 @@ def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None, 
         ``fixed`` and ``moving`` were already made by
         :func:`gpureg.register.prepare_volume` (as the pipeline does): ``prep``
         is not applied again (and must not be given).
-    particle_model : {"rigid", "affine"}
-        ``"rigid"``: every particle is ``A @ R_k``: one affine ``A`` shared by
-        all particles (the imaging: drift, magnification, shear) and a rigid
-        motion ``R_k`` per particle about its centroid (identity for the
-        largest), fitted jointly. ``"affine"``: an independent 12-parameter
-        affine per particle, each on its own region. See Notes.
-    min_voxels : int
-        A label with fewer voxels is not registered on its own: it keeps the
-        global transform and a warning names it (default labels: smaller
-        components are background). Below about 1000 voxels the fit follows
-        the metric's spurious minima (32^3 phantom, 400-800 voxel particles:
-        0.4-0.6 voxel errors where the global one left 0.2-0.3).
-    dilate : int
-        Each particle's region is its label grown by this many voxels (nearest
-        particle wins where two grow into each other), so the metric sees the
-        particle's edges on both sides.
-    guard : int
-        The metric of a particle leaves out its region's voxels within this
-        many voxels of another particle: there, a particle that moved
-        relative to the other samples the other one. Should exceed the
-        relative motion (on the phantom, whose particles are 3.5-3.7 voxels
-        apart at 64^3, 3 voxels + 4 degrees needed 5).
-    margin : int
-        The per-particle metric runs on a box around the region and its
-        globally mapped position, grown by this many voxels: the largest
-        motion of a particle relative to the global transform it can follow.
+    particles : ParticleOptions, optional
+        How each particle is registered (model, size limit, regions, acceptance);
+        default ``ParticleOptions()``.
     init : (4, 4) array_like, optional
         Start of the global registration (default: centre of mass).
     global_result : RegistrationResult, optional
         A global registration of these same inputs already done: it is
         used as is (the pipeline passes its own).
-    min_gain : float
-        A particle takes its own transform only when that divides the MSE of
-        its region by at least this factor; otherwise it keeps the global
-        one. A metric restricted to one particle has spurious minima a few
-        tenths of a voxel off (trilinear "grid effect", binarization, noise),
-        which lower the MSE too. Measured: 64^3 noise-free phantom, no relative
-        motion 1.0-1.08x (own fits 0.1-0.5 voxel off the truth), 1 voxel + 2
-        degrees 1.1-1.15x, 3 voxels + 4 degrees 1.5-1.7x; the noisy 48^3
-        simulation (`gpureg demo --per-particle`) 1.1-1.9x from noise alone, where
-        1.1 and 1.2 let through 0.7-1.5 voxel outliers and 1.3 none. 1 accepts
-        any decrease.
-    ratio : float
-        Threshold of :attr:`ParticleResult.residual` ``.suspect`` on the
-        largest over the smallest particle residual after the global
-        registration (as :func:`detect_relative_motion`; no warning here).
     **options
         Passed to :func:`gpureg.register.register_prepared` (``model``,
         ``min_size``, ``max_iter``, ``tol``, ``solver``); ``min_size``,
         ``max_iter`` and ``tol`` also set the per-particle pyramid and solver.
         The old ``binarize``, ``denoise``, ``smooth``, ``ramp`` still build
-        ``prep`` (:class:`DeprecationWarning`).
+        ``prep``, and ``particle_model``, ``min_voxels``, ``dilate``, ``guard``,
+        ``margin``, ``min_gain``, ``ratio`` build ``particles``
+        (:class:`DeprecationWarning`).
 
     Returns
     -------
@@ -206,14 +167,12 @@ def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None, 
     Raises
     ------
     ValueError
-        ``labels`` of another shape than ``fixed``, not integer, or negative;
-        an unknown ``particle_model``; ``min_voxels < 1``; negative ``dilate``,
-        ``guard`` or ``margin``, or ``guard > margin``.
+        ``labels`` of another shape than ``fixed``, not integer, or negative.
 
     Notes
     -----
     Every particle starts from the global transform and keeps it unless its
-    own fit lowers the MSE of its region by ``min_gain`` at full resolution.
+    own fit lowers the MSE of its region by ``particles.min_gain`` at full resolution.
 
     Why ``"rigid"`` is the default: a particle of a few thousand voxels
     constrains 12 affine parameters poorly, and the global affine, a
@@ -224,15 +183,9 @@ def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None, 
     shared-affine + rigid model about 0.1 (tests/register/test_particles.py).
     """
     t0 = time.perf_counter()
-    if particle_model not in PARTICLE_MODELS:
-        raise ValueError(f"register_particles: particle_model must be one of {PARTICLE_MODELS}, got {particle_model!r}")
-    if int(min_voxels) < 1:
-        raise ValueError(f"register_particles: min_voxels must be >= 1, got {min_voxels}")
-    if not float(min_gain) >= 1:
-        raise ValueError(f"register_particles: min_gain must be >= 1, got {min_gain}")
-    if min(int(dilate), int(guard), int(margin)) < 0 or int(guard) > int(margin):
-        raise ValueError(f"register_particles: need 0 <= guard <= margin and dilate >= 0, got dilate={dilate}, "
-                         f"guard={guard}, margin={margin}")
+    po = particle_options_from(particles, options, "register_particles")
+    particle_model, min_voxels, dilate, guard, margin = po.model, po.min_voxels, po.dilate, po.guard, po.margin
+    min_gain, ratio = po.min_gain, po.ratio
     if "mask" in options:
         raise ValueError("register_particles: option 'mask' is not allowed (each particle's region is its mask)")
     prep = prep_from(prep, {k: options.pop(k) for k in PREP_KEYWORDS if k in options}, "register_particles")
@@ -264,8 +217,8 @@ def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None, 
             skipped[k] = f"no voxel farther than guard={int(guard)} from another particle"
     sums_g = {k: cr.terms(g) for k, cr in crops.items()}
     active = sorted((k for k in crops if k not in skipped), key=lambda k: (-sizes[k], k))
-    solver = {"min_size": int(options.get("min_size", 24)), "max_iter": int(options.get("max_iter", 60)),
-              "tol": float(options.get("tol", 1e-3))}
+    solver = {"min_size": int(options.get("min_size", MIN_SIZE)), "max_iter": int(options.get("max_iter", MAX_ITER)),
+              "tol": float(options.get("tol", TOL))}  # register_prepared's defaults, defined there
     found, iterations = {}, {}
     if active and particle_model == "rigid":
         try:

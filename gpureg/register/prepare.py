@@ -26,6 +26,8 @@ from ..core.segment import gaussian
 __all__ = ["center_of_mass", "foreground_fraction", "Prep", "prep_from", "prepare_reference", "prepare_volume",
            "PreparedReference", "pyramid"]
 
+MIN_SIZE = 24  # the affine pyramid halves the grid while its smallest axis stays >= this (default)
+
 # The keywords that said the preparation before one Prep did (deprecated; removed in the release after next).
 PREP_KEYWORDS = ("binarize", "denoise", "smooth", "ramp")
 
@@ -273,7 +275,7 @@ def center_of_mass_init(fixed, moving) -> np.ndarray:
     return m
 
 
-def pyramid(volume, min_size: int = 24) -> list:
+def pyramid(volume, min_size: int = MIN_SIZE) -> list:
     """Volumes from fine to coarse by 2x block averaging while the smallest axis stays >= ``min_size``.
 
     Level ``l`` voxel ``k`` covers fine voxels ``2^l k .. 2^l (k + 1) - 1``, so its

@@ -13,7 +13,7 @@ import pytest
 
 import gpureg
 from gpureg.core import transform as tf
-from gpureg.register import (ParticleResult, RelativeMotionWarning, apply_piecewise, detect_relative_motion,
+from gpureg.register import (ParticleOptions, ParticleResult, RelativeMotionWarning, apply_piecewise, detect_relative_motion,
                               particle_regions, register_particles)
 from gpureg.synth.phantom import PARTICLES
 
@@ -134,7 +134,8 @@ def test_no_relative_motion_is_not_flagged(case):
 
 def test_affine_particle_model(case, result):
     fixed, moving, labels, truth = case
-    res = register_particles(fixed, moving, labels, particle_model="affine", global_result=result.global_result)
+    res = register_particles(fixed, moving, labels, particles=ParticleOptions(model="affine"),
+                             global_result=result.global_result)
     own = _errors(res.matrices, truth, labels)
     # Independent 12-parameter fits: better than the global one, less accurate than the shared model
     # (measured 0.09 / 0.27 voxel).
@@ -167,12 +168,19 @@ def test_bad_labels(case, labels, message):
 
 def test_bad_options(case):
     fixed, moving, labels, _ = case
-    for kw, message in [({"particle_model": "spline"}, "particle_model must be one of"),
+    for kw, message in [({"model": "spline"}, "model must be one of"),
                         ({"guard": 9, "margin": 8}, "guard <= margin"),
                         ({"min_voxels": 0}, "min_voxels must be >= 1"),
-                        ({"mask": labels > 0}, "option 'mask' is not allowed")]:
+                        ({"min_gain": 0.9}, "min_gain must be >= 1")]:
         with pytest.raises(ValueError, match=message):
-            register_particles(fixed, moving, labels, **kw)
+            ParticleOptions(**kw)
+    with pytest.raises(ValueError, match="option 'mask' is not allowed"):
+        register_particles(fixed, moving, labels, mask=labels > 0)
+    # the old keywords still work for one release (and say so), not together with particles=
+    with pytest.warns(DeprecationWarning, match="particle_model"), pytest.raises(ValueError, match="model must be"):
+        register_particles(fixed, moving, labels, particle_model="spline")
+    with pytest.raises(TypeError, match="not both"):
+        register_particles(fixed, moving, labels, particles=ParticleOptions(), guard=3)
     with pytest.raises(ValueError, match="no background transform"):
         apply_piecewise(moving, {1: np.eye(4)}, labels)
     with pytest.raises(ValueError, match=r"transform of label 1 must have shape \(4, 4\)"):
