@@ -59,6 +59,12 @@ def versions(report: dict, gpu=None) -> None:
         report["astra_cuda"] = bool(astra.use_cuda())
     except Exception as exc:  # noqa: BLE001 - astra's import fails in several ways on a bare machine
         report["astra"] = f"MISSING ({type(exc).__name__}: {exc})"
+    try:
+        import hdf5plugin
+
+        report["hdf5plugin"] = hdf5plugin.version
+    except ImportError:
+        report["hdf5plugin"] = "MISSING (result files need --compression gzip:1)"
     if not report.get("astra_cuda"):
         raise Failed(f"ASTRA with CUDA is unusable ({report['astra']}): carry it with "
                      "`bash /work/shared/device/prepare.sh` and start with `source .device/setup.sh`")

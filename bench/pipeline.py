@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="n = 48, N = 6")
     ap.add_argument("--no-sitk", action="store_true")
+    ap.add_argument("--compression", default=None,
+                    help="codec of the result file (default: gpureg's; gzip:1 needs no hdf5plugin, e.g. on a lent GPU)")
     ap.add_argument("--engines", nargs="+", choices=["numba", "numpy"], default=["numba"],
                     help="CPU engines to run in turn on the same data (gpureg.config.cpu_backend)")
     args = ap.parse_args(argv)
@@ -65,7 +67,8 @@ def main(argv=None):
             out = Path(tmp) / f"out-{engine}.h5"
             t0 = time.perf_counter()
             with gpureg.config(cpu_backend=engine):
-                res = run(raw, out, device=dev, report=False)
+                res = run(raw, out, device=dev, report=False,
+                      **({"compression": args.compression} if args.compression else {}))
             wall = time.perf_counter() - t0
             stages = {k: float(v.sum()) for k, v in res.timings.items()}
             with h5py.File(out) as h5:
