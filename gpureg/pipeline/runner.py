@@ -45,7 +45,7 @@ _log = logging.getLogger("gpureg")
 
 
 def run(input, output, options: RunOptions | None = None, *, overwrite: bool = False, progress=None,
-        matrices=None, devices: Devices | None = None, **settings) -> PipelineResult:
+        matrices=None, devices: Devices | None = None, alignments=None, **settings) -> PipelineResult:
     """Run the whole pipeline on one measurement.
 
     Parameters
@@ -71,6 +71,10 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     devices : Devices, optional
         Devices already resolved for this run (watch passes its own); default
         ``resolve_devices(options.device)``.
+    alignments : list, optional
+        Per energy (in the input's order), a projection alignment already done, to store in
+        ``/alignment`` (``gpureg watch --align-projections``: its energies were aligned as they
+        arrived): objects with :class:`~gpureg.recon.AlignmentResult`'s attributes and ``theta``, or None.
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given:
         ``device``, ``reference``, ``prep``, ``model``,
@@ -107,7 +111,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
                 _log.info("gpureg %s: %s -> %s; devices: registration on %s, FBP on %s", __version__, reader.path,
                           output, devices.registration, devices.fbp)
                 resumed = _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite,
-                                   progress)
+                                   progress, alignments)
                 if options.report:
                     # Before the final rename: a finished RESULT.h5 always has its report.
                     report = report_dir_for(output)
@@ -179,8 +183,11 @@ def _check_input(reader, energies, options, output):
                device=resolve_devices(options.device).registration if options.device.value == "gpu" else "cpu")
 
 
-def _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite, progress) -> int:
+def _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite, progress,
+             alignments=None) -> int:
     """Fill ``work`` (the ``.partial`` file): every energy, then the maps; returns the energies resumed."""
+    if alignments is not None and len(alignments) != len(energies):
+        raise ValueError(f"alignments must have one entry per energy ({len(energies)}), got {len(alignments)}")
     store = ResultStore.open(work, reader, energies, ref, options.parameters(devices, matrices), checksum,
                              fresh=overwrite, compression=options.compression, store_dtype=options.store_dtype)
     try:
@@ -206,6 +213,9 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
             register_energies_dask(options.scheduler, store, reader.path, reference, options, devices, progress)
         else:
             _register_all(store, loader, reference, options, devices, matrices, progress)
+        for i, done in enumerate(alignments or ()):  # aligned before this run (watch)
+            if done is not None:
+                store.write_alignment(i, done, done.theta)
         _xanes(store, reference, options, devices)
         if options.per_particle:
             per_particle_xanes(store, options, devices)

@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -38,6 +39,7 @@ __all__ = ["WatchState", "finish_watch", "is_temporary", "provisional_reference"
            "watch"]
 
 _log = logging.getLogger("gpureg")
+_ALIGNMENT_SCALARS = ("iterations", "error_before", "error_after", "seconds", "applied", "status", "reason")
 _RETRY_S = 30.0  # an unreadable file that does not change is tried again after this long
 
 
@@ -82,13 +84,21 @@ class WatchState:
     def provisional(self):
         return next((k for k, v in self.entries.items() if v["provisional"]), None)
 
-    def add(self, source, energy, recon, matrix, latency, provisional):
+    def add(self, source, energy, recon, matrix, latency, provisional, alignment=None):
+        """Record one energy; ``alignment``: its :class:`~gpureg.recon.AlignmentResult` (``--align-projections``)
+        and ``theta`` as ``(result, theta_deg)``, kept for the result's ``/alignment``."""
         npz = self.folder / f"energy_{len(self.entries):04d}.npz"
+        arrays = {"recon": recon}
+        if alignment is not None:
+            res, theta = alignment
+            arrays.update(shifts=res.shifts, estimated=res.estimated, theta=np.asarray(theta, dtype=np.float64))
         with atomic_path(npz) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, recon=recon)
+                np.savez(fh, **arrays)
         self.entries[source] = {"energy": float(energy), "matrix": np.asarray(matrix), "latency": float(latency),
                                 "npz": npz.name, "provisional": bool(provisional)}
+        if alignment is not None:
+            self.entries[source]["alignment"] = {k: getattr(res, k) for k in _ALIGNMENT_SCALARS}
         doc = {k: {**v, "matrix": v["matrix"].tolist()} for k, v in self.entries.items()}
         with atomic_path(self.folder / "index.json") as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=1))
@@ -96,6 +106,15 @@ class WatchState:
     def recon(self, source):
         with np.load(self.folder / self.entries[source]["npz"]) as z:
             return z["recon"]
+
+    def alignment(self, source):
+        """The projection alignment recorded for ``source`` (attributes as :class:`~gpureg.recon.AlignmentResult`
+        plus ``theta``), or None."""
+        fields = self.entries[source].get("alignment")
+        if fields is None:
+            return None
+        with np.load(self.folder / self.entries[source]["npz"]) as z:
+            return SimpleNamespace(**fields, shifts=z["shifts"], estimated=z["estimated"], theta=z["theta"])
 
 
 def watch(directory, output, options: RunOptions | None = None, *, pattern: str = "*.h5", expect: int | None = None,
@@ -184,7 +203,7 @@ def is_temporary(name: str) -> bool:
     return name.startswith((".", "~")) or low.endswith((".tmp", ".part", ".partial", "~"))
 
 
-def register_arrival(state, source, energy, vol, reference, options, device, seen_at):
+def register_arrival(state, source, energy, vol, reference, options, device, seen_at, alignment=None):
     """Register one newly arrived energy to the provisional reference and record it in ``state``.
 
     The first energy becomes the provisional reference (identity); later ones are
@@ -223,7 +242,7 @@ def register_arrival(state, source, energy, vol, reference, options, device, see
         res = register_prepared(reference.volume, moving, model=options.model.value, init=init)
         matrix, before, after, provisional = res.matrix, res.mse_before, res.mse_after, False
     latency = time.monotonic() - seen_at
-    state.add(source, energy, vol, matrix, latency, provisional)
+    state.add(source, energy, vol, matrix, latency, provisional, alignment=alignment)
     return reference, {"energy": energy, "source": source, "latency_s": latency, "mse_before": before,
                        "mse_after": after, "count": len(state.entries)}
 
@@ -248,9 +267,10 @@ def finish_watch(source, output, state, options, devices, overwrite):
     if not stack.exists() or not np.array_equal(_stack_energies(stack), energies):
         write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
                            attrs={"source": str(source)})
-    # The stack holds the (aligned) reconstructions: nothing left to align.
+    # The stack holds the (aligned) reconstructions: nothing left to align; what alignment found is stored.
+    alignments = [state.alignment(k) for k in sources]
     return run(stack, output, options.replace(align_projections=False), overwrite=overwrite, matrices=final,
-               devices=devices)
+               devices=devices, alignments=alignments if any(a is not None for a in alignments) else None)
 
 
 # --- internals ---------------------------------------------------------------------------
@@ -313,11 +333,15 @@ def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeou
                     energy = float(reader.energies[0])
                     if round(energy, 6) in energies_done:
                         raise InputError(f"energy {energy:g} eV is already done from {energies_done[round(energy, 6)]}")
-                    vol, _ = Loader.for_run(reader, options, devices)(0)
+                    loader = Loader.for_run(reader, options, devices)
+                    vol, _ = loader(0)
+                    aligned = loader.alignments.pop(0, None)
+                    alignment = None if aligned is None else (aligned, reader.theta)
             except (OSError, ValueError, KeyError) as exc:  # InputError is a ValueError
                 files.fail(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
-            reference, event = register_arrival(state, name, energy, vol, reference, options, dev, seen_at[name])
+            reference, event = register_arrival(state, name, energy, vol, reference, options, dev, seen_at[name],
+                                                alignment=alignment)
             energies_done[round(energy, 6)] = name
             last_new = time.monotonic()
             if on_energy is not None:

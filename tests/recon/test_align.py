@@ -173,6 +173,27 @@ def test_run_without_the_option_says_the_projections_wobble(jittered_input, tmp_
         assert "alignment" not in h5 and "align_projections" not in h5.attrs["parameters"]
 
 
+def test_watch_aligns_and_stores_the_alignment(jittered_input, tmp_path):
+    from gpureg.io import write_dataexchange
+    from gpureg.pipeline.watch import watch
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with gpureg.open_input(jittered_input) as r:
+        truth = r.truth()["projection_shifts"]
+        for i, e in enumerate(r.energies):
+            write_dataexchange(inbox / f"e{i:02d}.h5", data=[r.projections(i)], data_white=[r.flat(i)],
+                               data_dark=r.dark(), theta=r.theta, energy=[e])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        watch(inbox, tmp_path / "live.h5", expect=len(truth), poll=0, settle=0, report=False, device="cpu",
+              align_projections=True)
+    with h5py.File(tmp_path / "live.h5") as h5:
+        shifts = h5["alignment/projection_shifts"][...]
+        assert [s.decode() for s in h5["alignment/status"][...]] == ["aligned"] * len(truth)
+    assert np.sqrt(((shifts - truth) ** 2).mean()) < 0.2  # as in the batch run
+
+
 def test_alignment_needs_projections(tmp_path):
     path = gpureg.write_dataexchange(tmp_path / "recon.h5", recon=[np.zeros((8, 8, 8), np.float32)] * 5,
                                      energy=[6500.0, 6540.0, 6550.0, 6560.0, 6600.0])
