@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One script for a lent GPU session (one H100/H200, 16 cores; one command <= 600 s): a preflight,
 # the `gpu` tests, register_gpu at 128/256/512^3, FBP, XANES, a 64^3 pipeline, the deformable
-# registration and the projection alignment. bench/write.py (HDF5 compression: CPU and disk,
-# and hdf5plugin is not on the device image) is measured on the CPU machines instead. Each step runs under its own time limit (the table below, 480 s in
+# registration and the projection alignment. bench/write.py (HDF5 compression: CPU and disk
+# only) is measured on the CPU machines instead. Each step runs under its own time limit (the table below, 480 s in
 # all) and a failed or timed-out step does not stop the others; a failed preflight stops
 # everything. Each benchmark writes its JSON into one work folder ($GPUREG_BENCH_OUT) and
 # saves after each size; <step>.log holds each step's output and gpu_check.json each step's
@@ -13,10 +13,10 @@
 #
 # How to carry it to the device machine (it has Python 3.12, cupy-cuda13x, numba, scipy,
 # scikit-image, h5py, typer, pytest, pytest-timeout, but neither astra-toolbox, hdf5plugin nor
-# SimpleITK; hdf5plugin's 46 MB wheel does not fit beside astra's in the 64 MiB carry, so the
-# pipeline step writes its result with gzip):
-#   1. here, from the repository root:
-#        bash /work/shared/device/prepare.sh [--simpleitk --no-astra]    # fills .device/
+# SimpleITK; gpureg does not import without hdf5plugin, whose newest wheel (46 MB) does not fit
+# beside astra's in the 64 MiB carry: take 4.4.0, 42 MB, checked with every codec of gpureg):
+#   1. here, from the repository root (about 60 MiB with the repository):
+#        bash /work/shared/device/prepare.sh --with hdf5plugin==4.4.0    # fills .device/
 #   2. on the device, with .device carried (run's carry: [".device"]):
 #        source .device/setup.sh && bash bench/gpu_check.sh
 #      or only some steps:  bash bench/gpu_check.sh --steps register_gpu,xanes
@@ -53,7 +53,7 @@ gpu_tests    100  \$py -m pytest -p no:cacheprovider -m gpu -v -rfE --durations=
 register_gpu 160  \$py bench/register_gpu.py --sizes 128 256 512 --repeats 5 --sitk-max 256
 recon         25  \$py bench/recon.py --device gpu --quick
 xanes         45  \$py bench/xanes.py --device gpu --size 128 256 512 --host-max 128 --repeats 3
-pipeline      40  \$py bench/pipeline.py --device gpu --size 64 --energies 6 --no-sitk --compression gzip:1
+pipeline      40  \$py bench/pipeline.py --device gpu --size 64 --energies 6 --no-sitk
 deformable    40  \$py bench/deformable.py --device gpu --sizes 128 --no-elastix
 align         40  \$py bench/align.py --device gpu --sizes 128 --parts speed
 "

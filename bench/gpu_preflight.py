@@ -59,12 +59,6 @@ def versions(report: dict, gpu=None) -> None:
         report["astra_cuda"] = bool(astra.use_cuda())
     except Exception as exc:  # noqa: BLE001 - astra's import fails in several ways on a bare machine
         report["astra"] = f"MISSING ({type(exc).__name__}: {exc})"
-    try:
-        import hdf5plugin
-
-        report["hdf5plugin"] = hdf5plugin.version
-    except ImportError:
-        report["hdf5plugin"] = "MISSING (result files need --compression gzip:1)"
     if not report.get("astra_cuda"):
         raise Failed(f"ASTRA with CUDA is unusable ({report['astra']}): carry it with "
                      "`bash /work/shared/device/prepare.sh` and start with `source .device/setup.sh`")
@@ -188,6 +182,11 @@ def _gpu():
         import cupy as cp
     except Exception as exc:  # noqa: BLE001
         raise Failed(f"CuPy does not import ({type(exc).__name__}: {exc})") from exc
+    try:
+        import hdf5plugin  # noqa: F401 - gpureg.io.results registers its codecs at import
+    except ImportError as exc:
+        raise Failed("hdf5plugin is missing and gpureg does not import without it: carry it "
+                     "(bash /work/shared/device/prepare.sh --with hdf5plugin==4.4.0)") from exc
     from gpureg.core import cuda
     from gpureg.core.backend import GPUUnavailableError, resolve_device
 

@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n = 48, N = 6")
     ap.add_argument("--no-sitk", action="store_true")
     ap.add_argument("--compression", default=None,
-                    help="codec of the result file (default: gpureg's; gzip:1 needs no hdf5plugin, e.g. on a lent GPU)")
+                    help="codec of the result file (default: gpureg's; see gpureg.io.results.COMPRESSIONS)")
     ap.add_argument("--engines", nargs="+", choices=["numba", "numpy"], default=["numba"],
                     help="CPU engines to run in turn on the same data (gpureg.config.cpu_backend)")
     args = ap.parse_args(argv)
