@@ -5,7 +5,7 @@ CuPy, numba and ASTRA, compiles every kernel of ``kernels/*.cu`` as gpureg does,
 fused pass at 32^3 against the CPU metric and one registration with the device-resident
 solver against the CPU registration. Any failure prints one line ``preflight: FAILED ...``
 and exits 1, so that gpu_check.sh stops before spending the session on a broken install.
-Writes ``preflight.json`` into ``$GPUREG_BENCH_OUT`` (or the current folder).
+Writes ``preflight.json`` into ``$GPUREG_BENCH_OUT`` (or bench/results/).
 
     python bench/gpu_preflight.py
 """
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=48, help="cube size of the registration check")
     args = ap.parse_args(argv)
     report: dict = {"benchmark": "gpu_preflight", "cpu_selftest": args.cpu_selftest}
-    out = Path(os.environ.get("GPUREG_BENCH_OUT") or ".")
+    out = Path(os.environ.get("GPUREG_BENCH_OUT") or Path(__file__).resolve().parent / "results")
     t0 = time.perf_counter()
     status = 0
     try:
