@@ -86,7 +86,8 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
         Always ``e0``, ``edge_step`` (Z, Y, X) float32 and ``mask`` (bool).
         With references: ``fractions`` (n_refs, Z, Y, X), ``residual``,
         ``r_factor`` (and ``offset``) float32, NaN outside the mask,
-        ``reference_names`` (list), ``references`` (n_energy, n_refs) normalised.
+        ``reference_names`` (list), ``references`` (n_energy, n_refs) normalised,
+        ``fractions_stderr`` (n_refs, Z, Y, X) standard errors.
         With ``k``: ``clusters`` (Z, Y, X) int32 (1..k, 0 outside),
         ``centroids`` (k, n_energy), ``cluster_counts`` (k,), and with
         ``n_components`` the PCA ``loadings``/``explained_variance_ratio``.
@@ -117,6 +118,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
         rnames, A = prepare_references(references, E, use=use, names=names, e0=e0, column=column)
         solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range)
         out.update(fractions=np.full((len(rnames), *shape), np.nan, np.float32),
+                   fractions_stderr=np.full((len(rnames), *shape), np.nan, np.float32),
                    residual=np.full(shape, np.nan, np.float32), r_factor=np.full(shape, np.nan, np.float32),
                    reference_names=list(rnames), references=A)
         if offset:
@@ -129,7 +131,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     for z0, z1 in slabs:
         y, valid, _ = _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0, basis)
         if solver is not None and bool(valid.any()):
-            x, res, rf = solver.solve(xp, y[:, valid])
+            x, res, rf, se = solver.solve(xp, y[:, valid], stderr=True)
             idx = np.flatnonzero(to_host(valid))
             n_r = len(out["reference_names"])
             plane = (z1 - z0,) + shape[1:]
@@ -140,6 +142,8 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
             fr = np.full((n_r, int(np.prod(plane))), np.nan, np.float32)
             fr[:, idx] = to_host(x[:n_r])
             out["fractions"][:, z0:z1] = fr.reshape((n_r,) + plane)
+            fr[:, idx] = to_host(se[:n_r])
+            out["fractions_stderr"][:, z0:z1] = fr.reshape((n_r,) + plane)
         if k is not None and bool(valid.any()):
             idx = np.flatnonzero(to_host(valid))
             pick = idx[rng.random(idx.size) < keep]
@@ -160,7 +164,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
                          "threshold)")
     out["mask"] = use_mask
     if solver is not None:
-        for key in ("fractions", "residual", "r_factor", "offset"):
+        for key in ("fractions", "fractions_stderr", "residual", "r_factor", "offset"):
             if key in out:
                 out[key][..., ~use_mask] = np.nan
     if k is not None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..io.base import check_energies
-from .preedge import find_e0_index, pre_edge
+from .preedge import find_e0_index, normalisation_functionals, pre_edge
 from .references import load_references, reference_matrix
 from .spectra import MIN_ENERGIES, auto_min_jump, spectra_matrix
 
@@ -60,6 +60,9 @@ class FitResult:
         Reference names, in the order of ``fractions``.
     references : (n_energy, n_refs) ndarray of float64
         The normalised references on the scan's energies (host).
+    fractions_stderr : (n_refs, ...) ndarray of float32
+        Standard error of every fraction from the fit's residual (0 where a
+        fraction sits at its bound; NaN outside the mask).
     """
 
     fractions: object
@@ -71,6 +74,7 @@ class FitResult:
     edge_step: object
     names: tuple
     references: np.ndarray
+    fractions_stderr: object = None
 
 
 def fit_references(spectra, energies, references, *, offset: bool = True, sum_to_one: bool = False,
@@ -138,10 +142,11 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
     e0c = common_e0(xp, mu, E, e0, mask=mask, vox=vox) if normalize else None
     names_, A = prepare_references(references, E, normalize=normalize, use=use, names=names, e0=e0c,
                                    column=column, fit=fit)
-    solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range)
+    solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range,
+                               noise_map=None if e0c is None else normalisation_noise_map(E, e0c, A, fit=fit))
     y, e0, step, valid = normalized_spectra(xp, mu, E, vox, normalize=normalize, use=use, mask=mask,
                                             min_step=min_step, e0=e0c, fit=fit)
-    x, resid, rfac = solver.solve(xp, y[:, valid] if not bool(valid.all()) else y)
+    x, resid, rfac, se = solver.solve(xp, y[:, valid] if not bool(valid.all()) else y, stderr=True)
     N = mu.shape[1]
     nan = xp.float32(np.nan)
     frac = xp.full((len(names_), N), nan, dtype=xp.float32)
@@ -149,13 +154,24 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
     rf = xp.full(N, nan, dtype=xp.float32)
     off = xp.full(N, nan, dtype=xp.float32) if offset else None
     frac[:, valid] = x[:len(names_)]
+    frac_se = xp.full((len(names_), N), nan, dtype=xp.float32)
+    frac_se[:, valid] = se[:len(names_)]
     res[valid] = resid
     rf[valid] = rfac
     if offset:
         off[valid] = x[len(names_)]
     return FitResult(fractions=frac.reshape(len(names_), *vox), residual=res.reshape(vox), r_factor=rf.reshape(vox),
                      offset=None if off is None else off.reshape(vox), mask=valid.reshape(vox),
-                     e0=e0.reshape(vox), edge_step=step.reshape(vox), names=tuple(names_), references=A)
+                     e0=e0.reshape(vox), edge_step=step.reshape(vox), names=tuple(names_), references=A,
+                     fractions_stderr=frac_se.reshape(len(names_), *vox))
+
+
+def normalisation_noise_map(E, e0, A, *, fit="spline"):
+    """(n, n) ``M``: white noise ``eps`` in ``mu`` moves the normalised spectrum by ``M eps / step`` (pre-edge line
+    and edge step fitted to the same noisy samples; the spectrum in the step term taken as the references' mean)."""
+    c0, c1, st, mid, half = normalisation_functionals(E, e0, fit=fit)
+    L = c0[None, :] + ((np.asarray(E, dtype=np.float64) - mid) / half)[:, None] * c1[None, :]
+    return np.eye(E.size) - L - np.asarray(A, dtype=np.float64).mean(axis=1)[:, None] * st[None, :]
 
 
 def common_e0(xp, mu, E, e0, *, mask=None, vox=None):
@@ -253,7 +269,7 @@ class LinearCombination:
         Energies used (inclusive).
     """
 
-    def __init__(self, A, energies, *, offset=True, sum_to_one=False, nonneg=True, fit_range=None):
+    def __init__(self, A, energies, *, offset=True, sum_to_one=False, nonneg=True, fit_range=None, noise_map=None):
         A = np.asarray(A, dtype=np.float64)
         E = np.asarray(energies, dtype=np.float64)
         if A.ndim != 2 or A.shape[0] != E.size:
@@ -280,6 +296,10 @@ class LinearCombination:
         else:
             subsets = [tuple(range(r))]
         self.nonneg = bool(nonneg)
+        self.sum_to_one = bool(sum_to_one)
+        self._terms = None
+        M = np.eye(E.size) if noise_map is None else np.asarray(noise_map, dtype=np.float64)
+        self.noise_cov = (M @ M.T)[np.ix_(rows, rows)]
         self.plans = []
         for s in subsets:
             cols = list(s) + list(range(r, m))
@@ -297,8 +317,26 @@ class LinearCombination:
                     P[np.ix_(cols, cols)] = np.linalg.pinv(Gs)
             self.plans.append((np.array(s, dtype=np.int64), P, q))
 
-    def solve(self, xp, Y):
-        """Fit columns of ``Y`` (n_energy, N): (x (m, N) float32 with fractions then offset, RMS residual, R-factor)."""
+    def error_terms(self):
+        """Per plan: diag of ``P A^T W A P`` (m,) and ``tr((I - H) W (I - H))``, ``W`` the noise covariance of the
+        fitted spectra per unit noise (identity, or ``M M^T`` for a ``noise_map`` M) and ``H = A P A^T``:
+        the residual sum of squares over the latter estimates the unit noise variance."""
+        if self._terms is None:
+            A, W = self.design, self.noise_cov
+            diag, tr = [], []
+            for _, P, _ in self.plans:
+                AP = A @ P
+                diag.append(np.clip(np.einsum("ij,ik,kj->j", AP, W, AP), 0, None))
+                R = np.eye(A.shape[0]) - AP @ A.T
+                tr.append(max(float(np.trace(R @ W @ R.T)), 1e-12))
+            self._terms = (np.stack(diag), np.array(tr))
+        return self._terms
+
+    def solve(self, xp, Y, *, stderr: bool = False):
+        """Fit columns of ``Y`` (n_energy, N): (x (m, N) float32 with fractions then offset, RMS residual, R-factor)
+        and, with ``stderr``, the standard errors of ``x`` (m, N): ``sqrt(s^2 diag(P_S))`` on the winning support
+        ``S`` (``P_S`` the inverse normal (or KKT) matrix there, ``s^2`` the residual variance per degree of
+        freedom; 0 for a fraction held at its bound)."""
         f32 = xp.float32
         Yf = Y[xp.asarray(np.flatnonzero(self.rows))] if not self.rows.all() else Y
         Yf = Yf.astype(f32, copy=False)
@@ -308,7 +346,8 @@ class LinearCombination:
         N = Yf.shape[1]
         best_f = xp.full(N, np.inf, dtype=f32)
         best_x = xp.zeros((self.m, N), dtype=f32)
-        for s, P, q in self.plans:
+        best_k = xp.zeros(N, dtype=xp.int32)
+        for k, (s, P, q) in enumerate(self.plans):
             x = xp.asarray(P.astype(np.float32)) @ b + xp.asarray(q.astype(np.float32))[:, None]
             f = ((G @ x) * x).sum(axis=0) - 2 * (x * b).sum(axis=0)   # |y|^2 omitted: same for every subset
             if self.nonneg and s.size:
@@ -316,16 +355,22 @@ class LinearCombination:
             better = f < best_f
             best_f = xp.where(better, f, best_f)
             best_x = xp.where(better[None, :], x, best_x)
+            best_k = xp.where(better, xp.int32(k), best_k)
         r = Yf - xp.asarray(self.design.astype(np.float32)) @ best_x
         ss = (r * r).sum(axis=0)
         yy = (Yf * Yf).sum(axis=0)
         rms = xp.sqrt(ss / f32(Yf.shape[0]))
         rfac = ss / xp.where(yy > 0, yy, f32(1))
-        return best_x, rms.astype(f32), rfac.astype(f32)
+        if not stderr:
+            return best_x, rms.astype(f32), rfac.astype(f32)
+        diag, dof = self.error_terms()
+        var = ss / xp.asarray(dof.astype(np.float32))[best_k]
+        se = xp.sqrt(xp.asarray(diag.astype(np.float32))[best_k].T * var[None, :])
+        return best_x, rms.astype(f32), rfac.astype(f32), se.astype(f32)
 
 
 def host_result(res: FitResult) -> FitResult:
     """A copy of ``res`` with every array on the host."""
     conv = {k: (None if getattr(res, k) is None else to_host(getattr(res, k)))
-            for k in ("fractions", "residual", "r_factor", "offset", "mask", "e0", "edge_step")}
+            for k in ("fractions", "residual", "r_factor", "offset", "mask", "e0", "edge_step", "fractions_stderr")}
     return FitResult(names=res.names, references=res.references, **conv)

@@ -339,7 +339,7 @@ def write_chemistry(g, chem):
     """Reference fractions and clusters (:func:`gpureg.xanes.chemistry_map`) into an open ``/xanes`` group.
 
     Datasets: ``fractions`` (n_refs, Z, Y, X) with attribute ``references``
-    (JSON names), ``r_factor``, ``lcf_residual`` (RMS), ``lcf_offset`` (Z, Y, X),
+    (JSON names), ``fractions_stderr`` (standard errors, same shape), ``r_factor``, ``lcf_residual`` (RMS), ``lcf_offset`` (Z, Y, X),
     ``reference_spectra`` (n_energy, n_refs, normalised on ``/energy``);
     ``clusters`` (Z, Y, X) int32 (1..k, 0 not clustered), ``cluster_centroids``
     (k, n_energy), ``cluster_counts`` (k,). Float maps are NaN outside the analysed voxels.
@@ -354,6 +354,8 @@ def write_chemistry(g, chem):
     if "fractions" in chem:
         d = put("fractions", chem["fractions"], np.float32)
         d.attrs["references"] = json.dumps(list(chem["reference_names"]))
+        if "fractions_stderr" in chem:
+            put("fractions_stderr", chem["fractions_stderr"], np.float32)
         put("r_factor", chem["r_factor"], np.float32)
         put("lcf_residual", chem["residual"], np.float32)
         if "offset" in chem:
