@@ -54,7 +54,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     (outdir / "report.md").unlink(missing_ok=True)  # incomplete until rewritten below
     figures = [Path(p) for p in plot_result(result_h5, outdir)]
     pp_figures, pp_summary, pp_lines = _per_particle_report(result_h5, outdir)  # nothing unless per_particle
-    figures += pp_figures + _chemistry_figures(result_h5, outdir)
+    figures += pp_figures + _chemistry_figures(result_h5, outdir) + _uncertainty_figures(result_h5, outdir)
     df_figures, df_summary, df_lines = _deformable_report(result_h5, outdir)  # nothing unless deformable
     figures += df_figures
     al_figures, al_summary, al_lines = _alignment_report(result_h5, outdir)  # nothing without --align-projections
@@ -135,6 +135,31 @@ def _chemistry_figures(result_h5, outdir):
     if "clusters" in chem:
         figures.append(cluster_map(chem["clusters"], chem["cluster_centroids"], chem["energies"],
                                    outdir / "clusters.png"))
+    return figures
+
+
+def _uncertainty_figures(result_h5, outdir):
+    """Edge-energy sigma map and the scree plot of the spectral basis, when the result has them."""
+    import numpy as np
+
+    from ..figures.chemistry import scree_plot
+    from ..figures.maps import edge_energy_slice
+
+    with ResultFile(result_h5) as rf:
+        unc = rf.uncertainty()
+    if unc is None:
+        return []
+    figures = []
+    sigma = unc["edge_energy_sigma"]
+    if sigma is not None and np.isfinite(sigma).any():
+        figures.append(edge_energy_slice(sigma, outdir / "edge_energy_sigma.png", mask=unc["mask"],
+                                         title=f"edge-energy 1-sigma (eV), median {np.nanmedian(sigma):.3f} eV"))
+    sd = unc["spectral_denoise"]
+    if sd is not None and sd.get("eigenvalues"):
+        ev = np.asarray(sd["eigenvalues"], dtype=np.float64)
+        state = "applied" if sd.get("applied") else "noise estimate only"
+        figures.append(scree_plot(ev / max(ev.sum(), 1e-30), outdir / "spectral_scree.png",
+                                  title=f"spectral PCA: {sd['components']} components kept ({state})"))
     return figures
 
 

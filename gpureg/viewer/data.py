@@ -107,7 +107,8 @@ def result_layers(result) -> list:
     -------
     list of (data, dict, str)
         In drawing order: energy stacks (``aligned``; ``recon`` and
-        ``aligned (global)`` hidden), ``edge energy (eV)``, ``labels``,
+        ``aligned (global)`` hidden), ``edge energy (eV)``, ``edge energy
+        sigma (eV)`` (hidden; when the result has it), ``labels``,
         ``clusters`` and one ``fraction <reference>`` per fitted reference.
         Every layer's ``metadata`` holds ``gpureg_result`` (the path) and
         ``energy`` (eV, display order).
@@ -149,6 +150,15 @@ def result_layers(result) -> list:
         if clim is not None:
             kw["contrast_limits"] = clim
         out.append((data, kw, "image"))
+        if "edge_energy_sigma" in g and g["edge_energy_sigma"].shape == em.shape:
+            sg = g["edge_energy_sigma"]
+            slim = _limits(sg, (2.0, 98.0), mask=mask)
+            kw = {"name": "edge energy sigma (eV)", "scale": (s, s, s), "units": (u, u, u), "colormap": "inferno",
+                  "opacity": 0.7, "blending": "translucent", "visible": False, "axis_labels": ("z", "y", "x"),
+                  "metadata": dict(meta, dataset="xanes/edge_energy_sigma")}
+            if slim is not None:
+                kw["contrast_limits"] = slim
+            out.append((_lazy(sg, planes=1), kw, "image"))
         for key, label, visible in (("labels", "labels", False), ("clusters", "clusters", False)):
             if key in g and g[key].ndim == 3:
                 out.append((_lazy(g[key], planes=1), {"name": label, "scale": (s, s, s), "units": (u, u, u), "opacity": 0.5,

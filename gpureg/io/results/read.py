@@ -139,6 +139,17 @@ class ResultFile:
         out["energies"] = np.sort(self.energies())   # the order of cluster_centroids
         return out
 
+    def uncertainty(self, group: str = "xanes"):
+        """``{"edge_energy_sigma", "mask", "spectral_denoise"}`` of ``/xanes`` (each None when absent), or None
+        when the group holds neither the sigma map nor the spectral-denoise record."""
+        g = self.h5.get(group)
+        if g is None or not ("edge_energy_sigma" in g or "spectral_denoise" in g.attrs):
+            return None
+        sd = g.attrs.get("spectral_denoise")
+        return {"edge_energy_sigma": g["edge_energy_sigma"][()] if "edge_energy_sigma" in g else None,
+                "mask": g["mask"][()].astype(bool) if "mask" in g else None,
+                "spectral_denoise": json.loads(sd) if sd is not None else None}
+
     def deformation(self):
         """``{"coefficients", "spacing", "matrices", "min_jacobian", "mse_affine"}`` of a deformable run, or None."""
         h5 = self.h5
