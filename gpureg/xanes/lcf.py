@@ -29,7 +29,8 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..io.base import check_energies
-from .preedge import find_e0_index, normalisation_functionals, pre_edge
+from .e0 import find_e0_index
+from .preedge import normalisation_functionals, pre_edge
 from .references import load_references, reference_matrix
 from .spectra import MIN_ENERGIES, auto_min_jump, spectra_matrix
 
