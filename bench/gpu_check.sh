@@ -17,7 +17,8 @@
 # beside astra's in the 64 MiB carry: take 4.4.0, 42 MB, checked with every codec of gpureg):
 #   1. here, from the repository root (about 60 MiB with the repository):
 #        bash /work/shared/device/prepare.sh --with hdf5plugin==4.4.0    # fills .device/
-#   2. on the device, with .device carried (run's carry: [".device"]):
+#   2. on the device, with .device carried (the run tool: carry [".device"], timeout_s 570: the
+#      wheels' install takes ~20 s of it, the steps at most 480 s, leaving time for the tar):
 #        source .device/setup.sh && bash bench/gpu_check.sh
 #      or only some steps:  bash bench/gpu_check.sh --steps register_gpu,xanes
 # --dry-run (CI runs it: tests/core/test_gpu_plumbing.py) runs the same plumbing on the CPU
