@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 import gpureg  # noqa: E402
 from common import save  # noqa: E402
-from gpureg.validate import random_affine, salt_and_pepper  # noqa: E402
+from gpureg.synth import random_affine, salt_and_pepper  # noqa: E402
 
 
 

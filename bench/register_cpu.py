@@ -54,7 +54,7 @@ from common import save
 import gpureg
 from gpureg.core import transform as tf
 from gpureg.register import prepare_volume, register_affine
-from gpureg.validate import salt_and_pepper
+from gpureg.synth import salt_and_pepper
 
 
 

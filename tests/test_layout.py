@@ -65,3 +65,48 @@ def test_every_subpackage_is_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
     assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+
+
+def test_siblings_are_declared_independent():
+    """synth/figures and pipeline/validate/viewer do not import each other: the contract says so (issue 23)."""
+    tomllib = pytest.importorskip("tomllib")
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    assert "gpureg.figures | gpureg.synth" in layers
+    assert "gpureg.pipeline | gpureg.validate | gpureg.viewer" in layers
+
+
+def test_public_api_one_name_per_object_and_no_shadowing():
+    """``dir(gpureg)`` lists each public object once (declared in ``__init__.pyi``, loaded lazily); no function
+    hides a submodule of the same name; the subpackages do not re-export each other's objects."""
+    import importlib
+    import types
+    import warnings
+
+    import gpureg
+
+    names = dir(gpureg)
+    assert len(names) == len(set(names)) and set(names) == set(gpureg.__all__)
+    objects = {}
+    for name in names:
+        obj = getattr(gpureg, name)
+        if not isinstance(obj, str):  # __version__
+            assert id(obj) not in objects, f"gpureg.{name} is gpureg.{objects.get(id(obj))}"
+            objects[id(obj)] = name
+    subs = ["core", "io", "io.results", "recon", "register", "xanes", "figures", "synth", "pipeline", "validate",
+            "viewer"]
+    owner = {}
+    for sub in subs:
+        mod = importlib.import_module(f"gpureg.{sub}")
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            assert not isinstance(obj, types.ModuleType) or obj.__name__ == f"gpureg.{sub}.{name}"
+            if callable(obj) or isinstance(obj, type):
+                assert id(obj) not in owner, f"gpureg.{sub}.{name} is also gpureg.{owner.get(id(obj))}"
+                owner[id(obj)] = f"{sub}.{name}"
+    assert isinstance(gpureg.pipeline.watch, types.ModuleType)  # the module; the function is watch_folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DeprecationWarning, match="flatfield_correct"):
+            gpureg.normalize  # noqa: B018 - the deprecated name of the flat-field correction

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..core.errors import GpuregError, ParameterError
 from ..pipeline.options import Device
 from .app import ApiKeyFileOpt, DeviceOpt, app, flag, friendly, use_api_key_file
 
@@ -27,7 +28,7 @@ def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
     if path is not None:
         import json
 
-        from ..io.detect import describe_input, format_description
+        from ..io.detect import describe_input
         from ..io.results import describe_result, is_result
 
         if is_result(path):
@@ -86,12 +87,12 @@ def bench(
 
     folder = next((p for p in (Path(__file__).resolve().parents[2] / "bench", Path.cwd() / "bench") if p.is_dir()), None)
     if folder is None:
-        raise ValueError("bench/ not found: gpureg bench runs from a source checkout of gpureg")
+        raise GpuregError("bench/ not found: gpureg bench runs from a source checkout of gpureg")
     scripts = sorted(p for p in folder.glob("*.py") if p.stem != "common")
     if names:
         unknown = set(names) - {p.stem for p in scripts}
         if unknown:
-            raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; available: {[p.stem for p in scripts]}")
+            raise ParameterError(f"unknown benchmark(s) {sorted(unknown)}; available: {[p.stem for p in scripts]}")
         scripts = [p for p in scripts if p.stem in names]
     failed = []
     for script in scripts:
@@ -101,7 +102,8 @@ def bench(
         if rc != 0:
             failed.append(script.stem)
     if failed:
-        raise RuntimeError(f"benchmark(s) failed: {failed}")
+        typer.echo(f"gpureg: error: benchmark(s) failed: {failed}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -129,13 +131,13 @@ def validate(
     def split(text, option):
         items = [s.strip() for s in text.split(",") if s.strip()]
         if not items:
-            raise ValueError(f"{option} needs at least one comma-separated value, got {text!r}")
+            raise ParameterError(f"{option} needs at least one comma-separated value, got {text!r}")
         return items
 
     try:
         levels = [float(x) / 100 for x in split(noise, "--noise")]
     except ValueError:
-        raise ValueError(f"--noise must be percentages separated by commas (e.g. 0,10,30), got {noise!r}") from None
+        raise ParameterError(f"--noise must be percentages separated by commas (e.g. 0,10,30), got {noise!r}") from None
     kw = dict(size=size, noise=levels, modes=split(modes, "--modes"))
     if quick:
         kw = dict(QUICK)
@@ -185,4 +187,26 @@ def _format_result(d: dict) -> str:
     if d["dropped"]:
         lines.append("  dropped     " + ", ".join(d["dropped"]))
     lines.append("  maps        " + (", ".join(d["maps"]) or "none"))
+    return "\n".join(lines)
+
+
+def format_description(d: dict) -> str:
+    """The text ``gpureg info`` prints for :func:`describe_input`'s dict."""
+    e = d["energies_ev"]
+    lines = [f"{d['path']}", f"  layout      {d['layout']} ({d['kind']})",
+             f"  energies    {d['n_energy']}: {e[0]:.2f} .. {e[-1]:.2f} eV" if len(e) > 1
+             else f"  energies    1: {e[0]:.2f} eV"]
+    if len(e) <= 12:
+        lines.append("              " + ", ".join(f"{v:.2f}" for v in e) + " eV")
+    axes = "(n_angle, ny, nx)" if d["kind"] == "projections" else "(nz, ny, nx)"
+    lines.append(f"  per energy  {tuple(d['shape'])} {axes}; reconstructs to {tuple(d['recon_shape'])}")
+    a = d["angles"]
+    if a is not None:
+        lines.append(f"  angles      {a['n']}: {a['first']:.3f} .. {a['last']:.3f} {a['units']} "
+                     f"(step {a['step']:.4g})")
+    if d["flat_frames"] is not None:
+        lines.append(f"  flat/dark   {d['flat_frames']} / {d['dark_frames']} frames (first energy)")
+    px = d["pixel_size_nm"]
+    lines.append(f"  pixel size  {px:.4g} nm" if px is not None else "  pixel size  unknown")
+    lines.append("  guessed     " + ("; ".join(d["guessed"]) if d["guessed"] else "nothing"))
     return "\n".join(lines)

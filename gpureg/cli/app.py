@@ -1,7 +1,8 @@
 """The ``gpureg`` typer application: error handling, ``--version``/``--verbose``, shared options.
 
-Every command turns expected failures (bad input, missing GPU, unwritable
-output) into one line on stderr and exit code 2, never a traceback. Commands
+Every command turns what users cause (the ``GpuregError`` family: bad input, missing GPU,
+unwritable output) into one line on stderr and exit code 2, never a traceback; anything
+else is a bug: one line and exit code 1, the traceback under ``--verbose``. Commands
 live in :mod:`~gpureg.cli.pipeline_cmds` (run, demo, watch),
 :mod:`~gpureg.cli.tools` (register, xanes, plot, recon, simulate) and
 :mod:`~gpureg.cli.admin` (info, bench, validate); one option name means one
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+import sys
+import traceback
 from typing import Optional
 
 import typer
@@ -89,25 +93,68 @@ def split_references(values) -> tuple:
     return tuple(p.strip() for v in (values or ()) for p in str(v).split(",") if p.strip())
 
 
+# Library messages name parameters (``overwrite=True``, ``reference=``); the CLI names its flags instead.
+_FLAGS = ("allow_folding", "dataset", "device", "energy_dataset", "overwrite", "reference", "regularization",
+          "scheduler", "skip_bad_energies", "spacing")
+_PARAM_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b|\"[^\"]*\"|'[^']*'|[\w.]+)?")
+
+
+def cli_message(message: str) -> str:
+    """A library message in the CLI's words: ``overwrite=True`` -> ``--overwrite``, ``device="cpu"`` -> ``--device cpu``."""
+
+    def flag(m):
+        name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        return name if value in (None, "True") else f"{name} {value.strip(chr(34) + chr(39))}"
+
+    return _PARAM_RE.sub(flag, message)
+
+
 def friendly(fn):
-    """Decorator: expected errors become ``gpureg: error: ...`` and exit code 2."""
+    """Decorator: what users cause becomes one line and exit code 2; anything else (a bug) one line and exit 1.
+
+    User-caused: the :class:`~gpureg.core.errors.GpuregError` family (bad input, output, parameter, missing GPU,
+    too little memory), ``OSError`` from the system (a file that cannot be read or written, a full disk) and
+    running out of memory. Anything else is a bug: one line, "run with --verbose for the traceback", exit 1;
+    under ``--verbose`` the traceback is printed.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ..core.backend import GPUUnavailableError
+        from ..core.errors import GpuregError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, OSError, KeyError, GPUUnavailableError, RuntimeError, MemoryError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
-                gpu = type(exc).__name__ == "OutOfMemoryError"  # CuPy's; numpy raises MemoryError
-                msg = f"out of memory: {msg} " + ("(try a smaller volume, --device cpu, or free GPU memory)" if gpu
-                                                  else "(try a smaller volume)")
-            typer.echo(f"gpureg: error: {msg}", err=True)
-            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except (GpuregError, OSError, MemoryError) as exc:
+            typer.echo(f"gpureg: error: {cli_message(_first_line(exc))}", err=True)
+            raise typer.Exit(USER_ERROR) from None
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # CuPy's (not importable without CuPy)
+                typer.echo(f"gpureg: error: out of memory: {_first_line(exc)} (try a smaller volume, --device cpu, "
+                           "or free GPU memory)", err=True)
+                raise typer.Exit(USER_ERROR) from None
+            if _VERBOSE["on"]:
+                traceback.print_exc()
+                typer.echo(f"gpureg: internal error: {type(exc).__name__}: {_first_line(exc)}", err=True)
+            else:
+                typer.echo(f"gpureg: internal error: {type(exc).__name__}: {_first_line(exc)} "
+                           "(run with --verbose for the traceback)", err=True)
+            raise typer.Exit(BUG) from None
 
     return wrapper
+
+
+_VERBOSE = {"on": False}  # --verbose of the command being run
+USER_ERROR = 2  # exit code of an error the user can fix (and of usage errors, as click)
+BUG = 1  # exit code of an internal error
+
+
+def _first_line(exc) -> str:
+    msg = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        msg = f"out of memory: {msg} (try a smaller volume)"
+    return msg
 
 
 def _version(value: bool):
@@ -125,7 +172,9 @@ def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress deta
           threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                                 help="CPU threads of the compiled kernels (default: all cores, or "
                                                      "GPUREG_THREADS).")):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    _VERBOSE["on"] = verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")  # other libraries
+    logging.getLogger("gpureg").setLevel(logging.INFO if verbose else logging.WARNING)
     if threads is not None:
         from ..core.config import config
 
@@ -142,6 +191,19 @@ def main(argv=None):
     Usage errors (unknown option, a value that is not one of the choices) are
     one line too: ``gpureg: error: Invalid value for '--model': ...``, exit code 2.
     """
+    log = logging.getLogger("gpureg")  # gpureg's lines go to the current stderr, also when main() runs in-process
+    saved, handler = (log.level, log.propagate), _Stderr()
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        _main(argv)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+def _main(argv):
     try:
         rc = app(args=argv, prog_name="gpureg", standalone_mode=False)
     except typer.Abort:
@@ -161,3 +223,19 @@ def main(argv=None):
         typer.echo("gpureg: interrupted; finished outputs are kept, and `gpureg run` / `gpureg watch` resume "
                    "where they stopped when run again", err=True)
     raise SystemExit(rc or 0)  # as click's standalone mode: main() always exits
+
+
+class _Stderr(logging.StreamHandler):
+    """``%(message)s`` lines to whatever ``sys.stderr`` is when a record is emitted."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the current sys.stderr is used instead
+        pass

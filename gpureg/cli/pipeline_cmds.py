@@ -147,7 +147,8 @@ def demo(
     device: Device = DeviceOpt,
     center: Optional[str] = CenterOpt,
     seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = flag(True, "--overwrite/--keep", help="Replace an earlier demo result in OUTDIR."),
+    overwrite: bool = flag(True, "--overwrite/--no-overwrite",
+                           help="Replace an earlier demo result in OUTDIR (--no-overwrite: refuse)."),
     per_particle: bool = flag(False, "--per-particle",
                               help="Simulate particle 2 tilting relative to particle 1 and register each particle on "
                                    "its own (report: global vs per-particle)."),
@@ -208,7 +209,7 @@ def watch_cmd(
     """Process energies as their files appear; ends on --expect, a DONE file, --idle-timeout or Ctrl-C (the same
     command resumes). Hidden and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are
     skipped with a warning and tried again."""
-    from ..pipeline.watch import watch
+    from ..pipeline.watch import watch_folder
 
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, ramp=ramp,
                           model=model,
@@ -221,7 +222,7 @@ def watch_cmd(
         typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV registered in {ev['latency_s']:.2f} s "
                    f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {ev['count']} energies so far)")
 
-    res = watch(directory, output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
+    res = watch_folder(directory, output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
                 overwrite=overwrite, on_energy=on_energy, settle=settle, poll=poll)
     _print_result(res)
 

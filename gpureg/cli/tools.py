@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..core.errors import GpuregError, InputError
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, parse_center
 from .app import (
     ApiKeyFileOpt,
@@ -95,9 +96,9 @@ def xanes(
     """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack;
     with --references / --clusters also reference fractions and k-means clusters."""
     from ..xanes.denoise import parse_denoise
-    from ..xanes.write import write_xanes
+    from ..pipeline.files import map_xanes_file
 
-    s = write_xanes(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
+    s = map_xanes_file(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
                     min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value, overwrite=overwrite,
                     references=split_references(references) or None, clusters=clusters,
                     denoise=parse_denoise(denoise_spectra), column=reference_column)
@@ -133,8 +134,8 @@ def report(
     from ..pipeline.report import write_report
 
     with ResultFile(result) as rf:
-        if "registration/matrix" not in rf.h5:
-            raise ValueError(f"{result}: not a pipeline result (no /registration/matrix); use `gpureg plot` for figures")
+        if not rf.has_registration():
+            raise InputError(f"{result}: not a pipeline result (no /registration/matrix); use `gpureg plot` for figures")
     folder = report_dir_for(result) if outdir is None else outdir
     figures = write_report(result, folder)
     typer.echo(f"report: {folder / 'report.md'} ({len(figures)} figures in {folder})")
@@ -170,12 +171,12 @@ def view(
     try:
         napari = viewer.require_napari() if screenshot is None else None
     except ImportError as exc:
-        raise RuntimeError(str(exc)) from None
+        raise GpuregError(str(exc)) from None
     if screenshot is not None:
         try:
             png = viewer.screenshot(result, screenshot)
         except ImportError as exc:
-            raise RuntimeError(str(exc)) from None
+            raise GpuregError(str(exc)) from None
         typer.echo(f"screenshot: {png}")
         return
     viewer.open_result(result, show=True)
@@ -231,7 +232,7 @@ def recon(
     api_key_file: Optional[Path] = ApiKeyFileOpt,
 ):
     """Flat/dark-correct and FBP-reconstruct every energy (ASTRA; CUDA when available)."""
-    from ..recon.fbp import reconstruct_file
+    from ..pipeline.files import reconstruct_file
 
     use_api_key_file(api_key_file)
     done = []

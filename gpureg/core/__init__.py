@@ -1,11 +1,13 @@
 """Core: array backends, the CUDA kernel loader and launchers, the affine transform, the MSE metric,
-segmentation primitives and the Levenberg-Marquardt solver.
+segmentation primitives, the Levenberg-Marquardt solver, the energy-axis check and the error family.
 
 Everything above builds on these; nothing here imports another gpureg layer.
 """
 
-from .backend import (DEVICES, GPUUnavailableError, array_device, cupy_or_none, get_xp, gpu_available, gpu_name,
+from .backend import (DEVICES, array_device, cupy_or_none, get_xp, gpu_available, gpu_name,
                       ndimage_of, resolve_device, to_device, to_host, xp_of)
+from .energies import check_energies
+from .errors import GpuregError, GPUUnavailableError, InputError, OutputError, ParameterError, ResourceError
 from .metric import cell_support, mse_terms, trilinear_sample, voxel_jacobian
 from .prefetch import HostToDevicePrefetcher
 from .segment import DENOISE, binarize, denoise, otsu_threshold, particle_labels
@@ -18,6 +20,8 @@ __all__ = [
     # backend
     "DEVICES", "GPUUnavailableError", "array_device", "cupy_or_none", "get_xp", "gpu_available", "gpu_name",
     "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of",
+    # errors, energies
+    "GpuregError", "InputError", "OutputError", "ParameterError", "ResourceError", "check_energies",
     # metric, solver
     "MetricTerms", "cell_support", "mse_terms", "trilinear_sample", "voxel_jacobian",
     "LMResult", "levenberg_marquardt",

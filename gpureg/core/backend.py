@@ -12,6 +12,7 @@ import logging
 import numpy as np
 
 from .config import config
+from .errors import GPUUnavailableError
 
 __all__ = ["array_device", "cpu_engine", "cupy_or_none", "cupy_probe", "DEVICES", "HARDWARE", "get_xp", "gpu_available", "gpu_name", "GPUUnavailableError", "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of"]
 
@@ -20,10 +21,6 @@ DEVICES = ("auto", *HARDWARE)
 
 
 _log = logging.getLogger("gpureg")
-
-
-class GPUUnavailableError(RuntimeError):
-    """``device="gpu"`` was asked for but CuPy or a CUDA device is missing."""
 
 
 def cupy_or_none():

@@ -14,13 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import ResourceError
+
 __all__ = ["available_memory", "check_fits", "format_bytes", "ResourceError"]
 
 _log = logging.getLogger("gpureg")
-
-
-class ResourceError(ValueError):
-    """The estimated memory or disk need exceeds what is available (message has the numbers)."""
 
 
 def format_bytes(n: float) -> str:
@@ -85,7 +83,7 @@ def check_fits(what: str, *, memory: float = 0, disk: float = 0, folder=None, gp
             if gpu_memory > free:
                 name = _gpu_label()
                 raise ResourceError(f"{what}: needs about {format_bytes(gpu_memory)} of GPU memory, only "
-                                    f"{format_bytes(free)} is free on {name}; use --device cpu or a smaller size")
+                                    f"{format_bytes(free)} is free on {name}; use device='cpu' or a smaller size")
     _log.info("gpureg: %s: estimated memory %s, disk %s%s", what, format_bytes(memory), format_bytes(disk),
               f", GPU memory {format_bytes(gpu_memory)}" if device == "gpu" else "")
 

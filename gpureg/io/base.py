@@ -1,7 +1,6 @@
 """What every input reader shares: the :class:`InputReader` interface, the energy-axis check, HDF5 helpers.
 
-:func:`check_energies` is the one rule set for energy axes (readers, the
-Data Exchange writer, the XANES analysis). The helpers read energies and
+Energy axes are checked by :func:`gpureg.core.energies.check_energies`. The helpers read energies and
 angles with their units (keV and radians are converted), decode attributes
 (JSON values included) and take an energy from a file name
 (``..._6552.5eV.tif``). Malformed inputs raise :class:`InputError` with one
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backend import to_host
+from ..core.energies import check_energies
 from .files import InputError
 
 __all__ = ["InputReader"]
@@ -168,55 +167,6 @@ def energies_ev(ds, where, name="/exchange/energy"):
         check_energies(e, name)
     except ValueError as exc:
         raise InputError(f"{where}: {exc}") from None
-    return e
-
-
-def check_energies(energies, name="energies", *, increasing=False, min_count=1) -> np.ndarray:
-    """Check an energy axis: the one rule set of the readers, the writer and the XANES analysis.
-
-    Rules: a 1D array of at least ``min_count`` finite numbers, no energy
-    repeated; in ascending order when ``increasing`` (an array of spectra
-    follows the axis: the XANES analysis), else in any order (a scan may be
-    stored in acquisition order; the readers and
-    :func:`gpureg.xanes.edge_energy_map` sort it).
-
-    Parameters
-    ----------
-    energies : (n_energy,) array_like
-        eV (NumPy or CuPy).
-    name : str
-        What the messages call the axis (a dataset or argument name).
-    increasing : bool
-        Require strictly increasing energies.
-    min_count : int
-        Fewest energies accepted.
-
-    Returns
-    -------
-    (n_energy,) ndarray of float64
-        The energies, on the host, in the given order.
-
-    Raises
-    ------
-    ValueError
-        One line naming ``name`` and what is wrong.
-    """
-    e = np.asarray(to_host(energies), dtype=np.float64)
-    if e.ndim != 1:
-        raise ValueError(f"{name} must be a 1D array of eV, got shape {e.shape}")
-    if e.size == 0:
-        raise ValueError(f"{name}: no energies")
-    if e.size < min_count:
-        raise ValueError(f"{name}: need at least {min_count} energies, got {e.size}")
-    if not np.all(np.isfinite(e)):
-        raise ValueError(f"{name}: contains NaN or inf")
-    srt = np.sort(e)
-    if np.any(np.diff(srt) == 0):
-        raise ValueError(f"{name}: repeated energies {np.unique(srt[1:][np.diff(srt) == 0]).tolist()} eV")
-    if increasing and not np.all(np.diff(e) > 0):
-        k = int(np.flatnonzero(np.diff(e) <= 0)[0])
-        raise ValueError(f"{name} must be strictly increasing (sort the spectra with them); entry {k + 1} "
-                         f"({e[k + 1]:g} eV) follows {e[k]:g} eV")
     return e
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.energies import check_energies
 from .base import (
     InputReader,
     attr_value,
-    check_energies,
     check_numeric,
     dataset,
     energies_ev,

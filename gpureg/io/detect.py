@@ -1,4 +1,5 @@
-"""Which layout an input has, found from the files' contents (not their names), and ``gpureg info``.
+"""Which layout an input has, found from the files' contents (not their names), and what ``gpureg info`` shows
+(:func:`describe_input`; the CLI formats it).
 
 Layouts tried, in this order, on each file's first bytes and, for HDF5, its groups:
 
@@ -22,7 +23,7 @@ from .files import InputError
 from .stacks import FileStack, TiffStack
 from .xradia import OLE_MAGIC
 
-__all__ = ["LAYOUTS", "describe_input", "format_description", "open_detected", "sniff"]
+__all__ = ["LAYOUTS", "describe_input", "open_detected", "sniff"]
 
 LAYOUTS = ("Data Exchange", "NSLS-II FXI 18-ID", "NeXus NXtomo", "Zeiss/Xradia", "TIFF series")
 
@@ -113,28 +114,6 @@ def describe_input(path) -> dict:
             out["flat_frames"] = int(r.flat(0).shape[0])
             out["dark_frames"] = int(r.dark(0).shape[0])
     return out
-
-
-def format_description(d: dict) -> str:
-    """The text ``gpureg info`` prints for :func:`describe_input`'s dict."""
-    e = d["energies_ev"]
-    lines = [f"{d['path']}", f"  layout      {d['layout']} ({d['kind']})",
-             f"  energies    {d['n_energy']}: {e[0]:.2f} .. {e[-1]:.2f} eV" if len(e) > 1
-             else f"  energies    1: {e[0]:.2f} eV"]
-    if len(e) <= 12:
-        lines.append("              " + ", ".join(f"{v:.2f}" for v in e) + " eV")
-    axes = "(n_angle, ny, nx)" if d["kind"] == "projections" else "(nz, ny, nx)"
-    lines.append(f"  per energy  {tuple(d['shape'])} {axes}; reconstructs to {tuple(d['recon_shape'])}")
-    a = d["angles"]
-    if a is not None:
-        lines.append(f"  angles      {a['n']}: {a['first']:.3f} .. {a['last']:.3f} {a['units']} "
-                     f"(step {a['step']:.4g})")
-    if d["flat_frames"] is not None:
-        lines.append(f"  flat/dark   {d['flat_frames']} / {d['dark_frames']} frames (first energy)")
-    px = d["pixel_size_nm"]
-    lines.append(f"  pixel size  {px:.4g} nm" if px is not None else "  pixel size  unknown")
-    lines.append("  guessed     " + ("; ".join(d["guessed"]) if d["guessed"] else "nothing"))
-    return "\n".join(lines)
 
 
 def _open_many(label, entries, folder):

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import InputError, OutputError
+
 __all__ = ["atomic_path", "BadEnergyError", "check_file_target", "check_suffix", "default_file_mode", "HDF5_SUFFIXES",
            "InputError",
            "load_volume", "save_matrix", "save_volume"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".nxs", ".cxi")
 _UMASK_LOCK = threading.Lock()
-
-
-class InputError(ValueError):
-    """A file, dataset or option is not what was expected (message names it)."""
 
 
 class BadEnergyError(InputError):
@@ -61,11 +59,11 @@ def check_file_target(path) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise InputError(f"{path}: is an existing folder; give a file name (e.g. {path / 'result.h5'})")
+        raise OutputError(f"{path}: is an existing folder; give a file name (e.g. {path / 'result.h5'})")
     if not folder.is_dir():
-        raise InputError(f"{path}: output folder {folder} does not exist")
+        raise OutputError(f"{path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: output folder {folder} is not writable")
+        raise OutputError(f"{path}: output folder {folder} is not writable")
     return path
 
 
@@ -182,7 +180,7 @@ def _default_dataset(h5, path):
     h5.visititems(lambda n, obj: found.append(n) if getattr(obj, "ndim", 0) == 3 else None)
     if len(found) == 1:
         return found[0]
-    raise InputError(f"{path}: {'no' if not found else 'several'} 3D datasets found; name one with --dataset "
+    raise InputError(f"{path}: {'no' if not found else 'several'} 3D datasets found; name one with dataset= "
                      f"(3D datasets: {found})")
 
 

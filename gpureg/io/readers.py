@@ -26,7 +26,7 @@ It opens any of
 The layout is found from the files' contents (:mod:`gpureg.io.detect`); every
 reader also gives ``pixel_size_nm``, ``layout`` and ``guessed``.
 Readers present energies in ascending order whatever the file order.
-Malformed inputs raise :class:`~gpureg.io.InputError` with one line naming the
+Malformed inputs raise :class:`~gpureg.core.errors.InputError` with one line naming the
 file and the dataset.
 """
 

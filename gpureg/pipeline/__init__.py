@@ -1,13 +1,13 @@
-"""The pipeline: streaming resumable run, watch mode, Dask scheduling, the report; one RunOptions for all."""
+"""The pipeline: streaming resumable run, watch mode, Dask scheduling, the report, the single-stage file workflows
+(``recon``, ``xanes``); one RunOptions for all."""
 
-from ..io.results import report_dir_for
-from ..register.prepare import Prep
 from .distributed import register_energies_dask
+from .files import map_xanes_file, reconstruct_file
 from .options import Denoise, Device, Devices, EdgeMethod, FBPFilter, Model, RunOptions, resolve_devices
 from .report import PipelineResult, write_report
 from .runner import file_checksum, run
-from .watch import WatchState, rereference, watch
+from .watch import WatchState, rereference, watch_folder
 
-__all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "file_checksum", "Model", "PipelineResult", "Prep",
-           "register_energies_dask", "report_dir_for", "rereference", "resolve_devices", "run", "RunOptions", "watch",
+__all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "file_checksum", "map_xanes_file", "Model", "PipelineResult", "reconstruct_file",
+           "register_energies_dask", "rereference", "resolve_devices", "run", "RunOptions", "watch_folder",
            "WatchState", "write_report"]

@@ -29,8 +29,8 @@ class DeformableStep:
                                            regularization=o.regularization)
         if res.min_jacobian <= 0 and not o.allow_folding:
             raise InputError(f"energy {self.store.energies[i]:g} eV: the deformation folds (smallest Jacobian "
-                             f"determinant {res.min_jacobian:.3g} <= 0); use a larger --spacing or "
-                             "--regularization, or pass --allow-folding")
+                             f"determinant {res.min_jacobian:.3g} <= 0); use a larger spacing= or "
+                             "regularization=, or pass allow_folding=True")
         self.store.write_bspline(i, res.coefficients, res.spacing, res.min_jacobian, res.mse_affine)
         self.result = res
         return res

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..core.config import config
+from ..core.errors import DependencyError
 from ..io.files import BadEnergyError
 from .steps import Loader, handle_bad_energy, notify
 
@@ -44,13 +45,13 @@ def register_energies_dask(scheduler: str, store, input_path, reference, options
     try:
         from dask.distributed import Client, as_completed
     except ImportError as exc:
-        raise RuntimeError("--scheduler needs Dask: pip install 'gpureg[dask]'") from exc
+        raise DependencyError("scheduler= needs Dask: pip install 'gpureg[dask]'") from exc
     from ..core.backend import to_host
 
     try:
         client = Client(scheduler, timeout="20s")
     except OSError as exc:
-        raise RuntimeError(f"cannot reach the Dask scheduler at {scheduler!r} ({exc})") from None
+        raise DependencyError(f"cannot reach the Dask scheduler at {scheduler!r} ({exc})") from None
     try:
         fixed = client.scatter(to_host(reference.volume), broadcast=True)
         pending = [i for i in range(len(store.energies)) if not store.done[i]]

@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..core.backend import DEVICES, HARDWARE
+from ..core.errors import ParameterError
 from ..core.segment import DENOISE
 from ..io.results import DEFAULT_COMPRESSION, parse_compression
 from ..io.results.nexus import stack_dtype
@@ -73,7 +74,7 @@ class Devices:
     def __post_init__(self):
         for name in ("registration", "fbp"):
             if getattr(self, name) not in HARDWARE:
-                raise ValueError(f"Devices.{name} must be one of {HARDWARE}, got {getattr(self, name)!r}")
+                raise ParameterError(f"Devices.{name} must be one of {HARDWARE}, got {getattr(self, name)!r}")
 
 
 def resolve_devices(device="auto") -> Devices:
@@ -187,7 +188,7 @@ class RunOptions:
             try:
                 object.__setattr__(self, name, kind(getattr(value, "value", value)))
             except ValueError:
-                raise ValueError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}") from None
+                raise ParameterError(f"{name} must be one of {[k.value for k in kind]}, got {value!r}") from None
         if isinstance(self.prep, dict):
             object.__setattr__(self, "prep", Prep.from_dict(self.prep))
         if not isinstance(self.prep, Prep):
@@ -199,7 +200,7 @@ class RunOptions:
         object.__setattr__(self, "references", tuple(str(r) for r in (self.references or ())))
         if self.clusters is not None and (isinstance(self.clusters, bool) or int(self.clusters) != self.clusters
                                           or int(self.clusters) < 2):
-            raise ValueError(f"clusters must be an integer >= 2, got {self.clusters!r}")
+            raise ParameterError(f"clusters must be an integer >= 2, got {self.clusters!r}")
         if self.clusters is not None:
             object.__setattr__(self, "clusters", int(self.clusters))
         object.__setattr__(self, "skip_bad_energies", bool(self.skip_bad_energies))
@@ -216,19 +217,19 @@ class RunOptions:
         object.__setattr__(self, "deformable", bool(self.deformable))
         object.__setattr__(self, "allow_folding", bool(self.allow_folding))
         if not (math.isfinite(float(self.spacing)) and float(self.spacing) >= 3):
-            raise ValueError(f"spacing must be at least 3 voxels, got {self.spacing!r}")
+            raise ParameterError(f"spacing must be at least 3 voxels, got {self.spacing!r}")
         if not (math.isfinite(float(self.regularization)) and float(self.regularization) >= 0):
-            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+            raise ParameterError(f"regularization must be >= 0, got {self.regularization!r}")
         object.__setattr__(self, "spacing", float(self.spacing))
         object.__setattr__(self, "regularization", float(self.regularization))
         if self.deformable and (self.per_particle or self.scheduler):
-            raise ValueError("deformable registration runs on one machine and is not combined with per_particle "
+            raise ParameterError("deformable registration runs on one machine and is not combined with per_particle "
                              "or scheduler")
         object.__setattr__(self, "align_projections", bool(self.align_projections))
         if self.align_projections and self.scheduler:
             raise ValueError("align_projections runs on one machine: not with scheduler")
         if self.per_particle and self.scheduler:
-            raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
+            raise ParameterError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 
     def replace(self, **changes) -> RunOptions:
         """A copy with some settings changed (``opts.replace(prep=Prep(binarize=False))``).
@@ -288,7 +289,7 @@ def parse_keep(keep) -> tuple:
         keep = [k.strip() for k in keep.split(",") if k.strip() and k.strip() != "none"]
     unknown = set(keep) - set(KEEPABLE)
     if unknown:
-        raise ValueError(f"keep must name some of {list(KEEPABLE)}, got {sorted(unknown)}")
+        raise ParameterError(f"keep must name some of {list(KEEPABLE)}, got {sorted(unknown)}")
     return tuple(k for k in KEEPABLE if k in set(keep))
 
 
@@ -302,10 +303,10 @@ def parse_center(center):
         try:
             center = float(center)
         except ValueError:
-            raise ValueError(f"center must be a detector column, 'auto' or None, got {center!r}") from None
+            raise ParameterError(f"center must be a detector column, 'auto' or None, got {center!r}") from None
     value = float(center)
     if not math.isfinite(value):
-        raise ValueError(f"center must be a finite detector column, got {center!r}")
+        raise ParameterError(f"center must be a finite detector column, got {center!r}")
     return value
 
 
@@ -315,7 +316,7 @@ def _reference(ref):
     try:
         value = float(ref)
     except (TypeError, ValueError):
-        raise ValueError(f"reference must be 'highest', 'lowest' or an energy in eV, got {ref!r}") from None
+        raise ParameterError(f"reference must be 'highest', 'lowest' or an energy in eV, got {ref!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"reference energy must be finite, got {ref!r}")
+        raise ParameterError(f"reference energy must be finite, got {ref!r}")
     return value

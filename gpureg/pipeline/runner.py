@@ -23,6 +23,7 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..core.config import submit
+from ..core.errors import ParameterError
 from ..core.transform import apply_affine
 from ..core.version import __version__
 from ..io.base import is_uri
@@ -90,9 +91,9 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     options = _options(options, settings)
     output = Path(output)
     if options.deformable and matrices is not None:
-        raise ValueError("deformable registration registers every energy: not with given matrices")
+        raise ParameterError("deformable registration registers every energy: not with given matrices")
     if options.per_particle and matrices is not None:
-        raise ValueError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
+        raise ParameterError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
     check_output(output, overwrite)
     matrices = None if matrices is None else np.asarray(matrices, dtype=np.float64).round(12).tolist()
     with OutputLock(output, lock_path(output)):
@@ -199,7 +200,7 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
             try:
                 vol, t_load = loader(ref)
             except BadEnergyError as exc:
-                raise InputError(f"{exc} (the reference energy: choose another with --reference)") from None
+                raise InputError(f"{exc} (the reference energy: choose another reference=)") from None
             _write_alignment(store, loader, ref, reader)
             store.write_energy(ref, vol, vol, np.eye(4), 0.0, 0.0, {"load": t_load})
             notify(progress, store, ref, 0.0, 0.0, t_load, {"load": t_load})

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backend import to_host
+from ..core.errors import OutputError
 from ..io.files import BadEnergyError, InputError, check_file_target
 
 __all__ = ["check_output", "energy_line", "handle_bad_energy", "Loader", "notify", "RunLog", "score_matrix", "stored_warm_start"]
@@ -83,7 +84,7 @@ def notify(progress, store, i, before, after, seconds, timings=None, excluded=No
 def handle_bad_energy(store, i, exc, options, progress):
     """A bad energy: stop (default) or leave it out (``skip_bad_energies``), recorded and warned."""
     if not options.skip_bad_energies:
-        raise InputError(f"{exc}; pass --skip-bad-energies to leave it out") from None
+        raise InputError(f"{exc}; pass skip_bad_energies=True to leave it out") from None
     _log.warning("gpureg: leaving out %g eV: %s", exc.energy, exc.reason)
     store.exclude(i, exc.reason)
     notify(progress, store, i, np.nan, np.nan, 0.0, excluded=exc.reason)
@@ -141,7 +142,7 @@ def check_output(output, overwrite):
         raise InputError(f"{output}: output must be an HDF5 file name (.h5, .hdf5)")
     check_file_target(output)
     if output.exists() and not overwrite:
-        raise InputError(f"{output}: exists (a finished run); pass --overwrite to replace it")
+        raise OutputError(f"{output}: exists (a finished run); pass overwrite=True to replace it")
 
 
 class RunLog:
@@ -172,8 +173,10 @@ class RunLog:
 
     def __exit__(self, *exc):
         logger = logging.getLogger("gpureg")
-        if exc[0] is not None and exc[1] is not None:
-            logger.error("gpureg: stopped: %s", str(exc[1]).splitlines()[0] if str(exc[1]) else exc[0].__name__)
+        if exc[0] is not None and exc[1] is not None:  # into the log file; the caller reports it on stderr
+            why = str(exc[1]).splitlines()[0] if str(exc[1]) else exc[0].__name__
+            self.handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "gpureg: stopped: %s",
+                                                  (why,), None))
         logger.removeHandler(self.handler)
         self.handler.close()
         for h, f in self.filters:

@@ -20,13 +20,16 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from ..core.errors import ParameterError
 from ..io.files import InputError, atomic_path
 from ..io.lock import OutputLock
+from ..io.readers import open_input
 from ..io.results import lock_path, watch_dir
 from ..register.affine import register_prepared
 from ..register.prepare import prepare_reference, prepare_volume
@@ -36,7 +39,7 @@ from .runner import run
 from .steps import Loader, check_output
 
 __all__ = ["WatchState", "finish_watch", "is_temporary", "provisional_reference", "register_arrival", "rereference",
-           "watch"]
+           "watch_folder"]
 
 _log = logging.getLogger("gpureg")
 _ALIGNMENT_SCALARS = ("iterations", "error_before", "error_after", "seconds", "applied", "status", "reason")
@@ -117,9 +120,9 @@ class WatchState:
             return SimpleNamespace(**fields, shifts=z["shifts"], estimated=z["estimated"], theta=z["theta"])
 
 
-def watch(directory, output, options: RunOptions | None = None, *, pattern: str = "*.h5", expect: int | None = None,
-          idle_timeout: float | None = None, poll: float = 0.5, settle: float = 1.0, sentinel: str = "DONE",
-          overwrite: bool = False, on_energy=None, **settings):
+def watch_folder(directory, output, options: RunOptions | None = None, *, pattern: str = "*.h5",
+                 expect: int | None = None, idle_timeout: float | None = None, poll: float = 0.5, settle: float = 1.0,
+                 sentinel: str = "DONE", overwrite: bool = False, on_energy=None, **settings):
     """Process per-energy files as they appear in ``directory``; finish with a full result.
 
     Parameters
@@ -170,17 +173,17 @@ def watch(directory, output, options: RunOptions | None = None, *, pattern: str 
     if options is None:
         options = RunOptions().replace(**settings)
     elif settings:
-        raise TypeError(f"watch: give either options or keyword settings, not both ({sorted(settings)})")
+        raise TypeError(f"watch_folder: give either options or keyword settings, not both ({sorted(settings)})")
     if options.scheduler or options.per_particle:
-        raise ValueError("watch registers on this machine as files arrive: not with a scheduler or per_particle")
+        raise ParameterError("watch registers on this machine as files arrive: not with a scheduler or per_particle")
     directory, output = Path(directory), Path(output)
     if not directory.is_dir():
         raise InputError(f"{directory}: not a folder")
     if expect is None and idle_timeout is None and sentinel is None:
-        raise ValueError("watch needs a way to end: expect, idle_timeout or sentinel")
+        raise ParameterError("watch needs a way to end: expect, idle_timeout or sentinel")
     for name, value in (("poll", poll), ("settle", settle)):
         if not value >= 0:
-            raise ValueError(f"watch: {name} must be >= 0 seconds, got {value!r}")
+            raise ParameterError(f"watch: {name} must be >= 0 seconds, got {value!r}")
     check_output(output, overwrite)
     with OutputLock(output, lock_path(output)):
         if overwrite and watch_dir(output).exists():
@@ -195,6 +198,13 @@ def watch(directory, output, options: RunOptions | None = None, *, pattern: str 
                          "to resume", len(state.entries), state.folder)
             raise
         return finish_watch(directory, output, state, options, devices, overwrite)
+
+
+def watch(*args, **kwargs):
+    """Deprecated name of :func:`watch_folder` (it hid this module, ``gpureg.pipeline.watch``)."""
+    warnings.warn("gpureg.pipeline.watch.watch is renamed gpureg.pipeline.watch_folder; the old name goes in the "
+                  "next release", DeprecationWarning, stacklevel=2)
+    return watch_folder(*args, **kwargs)
 
 
 def is_temporary(name: str) -> bool:
@@ -313,8 +323,6 @@ class _Candidates:
 
 
 def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeout, poll, settle, sentinel, on_energy):
-    from ..io.readers import open_input
-
     dev = devices.registration
     reference = provisional_reference(state, options, dev)
     files = _Candidates(directory, pattern, sentinel, settle)
@@ -360,10 +368,8 @@ def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeou
 
 
 def _stack_energies(path):
-    import h5py
-
     try:
-        with h5py.File(path, "r") as h5:
-            return np.sort(h5["exchange/energy"][...])
-    except (OSError, KeyError):
+        with open_input(path) as reader:
+            return np.sort(reader.energies)
+    except (OSError, InputError):
         return None

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import array_device, to_host, xp_of
+from ..core.errors import InputError, ParameterError
 from .fbp import fbp_device, reconstruct_fbp
 from .project import forward_project
 
@@ -116,7 +117,7 @@ def align_projections(projections, theta_deg, *, center=None, filter: str = "ram
     Parameters
     ----------
     projections : (n_angle, nz, nx) ndarray
-        Line integrals (``-log`` transmission, :func:`~gpureg.recon.normalize`), NumPy or CuPy.
+        Line integrals (``-log`` transmission, :func:`~gpureg.recon.flatfield_correct`), NumPy or CuPy.
     theta_deg : (n_angle,) array_like
         Angles in degrees; at least 8.
     center, filter, device
@@ -158,28 +159,28 @@ def align_projections(projections, theta_deg, *, center=None, filter: str = "ram
     xp = xp_of(projections)
     proj = xp.asarray(projections, dtype=xp.float32)
     if proj.ndim != 3:
-        raise ValueError(f"{name}: projections must be (n_angle, nz, nx), got shape {proj.shape}")
+        raise InputError(f"{name}: projections must be (n_angle, nz, nx), got shape {proj.shape}")
     n_angle, nz, nx = proj.shape
     theta = np.asarray(to_host(theta_deg), dtype=np.float64).ravel()
     if theta.shape != (n_angle,):
-        raise ValueError(f"{name}: theta_deg must have one angle per projection ({n_angle}), got {theta.size}")
+        raise InputError(f"{name}: theta_deg must have one angle per projection ({n_angle}), got {theta.size}")
     if n_angle < 8 or min(nz, nx) < 8:
-        raise ValueError(f"{name}: alignment needs at least 8 angles and 8x8 pixels, got shape {proj.shape}")
+        raise InputError(f"{name}: alignment needs at least 8 angles and 8x8 pixels, got shape {proj.shape}")
     if tol <= 0 or not np.isfinite(tol):
-        raise ValueError(f"tol must be > 0 pixels, got {tol}")
+        raise ParameterError(f"tol must be > 0 pixels, got {tol}")
     if isinstance(center, str):
         from .project import estimate_center
 
         if center.lower() != "auto":
-            raise ValueError(f"center must be a number, None or 'auto', got {center!r}")
+            raise ParameterError(f"center must be a number, None or 'auto', got {center!r}")
         center = estimate_center(proj, theta)
     c = (nx - 1) / 2.0 if center is None else float(center)
     limit = max(12.0, nx / 10.0) if max_shift is None else float(max_shift)
     if reference is not None and tuple(reference.shape) != (nz, nx, nx):
-        raise ValueError(f"{name}: reference must be a ({nz}, {nx}, {nx}) volume, got shape {reference.shape}")
+        raise InputError(f"{name}: reference must be a ({nz}, {nx}, {nx}) volume, got shape {reference.shape}")
     plan = _levels(nx, reference is not None) if levels is None else [(int(b), int(k)) for b, k in levels]
     if not plan or any(b < 1 or k < 0 for b, k in plan):
-        raise ValueError(f"levels must be (binning >= 1, iterations >= 0) pairs, got {levels!r}")
+        raise ParameterError(f"levels must be (binning >= 1, iterations >= 0) pairs, got {levels!r}")
     fbp = {"filter": filter, "device": device}
     fp = fbp_device(device)  # the forward projection runs where FBP runs (ASTRA-CUDA or CPU)
 
@@ -272,7 +273,7 @@ def align_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device
         The energy cannot give a valid volume (see :func:`~gpureg.recon.reconstruct_energy`).
     """
     from ..io.files import BadEnergyError, InputError
-    from .flatfield import energy_problem, normalize
+    from .flatfield import energy_problem, flatfield_correct
 
     if reader.kind != "projections":
         raise InputError(f"{reader.path}: holds reconstructions; projection alignment needs projections")
@@ -281,8 +282,8 @@ def align_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device
     problem = energy_problem(raw, flat, dark)
     if problem is not None:
         raise BadEnergyError(f"{reader.path}: energy {energy:g} eV: {problem}", energy=energy, reason=problem)
-    return align_projections(normalize(raw, flat, dark), reader.theta, center=center, filter=filter, device=device,
-                             reference=reference, name=f"{reader.path}: energy {energy:g} eV")
+    return align_projections(flatfield_correct(raw, flat, dark), reader.theta, center=center, filter=filter,
+                             device=device, reference=reference, name=f"{reader.path}: energy {energy:g} eV")
 
 
 def shift_projections(projections, shifts):
@@ -418,12 +419,12 @@ def input_wobble(reader, i: int | None = None) -> dict:
         :func:`wobble_estimate`'s keys plus ``energy`` (eV) and ``suggest`` (True when a
         residual exceeds :data:`WOBBLE_HINT_PX`: try ``--align-projections``).
     """
-    from .flatfield import normalize
+    from .flatfield import flatfield_correct
 
     if reader.kind != "projections":
-        raise ValueError(f"{reader.path}: holds reconstructions; the wobble estimate needs projections")
+        raise InputError(f"{reader.path}: holds reconstructions; the wobble estimate needs projections")
     i = reader.n_energy // 2 if i is None else int(i)
-    out = wobble_estimate(normalize(reader.projections(i), reader.flat(i), reader.dark(i)), reader.theta)
+    out = wobble_estimate(flatfield_correct(reader.projections(i), reader.flat(i), reader.dark(i)), reader.theta)
     out["energy"] = float(reader.energies[i])
     out["suggest"] = bool(max(out["row_rms"], out["column_rms"]) > WOBBLE_HINT_PX)
     return out

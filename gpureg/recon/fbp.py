@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -51,10 +50,11 @@ from ..core.backend import (
     to_host,
 )
 from ..core.config import config
-from .flatfield import energy_problem, normalize
+from ..core.errors import InputError, ParameterError
+from .flatfield import energy_problem, flatfield_correct
 from .project import Astra, estimate_center, set_astra_gpu
 
-__all__ = ["astra_cuda_available", "astra_cuda_probe", "astra_gpu_index", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp", "reconstruct_file"]
+__all__ = ["astra_cuda_available", "astra_cuda_probe", "astra_gpu_index", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann", "none")
 
@@ -68,7 +68,7 @@ def reconstruct_fbp(projections, theta_deg, *, center=None, filter: str = "ram-l
     Parameters
     ----------
     projections : (n_angle, nz, nx) ndarray
-        Line integrals (``-log`` transmission, see :func:`normalize`), NumPy or CuPy.
+        Line integrals (``-log`` transmission, see :func:`flatfield_correct`), NumPy or CuPy.
     theta_deg : (n_angle,) array_like
         Projection angles in degrees.
     center : float or "auto", optional
@@ -87,24 +87,24 @@ def reconstruct_fbp(projections, theta_deg, *, center=None, filter: str = "ram-l
         GPU when the input was a CuPy array, else NumPy.
     """
     if getattr(projections, "ndim", None) != 3:
-        raise ValueError(f"projections must be (n_angle, nz, nx), got shape {getattr(projections, 'shape', None)}")
+        raise InputError(f"projections must be (n_angle, nz, nx), got shape {getattr(projections, 'shape', None)}")
     n_angle, nz, nx = projections.shape
     if min(n_angle, nz, nx) < 1:
-        raise ValueError(f"projections must not be empty, got shape {projections.shape}")
+        raise InputError(f"projections must not be empty, got shape {projections.shape}")
     theta = np.asarray(to_host(theta_deg), dtype=np.float64).ravel()
     if theta.shape != (n_angle,):
-        raise ValueError(f"theta_deg must have one angle per projection ({n_angle}), got {theta.shape[0]}")
+        raise InputError(f"theta_deg must have one angle per projection ({n_angle}), got {theta.shape[0]}")
     if not np.all(np.isfinite(theta)):
-        raise ValueError("theta_deg contains NaN or inf")
+        raise InputError("theta_deg contains NaN or inf")
     filt = _check_filter(filter)
     if isinstance(center, str):
         if center.lower() != "auto":
-            raise ValueError(f"center must be a number, None or 'auto', got {center!r}")
+            raise ParameterError(f"center must be a number, None or 'auto', got {center!r}")
         center = estimate_center(projections, theta)
     mid = (nx - 1) / 2.0
     c = mid if center is None else float(center)
     if not np.isfinite(c) or not (-0.5 <= c <= nx - 0.5):
-        raise ValueError(f"center must lie on the detector [-0.5, {nx - 0.5}], got {center}")
+        raise ParameterError(f"center must lie on the detector [-0.5, {nx - 0.5}], got {center}")
     shift = c - mid
     on_gpu_input = array_device(projections) == "gpu"
     if abs(shift) > 1e-6:  # on the device the projections are on
@@ -140,7 +140,7 @@ def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", 
     Returns
     -------
     (nz, ny, nx) ndarray of float32
-        ``normalize`` + ``reconstruct_fbp`` of the energy's projections; the
+        ``flatfield_correct`` + ``reconstruct_fbp`` of the energy's projections; the
         stored volume itself for an input of kind ``"recon"``.
 
     Raises
@@ -161,7 +161,7 @@ def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", 
     reason = energy_problem(raw, flat, dark)
     if reason is not None:
         _bad_energy(reader, i, reason)
-    p = normalize(raw, flat, dark)
+    p = flatfield_correct(raw, flat, dark)
     return reconstruct_fbp(p, reader.theta, center=center, filter=filter, device=device)
 
 
@@ -170,58 +170,6 @@ def _bad_energy(reader, i, reason):
 
     energy = float(reader.energies[i])
     raise BadEnergyError(f"{reader.path}: energy {energy:g} eV: {reason}", energy=energy, reason=reason)
-
-
-def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram-lak", device: str = "auto",
-                     progress=None) -> Path:
-    """Reconstruct every energy of an input and write a Data Exchange recon file.
-
-    Parameters
-    ----------
-    input_path : str or Path
-        Anything :func:`gpureg.io.open_input` reads.
-    output_path : str or Path
-        HDF5 file written atomically: ``/exchange/recon (n_energy, nz, ny, nx)``,
-        ``/exchange/energy``, ``/exchange/theta`` and the input's ``/truth`` group
-        when present; one energy in memory at a time.
-    center, filter, device
-        As in :func:`reconstruct_fbp`.
-    progress : callable, optional
-        Called as ``progress(i, n_energy, energy_ev)`` after each energy.
-
-    Returns
-    -------
-    Path
-        ``output_path``.
-    """
-    from ..core.version import __version__
-    from ..io.dataexchange import write_dataexchange
-    from ..io.readers import open_input
-
-    _check_filter(filter)
-    with open_input(input_path) as reader:
-        energies = reader.energies
-        counts = []
-
-        def volumes():
-            for i in range(reader.n_energy):
-                if reader.kind == "recon":
-                    vol = reader.recon(i)
-                else:
-                    p, n_bad = normalize(reader.projections(i), reader.flat(i), reader.dark(i), return_count=True)
-                    counts.append(n_bad)
-                    vol = reconstruct_fbp(p, reader.theta, center=center, filter=filter, device=device)
-                yield vol
-                if progress is not None:
-                    progress(i, reader.n_energy, float(energies[i]))
-
-        attrs = {"source": str(reader.path), "source_kind": reader.kind, "gpureg_version": __version__,
-                 "recon_parameters": {"center": center, "filter": filter, "device": device}}
-        write_dataexchange(output_path, recon=volumes(), energy=energies, theta=reader.theta,
-                           truth=reader.truth(), attrs=attrs)
-    if sum(counts):
-        _log.info("gpureg: %d non-positive transmissions clipped in total", sum(counts))
-    return Path(output_path)
 
 
 def astra_cuda_available() -> bool:
@@ -311,5 +259,5 @@ def _fft_size(n):
 
 def _check_filter(filt):
     if not isinstance(filt, str) or filt.lower() not in FILTERS:
-        raise ValueError(f"filter must be one of {FILTERS}, got {filt!r}")
+        raise ParameterError(f"filter must be one of {FILTERS}, got {filt!r}")
     return filt.lower()

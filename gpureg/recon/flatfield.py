@@ -15,8 +15,9 @@ import numpy as np
 from ..core.backend import (
     xp_of,
 )
+from ..core.errors import InputError
 
-__all__ = ["energy_problem", "NonPositiveTransmissionWarning", "normalize"]
+__all__ = ["energy_problem", "flatfield_correct", "NonPositiveTransmissionWarning"]
 
 _log = logging.getLogger("gpureg")
 
@@ -27,7 +28,14 @@ class NonPositiveTransmissionWarning(UserWarning):
     """Some flat/dark-corrected transmissions were not positive and were clipped."""
 
 
-def normalize(projections, flat, dark=None, *, floor: float = 1e-3, return_count: bool = False):
+def normalize(*args, **kwargs):
+    """Deprecated name of :func:`flatfield_correct` (``gpureg.xanes.normalize`` normalises spectra)."""
+    warnings.warn("gpureg.normalize (flat/dark correction) is renamed gpureg.flatfield_correct; the old name goes "
+                  "in the next release", DeprecationWarning, stacklevel=2)
+    return flatfield_correct(*args, **kwargs)
+
+
+def flatfield_correct(projections, flat, dark=None, *, floor: float = 1e-3, return_count: bool = False):
     """Flat/dark correction and ``-log``: line integrals of attenuation.
 
     Parameters
@@ -83,7 +91,7 @@ def energy_problem(projections, flat, dark=None, *, limit: float = 0.5) -> str |
     An energy is bad when more than ``limit`` of its flat-field pixels are not
     above the dark (a zero flat field), or more than ``limit`` of its
     projection values are NaN/inf, or give non-positive transmissions (data at
-    or below the dark). A few bad pixels are not: :func:`normalize` clips them.
+    or below the dark). A few bad pixels are not: :func:`flatfield_correct` clips them.
 
     Parameters
     ----------
@@ -115,10 +123,10 @@ def frame_mean(xp, frames, name, shape):
     f = xp.asarray(frames, dtype=xp.float32)
     if f.ndim == 3:
         if f.shape[0] < 1:
-            raise ValueError(f"{name} has no frames (shape {f.shape})")
+            raise InputError(f"{name} has no frames (shape {f.shape})")
         f = f.mean(axis=0)
     if f.ndim != 2 or f.shape != tuple(shape):
-        raise ValueError(f"{name} frames must be (n, {shape[0]}, {shape[1]}) or ({shape[0]}, {shape[1]}), "
+        raise InputError(f"{name} frames must be (n, {shape[0]}, {shape[1]}) or ({shape[0]}, {shape[1]}), "
                          f"got shape {tuple(xp.asarray(frames).shape)}")
     return f
 

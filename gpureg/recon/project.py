@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from ..core.backend import HARDWARE, array_device, cupy_or_none, to_host
+from ..core.errors import InputError
 
 __all__ = ["estimate_center", "forward_project", "set_astra_gpu"]
 
@@ -117,7 +118,7 @@ def estimate_center(projections, theta_deg) -> float:
     mass = w.sum(axis=1)
     ok = mass > 0
     if ok.sum() < 3:
-        raise ValueError("cannot estimate the rotation centre: fewer than 3 projections with signal")
+        raise InputError("cannot estimate the rotation centre: fewer than 3 projections with signal")
     com = (w[ok] * np.arange(nx)).sum(axis=1) / mass[ok]
     t = np.deg2rad(theta[ok])
     design = np.stack([np.ones_like(t), np.cos(t), np.sin(t)], axis=1)

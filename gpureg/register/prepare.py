@@ -19,6 +19,7 @@ from ..core.backend import (
     to_host,
     xp_of,
 )
+from ..core.errors import InputError, ParameterError
 from ..core.segment import binarize as _binarize
 from ..core.segment import denoise as denoise_volume
 from ..core.segment import gaussian
@@ -94,17 +95,17 @@ class Prep:
 
         denoise = getattr(self.denoise, "value", self.denoise)  # an Enum member (the CLI's) or its value
         if denoise not in DENOISE:
-            raise ValueError(f"denoise must be one of {DENOISE}, got {self.denoise!r}")
+            raise ParameterError(f"denoise must be one of {DENOISE}, got {self.denoise!r}")
         object.__setattr__(self, "denoise", denoise)
         object.__setattr__(self, "binarize", bool(self.binarize))
         if not (np.isfinite(self.smooth) and float(self.smooth) >= 0):
-            raise ValueError(f"smooth must be a finite sigma >= 0 voxels, got {self.smooth!r}")
+            raise ParameterError(f"smooth must be a finite sigma >= 0 voxels, got {self.smooth!r}")
         object.__setattr__(self, "smooth", float(self.smooth))
         if not (np.isfinite(self.ramp) and float(self.ramp) >= 0):
-            raise ValueError(f"ramp must be a finite width >= 0 voxels, got {self.ramp!r}")
+            raise ParameterError(f"ramp must be a finite width >= 0 voxels, got {self.ramp!r}")
         object.__setattr__(self, "ramp", float(self.ramp))
         if self.fraction is not None and not 0 < float(self.fraction) < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {self.fraction!r}")
+            raise ParameterError(f"fraction must be in (0, 1), got {self.fraction!r}")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (:meth:`from_dict` reads it back)."""
@@ -159,7 +160,7 @@ def prepare_reference(volume, device: str, prep: Prep, *, name: str = "reference
     try:
         mask = _binarize(v)
     except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+        raise InputError(f"{name}: {exc}") from None
     host_mask = to_host(mask)
     prep = dataclasses.replace(prep, fraction=float(host_mask.mean()) if prep.binarize else None)
     if prep.binarize and prep.ramp > 0:
@@ -234,7 +235,7 @@ def prepare_volume(volume, device: str, prep: Prep | None = None, *, name: str =
         try:
             v = _binarize(v, fraction=prep.fraction, ramp=prep.ramp)
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            raise InputError(f"{name}: {exc}") from None
     if prep.smooth > 0:
         v = gaussian(v, prep.smooth)
     return v
@@ -311,16 +312,16 @@ def level_to_fine(level: int) -> np.ndarray:
 def _checked(volume, device, name):
     shape = getattr(volume, "shape", None)
     if shape is None or len(shape) != 3:
-        raise ValueError(f"{name} must be a 3D (Z, Y, X) array, got shape {shape}")
+        raise InputError(f"{name} must be a 3D (Z, Y, X) array, got shape {shape}")
     if min(shape) < 4:
-        raise ValueError(f"{name} must be at least 4 voxels along every axis, got shape {tuple(shape)}")
+        raise InputError(f"{name} must be at least 4 voxels along every axis, got shape {tuple(shape)}")
     dtype = np.dtype(getattr(volume, "dtype", np.float64))
     if dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {dtype}")
     v = to_device(volume, device, np.float32)
     xp = xp_of(v)
     if not bool(xp.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise InputError(f"{name} contains NaN or inf values")
     if float(v.max()) == float(v.min()):
-        raise ValueError(f"{name} is constant (all values {float(v.max()):g}); there is nothing to register")
+        raise InputError(f"{name} is constant (all values {float(v.max()):g}); there is nothing to register")
     return v

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.energies import check_energies
+from ..core.errors import InputError, ParameterError
 from ..core.transform import grid_center, rotation_matrix
-from ..io.base import check_energies
 from ..xanes.model import synthetic_spectra
 from .jitter import apply_jitter, projection_jitter
 from .mixtures import COMPOUNDS, fraction_from_e0, mixture_edge_offsets, mixture_spectra, write_references
@@ -169,7 +170,7 @@ def default_motion(energies, shape, *, seed: int = 0, reference: int | None = No
     e = np.asarray(energies, dtype=np.float64).reshape(-1)
     ref = int(np.argmax(e)) if reference is None else int(reference)
     if not 0 <= ref < e.size:
-        raise ValueError(f"reference index {reference} out of range for {e.size} energies")
+        raise ParameterError(f"reference index {reference} out of range for {e.size} energies")
     n = min(int(s) for s in shape)
     c = grid_center(shape)
     rng = np.random.default_rng([int(seed), 7101])
@@ -277,20 +278,20 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
 
     size = int(size)
     if size < 16:
-        raise ValueError(f"size must be at least 16, got {size}")
+        raise ParameterError(f"size must be at least 16, got {size}")
     if int(n_angles) < 2:
-        raise ValueError(f"n_angles must be at least 2, got {n_angles}")
+        raise ParameterError(f"n_angles must be at least 2, got {n_angles}")
     if noise < 0 or not np.isfinite(noise):
-        raise ValueError(f"noise must be >= 0, got {noise}")
+        raise ParameterError(f"noise must be >= 0, got {noise}")
     if not 0.0 <= salt_pepper < 0.5:
-        raise ValueError(f"salt_pepper must be in [0, 0.5), got {salt_pepper}")
+        raise ParameterError(f"salt_pepper must be in [0, 0.5), got {salt_pepper}")
     if photons < 10 or n_flat < 1 or n_dark < 1:
-        raise ValueError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
+        raise ParameterError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
     e = mn_energy_grid() if energies is None else check_energies(np.reshape(energies, -1), increasing=True)
     if not np.isfinite(deformation) or deformation < 0:
-        raise ValueError(f"deformation must be >= 0 voxels, got {deformation}")
+        raise ParameterError(f"deformation must be >= 0 voxels, got {deformation}")
     if deformation > 0 and relative_motion:
-        raise ValueError("deformation and relative_motion cannot be combined")
+        raise ParameterError("deformation and relative_motion cannot be combined")
     _check_resources(path, size, int(n_angles), e.size, int(n_flat), int(n_dark))
     shape = (size, size, size)
     ref = int(np.argmax(e))
@@ -306,7 +307,7 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     flux = (1.0 - 0.08 * (e - e.min()) / max(np.ptp(e), 1e-9)) * (1.0 + 0.01 * rng_flat.normal(size=e.size))
     brightest = float(beam.max() * flux.max()) * (1 + 5 / np.sqrt(photons)) + _DARK_COUNTS
     if brightest > _SATURATION:
-        raise ValueError(f"photons={photons:g} saturates the simulated 16-bit detector (open beam up to "
+        raise ParameterError(f"photons={photons:g} saturates the simulated 16-bit detector (open beam up to "
                          f"{brightest:.0f} > {_SATURATION} counts); use photons <= {0.8 * photons * _SATURATION / brightest:.0f}")
     dark = _counts(rng_flat, np.full((n_dark, size, size), 0.0), noise)
     white = np.stack([_counts(rng_flat, np.broadcast_to(beam * flux[i], (n_flat, size, size)), noise)
@@ -380,7 +381,7 @@ def _check_resources(path, size, n_angles, n_energy, n_flat, n_dark):
     memory = 4 * 8 * vol + 8 * 3 * n_angles * frame + 2 * n_energy * n_flat * frame
     # Disk: uint16 projections and frames of every energy + the truth volumes.
     disk = 2 * (n_energy * (n_angles + n_flat) + n_dark) * frame + 4 * 6 * vol
-    check_fits(f"simulate --size {size} ({n_energy} energies x {n_angles} angles)", memory=memory, disk=disk,
+    check_fits(f"a simulated scan of size {size} ({n_energy} energies x {n_angles} angles)", memory=memory, disk=disk,
                folder=Path(path).parent if str(Path(path).parent) else Path("."))
 
 
@@ -400,7 +401,7 @@ def deformation_truth(truth, index):
         ``moving_from_reference(points)`` gives the true positions in the moving volume.
     """
     if "deformation_amplitude" not in truth:
-        raise ValueError("this scan was simulated without deformation (no /truth/deformation_amplitude)")
+        raise InputError("this scan was simulated without deformation (no /truth/deformation_amplitude)")
     matrices = np.asarray(truth["matrices"])
     size = int(np.asarray(truth["labels"]).shape[0])
     return _warp((size,) * 3, float(np.asarray(truth["deformation_amplitude"])[index]), matrices[index],
@@ -435,10 +436,10 @@ def _motion(motion, e, shape, seed):
             return default_motion(e, shape, seed=seed)
         if motion == "none":
             return np.repeat(np.eye(4)[None], e.size, axis=0)
-        raise ValueError(f"motion must be 'default', 'none' or an (n_energy, 4, 4) array, got {motion!r}")
+        raise ParameterError(f"motion must be 'default', 'none' or an (n_energy, 4, 4) array, got {motion!r}")
     m = np.asarray(motion, dtype=np.float64)
     if m.shape != (e.size, 4, 4):
-        raise ValueError(f"motion must have shape ({e.size}, 4, 4), got {m.shape}")
+        raise ParameterError(f"motion must have shape ({e.size}, 4, 4), got {m.shape}")
     return m
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import ParameterError
 from ..xanes.model import scan_energies, synthetic_spectra
 
 __all__ = ["edge_offsets", "MN_EDGE_RANGE", "MN_SPECTRUM", "mn_energy_grid", "parse_energies"]
@@ -57,10 +58,10 @@ def parse_energies(text: str) -> np.ndarray:
         else:
             e = np.array([float(v) for v in t.split(",") if v.strip()])
     except ValueError:
-        raise ValueError(f"energies must be 'default', a comma list (6540,6550) or start:stop:step, got {text!r}") from None
+        raise ParameterError(f"energies must be 'default', a comma list (6540,6550) or start:stop:step, got {text!r}") from None
     e = np.sort(e)
     if e.size < 1 or np.any(np.diff(e) <= 0):
-        raise ValueError(f"energies must be distinct, got {text!r}")
+        raise ParameterError(f"energies must be distinct, got {text!r}")
     return e
 
 

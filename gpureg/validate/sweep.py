@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core.backend import resolve_device, to_host
+from ..core.errors import DependencyError, ParameterError
+from ..synth.distort import distorted_phantom, salt_and_pepper
 from .cases import (
     DEFAULT_MAGNITUDES,
     DISTORTIONS,
@@ -64,8 +66,6 @@ from .cases import (
     MODES,
     NOISE_LEVELS,
     distances,
-    moving_case,
-    salt_and_pepper,
     same_value,
 )
 from .report import CsvRows, short_row, write_figures, write_reports
@@ -174,38 +174,38 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
 
     size = int(size)
     if size < 24:
-        raise ValueError(f"validation size must be >= 24 voxels, got {size}")
+        raise ParameterError(f"validation size must be >= 24 voxels, got {size}")
     distortions = tuple(distortions)
     bad = [d for d in distortions if d not in DISTORTIONS]
     if bad or not distortions:
-        raise ValueError(f"distortions must be a non-empty subset of {DISTORTIONS}, got {list(distortions)}")
+        raise ParameterError(f"distortions must be a non-empty subset of {DISTORTIONS}, got {list(distortions)}")
     mags = {d: tuple(float(x) for x in (magnitudes or {}).get(d, DEFAULT_MAGNITUDES[d])) for d in distortions}
     if magnitudes and set(magnitudes) - set(DISTORTIONS):
-        raise ValueError(f"magnitudes has unknown distortions {sorted(set(magnitudes) - set(DISTORTIONS))}; "
+        raise ParameterError(f"magnitudes has unknown distortions {sorted(set(magnitudes) - set(DISTORTIONS))}; "
                          f"expected keys among {DISTORTIONS}")
     empty = [d for d, v in mags.items() if not v]
     if empty:
-        raise ValueError(f"no magnitude given for {empty}")
+        raise ParameterError(f"no magnitude given for {empty}")
     noise = tuple(float(x) for x in noise)
     if not noise or any(not 0 <= x < 1 for x in noise):
-        raise ValueError(f"noise levels must be fractions in [0, 1) (0.1 = 10 %), got {list(noise)}")
+        raise ParameterError(f"noise levels must be fractions in [0, 1) (0.1 = 10 %), got {list(noise)}")
     modes = tuple(modes)
     if not modes or any(m not in MODES for m in modes):
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
+        raise ParameterError(f"modes must be a non-empty subset of {MODES}, got {list(modes)}")
     if not smooth >= 0:
-        raise ValueError(f"smooth must be a Gaussian sigma >= 0 voxels, got {smooth}")
+        raise ParameterError(f"smooth must be a Gaussian sigma >= 0 voxels, got {smooth}")
     if denoise != "auto" and denoise not in DENOISE:
-        raise ValueError(f"denoise must be 'auto' or one of {DENOISE}, got {denoise!r}")
+        raise ParameterError(f"denoise must be 'auto' or one of {DENOISE}, got {denoise!r}")
     have_sitk = sitk_available()
     if sitk and not have_sitk:
-        raise RuntimeError("SimpleITK is not installed; install the bench extra (pip install 'gpureg[bench]') "
+        raise DependencyError("SimpleITK is not installed; install the bench extra (pip install 'gpureg[bench]') "
                            "or run without the SimpleITK comparison")
     use_sitk = have_sitk if sitk is None else bool(sitk)
     from .elastix import elastix_available, register_elastix
 
     have_elastix = elastix_available() if elastix is not False else False
     if elastix and not have_elastix:
-        raise RuntimeError("itk-elastix is not installed; install the bench extra (pip install 'gpureg[bench]') "
+        raise DependencyError("itk-elastix is not installed; install the bench extra (pip install 'gpureg[bench]') "
                            "or run without the elastix comparison")
     use_elastix = have_elastix if elastix is None else bool(elastix)
     dev = resolve_device(device)
@@ -235,8 +235,9 @@ def run_validation(outdir=None, *, size: int = 64, device: str = "auto", distort
     fixed_noisy = {k: salt_and_pepper(fixed_clean, x, seed=seed * 7919 + 2 * k + 1) for k, x in enumerate(noise)}
     for di, dist in enumerate(distortions):
         for mi, mag in enumerate(mags[dist]):
-            moving_clean, true_points, floor = moving_case(dist, mag, mi, fixed_clean, points, seed=seed,
-                                                            edge_width=edge_width)
+            moving_clean, true_points, best = distorted_phantom(dist, mag, shape, points, index=mi, seed=seed,
+                                                                edge_width=edge_width)
+            floor = float(distances(best, points, true_points).mean())
             mse_clean_before = mse_terms(fixed_clean, moving_clean, np.eye(4), hessian=False).mse
             for ni, level in enumerate(noise):
                 moving_noisy = salt_and_pepper(moving_clean, level, seed=seed * 7919 + 1000 * (di + 1) + 10 * mi + 2 * ni)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import getenv, setenv_default
+from ..core.errors import DependencyError
 from .data import open_file, result_layers
 
 __all__ = ["attach", "check_opengl", "open_result", "pick_voxel", "require_napari", "screenshot"]
@@ -100,9 +101,9 @@ def pick_voxel(result):
     ``/xanes/edge_energy``), moving outwards plane by plane until one has a
     valid voxel; the volume centre when there is none.
     """
-    g, stack = result.h5.get("xanes"), result.stack("aligned")
+    g, stack = result.maps(), result.stack("aligned")
     shape = stack.shape[1:] if stack is not None else g["edge_energy"].shape
-    if g is None or "edge_energy" not in g:
+    if g is None:
         return tuple(n // 2 for n in shape)
     nz = shape[0]
     for dz in range(nz):
@@ -181,6 +182,6 @@ def check_opengl():
     surface.create()
     if not (ctx.create() and ctx.makeCurrent(surface)):
         platform = getenv("QT_QPA_PLATFORM", "default")
-        raise RuntimeError(f"no OpenGL context (Qt platform {platform}, DISPLAY={getenv('DISPLAY', 'unset')}): "
+        raise DependencyError(f"no OpenGL context (Qt platform {platform}, DISPLAY={getenv('DISPLAY', 'unset')}): "
                            "the viewer needs a display; headless, run under xvfb-run (Debian package xvfb)")
     ctx.doneCurrent()

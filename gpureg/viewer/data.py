@@ -24,11 +24,12 @@ file's order differs). The physical scale is the voxel size in micrometres
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
+
+from ..core.errors import ParameterError
 
 __all__ = ["SAMPLE_PLANES", "STACKS", "open_file", "registration_mse", "result_layers", "voxel_size_um", "voxel_spectrum"]
 
@@ -60,7 +61,7 @@ def open_file(path):
     from ..io.results import ResultFile
 
     result = ResultFile(path)
-    if result.stack("aligned") is None and "xanes/edge_energy" not in result.h5:
+    if not result.is_result():
         result.close()
         raise InputError(f"{result.path}: not a gpureg result (expected /aligned or /xanes/edge_energy)")
     return result
@@ -137,16 +138,16 @@ def result_layers(result) -> list:
         if clim is not None:
             kw["contrast_limits"] = clim
         out.append((data, kw, "image"))
-    g = result.h5.get("xanes")  # its datasets are read lazily (ResultFile.xanes reads them whole)
-    if g is not None and "edge_energy" in g:
+    g = result.maps()  # lazy datasets (ResultFile.xanes reads them whole)
+    if g is not None:
         em = g["edge_energy"]
+        mask = g.get("mask")
         data = _lazy(em, planes=1)
-        if "mask" in g and g["mask"].shape == em.shape:
-            data = _masked(data, _lazy(g["mask"], planes=1))
-        mask = g["mask"] if "mask" in g and g["mask"].shape == em.shape else None
+        if mask is not None:
+            data = _masked(data, _lazy(mask, planes=1))
         clim = _limits(em, (2.0, 98.0), mask=mask)
         kw = {"name": "edge energy (eV)", "scale": (s, s, s), "units": (u, u, u), "colormap": "viridis", "opacity": 0.7,
-              "blending": "translucent", "axis_labels": ("z", "y", "x"), "metadata": dict(meta, dataset="xanes/edge_energy")}
+              "blending": "translucent", "axis_labels": ("z", "y", "x"), "metadata": dict(meta, dataset=_path(em))}
         if clim is not None:
             kw["contrast_limits"] = clim
         out.append((data, kw, "image"))
@@ -160,19 +161,19 @@ def result_layers(result) -> list:
                 kw["contrast_limits"] = slim
             out.append((_lazy(sg, planes=1), kw, "image"))
         for key, label, visible in (("labels", "labels", False), ("clusters", "clusters", False)):
-            if key in g and g[key].ndim == 3:
+            if key in g:
                 out.append((_lazy(g[key], planes=1), {"name": label, "scale": (s, s, s), "units": (u, u, u), "opacity": 0.5,
                                                         "visible": visible, "axis_labels": ("z", "y", "x"),
-                                                        "metadata": dict(meta, dataset=f"xanes/{key}")}, "labels"))
-        if "fractions" in g and g["fractions"].ndim == 4:
+                                                        "metadata": dict(meta, dataset=_path(g[key]))}, "labels"))
+        if "fractions" in g:
             fr = g["fractions"]
-            names = _reference_names(g, fr.shape[0])
+            names = result.reference_names(fr.shape[0])
             lazy = _lazy(fr, planes=2)
             for k, nm in enumerate(names):
                 out.append((lazy[k], {"name": f"fraction {nm}", "scale": (s, s, s), "units": (u, u, u), "colormap": "magma",
                                       "contrast_limits": (0.0, 1.0), "visible": False, "blending": "additive",
                                       "axis_labels": ("z", "y", "x"),
-                                      "metadata": dict(meta, dataset="xanes/fractions", reference=k)}, "image"))
+                                      "metadata": dict(meta, dataset=_path(fr), reference=k)}, "image"))
     return out
 
 
@@ -206,7 +207,7 @@ def voxel_spectrum(result, index) -> dict:
     ds = result.stack(name)
     z, y, x = (round(float(v)) for v in index)
     if not all(0 <= v < n for v, n in zip((z, y, x), ds.shape[1:])):
-        raise ValueError(f"voxel {(z, y, x)} is outside the {ds.shape[1:]} volume of {result.path}:/{name}")
+        raise ParameterError(f"voxel {(z, y, x)} is outside the {ds.shape[1:]} volume of {result.path}:/{name}")
     energy, order = _energies(result)
     if energy is None:
         energy, order = np.arange(ds.shape[0], dtype=np.float64), None
@@ -214,30 +215,27 @@ def voxel_spectrum(result, index) -> dict:
     mu = np.asarray(ds[:, z, y, x], dtype=np.float64)[idx]
     out = {"index": (z, y, x), "energy": energy, "mu": mu, "norm": np.full(mu.shape, np.nan), "edge_energy": np.nan,
            "fit": None, "components": {}, "mse_before": None, "mse_after": None, "dataset": name}
-    g = result.h5.get("xanes")
-    pre = post = None
-    if g is not None and "pre_ev" in g.attrs and "post_ev" in g.attrs:
-        pre, post = tuple(float(v) for v in g.attrs["pre_ev"]), tuple(float(v) for v in g.attrs["post_ev"])
+    ranges = result.fit_ranges()
+    pre, post = ranges if ranges is not None else (None, None)
     if np.isfinite(mu).all() and energy.size >= 4 and np.all(np.diff(energy) > 0):
         try:
             out["norm"] = np.asarray(normalize(mu[:, None].astype(np.float32), energy, pre=pre, post=post),
                                      dtype=np.float64)[:, 0]
         except ValueError as exc:  # e.g. fit ranges outside this grid
             _log.info("viewer: spectrum at %s not normalised (%s)", (z, y, x), exc)
-    if g is not None and "edge_energy" in g and g["edge_energy"].shape == ds.shape[1:]:
+    g = result.maps()
+    if g is not None and g["edge_energy"].shape == ds.shape[1:]:
         e0 = float(g["edge_energy"][z, y, x])
         if "mask" in g and not bool(g["mask"][z, y, x]):
             e0 = np.nan
         out["edge_energy"] = e0
-    spectra_name = next((k for k in ("reference_spectra", "references") if g is not None and k in g), None)
-    if g is not None and "fractions" in g and spectra_name is not None:
-        fr, refs = g["fractions"], np.asarray(g[spectra_name][()], dtype=np.float64)
-        if spectra_name == "reference_spectra":  # (n_energy, n_refs) on /energy (io.results.write_chemistry)
-            refs = refs.T
+    refs = result.reference_spectra()
+    if g is not None and "fractions" in g and refs is not None:
+        fr = g["fractions"]
         if refs.ndim == 2 and refs.shape == (fr.shape[0], energy.size) and fr.shape[1:] == ds.shape[1:]:
             w = np.asarray(fr[:, z, y, x], dtype=np.float64)
             refs = refs[:, idx]
-            comps = {nm: w[k] * refs[k] for k, nm in enumerate(_reference_names(g, fr.shape[0]))}
+            comps = {nm: w[k] * refs[k] for k, nm in enumerate(result.reference_names(fr.shape[0]))}
             out["components"] = comps
             out["fit"] = np.sum(list(comps.values()), axis=0)
     mse = registration_mse(result)
@@ -309,20 +307,9 @@ def _limits(ds, percentiles, energy_index=None, *, mask=None):
     return float(lo), float(hi)
 
 
-def _reference_names(g, n):
-    names = g["fractions"].attrs.get("references") if "fractions" in g else None  # io.results.write_chemistry
-    if names is None:
-        names = g.attrs.get("references")
-    if names is None and "references" in g:
-        names = g["references"].attrs.get("names")
-    if isinstance(names, (str, bytes)):
-        try:
-            names = json.loads(names)
-        except ValueError:
-            names = None
-    if names is None or len(names) != n:
-        return [str(k) for k in range(n)]
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in names]
+def _path(ds) -> str:
+    """A dataset's path in its file, without the leading ``/`` (the layer metadata's ``dataset``)."""
+    return ds.name.lstrip("/")
 
 
 def _micrometres(v, where):

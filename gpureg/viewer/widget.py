@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QLabel, QVBoxLayout, QWidget
 
+from ..core.errors import InputError
 from .data import open_file, registration_mse, voxel_spectrum
 
 __all__ = ["SpectrumDock", "SpectrumWidget", "base_layers", "decorate", "overlay"]
@@ -225,11 +226,11 @@ class SpectrumDock(SpectrumWidget):
     def __init__(self, napari_viewer, parent=None):
         layers = [ly for ly in napari_viewer.layers if "gpureg_result" in (ly.metadata or {})]
         if not layers:
-            raise ValueError("no gpureg result is open in this viewer: open a RESULT.h5 first")
+            raise InputError("no gpureg result is open in this viewer: open a RESULT.h5 first")
         path = layers[0].metadata["gpureg_result"]
         layers = [ly for ly in layers if ly.metadata["gpureg_result"] == path]
         stack, base = base_layers(layers)
         if base is None:
-            raise ValueError(f"{path}: no energy stack or map to pick voxels on")
+            raise InputError(f"{path}: no energy stack or map to pick voxels on")
         super().__init__(napari_viewer, open_file(path), base, parent)
         decorate(napari_viewer, layers, stack)

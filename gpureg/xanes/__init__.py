@@ -10,13 +10,11 @@ from .preedge import larch_ranges, pre_edge
 from .references import Reference, load_references
 from .regions import edge_distribution, roi_spectra
 from .stack import edge_energy_map
-from .write import write_xanes
 
 __all__ = [
     "METHODS", "edge_energy", "edge_ranges", "normalize",
     "edge_energy_map", "edge_distribution", "roi_spectra",
     "EDGE_SHAPES", "scan_energies", "synthetic_spectra",
-    "write_xanes",
     "pre_edge", "larch_ranges", "Reference", "load_references", "FitResult", "fit_references",
     "ClusterResult", "Components", "cluster_spectra", "spectral_components", "chemistry_map",
 ]

@@ -21,7 +21,8 @@ import logging
 import numpy as np
 
 from ..core.backend import get_xp, resolve_device, to_device, to_host
-from ..io.base import check_energies
+from ..core.energies import check_energies
+from ..core.errors import InputError, ParameterError
 from .cluster import Components, assign_clusters, kmeans, order_clusters, pca_columns
 from .lcf import LinearCombination, prepare_references
 from .preedge import pre_edge
@@ -93,11 +94,11 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
         ``n_components`` the PCA ``loadings``/``explained_variance_ratio``.
     """
     if references is None and k is None:
-        raise ValueError("chemistry_map: give references= (LCF) and/or k= (clusters)")
+        raise ParameterError("chemistry_map: give references= (LCF) and/or k= (clusters)")
     if k is not None and (not isinstance(k, (int, np.integer)) or k < 2):
-        raise ValueError(f"clusters: k must be an integer >= 2, got {k!r}")
+        raise ParameterError(f"clusters: k must be an integer >= 2, got {k!r}")
     if not isinstance(slab, (int, np.integer)) or slab < 1:
-        raise ValueError(f"chemistry_map: slab must be a positive integer, got {slab!r}")
+        raise ParameterError(f"chemistry_map: slab must be a positive integer, got {slab!r}")
     E_in = check_energies(energies, min_count=MIN_ENERGIES)
     order = np.argsort(E_in, kind="stable")
     E = E_in[order]
@@ -160,7 +161,7 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
         thr = None
         use_mask = finite & np.asarray(to_host(mask), dtype=bool)
     if not use_mask.any():
-        raise ValueError("chemistry_map: no voxel left to analyse (all masked, non-finite or below the edge-step "
+        raise InputError("chemistry_map: no voxel left to analyse (all masked, non-finite or below the edge-step "
                          "threshold)")
     out["mask"] = use_mask
     if solver is not None:
@@ -200,13 +201,13 @@ def _normalised_slab(xp, read, z0, z1, E, dev, mask, flat, out, e0, basis):
 def _clusters(xp, read, slabs, E, dev, mask, flat, out, samples, sample_steps, thr, k, n_components, seed, e0,
               basis):
     if not samples:
-        raise ValueError("clusters: no voxel to cluster")
+        raise InputError("clusters: no voxel to cluster")
     S = np.concatenate(samples, axis=1)
     st = np.concatenate(sample_steps)
     if thr is not None:
         S = S[:, st > thr]
     if k > S.shape[1]:
-        raise ValueError(f"clusters: k={k} exceeds the {S.shape[1]} voxels sampled to cluster")
+        raise ParameterError(f"clusters: k={k} exceeds the {S.shape[1]} voxels sampled to cluster")
     X = xp.asarray(S.astype(np.float32))
     comp = None
     L = mean = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import to_host
-from ..io.base import check_energies
+from ..core.energies import check_energies
 from .lcf import common_e0, normalized_spectra
 from .spectra import MIN_ENERGIES, spectra_matrix
 

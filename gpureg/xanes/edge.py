@@ -45,7 +45,7 @@ import warnings
 import numpy as np
 
 from ..core.backend import to_host
-from ..io.base import check_energies
+from ..core.energies import check_energies
 from .e0 import find_e0_index
 from .preedge import fit_ranges, normalisation_functionals, pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump, fine_region, snap_range, spectra_matrix

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import to_host
-from ..io.base import check_energies
+from ..core.energies import check_energies
 from .e0 import find_e0_index
 from .preedge import normalisation_functionals, pre_edge
 from .references import load_references, reference_matrix

@@ -60,7 +60,7 @@ import functools
 
 import numpy as np
 
-from ..io.base import check_energies
+from ..core.energies import check_energies
 from .e0 import find_e0_index
 from .spectra import MIN_ENERGIES, spectra_matrix
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import InputError
+
 __all__ = ["Reference", "check_reference", "load_references", "read_columns", "reference_matrix"]
 
 
@@ -74,7 +76,7 @@ def load_references(sources, names=None, *, column=None) -> list[Reference]:
         elif isinstance(src, (str, Path)):
             p = Path(src)
             if not p.is_file():
-                raise ValueError(f"reference file {p} does not exist")
+                raise InputError(f"reference file {p} does not exist")
             if p.suffix.lower() == ".prj":
                 refs.extend(_read_athena(p))
             else:
@@ -84,20 +86,20 @@ def load_references(sources, names=None, *, column=None) -> list[Reference]:
             try:
                 e, mu = src
             except (TypeError, ValueError):
-                raise ValueError(f"reference {k}: expected a path, an (energy, mu) pair or a Reference, "
+                raise InputError(f"reference {k}: expected a path, an (energy, mu) pair or a Reference, "
                                  f"got {type(src).__name__}") from None
             refs.append(check_reference(f"ref{k}", e, mu))
     if names is not None:
         names = list(names)
         if len(names) != len(refs):
-            raise ValueError(f"references: {len(names)} names given for {len(refs)} references")
+            raise InputError(f"references: {len(names)} names given for {len(refs)} references")
         refs = [Reference(str(nm), r.energy, r.mu) for nm, r in zip(names, refs)]
     if not refs:
-        raise ValueError("references: none given")
+        raise InputError("references: none given")
     seen = set()
     for r in refs:
         if r.name in seen:
-            raise ValueError(f"references: two references are named {r.name!r} (pass names=)")
+            raise InputError(f"references: two references are named {r.name!r} (pass names=)")
         seen.add(r.name)
     return refs
 
@@ -117,18 +119,18 @@ def check_reference(name, energy, mu, *, where=None) -> Reference:
     e = np.asarray(energy, dtype=np.float64).reshape(-1)
     m = np.asarray(mu, dtype=np.float64).reshape(-1)
     if e.size != m.size:
-        raise ValueError(f"reference {label}: energy ({e.size}) and mu ({m.size}) differ in length")
+        raise InputError(f"reference {label}: energy ({e.size}) and mu ({m.size}) differ in length")
     if e.size < 5:
-        raise ValueError(f"reference {label}: needs at least 5 points, got {e.size}")
+        raise InputError(f"reference {label}: needs at least 5 points, got {e.size}")
     bad = ~(np.isfinite(e) & np.isfinite(m))
     if bad.any():
-        raise ValueError(f"reference {label}: {int(bad.sum())} of {e.size} points are NaN/inf "
+        raise InputError(f"reference {label}: {int(bad.sum())} of {e.size} points are NaN/inf "
                          f"(first at energy index {int(np.flatnonzero(bad)[0])})")
     order = np.argsort(e, kind="stable")
     e, m = e[order], m[order]
     if (np.diff(e) <= 0).any():
         k = int(np.flatnonzero(np.diff(e) <= 0)[0])
-        raise ValueError(f"reference {label}: energy {e[k]:g} eV appears twice")
+        raise InputError(f"reference {label}: energy {e[k]:g} eV appears twice")
     return Reference(str(name), e, m)
 
 
@@ -154,10 +156,10 @@ def reference_matrix(refs, energies) -> np.ndarray:
         r_lo, r_hi = float(r.energy[0]), float(r.energy[-1])
         ratio = float(np.median(E)) / float(np.median(r.energy)) if np.median(r.energy) > 0 else 0.0
         if 300 < ratio < 3000:
-            raise ValueError(f"reference {r.name!r}: energies {r_lo:g}-{r_hi:g} look like keV while the scan is in eV "
+            raise InputError(f"reference {r.name!r}: energies {r_lo:g}-{r_hi:g} look like keV while the scan is in eV "
                              f"({lo:g}-{hi:g}); multiply the reference energies by 1000")
         if 1 / 3000 < ratio < 1 / 300:
-            raise ValueError(f"scan energies {lo:g}-{hi:g} look like keV while reference {r.name!r} is in eV "
+            raise InputError(f"scan energies {lo:g}-{hi:g} look like keV while reference {r.name!r} is in eV "
                              f"({r_lo:g}-{r_hi:g}); energies must be in eV")
         tol = 1e-3
         short_lo, short_hi = r_lo - lo, hi - r_hi
@@ -167,7 +169,7 @@ def reference_matrix(refs, energies) -> np.ndarray:
                 parts.append(f"{short_lo:.4g} eV below")
             if short_hi > tol:
                 parts.append(f"{short_hi:.4g} eV above")
-            raise ValueError(f"reference {r.name!r} covers {r_lo:g}-{r_hi:g} eV but the scan spans {lo:g}-{hi:g} eV: "
+            raise InputError(f"reference {r.name!r} covers {r_lo:g}-{r_hi:g} eV but the scan spans {lo:g}-{hi:g} eV: "
                              f"short by {' and '.join(parts)}")
         cols.append(np.interp(E, r.energy, r.mu))
     return np.stack(cols, axis=1)
@@ -200,10 +202,10 @@ def read_columns(path, column=None):
     try:
         data = np.array([[float(v) for v in r.replace(",", " ").split()] for r in rows], dtype=np.float64)
     except ValueError:
-        raise ValueError(f"reference file {path}: expected numeric columns (energy in eV, mu), "
+        raise InputError(f"reference file {path}: expected numeric columns (energy in eV, mu), "
                          f"'#' for comments") from None
     if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] < 2:
-        raise ValueError(f"reference file {path}: expected at least two numeric columns (energy in eV, mu), "
+        raise InputError(f"reference file {path}: expected at least two numeric columns (energy in eV, mu), "
                          f"got shape {data.shape}")
     ncol = data.shape[1]
     names = _column_names(comments, ncol)
@@ -220,7 +222,7 @@ def read_columns(path, column=None):
             return col(ie), col(int(key) - 1)
         if key.lower() in low:
             return col(ie), col(low.index(key.lower()))
-        raise ValueError(f"reference file {path}: no column {key!r}; columns: {listing}")
+        raise InputError(f"reference file {path}: no column {key!r}; columns: {listing}")
     for n in MU_NAMES:
         if n in low:
             return col(ie), col(low.index(n))
@@ -233,7 +235,7 @@ def read_columns(path, column=None):
         return col(ie), mu
     if ncol == 2:
         return col(ie), col(1 - ie)
-    raise ValueError(f"reference file {path}: cannot tell which of its {ncol} columns is mu ({listing}); "
+    raise InputError(f"reference file {path}: cannot tell which of its {ncol} columns is mu ({listing}); "
                      f"choose one with column=NAME (command line: --reference-column NAME)")
 
 
@@ -268,17 +270,17 @@ def _read_athena(path):
     try:
         from larch.io import read_athena
     except ImportError:
-        raise ValueError(f"reference file {path}: reading Athena projects needs xraylarch "
+        raise InputError(f"reference file {path}: reading Athena projects needs xraylarch "
                          f"(pip install xraylarch), or export the spectra as two-column text") from None
     try:
         proj = read_athena(str(path), do_preedge=False, do_bkg=False, do_fft=False)
     except Exception as exc:  # larch raises many kinds for a bad file
-        raise ValueError(f"reference file {path}: not a readable Athena project ({exc})") from None
+        raise InputError(f"reference file {path}: not a readable Athena project ({exc})") from None
     refs = []
     for label, grp in vars(proj).items():
         if label.startswith("_") or not hasattr(grp, "energy") or not hasattr(grp, "mu"):
             continue
         refs.append(check_reference(str(getattr(grp, "label", label)), grp.energy, grp.mu, where=f"{path}:{label}"))
     if not refs:
-        raise ValueError(f"reference file {path}: the Athena project holds no spectra")
+        raise InputError(f"reference file {path}: the Athena project holds no spectra")
     return refs

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.backend import to_host, xp_of
 from .edge import edge_energy, normalize
-from ..io.base import check_energies
+from ..core.energies import check_energies
 from .spectra import MIN_ENERGIES
 from .stack import volume_getter
 

@@ -2,7 +2,7 @@
 
 Used by :mod:`~gpureg.xanes.edge` (per-voxel normalisation and edge energy)
 and :mod:`~gpureg.xanes.stack` (the same on a stack, slab by slab). The
-energy axis is checked by :func:`gpureg.io.check_energies`.
+energy axis is checked by :func:`gpureg.core.check_energies`.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ import logging
 import numpy as np
 
 from ..core.backend import resolve_device, to_device, to_host, xp_of
+from ..core.errors import InputError, ParameterError
 from .edge import edge_energy, edge_ranges
-from ..io.base import check_energies
+from ..core.energies import check_energies
 from .denoise import parse_denoise, project, spectral_basis
 from .spectra import MIN_ENERGIES, auto_min_jump
 
@@ -69,7 +70,7 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         As :func:`edge_energy`, on the host.
     """
     if not isinstance(slab, (int, np.integer)) or slab < 1:
-        raise ValueError(f"edge_energy_map: slab must be a positive integer, got {slab!r}")
+        raise ParameterError(f"edge_energy_map: slab must be a positive integer, got {slab!r}")
     unknown = set(kw) - {"method", "smooth", "e0"}
     if unknown:
         raise TypeError(f"edge_energy_map: unexpected keyword(s) {sorted(unknown)}")
@@ -121,7 +122,7 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     valid = out["mask"]
     finite = np.isfinite(out["edge_jump"])
     if not finite.any():
-        raise ValueError("edge_energy_map: no voxel has a finite spectrum at every energy (all NaN/inf)")
+        raise InputError("edge_energy_map: no voxel has a finite spectrum at every energy (all NaN/inf)")
     thr = auto_min_jump(np, out["edge_jump"][finite]) if min_jump is None else float(min_jump)
     valid &= out["edge_jump"] > thr
     for k in ("edge_energy", "white_line", "e0_derivative", "edge_energy_sigma"):

@@ -1,4 +1,7 @@
-"""The command line: registration of two files, info, and one-line errors."""
+"""The command line: registration of two files, info, and one-line errors.
+
+In-process (:func:`cli_run.run_cli`), except the one smoke test that starts ``python -m gpureg``.
+"""
 
 import json
 import subprocess
@@ -7,14 +10,18 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import gpureg
-from gpureg.core import transform as tf
 from gpureg.cli import main
+from gpureg.core import transform as tf
 
 
-def _run(*args):
+def _subprocess(*args):
     return subprocess.run([sys.executable, "-m", "gpureg", *args], capture_output=True, text=True, timeout=300)
+
+
+_run = run_cli
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +37,9 @@ def pair(tmp_path_factory):
 
 
 def test_register_writes_matrix(pair):
+    """The smoke test: a real ``python -m gpureg`` process (entry point, imports, exit code)."""
     d, truth = pair
-    r = _run("register", str(d / "fixed.npy"), str(d / "moving.h5"), "-o", str(d / "m.json"),
+    r = _subprocess("register", str(d / "fixed.npy"), str(d / "moving.h5"), "-o", str(d / "m.json"),
              "--aligned", str(d / "aligned.npy"), "--raw")
     assert r.returncode == 0, r.stderr
     doc = json.loads((d / "m.json").read_text())
@@ -44,7 +52,7 @@ def test_register_writes_matrix(pair):
 
 def test_register_binarizes_by_default_like_run(pair):
     """`gpureg register` registers Otsu-binarized volumes unless --raw (the same default as `gpureg run`)."""
-    d, truth = pair
+    d, _ = pair
     r = _run("register", str(d / "fixed.npy"), str(d / "moving.h5"), "-o", str(d / "b.json"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     doc = json.loads((d / "b.json").read_text())
@@ -54,9 +62,7 @@ def test_register_binarizes_by_default_like_run(pair):
     grey = gpureg.register_affine(fixed, moving, device="cpu", prep=gpureg.Prep(binarize=False)).matrix
     assert np.abs(grey - binarized).max() > 1e-3          # the two modes differ on this pair...
     np.testing.assert_allclose(doc["matrix"], binarized, atol=1e-9)   # ...and the CLI default is the binarized one
-    _, labels = gpureg.two_particle_phantom((40, 40, 40), return_labels=True)
-    # 40^3 masks lose the sub-voxel edge position of grey levels: a quarter voxel, not the 0.1 of --raw.
-    assert gpureg.displacement_error(np.array(doc["matrix"]), truth, mask=labels > 0)[0] < 0.25
+    # (its accuracy is register_affine's, held to 0.05-0.2 voxel in tests/register/test_accuracy.py)
 
 
 def test_version_and_plain_flags():
@@ -89,7 +95,7 @@ def test_info_runs():
 
 @pytest.mark.parametrize("args, message", [
     (["register", "missing.npy", "missing.npy"], "missing.npy: file not found"),
-    (["register", "{d}/fixed.npy", "{d}/fixed.npy", "--device", "gpu"], "device='gpu' was requested"),
+    (["register", "{d}/fixed.npy", "{d}/fixed.npy", "--device", "gpu"], "--device gpu was requested"),
     (["register", "{d}/fixed.npy", "{d}/fixed.npy", "-o", "{d}/no/such/dir/m.json"], "does not exist"),
 ])
 def test_errors_are_one_line(pair, args, message):

@@ -28,7 +28,7 @@ from gpureg.core import transform as tf
 from gpureg.register import prepare as prep
 from gpureg.register import prepare_volume, register_affine
 from gpureg.synth.phantom import two_particle_phantom
-from gpureg.validate import salt_and_pepper
+from gpureg.synth import salt_and_pepper
 from known_transforms import assert_resampled_like_scipy
 
 TOL = 1e-5

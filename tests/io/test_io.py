@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from gpureg.io import InputError, open_input, write_dataexchange
+from gpureg.core.errors import InputError
+from gpureg.io import open_input, write_dataexchange
 
 N_E, N_A, NY, NX = 3, 5, 6, 7
 

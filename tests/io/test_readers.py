@@ -14,10 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import gpureg
-from gpureg.io import InputError, open_input, write_dataexchange
-from gpureg.io.detect import describe_input, format_description
+from gpureg.cli.admin import format_description
+from gpureg.core.errors import InputError
+from gpureg.io import open_input, write_dataexchange
+from gpureg.io.detect import describe_input
 from gpureg.io.xradia import image_stream
 from gpureg.synth.scan import simulate
 
@@ -299,14 +302,9 @@ def test_fxi_and_nxtomo_errors_name_the_dataset(tmp_path):
 
 
 def test_cli_info_describes_an_input(scan, tmp_path):
-    import subprocess
-
     folder = _write_txrm(tmp_path / "txrm", scan["a"])
-    env_path = str(Path(__file__).resolve().parents[2])
-    cmd = [sys.executable, "-m", "gpureg", "info", str(folder)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=env_path, check=False)
+    r = run_cli("info", folder)
     assert r.returncode == 0, r.stderr
     assert "Zeiss/Xradia .txrm (projections)" in r.stdout and "25: -90.000 .. 90.000 degrees" in r.stdout
-    r = subprocess.run(cmd[:-1] + [str(tmp_path / "nothing.bin"), "--json"], capture_output=True, text=True,
-                       timeout=300, cwd=env_path, check=False)
+    r = run_cli("info", tmp_path / "nothing.bin", "--json")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "file or folder not found" in r.stderr

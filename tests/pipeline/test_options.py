@@ -5,27 +5,24 @@ reconstruction function is wrapped by a spy that records the device it is
 asked for (and reconstructs on the CPU).
 """
 
-import importlib
 import json
 import pickle
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import gpureg
 from gpureg.core import backend
 from gpureg.core.backend import GPUUnavailableError
 from gpureg.io import open_input, write_dataexchange
-from gpureg.pipeline import Devices, RunOptions, resolve_devices, run, watch
-from gpureg.pipeline import distributed, runner
+from gpureg.pipeline import Devices, RunOptions, distributed, resolve_devices, run, runner
+from gpureg.pipeline import watch as watch_module  # the module (the function is watch_folder)
+from gpureg.pipeline import watch_folder as watch
 from gpureg.pipeline.options import EdgeMethod, Model
 from gpureg.pipeline.steps import Loader
 from gpureg.recon import fbp
-
-watch_module = importlib.import_module("gpureg.pipeline.watch")  # the package attribute is the function
 from gpureg.register.prepare import Prep, prepare_reference, prepare_volume
 
 ENERGIES = np.array([6500.0, 6530.0, 6550.0, 6570.0, 6600.0])  # XANES needs >= 5
@@ -203,9 +200,8 @@ def test_watch_takes_every_run_option(recon_series, tmp_path):
 
 def test_cli_run_center_auto(projections, tmp_path):
     out = tmp_path / "c.h5"
-    r = subprocess.run([sys.executable, "-m", "gpureg", "run", str(projections), str(out), "--center", "auto",
-                        "--no-report", "--device", "cpu", "--smooth", "0.5", "--edge", "derivative"],
-                       capture_output=True, text=True, timeout=600)
+    r = run_cli("run", projections, out, "--center", "auto", "--no-report", "--device", "cpu", "--smooth", "0.5",
+                "--edge", "derivative")
     assert r.returncode == 0, r.stderr
     with h5py.File(out) as h5:
         params = json.loads(h5.attrs["parameters"])

@@ -1,18 +1,19 @@
 """The pipeline end to end: demo accuracy, resume after a crash, watch mode, CLI errors."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import gpureg
 from gpureg.core import transform as tf
 from gpureg.io import write_dataexchange
-from gpureg.pipeline import Prep, run
-from gpureg.pipeline.watch import rereference, watch
+from gpureg.pipeline import run
+from gpureg.pipeline.watch import rereference
+from gpureg.pipeline.watch import watch_folder as watch
+from gpureg.register import Prep
 
 SIZE = 48  # at <= 40^3 the trilinear "grid effect" biases near-identity motions by up to 0.4 voxel
 ENERGIES = np.array([6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6620.0])
@@ -80,7 +81,7 @@ def test_finished_output_is_not_overwritten(series, tmp_path):
     path = series[0]
     out = tmp_path / "out.h5"
     out.write_bytes(b"precious")
-    with pytest.raises(ValueError, match="exists .*--overwrite"):
+    with pytest.raises(ValueError, match="exists .*overwrite=True"):
         run(path, out, report=False)
     assert out.read_bytes() == b"precious"
 
@@ -177,8 +178,7 @@ def test_scheduler_local_cluster(series, tmp_path):
 
 # --- CLI ---------------------------------------------------------------------------
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "gpureg", *map(str, args)], capture_output=True, text=True, timeout=600)
+_cli = run_cli
 
 
 def test_cli_run_and_help(series, tmp_path):
@@ -201,7 +201,7 @@ def test_cli_bad_input(series, tmp_path):
         (["run", series[0], tmp_path / "o4.txt"], "must be an HDF5 file name"),
     ]
     if not gpureg.gpu_available():
-        cases.append((["run", series[0], tmp_path / "o5.h5", "--device", "gpu"], "device='gpu' was requested"))
+        cases.append((["run", series[0], tmp_path / "o5.h5", "--device", "gpu"], "--device gpu was requested"))
     for args, message in cases:
         r = _cli(*args)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("gpureg: devices:")]

@@ -14,7 +14,7 @@ import pytest
 
 import gpureg
 from gpureg.io import write_dataexchange
-from gpureg.pipeline.watch import is_temporary, watch
+from gpureg.pipeline.watch import is_temporary, watch_folder as watch
 
 ENERGIES = [6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0]
 

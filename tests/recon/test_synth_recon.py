@@ -7,20 +7,20 @@ an RMSE below 5% of the volume's maximum attenuation. Aligning with the truth
 matrices adds one trilinear interpolation (r drops by < 0.005).
 """
 
-import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 from gpureg import recon, synth
-from gpureg.recon import fbp, flatfield, project
 from gpureg.core.backend import GPUUnavailableError
+from gpureg.core.transform import apply_affine, displacement_error, grid_center, invert, rotation_matrix
 from gpureg.io import open_input
+from gpureg.recon import fbp, flatfield, project
 from gpureg.synth.phantom import particle_fields, two_particle_phantom
 from gpureg.xanes import synthetic_spectra
-from gpureg.core.transform import apply_affine, displacement_error, grid_center, invert, rotation_matrix
 
 SIZE = 40
 ENERGIES = np.array([6485.0, 6545.0, 6551.0, 6557.0, 6710.0])  # far pre-edge, near-edge, reference (highest)
@@ -208,17 +208,17 @@ def test_normalize_exact_and_clipped(monkeypatch):
     dark = np.full((2, 4, 5), 100.0)
     t = np.linspace(0.1, 1.0, 20).reshape(4, 5)
     proj = np.stack([100.0 + 1000.0 * t, 100.0 + 1000.0 * t * 0.5])
-    np.testing.assert_allclose(recon.normalize(proj, flat, dark), -np.log(np.stack([t, t * 0.5])), rtol=1e-5)
+    np.testing.assert_allclose(recon.flatfield_correct(proj, flat, dark), -np.log(np.stack([t, t * 0.5])), rtol=1e-5)
     proj[0, 0, :3] = [0.0, 100.0, 50.0]  # dead pixels: at or below the dark
     monkeypatch.setattr(flatfield, "_WARNED", False)
     with pytest.warns(recon.NonPositiveTransmissionWarning, match="3 of 40"):
-        out, n = recon.normalize(proj, flat, dark, return_count=True)
+        out, n = recon.flatfield_correct(proj, flat, dark, return_count=True)
     assert n == 3 and np.all(np.isfinite(out)) and out.max() == pytest.approx(-np.log(1e-3), rel=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once per process: the second time only logs
-        recon.normalize(proj, flat, dark)
+        recon.flatfield_correct(proj, flat, dark)
     with pytest.raises(ValueError, match="flat frames must be"):
-        recon.normalize(proj, flat[:, :3], dark)
+        recon.flatfield_correct(proj, flat[:, :3], dark)
 
 
 # ---------------------------------------------------------------- FBP options and geometry
@@ -305,12 +305,10 @@ def test_astra_cuda_matches_cpu():
 
 def test_reconstruct_file_and_cli(tmp_path):
     raw = tmp_path / "raw.h5"
-    r = subprocess.run([sys.executable, "-m", "gpureg", "simulate", str(raw), "--size", "20", "--angles", "37",
-                        "--energies", "6540,6552,6600", "--seed", "3"], capture_output=True, text=True, timeout=300)
+    r = run_cli("simulate", raw, "--size", "20", "--angles", "37", "--energies", "6540,6552,6600", "--seed", "3")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "rec.h5"
-    r = subprocess.run([sys.executable, "-m", "gpureg", "recon", str(raw), str(out), "--device", "cpu"],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("recon", raw, out, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     with open_input(out) as rec, open_input(raw) as src:
         assert rec.kind == "recon" and rec.shape == (20, 20, 20)
@@ -318,8 +316,7 @@ def test_reconstruct_file_and_cli(tmp_path):
         np.testing.assert_array_equal(rec.truth()["matrices"], src.truth()["matrices"])  # truth travels along
         np.testing.assert_allclose(rec.recon(1), recon.reconstruct_energy(src, 1, device="cpu"), rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(recon.reconstruct_energy(rec, 1), rec.recon(1))  # kind "recon": as stored
-    r = subprocess.run([sys.executable, "-m", "gpureg", "recon", str(raw), str(tmp_path / "x.h5"), "--filter", "nope"],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("recon", raw, tmp_path / "x.h5", "--filter", "nope")
     assert r.returncode == 2 and r.stderr.strip().startswith("gpureg: error: Invalid value for '--filter'")
 
 
@@ -334,7 +331,6 @@ def test_simulate_refuses_saturating_photon_counts(tmp_path):
 def test_astra_runs_on_the_device_of_the_data(monkeypatch):
     # On a multi-GPU node ASTRA must reconstruct on the GPU holding the projections (or CuPy's
     # current one), not on GPU 0: the index reaches astra.set_gpu_index, once per change.
-    import sys
     import types
 
     from gpureg.recon import fbp, project

@@ -4,7 +4,7 @@ Ground truth: the analytic two-particle phantom sampled exactly through a known
 ``moving_from_reference`` (no interpolation error), edge 1 voxel wide. Error:
 mean distance (voxels) between where the found and the true transform send the
 particle voxels (:func:`gpureg.displacement_error`). Noise: salt-and-pepper in
-the moving volume (:func:`gpureg.validate.salt_and_pepper`), removed by
+the moving volume (:func:`gpureg.synth.salt_and_pepper`), removed by
 ``denoise="impulse"`` (:func:`gpureg.core.segment.remove_impulses`).
 
 Tolerances are the issue's: 0.05 voxel noise-free, 0.10 at 10 %, 0.20 at 30 %
@@ -22,7 +22,7 @@ import pytest
 import gpureg
 from gpureg.core.segment import partial_volume, remove_impulses
 from gpureg.register.prepare import Prep
-from gpureg.validate import random_affine, salt_and_pepper
+from gpureg.synth import random_affine, salt_and_pepper
 
 EDGE = 1.0  # soft edge of the phantom, voxels (a sharp tomographic edge)
 
@@ -37,12 +37,16 @@ def affine_case(request):
     return seed, fixed, moving, labels > 0, truth
 
 
-@pytest.mark.parametrize("noise, tol", [(0.0, 0.05), (0.10, 0.10), (0.30, 0.20)], ids=["clean", "sp10", "sp30"])
+# The 3 x 3 median (the salt-and-pepper test of test_register.py at 0.25 voxel, merged here): measured 0.026-0.090
+# voxel at 10 % on these cases, held to 0.12.
+@pytest.mark.parametrize("noise, denoise, tol", [(0.0, None, 0.05), (0.10, "impulse", 0.10), (0.10, "median", 0.12),
+                                                 (0.30, "impulse", 0.20)],
+                         ids=["clean", "sp10", "sp10-median", "sp30"])
 @pytest.mark.parametrize("binarize", [True, False], ids=["binarized", "raw"])
-def test_random_affine_subvoxel(affine_case, noise, tol, binarize):
+def test_random_affine_subvoxel(affine_case, noise, denoise, tol, binarize):
     seed, fixed, moving, mask, truth = affine_case
     m = salt_and_pepper(moving, noise, seed=seed + 17) if noise else moving
-    prep = gpureg.Prep(binarize=binarize, denoise="impulse" if noise else None)
+    prep = gpureg.Prep(binarize=binarize, denoise=denoise)
     res = gpureg.register_affine(fixed, m, prep=prep, device="cpu")
     err, _ = gpureg.displacement_error(res.matrix, truth, mask=mask)
     assert err <= tol, f"seed {seed}, noise {noise:.0%}: mean displacement error {err:.3f} voxel > {tol}"

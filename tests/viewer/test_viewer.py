@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
+from gpureg.io.results import write_result_file
 from gpureg.viewer import open_file, result_layers, voxel_size_um, voxel_spectrum
 from gpureg.viewer.data import registration_mse
 from gpureg.xanes import normalize, synthetic_spectra
@@ -36,23 +37,17 @@ def _make_result(path, *, voxel_nm=250.0, fractions=True):
     stack[:, inside] = spectra
     stack += np.float32(0.01) * np.arange(E.size, dtype=np.float32)[:, None, None, None]
     order = np.arange(E.size)[::-1]
-    with h5py.File(path, "w") as h5:
-        h5["energy"] = E[order]
-        h5["aligned"] = stack[order]
-        h5["recon"] = 2 * stack[order]
-        h5["registration/mse_before"] = np.linspace(1.0, 2.0, E.size)[order]
-        h5["registration/mse_after"] = np.linspace(0.1, 0.2, E.size)[order]
-        g = h5.create_group("xanes")
-        g["edge_energy"] = np.where(inside, e0, np.nan).astype(np.float32)
-        g["mask"] = inside
-        g["labels"] = inside.astype(np.int32)
-        if fractions:
-            f = np.stack([np.where(inside, 0.25, 0.0), np.where(inside, 0.75, 0.0)]).astype(np.float32)
-            g["fractions"] = f
-            g["references"] = np.stack([np.linspace(0, 1, E.size), np.linspace(1, 2, E.size)])[:, order]
-            g.attrs["references"] = ["MnO", "Mn2O3"]
-        if voxel_nm is not None:
-            h5.attrs["voxel_size_nm"] = voxel_nm
+    chem = None
+    if fractions:
+        f = np.stack([np.where(inside, 0.25, 0.0), np.where(inside, 0.75, 0.0)]).astype(np.float32)
+        refs = np.stack([np.linspace(0, 1, E.size), np.linspace(1, 2, E.size)])[:, order]  # file energy order
+        chem = {"fractions": f, "reference_names": ["MnO", "Mn2O3"], "references": refs.T,
+                "r_factor": np.zeros(SHAPE, np.float32), "residual": np.zeros(SHAPE, np.float32)}
+    write_result_file(path, E[order], stacks={"aligned": stack[order], "recon": 2 * stack[order]},
+                      mse=(np.linspace(1.0, 2.0, E.size)[order], np.linspace(0.1, 0.2, E.size)[order]),
+                      maps={"edge_energy": np.where(inside, e0, np.nan).astype(np.float32), "mask": inside},
+                      labels=inside.astype(np.int32), chemistry=chem,
+                      attrs={} if voxel_nm is None else {"voxel_size_nm": voxel_nm})
     return stack, inside
 
 

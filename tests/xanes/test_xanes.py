@@ -12,6 +12,8 @@ from scipy.special import erf
 
 import gpureg
 from gpureg import xanes
+from gpureg.io.results import ResultFile, write_result_file
+from gpureg.pipeline.files import map_xanes_file
 from gpureg.synth.phantom import two_particle_phantom
 
 E = xanes.scan_energies()                       # 36 energies, 3 eV over 6528-6600 eV, 15 eV elsewhere
@@ -254,7 +256,6 @@ def test_edge_distribution_per_particle():
 # ----------------------------------------------------------------------------- streaming map
 
 def test_edge_energy_map_matches_whole_array(particles, tmp_path):
-    h5py = pytest.importorskip("h5py")
     stack, *_ = particles
     info = {}
     by_slab = xanes.edge_energy_map(stack, E, slab=5, device="cpu", info=info)
@@ -265,10 +266,9 @@ def test_edge_energy_map_matches_whole_array(particles, tmp_path):
     as_list = xanes.edge_energy_map(list(stack), E, slab=7, device="cpu")
     np.testing.assert_array_equal(as_list["edge_energy"], whole["edge_energy"])
     order = np.random.default_rng(0).permutation(E.size)         # energies in acquisition order
-    with h5py.File(tmp_path / "s.h5", "w") as h5:
-        h5["aligned"] = stack[order]
-    with h5py.File(tmp_path / "s.h5", "r") as h5:
-        shuffled = xanes.edge_energy_map(h5["aligned"], E[order], slab=10, device="cpu")
+    write_result_file(tmp_path / "s.h5", E[order], stacks={"aligned": stack[order]})
+    with ResultFile(tmp_path / "s.h5") as rf:  # an h5py dataset, read slab by slab
+        shuffled = xanes.edge_energy_map(rf.stack("aligned"), E[order], slab=10, device="cpu")
     np.testing.assert_allclose(shuffled["edge_energy"], whole["edge_energy"], atol=1e-4, equal_nan=True)
 
 
@@ -319,21 +319,16 @@ def test_bad_options_have_clear_errors(known):
 
 @pytest.fixture()
 def aligned_h5(tmp_path, particles):
-    h5py = pytest.importorskip("h5py")
     stack, *_ = particles
-    path = tmp_path / "aligned.h5"
-    with h5py.File(path, "w") as h5:
-        h5["aligned"] = stack
-        h5["energy"] = E
-    return path
+    return write_result_file(tmp_path / "aligned.h5", E, stacks={"aligned": stack})
 
 
-def test_write_xanes_layout(aligned_h5, tmp_path, particles):
+def test_map_xanes_file_layout(aligned_h5, tmp_path, particles):
     import h5py
 
     _, density, truth, _ = particles
     out = tmp_path / "xanes.h5"
-    summary = xanes.write_xanes(aligned_h5, out, min_voxels=20)
+    summary = map_xanes_file(aligned_h5, out, min_voxels=20)
     assert summary["particles"] == 2 and summary["valid"] > 0
     with h5py.File(out, "r") as h5:
         np.testing.assert_array_equal(h5["energy"][()], E)
@@ -345,9 +340,9 @@ def test_write_xanes_layout(aligned_h5, tmp_path, particles):
         assert tuple(g.attrs["pre_ev"]) == (max(E[0], 5 * round((E[0] - e0) / 5) + e0), 0.5 * (E[0] + e0))
         assert g["labels"].dtype == np.int32
     with pytest.raises(ValueError, match="file exists"):
-        xanes.write_xanes(aligned_h5, out)
+        map_xanes_file(aligned_h5, out)
     with pytest.raises(ValueError, match="must differ from the input"):
-        xanes.write_xanes(aligned_h5, aligned_h5, overwrite=True)
+        map_xanes_file(aligned_h5, aligned_h5, overwrite=True)
 
 
 def test_cli_xanes(aligned_h5, tmp_path, capsys):

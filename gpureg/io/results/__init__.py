@@ -30,11 +30,11 @@ physical axes) of the stacks and maps, for h5web, silx and Tiled.
 Beside ``RESULT.h5``: ``RESULT.h5.partial`` (the run being written, resumable),
 ``RESULT.h5.watch/`` (watch mode's per-energy state), ``RESULT.h5.lock`` (held
 while a run writes), ``RESULT.log`` (the run's log) and ``RESULT_report/``.
-``gpureg xanes`` writes ``/energy`` and the same ``/xanes`` group (plus
-``roi_*`` and attributes) through :func:`write_xanes`.
+``gpureg xanes`` (:func:`gpureg.pipeline.files.map_xanes_file`) writes ``/energy`` and the same ``/xanes``
+group (plus ``roi_*`` and attributes) through :func:`write_result_file`.
 
 Writers: :class:`ResultStore` (a run), :func:`write_xanes` (the ``/xanes``
-group, for the pipeline and ``gpureg xanes``), :func:`write_xanes_file`.
+group, for the pipeline and ``gpureg xanes``), :func:`write_result_file` (a whole result in one go).
 Readers: :func:`read_result` (registration summary), :class:`ResultFile`
 (lazy access for figures and reports).
 """
@@ -46,13 +46,13 @@ from pathlib import Path
 from .compression import COMPRESSIONS, register_filters
 from .compression import DEFAULT_COMPRESSION, dataset_filter, describe_filter, parse_compression
 from .read import ResultFile, ResultSummary, describe_result, is_result, read_result, stack_names
-from .store import STAGES, ResultStore, drop_datasets, write_chemistry, write_xanes, write_xanes_file
+from .store import STACKS, STAGES, ResultStore, drop_datasets, write_chemistry, write_result_file, write_xanes
 
 register_filters()  # every gpureg process that touches results reads the hdf5plugin codecs, h5py included
 
 __all__ = ["COMPRESSIONS", "dataset_filter", "DEFAULT_COMPRESSION", "describe_filter", "describe_result", "drop_datasets", "is_result", "parse_compression", "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
-           "ResultStore", "ResultSummary", "stack_names", "STAGES", "watch_dir", "write_chemistry", "write_xanes",
-           "write_xanes_file"]
+           "ResultStore", "ResultSummary", "stack_names", "STACKS", "STAGES", "watch_dir", "write_chemistry",
+           "write_result_file", "write_xanes"]
 
 
 def partial_path(output) -> Path:

@@ -107,6 +107,68 @@ class ResultFile:
         v = self.h5.attrs.get("voxel_size_nm")
         return float(v) if v is not None and np.isfinite(v) and v > 0 else None
 
+    def is_result(self) -> bool:
+        """True when the file holds an aligned stack or an edge-energy map (a pipeline or ``gpureg xanes`` result)."""
+        return self.stack("aligned") is not None or self.maps() is not None
+
+    def has_registration(self) -> bool:
+        """True for a pipeline result (``/registration/matrix``), False for ``gpureg xanes`` or Data Exchange files."""
+        return "registration/matrix" in self.h5
+
+    def maps(self, group: str = "xanes"):
+        """Lazy 3D datasets of ``/xanes``: ``edge_energy`` and, when present, ``mask``, ``labels``, ``clusters``
+        (``(Z, Y, X)``, the shape of ``edge_energy``) and ``fractions`` (``(n_refs, Z, Y, X)``); ``None`` without
+        an edge-energy map. Each dataset's ``name`` is its path in the file."""
+        g = self.h5.get(group)
+        if g is None or "edge_energy" not in g or g["edge_energy"].ndim != 3:
+            return None
+        shape = g["edge_energy"].shape
+        out = {k: g[k] for k in ("edge_energy", "mask", "labels", "clusters") if k in g and g[k].shape == shape}
+        if "fractions" in g and g["fractions"].ndim == 4 and g["fractions"].shape[1:] == shape:
+            out["fractions"] = g["fractions"]
+        return out
+
+    def fit_ranges(self, group: str = "xanes"):
+        """``(pre, post)`` eV ranges the edge maps were normalised with, or ``None`` when not recorded."""
+        g = self.h5.get(group)
+        if g is None or "pre_ev" not in g.attrs or "post_ev" not in g.attrs:
+            return None
+        return tuple(float(v) for v in g.attrs["pre_ev"]), tuple(float(v) for v in g.attrs["post_ev"])
+
+    def reference_names(self, n: int, group: str = "xanes") -> list:
+        """Names of the ``n`` fitted references (``"0"``, ``"1"``... when the file does not name them)."""
+        g = self.h5.get(group)
+        names = None
+        if g is not None:
+            names = g["fractions"].attrs.get("references") if "fractions" in g else None  # write_chemistry
+            if names is None:
+                names = g.attrs.get("references")
+            if names is None and "references" in g:
+                names = g["references"].attrs.get("names")
+        if isinstance(names, (str, bytes)):
+            try:
+                names = json.loads(names)
+            except ValueError:
+                names = None
+        if names is None or len(names) != n:
+            return [str(k) for k in range(n)]
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in names]
+
+    def reference_spectra(self, group: str = "xanes"):
+        """``(n_refs, n_energy)`` fitted reference spectra in file energy order, or ``None``.
+
+        ``reference_spectra`` (``(n_energy, n_refs)`` on ``/energy``, :func:`write_chemistry`) or the older
+        ``references`` (``(n_refs, n_energy)``).
+        """
+        g = self.h5.get(group)
+        if g is None:
+            return None
+        if "reference_spectra" in g:
+            return np.asarray(g["reference_spectra"][()], dtype=np.float64).T
+        if "references" in g:
+            return np.asarray(g["references"][()], dtype=np.float64)
+        return None
+
     def stack(self, name: str = "aligned"):
         """Lazy ``(n_energy, Z, Y, X)`` dataset ``aligned``, ``aligned_global`` or ``recon``, or ``None``."""
         ds = self.h5.get(name)
@@ -206,13 +268,13 @@ def stack_names(h5, path, dataset=None, energy_dataset=None):
                 dataset, energy_dataset = cand, energy_dataset or en
                 break
         else:
-            raise InputError(f"{path}: no /aligned or /exchange/recon dataset (name one with --dataset)")
+            raise InputError(f"{path}: no /aligned or /exchange/recon dataset (name one with dataset=)")
     if dataset not in h5:
         raise InputError(f"{path}: dataset {dataset!r} not found")
     if energy_dataset is None:
         energy_dataset = "energy" if "energy" in h5 else "exchange/energy"
     if energy_dataset not in h5:
-        raise InputError(f"{path}: energy dataset {energy_dataset!r} not found (name one with --energy-dataset)")
+        raise InputError(f"{path}: energy dataset {energy_dataset!r} not found (name one with energy_dataset=)")
     return dataset, energy_dataset
 
 

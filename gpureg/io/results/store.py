@@ -15,7 +15,7 @@ from ..files import InputError, atomic_path
 from .compression import DEFAULT_COMPRESSION, dataset_filter, register_filters
 from .nexus import NEXUS_ENTRY, annotate_stack, check_storable, stack_dtype, write_nexus_views
 
-__all__ = ["drop_datasets", "ResultStore", "STAGES", "write_chemistry", "write_xanes", "write_xanes_file"]
+__all__ = ["drop_datasets", "ResultStore", "STACKS", "STAGES", "write_chemistry", "write_result_file", "write_xanes"]
 
 _log = logging.getLogger("gpureg")
 
@@ -66,7 +66,7 @@ class ResultStore:
                     return cls(h5, energies, ref)
                 h5.close()
                 raise InputError(f"{path}: an interrupted run with a different input or parameters is here; "
-                                 "rerun with the same ones, or pass --overwrite to start over")
+                                 "rerun with the same ones, or pass overwrite=True to start over")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         h5 = h5py.File(path, "w")
@@ -368,15 +368,49 @@ def write_chemistry(g, chem):
         put("cluster_counts", chem["cluster_counts"], np.int64)
 
 
-def write_xanes_file(path, energies, maps, labels, *, roi=None, attrs=None, chemistry=None) -> Path:
-    """A new HDF5 file (atomically) with ``/energy`` (eV) and the ``/xanes`` group (``gpureg xanes``)."""
+STACKS = ("aligned", "recon", "aligned_global")
+
+
+def write_result_file(path, energies, *, stacks=None, mse=None, maps=None, labels=None, roi=None, chemistry=None,
+                      xanes_attrs=None, attrs=None) -> Path:
+    """A result file written in one go, atomically (``gpureg xanes``, and results made outside a run).
+
+    Parameters
+    ----------
+    path : str or Path
+    energies : (n_energy,) array_like
+        ``/energy`` (eV), in the order of the stacks.
+    stacks : dict, optional
+        ``(n_energy, Z, Y, X)`` arrays named among :data:`STACKS` (``aligned``, ``recon``, ``aligned_global``).
+    mse : (before, after), optional
+        ``/registration/mse_before``, ``mse_after`` (n_energy,).
+    maps, labels, roi, chemistry, xanes_attrs
+        The ``/xanes`` group (:func:`write_xanes`; ``xanes_attrs`` are its attributes), when ``maps`` is given.
+    attrs : dict, optional
+        Root attributes (``voxel_size_nm``...).
+
+    Returns
+    -------
+    Path
+    """
     import h5py
 
+    unknown = set(stacks or ()) - set(STACKS)
+    if unknown:
+        raise ValueError(f"stacks must be named among {STACKS}, got {sorted(unknown)}")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as out:
             out.create_dataset("energy", data=np.asarray(energies, dtype=np.float64)).attrs["units"] = "eV"
-            write_xanes(out, maps, labels, roi=roi, attrs=attrs, chemistry=chemistry)
-            write_nexus_views(out)
+            for name, stack in (stacks or {}).items():
+                a = np.asarray(to_host(stack), dtype=np.float32)
+                out.create_dataset(name, data=a, chunks=(1, *a.shape[1:]) if a.ndim == 4 and a.size else None)
+            if mse is not None:
+                for name, values in zip(("mse_before", "mse_after"), mse):
+                    out[f"registration/{name}"] = np.asarray(values, dtype=np.float64)
+            if maps is not None:
+                write_xanes(out, maps, labels, roi=roi, attrs=xanes_attrs, chemistry=chemistry)
+            out.attrs.update(attrs or {})
+            write_nexus_views(out)  # after the attributes: its axes use voxel_size_nm
     return Path(path)
 
 

@@ -1,4 +1,9 @@
-"""XANES maps of an aligned stack on disk: ``gpureg xanes`` (edge maps, labels, ROI spectra into one HDF5)."""
+"""File-in, file-out workflows of single stages: ``gpureg recon`` (:func:`reconstruct_file`) and ``gpureg xanes``
+(:func:`map_xanes_file`).
+
+The algorithm layers (``recon``, ``xanes``) work on arrays; these functions open the inputs, stream them through
+one stage and write the output file (through :mod:`gpureg.io`, the owner of the file layouts).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,75 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.segment import particle_labels
-from ..io.base import check_energies
-from .regions import roi_spectra
-from .spectra import MIN_ENERGIES
-from .stack import Reordered, edge_energy_map
+from ..core.energies import check_energies
+from ..core.errors import InputError, OutputError, ParameterError
+from ..core.segment import otsu_threshold, particle_labels
+from ..core.version import __version__
+from ..io.dataexchange import write_dataexchange
+from ..io.readers import open_input
+from ..io.results import stack_names, write_result_file
+from ..recon.fbp import FILTERS, reconstruct_fbp
+from ..recon.flatfield import flatfield_correct
+from ..xanes.regions import roi_spectra
+from ..xanes.spectra import MIN_ENERGIES
+from ..xanes.stack import Reordered, edge_energy_map
 
 _log = logging.getLogger("gpureg")
 
-__all__ = ["write_xanes"]
+__all__ = ["map_xanes_file", "reconstruct_file"]
 
 
-def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
+def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram-lak", device: str = "auto",
+                     progress=None) -> Path:
+    """Reconstruct every energy of an input and write a Data Exchange recon file.
+
+    Parameters
+    ----------
+    input_path : str or Path
+        Anything :func:`gpureg.io.open_input` reads.
+    output_path : str or Path
+        HDF5 file written atomically: ``/exchange/recon (n_energy, nz, ny, nx)``,
+        ``/exchange/energy``, ``/exchange/theta`` and the input's ``/truth`` group
+        when present; one energy in memory at a time.
+    center, filter, device
+        As in :func:`gpureg.recon.reconstruct_fbp`.
+    progress : callable, optional
+        Called as ``progress(i, n_energy, energy_ev)`` after each energy.
+
+    Returns
+    -------
+    Path
+        ``output_path``.
+    """
+    if not isinstance(filter, str) or filter.lower() not in FILTERS:
+        raise ParameterError(f"filter must be one of {FILTERS}, got {filter!r}")
+    with open_input(input_path) as reader:
+        energies = reader.energies
+        counts = []
+
+        def volumes():
+            for i in range(reader.n_energy):
+                if reader.kind == "recon":
+                    vol = reader.recon(i)
+                else:
+                    p, n_bad = flatfield_correct(reader.projections(i), reader.flat(i), reader.dark(i), return_count=True)
+                    counts.append(n_bad)
+                    vol = reconstruct_fbp(p, reader.theta, center=center, filter=filter, device=device)
+                yield vol
+                if progress is not None:
+                    progress(i, reader.n_energy, float(energies[i]))
+
+        attrs = {"source": str(reader.path), "source_kind": reader.kind, "gpureg_version": __version__,
+                 "recon_parameters": {"center": center, "filter": filter, "device": device}}
+        write_dataexchange(output_path, recon=volumes(), energy=energies, theta=reader.theta,
+                           truth=reader.truth(), attrs=attrs)
+    if sum(counts):
+        _log.info("gpureg: %d non-positive transmissions clipped in total", sum(counts))
+    return Path(output_path)
+
+
+
+def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
                 method: str = "half", min_jump: float | None = None, min_voxels: int = 64, slab: int = 16,
                 device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False,
                 references=None, clusters: int | None = None, denoise=None, column: str | None = None) -> dict:
@@ -63,9 +125,6 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
     """
     import h5py
 
-    from ..core.segment import otsu_threshold
-    from ..io.files import InputError
-    from ..io.results import stack_names
 
     src, dst = Path(aligned_path), Path(out_path)
     if not src.exists():
@@ -73,9 +132,9 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
     if not h5py.is_hdf5(src):
         raise InputError(f"{src}: not an HDF5 file")
     if dst.exists() and dst.resolve() == src.resolve():
-        raise InputError(f"{dst}: the output must differ from the input (it would replace the aligned stack)")
+        raise OutputError(f"{dst}: the output must differ from the input (it would replace the aligned stack)")
     if dst.exists() and not overwrite:
-        raise InputError(f"{dst}: file exists (use --overwrite to replace it)")
+        raise OutputError(f"{dst}: file exists (pass overwrite=True to replace it)")
     with h5py.File(src, "r") as h5:
         name, ename = stack_names(h5, src, dataset, energy_dataset)
         ds = h5[name]
@@ -83,7 +142,7 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
         if ds.ndim != 4 or ds.shape[0] != E_in.size:
             raise InputError(f"{src}:{name}: expected an (n_energy={E_in.size}, Z, Y, X) stack, got shape {ds.shape}")
         if references:             # bad reference files fail before the maps are computed
-            from .lcf import prepare_references
+            from ..xanes.lcf import prepare_references
 
             prepare_references(references, np.sort(E_in), column=column)
         rng = {}
@@ -96,13 +155,13 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
         try:
             ref_mask = ref_finite > otsu_threshold(ref_finite)
         except ValueError as exc:
-            _log.warning("write_xanes: no particle labels (%s)", exc)
+            _log.warning("map_xanes_file: no particle labels (%s)", exc)
             ref_mask = np.zeros(ref.shape, bool)
         labels, n = particle_labels(ref_mask, min_voxels=min_voxels)
         roi = roi_spectra(Reordered(ds, order), E_sorted, labels, pre=rng["pre"], post=rng["post"]) if n else None
         chem = None
         if references or clusters:
-            from .chemmap import chemistry_map
+            from ..xanes.chemmap import chemistry_map
 
             chem = chemistry_map(ds, E_in, references=references or None, k=clusters, mask=maps["mask"], slab=slab,
                                  device=device, e0=rng["e0"], column=column,
@@ -112,9 +171,6 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
                "post": rng["post"],
                "edge_energy_median": float(np.nanmedian(maps["edge_energy"])) if valid.any() else float("nan"),
                "min_jump": rng["min_jump"], "out": str(dst)}
-    from ..core.version import __version__
-    from ..io.results import write_xanes_file
-
     attrs = {"method": method, "smooth_ev": float(smooth), "n_particles": n, "source": str(src),
              "source_dataset": name, "gpureg_version": __version__, "min_voxels": int(min_voxels),
              "device": rng["device"], "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
@@ -129,5 +185,5 @@ def write_xanes(aligned_path, out_path, *, dataset: str | None = None, energy_da
                                        for j, nm in enumerate(chem["reference_names"])}
     if chem is not None and "clusters" in chem:
         summary["cluster_counts"] = [int(c) for c in chem["cluster_counts"]]
-    write_xanes_file(dst, E_sorted, maps, labels, roi=roi, attrs=attrs, chemistry=chem)
+    write_result_file(dst, E_sorted, maps=maps, labels=labels, roi=roi, xanes_attrs=attrs, chemistry=chem)
     return summary
