@@ -17,7 +17,8 @@ pytest.importorskip("tiled.client")
 pytest.importorskip("tiled.server")
 
 import gpureg
-from gpureg.io import InputError, open_input
+from gpureg.core.errors import InputError
+from gpureg.io import open_input
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiled_servers
 import tiled_servers
