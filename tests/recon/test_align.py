@@ -5,7 +5,6 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from cli_run import run_cli
 
 import gpureg
 from gpureg.recon import AlignmentWarning, align_projections, forward_project, reconstruct_fbp
