@@ -151,12 +151,12 @@ def result_layers(result) -> list:
         if clim is not None:
             kw["contrast_limits"] = clim
         out.append((data, kw, "image"))
-        if "edge_energy_sigma" in g and g["edge_energy_sigma"].shape == em.shape:
+        if "edge_energy_sigma" in g:
             sg = g["edge_energy_sigma"]
             slim = _limits(sg, (2.0, 98.0), mask=mask)
             kw = {"name": "edge energy sigma (eV)", "scale": (s, s, s), "units": (u, u, u), "colormap": "inferno",
                   "opacity": 0.7, "blending": "translucent", "visible": False, "axis_labels": ("z", "y", "x"),
-                  "metadata": dict(meta, dataset="xanes/edge_energy_sigma")}
+                  "metadata": dict(meta, dataset=_path(sg))}
             if slim is not None:
                 kw["contrast_limits"] = slim
             out.append((_lazy(sg, planes=1), kw, "image"))

@@ -116,14 +116,15 @@ class ResultFile:
         return "registration/matrix" in self.h5
 
     def maps(self, group: str = "xanes"):
-        """Lazy 3D datasets of ``/xanes``: ``edge_energy`` and, when present, ``mask``, ``labels``, ``clusters``
-        (``(Z, Y, X)``, the shape of ``edge_energy``) and ``fractions`` (``(n_refs, Z, Y, X)``); ``None`` without
-        an edge-energy map. Each dataset's ``name`` is its path in the file."""
+        """Lazy 3D datasets of ``/xanes``: ``edge_energy`` and, when present, ``edge_energy_sigma``, ``mask``,
+        ``labels``, ``clusters`` (``(Z, Y, X)``, the shape of ``edge_energy``) and ``fractions``
+        (``(n_refs, Z, Y, X)``); ``None`` without an edge-energy map. Each dataset's ``name`` is its path."""
         g = self.h5.get(group)
         if g is None or "edge_energy" not in g or g["edge_energy"].ndim != 3:
             return None
         shape = g["edge_energy"].shape
-        out = {k: g[k] for k in ("edge_energy", "mask", "labels", "clusters") if k in g and g[k].shape == shape}
+        out = {k: g[k] for k in ("edge_energy", "edge_energy_sigma", "mask", "labels", "clusters")
+               if k in g and g[k].shape == shape}
         if "fractions" in g and g["fractions"].ndim == 4 and g["fractions"].shape[1:] == shape:
             out["fractions"] = g["fractions"]
         return out
