@@ -202,7 +202,10 @@ def _end_to_end(dev):
     for key, label in ((True, ""), ("forced", "_forced")):
         a, b = maps[(0.0, False)], maps[(0.0, key)]
         both = np.isfinite(a) & np.isfinite(b)
-        claims[f"jitter_free_edge_change{label}_ev_rms"] = round(float(np.sqrt(np.mean((a - b)[both] ** 2))), 5)
+        d = np.abs(a - b)[both]
+        claims[f"jitter_free_edge_change{label}_ev_rms"] = round(float(np.sqrt(np.mean(d ** 2))), 5)
+        claims[f"jitter_free_edge_change{label}_ev_median_p99_max"] = [round(float(v), 4) for v in
+                                                                       np.percentile(d, [50, 99, 100])]
         claims[f"jitter_free_mask_changed{label}_voxels"] = int((np.isfinite(a) != np.isfinite(b)).sum())
     rows.append({**claims,
                  "registration_error_2px_aligned_vox": fixed["registration_error_vox"],

@@ -80,7 +80,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given:
         ``device``, ``reference``, ``prep``, ``model``,
         ``center``, ``filter``, ``edge``, ``per_particle``, ``deformable``, ``spacing``, ``regularization``,
-        ``allow_folding``, ``report``, ``scheduler``, ``references``, ``clusters``.
+        ``allow_folding``, ``report``, ``scheduler``, ``references``, ``clusters``, ``align_projections``.
 
     Returns
     -------
