@@ -5,13 +5,13 @@ the module and is torn down after.
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 pytest.importorskip("tiled.client")
 pytest.importorskip("tiled.server")
@@ -137,13 +137,12 @@ def test_credentials_and_unreachable_server(served, tmp_path, monkeypatch):
         open_input(f"http://127.0.0.1:{port}/api/v1/metadata/scan")
 
 
-def test_cli_info_with_key_file_never_shows_the_key(served, tmp_path):
+def test_cli_info_with_key_file_never_shows_the_key(served, tmp_path, monkeypatch):
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
-    env = {**os.environ, "PYTHONPATH": str(Path(gpureg.__file__).parents[1])}
-    env.pop("TILED_API_KEY", None)
-    out = subprocess.run([sys.executable, "-m", "gpureg", "info", f"{served['uri']}/fxi", "--api-key-file",
-                          str(key_file)], capture_output=True, text=True, env=env, timeout=120, check=False)
+    monkeypatch.delenv("TILED_API_KEY", raising=False)
+    monkeypatch.setattr(gpureg.io.tiled, "_KEY_FILE", None)  # --api-key-file sets it for the process: restored after
+    out = run_cli("info", f"{served['uri']}/fxi", "--api-key-file", key_file)
     assert out.returncode == 0, out.stderr
     assert "NSLS-II FXI 18-ID" in out.stdout and "energies    7:" in out.stdout
     assert KEY not in out.stdout + out.stderr
