@@ -141,7 +141,7 @@ def test_cli_info_with_key_file_never_shows_the_key(served, tmp_path, monkeypatc
     key_file = tmp_path / "key"
     key_file.write_text(KEY)
     monkeypatch.delenv("TILED_API_KEY", raising=False)
-    monkeypatch.setattr(gpureg.io.tiled, "_KEY_FILE", None)  # --api-key-file sets it for the process: restored after
+    monkeypatch.setattr("gpureg.io.tiled._KEY_FILE", None)  # --api-key-file sets it for the process: restored after
     out = run_cli("info", f"{served['uri']}/fxi", "--api-key-file", key_file)
     assert out.returncode == 0, out.stderr
     assert "NSLS-II FXI 18-ID" in out.stdout and "energies    7:" in out.stdout
