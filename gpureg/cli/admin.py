@@ -64,6 +64,12 @@ def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
         rows["astra"] = f"unavailable ({type(exc).__name__})"
     devices = resolve_devices("auto")
     rows["--device auto"] = f"registration on {devices.registration}, FBP on {devices.fbp}"
+    from ..core.backend import cpu_engine
+    from ..core.config import config
+
+    cfg = config.get()
+    rows["config"] = (f"cpu_backend={cpu_engine()}, threads={cfg.threads or 'all cores'}, solver={cfg.solver}, "
+                      f"disable_gpu={cfg.disable_gpu} (gpureg.config; GPUREG_* variables)")
     width = max(map(len, rows))
     for k, v in rows.items():
         typer.echo(f"{k:<{width}}  {v}")

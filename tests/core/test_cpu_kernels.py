@@ -317,5 +317,6 @@ def test_cli_threads_option_sets_the_kernel_thread_count():
     r = CliRunner().invoke(app, ["--threads", "1", "info"])
     assert r.exit_code == 0, r.output
     assert cpu_kernels.threads() == 1 and config.threads == 1
+    assert "threads=1" in r.output  # gpureg info shows the configuration
     assert os.environ.get("GPUREG_THREADS") == before  # the configuration, not the environment
     assert CliRunner().invoke(app, ["--threads", "0", "info"]).exit_code != 0
