@@ -23,10 +23,10 @@ class PerParticle:
     the aligned stack holds the piecewise alignment.
     """
 
-    def __init__(self, store, reference, device):
+    def __init__(self, store, reference, device, *, min_gain: float = 1.3):
         from ..core.segment import particle_labels
 
-        self.store, self.device, self.result = store, device, None
+        self.store, self.device, self.result, self.min_gain = store, device, None, float(min_gain)
         self.labels = store.particle_labels(lambda: to_host(particle_labels(reference.mask)[0]))
         self.n_labels = int(self.labels.max())
 
@@ -37,7 +37,7 @@ class PerParticle:
         if self.n_labels == 0:
             _log.warning("gpureg: --per-particle: the reference has no particle of >= 64 voxels; global only")
         self.result = register_particles(fixed, moving, self.labels, prepared=True, global_result=global_result,
-                                         device=self.device)
+                                         device=self.device, min_gain=self.min_gain)
         self.store.write_particles(i, self.result.stack(self.n_labels), *self.result.mse_arrays(self.n_labels))
 
     def apply(self, i, volume):
@@ -49,7 +49,10 @@ class PerParticle:
 
 
 def per_particle_xanes(store, options, devices):
-    """Edge-energy maps of the global alignment too (``/xanes_global``), for the side-by-side figure."""
+    """Edge-energy maps of the global (affine-only) alignment too (``/xanes_global``), for the comparison figure.
+
+    Per-particle runs, and deformable runs with series smoothing (which store ``/aligned_global``).
+    """
     from ..xanes.stack import edge_energy_map
 
     maps = edge_energy_map(store.stack("aligned_global"), store.energies, device=devices.registration,

@@ -112,6 +112,10 @@ class ResultStore:
         """The ``(n_energy, Z, Y, X)`` dataset ``aligned`` or ``aligned_global`` (read lazily)."""
         return self.h5[name]
 
+    def has_stack(self, name: str) -> bool:
+        """Whether the file holds the stack ``name`` (``aligned_global`` only in some runs)."""
+        return name in self.h5
+
     def write_energy(self, i, recon, aligned, matrix, before, after, timings):
         t0 = time.perf_counter()
         for name, volume in (("recon", recon), ("aligned", aligned)):
@@ -179,6 +183,13 @@ class ResultStore:
             for name in ("particle_mse_global", "particle_mse"):
                 h5[f"registration/{name}"] = np.full((n, k + 1), np.nan)
                 h5[f"registration/{name}"][self.ref] = 0.0
+            self.ensure_aligned_global()
+        return h5["registration/particle_labels"][...]
+
+    def ensure_aligned_global(self):
+        """Create ``/aligned_global`` (the affine-only alignment of a per-particle or deformable run) once."""
+        h5 = self.h5
+        if "aligned_global" not in h5:
             aligned = h5["aligned"]
             spec, kind = aligned.attrs.get("compression", "none"), aligned.attrs.get("store_dtype", "float32")
             ds = h5.create_dataset("aligned_global", shape=aligned.shape, dtype=aligned.dtype, chunks=aligned.chunks,
@@ -186,7 +197,6 @@ class ResultStore:
             annotate_stack(ds, spec, kind)
             h5["aligned_global"][self.ref] = self.recon(self.ref)
             h5.flush()
-        return h5["registration/particle_labels"][...]
 
     def write_particles(self, i, matrices, mse_global, mse_particle):
         reg = self.h5["registration"]
@@ -257,6 +267,48 @@ class ResultStore:
             reasons = json.loads(g["status"].attrs["reasons"])
             reasons[f"{self.energies[i]:g}"] = result.reason
             g["status"].attrs["reasons"] = json.dumps(reasons)
+
+    # --- series smoothing (issue 27) --------------------------------------------------------
+    def raw_fits(self) -> dict:
+        """The per-energy fits before series smoothing, by name: ``matrix`` and, when the run has them,
+        ``particle_matrix`` and ``bspline_coefficients``.
+
+        Copied once to ``registration/<name>_raw``; the smoothing pass then rewrites ``registration/<name>``
+        (what was applied), so a pass interrupted half-way starts again from the same fits.
+        """
+        h5, out = self.h5, {}
+        for name in ("matrix", "particle_matrix", "bspline_coefficients"):
+            if f"registration/{name}" not in h5:
+                continue
+            if f"registration/{name}_raw" not in h5:
+                h5.copy(h5[f"registration/{name}"], f"registration/{name}_raw")
+                h5[f"registration/{name}_raw"].attrs["meaning"] = "per-energy fit before series smoothing"
+            out[name] = h5[f"registration/{name}_raw"][...]
+        if "bspline_coefficients" in out:
+            out["bspline_spacing"] = float(h5["registration/bspline_coefficients"].attrs["spacing"])
+        h5.flush()
+        return out
+
+    def write_smoothed(self, i, aligned, matrix, *, particle_matrices=None, coefficients=None, min_jacobian=None,
+                       aligned_global=None):
+        """Energy ``i`` after series smoothing: the transforms applied and the volumes resampled with them."""
+        h5 = self.h5
+        check_storable(h5["aligned"], aligned, f"aligned at {self.energies[i]:g} eV")
+        h5["aligned"][i] = aligned
+        h5["registration/matrix"][i] = matrix
+        if particle_matrices is not None:
+            h5["registration/particle_matrix"][i] = particle_matrices
+        if coefficients is not None:
+            h5["registration/bspline_coefficients"][i] = coefficients
+            h5["registration/bspline_min_jacobian"][i] = min_jacobian
+        if aligned_global is not None:
+            h5["aligned_global"][i] = aligned_global
+        h5.flush()
+
+    def mark_series(self, window: int):
+        """Record that every energy's transform is the series-smoothed one (``window`` energies each side)."""
+        self.h5["registration/matrix"].attrs["series_window"] = int(window)
+        self.h5.flush()
 
     def finish(self):
         write_nexus_views(self.h5)
