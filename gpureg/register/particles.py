@@ -268,7 +268,8 @@ def register_particles(fixed, moving, labels=None, *, prep: Prep | None = None,
                           seconds=time.perf_counter() - t0, device=dev, iterations=iterations)
 
 
-def apply_piecewise(moving, transforms, labels, *, background=None, device: str = "auto", cval: float = 0.0):
+def apply_piecewise(moving, transforms, labels, *, background=None, device: str = "auto", cval: float = 0.0,
+                    guard: int = 0):
     """Resample every labelled region of the reference grid with its own transform.
 
     Parameters
@@ -287,6 +288,14 @@ def apply_piecewise(moving, transforms, labels, *, background=None, device: str 
         A CuPy ``moving`` always runs on the GPU.
     cval : float
         Value where a sample falls outside ``moving``.
+    guard : int
+        Voxels of a region within this many voxels of another region take the
+        background transform: where two particles touch, a voxel mixes both
+        (blur, partial volume) and neither particle's transform is right for
+        it, while the global one keeps it consistent with the affine map. On
+        ``gpureg simulate --relative-motion --size 48`` (3 seeds), edge
+        energies outside the truth's range at the contact: 14-47 voxels with
+        0, 13-26 with 2, the affine map's 7-21 with 3.
 
     Returns
     -------
@@ -303,6 +312,10 @@ def apply_piecewise(moving, transforms, labels, *, background=None, device: str 
     if getattr(moving, "ndim", None) != 3:
         raise ValueError(f"apply_piecewise: moving must be 3D (Z, Y, X), got shape {getattr(moving, 'shape', None)}")
     lab = _check_labels(labels, getattr(labels, "shape", None), name="labels")
+    if int(guard) < 0:
+        raise ValueError(f"apply_piecewise: guard must be >= 0 voxels, got {guard}")
+    if int(guard) > 0:
+        lab = _without_contacts(lab, int(guard))
     table = _transform_table(transforms)
     bg = table.get(0) if background is None else np.asarray(to_host(background), dtype=np.float64)
     if bg is None:
@@ -359,6 +372,18 @@ def particle_regions(labels, dilate: int = 3) -> np.ndarray:
         take = (sub == 0) & (d <= r) & (d < best[big])
         out[big][take] = k
         best[big][take] = d[take]
+    return out
+
+
+def _without_contacts(labels, guard):
+    """``labels`` with 0 where a voxel lies within ``guard`` voxels of another label."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for k in np.unique(labels[labels > 0]):
+        other = (labels > 0) & (labels != k)
+        if other.any():
+            out[(labels == k) & (ndimage.distance_transform_edt(~other) <= guard)] = 0
     return out
 
 

@@ -1,0 +1,140 @@
+"""Do the registration modes improve the edge-energy maps? Each mode's map against the affine map and the truth.
+
+Cases (``gpureg simulate``, Mn K-edge, 29 energies, noise 1): ``per-particle``
+on ``--relative-motion`` scans, ``deformable`` on ``--deformation 3`` scans,
+one scan per seed. Each mode runs through the pipeline (``gpureg run
+--per-particle`` / ``--deformable``, CPU) with the series smoothing of
+``--windows`` (``RunOptions.series_window``). With a window > 0 the same run
+also stores the affine-only alignment of its (identical, smoothed) global
+affine, ``/xanes_global``: that is the affine map. Window 0 (each energy's own
+fit, the behaviour before issue 27) runs the plain affine pipeline beside the
+mode for its affine map.
+
+Per row: median and 95th percentile of |edge energy - truth| (eV) over the
+truth's particle voxels where both maps have a value (the same voxels for
+both), the same per particle, the median edge energy of each particle (truth,
+affine, mode), and at the contact between the particles (voxels within
+``3 * size / 48`` voxels of both) the range of each map against the range of
+the truth over both particles. JSON under bench/results/.
+
+    python bench/maps.py --modes per-particle --seeds 0 1 2
+    python bench/maps.py --modes deformable --seeds 0 --windows 0 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import h5py
+import numpy as np
+from common import save
+
+MODES = {"per-particle": ({"relative_motion": True}, {"per_particle": True}),
+         "deformable": ({"deformation": 3.0}, {"deformable": True})}
+
+
+def map_errors(result, *, affine_result=None, size=48):
+    """The comparison of one result file (module docstring); ``affine_result``: where the affine map is."""
+    from scipy import ndimage
+
+    with h5py.File(result, "r") as h:
+        truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
+        mode = np.where(h["xanes/mask"][...], h["xanes/edge_energy"][...], np.nan)
+        if affine_result is None:
+            affine = np.where(h["xanes_global/mask"][...], h["xanes_global/edge_energy"][...], np.nan)
+    if affine_result is not None:
+        with h5py.File(affine_result, "r") as h:
+            affine = np.where(h["xanes/mask"][...], h["xanes/edge_energy"][...], np.nan)
+    err = {"affine": np.abs(affine - truth), "mode": np.abs(mode - truth)}
+    common = (labels > 0) & np.isfinite(err["affine"]) & np.isfinite(err["mode"])
+    out = {"voxels": int(common.sum())}
+    for name, e in err.items():
+        v = e[common]
+        out[name] = {"median_ev": float(np.median(v)), "p95_ev": float(np.percentile(v, 95))}
+    out["particles"] = {}
+    for k in range(1, int(labels.max()) + 1):
+        sel = common & (labels == k)
+        if sel.any():
+            out["particles"][k] = {"voxels": int(sel.sum()), "truth_median_ev": float(np.median(truth[sel])),
+                                   **{f"{n}_median_ev": float(np.median(m[sel])) for n, m in (("affine", affine),
+                                                                                               ("mode", mode))},
+                                   **{f"{n}_abs_error_median_ev": float(np.median(e[sel])) for n, e in err.items()}}
+    near = 3.0 * size / 48
+    dist = [ndimage.distance_transform_edt(labels != k) for k in (1, 2)]
+    contact = (dist[0] <= near) & (dist[1] <= near)
+    lo, hi = float(np.nanmin(truth)), float(np.nanmax(truth))
+    out["contact"] = {"radius_vox": near, "truth_range_ev": [lo, hi]}
+    for name, m in (("affine", affine), ("mode", mode)):
+        v = m[contact & np.isfinite(m)]
+        out["contact"][name] = {"voxels": int(v.size), "range_ev": [float(v.min()), float(v.max())] if v.size else None,
+                                "outside_truth_range": int(((v < lo) | (v > hi)).sum())}
+    diff = mode - affine
+    out["difference_mode_minus_affine_ev"] = {"median": float(np.nanmedian(diff[common])),
+                                              "p95_abs": float(np.nanpercentile(np.abs(diff[common]), 95))}
+    return out
+
+
+def run_case(mode, seed, size, window, folder):
+    """Simulate (cached in ``folder``), run the mode (and the affine for window 0), compare the maps."""
+    from gpureg.pipeline import run
+    from gpureg.synth.scan import simulate
+
+    sim_kw, mode_kw = MODES[mode]
+    raw = Path(folder) / f"{mode}-{seed}-{size}.h5"
+    if not raw.exists():
+        simulate(raw, size=size, seed=seed, **sim_kw)
+    row = {"mode": mode, "seed": seed, "size": size, "series_window": window}
+    t0 = time.perf_counter()
+    out = Path(folder) / f"{mode}-{seed}-{size}-w{window}.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(raw, out, overwrite=True, report=False, device="cpu", series_window=window, **mode_kw)
+        row["mode_seconds"] = time.perf_counter() - t0
+        affine = None
+        if window == 0:
+            affine = Path(folder) / f"affine-{mode}-{seed}-{size}.h5"
+            t0 = time.perf_counter()
+            run(raw, affine, overwrite=True, report=False, device="cpu", series_window=0)
+            row["affine_seconds"] = time.perf_counter() - t0
+    row.update(map_errors(out, affine_result=affine, size=size))
+    row["mode_better"] = bool(row["mode"]["median_ev"] < row["affine"]["median_ev"]
+                              and row["mode"]["p95_ev"] < row["affine"]["p95_ev"])
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--size", type=int, default=48)
+    p.add_argument("--windows", nargs="+", type=int, default=[6])
+    p.add_argument("--folder", default=None, help="Keep the simulated scans and results here (default: a temp dir).")
+    p.add_argument("--name", default="maps")
+    a = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(a.folder or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for mode in a.modes:
+            for seed in a.seeds:
+                for window in a.windows:
+                    row = run_case(mode, seed, a.size, window, folder)
+                    print(f"{mode} seed {seed} window {window}: affine {row['affine']['median_ev']:.3f}/"
+                          f"{row['affine']['p95_ev']:.3f} eV, mode {row['mode']['median_ev']:.3f}/"
+                          f"{row['mode']['p95_ev']:.3f} eV (median/p95), contact outside truth range: affine "
+                          f"{row['contact']['affine']['outside_truth_range']}, mode "
+                          f"{row['contact']['mode']['outside_truth_range']}", flush=True)
+                    rows.append(row)
+    save(a.name, "cpu", rows, extra={"threads": "default", "note": "edge-energy map error vs simulated truth"})
+
+
+if __name__ == "__main__":
+    main()
