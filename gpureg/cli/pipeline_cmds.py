@@ -60,6 +60,10 @@ RegularizationOpt = typer.Option(2.0, "--regularization", help="Bending-energy w
 AlignProjectionsOpt = flag(False, "--align-projections",
                            help="Align the projections of every energy before FBP (per-projection shifts from "
                                 "iterative reprojection; stage wobble); stored in /alignment. Off by default.")
+SeriesWindowOpt = typer.Option(6, "--series-window", min=0,
+                               help="Smooth the transforms along the energies over this many energies on each side "
+                                    "(affine linear part, per-particle corrections, B-spline coefficients) before "
+                                    "resampling; 0: each energy's own fit.")
 AllowFoldingOpt = flag(False, "--allow-folding", help="With --deformable: keep a deformation whose Jacobian "
                                                       "determinant reaches 0 (folding) instead of stopping.")
 
@@ -71,7 +75,7 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
                 allow_folding: bool = False, align_projections: bool = False,
                 compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32", denoise_spectra: str = "off",
-                reference_column: Optional[str] = None) -> RunOptions:
+                reference_column: Optional[str] = None, series_window: int = 6) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
@@ -80,7 +84,7 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                       clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
                       spacing=spacing, regularization=regularization, allow_folding=allow_folding,
                       align_projections=align_projections, compression=compression, store_dtype=store_dtype,
-                      denoise_spectra=denoise_spectra, reference_column=reference_column)
+                      denoise_spectra=denoise_spectra, reference_column=reference_column, series_window=series_window)
 
 
 @app.command("run")
@@ -118,6 +122,7 @@ def run_cmd(
     api_key_file: Optional[Path] = ApiKeyFileOpt,
     denoise_spectra: str = DenoiseSpectraOpt,
     reference_column: Optional[str] = ReferenceColumnOpt,
+    series_window: int = SeriesWindowOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -131,7 +136,7 @@ def run_cmd(
                           deformable=deformable, spacing=spacing, regularization=regularization,
                           allow_folding=allow_folding, align_projections=align_projections,
                           compression=compression, store_dtype=store_dtype, denoise_spectra=denoise_spectra,
-                          reference_column=reference_column)
+                          reference_column=reference_column, series_window=series_window)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
