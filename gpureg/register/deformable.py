@@ -304,7 +304,14 @@ def deformation_mse(fixed, moving, displacement) -> float:
 
 
 def _minimize(objective, x0, max_iter, tol):
-    """L-BFGS-B on ``objective`` scaled to 1 at ``x0``: ``tol`` is then the relative decrease per iteration."""
+    """L-BFGS-B on ``objective`` scaled to 1 at ``x0``: ``tol`` is then the relative decrease per iteration.
+
+    BLAS runs on one thread meanwhile: L-BFGS-B's vectors are a few thousand
+    long, and OpenBLAS's threads cost more than they bring (48^3, 2-core CPU
+    under load: 20 ms per L-BFGS-B step with its threads, 1 ms without; the
+    separable B-spline products are as fast on one thread at these sizes). The
+    residual pass keeps its own threads (:mod:`gpureg.core.cpu_kernels`).
+    """
     from scipy.optimize import minimize
 
     v0 = max(float(objective(x0)[0]), 1e-30)
@@ -313,8 +320,19 @@ def _minimize(objective, x0, max_iter, tol):
         v, g = objective(x)
         return v / v0, g / v0
 
-    return minimize(scaled, x0, jac=True, method="L-BFGS-B",
-                    options={"maxiter": int(max_iter), "maxcor": 20, "ftol": float(tol), "gtol": 1e-12})
+    with _one_blas_thread():
+        return minimize(scaled, x0, jac=True, method="L-BFGS-B",
+                        options={"maxiter": int(max_iter), "maxcor": 20, "ftol": float(tol), "gtol": 1e-12})
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it BLAS keeps its threads
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _check_options(shape, spacing, levels, regularization):

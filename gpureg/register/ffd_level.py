@@ -22,7 +22,8 @@ that leaving the volume is not rewarded), ``v`` is the variance of the prepared 
 ``lambda`` does not depend on the grey scale) and ``B`` is
 :func:`gpureg.register.bspline.bending_energy`. The valid set is held fixed
 in the derivative (as in the affine path). The sum ``r g`` per voxel is one
-pass (NumPy here, or the fused CUDA kernel of ``kernels/bspline.cu``); the
+pass (the numba kernel of :mod:`gpureg.core.cpu_ffd`, its NumPy reference
+here, or the fused CUDA kernel of ``kernels/bspline.cu``); the
 scatter to the coefficients is the separable :func:`~gpureg.register.bspline.adjoint`.
 """
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import transform as tf
-from ..core.backend import array_device, to_host, xp_of
+from ..core.backend import array_device, cpu_engine, to_host, xp_of
 from . import bspline
 from .prepare import level_to_fine
 
@@ -131,6 +132,11 @@ class LevelObjective:
 
             return cuda_ffd.residual_gradient(self.fixed, self.moving, coeffs, self.matrix_level,
                                               level=self.level, spacing=self.spacing, mask=self.mask)
+        if cpu_engine() == "numba":
+            from ..core import cpu_ffd
+
+            return cpu_ffd.residual_gradient(self.fixed, self.moving, bspline.evaluate(coeffs, self.weights),
+                                             self.matrix_level, self.scale, mask=self.mask)
         return self._residual_gradient_cpu(coeffs)
 
     def _residual_gradient_cpu(self, coeffs):
