@@ -26,7 +26,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .cpu_kernels import run_planes
+from .cpu_kernels import corner_values, run_planes
 
 __all__ = ["residual_gradient"]
 
@@ -83,7 +83,7 @@ def _corner(q, n):
 
 @nb.njit(nogil=True, cache=True)
 def _ffd_planes(fixed, moving, u, a, inv_scale, mask, use_mask, rg, sse, count, z0, z1):
-    nz, ny, nx = fixed.shape
+    ny, nx = fixed.shape[1], fixed.shape[2]
     mz, my, mx = moving.shape
     for z in range(z0, z1):
         s, c = 0.0, 0
@@ -108,14 +108,7 @@ def _ffd_planes(fixed, moving, u, a, inv_scale, mask, use_mask, rg, sse, count, 
                 iz, fz = _corner(qz, mz)
                 iy, fy = _corner(qy, my)
                 ix, fx = _corner(qx, mx)
-                v000 = np.float64(moving[iz, iy, ix])
-                v001 = np.float64(moving[iz, iy, ix + 1])
-                v010 = np.float64(moving[iz, iy + 1, ix])
-                v011 = np.float64(moving[iz, iy + 1, ix + 1])
-                v100 = np.float64(moving[iz + 1, iy, ix])
-                v101 = np.float64(moving[iz + 1, iy, ix + 1])
-                v110 = np.float64(moving[iz + 1, iy + 1, ix])
-                v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
+                v000, v001, v010, v011, v100, v101, v110, v111 = corner_values(moving, iz, iy, ix)
                 wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
                 dx00, dx01, dx10, dx11 = v001 - v000, v011 - v010, v101 - v100, v111 - v110
                 c00, c01 = v000 + wx * dx00, v010 + wx * dx01

@@ -40,7 +40,7 @@ from .config import config
 from .cuda import N_MONOMIALS, N_TERMS, affine_args, unpack_terms
 from .terms import MetricTerms
 
-__all__ = ["cell_support", "center_of_mass", "downsample2", "mse_terms", "resample_affine", "run_planes",
+__all__ = ["cell_support", "center_of_mass", "corner_values", "downsample2", "mse_terms", "resample_affine", "run_planes",
            "set_threads", "threads", "use_threads"]
 
 _ROW_TERMS = 26  # kS0..kCount of voxel_math.cuh
@@ -219,6 +219,14 @@ def _row_base(aff, ez, y):
 
 
 @nb.njit(inline="always", cache=True)
+def corner_values(vol, iz, iy, ix):
+    """The 8 values of the cell with lower corner ``(iz, iy, ix)`` as float64, x fastest (v000, v001, ... v111)."""
+    return (np.float64(vol[iz, iy, ix]), np.float64(vol[iz, iy, ix + 1]), np.float64(vol[iz, iy + 1, ix]),
+            np.float64(vol[iz, iy + 1, ix + 1]), np.float64(vol[iz + 1, iy, ix]), np.float64(vol[iz + 1, iy, ix + 1]),
+            np.float64(vol[iz + 1, iy + 1, ix]), np.float64(vol[iz + 1, iy + 1, ix + 1]))
+
+
+@nb.njit(inline="always", cache=True)
 def _cell(b, u, n):
     # cell_1d of voxel_math.cuh: lower corner in [0, n - 2], fraction, inside [0, n - 1].
     uc = min(max(u, -_LIM), _LIM)
@@ -262,14 +270,7 @@ def _mse_planes(fixed, moving, mask, use_mask, support, use_support, aff, hessia
                     continue
                 # float64 from here on (the header stays in float32): exact at integer
                 # positions, as the NumPy reference (identity gives r = 0 exactly)
-                v000 = np.float64(moving[iz, iy, ix])
-                v001 = np.float64(moving[iz, iy, ix + 1])
-                v010 = np.float64(moving[iz, iy + 1, ix])
-                v011 = np.float64(moving[iz, iy + 1, ix + 1])
-                v100 = np.float64(moving[iz + 1, iy, ix])
-                v101 = np.float64(moving[iz + 1, iy, ix + 1])
-                v110 = np.float64(moving[iz + 1, iy + 1, ix])
-                v111 = np.float64(moving[iz + 1, iy + 1, ix + 1])
+                v000, v001, v010, v011, v100, v101, v110, v111 = corner_values(moving, iz, iy, ix)
                 wx, wy, wz = np.float64(fx), np.float64(fy), np.float64(fz)
                 dx00 = v001 - v000
                 dx01 = v011 - v010

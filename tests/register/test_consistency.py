@@ -6,8 +6,13 @@ import pytest
 
 import gpureg
 from gpureg.core import transform as tf
-from gpureg.register.consistency import (series_positions, smooth_affines, smooth_coefficients, smooth_corrections,
-                                         smooth_series)
+from gpureg.register.consistency import (
+    series_positions,
+    smooth_affines,
+    smooth_coefficients,
+    smooth_corrections,
+    smooth_series,
+)
 
 N, SHAPE = 15, (32, 32, 32)
 
@@ -81,7 +86,7 @@ def test_smooth_corrections_follow_a_slow_relative_motion_on_the_smoothed_global
     out = smooth_corrections(glob, fits, glob, np.arange(N), window=6, pin=N - 1)
     mask = np.zeros(SHAPE, bool)
     mask[16:24, 8:16, 14:22] = True
-    err = lambda ms: np.mean([gpureg.displacement_error(m, t, mask=mask)[0] for m, t in zip(ms, truth)])  # noqa: E731
+    err = lambda ms: np.mean([gpureg.displacement_error(m, t, mask=mask)[0] for m, t in zip(ms, truth)])
     assert err(out) < 0.6 * err(fits), (err(fits), err(out))
     np.testing.assert_allclose(out[-1], np.eye(4), atol=1e-12)
 
@@ -120,7 +125,23 @@ def test_pipeline_applies_the_smoothed_transforms(tmp_path):
     assert np.abs(raw[:-1, :3, :3] - used[:-1, :3, :3]).max() > 1e-5
     np.testing.assert_array_equal(used[-1], np.eye(4))
     _, labels = gpureg.two_particle_phantom(SHAPE, return_labels=True)
-    err = lambda ms: np.array([gpureg.displacement_error(m, t, mask=labels > 0)[0] for m, t in zip(ms, truth)])  # noqa: E731
+    err = lambda ms: np.array([gpureg.displacement_error(m, t, mask=labels > 0)[0] for m, t in zip(ms, truth)])
     # The truth's linear part is smooth, so smoothing the fits' linear parts brings them closer to it
     # (measured: mean 0.054 -> 0.016 voxel over the energies).
     assert err(used).mean() < 0.7 * err(raw).mean(), (err(raw), err(used))
+
+
+def test_apply_piecewise_guard_gives_contacts_the_background_transform():
+    vol = np.random.default_rng(8).random((12, 12, 12)).astype(np.float32)
+    labels = np.zeros((12, 12, 12), np.int32)
+    labels[2:10, 2:6, 2:10], labels[2:10, 6:10, 2:10] = 1, 2  # two particles touching along y = 5 | 6
+    shift = np.eye(4)
+    shift[:3, 3] = (0.0, 0.0, 1.0)
+    moves = np.stack([np.eye(4), shift, shift])  # background identity, both particles shifted by one voxel in x
+    out = gpureg.apply_piecewise(vol, moves, labels, guard=2, device="cpu")
+    plain = gpureg.apply_piecewise(vol, moves, labels, device="cpu")
+    near = (labels > 0) & (np.abs(np.arange(12)[None, :, None] - 5.5) < 2)  # y = 4..7: within 2 of the other label
+    np.testing.assert_array_equal(out[near], vol[near])  # background (identity) there
+    np.testing.assert_array_equal(out[~near], plain[~near])
+    with pytest.raises(ValueError, match="guard"):
+        gpureg.apply_piecewise(vol, moves, labels, guard=-1)
