@@ -124,8 +124,10 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
         reference its own (Larch's per-spectrum default). A common E0 keeps
         the normalisation one linear map, so a mixture normalises to the
         mixture of the normalised references (measured on real Fe K-edge
-        spectra: three-reference fractions within 0.002 RMS noise-free with or
-        without ``sum_to_one``, against 0.03 with ``"each"``).
+        spectra on a TXM grid, FeSO4 + Fe foil + goethite: 0.005 RMS
+        noise-free with or without ``sum_to_one``, fitted sums within 1e-4;
+        ``"each"``: 0.0034 but sums off by up to 2 %, 0.0085 with
+        ``sum_to_one``).
     column : str, optional
         Column to read from reference files (see
         :func:`~gpureg.xanes.references.load_references`).
