@@ -1,4 +1,5 @@
-"""Figures of a per-particle run: MSE per energy (global vs per-particle) and the two edge-energy maps side by side."""
+"""Figures of a per-particle or deformable run: MSE per energy (global vs per-particle), edge-energy maps side by
+side, and the difference between a mode's map and the affine map."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 
 from .common import new_figure, save_figure
 
-__all__ = ["edge_maps_figure", "particle_mse_figure"]
+__all__ = ["difference_map_figure", "edge_maps_figure", "particle_mse_figure"]
 
 _DPI = 120
 
@@ -51,4 +52,19 @@ def edge_maps_figure(maps, path):
     axes[0].set_ylabel("y (voxel)")
     fig.colorbar(im, ax=list(axes), shrink=0.85).set_label("Edge energy (eV)")
     fig.suptitle(f"Edge energy, z = {z}")
+    return save_figure(fig, path, _DPI)
+
+
+def difference_map_figure(difference, path, *, title: str):
+    """A map difference (eV, NaN outside) at the z-plane with most valid voxels, on a symmetric diverging scale."""
+    z = int(np.argmax(np.isfinite(difference).sum(axis=(1, 2))))
+    vals = np.abs(difference[z][np.isfinite(difference[z])])
+    lim = float(np.percentile(vals, 99)) if vals.size else 1.0
+    fig, ax = new_figure((5.4, 4.6), _DPI)
+    ax.set_facecolor("0.15")
+    im = ax.imshow(difference[z], cmap="RdBu_r", vmin=-max(lim, 1e-3), vmax=max(lim, 1e-3), interpolation="nearest")
+    ax.set_xlabel("x (voxel)")
+    ax.set_ylabel("y (voxel)")
+    fig.colorbar(im, ax=ax, shrink=0.85).set_label("Edge energy difference (eV)")
+    ax.set_title(f"{title}, z = {z}", fontsize=10)
     return save_figure(fig, path, _DPI)

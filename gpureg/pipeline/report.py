@@ -59,6 +59,8 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     figures += df_figures
     al_figures, al_summary, al_lines = _alignment_report(result_h5, outdir)  # nothing without --align-projections
     figures += al_figures
+    md_figures, md_summary, md_lines = _mode_report(result_h5, outdir)  # nothing without /xanes_global
+    figures += md_figures
     res = read_result(result_h5)
     attrs = res.attrs
     with ResultFile(result_h5) as rf:
@@ -90,6 +92,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     summary.update(pp_summary)
     summary.update(df_summary)
     summary.update(al_summary)
+    summary.update(md_summary)
     with atomic_path(outdir / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
     used = ~np.isin(res.energies, list(res.excluded))
@@ -112,12 +115,58 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     for pname, st in xanes.items():
         lines.append(f"- {pname}: {st['voxels']} voxels, edge energy median {st['edge_energy_median_ev']:.2f} eV "
                      f"(IQR {st['edge_energy_iqr_ev']:.2f} eV)")
-    lines += pp_lines + df_lines + al_lines
+    lines += pp_lines + df_lines + al_lines + md_lines
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", "Numbers: [summary.json](summary.json)", ""]
     with atomic_path(outdir / "report.md") as tmp:
         Path(tmp).write_text("\n".join(lines))
     return figures
+
+
+def _mode_report(result_h5, outdir):
+    """The map of a per-particle or deformable run against the affine-only map of the same run (``/xanes_global``).
+
+    ``edge_energy_mode_minus_affine.png``: the difference map; summary ``mode_vs_affine``: per particle the
+    median edge energy of each map (and of the truth, for simulated data), the difference's median and
+    95th percentile, and each map's error against the truth where both maps have a value.
+    """
+    from ..figures.particles import difference_map_figure
+
+    with ResultFile(result_h5) as rf:
+        h5 = rf.h5
+        if "xanes_global/edge_energy" not in h5 or "xanes/edge_energy" not in h5:
+            return [], {}, []
+        mode = "per-particle" if "registration/particle_mse" in h5 else "deformable"
+        maps = {name: np.where(h5[f"{grp}/mask"][...].astype(bool), h5[f"{grp}/edge_energy"][...], np.nan)
+                for name, grp in (("affine", "xanes_global"), (mode, "xanes"))}
+        labels = h5["xanes/labels"][...] if "xanes/labels" in h5 else None
+        truth = h5["truth/edge_energy"][...] if "truth/edge_energy" in h5 else None
+    both = np.isfinite(maps["affine"]) & np.isfinite(maps[mode])
+    diff = np.where(both, maps[mode] - maps["affine"], np.nan)
+    out = {"mode": mode, "difference_median_ev": float(np.median(diff[both])) if both.any() else float("nan"),
+           "difference_abs_p95_ev": float(np.percentile(np.abs(diff[both]), 95)) if both.any() else float("nan"),
+           "particles": {}}
+    for lab in ([] if labels is None else np.unique(labels[labels > 0])):
+        sel = both & (labels == lab)
+        if sel.any():
+            out["particles"][f"particle {int(lab)}"] = {
+                "voxels": int(sel.sum()), **{f"{k}_median_ev": float(np.median(m[sel])) for k, m in maps.items()},
+                **({"truth_median_ev": float(np.nanmedian(truth[sel]))} if truth is not None else {})}
+    lines = [f"- {mode} map vs the affine map of the same run: difference median {out['difference_median_ev']:+.3f} "
+             f"eV, 95th percentile of |difference| {out['difference_abs_p95_ev']:.3f} eV; per particle, median "
+             "edge energy affine -> " + mode + ": " + ", ".join(
+                 f"{k} {v['affine_median_ev']:.2f} -> {v[mode + '_median_ev']:.2f} eV" for k, v in out["particles"].items())]
+    if truth is not None and truth.shape == diff.shape:
+        sel = both & np.isfinite(truth)
+        if sel.any():
+            err = {k: np.abs(m[sel] - truth[sel]) for k, m in maps.items()}
+            out["truth_error_ev"] = {k: {"median": float(np.median(v)), "p95": float(np.percentile(v, 95))}
+                                     for k, v in err.items()}
+            lines.append("- edge energy vs ground truth (same voxels), median / 95th percentile |error|: " + ", ".join(
+                f"{k} {v['median']:.3f} / {v['p95']:.3f} eV" for k, v in out["truth_error_ev"].items()))
+    path = difference_map_figure(diff, Path(outdir) / "edge_energy_mode_minus_affine.png",
+                                 title=f"{mode} minus affine edge energy")
+    return [Path(path)], {"mode_vs_affine": out}, lines
 
 
 def _chemistry_figures(result_h5, outdir):

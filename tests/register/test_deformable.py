@@ -249,6 +249,9 @@ def test_pipeline_deformable_stores_coefficients_and_reports(tmp_path):
     assert np.isfinite(aligned).all()
     summary = json.loads((res.report_dir / "summary.json").read_text())
     assert "deformation.png" in summary["figures"] and summary["deformable"]["folded_voxels"] == 0
+    # Series smoothing (default): the affine-only map of the same run is kept and compared
+    assert "edge_energy_mode_minus_affine.png" in summary["figures"]
+    assert summary["mode_vs_affine"]["mode"] == "deformable" and "truth_error_ev" in summary["mode_vs_affine"]
     assert (res.report_dir / "deformation.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not combined"):
         RunOptions(deformable=True, per_particle=True)

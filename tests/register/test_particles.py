@@ -290,7 +290,9 @@ def test_pipeline_per_particle(series, tmp_path):
     assert own[:-1].mean() < 0.6 * glob[:-1].mean(), (glob, own)
     summary = json.loads((res.report_dir / "summary.json").read_text())
     assert summary["parameters"]["per_particle"] and summary["per_particle"]["particles"] == 2
-    for name in ("particle_mse_per_energy.png", "edge_energy_global_vs_particles.png"):
+    assert summary["mode_vs_affine"]["mode"] == "per-particle" and len(summary["mode_vs_affine"]["particles"]) == 2
+    for name in ("particle_mse_per_energy.png", "edge_energy_global_vs_particles.png",
+                 "edge_energy_mode_minus_affine.png"):
         assert (res.report_dir / name).stat().st_size > 10_000, name
     assert "per-particle registration" in (res.report_dir / "report.md").read_text()
 
