@@ -84,9 +84,11 @@ def directory(folder, log):
 
 
 def catalog(folder, readable, log):
-    """``tiled serve catalog`` on ``folder/catalog.db`` (writable into ``folder/data``), reading ``readable``."""
+    """``tiled serve catalog`` on ``folder/catalog.db`` (arrays written into ``folder/data``, tables into
+    ``folder/tables.sqlite``), reading ``readable``."""
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     db = folder / "catalog.db"
     init = [] if db.exists() else ["--init"]
-    return TiledServer(["catalog", str(db), *init, "--write", str(folder / "data"), "--read", str(readable)], log)
+    return TiledServer(["catalog", str(db), *init, "--write", str(folder / "data"), "--write",
+                        f"sqlite:///{folder / 'tables.sqlite'}", "--read", str(readable)], log)

@@ -182,14 +182,17 @@ def demo(
 @app.command("watch")
 @friendly
 def watch_cmd(
-    directory: Path = typer.Argument(..., help="Folder the acquisition writes per-energy files into."),
+    directory: str = typer.Argument(..., help="Folder the acquisition writes per-energy files into, or the Tiled URI "
+                                             "of a Bluesky run (http://HOST:PORT/api/v1/metadata/UID)."),
     output: Path = typer.Argument(..., help="Result HDF5 written when the series ends."),
     pattern: str = typer.Option("*.h5", "--pattern", help="Glob of the per-energy files."),
     expect: Optional[int] = typer.Option(None, "--expect", help="Stop after this many energies."),
     idle_timeout: Optional[float] = typer.Option(None, "--idle-timeout", help="Stop after this many seconds without a "
                                                                               "new energy."),
     settle: float = typer.Option(2.0, "--settle", help="Seconds a file must stay unchanged before it is read."),
-    poll: float = typer.Option(1.0, "--poll", help="Seconds between folder scans."),
+    poll: Optional[float] = typer.Option(None, "--poll", help="Seconds between folder scans (default 1); for a Tiled "
+                                                              "run the shortest interval between reads (default "
+                                                              "0.25), backing off to 2 s while nothing changes."),
     device: Device = DeviceOpt,
     reference: str = typer.Option("highest", "--reference",
                                   help="Final reference energy: highest | lowest | energy in eV (while watching, "
@@ -210,12 +213,25 @@ def watch_cmd(
     compression: str = CompressionOpt,
     store_dtype: str = StoreDtypeOpt,
     denoise_spectra: str = DenoiseSpectraOpt,
+    publish: Optional[str] = typer.Option(None, "--publish", metavar="URI",
+                                          help="Tiled container to publish the result into (edge-energy map, aligned "
+                                               "stack, registration table; metadata links the run's uid)."),
+    outage_timeout: float = typer.Option(600.0, "--outage-timeout", help="Tiled run: seconds an unreachable server "
+                                                                         "is retried before the watch stops "
+                                                                         "(resumable)."),
+    api_key_file: Optional[Path] = ApiKeyFileOpt,
 ):
-    """Process energies as their files appear; ends on --expect, a DONE file, --idle-timeout or Ctrl-C (the same
-    command resumes). Hidden and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are
-    skipped with a warning and tried again."""
+    """Process energies as their files appear, or as a Bluesky run in Tiled acquires them; ends on --expect, a DONE
+    file (folder) or the run's stop document, --idle-timeout or Ctrl-C (the same command resumes). Folder: hidden
+    and temporary names (.*, ~*, *.tmp, *.part) are ignored; unreadable files are skipped with a warning and tried
+    again."""
+    from ..io.base import is_uri
     from ..pipeline.watch import watch_folder
 
+    use_api_key_file(api_key_file)
+    live = is_uri(directory)
+    if publish is not None and not live:
+        raise typer.BadParameter("--publish is for a Tiled run (watch URI ...)", param_hint="--publish")
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, ramp=ramp,
                           model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
@@ -227,8 +243,20 @@ def watch_cmd(
         typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV registered in {ev['latency_s']:.2f} s "
                    f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {ev['count']} energies so far)")
 
-    res = watch_folder(directory, output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
-                overwrite=overwrite, on_energy=on_energy, settle=settle, poll=poll)
+    def on_run_energy(ev):
+        typer.echo(f"{ev['source']}: registered {ev['after_last_frame_s']:.2f} s after its last frame (processing "
+                   f"{ev['processing_s']:.2f} s; MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; "
+                   f"{ev['count']} energies so far)")
+
+    if live:
+        from ..pipeline.live import follow_run
+
+        res = follow_run(directory, output, options, expect=expect, idle_timeout=idle_timeout, overwrite=overwrite,
+                         on_energy=on_run_energy, poll=0.25 if poll is None else poll, publish=publish,
+                         outage_timeout=outage_timeout)
+    else:
+        res = watch_folder(Path(directory), output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
+                           overwrite=overwrite, on_energy=on_energy, settle=settle, poll=1.0 if poll is None else poll)
     _print_result(res)
 
 

@@ -239,6 +239,7 @@ class TiledGroup:
     def __init__(self, node, uri):
         self._node, self.uri = node, uri.rstrip("/")
         self.attrs = dict(node.metadata)
+        self.node = node
         self._keys = None
         self._children = {}
 

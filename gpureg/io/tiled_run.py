@@ -60,7 +60,10 @@ class BlueskyRun(InputReader):
         self.theta, self.shape = None, (0, 0, 0)
         self.stopped = False
         self.bad = {}
-        self._segments = []  # complete energies, in acquisition order
+        self._segments = []  # complete energies, ascending
+        self._cols = {}  # stream -> energy/time/angle columns read so far
+        self.acquired = []  # complete energies (eV), in acquisition order
+        self.n_frames = 0  # frames seen so far, all streams
         self.refresh()
 
     # --- reading the run ----------------------------------------------------------------
@@ -69,13 +72,15 @@ class BlueskyRun(InputReader):
         run = self._run
         translate_errors(run.refresh, self.path)
         self.stopped = "stop" in run.metadata
-        keys = translate_errors(lambda: list(run), self.path)
+        streams = TiledGroup(run, self.path)  # one listing: every stream's node and metadata
+        keys = streams.keys()
         if "primary" not in keys:
             return []
-        prim = self._stream(run, "primary", need_angle=True)
-        flats = next((self._stream(run, k) for k in FLAT_STREAMS if k in keys), None)
-        darks = next((self._stream(run, k) for k in DARK_STREAMS if k in keys), None)
+        prim = self._stream(streams, "primary", need_angle=True)
+        flats = next((self._stream(streams, k) for k in FLAT_STREAMS if k in keys), None)
+        darks = next((self._stream(streams, k) for k in DARK_STREAMS if k in keys), None)
         self._flats, self._darks, self._prim = flats, darks, prim
+        self.n_frames = sum(st["energy"].size for st in (prim, flats, darks) if st is not None)
         e, t = prim["energy"], prim["time"]
         if not e.size:
             return []
@@ -98,6 +103,7 @@ class BlueskyRun(InputReader):
                 self.bad[round(energy, 3)] = reason
                 continue
             self._segments.append(seg)
+            self.acquired.append(energy)
             new.append(energy)
         if new:
             order = np.argsort([s["energy"] for s in self._segments], kind="stable")
@@ -125,11 +131,12 @@ class BlueskyRun(InputReader):
                 return f"angles differ from those at {first['energy']:.2f} eV by up to {spread:.3g} degrees"
         return None
 
-    def _stream(self, run, name, need_angle=False):
-        """Columns of one stream: energy (eV), time, angle (degrees), image dataset, frame shape."""
+    def _stream(self, streams, name, need_angle=False):
+        """Columns of one stream: energy (eV), time, angle (degrees), image dataset, frame shape (only rows not
+        read before are fetched)."""
         where = f"{self.path}/{name}"
-        node = translate_errors(lambda: run[name], where)
-        group = TiledGroup(node, where)
+        group = streams[name]
+        base = {"node": group.node}
         dk = dict(group.attrs.get("data_keys", {}))
         image = _pick(dk, lambda k, v: len(v.get("shape") or ()) == 2)
         energy = _pick(dk, lambda k, v: "energy" in k.lower() and not (v.get("shape") or ()))
@@ -143,23 +150,32 @@ class BlueskyRun(InputReader):
                              f"{sorted(dk)}; expected a tomography scan")
         keys = group.keys()
         if image not in keys:  # declared, not yet written
-            return {"energy": np.zeros(0), "time": np.zeros(0), "angle": np.zeros(0), "image": None,
+            return {**base, "energy": np.zeros(0), "time": np.zeros(0), "angle": np.zeros(0), "image": None,
                     "frame": tuple(dk[image]["shape"])}
         img = group[image]
         n = min(img.shape[0], *(int(group[c].shape[0]) for c in (energy, "time") if c in keys))
-        e = np.asarray(group[energy][:n], dtype=np.float64)
-        units = str(dk[energy].get("units") or "").lower()
-        if units == "kev" or (units != "ev" and e.size and np.nanmax(e) < 200.0):
-            e = e * 1000.0
-        out = {"energy": e, "time": np.asarray(group["time"][:n], dtype=np.float64), "image": img,
-               "frame": tuple(int(s) for s in img.shape[1:])}
-        if angle is not None:
-            a = np.asarray(group[angle][:n], dtype=np.float64)
-            unit = str(dk[angle].get("units") or "").lower()
-            out["angle"] = np.rad2deg(a) if unit in ("rad", "radian", "radians") else a
-        return out
+        cols = self._cols.setdefault(name, {"energy": np.zeros(0), "time": np.zeros(0), "angle": np.zeros(0)})
+        have = cols["time"].size
+        if n > have:
+            e = np.asarray(group[energy][have:n], dtype=np.float64)
+            units = str(dk[energy].get("units") or "").lower()
+            if units == "kev" or (units != "ev" and e.size and np.nanmax(e) < 200.0):
+                e = e * 1000.0
+            cols["energy"] = np.concatenate([cols["energy"], e])
+            cols["time"] = np.concatenate([cols["time"], np.asarray(group["time"][have:n], dtype=np.float64)])
+            if angle is not None:
+                a = np.asarray(group[angle][have:n], dtype=np.float64)
+                unit = str(dk[angle].get("units") or "").lower()
+                cols["angle"] = np.concatenate([cols["angle"], np.rad2deg(a) if unit in ("rad", "radian", "radians")
+                                                else a])
+        return {**base, **{k: v[:n] for k, v in cols.items()}, "image": img,
+                "frame": tuple(int(s) for s in img.shape[1:])}
 
     # --- InputReader ---------------------------------------------------------------------
+    def index_of(self, energy) -> int:
+        """Index (in :attr:`energies`) of a complete energy (eV)."""
+        return int(np.argmin(np.abs(self.energies - float(energy))))
+
     def last_frame_time(self, i) -> float:
         """Time stamp (epoch s) of energy ``i``'s last projection."""
         return self._segments[self._index(i)]["last_frame"]
