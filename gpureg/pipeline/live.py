@@ -148,8 +148,9 @@ def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_pol
                 _log.warning("gpureg: watch: %.2f eV left out: %s", energy, str(exc).splitlines()[0])
                 done.add(round(energy, 3))
                 continue
+            aligned = loader.alignments.pop(i, None)  # per-projection shifts, with --align-projections
             reference, event = register_arrival(state, f"{energy:.2f} eV", energy, vol, reference, options, dev,
-                                                seen)
+                                                seen, alignment=None if aligned is None else (aligned, reader.theta))
             done.add(round(energy, 3))
             event["processing_s"] = time.monotonic() - seen
             event["after_last_frame_s"] = time.time() - reader.last_frame_time(i)
