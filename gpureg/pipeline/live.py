@@ -19,15 +19,16 @@ import json
 import logging
 import shutil
 import time
+from pathlib import Path
 
-from ..io.files import BadEnergyError, InputError
+from ..io.files import BadEnergyError, InputError, atomic_path
 from ..io.lock import OutputLock
 from ..io.results import lock_path, watch_dir
 from ..io.tiled import connect, describe_node, is_bluesky_run, normalize_uri, retrying, set_outage_limit
 from ..io.tiled_run import BlueskyRun
 from .options import RunOptions, resolve_devices
 from .steps import Loader, check_output
-from .watch import WatchState, finish_watch, provisional_reference, register_arrival
+from .watch import WatchState, finish_watch, provisional_reference, register_arrival, watch_options
 
 __all__ = ["follow_run"]
 
@@ -71,12 +72,7 @@ def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | 
     -------
     gpureg.pipeline.PipelineResult
     """
-    if options is None:
-        options = RunOptions().replace(**settings)
-    elif settings:
-        raise TypeError(f"follow_run: give either options or keyword settings, not both ({sorted(settings)})")
-    if options.scheduler or options.per_particle:
-        raise ValueError("watch registers on this machine as energies arrive: not with a scheduler or per_particle")
+    options = watch_options(options, settings, "follow_run")
     uri = normalize_uri(str(uri)).rstrip("/")
     check_output(output, overwrite)
     set_outage_limit(outage_timeout)
@@ -120,7 +116,8 @@ def _claim(state, reader):
             raise InputError(f"{state.folder}: holds the watch state of run {uid}, not of {reader.uid}; pass "
                              "--overwrite to start over")
     else:
-        marker.write_text(json.dumps({"run_uid": reader.uid, "source": str(reader.path)}))
+        with atomic_path(marker) as tmp:
+            Path(tmp).write_text(json.dumps({"run_uid": reader.uid, "source": str(reader.path)}))
 
 
 def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_poll, outage_timeout, on_energy):

@@ -39,7 +39,7 @@ from .runner import run
 from .steps import Loader, check_output
 
 __all__ = ["WatchState", "finish_watch", "is_temporary", "provisional_reference", "register_arrival", "rereference",
-           "watch_folder"]
+           "watch_folder", "watch_options"]
 
 _log = logging.getLogger("gpureg")
 _ALIGNMENT_SCALARS = ("iterations", "error_before", "error_after", "seconds", "applied", "status", "reason")
@@ -170,12 +170,7 @@ def watch_folder(directory, output, options: RunOptions | None = None, *, patter
     ``KeyboardInterrupt`` (SIGINT): what was done stays in ``OUTPUT.watch/`` and
     the same command resumes it.
     """
-    if options is None:
-        options = RunOptions().replace(**settings)
-    elif settings:
-        raise TypeError(f"watch_folder: give either options or keyword settings, not both ({sorted(settings)})")
-    if options.scheduler or options.per_particle:
-        raise ParameterError("watch registers on this machine as files arrive: not with a scheduler or per_particle")
+    options = watch_options(options, settings, "watch_folder")
     directory, output = Path(directory), Path(output)
     if not directory.is_dir():
         raise InputError(f"{directory}: not a folder")
@@ -211,6 +206,18 @@ def is_temporary(name: str) -> bool:
     """Hidden or temporary file names a writer uses before its final rename (``.*``, ``~*``, ``*.tmp``, ``*.part``)."""
     low = name.lower()
     return name.startswith((".", "~")) or low.endswith((".tmp", ".part", ".partial", "~"))
+
+
+def watch_options(options, settings, caller) -> RunOptions:
+    """The :class:`RunOptions` of a watch: ``options``, or ``RunOptions(**settings)``; what a watch cannot do refused."""
+    if options is None:
+        options = RunOptions().replace(**settings)
+    elif settings:
+        raise TypeError(f"{caller}: give either options or keyword settings, not both ({sorted(settings)})")
+    if options.scheduler or options.per_particle:
+        raise ParameterError("watch registers on this machine as energies arrive: not with a scheduler or "
+                             "per_particle")
+    return options
 
 
 def register_arrival(state, source, energy, vol, reference, options, device, seen_at, alignment=None):

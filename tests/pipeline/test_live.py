@@ -91,7 +91,7 @@ def live(tmp_path_factory):
         rc = watchers[-1].wait(timeout=600)
         for log in logs:
             log.close()
-        yield {"server": server, "uid": uid, "rc": rc, "out": out, "folder": folder, "client": client,
+        yield {"server": server, "uid": uid, "rc": rc, "out": out, "folder": folder, "client": client, "arrays": a,
                "log": (folder / "watch1.log").read_text(), "first_log": (folder / "watch0.log").read_text(), **state}
     finally:
         for w in watchers:
@@ -143,3 +143,19 @@ def test_published_result_links_the_run(live):
         table = node["registration"].read()
         np.testing.assert_allclose(table["energy_ev"], h5["energy"][()])
         np.testing.assert_allclose(table["m03"], h5["registration/matrix"][:, 0, 3])
+
+
+def test_the_finished_run_reads_as_the_scan_it_recorded(live, monkeypatch):
+    """``gpureg run``/``info`` on a run URI: the frames, energies (mono readings, keV -> eV) and angles written."""
+    from gpureg.io import open_input
+
+    monkeypatch.setenv("TILED_API_KEY", KEY)
+    a = live["arrays"]
+    with open_input(f"{live['server'].uri}/{live['uid']}") as r:
+        assert "Bluesky run" in r.layout and r.stopped and not r.bad
+        np.testing.assert_allclose(r.energies, ENERGIES, atol=1e-6)
+        np.testing.assert_allclose(r.theta, a["theta"], atol=1e-9)
+        for i in (0, 4):
+            np.testing.assert_array_equal(r.projections(i), a["data"][i])
+            np.testing.assert_array_equal(r.flat(i), a["data_white"][i])
+            np.testing.assert_array_equal(r.dark(i), a["data_dark"])
