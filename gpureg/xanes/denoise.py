@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import to_host
+from ..core.errors import InputError, ParameterError
 from .spectra import spectra_matrix
 
 __all__ = ["DENOISE", "SpectralBasis", "denoise_spectra", "parse_denoise", "project", "spectral_basis"]
@@ -77,7 +78,7 @@ def parse_denoise(value):
         return None
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         if value < 1:
-            raise ValueError(f"denoise_spectra must be 'auto', 'off' or a number of components >= 1, got {value!r}")
+            raise ParameterError(f"denoise_spectra must be 'auto', 'off' or a number of components >= 1, got {value!r}")
         return int(value)
     text = str(value).strip().lower()
     if text in ("off", "none", "0", "false"):
@@ -86,7 +87,7 @@ def parse_denoise(value):
         return "auto"
     if text.isdigit():
         return parse_denoise(int(text))
-    raise ValueError(f"denoise_spectra must be 'auto', 'off' or a number of components >= 1, got {value!r}")
+    raise ParameterError(f"denoise_spectra must be 'auto', 'off' or a number of components >= 1, got {value!r}")
 
 
 def spectral_basis(sample, components="auto", *, max_components: int = 20) -> SpectralBasis:
@@ -108,7 +109,7 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20) -> Sp
     xp, X, _ = spectra_matrix(sample, np.arange(sample.shape[0]), "spectral_basis")
     n, M = X.shape
     if M < 2:
-        raise ValueError(f"spectral_basis: need at least 2 voxel spectra, got {M}")
+        raise InputError(f"spectral_basis: need at least 2 voxel spectra, got {M}")
     mean = X.astype(xp.float64).mean(axis=1)
     Xc = X - mean.astype(xp.float32)[:, None]
     G = np.asarray(to_host(Xc @ Xc.T), dtype=np.float64) / M
@@ -123,7 +124,7 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20) -> Sp
     else:
         k, thr = int(components), float("nan")
         if not 1 <= k < n:
-            raise ValueError(f"spectral_basis: components must be 1..{n - 1} (n_energy - 1), got {components!r}")
+            raise ParameterError(f"spectral_basis: components must be 1..{n - 1} (n_energy - 1), got {components!r}")
     return SpectralBasis(mean=np.asarray(to_host(mean), dtype=np.float64), components=V[:, :k], eigenvalues=w,
                          threshold=thr, n_voxels=int(M))
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..core.energies import check_energies
+from ..core.errors import InputError, ParameterError
 from .e0 import find_e0_index
 from .preedge import fit_ranges, normalisation_functionals, pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump, fine_region, snap_range, spectra_matrix
@@ -106,7 +107,7 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
                           "middle of the grid (pass e0= or pre=/post= to choose)", stacklevel=2)
     e0 = float(e0)
     if not E[1] <= e0 <= E[-2]:
-        raise ValueError(f"edge_ranges: e0={e0:g} eV must lie inside the grid {E[1]:g}..{E[-2]:g} eV")
+        raise InputError(f"edge_ranges: e0={e0:g} eV must lie inside the grid {E[1]:g}..{E[-2]:g} eV")
     if pre is None or post is None:
         r = fit_ranges(E, e0, fit="spline")
         auto_pre = (max(E[0], e0 + r["pre1"]), e0 + r["pre2"])
@@ -120,10 +121,10 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
     pre = snap_range(E, pre, "pre")
     post = snap_range(E, post, "post")
     if pre[1] >= post[0]:
-        raise ValueError(f"edge_ranges: pre-edge range {pre} must end below the post-edge range {post}")
+        raise ParameterError(f"edge_ranges: pre-edge range {pre} must end below the post-edge range {post}")
     i_lo, i_hi = int(np.searchsorted(E, pre[1])), int(np.searchsorted(E, post[0]))
     if i_hi - i_lo < 2:
-        raise ValueError(f"edge_ranges: no energy lies between the pre-edge range {pre} and the post-edge range "
+        raise InputError(f"edge_ranges: no energy lies between the pre-edge range {pre} and the post-edge range "
                          f"{post}; the edge cannot be located")
     return {"pre": pre, "post": post, "e0": e0, "rule": rule}
 
@@ -184,9 +185,9 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         method or ranges.
     """
     if method not in METHODS:
-        raise ValueError(f"edge_energy: method must be one of {METHODS}, got {method!r}")
+        raise ParameterError(f"edge_energy: method must be one of {METHODS}, got {method!r}")
     if smooth is None or not smooth >= 0:
-        raise ValueError(f"edge_energy: smooth must be >= 0 eV, got {smooth!r}")
+        raise ParameterError(f"edge_energy: smooth must be >= 0 eV, got {smooth!r}")
     E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     xp, mu, out_shape = spectra_matrix(spectra, E, "edge_energy")
     if mask is not None:
@@ -198,7 +199,7 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
     finite = xp.isfinite(mu.sum(axis=0))
     n_finite = int(finite.sum())
     if n_finite == 0:
-        raise ValueError(f"edge_energy: none of the {mu.shape[1]} spectra is finite at every energy "
+        raise InputError(f"edge_energy: none of the {mu.shape[1]} spectra is finite at every energy "
                          f"(all voxels NaN/inf)")
     if n_finite < mu.shape[1]:
         mu = xp.where(finite[None, :], mu, xp.float32(0))

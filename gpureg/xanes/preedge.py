@@ -61,6 +61,7 @@ import functools
 import numpy as np
 
 from ..core.energies import check_energies
+from ..core.errors import InputError, ParameterError
 from .e0 import find_e0_index
 from .spectra import MIN_ENERGIES, spectra_matrix
 
@@ -117,7 +118,7 @@ def pre_edge(spectra, energies, *, e0: float | None = None, pre1: float | None =
     xp, mu, vox = spectra_matrix(spectra, E, "pre_edge")
     n, N = mu.shape
     if n < 10 and e0 is None:
-        raise ValueError(f"pre_edge: finding E0 needs at least 10 energies, got {n} (pass e0=)")
+        raise InputError(f"pre_edge: finding E0 needs at least 10 energies, got {n} (pass e0=)")
     ok = xp.isfinite(mu).all(axis=0)
     if mask is not None:
         m = xp.asarray(mask)
@@ -212,7 +213,7 @@ def fit_ranges(energies, e0: float, *, fit="points", pre1=None, pre2=None, norm1
         lo, hi = rng
         idx = np.flatnonzero((E >= lo - 1e-6) & (E <= hi + 1e-6))
         if idx.size < 2:
-            raise ValueError(f"pre_edge: {key}-edge range {(lo, hi)} eV holds {idx.size} energies; a fit needs at "
+            raise InputError(f"pre_edge: {key}-edge range {(lo, hi)} eV holds {idx.size} energies; a fit needs at "
                              f"least 2 (grid {E[0]:g}..{E[-1]:g} eV)")
         if key == "pre":
             r.update(pre1=float(lo - e0), pre2=float(hi - e0), pre_idx=(int(idx[0]), int(idx[-1]) + 1),
@@ -315,9 +316,9 @@ def _pair(r, name):
     try:
         lo, hi = (float(v) for v in r)
     except (TypeError, ValueError):
-        raise ValueError(f"pre_edge: {name} must be a (low, high) pair of energies in eV, got {r!r}") from None
+        raise ParameterError(f"pre_edge: {name} must be a (low, high) pair of energies in eV, got {r!r}") from None
     if not lo < hi:
-        raise ValueError(f"pre_edge: {name} range must have low < high, got {r!r}")
+        raise ParameterError(f"pre_edge: {name} range must have low < high, got {r!r}")
     return (lo, hi)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.backend import to_host, xp_of
+from ..core.errors import InputError, ParameterError
 
 __all__ = ["MIN_ENERGIES", "auto_min_jump", "fine_region", "snap_range", "spectra_matrix"]
 
@@ -49,12 +50,12 @@ def snap_range(E, r, name):
     try:
         lo, hi = (float(v) for v in r)
     except (TypeError, ValueError):
-        raise ValueError(f"edge_ranges: {name} must be a (low, high) pair of energies in eV, got {r!r}") from None
+        raise ParameterError(f"edge_ranges: {name} must be a (low, high) pair of energies in eV, got {r!r}") from None
     if not lo <= hi:
-        raise ValueError(f"edge_ranges: {name} range must have low <= high, got {r!r}")
+        raise ParameterError(f"edge_ranges: {name} range must have low <= high, got {r!r}")
     sel = E[(E >= lo - 1e-6) & (E <= hi + 1e-6)]
     if sel.size < 2:
-        raise ValueError(f"edge_ranges: {name}-edge range {(lo, hi)} eV holds {sel.size} energies; a fit needs "
+        raise InputError(f"edge_ranges: {name}-edge range {(lo, hi)} eV holds {sel.size} energies; a fit needs "
                          f"at least 2 (grid {E[0]:g}..{E[-1]:g} eV)")
     return (lo, hi)
 
