@@ -130,6 +130,8 @@ def friendly(fn):
             typer.echo(f"gpureg: error: {cli_message(_first_line(exc))}", err=True)
             raise typer.Exit(USER_ERROR) from None
         except Exception as exc:
+            if any(c.__name__ == "ClickException" for c in type(exc).__mro__):  # typer.BadParameter...: main() says it
+                raise
             if type(exc).__name__ == "OutOfMemoryError":  # CuPy's (not importable without CuPy)
                 typer.echo(f"gpureg: error: out of memory: {_first_line(exc)} (try a smaller volume, --device cpu, "
                            "or free GPU memory)", err=True)

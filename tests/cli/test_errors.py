@@ -77,3 +77,9 @@ def test_the_family_stays_catchable_as_before():
     assert issubclass(gpureg.GPUUnavailableError, GpuregError) and issubclass(gpureg.GPUUnavailableError, RuntimeError)
     with pytest.raises(ParameterError, match="filter must be one of"):
         gpureg.pipeline.reconstruct_file("in.h5", "out.h5", filter="nope")
+
+
+def test_a_bad_combination_of_options_is_a_usage_error(tmp_path, capsys):
+    rc, _, err = _main(capsys, "demo", tmp_path / "d", "--per-particle", "--deformable")
+    assert rc == 2 and "internal error" not in err
+    assert err.strip().splitlines()[-1].startswith("gpureg: error: Invalid value: choose --per-particle or --deformable")
