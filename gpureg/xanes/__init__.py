@@ -1,8 +1,9 @@
 """XANES: per-voxel edge energy maps (in slabs), regions of interest, per-particle distributions, model spectra;
-Larch-compatible normalisation, linear-combination fits to references, PCA and k-means clusters."""
+Larch-compatible normalisation, spectral denoising, linear-combination fits to references, PCA and k-means clusters."""
 
 from .chemmap import chemistry_map
 from .cluster import ClusterResult, Components, cluster_spectra, spectral_components
+from .denoise import SpectralBasis, denoise_spectra
 from .edge import METHODS, edge_energy, edge_ranges, normalize
 from .lcf import FitResult, fit_references
 from .model import EDGE_SHAPES, scan_energies, synthetic_spectra
@@ -17,4 +18,5 @@ __all__ = [
     "EDGE_SHAPES", "scan_energies", "synthetic_spectra",
     "pre_edge", "larch_ranges", "Reference", "load_references", "FitResult", "fit_references",
     "ClusterResult", "Components", "cluster_spectra", "spectral_components", "chemistry_map",
+    "SpectralBasis", "denoise_spectra",
 ]
