@@ -219,8 +219,8 @@ def voxel_spectrum(result, index) -> dict:
     pre, post = ranges if ranges is not None else (None, None)
     if np.isfinite(mu).all() and energy.size >= 4 and np.all(np.diff(energy) > 0):
         try:
-            out["norm"] = np.asarray(normalize(mu[:, None].astype(np.float32), energy, pre=pre, post=post),
-                                     dtype=np.float64)[:, 0]
+            out["norm"] = np.asarray(normalize(mu[:, None].astype(np.float32), energy, pre=pre, post=post,
+                                               e0=result.common_e0()), dtype=np.float64)[:, 0]
         except ValueError as exc:  # e.g. fit ranges outside this grid
             _log.info("viewer: spectrum at %s not normalised (%s)", (z, y, x), exc)
     g = result.maps()

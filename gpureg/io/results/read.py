@@ -136,6 +136,17 @@ class ResultFile:
             return None
         return tuple(float(v) for v in g.attrs["pre_ev"]), tuple(float(v) for v in g.attrs["post_ev"])
 
+    def common_e0(self, group: str = "xanes"):
+        """The common E0 (eV) the maps were normalised with (``e0_common_ev``, or ``e0_start_ev`` of
+        ``gpureg xanes``), or ``None`` when not recorded."""
+        g = self.h5.get(group)
+        if g is None:
+            return None
+        for key in ("e0_common_ev", "e0_start_ev"):
+            if key in g.attrs:
+                return float(g.attrs[key])
+        return None
+
     def reference_names(self, n: int, group: str = "xanes") -> list:
         """Names of the ``n`` fitted references (``"0"``, ``"1"``... when the file does not name them)."""
         g = self.h5.get(group)
