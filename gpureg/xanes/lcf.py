@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.backend import to_host
+from ..core.errors import InputError, ParameterError
 from ..core.energies import check_energies
 from .e0 import find_e0_index
 from .preedge import normalisation_functionals, pre_edge
@@ -183,7 +184,7 @@ def fit_references(spectra, energies, references, *, offset: bool = True, sum_to
 
 def _weights(weights):
     if weights not in ("noise", "uniform"):
-        raise ValueError(f"weights must be 'noise' or 'uniform', got {weights!r}")
+        raise ParameterError(f"weights must be 'noise' or 'uniform', got {weights!r}")
     return weights
 
 
@@ -201,7 +202,7 @@ def common_e0(xp, mu, E, e0, *, mask=None, vox=None):
         if e0 == "each":
             return None
         if e0 != "mean":
-            raise ValueError(f"e0 must be a number, 'mean' or 'each', got {e0!r}")
+            raise ParameterError(f"e0 must be a number, 'mean' or 'each', got {e0!r}")
         ok = xp.isfinite(mu).all(axis=0)
         if mask is not None:
             m = xp.asarray(mask).reshape(-1).astype(bool)
@@ -211,11 +212,11 @@ def common_e0(xp, mu, E, e0, *, mask=None, vox=None):
             return None
         mean = to_host(xp.where(ok[None, :], mu, xp.float32(0)).sum(axis=1)) / float(ok.sum())
         if mean.size < 10:
-            raise ValueError(f"e0='mean' needs at least 10 energies to find E0, got {mean.size} (pass e0=)")
+            raise InputError(f"e0='mean' needs at least 10 energies to find E0, got {mean.size} (pass e0=)")
         return float(E[int(find_e0_index(np, mean[:, None].astype(np.float32), E)[0])])
     e0 = float(e0)
     if not E[1] <= e0 <= E[-2]:
-        raise ValueError(f"e0={e0:g} eV must lie inside the scan's energies {E[1]:g}..{E[-2]:g} eV")
+        raise ParameterError(f"e0={e0:g} eV must lie inside the scan's energies {E[1]:g}..{E[-2]:g} eV")
     return e0
 
 
