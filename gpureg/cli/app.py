@@ -94,8 +94,8 @@ def split_references(values) -> tuple:
 
 
 # Library messages name parameters (``overwrite=True``, ``reference=``); the CLI names its flags instead.
-_FLAGS = ("allow_folding", "dataset", "device", "energy_dataset", "overwrite", "reference", "regularization",
-          "scheduler", "skip_bad_energies", "spacing")
+_FLAGS = ("allow_folding", "dataset", "denoise_spectra", "device", "energy_dataset", "overwrite", "reference",
+          "regularization", "scheduler", "skip_bad_energies", "spacing")
 _PARAM_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b|\"[^\"]*\"|'[^']*'|[\w.]+)?")
 
 

@@ -172,6 +172,9 @@ def _check_input(reader, energies, options, output):
         raise InputError(f"{reader.path}: has {energies.size} energies; XANES maps need at least {MIN_ENERGIES}")
     if options.align_projections and reader.kind != "projections":
         raise InputError(f"{reader.path}: holds reconstructions; --align-projections needs projections")
+    if isinstance(options.denoise_spectra, int) and options.denoise_spectra >= energies.size:
+        raise ParameterError(f"denoise_spectra={options.denoise_spectra}: more components than {reader.path}'s "
+                             f"{energies.size} energies allow (at most {energies.size - 1})")
     vol = 4.0 * np.prod(reader.recon_shape)
     proj = 4.0 * np.prod(reader.shape) if reader.kind == "projections" else 0.0
     # Host: reference (raw, prepared), current + next (raw, prepared, aligned), projections; XANES slabs.

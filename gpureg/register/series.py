@@ -20,6 +20,7 @@ import numpy as np
 from ..core.backend import (
     resolve_device,
 )
+from ..core.errors import ParameterError
 from .affine import RegistrationResult, register_prepared
 from .prepare import PREP_KEYWORDS, Prep, foreground_fraction, prep_from, prepare_volume
 
@@ -144,10 +145,11 @@ def reference_index(energies, reference="highest") -> int:
         try:
             reference = float(reference)
         except ValueError:
-            raise ValueError(f"reference must be 'highest', 'lowest' or an energy in eV, got {reference!r}") from None
+            raise ParameterError(f"reference must be 'highest', 'lowest' or an energy in eV, "
+                                 f"got {reference!r}") from None
     k = int(np.argmin(np.abs(energies - float(reference))))
     if abs(energies[k] - float(reference)) > 1e-3:
-        raise ValueError(f"reference energy {reference} eV is not one of the energies "
+        raise ParameterError(f"reference energy {reference} eV is not one of the energies "
                          f"({energies.min():g}..{energies.max():g} eV, {energies.size} values)")
     return k
 

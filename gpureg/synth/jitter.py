@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import ParameterError
 from ..recon.align import shift_projections, unobservable_part
 
 __all__ = ["apply_jitter", "projection_jitter"]
@@ -39,7 +40,7 @@ def projection_jitter(n_energy: int, theta_deg, rms: float, *, seed: int = 0) ->
     """
     theta = np.asarray(theta_deg, dtype=np.float64).ravel()
     if not np.isfinite(rms) or rms < 0:
-        raise ValueError(f"jitter must be >= 0 pixels, got {rms}")
+        raise ParameterError(f"jitter must be >= 0 pixels, got {rms}")
     out = np.zeros((int(n_energy), theta.size, 2))
     if rms == 0:
         return out

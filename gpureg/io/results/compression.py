@@ -9,6 +9,8 @@ bitshuffle + LZ4 writes 10-20x faster than gzip level 1 + shuffle at a compressi
 
 from __future__ import annotations
 
+from ...core.errors import ParameterError
+
 __all__ = ["COMPRESSIONS", "DEFAULT_COMPRESSION", "dataset_filter", "describe_filter", "FilterUnavailableError",
            "parse_compression", "register_filters"]
 
@@ -51,18 +53,18 @@ def parse_compression(spec: str) -> tuple[str, int | None]:
     text = str(spec).strip().lower()
     name, _, level_text = text.partition(":")
     if name not in _CODECS:
-        raise ValueError(f"compression must be one of {', '.join(_CODECS)} (optionally NAME:LEVEL), got {spec!r}")
+        raise ParameterError(f"compression must be one of {', '.join(_CODECS)} (optionally NAME:LEVEL), got {spec!r}")
     _, default, bounds = _CODECS[name]
     if not level_text:
         return name, default
     if bounds is None:
-        raise ValueError(f"compression {name!r} takes no level, got {spec!r}")
+        raise ParameterError(f"compression {name!r} takes no level, got {spec!r}")
     try:
         level = int(level_text)
     except ValueError:
-        raise ValueError(f"compression level must be an integer, got {spec!r}") from None
+        raise ParameterError(f"compression level must be an integer, got {spec!r}") from None
     if not bounds[0] <= level <= bounds[1]:
-        raise ValueError(f"compression level of {name} must be in {bounds[0]}..{bounds[1]}, got {level}")
+        raise ParameterError(f"compression level of {name} must be in {bounds[0]}..{bounds[1]}, got {level}")
     return name, level
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...core.errors import ParameterError
+
 __all__ = ["annotate_stack", "NEXUS_ENTRY", "STORE_DTYPES", "check_storable", "stack_dtype", "write_nexus_views"]
 
 NEXUS_ENTRY = "entry"
@@ -31,7 +33,7 @@ _VIEWS = {"aligned": ("aligned", ("energy", "z", "y", "x")),
 def stack_dtype(store_dtype: str) -> np.dtype:
     """NumPy dtype of ``--store-dtype`` (``float32`` or ``float16``); ``ValueError`` otherwise."""
     if str(store_dtype) not in STORE_DTYPES:
-        raise ValueError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
+        raise ParameterError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
     return np.dtype(str(store_dtype))
 
 

@@ -1,0 +1,58 @@
+"""A bad option value is the user's error: one line, exit code 2, nothing written (found trying the CLI as a user).
+
+In-process through :func:`gpureg.cli.main`; the values are refused before any registration runs.
+"""
+
+import numpy as np
+import pytest
+
+import gpureg
+from tests.cli_run import run_cli
+
+ENERGIES = np.array([6500.0, 6520.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0])
+STEP = np.array([0.5, 0.5, 0.52, 0.6, 0.9, 1.0, 1.0, 1.0])  # an edge between 6540 and 6556 eV
+
+
+def _recon(path, energies, scales):
+    vols = [gpureg.two_particle_phantom((16, 16, 16), seed=1) * s for s in scales]
+    gpureg.write_dataexchange(path, recon=vols, energy=energies)
+    return path
+
+
+@pytest.fixture(scope="module")
+def recon_input(tmp_path_factory):
+    return _recon(tmp_path_factory.mktemp("values") / "recon.h5", ENERGIES, STEP)
+
+
+@pytest.mark.parametrize("option, expected", [
+    (("--compression", "foo"), "compression must be one of"),
+    (("--compression", "gzip:42"), "compression level of gzip must be in 1..9"),
+    (("--compression", "none:3"), "compression 'none' takes no level"),
+    (("--store-dtype", "int8"), "store_dtype must be one of float32, float16"),
+    (("--denoise-spectra", "-3"), "denoise_spectra must be 'auto', 'off' or a number of components"),
+    (("--reference", "9999"), "reference energy 9999.0 eV is not one of the energies"),
+    # as many components as energies: refused before the registration, not after it
+    (("--denoise-spectra", "8"), "--denoise-spectra 8: more components than"),
+])
+def test_run_refuses_a_bad_value_in_one_line(recon_input, tmp_path, option, expected):
+    out = tmp_path / "out.h5"
+    r = run_cli("run", recon_input, out, "--device", "cpu", "--no-report", *option)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("gpureg: ") and "devices:" not in ln]
+    assert r.returncode == 2, r.stderr
+    assert len(errors) == 1 and errors[0].startswith("gpureg: error: ") and expected in errors[0], r.stderr
+    assert "run:" not in r.stderr  # no energy was processed
+    assert not list(tmp_path.iterdir())
+
+
+def test_xanes_and_simulate_refuse_bad_values(recon_input, tmp_path):
+    r = run_cli("xanes", recon_input, tmp_path / "x.h5", "--denoise-spectra", "100")
+    assert r.returncode == 2 and "gpureg: error: " in r.stderr and "components must be 1..7" in r.stderr, r.stderr
+    r = run_cli("simulate", tmp_path / "s.h5", "--size", "16", "--angles", "8", "--jitter", "-1")
+    assert r.returncode == 2 and "gpureg: error: jitter must be >= 0 pixels" in r.stderr, r.stderr
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "s.h5").exists()
+
+
+def test_xanes_on_a_grid_without_an_edge_region_is_a_user_error(tmp_path):
+    coarse = _recon(tmp_path / "coarse.h5", [6530.0, 6545.0, 6560.0, 6580.0, 6600.0], (0.5, 0.6, 0.8, 0.9, 1.0))
+    r = run_cli("xanes", coarse, tmp_path / "x.h5")
+    assert r.returncode == 2 and "gpureg: error: " in r.stderr and "the edge cannot be located" in r.stderr, r.stderr
