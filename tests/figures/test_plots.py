@@ -8,6 +8,7 @@ must contain, e.g. the Canny overlay's magenta/green edges).
 import numpy as np
 import pytest
 
+from gpureg.io.results import write_result_file
 from gpureg import figures as plots
 from gpureg.synth.phantom import two_particle_phantom
 from gpureg.core.transform import apply_affine, matrix_from_params
@@ -157,26 +158,14 @@ def test_squared_difference_png(tmp_path, slices):
 
 @pytest.fixture(scope="module")
 def result_h5(tmp_path_factory, xanes_maps, slices):
-    h5py = pytest.importorskip("h5py")
     from gpureg import xanes
 
     energies, stack, maps, labels = xanes_maps
-    path = tmp_path_factory.mktemp("res") / "result.h5"
     shifted = np.roll(stack, 3, axis=3)
-    with h5py.File(path, "w") as h5:
-        h5["energy"] = energies
-        h5["aligned"] = stack
-        h5["recon"] = shifted
-        h5["registration/mse_before"] = ((shifted - stack[-1]) ** 2).mean(axis=(1, 2, 3))
-        h5["registration/mse_after"] = ((stack - stack[-1]) ** 2).mean(axis=(1, 2, 3))
-        for k, v in maps.items():
-            h5[f"xanes/{k}"] = v
-        h5["xanes/labels"] = labels
-        roi = xanes.roi_spectra(stack, energies, labels)
-        for k in ("mean", "std", "norm", "edge_energy"):
-            h5[f"xanes/roi_{k}"] = roi[k]
-        h5["xanes/roi_label"] = roi["region"]
-    return path
+    mse = (((shifted - stack[-1]) ** 2).mean(axis=(1, 2, 3)), ((stack - stack[-1]) ** 2).mean(axis=(1, 2, 3)))
+    return write_result_file(tmp_path_factory.mktemp("res") / "result.h5", energies,
+                             stacks={"aligned": stack, "recon": shifted}, mse=mse, maps=maps, labels=labels,
+                             roi=xanes.roi_spectra(stack, energies, labels))
 
 
 def test_plot_result_makes_every_figure(tmp_path, result_h5):
@@ -191,30 +180,19 @@ def test_plot_result_makes_every_figure(tmp_path, result_h5):
         _assert_figure(p, size, min_colours=15, min_std=10)
 
 
-def test_plot_result_computes_roi_spectra_from_the_stack(tmp_path, result_h5):
-    import shutil
-
-    import h5py
-
-    path = tmp_path / "no_roi.h5"
-    shutil.copy(result_h5, path)
-    with h5py.File(path, "a") as h5:
-        for k in [k for k in h5["xanes"] if k.startswith("roi_")]:
-            del h5["xanes"][k]
-        for k in ("recon", "registration"):
-            del h5[k]
-        h5["xanes/mask"][...] = False            # no valid edge energy: the map figures are skipped (faster test)
+def test_plot_result_computes_roi_spectra_from_the_stack(tmp_path, xanes_maps):
+    energies, stack, maps, labels = xanes_maps
+    # no ROI spectra, recon or registration; no valid edge energy: the map figures are skipped (faster test)
+    path = write_result_file(tmp_path / "no_roi.h5", energies, stacks={"aligned": stack},
+                             maps={**maps, "mask": np.zeros_like(maps["mask"])}, labels=labels)
     names = [p.name for p in plots.plot_result(path, tmp_path / "f", z=12, dpi=60)]
     assert names == ["roi_spectra.png", "canny_overlay.png"]
 
 
 def test_plot_result_skips_absent_datasets(tmp_path):
     h5py = pytest.importorskip("h5py")
-    path = tmp_path / "only_mse.h5"
-    with h5py.File(path, "w") as h5:
-        h5["energy"] = np.linspace(6500, 6600, 6)
-        h5["registration/mse_before"] = np.linspace(1, 2, 6)
-        h5["registration/mse_after"] = np.linspace(0.1, 0.2, 6)
+    path = write_result_file(tmp_path / "only_mse.h5", np.linspace(6500, 6600, 6),
+                             mse=(np.linspace(1, 2, 6), np.linspace(0.1, 0.2, 6)))
     assert [p.name for p in plots.plot_result(path, tmp_path / "f")] == ["mse_per_energy.png"]
     empty = tmp_path / "empty.h5"
     h5py.File(empty, "w").close()
