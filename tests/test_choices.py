@@ -14,6 +14,8 @@ import gpureg
 from gpureg.core.backend import DEVICES, HARDWARE
 from gpureg.core.config import CPU_BACKENDS, SOLVERS
 from gpureg.core.segment import DENOISE
+from gpureg.io.base import DEGREES, RADIANS
+from gpureg.io.results import GREY_STACKS
 from gpureg.pipeline import options
 from gpureg.recon.fbp import FILTERS
 from gpureg.register.affine import MODELS
@@ -23,9 +25,13 @@ from gpureg.xanes.edge import METHODS
 ROOT = Path(gpureg.__file__).resolve().parent
 CHOICES = {"DEVICES": DEVICES, "HARDWARE": HARDWARE, "CPU_BACKENDS": CPU_BACKENDS, "SOLVERS": SOLVERS,
            "DENOISE": DENOISE, "FILTERS": FILTERS, "MODELS": MODELS, "PARTICLE_MODELS": PARTICLE_MODELS,
-           "METHODS": METHODS}
+           "METHODS": METHODS, "GREY_STACKS": GREY_STACKS, "RADIANS": RADIANS, "DEGREES": DEGREES}
 ENUMS = [(options.Device, DEVICES), (options.Model, MODELS), (options.Denoise, DENOISE),
          (options.EdgeMethod, METHODS), (options.FBPFilter, FILTERS)]
+
+
+def test_keepable_stacks_are_the_result_layouts():
+    assert options.KEEPABLE is GREY_STACKS
 
 
 @pytest.mark.parametrize("enum, values", ENUMS, ids=[e.__name__ for e, _ in ENUMS])

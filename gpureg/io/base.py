@@ -20,7 +20,10 @@ import numpy as np
 from ..core.energies import check_energies
 from .files import InputError
 
-__all__ = ["InputReader"]
+__all__ = ["DEGREES", "InputReader", "RADIANS"]
+
+RADIANS = ("rad", "radian", "radians")  # units labels of angles read as radians
+DEGREES = ("deg", "degree", "degrees")  # ... and as degrees
 
 _log = logging.getLogger("gpureg")
 _MIN_TOMO_ANGLES = 10  # fewer projections than this: too few to judge the angular range
@@ -179,16 +182,16 @@ def theta_deg(ds, where):
         raise InputError(f"{where}: /exchange/theta contains NaN or inf")
     units = _attr_text(ds.attrs.get("units", "")).lower()
     span = float(np.ptp(th)) if th.size else 0.0
-    if units in ("rad", "radian", "radians"):
+    if units in RADIANS:
         if span > 2 * np.pi + 1e-3:
             raise InputError(f"{where}: /exchange/theta is labelled {units!r} but spans {span:.4g} over {th.size} "
                              f"projections (more than 2 pi): these look like degrees; set its units to 'degrees'")
         return np.rad2deg(th)
-    if units != "" and units in ("deg", "degree", "degrees") and th.size >= _MIN_TOMO_ANGLES and span <= 2 * np.pi + 1e-6:
+    if units != "" and units in DEGREES and th.size >= _MIN_TOMO_ANGLES and span <= 2 * np.pi + 1e-6:
         raise InputError(f"{where}: /exchange/theta is labelled {units!r} but spans only {span:.4g} over {th.size} "
                          f"projections (a tomogram needs about 180 degrees): these look like radians "
                          f"({np.rad2deg(span):.1f} degrees); set its units to 'rad'")
-    if units in ("", "deg", "degree", "degrees"):
+    if units in ("", *DEGREES):
         if units == "" and th.size > 1 and np.abs(th).max() <= 2 * np.pi + 1e-6 and np.ptp(th) >= 3.0:
             _log.warning("gpureg: %s: /exchange/theta has no units and spans %.2f; reading it as radians",
                          where, np.ptp(th))

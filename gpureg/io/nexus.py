@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import InputReader, open_group, source_path
+from .base import DEGREES, RADIANS, InputReader, open_group, source_path
 from .files import InputError
 
 __all__ = ["NexusTomo", "nxtomo_entries"]
@@ -141,9 +141,9 @@ def _angles(ds, where, n):
     if a.size != n or not np.all(np.isfinite(a)):
         raise InputError(f"{where}: {a.size} finite values expected {n} (one per frame)")
     units = _text(ds.attrs.get("units", "degree")).lower()
-    if units in ("rad", "radian", "radians"):
+    if units in RADIANS:
         return np.rad2deg(a)
-    if units not in ("degree", "degrees", "deg", ""):
+    if units not in ("", *DEGREES):
         raise InputError(f"{where}: units {units!r} not understood (expected 'degree' or 'rad')")
     return a
 

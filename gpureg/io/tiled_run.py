@@ -22,7 +22,7 @@ import itertools
 
 import numpy as np
 
-from .base import InputReader
+from .base import RADIANS, InputReader
 from .files import InputError
 from .tiled import TiledGroup, translate_errors
 
@@ -166,8 +166,7 @@ class BlueskyRun(InputReader):
             if angle is not None:
                 a = np.asarray(group[angle][have:n], dtype=np.float64)
                 unit = str(dk[angle].get("units") or "").lower()
-                cols["angle"] = np.concatenate([cols["angle"], np.rad2deg(a) if unit in ("rad", "radian", "radians")
-                                                else a])
+                cols["angle"] = np.concatenate([cols["angle"], np.rad2deg(a) if unit in RADIANS else a])
         return {**base, **{k: v[:n] for k, v in cols.items()}, "image": img,
                 "frame": tuple(int(s) for s in img.shape[1:])}
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..core.backend import DEVICES, HARDWARE
 from ..core.errors import ParameterError
 from ..core.segment import DENOISE
-from ..io.results import DEFAULT_COMPRESSION, parse_compression
+from ..io.results import DEFAULT_COMPRESSION, GREY_STACKS, parse_compression
 from ..io.results.nexus import stack_dtype
 from ..recon.fbp import FILTERS
 from ..register.affine import MODELS
@@ -33,7 +33,7 @@ from ..xanes.edge import METHODS as EDGE_METHODS
 __all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "KEEPABLE", "Model", "parse_center", "parse_keep",
            "resolve_devices", "RunOptions"]
 
-KEEPABLE = ("recon", "aligned")
+KEEPABLE = GREY_STACKS  # the stacks --keep chooses among (io.results owns the layout)
 
 
 def _choices(name: str, values, doc: str) -> type[enum.Enum]:

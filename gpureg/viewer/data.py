@@ -199,9 +199,10 @@ def voxel_spectrum(result, index) -> dict:
         ``mse_before``/``mse_after`` (n,) or None; ``index``.
     """
     from ..io.files import InputError
+    from ..io.results import GREY_STACKS
     from ..xanes.edge import normalize
 
-    name = next((n for n in ("aligned", "recon") if result.stack(n) is not None), None)
+    name = next((n for n in reversed(GREY_STACKS) if result.stack(n) is not None), None)  # aligned, else recon
     if name is None:
         raise InputError(f"{result.path}: no /aligned or /recon stack to read a spectrum from")
     ds = result.stack(name)

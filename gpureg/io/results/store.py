@@ -15,11 +15,12 @@ from ..files import InputError, atomic_path
 from .compression import DEFAULT_COMPRESSION, dataset_filter, register_filters
 from .nexus import NEXUS_ENTRY, annotate_stack, check_storable, stack_dtype, write_nexus_views
 
-__all__ = ["drop_datasets", "ResultStore", "STACKS", "STAGES", "write_chemistry", "write_result_file", "write_xanes"]
+__all__ = ["drop_datasets", "GREY_STACKS", "ResultStore", "STACKS", "STAGES", "write_chemistry", "write_result_file", "write_xanes"]
 
 _log = logging.getLogger("gpureg")
 
 STAGES = ("load", "register", "apply", "write")
+GREY_STACKS = ("recon", "aligned")  # the per-energy grey stacks of a result (what --keep chooses among)
 XANES_MAPS = ("edge_energy", "edge_jump", "white_line", "mask")
 ALIGNMENT_CONVENTION = ("measured(r, c) = ideal(r - dr, c - dc) for (dr, dc) = projection_shifts[e, k]; "
                         "aligned = measured(r + dr, c + dc); no part a + b cos + c sin in columns, zero mean rows")
@@ -81,7 +82,7 @@ class ResultStore:
         if getattr(reader, "pixel_size_nm", None):
             h5.attrs["voxel_size_nm"] = float(reader.pixel_size_nm)
         dtype = stack_dtype(store_dtype)
-        for name in ("recon", "aligned"):
+        for name in GREY_STACKS:
             ds = h5.create_dataset(name, shape=(n, *shape), dtype=dtype, chunks=chunks,
                                    **dataset_filter(compression))
             annotate_stack(ds, compression, store_dtype)
