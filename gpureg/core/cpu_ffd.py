@@ -128,3 +128,108 @@ def _ffd_planes(fixed, moving, u, a, inv_scale, mask, use_mask, rg, sse, count, 
                 c += 1
         sse[z] = s
         count[z] = c
+
+
+def residual_gradient_cubic(fixed, coefficients, field, matrix_level, scale: float, mask=None):
+    """:func:`residual_gradient` with cubic B-spline interpolation of the moving volume.
+
+    ``coefficients`` are the moving volume's cubic B-spline coefficients
+    (``scipy.ndimage.spline_filter(moving, order=3, mode="mirror")``); a sample
+    is valid under the same rule as the trilinear pass (``0 <= q_k <= n_k - 1``),
+    neighbours beyond the edge mirrored. Trilinear interpolation biases the MSE
+    minimum by its own error (the "grid effect"): on ``bench/deformable.py``'s
+    64^3 pair the true field has a higher trilinear MSE than the fitted one
+    (5.9e-6 vs 3.1e-6), and a lower cubic one (1.6e-6 vs 2.7e-6).
+    """
+    f = np.ascontiguousarray(fixed, dtype=np.float32)
+    c = np.ascontiguousarray(coefficients, dtype=np.float32)
+    u = np.ascontiguousarray(field, dtype=np.float32)
+    if f.shape != c.shape or u.shape != (3, *f.shape):
+        raise ValueError(f"residual_gradient_cubic: shapes fixed {f.shape}, coefficients {c.shape}, field {u.shape} "
+                         "do not match")
+    a = np.asarray(matrix_level, dtype=np.float64)[:3]
+    use_mask = mask is not None
+    msk = np.ascontiguousarray(mask, dtype=np.bool_) if use_mask else np.zeros((1, 1, 1), dtype=np.bool_)
+    rg = np.empty((3, *f.shape), dtype=np.float32)
+    sse = np.zeros(f.shape[0])
+    count = np.zeros(f.shape[0], dtype=np.int64)
+    run_planes(_ffd_cubic_planes, f.shape[0], f, c, u, a, np.float32(1.0 / float(scale)), msk, use_mask, rg, sse,
+               count, n_voxels=f.size)
+    return rg, float(sse.sum()), int(count.sum())
+
+
+@nb.njit(inline="always", cache=True)
+def _cubic_weights(t):
+    s = 1.0 - t
+    t2 = t * t
+    w = ((s * s * s) / 6.0, (3.0 * t2 * t - 6.0 * t2 + 4.0) / 6.0, (-3.0 * t2 * t + 3.0 * t2 + 3.0 * t + 1.0) / 6.0,
+         t2 * t / 6.0)
+    d = (-0.5 * s * s, (3.0 * t2 - 4.0 * t) / 2.0, (-3.0 * t2 + 2.0 * t + 1.0) / 2.0, 0.5 * t2)
+    return w, d
+
+
+@nb.njit(inline="always", cache=True)
+def _mirror(i, n):
+    # scipy's "mirror" extension of the spline coefficients: c[-k] = c[k], c[n - 1 + k] = c[n - 1 - k]
+    if i < 0:
+        i = -i
+    if i > n - 1:
+        i = 2 * (n - 1) - i
+    return min(max(i, 0), n - 1)
+
+
+@nb.njit(nogil=True, cache=True)
+def _ffd_cubic_planes(fixed, coef, u, a, inv_scale, mask, use_mask, rg, sse, count, z0, z1):
+    ny, nx = fixed.shape[1], fixed.shape[2]
+    mz, my, mx = coef.shape
+    for z in range(z0, z1):
+        s, c = 0.0, 0
+        for y in range(ny):
+            for x in range(nx):
+                bz = np.float32(a[0, 0] * z + a[0, 1] * y + a[0, 2] * x + a[0, 3])
+                by = np.float32(a[1, 0] * z + a[1, 1] * y + a[1, 2] * x + a[1, 3])
+                bx = np.float32(a[2, 0] * z + a[2, 1] * y + a[2, 2] * x + a[2, 3])
+                qz = u[0, z, y, x] * inv_scale + bz
+                qy = u[1, z, y, x] * inv_scale + by
+                qx = u[2, z, y, x] * inv_scale + bx
+                ok = (qz >= _F0 and qz <= np.float32(mz - 1) and qy >= _F0 and qy <= np.float32(my - 1)
+                      and qx >= _F0 and qx <= np.float32(mx - 1))
+                if use_mask:
+                    ok = ok and mask[z, y, x]
+                if not ok:
+                    rg[0, z, y, x] = _F0
+                    rg[1, z, y, x] = _F0
+                    rg[2, z, y, x] = _F0
+                    continue
+                fz, fy, fx = np.floor(qz), np.floor(qy), np.floor(qx)
+                wz, dz = _cubic_weights(np.float64(qz - fz))
+                wy, dy = _cubic_weights(np.float64(qy - fy))
+                wx, dx = _cubic_weights(np.float64(qx - fx))
+                iz, iy, ix = int(fz) - 1, int(fy) - 1, int(fx) - 1
+                val = gz = gy = gx = 0.0
+                for k in range(4):
+                    zk = _mirror(iz + k, mz)
+                    pv = pgy = pgx = 0.0
+                    for j in range(4):
+                        yj = _mirror(iy + j, my)
+                        rv = rgx = 0.0
+                        for i in range(4):
+                            v = np.float64(coef[zk, yj, _mirror(ix + i, mx)])
+                            rv += wx[i] * v
+                            rgx += dx[i] * v
+                        pv += wy[j] * rv
+                        pgy += dy[j] * rv
+                        pgx += wy[j] * rgx
+                    val += wz[k] * pv
+                    gz += dz[k] * pv
+                    gy += wz[k] * pgy
+                    gx += wz[k] * pgx
+                r = val - np.float64(fixed[z, y, x])
+                kk = r * np.float64(inv_scale)
+                rg[0, z, y, x] = np.float32(gz * kk)
+                rg[1, z, y, x] = np.float32(gy * kk)
+                rg[2, z, y, x] = np.float32(gx * kk)
+                s += r * r
+                c += 1
+        sse[z] = s
+        count[z] = c

@@ -66,12 +66,27 @@ class LevelObjective:
         ``lambda`` (>= 0).
     mask : (Z, Y, X) ndarray of bool, optional
         Level mask of the reference voxels that count.
+    interpolation : {"linear", "cubic"}
+        How the moving volume is sampled: trilinear (every backend) or cubic
+        B-spline (:func:`gpureg.core.cpu_ffd.residual_gradient_cubic`, CPU only).
     """
 
     def __init__(self, fixed, moving, matrix, *, level: int, spacing: float, control, variance: float,
-                 regularization: float, mask=None):
+                 regularization: float, mask=None, interpolation: str = "linear"):
         self.fixed, self.moving, self.mask = fixed, moving, mask
         self.device = array_device(fixed)
+        self.interpolation = interpolation
+        self._coef = None
+        if interpolation == "cubic":
+            if self.device == "gpu" or cpu_engine() != "numba":
+                raise ValueError("interpolation='cubic' runs on the CPU's compiled engine only (the GPU kernel and "
+                                 "the NumPy reference are trilinear)")
+            from scipy import ndimage
+
+            self._coef = ndimage.spline_filter(np.asarray(moving, dtype=np.float32), order=3,
+                                               mode="mirror").astype(np.float32)
+        elif interpolation != "linear":
+            raise ValueError(f"interpolation must be 'linear' or 'cubic', got {interpolation!r}")
         self.level, self.spacing, self.control = int(level), float(spacing), tuple(int(c) for c in control)
         self.scale = float(2 ** self.level)
         self.variance, self.regularization = float(variance), float(regularization)
@@ -132,6 +147,11 @@ class LevelObjective:
 
             return cuda_ffd.residual_gradient(self.fixed, self.moving, coeffs, self.matrix_level,
                                               level=self.level, spacing=self.spacing, mask=self.mask)
+        if self._coef is not None:
+            from ..core import cpu_ffd
+
+            return cpu_ffd.residual_gradient_cubic(self.fixed, self._coef, bspline.evaluate(coeffs, self.weights),
+                                                   self.matrix_level, self.scale, mask=self.mask)
         if cpu_engine() == "numba":
             from ..core import cpu_ffd
 
