@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage
 
 from gpureg.core import transform as tf
-from gpureg.core.config import config
 from gpureg.core.backend import cupy_or_none
+from gpureg.core.config import config
 from gpureg.register import bspline
 from gpureg.register.deformable import (
     DeformableResult,
