@@ -356,11 +356,14 @@ class LinearCombination:
         if self._terms is None:
             A, W = self.design, self.noise_cov
             diag, tr = [], []
+            WA, trW = W @ A, float(np.trace(W))
+            AWA = A.T @ WA
             for _, P, _ in self.plans:
                 AP = A @ P
                 diag.append(np.clip(np.einsum("ij,ik,kj->j", AP, W, AP), 0, None))
-                R = np.eye(A.shape[0]) - AP @ A.T
-                tr.append(max(float(np.trace(R @ W @ R.T)), 1e-12))
+                # tr((I - AP A^T) W (I - AP A^T)^T) with (n, m) products only
+                t = trW - 2 * float((WA * AP).sum()) + float(((AP.T @ AP) * AWA).sum())
+                tr.append(max(t, 1e-12))
             self._terms = (np.stack(diag), np.array(tr))
         return self._terms
 
