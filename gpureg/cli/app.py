@@ -16,6 +16,7 @@ import logging
 import re
 import sys
 import traceback
+import warnings
 from typing import Optional
 
 import typer
@@ -198,7 +199,9 @@ def main(argv=None):
     log.addHandler(handler)
     log.propagate = False
     try:
-        _main(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            _main(argv)
     finally:
         log.removeHandler(handler)
         log.setLevel(saved[0])
@@ -225,6 +228,14 @@ def _main(argv):
         typer.echo("gpureg: interrupted; finished outputs are kept, and `gpureg run` / `gpureg watch` resume "
                    "where they stopped when run again", err=True)
     raise SystemExit(rc or 0)  # as click's standalone mode: main() always exits
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line, ``gpureg: warning: ...``; under ``--verbose`` Python's form (where it was raised)."""
+    if _VERBOSE["on"]:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    else:
+        sys.stderr.write(f"gpureg: warning: {' '.join(str(message).split())}\n")
 
 
 class _Stderr(logging.StreamHandler):

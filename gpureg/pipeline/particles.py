@@ -32,12 +32,14 @@ class PerParticle:
 
     def register(self, i, fixed, moving, global_result):
         """Particles of energy ``i`` from its (prepared) volume and global result; rows ``i`` written."""
+        from ..register.particle_options import ParticleOptions
         from ..register.particles import register_particles
 
         if self.n_labels == 0:
             _log.warning("gpureg: --per-particle: the reference has no particle of >= 64 voxels; global only")
         self.result = register_particles(fixed, moving, self.labels, prepared=True, global_result=global_result,
-                                         device=self.device, min_gain=self.min_gain)
+                                         device=self.device,
+                                         particles=ParticleOptions(min_gain=self.min_gain))
         self.store.write_particles(i, self.result.stack(self.n_labels), *self.result.mse_arrays(self.n_labels))
 
     def apply(self, i, volume):
