@@ -69,7 +69,7 @@ def plot_result(result_h5, outdir, *, z: int | None = None, dpi: int = DPI) -> l
         out.mkdir(parents=True, exist_ok=True)
         energy = rf.energies()
         voxel_nm = rf.voxel_size_nm()
-        params = rf.attrs().get("parameters", {}) if "parameters" in rf.h5.attrs else {}
+        params = rf.attrs().get("parameters", {})
         binarized = params.get("prep", {}).get("binarize") is not False
         g = rf.xanes()
         aligned = rf.stack("aligned")

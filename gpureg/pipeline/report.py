@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..figures.particles import edge_maps_figure, particle_mse_figure
-from ..io.results import GREY_STACKS, ResultFile, ResultSummary, read_result
+from ..io.results import ResultFile, ResultSummary, read_result
 
 __all__ = ["PipelineResult", "write_report"]
 
@@ -65,10 +65,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     attrs = res.attrs
     with ResultFile(result_h5) as rf:
         maps = rf.xanes(maps_only=True)
-        storage = {name: {k: str(rf.h5[name].attrs[k]) for k in ("compression", "store_dtype", "storage_error")
-                          if k in rf.h5[name].attrs} for name in GREY_STACKS if rf.stack(name) is not None}
-        write = {k: float(v) for k, v in rf.h5["timings/write"].attrs.items() if k.endswith("_s")} \
-            if "timings/write" in rf.h5 else {}
+        storage, write = rf.storage(), rf.write_timing()
     xanes = {}
     if maps is not None and "labels" in maps:
         e0, labels, mask = maps["edge_energy"], maps["labels"], maps["mask"].astype(bool)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..files import InputError
 from .compression import describe_filter, register_filters
+from .store import GREY_STACKS
 
 __all__ = ["describe_result", "is_result", "read_result", "ResultFile", "ResultSummary", "stack_names"]
 
@@ -185,6 +186,17 @@ class ResultFile:
         """Lazy ``(n_energy, Z, Y, X)`` dataset ``aligned``, ``aligned_global`` or ``recon``, or ``None``."""
         ds = self.h5.get(name)
         return ds if ds is not None and ds.ndim == 4 else None
+
+    def storage(self) -> dict:
+        """How ``recon`` and ``aligned`` are stored: ``{name: {"compression", "store_dtype", "storage_error"}}``
+        (the attributes present), for the stacks present."""
+        return {name: {k: str(self.h5[name].attrs[k]) for k in ("compression", "store_dtype", "storage_error")
+                       if k in self.h5[name].attrs} for name in GREY_STACKS if self.stack(name) is not None}
+
+    def write_timing(self) -> dict:
+        """The background writer's totals (attributes ``*_s`` of ``/timings/write``), empty when not recorded."""
+        ds = self.h5.get("timings/write")
+        return {} if ds is None else {k: float(v) for k, v in ds.attrs.items() if k.endswith("_s")}
 
     def xanes(self, group: str = "xanes", *, maps_only: bool = False):
         """The ``/xanes`` group as a dict of arrays (``edge_energy``, ``mask``, ``labels``, ``roi_*``...), or ``None``.
