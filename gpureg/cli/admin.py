@@ -17,10 +17,10 @@ __all__ = ["bench", "info", "validate"]
 
 @app.command()
 @friendly
-def info(path: Optional[str] = typer.Argument(None, metavar="[FILE_OR_FOLDER]",
+def info(path: Optional[str] = typer.Argument(None, metavar="FILE_OR_FOLDER",
                                               help="Describe this input (file, folder or quoted glob): layout, "
                                                    "shapes, energies, angles, pixel size, what was guessed."),
-         as_json: bool = typer.Option(False, "--json", help="With FILE_OR_FOLDER: print the description as JSON."),
+         as_json: bool = flag(False, "--json", help="With FILE_OR_FOLDER: print the description as JSON."),
          api_key_file: Optional[Path] = ApiKeyFileOpt):
     """Describe an input's layout (a file, folder, glob or Tiled URI); without one: versions, and whether CuPy/GPU
     and ASTRA-CUDA are usable."""

@@ -164,7 +164,7 @@ def view(
 ):
     """Browse RESULT in napari: aligned stack by energy (eV), edge-energy map, particles, voxel spectra.
 
-    Needs the extra: pip install 'gpureg[viewer]'.
+    Needs the extra: pip install 'gpureg\\[viewer]'.
     """
     from ..viewer import app as viewer
 

@@ -66,3 +66,12 @@ def test_warnings_are_one_line_each_and_the_pipeline_uses_no_deprecated_keyword(
     assert "gpureg: warning: register_particles: label 1 skipped" in r.stderr, r.stderr
     assert all(ln.startswith(("gpureg: ", "run: ", "result: ")) for ln in lines), r.stderr  # no source lines
     assert "deprecated" not in r.stderr, r.stderr
+
+
+def test_help_shows_the_extra_and_no_bool_metavar_on_flags():
+    r = run_cli("view", "--help")
+    assert "pip install 'gpureg[viewer]'" in r.stdout, r.stdout  # not eaten as rich markup
+    r = run_cli("info", "--help")
+    assert "[[" not in r.stdout, r.stdout  # the optional argument bracketed once
+    json_line = next(ln for ln in r.stdout.splitlines() if "--json" in ln)
+    assert "<bool>" not in json_line, json_line
