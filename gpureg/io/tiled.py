@@ -112,6 +112,22 @@ def retrying(fn, what: str, retry_for: float, *, max_wait: float = 5.0):
 
     One warning when the server goes away and one when it is back; after
     ``retry_for`` seconds of outage the :class:`TiledUnavailable` is raised.
+
+    Parameters
+    ----------
+    fn : callable
+        Raises :class:`TiledUnavailable` while the server does not answer (see :func:`translate_errors`).
+    what : str
+        The URI (its host is named when the server is back).
+    retry_for : float
+        Seconds of outage tolerated (0: no retry).
+    max_wait : float
+        Longest pause between tries, seconds.
+
+    Returns
+    -------
+    object
+        What ``fn()`` returns.
     """
     start, wait, told = None, 0.25, False
     while True:
