@@ -95,8 +95,8 @@ def split_references(values) -> tuple:
 
 
 # Library messages name parameters (``overwrite=True``, ``reference=``); the CLI names its flags instead.
-_FLAGS = ("allow_folding", "dataset", "denoise_spectra", "device", "energy_dataset", "overwrite", "reference",
-          "regularization", "scheduler", "skip_bad_energies", "spacing")
+_FLAGS = ("align_projections", "allow_folding", "dataset", "denoise_spectra", "device", "energy_dataset", "keep",
+          "overwrite", "per_particle", "reference", "regularization", "scheduler", "skip_bad_energies", "spacing")
 _PARAM_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b|\"[^\"]*\"|'[^']*'|[\w.]+)?")
 
 
@@ -239,11 +239,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 class _Stderr(logging.StreamHandler):
-    """``%(message)s`` lines to whatever ``sys.stderr`` is when a record is emitted."""
+    """``%(message)s`` lines, in the CLI's words (:func:`cli_message`), to whatever ``sys.stderr`` is when a record
+    is emitted."""
 
     def __init__(self):
         super().__init__()
         self.setFormatter(logging.Formatter("%(message)s"))
+
+    def format(self, record):  # library lines name parameters; on the command line they are flags
+        return cli_message(super().format(record))
 
     @property
     def stream(self):

@@ -56,7 +56,7 @@ def export_zarr(result, out, *, overwrite: bool = False, chunk: int = 64) -> Pat
         with ResultFile(result) as r:
             stack = r.stack("aligned")
             if stack is None:
-                raise InputError(f"{result}: has no /aligned stack to export (was it dropped with --no-keep?)")
+                raise InputError(f"{result}: has no /aligned stack to export (was it left out with keep=?)")
             voxel_um = (r.voxel_size_nm() or 1000.0) / 1000.0
             unit = "micrometer" if r.voxel_size_nm() else None
             root = zarr.open_group(str(tmp), mode="w", zarr_format=2)

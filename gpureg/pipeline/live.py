@@ -114,7 +114,7 @@ def _claim(state, reader):
         uid = json.loads(marker.read_text()).get("run_uid")
         if uid != reader.uid:
             raise InputError(f"{state.folder}: holds the watch state of run {uid}, not of {reader.uid}; pass "
-                             "--overwrite to start over")
+                             "overwrite=True to start over")
     else:
         with atomic_path(marker) as tmp:
             Path(tmp).write_text(json.dumps({"run_uid": reader.uid, "source": str(reader.path)}))

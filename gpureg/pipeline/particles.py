@@ -36,7 +36,7 @@ class PerParticle:
         from ..register.particles import register_particles
 
         if self.n_labels == 0:
-            _log.warning("gpureg: --per-particle: the reference has no particle of >= 64 voxels; global only")
+            _log.warning("gpureg: per_particle=True: the reference has no particle of >= 64 voxels; global only")
         self.result = register_particles(fixed, moving, self.labels, prepared=True, global_result=global_result,
                                          device=self.device,
                                          particles=ParticleOptions(min_gain=self.min_gain))

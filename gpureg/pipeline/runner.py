@@ -171,7 +171,7 @@ def _check_input(reader, energies, options, output):
     if energies.size < MIN_ENERGIES:
         raise InputError(f"{reader.path}: has {energies.size} energies; XANES maps need at least {MIN_ENERGIES}")
     if options.align_projections and reader.kind != "projections":
-        raise InputError(f"{reader.path}: holds reconstructions; --align-projections needs projections")
+        raise InputError(f"{reader.path}: holds reconstructions; align_projections=True needs projections")
     if isinstance(options.denoise_spectra, int) and options.denoise_spectra >= energies.size:
         raise ParameterError(f"denoise_spectra={options.denoise_spectra}: more components than {reader.path}'s "
                              f"{energies.size} energies allow (at most {energies.size - 1})")

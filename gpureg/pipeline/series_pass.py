@@ -90,8 +90,8 @@ def smooth_series_pass(store, options, devices, reference) -> None:
             aligned, jac = _deform(vol, coeffs[0][j], glob[j], coeffs[1], dev)
             if jac <= 0 and not options.allow_folding:
                 raise InputError(f"energy {store.energies[i]:g} eV: the series-smoothed deformation folds "
-                                 f"(smallest Jacobian determinant {jac:.3g} <= 0); use a larger --spacing or "
-                                 "--regularization, or pass --allow-folding")
+                                 f"(smallest Jacobian determinant {jac:.3g} <= 0); use a larger spacing= or "
+                                 "regularization=, or pass allow_folding=True")
             extra.update(coefficients=coeffs[0][j], min_jacobian=jac)
         else:
             aligned = to_host(apply_affine(vol, glob[j], device=dev))

@@ -217,7 +217,7 @@ def test_watch_aligns_and_stores_the_alignment(jittered_input, tmp_path):
 def test_alignment_needs_projections(tmp_path):
     path = gpureg.write_dataexchange(tmp_path / "recon.h5", recon=[np.zeros((8, 8, 8), np.float32)] * 5,
                                      energy=[6500.0, 6540.0, 6550.0, 6560.0, 6600.0])
-    with pytest.raises(ValueError, match="holds reconstructions; --align-projections needs projections"):
+    with pytest.raises(ValueError, match="holds reconstructions; align_projections=True needs projections"):
         gpureg.run(path, tmp_path / "out.h5", align_projections=True)
     with pytest.raises(ValueError, match="not with scheduler"):
         gpureg.RunOptions(align_projections=True, scheduler="tcp://x:1")
