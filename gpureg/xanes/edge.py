@@ -95,9 +95,14 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
             spec = np.asarray(to_host(spectrum), dtype=np.float64)
             if spec.shape != E.shape:
                 raise ValueError(f"edge_ranges: spectrum must have shape {E.shape}, got {spec.shape}")
-        if spec is not None and np.isfinite(spec).all() and E.size >= 10 and np.ptp(spec) > 0:
+        usable = spec is not None and np.isfinite(spec).all() and np.ptp(spec) > 0
+        if usable and E.size >= 10:
             e0 = float(E[int(find_e0_index(np, spec[:, None].astype(np.float32), E)[0])])
             rule = "find_e0 of the mean spectrum"
+        elif usable:  # too few energies for find_e0's derivative: the steepest step between two energies
+            k = int(np.argmax(np.diff(spec) / np.diff(E)))
+            e0 = float(min(max(0.5 * (E[k] + E[k + 1]), E[1]), E[-2]))
+            rule = "steepest step of the mean spectrum (fewer than 10 energies)"
         elif fine_region(E) is not None:
             fr = fine_region(E)
             e0, rule = 0.5 * (fr[1] + fr[2]), "middle of the grid's fine-step region"
