@@ -98,7 +98,8 @@ class DeformableResult:
 
 def register_deformable(fixed, moving, *, prep: Prep | None = None, init=None, spacing: float = 8.0,
                         levels: int = 3, regularization: float = 2.0, device: str = "auto", mask=None,
-                        max_iter: int = 40, tol: float = 1e-6, min_size: int = 16, **deprecated) -> DeformableResult:
+                        max_iter: int = 40, tol: float = 1e-6, min_size: int = 16, interpolation: str = "linear",
+                        **deprecated) -> DeformableResult:
     """Register ``moving`` to ``fixed``: an affine, then a cubic B-spline free-form deformation.
 
     Parameters
@@ -137,6 +138,14 @@ def register_deformable(fixed, moving, *, prep: Prep | None = None, init=None, s
         ``binarize``, ``denoise``, ``smooth``, ``ramp``: the old spelling of
         ``prep`` (they build the :class:`Prep`, with a :class:`DeprecationWarning`).
 
+    interpolation : {"linear", "cubic"}
+        Sampling of the moving volume in the objective: trilinear (CPU and
+        GPU) or cubic B-spline (compiled CPU engine only). Trilinear sampling
+        biases the MSE minimum by its own interpolation error (the "grid
+        effect"); on ``bench/deformable.py``'s 64^3 pair the mean error over the
+        particles is 0.140 voxel trilinear, 0.103 cubic and 0.085 cubic with
+        ``regularization=0.5`` (2.5x the time).
+
     Returns
     -------
     DeformableResult
@@ -150,7 +159,7 @@ def register_deformable(fixed, moving, *, prep: Prep | None = None, init=None, s
     m = prepare_volume(moving, dev, prep, name="moving")
     result = register_deformable_prepared(f, m, init=init, spacing=spacing, levels=levels,
                                           regularization=regularization, mask=mask, max_iter=max_iter, tol=tol,
-                                          min_size=min_size)
+                                          min_size=min_size, interpolation=interpolation)
     result.seconds = time.perf_counter() - t0  # preparation included
     return result
 
