@@ -144,6 +144,11 @@ def _open_hdf5(label, files):
     first = files[0]
     found = layouts[first]
     if found is None:
+        from .results.read import is_result
+
+        if is_result(first):
+            raise InputError(f"{first}: a result of gpureg (registration and maps), not projections or volumes to "
+                             "process; give the scan it was made from")
         raise InputError(f"{first}: HDF5 of no known layout: tried {_lacks(first)}")
     other = next((f for f in files if layouts[f] != found), None)
     if other is not None:

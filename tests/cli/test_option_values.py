@@ -75,3 +75,16 @@ def test_help_shows_the_extra_and_no_bool_metavar_on_flags():
     assert "[[" not in r.stdout, r.stdout  # the optional argument bracketed once
     json_line = next(ln for ln in r.stdout.splitlines() if "--json" in ln)
     assert "<bool>" not in json_line, json_line
+
+
+def test_a_result_given_as_input_is_named_as_such(tmp_path):
+    import h5py
+
+    result = tmp_path / "result.h5"
+    with h5py.File(result, "w") as h5:  # what makes a file a result (gpureg.io.results.is_result)
+        h5["energy"] = ENERGIES
+        h5["registration/matrix"] = np.tile(np.eye(4), (ENERGIES.size, 1, 1))
+    r = run_cli("run", result, tmp_path / "again.h5", "--device", "cpu")
+    assert r.returncode == 2, r.stderr
+    assert f"gpureg: error: {result}: a result of gpureg (registration and maps), not projections" in r.stderr
+    assert not (tmp_path / "again.h5").exists()
