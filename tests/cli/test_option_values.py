@@ -52,12 +52,6 @@ def test_xanes_and_simulate_refuse_bad_values(recon_input, tmp_path):
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "s.h5").exists()
 
 
-def test_xanes_on_a_grid_without_an_edge_region_is_a_user_error(tmp_path):
-    coarse = _recon(tmp_path / "coarse.h5", [6530.0, 6545.0, 6560.0, 6580.0, 6600.0], (0.5, 0.6, 0.8, 0.9, 1.0))
-    r = run_cli("xanes", coarse, tmp_path / "x.h5")
-    assert r.returncode == 2 and "gpureg: error: " in r.stderr and "the edge cannot be located" in r.stderr, r.stderr
-
-
 def test_warnings_are_one_line_each_and_the_pipeline_uses_no_deprecated_keyword(recon_input, tmp_path):
     # 16^3: both particles are under register_particles' min_voxels, so every energy warns that they are skipped
     r = run_cli("run", recon_input, tmp_path / "out.h5", "--device", "cpu", "--no-report", "--per-particle")
