@@ -3,7 +3,7 @@
 Cases (``gpureg simulate``, Mn K-edge, 29 energies, noise 1): ``per-particle``
 on ``--relative-motion`` scans, ``deformable`` on ``--deformation 3`` scans,
 one scan per seed. Each mode runs through the pipeline (``gpureg run
---per-particle`` / ``--deformable``, CPU) with the series smoothing of
+--per-particle`` / ``--deformable``, ``--device``, CPU by default) with the series smoothing of
 ``--windows`` (``RunOptions.series_window``). With a window > 0 the same run
 also stores the affine-only alignment of its (identical, smoothed) global
 affine, ``/xanes_global``: that is the affine map. Window 0 (each energy's own
@@ -82,7 +82,7 @@ def map_errors(result, *, affine_result=None, size=48):
     return out
 
 
-def run_case(mode, seed, size, window, folder):
+def run_case(mode, seed, size, window, folder, device="cpu"):
     """Simulate (cached in ``folder``), run the mode (and the affine for window 0), compare the maps."""
     from gpureg.pipeline import run
     from gpureg.synth.scan import simulate
@@ -91,18 +91,18 @@ def run_case(mode, seed, size, window, folder):
     raw = Path(folder) / f"{mode}-{seed}-{size}.h5"
     if not raw.exists():
         simulate(raw, size=size, seed=seed, **sim_kw)
-    row = {"mode": mode, "seed": seed, "size": size, "series_window": window}
+    row = {"mode": mode, "seed": seed, "size": size, "series_window": window, "device": device}
     t0 = time.perf_counter()
     out = Path(folder) / f"{mode}-{seed}-{size}-w{window}.h5"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run(raw, out, overwrite=True, report=False, device="cpu", series_window=window, **mode_kw)
+        run(raw, out, overwrite=True, report=False, device=device, series_window=window, **mode_kw)
         row["mode_seconds"] = time.perf_counter() - t0
         affine = None
         if window == 0:
             affine = Path(folder) / f"affine-{mode}-{seed}-{size}.h5"
             t0 = time.perf_counter()
-            run(raw, affine, overwrite=True, report=False, device="cpu", series_window=0)
+            run(raw, affine, overwrite=True, report=False, device=device, series_window=0)
             row["affine_seconds"] = time.perf_counter() - t0
     row.update(map_errors(out, affine_result=affine, size=size))
     row["mode_better"] = bool(row["mode"]["median_ev"] < row["affine"]["median_ev"]
@@ -118,6 +118,7 @@ def main(argv=None):
     p.add_argument("--windows", nargs="+", type=int, default=[6])
     p.add_argument("--folder", default=None, help="Keep the simulated scans and results here (default: a temp dir).")
     p.add_argument("--name", default="maps")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     a = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,14 +127,14 @@ def main(argv=None):
         for mode in a.modes:
             for seed in a.seeds:
                 for window in a.windows:
-                    row = run_case(mode, seed, a.size, window, folder)
+                    row = run_case(mode, seed, a.size, window, folder, a.device)
                     print(f"{mode} seed {seed} window {window}: affine {row['affine']['median_ev']:.3f}/"
                           f"{row['affine']['p95_ev']:.3f} eV, mode {row['mode']['median_ev']:.3f}/"
                           f"{row['mode']['p95_ev']:.3f} eV (median/p95), contact outside truth range: affine "
                           f"{row['contact']['affine']['outside_truth_range']}, mode "
                           f"{row['contact']['mode']['outside_truth_range']}", flush=True)
                     rows.append(row)
-    save(a.name, "cpu", rows, extra={"threads": "default", "note": "edge-energy map error vs simulated truth"})
+    save(a.name, a.device, rows, extra={"threads": "default", "note": "edge-energy map error vs simulated truth"})
 
 
 if __name__ == "__main__":
