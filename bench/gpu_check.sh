@@ -99,7 +99,7 @@ run_step() {  # run_step NAME LIMIT_S COMMAND...
   local cmd=("$@")
   if [ $dry = 1 ]; then
     if [ "${cmd[1]}" = "-m" ]; then cmd+=(--collect-only -q); else cmd+=(--help); fi
-    limit=60
+    limit=180  # plumbing only (collect-only, --help): generous, so a loaded CI machine does not stop a step
   fi
   echo "== $name: ${cmd[*]} (limit ${limit} s)"
   local t0=$SECONDS

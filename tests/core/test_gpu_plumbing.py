@@ -51,7 +51,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "PYTHON": sys.executable, "HOME": str(tmp_path),
            "GPUREG_BENCH_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
-                         env=env, timeout=300)
+                         env=env, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     # What comes back from a device run: one tar plus at most 3 small files (the limit is 8 files).
     files = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
