@@ -91,7 +91,7 @@ def run_case(mode, seed, size, window, folder, device="cpu"):
     raw = Path(folder) / f"{mode}-{seed}-{size}.h5"
     if not raw.exists():
         simulate(raw, size=size, seed=seed, **sim_kw)
-    row = {"mode": mode, "seed": seed, "size": size, "series_window": window, "device": device}
+    row = {"registration_mode": mode, "seed": seed, "size": size, "series_window": window, "device": device}
     t0 = time.perf_counter()
     out = Path(folder) / f"{mode}-{seed}-{size}-w{window}.h5"
     with warnings.catch_warnings():
