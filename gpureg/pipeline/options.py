@@ -236,11 +236,10 @@ class RunOptions:
         object.__setattr__(self, "spacing", float(self.spacing))
         object.__setattr__(self, "regularization", float(self.regularization))
         if self.deformable and (self.per_particle or self.scheduler):
-            raise ParameterError("deformable registration runs on one machine and is not combined with per_particle "
-                             "or scheduler")
+            raise ParameterError("deformable=True runs on one machine: not with per_particle=True or scheduler=")
         object.__setattr__(self, "align_projections", bool(self.align_projections))
         if self.align_projections and self.scheduler:
-            raise ValueError("align_projections runs on one machine: not with scheduler")
+            raise ParameterError("align_projections=True runs on one machine: not with scheduler=")
         if self.per_particle and self.scheduler:
             raise ParameterError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
 

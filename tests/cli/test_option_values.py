@@ -31,6 +31,9 @@ def recon_input(tmp_path_factory):
     (("--store-dtype", "int8"), "store_dtype must be one of float32, float16"),
     (("--denoise-spectra", "-3"), "denoise_spectra must be 'auto', 'off' or a number of components"),
     (("--reference", "9999"), "reference energy 9999.0 eV is not one of the energies"),
+    (("--align-projections", "--scheduler", "tcp://localhost:1"),
+     "--align-projections runs on one machine: not with --scheduler"),
+    (("--deformable", "--per-particle"), "--deformable runs on one machine: not with --per-particle or --scheduler"),
     # as many components as energies: refused before the registration, not after it
     (("--denoise-spectra", "8"), "--denoise-spectra 8: more components than"),
 ])
