@@ -1,8 +1,9 @@
 """gpureg: GPU engine for synchrotron spectro-tomography (TXM-XANES).
 
 FBP per energy, Otsu binarization, 3D affine MSE registration of every energy
-to a reference, and per-voxel edge-energy maps; NumPy on the CPU, CuPy raw
-CUDA kernels on an NVIDIA GPU. The public API is declared once, in ``__init__.pyi``, and loaded
+to a reference, and per-voxel edge-energy maps; compiled, multithreaded numba kernels on the CPU
+(NumPy/SciPy as the reference), CuPy raw CUDA kernels on an NVIDIA GPU. The public API is declared once, in
+``__init__.pyi``, and loaded
 lazily (``import gpureg`` imports no heavy module: no CuPy, numba, matplotlib, ASTRA, Dask, typer); the layers
 below (``core`` -> ``io`` -> ``recon``/``register``/``xanes`` -> ``figures``/``synth`` ->
 ``pipeline``/``validate``/``viewer`` -> ``cli``) are described in README.md.

@@ -95,8 +95,9 @@ def split_references(values) -> tuple:
 
 
 # Library messages name parameters (``overwrite=True``, ``reference=``); the CLI names its flags instead.
-_FLAGS = ("align_projections", "allow_folding", "dataset", "deformable", "denoise_spectra", "device", "energy_dataset",
-          "keep", "overwrite", "per_particle", "reference", "regularization", "scheduler", "skip_bad_energies", "spacing")
+_FLAGS = ("align_projections", "allow_folding", "allow_limited_angles", "dataset", "deformable", "denoise_spectra",
+          "device", "energy_dataset", "keep", "overwrite", "per_particle", "reference", "regularization", "scheduler",
+          "skip_bad_energies", "spacing")
 _PARAM_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b|\"[^\"]*\"|'[^']*'|[\w.]+)?")
 
 
@@ -125,7 +126,9 @@ def friendly(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: main() says so in one line
+            raise typer.Exit(getattr(exc, "exit_code", INTERRUPTED)) from None
+        except (typer.Exit, typer.Abort):
             raise
         except (GpuregError, OSError, MemoryError) as exc:
             typer.echo(f"gpureg: error: {cli_message(_first_line(exc))}", err=True)
@@ -185,6 +188,7 @@ def _root(verbose: bool = flag(False, "--verbose", "-v", help="Log progress deta
 
 
 INTERRUPTED = 130  # exit code after Ctrl-C (128 + SIGINT), as shells report it
+TERMINATED = 143   # after SIGTERM (batch schedulers)
 
 
 def main(argv=None):
@@ -209,10 +213,21 @@ def main(argv=None):
 
 
 def _main(argv):
+    from ..core import signals
+
+    command_line = argv is None  # the `gpureg` command itself (not a call from Python)
+    interrupted = ("gpureg: interrupted ({name}); finished outputs are kept, and `gpureg run` / `gpureg watch` "
+                   "resume where they stopped when run again")
+    signalled = None
     try:
-        rc = app(args=argv, prog_name="gpureg", standalone_mode=False)
-    except typer.Abort:
-        rc = INTERRUPTED
+        with signals.handled(then_exit=interrupted if command_line else None):
+            try:
+                rc = app(args=argv, prog_name="gpureg", standalone_mode=False)
+            except (typer.Abort, KeyboardInterrupt):
+                rc = INTERRUPTED
+            signalled = signals.received()
+            if signalled is not None:  # never exit 0 after a signal, even one Python swallowed
+                rc = 128 + signalled
     except Exception as exc:
         # click's UsageError (typer >= 0.2x vendors click, so it is matched by name, not imported)
         if not any(c.__name__ == "UsageError" for c in type(exc).__mro__):
@@ -224,9 +239,10 @@ def _main(argv):
         where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         typer.echo(f"gpureg: error: {' '.join(exc.format_message().split())}{where}", err=True)
         raise SystemExit(2) from None
-    if rc == INTERRUPTED:  # Ctrl-C: click returns (or raises Abort) without a word
-        typer.echo("gpureg: interrupted; finished outputs are kept, and `gpureg run` / `gpureg watch` resume "
-                   "where they stopped when run again", err=True)
+    if rc in (INTERRUPTED, TERMINATED):  # click returns (or raises Abort) without a word
+        typer.echo(interrupted.format(name=signals.signal_name(rc - 128)), err=True)
+        if command_line and signalled is not None:
+            signals.exit_now(rc)  # outputs closed, lock released: stop now, not after a second of teardown
     raise SystemExit(rc or 0)  # as click's standalone mode: main() always exits
 
 

@@ -64,6 +64,9 @@ SeriesWindowOpt = typer.Option(6, "--series-window", min=0,
                                help="Smooth the transforms along the energies over this many energies on each side "
                                     "(affine linear part, per-particle corrections, B-spline coefficients) before "
                                     "resampling; 0: each energy's own fit.")
+AllowLimitedOpt = flag(False, "--allow-limited-angles", help="Reconstruct projections with too few angles for the "
+                                                             "detector width or covering under 180 degrees "
+                                                             "(refused by default).")
 AllowFoldingOpt = flag(False, "--allow-folding", help="With --deformable: keep a deformation whose Jacobian "
                                                       "determinant reaches 0 (folding) instead of stopping.")
 
@@ -75,7 +78,8 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 no_keep: str = "", deformable: bool = False, spacing: float = 8.0, regularization: float = 2.0,
                 allow_folding: bool = False, align_projections: bool = False,
                 compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32", denoise_spectra: str = "off",
-                reference_column: Optional[str] = None, series_window: int = 6) -> RunOptions:
+                reference_column: Optional[str] = None, series_window: int = 6,
+                allow_limited_angles: bool = False) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
@@ -84,7 +88,8 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                       clusters=clusters, skip_bad_energies=skip_bad_energies, keep=kept, deformable=deformable,
                       spacing=spacing, regularization=regularization, allow_folding=allow_folding,
                       align_projections=align_projections, compression=compression, store_dtype=store_dtype,
-                      denoise_spectra=denoise_spectra, reference_column=reference_column, series_window=series_window)
+                      denoise_spectra=denoise_spectra, reference_column=reference_column, series_window=series_window,
+                      allow_limited_angles=allow_limited_angles)
 
 
 @app.command("run")
@@ -123,6 +128,7 @@ def run_cmd(
     denoise_spectra: str = DenoiseSpectraOpt,
     reference_column: Optional[str] = ReferenceColumnOpt,
     series_window: int = SeriesWindowOpt,
+    allow_limited_angles: bool = AllowLimitedOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -136,7 +142,8 @@ def run_cmd(
                           deformable=deformable, spacing=spacing, regularization=regularization,
                           allow_folding=allow_folding, align_projections=align_projections,
                           compression=compression, store_dtype=store_dtype, denoise_spectra=denoise_spectra,
-                          reference_column=reference_column, series_window=series_window)
+                          reference_column=reference_column, series_window=series_window,
+                          allow_limited_angles=allow_limited_angles)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
@@ -220,6 +227,9 @@ def watch_cmd(
                                                                          "is retried before the watch stops "
                                                                          "(resumable)."),
     api_key_file: Optional[Path] = ApiKeyFileOpt,
+    allow_limited_angles: bool = AllowLimitedOpt,
+    keep_work: bool = flag(False, "--keep-work", help="Keep OUTPUT.watch/ (per-energy volumes) once the result is "
+                                                      "complete (removed by default)."),
 ):
     """Process energies as their files appear, or as a Bluesky run in Tiled acquires them; ends on --expect, a DONE
     file (folder) or the run's stop document, --idle-timeout or Ctrl-C (the same command resumes). Folder: hidden
@@ -236,12 +246,18 @@ def watch_cmd(
                           model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
                           no_keep=no_keep, align_projections=align_projections, compression=compression,
-                          store_dtype=store_dtype, denoise_spectra=denoise_spectra)
+                          store_dtype=store_dtype, denoise_spectra=denoise_spectra,
+                          allow_limited_angles=allow_limited_angles)
     _announce_devices(options)
 
     def on_energy(ev):
+        count = f"{ev['count']} energ{'y' if ev['count'] == 1 else 'ies'} so far"
+        if ev["mse_before"] == 0 and ev["mse_after"] == 0:  # the first file: the provisional reference
+            typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV read in {ev['latency_s']:.2f} s (provisional "
+                       f"reference; {count})")
+            return
         typer.echo(f"{ev['source']}: {ev['energy']:.1f} eV registered in {ev['latency_s']:.2f} s "
-                   f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {ev['count']} energies so far)")
+                   f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {count})")
 
     def on_run_energy(ev):
         typer.echo(f"{ev['source']}: registered {ev['after_last_frame_s']:.2f} s after its last frame (processing "
@@ -256,7 +272,8 @@ def watch_cmd(
                          outage_timeout=outage_timeout)
     else:
         res = watch_folder(Path(directory), output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
-                           overwrite=overwrite, on_energy=on_energy, settle=settle, poll=1.0 if poll is None else poll)
+                           overwrite=overwrite, on_energy=on_energy, settle=settle, poll=1.0 if poll is None else poll,
+                           keep_work=keep_work)
     _print_result(res)
 
 
@@ -285,10 +302,12 @@ def _energy_progress(label):
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), transient=False) as bar:
+                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                  transient=False) as bar:
         task = bar.add_task(label, total=None, status="")
 
         def on_energy(ev):

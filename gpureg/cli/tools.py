@@ -51,16 +51,19 @@ def register(
     ramp: float = RampOpt,
     model: Model = ModelOpt,
     device: Device = DeviceOpt,
+    overwrite: bool = flag(False, "--overwrite", help="Replace existing output files."),
 ):
     """Register MOVING to FIXED (affine, MSE; Otsu-binarized like `gpureg run` unless --raw); write the 4x4
     moving_from_reference matrix."""
     from ..core.transform import apply_affine
-    from ..io.files import HDF5_SUFFIXES, check_file_target, check_suffix, load_volume, save_matrix, save_volume
+    from ..io.files import HDF5_SUFFIXES, check_new_output, check_suffix, load_volume, save_matrix, save_volume
     from ..register.affine import register_affine
 
-    check_file_target(check_suffix(output, (".json",) + HDF5_SUFFIXES, "-o/--output (the matrix)"))
+    check_new_output(check_suffix(output, (".json",) + HDF5_SUFFIXES, "-o/--output (the matrix)"),
+                     inputs=(fixed, moving), overwrite=overwrite)
     if aligned is not None:
-        check_file_target(check_suffix(aligned, (".npy",) + HDF5_SUFFIXES, "--aligned (the volume)"))
+        check_new_output(check_suffix(aligned, (".npy",) + HDF5_SUFFIXES, "--aligned (the volume)"),
+                         inputs=(fixed, moving, output), overwrite=overwrite)
     f = load_volume(fixed, dataset, finite=True)
     m = load_volume(moving, dataset, finite=True)
     prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
@@ -205,19 +208,26 @@ def simulate(
     jitter: float = typer.Option(0.0, "--jitter", metavar="PX",
                                  help="Per-projection shifts (stage wobble), RMS pixels per axis, random per energy "
                                       "and angle; truth in /truth/projection_shifts."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ):
     """Simulate a Mn K-edge TXM-XANES scan: two particles, known per-energy motion and edge energies."""
+    from ..io.files import check_new_output
+    from ..synth.scan import check_simulation
     from ..synth.scan import simulate as simulate_scan
     from ..synth.spectra import parse_energies
 
+    check_new_output(output, overwrite=overwrite)
     grid = parse_energies(energies)
+    check_simulation(size=size, energies=grid, n_angles=angles, noise=noise, photons=photons, salt_pepper=salt_pepper,
+                     deformation=deformation, relative_motion=relative_motion)  # before the progress bar
     with _step_progress("simulate", grid.size) as step:
         simulate_scan(output, size=size, energies=grid, n_angles=angles, noise=noise, photons=photons,
                       salt_pepper=salt_pepper, relative_motion=relative_motion, motion=motion, seed=seed,
                       deformation=deformation, progress=step, mixture=mixture, jitter=jitter)
     typer.echo(f"{grid.size} energies x {angles} angles of a {size}^3 sample written to {output}")
     if mixture:
-        typer.echo(f"reference spectra: {output.with_name(output.stem + '_references')}/MnO.txt, Mn2O3.txt")
+        refs = output.with_name(output.stem + "_references")
+        typer.echo(f"reference spectra: {refs / 'MnO.txt'}, {refs / 'Mn2O3.txt'}")
 
 
 @app.command()
@@ -230,15 +240,20 @@ def recon(
     fbp_filter: FBPFilter = FilterOpt,
     device: Device = DeviceOpt,
     api_key_file: Optional[Path] = ApiKeyFileOpt,
+    overwrite: bool = flag(False, "--overwrite", help="Replace OUTPUT if it exists."),
+    allow_limited_angles: bool = flag(False, "--allow-limited-angles",
+                                      help="Reconstruct with too few angles or under 180 degrees (refused by default)."),
 ):
     """Flat/dark-correct and FBP-reconstruct every energy (ASTRA; CUDA when available)."""
+    from ..io.files import check_new_output
     from ..pipeline.files import reconstruct_file
 
     use_api_key_file(api_key_file)
+    check_new_output(output, inputs=(input,), overwrite=overwrite)
     done = []
     with _step_progress("recon", None) as step:
         reconstruct_file(input, output, center=parse_center(center), filter=fbp_filter.value, device=device.value,
-                         progress=lambda i, n, e: (done.append(e), step(i, n, e)))
+                         allow_limited_angles=allow_limited_angles, progress=lambda i, n, e: (done.append(e), step(i, n, e)))
     typer.echo(f"{len(done)} energies reconstructed to {output}")
 
 

@@ -170,7 +170,49 @@ def energies_ev(ds, where, name="/exchange/energy"):
         check_energies(e, name)
     except ValueError as exc:
         raise InputError(f"{where}: {exc}") from None
+    check_energy_range(e, f"{where}: {name}", units or "no units")
     return e
+
+
+ENERGY_RANGE_EV = (100.0, 100_000.0)  # soft to hard X-rays: anything outside is a unit mistake
+
+
+def check_energy_range(energies, where: str, label: str = "eV") -> None:
+    """Refuse energies (eV after unit conversion) outside 100 eV - 100 keV, naming ``where`` and its ``label``."""
+    e = np.asarray(energies, dtype=np.float64)
+    lo, hi = ENERGY_RANGE_EV
+    if e.size and (e.min() < lo or e.max() > hi):
+        hint = ("; these look like keV: set the units attribute to 'keV'" if e.max() < lo and e.min() > 0.1 else
+                "; these look like meV or a count, not energies" if e.min() > hi else "")
+        raise InputError(f"{where}: energies {e.min():g}..{e.max():g} eV (units: {label}) are outside "
+                         f"{lo:g} eV - {hi / 1000:g} keV{hint}")
+
+
+def check_angles(theta_deg, width: int, where: str, *, allow_limited: bool = False) -> None:
+    """Refuse a projection set that cannot give a tomogram: too few angles or under 180 degrees (parallel beam).
+
+    Too few: fewer than ``max(8, width / 4)`` angles, a sixth of the Nyquist count
+    (pi / 2 x detector width) below which streaks dominate the reconstruction.
+    Range: the angles and one step must cover at least 170 degrees (a missing
+    wedge over 10 degrees). ``allow_limited`` turns both into a warning.
+    """
+    th = np.sort(np.asarray(theta_deg, dtype=np.float64).reshape(-1))
+    need = max(8, int(np.ceil(width / 4)))
+    steps = np.diff(th)
+    cover = float(th[-1] - th[0] + (np.median(steps) if steps.size else 0.0)) if th.size else 0.0
+    problems = []
+    if th.size < need:
+        problems.append(f"{th.size} projection angle{'s' if th.size != 1 else ''} for a {width}-pixel-wide "
+                        f"detector (at least {need} needed)")
+    if cover < 170.0:
+        problems.append(f"the angles cover {cover:.0f} degrees (parallel beam needs 180)")
+    if not problems:
+        return
+    text = f"{where}: {' and '.join(problems)}"
+    if allow_limited:
+        _log.warning("gpureg: %s; continuing (--allow-limited-angles): expect streaks and a missing wedge", text)
+        return
+    raise InputError(f"{text}; pass allow_limited_angles=True to reconstruct anyway")
 
 
 def theta_deg(ds, where):
@@ -182,6 +224,9 @@ def theta_deg(ds, where):
         raise InputError(f"{where}: /exchange/theta contains NaN or inf")
     units = _attr_text(ds.attrs.get("units", "")).lower()
     span = float(np.ptp(th)) if th.size else 0.0
+    if th.size >= 2 and span == 0:
+        raise InputError(f"{where}: /exchange/theta: all {th.size} angles are {th[0]:g}: not a tomographic scan "
+                         "(the rotation angles were not recorded?)")
     if units in RADIANS:
         if span > 2 * np.pi + 1e-3:
             raise InputError(f"{where}: /exchange/theta is labelled {units!r} but spans {span:.4g} over {th.size} "

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..core.errors import InputError, OutputError
 
-__all__ = ["atomic_path", "BadEnergyError", "check_file_target", "check_suffix", "default_file_mode", "HDF5_SUFFIXES",
+__all__ = ["atomic_path", "BadEnergyError", "check_file_target", "check_new_output", "check_not_input", "check_suffix",
+           "default_file_mode", "HDF5_SUFFIXES",
            "InputError",
            "load_volume", "save_matrix", "save_volume"]
 
@@ -64,6 +65,51 @@ def check_file_target(path) -> Path:
         raise OutputError(f"{path}: output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{path}: output folder {folder} is not writable")
+    return path
+
+
+def check_not_input(output, *inputs) -> None:
+    """Refuse an ``output`` that is one of the ``inputs``: the same file (inode), also through symlinks or hard links.
+
+    Inputs may be files, folders (each file in them counts) or glob patterns; ``None`` entries are skipped.
+    """
+    output = Path(output)
+    try:
+        out = os.stat(output)
+    except OSError:
+        return  # a file that does not exist yet is no input
+    for item in inputs:
+        if item is None:
+            continue
+        text = str(item)
+        if any(ch in text for ch in "*?["):
+            import glob
+
+            candidates = [Path(f) for f in glob.glob(text)]
+        elif Path(item).is_dir():
+            candidates = [p for p in Path(item).rglob("*") if p.is_file()]
+        else:
+            candidates = [Path(item)]
+        for cand in candidates:
+            try:
+                st = os.stat(cand)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+                same = "" if cand == output else f" ({output} and {cand} are the same file)"
+                raise OutputError(f"{output}: is the input{same}; writing it would destroy the input, give another "
+                                 "output name")
+
+
+def check_new_output(path, *, inputs=(), overwrite: bool = False) -> Path:
+    """Refuse to write ``path`` when it is one of ``inputs``, or exists and ``overwrite`` is false.
+
+    Also the checks of :func:`check_file_target` (not a folder, its folder exists and is writable).
+    """
+    path = check_file_target(path)
+    check_not_input(path, *inputs)
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists; pass overwrite=True to replace it")
     return path
 
 
@@ -159,6 +205,8 @@ def atomic_path(path):
     exception the temporary file is removed and ``path`` is left untouched.
     """
     path = check_file_target(path)
+    if path.is_symlink():  # write through the link to its target (the link stays a link)
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)

@@ -7,6 +7,7 @@ one stage and write the output file (through :mod:`gpureg.io`, the owner of the 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..core.errors import InputError, OutputError, ParameterError
 from ..core.segment import otsu_threshold, particle_labels
 from ..core.version import __version__
 from ..io.dataexchange import write_dataexchange
+from ..io.files import check_new_output
 from ..io.readers import open_input
 from ..io.results import stack_names, write_result_file
 from ..recon.fbp import FILTERS, reconstruct_fbp
@@ -31,7 +33,7 @@ __all__ = ["map_xanes_file", "reconstruct_file"]
 
 
 def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram-lak", device: str = "auto",
-                     progress=None) -> Path:
+                     progress=None, allow_limited_angles: bool = False) -> Path:
     """Reconstruct every energy of an input and write a Data Exchange recon file.
 
     Parameters
@@ -46,15 +48,30 @@ def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram
         As in :func:`gpureg.recon.reconstruct_fbp`.
     progress : callable, optional
         Called as ``progress(i, n_energy, energy_ev)`` after each energy.
+    allow_limited_angles : bool
+        Warn instead of refusing too few angles or under 180 degrees (:func:`gpureg.io.base.check_angles`).
 
     Returns
     -------
     Path
         ``output_path``.
+
+    Notes
+    -----
+    Dead, hot and NaN detector pixels and outlier projections are repaired
+    before FBP (:func:`gpureg.recon.repair.repair_projections`); an output that
+    is the input is refused.
     """
+    from ..io.base import check_angles
+    from ..io.files import check_not_input
+    from ..recon.repair import repair_projections
+
     if not isinstance(filter, str) or filter.lower() not in FILTERS:
         raise ParameterError(f"filter must be one of {FILTERS}, got {filter!r}")
     with open_input(input_path) as reader:
+        check_not_input(output_path, input_path)
+        if reader.kind == "projections":
+            check_angles(reader.theta, reader.shape[-1], str(reader.path), allow_limited=allow_limited_angles)
         energies = reader.energies
         counts = []
 
@@ -63,8 +80,9 @@ def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram
                 if reader.kind == "recon":
                     vol = reader.recon(i)
                 else:
-                    p, n_bad = flatfield_correct(reader.projections(i), reader.flat(i), reader.dark(i), return_count=True)
-                    counts.append(n_bad)
+                    p, rep = repair_projections(flatfield_correct(reader.projections(i), reader.flat(i),
+                                                                  reader.dark(i), warn=False))
+                    counts.append(rep.pixels)
                     vol = reconstruct_fbp(p, reader.theta, center=center, filter=filter, device=device)
                 yield vol
                 if progress is not None:
@@ -72,10 +90,13 @@ def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram
 
         attrs = {"source": str(reader.path), "source_kind": reader.kind, "gpureg_version": __version__,
                  "recon_parameters": {"center": center, "filter": filter, "device": device}}
+        if reader.pixel_size_nm:
+            attrs["voxel_size_nm"] = float(reader.pixel_size_nm)  # read back by every gpureg reader
         write_dataexchange(output_path, recon=volumes(), energy=energies, theta=reader.theta,
                            truth=reader.truth(), attrs=attrs)
     if sum(counts):
-        _log.info("gpureg: %d non-positive transmissions clipped in total", sum(counts))
+        _log.warning("gpureg: %d dead, hot or NaN detector pixels repaired in total (median of their neighbours)",
+                     sum(counts))
     return Path(output_path)
 
 
@@ -131,10 +152,7 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
         raise InputError(f"{src}: file not found")
     if not h5py.is_hdf5(src):
         raise InputError(f"{src}: not an HDF5 file")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise OutputError(f"{dst}: the output must differ from the input (it would replace the aligned stack)")
-    if dst.exists() and not overwrite:
-        raise OutputError(f"{dst}: file exists (pass overwrite=True to replace it)")
+    check_new_output(dst, inputs=(src,), overwrite=overwrite)  # also a hard link of the input
     with h5py.File(src, "r") as h5:
         name, ename = stack_names(h5, src, dataset, energy_dataset)
         ds = h5[name]
@@ -185,5 +203,12 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
                                        for j, nm in enumerate(chem["reference_names"])}
     if chem is not None and "clusters" in chem:
         summary["cluster_counts"] = [int(c) for c in chem["cluster_counts"]]
-    write_result_file(dst, E_sorted, maps=maps, labels=labels, roi=roi, xanes_attrs=attrs, chemistry=chem)
+    root = {"input": str(src), "gpureg_version": __version__, "parameters": json.dumps(
+        {"dataset": name, "edge": method, "min_jump": min_jump, "min_voxels": int(min_voxels), "slab": int(slab),
+         "device": device, "references": list(references or ()), "clusters": clusters}, default=str)}
+    with h5py.File(src, "r") as h5:
+        for key in ("voxel_size_nm", "input_checksum"):
+            if key in h5.attrs:
+                root[f"source_{key}" if key == "input_checksum" else key] = h5.attrs[key]
+    write_result_file(dst, E_sorted, maps=maps, labels=labels, roi=roi, xanes_attrs=attrs, chemistry=chem, attrs=root)
     return summary

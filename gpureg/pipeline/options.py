@@ -164,6 +164,9 @@ class RunOptions:
         ``"float32"`` (exact) or ``"float16"`` (lossy, half the size): how ``/recon`` and
         ``/aligned`` are stored. The maps are computed from the stored stack, so float16 moves
         them slightly (measured in README "Result files").
+    allow_limited_angles : bool
+        Reconstruct projections with too few angles for the detector width or
+        under 180 degrees (a warning instead of an error; see :func:`gpureg.io.base.check_angles`).
     """
 
     device: Device = Device.auto
@@ -190,6 +193,7 @@ class RunOptions:
     align_projections: bool = False
     compression: str = DEFAULT_COMPRESSION
     store_dtype: str = "float32"
+    allow_limited_angles: bool = False
 
     def __post_init__(self):
         for name, kind in (("device", Device), ("model", Model), ("filter", FBPFilter), ("edge", EdgeMethod)):
@@ -218,6 +222,7 @@ class RunOptions:
         object.__setattr__(self, "denoise_spectra", parse_denoise(self.denoise_spectra))
         if self.reference_column is not None:
             object.__setattr__(self, "reference_column", str(self.reference_column))
+        object.__setattr__(self, "allow_limited_angles", bool(self.allow_limited_angles))
         object.__setattr__(self, "keep", parse_keep(self.keep))
         name, level = parse_compression(self.compression)
         object.__setattr__(self, "compression", name if level is None else f"{name}:{level}")
@@ -275,13 +280,13 @@ class RunOptions:
 
     def parameters(self, devices: Devices, matrices=None) -> dict:
         """The result file's ``parameters`` (JSON): what decides its content (not ``report``, ``scheduler``,
-        ``skip_bad_energies``, ``keep``, ``compression``).
+        ``skip_bad_energies``, ``keep``, ``compression``, ``allow_limited_angles``).
 
         A run resumes an interrupted one only when these are equal (so a run
         stopped by a bad energy resumes with ``skip_bad_energies``).
         """
         out = self.to_dict()
-        for key in ("report", "scheduler", "skip_bad_energies", "keep", "compression"):
+        for key in ("report", "scheduler", "skip_bad_energies", "keep", "compression", "allow_limited_angles"):
             out.pop(key)
         if out["store_dtype"] == "float32":  # absent when exact: results of earlier versions resume
             out.pop("store_dtype")

@@ -66,6 +66,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
     with ResultFile(result_h5) as rf:
         maps = rf.xanes(maps_only=True)
         storage, write = rf.storage(), rf.write_timing()
+        repairs = rf.repairs()
     xanes = {}
     if maps is not None and "labels" in maps:
         e0, labels, mask = maps["edge_energy"], maps["labels"], maps["mask"].astype(bool)
@@ -76,6 +77,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
                                                  "edge_energy_iqr_ev": float(np.subtract(*np.percentile(e0[sel], [75, 25])))}
     summary = {
         "gpureg_version": __version__, "input": attrs.get("input"), "input_checksum": attrs.get("input_checksum"),
+        "input_checksum_method": attrs.get("input_checksum_method"),
         "device": attrs.get("device"), "parameters": attrs.get("parameters", {}),
         "reference_energy_ev": float(res.energies[res.reference_index]),
         "energies_ev": res.energies.tolist(), "mse_before": res.mse_before.tolist(), "mse_after": res.mse_after.tolist(),
@@ -83,6 +85,9 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         "total_s": {k: float(np.sum(v)) for k, v in res.timings.items()}, "particles": xanes,
         "figures": [p.name for p in figures], "voxel_size_nm": attrs.get("voxel_size_nm"),
         "excluded_energies": [{"energy_ev": e, "reason": r} for e, r in sorted(res.excluded.items())],
+        "skipped_inputs": attrs.get("skipped_inputs") or {},
+        "repairs": [{"energy_ev": e, **r} for e, r in sorted(repairs.items())],
+        "suspect_energies": suspect_energies(res.energies, res.mse_after, res.reference_index, res.excluded),
         "mse_ratio_median": median_mse_ratio(res.mse_before, res.mse_after),
         "storage": storage, "background_write_s": write,
     }
@@ -94,14 +99,16 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         Path(tmp).write_text(json.dumps(summary, indent=2))
     used = ~np.isin(res.energies, list(res.excluded))
     lines = [f"# gpureg report: {name or Path(result_h5).name}", "",
-             f"- input: `{summary['input']}` (checksum {summary['input_checksum']})",
+             f"- input: `{summary['input']}` (checksum {summary['input_checksum']}"
+             + (f"; {attrs['input_checksum_method']})" if attrs.get("input_checksum_method") else ")"),
              f"- device: {summary['device']}; reference energy {summary['reference_energy_ev']:.1f} eV; "
              f"{int(used.sum())} energies" + (f" of {len(res.energies)}" if not used.all() else "")
              + (f"; voxel size {summary['voxel_size_nm']:.4g} nm" if summary["voxel_size_nm"] else ""),
              f"- MSE vs reference ({_compared(summary['parameters'])}), median over energies: before "
              f"{np.nanmedian(res.mse_before[used]):.4g}, after {np.nanmedian(res.mse_after[used]):.4g}; "
              f"median over energies of MSE before/after: x{summary['mse_ratio_median']:.3g}",
-             "- time per stage (s, all energies): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["total_s"].items())
+             "- time per stage (s, all energies; reading the next energy runs beside the registration, so the "
+             "stages add up to more than the wall time): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["total_s"].items())
              + (f" (written in the background, overlapping the other stages: writing added "
                 f"{write['write_wait_s']:.1f} s)" if "write_wait_s" in write else ""),
              *[f"- /{k} stored as {v.get('store_dtype', 'float32')} ({v.get('storage_error', 'exact')}), "
@@ -109,6 +116,17 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
              ""]
     for e, r in sorted(res.excluded.items()):
         lines.append(f"- **energy {e:g} eV left out** (--skip-bad-energies): {r}")
+    for f, r in sorted(summary["skipped_inputs"].items()):
+        lines.append(f"- **input file {f} left out** (watch): {r}")
+    for s in summary["suspect_energies"]:
+        lines.append(f"- **energy {s['energy_ev']:g} eV: registration MSE after {s['mse_after']:.3g} is "
+                     f"{s['ratio']:.1f}x its neighbours'** (largest {s['neighbours_max']:.3g}): check its projections")
+    for r in summary["repairs"]:
+        what = [f"{r['invalid_pixels']} dead/NaN" if r["invalid_pixels"] else "",
+                f"{r['outlier_pixels']} outlier" if r["outlier_pixels"] else ""]
+        text = " and ".join(w for w in what if w)
+        proj = f"; projections {r['projections']} replaced by their neighbours" if r["projections"] else ""
+        lines.append(f"- energy {r['energy_ev']:g} eV: {text + ' detector pixels repaired' if text else ''}{proj}")
     for pname, st in xanes.items():
         lines.append(f"- {pname}: {st['voxels']} voxels, edge energy median {st['edge_energy_median_ev']:.2f} eV "
                      f"(IQR {st['edge_energy_iqr_ev']:.2f} eV)")
@@ -164,6 +182,27 @@ def _mode_report(result_h5, outdir):
     path = difference_map_figure(diff, Path(outdir) / "edge_energy_mode_minus_affine.png",
                                  title=f"{mode} minus affine edge energy")
     return [Path(path)], {"mode_vs_affine": out}, lines
+SUSPECT_RATIO = 3.0  # MSE after above this many times both neighbours' (larger one) flags an energy
+
+
+def suspect_energies(energies, mse_after, ref, excluded=None) -> list:
+    """Energies whose registration MSE after is an outlier among their neighbours (in energy order).
+
+    An energy is flagged when its MSE after registration exceeds ``SUSPECT_RATIO`` times the
+    larger of its two neighbours' (the nearest used energies below and above; one at the ends):
+    a bad projection or detector defect at one energy, not the edge (where neighbours change too).
+    """
+    e = np.asarray(energies, dtype=np.float64)
+    m = np.asarray(mse_after, dtype=np.float64)
+    used = [int(i) for i in np.argsort(e) if i != ref and e[i] not in (excluded or {}) and np.isfinite(m[i])]
+    out = []
+    for k, i in enumerate(used):
+        near = [m[j] for j in used[max(k - 1, 0):k] + used[k + 1:k + 2]]
+        top = max(near) if near else np.nan
+        if near and top > 0 and m[i] > SUSPECT_RATIO * top:
+            out.append({"energy_ev": float(e[i]), "mse_after": float(m[i]), "neighbours_max": float(top),
+                        "ratio": float(m[i] / top)})
+    return out
 
 
 def _chemistry_figures(result_h5, outdir):

@@ -12,15 +12,18 @@ and gives the same result; the finished file is renamed onto ``OUTPUT``
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import glob
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..core import signals
 from ..core.backend import to_host
 from ..core.config import submit
 from ..core.errors import ParameterError
@@ -29,7 +32,18 @@ from ..core.version import __version__
 from ..io.base import is_uri
 from ..io.files import BadEnergyError, InputError
 from ..io.lock import OutputLock
-from ..io.results import ResultStore, drop_datasets, lock_path, log_path, partial_path, read_result, report_dir_for
+from ..io.results import (
+    DiskFullError,
+    ResultStore,
+    disk_full,
+    drop_datasets,
+    is_no_space,
+    lock_path,
+    log_path,
+    partial_path,
+    read_result,
+    report_dir_for,
+)
 from ..register.affine import register_prepared
 from ..register.prepare import prepare_reference, prepare_volume
 from ..register.series import reference_index, registration_order
@@ -47,7 +61,8 @@ _log = logging.getLogger("gpureg")
 
 
 def run(input, output, options: RunOptions | None = None, *, overwrite: bool = False, progress=None,
-        matrices=None, devices: Devices | None = None, alignments=None, **settings) -> PipelineResult:
+        matrices=None, devices: Devices | None = None, alignments=None, provenance: dict | None = None,
+        **settings) -> PipelineResult:
     """Run the whole pipeline on one measurement.
 
     Parameters
@@ -77,6 +92,9 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
         Per energy (in the input's order), a projection alignment already done, to store in
         ``/alignment`` (``gpureg watch --align-projections``: its energies were aligned as they
         arrived): objects with :class:`~gpureg.recon.AlignmentResult`'s attributes and ``theta``, or None.
+    provenance : dict, optional
+        Root attributes of the result that describe where its input came from
+        (watch: the inbox folder as ``input``, ``skipped_inputs``); dicts and lists as JSON.
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given:
         ``device``, ``reference``, ``prep``, ``model``,
@@ -95,7 +113,7 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
         raise ParameterError("deformable registration registers every energy: not with given matrices")
     if options.per_particle and matrices is not None:
         raise ParameterError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
-    check_output(output, overwrite)
+    check_output(output, overwrite, inputs=(input,))
     matrices = None if matrices is None else np.asarray(matrices, dtype=np.float64).round(12).tolist()
     with OutputLock(output, lock_path(output)):
         devices = resolve_devices(options.device) if devices is None else devices
@@ -109,18 +127,22 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
             ref = reference_index(energies, options.reference)
             checksum = reader_fingerprint(reader) if is_uri(str(input)) else file_checksum(input)
             work = partial_path(output)
-            with RunLog(log_path(output)):
+            with RunLog(log_path(output)), _disk_errors(output, reader):
                 _log.info("gpureg %s: %s -> %s; devices: registration on %s, FBP on %s", __version__, reader.path,
                           output, devices.registration, devices.fbp)
+                method = CHECKSUM_FILE if Path(input).is_file() else CHECKSUM_FILES
                 resumed = _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite,
-                                   progress, alignments)
+                                   progress, alignments, {"input_checksum_method": method, **(provenance or {})})
                 if options.report:
                     # Before the final rename: a finished RESULT.h5 always has its report.
                     report = report_dir_for(output)
                     figures = write_report(work, report, name=output.name)
+                signals.check()
                 dropped = [k for k in KEEPABLE if k not in options.keep]
+                if dropped:  # a copy of the file without them: it needs the space of the copy
+                    _check_disk(work, work.stat().st_size)
                 drop_datasets(work, dropped)
-                os.replace(work, output)
+                os.replace(work, os.path.realpath(output) if output.is_symlink() else output)
                 _log.info("gpureg: finished %s%s", output, f" (without {', '.join(dropped)})" if dropped else "")
     summary = read_result(output)
     result = PipelineResult(**vars(summary), output=output, resumed=resumed)
@@ -129,8 +151,13 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
     return result
 
 
+CHECKSUM_FILE = "b2sum: BLAKE2b-512 of the file's bytes"
+CHECKSUM_FILES = "BLAKE2b-512 over the relative name and the bytes of every file, in name order"
+
+
 def file_checksum(path) -> str:
-    """BLAKE2b of a file's bytes (of every file, in name order, for a folder or a glob pattern)."""
+    """BLAKE2b-512 of a file's bytes, as ``b2sum FILE`` prints it (the name does not count: a byte-identical
+    copy has the same checksum); for a folder or a glob pattern, over each file's relative name and bytes."""
     text = str(path)
     path = Path(path)
     if any(ch in text for ch in "*?["):
@@ -141,9 +168,11 @@ def file_checksum(path) -> str:
         raise InputError(f"{path}: file not found")
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b()  # 64-byte digest: b2sum's default
+    single = len(files) == 1 and not path.is_dir() and not any(ch in text for ch in "*?[")
     for f in files:
-        h.update(f.name.encode())
+        if not single:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 23), b""):
                 h.update(block)
@@ -165,7 +194,9 @@ def reader_fingerprint(reader) -> str:
 
 def _check_input(reader, energies, options, output):
     """Everything that can be checked before a file is created: energy count, resources."""
-    from ..core.resources import check_fits
+    from ..core.resources import check_fits, format_bytes
+    from ..io.base import check_angles, check_energy_range
+    from ..io.results.space import RESERVE_BYTES
     from ..xanes.spectra import MIN_ENERGIES
 
     if energies.size < MIN_ENERGIES:
@@ -175,26 +206,36 @@ def _check_input(reader, energies, options, output):
     if isinstance(options.denoise_spectra, int) and options.denoise_spectra >= energies.size:
         raise ParameterError(f"denoise_spectra={options.denoise_spectra}: more components than {reader.path}'s "
                              f"{energies.size} energies allow (at most {energies.size - 1})")
+    check_energy_range(energies, str(reader.path))
+    if reader.kind == "projections":
+        check_angles(reader.theta, reader.shape[-1], f"{reader.path}", allow_limited=options.allow_limited_angles)
     vol = 4.0 * np.prod(reader.recon_shape)
     proj = 4.0 * np.prod(reader.shape) if reader.kind == "projections" else 0.0
     # Host: reference (raw, prepared), current + next (raw, prepared, aligned), projections; XANES slabs.
     memory = 8 * vol + 2 * proj + 2 * energies.size * vol * min(16, reader.recon_shape[0]) / reader.recon_shape[0]
-    # Disk: /recon and /aligned of every energy (uncompressed bound; gzip usually saves 2-3x) + maps.
-    n_stacks = max(1, len(options.keep)) if options.keep else 0
-    disk = (2 * energies.size * vol + 6 * vol) / 2 if n_stacks else 6 * vol
+    # Disk: /recon and /aligned of every energy (gzip usually saves 2-3x: refused only when a third of the
+    # uncompressed size does not fit) + maps + the reserve; the run checks again before every energy, at the
+    # size the energies written so far took.
     folder = output.parent if str(output.parent) else Path(".")
+    upper = 2 * energies.size * vol + 8 * vol + RESERVE_BYTES
+    free = shutil.disk_usage(folder).free
+    if upper > free:
+        _log.warning("gpureg: %s: the result may not fit in %s (%s free, up to %s uncompressed); checked again "
+                     "after every energy", output, folder, format_bytes(free), format_bytes(upper))
+    disk = (2 * energies.size * vol) / 3 + 8 * vol + RESERVE_BYTES
     check_fits(f"{reader.path} ({energies.size} energies of {'x'.join(map(str, reader.recon_shape))} voxels)",
                memory=memory, disk=disk, folder=folder, gpu_memory=6 * vol,
                device=resolve_devices(options.device).registration if options.device.value == "gpu" else "cpu")
 
 
 def _compute(reader, work, energies, ref, options, devices, matrices, checksum, overwrite, progress,
-             alignments=None) -> int:
+             alignments=None, provenance=None) -> int:
     """Fill ``work`` (the ``.partial`` file): every energy, then the maps; returns the energies resumed."""
     if alignments is not None and len(alignments) != len(energies):
         raise ValueError(f"alignments must have one entry per energy ({len(energies)}), got {len(alignments)}")
     store = ResultStore.open(work, reader, energies, ref, options.parameters(devices, matrices), checksum,
-                             fresh=overwrite, compression=options.compression, store_dtype=options.store_dtype)
+                             fresh=overwrite, attrs=provenance, compression=options.compression,
+                             store_dtype=options.store_dtype)
     try:
         resumed = int(store.done.sum())
         if resumed:
@@ -226,11 +267,33 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
         _xanes(store, reference, options, devices)
         if options.per_particle or store.has_stack("aligned_global"):
             per_particle_xanes(store, options, devices)
-        store.finish()
+        signals.check()
     except BaseException:
-        store.close()
+        store.abandon()
         raise
+    store.finish()  # complete=True, closed and read back; a failure raises and the file is not renamed
     return resumed
+
+
+def _check_disk(path, needed):
+    free = shutil.disk_usage(Path(path).parent).free
+    if needed > free:
+        raise disk_full(Path(path).parent, needed)
+
+
+@contextlib.contextmanager
+def _disk_errors(output, reader):
+    """A write that fails for lack of space (the report, the final copy) becomes the one-line disk-full error."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        work = partial_path(output)
+        raise disk_full(output.parent if str(output.parent) else Path("."),
+                        work.stat().st_size if work.exists() else 0) from None
 
 
 def _options(options, settings):
@@ -260,10 +323,11 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
         t = timings.pop(i)
         notify(progress, store, i, *t["mse"], t["seconds"], {**t["stages"], "write": seconds})
 
-    with cf.ThreadPoolExecutor(max_workers=1) as pool, BackgroundWriter(store, after=written) as writer:
+    with _reading_ahead() as pool, BackgroundWriter(store, after=written) as writer:
         # the loader thread runs in the caller's gpureg.config context (contextvars are not inherited by threads)
         nxt = submit(pool, loader, pending[0]) if pending else None
         for k, i in enumerate(pending):
+            signals.check()  # a signal Python swallowed (raised inside a destructor) stops the run here
             fut = nxt
             nxt = submit(pool, loader, pending[k + 1]) if k + 1 < len(pending) else None
             try:
@@ -309,10 +373,26 @@ def _hint_wobble(reader, ref):
 
 
 def _write_alignment(store, loader, i, reader):
-    """Record energy ``i``'s projection alignment (before its ``done`` flag is written)."""
+    """Record energy ``i``'s projection alignment and pixel repairs (before its ``done`` flag is written)."""
     res = loader.alignments.pop(i, None)
     if res is not None:
         store.write_alignment(i, res, reader.theta)
+    rep = loader.repairs.pop(i, None)
+    if rep is not None:
+        store.write_repair(i, rep.to_dict())
+
+
+@contextlib.contextmanager
+def _reading_ahead():
+    """One worker thread that reads the next energy; on an error (a signal) the queued read is cancelled and
+    not waited for."""
+    pool = cf.ThreadPoolExecutor(max_workers=1)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def xanes_attrs(info) -> dict:

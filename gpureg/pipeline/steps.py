@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import signals
 from ..core.backend import to_host
 from ..core.errors import OutputError
-from ..io.files import BadEnergyError, InputError, check_file_target
+from ..io.files import BadEnergyError, InputError, check_file_target, check_not_input
 
 __all__ = ["check_output", "energy_line", "handle_bad_energy", "Loader", "notify", "RunLog", "score_matrix", "stored_warm_start"]
 
@@ -40,6 +41,7 @@ class Loader:
     def __init__(self, reader, *, center, filter, device, align=False):
         self.reader, self.center, self.filter, self.device = reader, center, getattr(filter, "value", filter), device
         self.align, self.alignments = bool(align), {}
+        self.repairs = {}  # energy index -> gpureg.recon.repair.Repair, until the run records it
 
     @classmethod
     def for_run(cls, reader, options, devices) -> Loader:
@@ -54,12 +56,13 @@ class Loader:
         if self.align:
             from ..recon.align import align_energy
 
-            res = align_energy(self.reader, i, center=self.center, filter=self.filter, device=self.device)
+            res = align_energy(self.reader, i, center=self.center, filter=self.filter, device=self.device,
+                               repairs=self.repairs)
             self.alignments[i] = res
             vol = to_host(res.volume)
         else:
             vol = to_host(reconstruct_energy(self.reader, i, center=self.center, filter=self.filter,
-                                             device=self.device))
+                                             device=self.device, repairs=self.repairs))
         vol = np.ascontiguousarray(vol, dtype=np.float32)
         if not np.isfinite(vol).all():
             energy = float(self.reader.energies[i])
@@ -79,6 +82,7 @@ def notify(progress, store, i, before, after, seconds, timings=None, excluded=No
     _log.info("%s", energy_line(event))
     if progress is not None:
         progress(event)
+    signals.check()  # a signal Python swallowed (raised inside a destructor) stops the run here
 
 
 def handle_bad_energy(store, i, exc, options, progress):
@@ -132,15 +136,16 @@ def stored_warm_start(store, i, ref, pending=None):
                        for j in done), store.energies[i])
 
 
-def check_output(output, overwrite):
-    """Refuse an output that is a folder, is not an ``.h5`` name, is in a missing/unwritable folder, or exists
-    (without overwrite)."""
+def check_output(output, overwrite, inputs=()):
+    """Refuse an output that is a folder, is not an ``.h5`` name, is in a missing/unwritable folder, is one of
+    ``inputs`` (even with overwrite), or exists (without overwrite)."""
     output = Path(output)
     if output.is_dir():
         check_file_target(output)  # "is an existing folder": refused even with overwrite
     if output.suffix.lower() not in (".h5", ".hdf5", ".hdf", ".nxs"):
         raise InputError(f"{output}: output must be an HDF5 file name (.h5, .hdf5)")
     check_file_target(output)
+    check_not_input(output, *inputs)
     if output.exists() and not overwrite:
         raise OutputError(f"{output}: exists (a finished run); pass overwrite=True to replace it")
 
@@ -173,8 +178,10 @@ class RunLog:
 
     def __exit__(self, *exc):
         logger = logging.getLogger("gpureg")
-        if exc[0] is not None and exc[1] is not None:  # into the log file; the caller reports it on stderr
+        if exc[0] is not None and exc[1] is not None:  # into the log file only: the CLI prints the error once
             why = str(exc[1]).splitlines()[0] if str(exc[1]) else exc[0].__name__
+            if isinstance(exc[1], KeyboardInterrupt):
+                why = f"interrupted ({why})" if str(exc[1]) else "interrupted (Ctrl-C)"
             self.handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "gpureg: stopped: %s",
                                                   (why,), None))
         logger.removeHandler(self.handler)

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..core import signals
 from ..core.errors import ParameterError
 from ..io.files import InputError, atomic_path
 from ..io.lock import OutputLock
@@ -79,9 +80,12 @@ class WatchState:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.entries = {}  # source file name -> dict(energy, matrix, latency, npz)
+        self.pixel_size_nm = None
         index = self.folder / "index.json"
         if index.exists():
             self.entries = {k: {**v, "matrix": np.asarray(v["matrix"])} for k, v in json.loads(index.read_text()).items()}
+            self.pixel_size_nm = next((v["pixel_size_nm"] for v in self.entries.values() if v.get("pixel_size_nm")),
+                                      None)
 
     @property
     def provisional(self):
@@ -99,7 +103,7 @@ class WatchState:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
         self.entries[source] = {"energy": float(energy), "matrix": np.asarray(matrix), "latency": float(latency),
-                                "npz": npz.name, "provisional": bool(provisional)}
+                                "npz": npz.name, "provisional": bool(provisional), "pixel_size_nm": self.pixel_size_nm}
         if alignment is not None:
             self.entries[source]["alignment"] = {k: getattr(res, k) for k in _ALIGNMENT_SCALARS}
         doc = {k: {**v, "matrix": v["matrix"].tolist()} for k, v in self.entries.items()}
@@ -122,7 +126,8 @@ class WatchState:
 
 def watch_folder(directory, output, options: RunOptions | None = None, *, pattern: str = "*.h5",
                  expect: int | None = None, idle_timeout: float | None = None, poll: float = 0.5, settle: float = 1.0,
-                 sentinel: str = "DONE", overwrite: bool = False, on_energy=None, **settings):
+                 sentinel: str = "DONE", overwrite: bool = False, on_energy=None, keep_work: bool = False,
+                 **settings):
     """Process per-energy files as they appear in ``directory``; finish with a full result.
 
     Parameters
@@ -154,6 +159,8 @@ def watch_folder(directory, output, options: RunOptions | None = None, *, patter
     on_energy : callable, optional
         Called as ``on_energy(event)`` after each energy with ``energy``, ``source``,
         ``latency_s`` (file seen -> registered), ``mse_before``, ``mse_after``, ``count``.
+    keep_work : bool
+        Keep ``OUTPUT.watch/`` (per-energy volumes) after the result is complete; removed by default.
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given.
 
@@ -163,9 +170,11 @@ def watch_folder(directory, output, options: RunOptions | None = None, *, patter
 
     Notes
     -----
-    A file that cannot be read (a stray file, one still being written, another
-    layout) is skipped with a warning and tried again when it changes (or every
-    30 s); so is a second file of an energy already done. The watch ends only on
+    A file that cannot be read or registered (a stray file, one still being
+    written, another layout or detector size) is skipped with a warning naming
+    it and why, and tried again when it changes (or every 30 s); so is a second
+    file of an energy already done. Files still skipped at the end are listed
+    in the result (``skipped_inputs`` attribute, JSON) and its report. The watch ends only on
     ``expect``, the ``sentinel`` file or ``idle_timeout`` (logged), or on
     ``KeyboardInterrupt`` (SIGINT): what was done stays in ``OUTPUT.watch/`` and
     the same command resumes it.
@@ -179,20 +188,23 @@ def watch_folder(directory, output, options: RunOptions | None = None, *, patter
     for name, value in (("poll", poll), ("settle", settle)):
         if not value >= 0:
             raise ParameterError(f"watch: {name} must be >= 0 seconds, got {value!r}")
-    check_output(output, overwrite)
+    check_output(output, overwrite, inputs=(directory,))
     with OutputLock(output, lock_path(output)):
         if overwrite and watch_dir(output).exists():
             shutil.rmtree(watch_dir(output))
         devices = resolve_devices(options.device)
         state = WatchState(watch_dir(output))
         try:
-            _watch_loop(directory, state, options, devices, pattern, expect, idle_timeout, poll, settle, sentinel,
-                        on_energy)
+            skipped = _watch_loop(directory, state, options, devices, pattern, expect, idle_timeout, poll, settle,
+                                  sentinel, on_energy)
         except KeyboardInterrupt:
             _log.warning("gpureg: watch interrupted with %d energies done (kept in %s); run the same command again "
                          "to resume", len(state.entries), state.folder)
             raise
-        return finish_watch(directory, output, state, options, devices, overwrite)
+        result = finish_watch(directory, output, state, options, devices, overwrite, skipped=skipped)
+        if not keep_work:
+            shutil.rmtree(state.folder, ignore_errors=True)  # the result is complete: the work folder is not needed
+        return result
 
 
 def watch(*args, **kwargs):
@@ -271,8 +283,12 @@ def provisional_reference(state, options, device):
     return prepare_reference(state.recon(state.provisional), device, options.prep, name="provisional reference")
 
 
-def finish_watch(source, output, state, options, devices, overwrite):
-    """Re-reference every transform to the final reference and write the result by :func:`gpureg.pipeline.run`."""
+def finish_watch(source, output, state, options, devices, overwrite, skipped=None):
+    """Re-reference every transform to the final reference and write the result by :func:`gpureg.pipeline.run`.
+
+    The result names ``source`` as its input, lists the energies' files (``input_files``) and the files left
+    out with why (``skipped_inputs``, a dict), and keeps the voxel size of the energy files.
+    """
     from ..io.dataexchange import write_dataexchange
 
     if len(state.entries) < 2:
@@ -282,12 +298,20 @@ def finish_watch(source, output, state, options, devices, overwrite):
     final = rereference([state.entries[k]["matrix"] for k in sources], energies, options.reference)
     stack = state.folder / "recon.h5"  # rewritten when a resumed watch has other energies than the last one
     if not stack.exists() or not np.array_equal(_stack_energies(stack), energies):
-        write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies,
-                           attrs={"source": str(source)})
+        attrs = {"source": str(source)}
+        if state.pixel_size_nm:
+            attrs["voxel_size_nm"] = state.pixel_size_nm
+        write_dataexchange(stack, recon=(state.recon(k) for k in sources), energy=energies, attrs=attrs)
+    skipped = dict(skipped or {})
+    provenance = {"input": str(source), "input_files": sources, "skipped_inputs": skipped}
+    if skipped:
+        _log.warning("gpureg: watch: %d file(s) left out: %s (recorded in the result)", len(skipped),
+                     "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     # The stack holds the (aligned) reconstructions: nothing left to align; what alignment found is stored.
     alignments = [state.alignment(k) for k in sources]
     return run(stack, output, options.replace(align_projections=False), overwrite=overwrite, matrices=final,
-               devices=devices, alignments=alignments if any(a is not None for a in alignments) else None)
+               devices=devices, alignments=alignments if any(a is not None for a in alignments) else None,
+               provenance=provenance)
 
 
 # --- internals ---------------------------------------------------------------------------
@@ -326,7 +350,11 @@ class _Candidates:
     def fail(self, name, reason):
         if name not in self.failed:
             _log.warning("gpureg: watch: skipping %s for now (%s); it is tried again when it changes", name, reason)
-        self.failed[name] = (self.stamp[name][0], time.monotonic())
+        self.failed[name] = (self.stamp[name][0], time.monotonic(), reason)
+
+    def skipped(self) -> dict:
+        """Files given up on at the end, with why (recorded in the result)."""
+        return {name: f[2] for name, f in sorted(self.failed.items())}
 
 
 def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeout, poll, settle, sentinel, on_energy):
@@ -348,29 +376,37 @@ def _watch_loop(directory, state, options, devices, pattern, expect, idle_timeou
                     energy = float(reader.energies[0])
                     if round(energy, 6) in energies_done:
                         raise InputError(f"energy {energy:g} eV is already done from {energies_done[round(energy, 6)]}")
+                    if state.pixel_size_nm is None and reader.pixel_size_nm:
+                        state.pixel_size_nm = float(reader.pixel_size_nm)
                     loader = Loader.for_run(reader, options, devices)
                     vol, _ = loader(0)
                     aligned = loader.alignments.pop(0, None)
                     alignment = None if aligned is None else (aligned, reader.theta)
+                if reference is not None and vol.shape != reference.volume.shape:
+                    raise InputError(f"its volume is {' x '.join(map(str, vol.shape))} voxels, the first "
+                                     f"energy's {' x '.join(map(str, reference.volume.shape))} (another detector "
+                                     "size or binning)")
+                reference, event = register_arrival(state, name, energy, vol, reference, options, dev,
+                                                    seen_at[name], alignment=alignment)
             except (OSError, ValueError, KeyError) as exc:  # InputError is a ValueError
                 files.fail(name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
-            reference, event = register_arrival(state, name, energy, vol, reference, options, dev, seen_at[name],
-                                                alignment=alignment)
             energies_done[round(energy, 6)] = name
+            files.failed.pop(name, None)
             last_new = time.monotonic()
             if on_energy is not None:
                 on_energy(event)
         if expect is not None and len(state.entries) >= expect:
             _log.warning("gpureg: watch: %d energies, as expected; finishing", len(state.entries))
-            return
+            return files.skipped()
         if sentinel and (directory / sentinel).exists() and not waiting and not ready:
             _log.warning("gpureg: watch: %s found; finishing with %d energies", sentinel, len(state.entries))
-            return
+            return files.skipped()
         if idle_timeout is not None and time.monotonic() - last_new > idle_timeout:
             _log.warning("gpureg: watch: no new energy for %g s; finishing with %d energies", idle_timeout,
                          len(state.entries))
-            return
+            return files.skipped()
+        signals.check()
         time.sleep(poll)
 
 

@@ -252,7 +252,7 @@ def align_projections(projections, theta_deg, *, center=None, filter: str = "ram
 
 
 def align_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device: str = "auto",
-                 reference=None) -> AlignmentResult:
+                 reference=None, repairs: dict | None = None) -> AlignmentResult:
     """:func:`align_projections` on energy ``i`` of an input opened with :func:`gpureg.io.open_input`.
 
     Parameters
@@ -273,6 +273,7 @@ def align_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device
     """
     from ..io.files import BadEnergyError, InputError
     from .flatfield import energy_problem, flatfield_correct
+    from .repair import repair_projections
 
     if reader.kind != "projections":
         raise InputError(f"{reader.path}: holds reconstructions; projection alignment needs projections")
@@ -281,8 +282,11 @@ def align_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device
     problem = energy_problem(raw, flat, dark)
     if problem is not None:
         raise BadEnergyError(f"{reader.path}: energy {energy:g} eV: {problem}", energy=energy, reason=problem)
-    return align_projections(flatfield_correct(raw, flat, dark), reader.theta, center=center, filter=filter,
-                             device=device, reference=reference, name=f"{reader.path}: energy {energy:g} eV")
+    p, rep = repair_projections(flatfield_correct(raw, flat, dark, warn=False))  # dead/hot pixels first, recorded
+    if repairs is not None:
+        repairs[i] = rep
+    return align_projections(p, reader.theta, center=center, filter=filter, device=device, reference=reference,
+                             name=f"{reader.path}: energy {energy:g} eV")
 
 
 def shift_projections(projections, shifts):

@@ -53,6 +53,7 @@ from ..core.config import config
 from ..core.errors import InputError, ParameterError
 from .flatfield import energy_problem, flatfield_correct
 from .project import Astra, estimate_center, set_astra_gpu
+from .repair import repair_projections
 
 __all__ = ["astra_cuda_available", "astra_cuda_probe", "astra_gpu_index", "fbp_device", "FILTERS", "reconstruct_energy", "reconstruct_fbp"]
 
@@ -125,7 +126,8 @@ def reconstruct_fbp(projections, theta_deg, *, center=None, filter: str = "ram-l
     return cupy_or_none().asarray(out) if on_gpu_input else out
 
 
-def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device: str = "auto"):
+def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", device: str = "auto",
+                       repairs: dict | None = None):
     """Reconstruct energy ``i`` of an input opened with :func:`gpureg.io.open_input`.
 
     Parameters
@@ -136,11 +138,14 @@ def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", 
         Energy index (in the reader's ascending energy order).
     center, filter, device
         As in :func:`reconstruct_fbp`.
+    repairs : dict, optional
+        Receives ``repairs[i]``: the :class:`~gpureg.recon.repair.Repair` of the
+        dead/hot pixels and outlier projections repaired before FBP.
 
     Returns
     -------
     (nz, ny, nx) ndarray of float32
-        ``flatfield_correct`` + ``reconstruct_fbp`` of the energy's projections; the
+        ``flatfield_correct`` + ``repair_projections`` + ``reconstruct_fbp`` of the energy's projections; the
         stored volume itself for an input of kind ``"recon"``.
 
     Raises
@@ -161,7 +166,9 @@ def reconstruct_energy(reader, i: int, *, center=None, filter: str = "ram-lak", 
     reason = energy_problem(raw, flat, dark)
     if reason is not None:
         _bad_energy(reader, i, reason)
-    p = flatfield_correct(raw, flat, dark)
+    p, rep = repair_projections(flatfield_correct(raw, flat, dark, warn=False))
+    if repairs is not None:
+        repairs[i] = rep
     return reconstruct_fbp(p, reader.theta, center=center, filter=filter, device=device)
 
 

@@ -35,7 +35,8 @@ def normalize(*args, **kwargs):
     return flatfield_correct(*args, **kwargs)
 
 
-def flatfield_correct(projections, flat, dark=None, *, floor: float = 1e-3, return_count: bool = False):
+def flatfield_correct(projections, flat, dark=None, *, floor: float = 1e-3, return_count: bool = False,
+                      warn: bool = True):
     """Flat/dark correction and ``-log``: line integrals of attenuation.
 
     Parameters
@@ -52,6 +53,9 @@ def flatfield_correct(projections, flat, dark=None, *, floor: float = 1e-3, retu
         ``-log`` stays finite (at most ``-log(floor)``).
     return_count : bool
         Also return the number of non-positive (or NaN) transmissions.
+    warn : bool
+        Report clipped transmissions (off when the caller repairs and records them:
+        :func:`~gpureg.recon.repair.repair_projections`).
 
     Returns
     -------
@@ -80,7 +84,7 @@ def flatfield_correct(projections, flat, dark=None, *, floor: float = 1e-3, retu
     count = int(bad.sum())
     t = xp.where(bad | (t < floor), xp.float32(floor), t)
     out = (-xp.log(t)).astype(xp.float32, copy=False)
-    if count:
+    if count and warn:
         _report_nonpositive(count, p.size)
     return (out, count) if return_count else out
 

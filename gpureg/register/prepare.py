@@ -311,7 +311,10 @@ def level_to_fine(level: int) -> np.ndarray:
 
 def _checked(volume, device, name):
     shape = getattr(volume, "shape", None)
-    if shape is None or len(shape) != 3:
+    if shape is None:
+        raise InputError(f"{name} must be a 3D (Z, Y, X) NumPy or CuPy array, got {type(volume).__name__} "
+                         "(convert it with numpy.asarray)")
+    if len(shape) != 3:
         raise InputError(f"{name} must be a 3D (Z, Y, X) array, got shape {shape}")
     if min(shape) < 4:
         raise InputError(f"{name} must be at least 4 voxels along every axis, got shape {tuple(shape)}")

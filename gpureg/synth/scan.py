@@ -39,7 +39,7 @@ from .mixtures import COMPOUNDS, fraction_from_e0, mixture_edge_offsets, mixture
 from .phantom import PARTICLES, particle_fields
 from .spectra import MN_EDGE_RANGE, MN_SPECTRUM, edge_offsets, mn_energy_grid
 
-__all__ = ["default_motion", "deformation_truth", "sample_truth", "sample_volumes", "simulate"]
+__all__ = ["check_simulation", "default_motion", "deformation_truth", "sample_truth", "sample_volumes", "simulate"]
 
 # Attenuation of unit density at unit normalised absorption, in 1 / (min(shape) voxels): a line
 # integral of about 0.8 through particle 1 above the edge, 1.2 on the white line.
@@ -277,21 +277,9 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
     from ..recon.project import forward_project
 
     size = int(size)
-    if size < 16:
-        raise ParameterError(f"size must be at least 16, got {size}")
-    if int(n_angles) < 2:
-        raise ParameterError(f"n_angles must be at least 2, got {n_angles}")
-    if noise < 0 or not np.isfinite(noise):
-        raise ParameterError(f"noise must be >= 0, got {noise}")
-    if not 0.0 <= salt_pepper < 0.5:
-        raise ParameterError(f"salt_pepper must be in [0, 0.5), got {salt_pepper}")
-    if photons < 10 or n_flat < 1 or n_dark < 1:
-        raise ParameterError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
-    e = mn_energy_grid() if energies is None else check_energies(np.reshape(energies, -1), increasing=True)
-    if not np.isfinite(deformation) or deformation < 0:
-        raise ParameterError(f"deformation must be >= 0 voxels, got {deformation}")
-    if deformation > 0 and relative_motion:
-        raise ParameterError("deformation and relative_motion cannot be combined")
+    e = check_simulation(size=size, energies=energies, n_angles=n_angles, noise=noise, photons=photons,
+                         salt_pepper=salt_pepper, n_flat=n_flat, n_dark=n_dark, deformation=deformation,
+                         relative_motion=relative_motion)
     _check_resources(path, size, int(n_angles), e.size, int(n_flat), int(n_dark))
     shape = (size, size, size)
     ref = int(np.argmax(e))
@@ -367,6 +355,28 @@ def simulate(path, *, size: int = 48, energies=None, n_angles: int = 181, noise:
         truth["reference_names"] = ",".join(COMPOUNDS)
     return write_dataexchange(path, data=projections(), data_white=white, data_dark=dark, theta=theta, energy=e,
                               truth=truth, attrs=attrs)
+
+
+def check_simulation(*, size: int = 48, energies=None, n_angles: int = 181, noise: float = 1.0, photons: float = 1e4,
+                     salt_pepper: float = 0.0, n_flat: int = 5, n_dark: int = 5, deformation: float = 0.0,
+                     relative_motion: bool = False) -> np.ndarray:
+    """Refuse arguments :func:`simulate` cannot use (one line each), before any work; returns the energies (eV)."""
+    if int(size) < 16:
+        raise ParameterError(f"size must be at least 16, got {size}")
+    if int(n_angles) < 2:
+        raise ParameterError(f"n_angles must be at least 2, got {n_angles}")
+    if noise < 0 or not np.isfinite(noise):
+        raise ParameterError(f"noise must be >= 0, got {noise}")
+    if not 0.0 <= salt_pepper < 0.5:
+        raise ParameterError(f"salt_pepper must be in [0, 0.5), got {salt_pepper}")
+    if photons < 10 or n_flat < 1 or n_dark < 1:
+        raise ParameterError(f"need photons >= 10, n_flat >= 1, n_dark >= 1; got {photons}, {n_flat}, {n_dark}")
+    e = mn_energy_grid() if energies is None else check_energies(np.reshape(energies, -1), increasing=True)
+    if not np.isfinite(deformation) or deformation < 0:
+        raise ParameterError(f"deformation must be >= 0 voxels, got {deformation}")
+    if deformation > 0 and relative_motion:
+        raise ParameterError("deformation and relative_motion cannot be combined")
+    return e
 
 
 def _check_resources(path, size, n_angles, n_energy, n_flat, n_dark):

@@ -61,9 +61,9 @@ def fbp_spy(monkeypatch):
     calls = []
     original = fbp.reconstruct_energy
 
-    def spy(reader, i, *, center=None, filter="ram-lak", device="auto"):
+    def spy(reader, i, *, center=None, filter="ram-lak", device="auto", repairs=None):
         calls.append(device)
-        return original(reader, i, center=center, filter=filter, device="cpu")
+        return original(reader, i, center=center, filter=filter, device="cpu", repairs=repairs)
 
     monkeypatch.setattr(fbp, "reconstruct_energy", spy)
     return calls

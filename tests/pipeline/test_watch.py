@@ -128,3 +128,29 @@ def test_watch_interrupted_says_how_to_resume(per_energy, tmp_path, caplog):
         watch(inbox, tmp_path / "out.h5", sentinel="DONE", poll=0, settle=0, report=False, on_energy=interrupt)
     assert "watch interrupted with 1 energies done" in caplog.text and "again to resume" in caplog.text
     assert not Path(tmp_path / "out.h5.lock").exists()
+
+
+def test_a_file_of_another_detector_size_is_skipped_recorded_and_watch_goes_on(per_energy, tmp_path, caplog):
+    """Issue 24 item 7: one bad file (32 x 31-like detector) no longer stops watch for good."""
+    import json
+
+    inbox, out = tmp_path / "inbox", tmp_path / "live.h5"
+    inbox.mkdir()
+    with gpureg.open_input(per_energy[0]) as r:  # another energy, one detector column fewer
+        write_dataexchange(inbox / "e99_6560eV.h5", data=[r.projections(0)[..., :-1]],
+                           data_white=[r.flat(0)[..., :-1]], data_dark=r.dark()[..., :-1], theta=r.theta, energy=[6560.0])
+    for src in per_energy:
+        _deliver(src, inbox)
+    (inbox / "DONE").touch()
+    caplog.set_level(logging.WARNING, logger="gpureg")
+    res = watch(inbox, out, sentinel="DONE", poll=0, settle=0, report=True)
+    np.testing.assert_array_equal(res.energies, ENERGIES)
+    assert "skipping e99_6560eV.h5 for now (its volume is" in caplog.text
+    with h5py.File(out) as h5:
+        skipped = json.loads(h5.attrs["skipped_inputs"])
+        assert list(skipped) == ["e99_6560eV.h5"] and "the first energy's" in skipped["e99_6560eV.h5"]
+        assert h5.attrs["input"] == str(inbox)
+    summary = json.loads((res.report_dir / "summary.json").read_text())
+    assert list(summary["skipped_inputs"]) == ["e99_6560eV.h5"]
+    assert "input file e99_6560eV.h5 left out" in (res.report_dir / "report.md").read_text()
+    assert not (tmp_path / "live.h5.watch").exists()  # removed once the result is complete

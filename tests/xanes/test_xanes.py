@@ -339,9 +339,9 @@ def test_map_xanes_file_layout(aligned_h5, tmp_path, particles):
         e0 = g.attrs["e0_start_ev"]
         assert tuple(g.attrs["pre_ev"]) == (max(E[0], 5 * round((E[0] - e0) / 5) + e0), 0.5 * (E[0] + e0))
         assert g["labels"].dtype == np.int32
-    with pytest.raises(ValueError, match="file exists"):
+    with pytest.raises(ValueError, match="exists; pass overwrite=True"):
         map_xanes_file(aligned_h5, out)
-    with pytest.raises(ValueError, match="must differ from the input"):
+    with pytest.raises(ValueError, match="is the input; writing it would destroy the input"):
         map_xanes_file(aligned_h5, aligned_h5, overwrite=True)
 
 

@@ -52,20 +52,15 @@ from .compression import (
     register_filters,
 )
 from .read import ResultFile, ResultSummary, describe_result, is_result, read_result, stack_names
-from .store import (
-    GREY_STACKS,
-    STACKS,
-    STAGES,
-    ResultStore,
-    drop_datasets,
-    write_chemistry,
-    write_result_file,
-    write_xanes,
-)
+from .space import DiskFullError, disk_full, is_no_space
+from .store import GREY_STACKS, STAGES, ResultStore
+from .write import STACKS, drop_datasets, write_chemistry, write_result_file, write_xanes
 
 register_filters()  # every gpureg process that touches results reads the hdf5plugin codecs, h5py included
 
-__all__ = ["COMPRESSIONS", "dataset_filter", "DEFAULT_COMPRESSION", "describe_filter", "describe_result", "drop_datasets", "GREY_STACKS", "is_result", "parse_compression", "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
+__all__ = ["COMPRESSIONS", "dataset_filter", "DEFAULT_COMPRESSION", "describe_filter", "describe_result", "disk_full",
+           "DiskFullError", "drop_datasets", "GREY_STACKS", "is_no_space", "is_result", "parse_compression",
+           "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
            "ResultStore", "ResultSummary", "stack_names", "STACKS", "STAGES", "watch_dir", "write_chemistry",
            "write_result_file", "write_xanes"]
 

@@ -70,10 +70,23 @@ class ResultFile:
     def close(self):
         self.h5.close()
 
+    def repairs(self) -> dict:
+        """Detector repairs per energy (eV -> invalid/outlier pixels, projections), energies with any; ``{}``."""
+        ds = self.h5.get("quality/repaired_pixels")
+        if ds is None:
+            return {}
+        details = json.loads(ds.attrs.get("details", "{}"))
+        return {float(e): d for e, d in details.items()
+                if d.get("invalid_pixels") or d.get("outlier_pixels") or d.get("projections")}
+
     def attrs(self) -> dict:
         out = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.h5.attrs.items()}
-        if "parameters" in out:
-            out["parameters"] = json.loads(out["parameters"])
+        for k, v in out.items():  # JSON attributes: parameters, skipped_inputs, input_files, repairs...
+            if isinstance(v, str) and v[:1] in "[{":
+                try:
+                    out[k] = json.loads(v)
+                except ValueError:
+                    pass
         return out
 
     def energies(self):
