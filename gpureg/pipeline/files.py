@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.energies import check_energies
-from ..core.errors import InputError, OutputError, ParameterError
+from ..core.errors import InputError, ParameterError
 from ..core.segment import otsu_threshold, particle_labels
 from ..core.version import __version__
 from ..io.dataexchange import write_dataexchange
@@ -195,8 +195,6 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
              "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
              "range_rule": rng["rule"]}
     if rng["basis"] is not None:
-        import json
-
         attrs["spectral_denoise"] = json.dumps({**rng["basis"].to_dict(), "applied": rng["denoise"] is not None})
     if chem is not None and "fractions" in chem:
         summary["fraction_medians"] = {nm: float(np.nanmedian(chem["fractions"][j]))
