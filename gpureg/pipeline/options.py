@@ -153,7 +153,7 @@ class RunOptions:
         coefficients) over this many energies on each side, then resample
         every energy once from its reconstruction; 0 keeps each energy's own
         fit. The maps' error against the simulated truth (48^3, 3 seeds, median
-        over the particles): affine 0.15-0.24 eV with 0, 0.12-0.15 eV with 6 (at commit a65d586).
+        over the particles): affine 0.15-0.24 eV with 0, 0.12-0.15 eV with 6 (at commit 9c48543).
     align_projections : bool
         Align the projections of every energy before FBP (:func:`gpureg.recon.align_projections`;
         ``/alignment`` in the result). Needs projections; not with ``scheduler``.
