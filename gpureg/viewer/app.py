@@ -79,12 +79,18 @@ def attach(viewer, result, layers, *, dock: bool = True):
     Returns
     -------
     SpectrumWidget or None
-        None when no layer has an energy stack or a map to pick voxels on.
+        None when no layer has an energy stack to read spectra from (maps only, as
+        ``gpureg xanes`` writes them: no dock) or no map to pick voxels on.
     """
     from .widget import SpectrumWidget, base_layers, decorate
 
     stack, base = base_layers(layers)
+    if dock:
+        viewer.window.gpureg_spectrum = None
     if base is None:
+        return None
+    if stack is None:
+        decorate(viewer, layers, stack)
         return None
     widget = SpectrumWidget(viewer, result, base)  # adds the "picked voxel" layer: before the energy read-out
     decorate(viewer, layers, stack)

@@ -341,3 +341,21 @@ def test_ome_zarr_export_opens_in_napari_with_its_scale(qt, result, tmp_path):
         np.testing.assert_allclose(labels.scale, (0.25, 0.25, 0.25))
     finally:
         v.close()
+
+
+def test_cli_view_of_a_maps_only_result(qt, tmp_path):
+    """`gpureg xanes` output (maps, no stack): the maps show, with no spectrum dock (no spectra to read)."""
+    from matplotlib.image import imread
+
+    from gpureg.cli import main
+
+    path = tmp_path / "maps.h5"
+    z, y, x = np.indices(SHAPE, dtype=np.float64)
+    inside = (z - 6) ** 2 + (y - 8) ** 2 + (x - 10) ** 2 < 5.0 ** 2
+    write_result_file(path, E, maps={"edge_energy": np.where(inside, 6550.0, np.nan).astype(np.float32),
+                                      "mask": inside}, labels=inside.astype(np.int32))
+    png = tmp_path / "maps.png"
+    with pytest.raises(SystemExit) as exc:
+        main(["view", str(path), "--screenshot", str(png)])
+    assert exc.value.code in (0, None)
+    assert imread(png).shape[:2] == (900, 1500)
