@@ -7,6 +7,7 @@ cheap and ``import gpureg`` never pulls in Qt.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ def require_napari():
         import napari
     except ImportError as exc:
         raise ImportError(f"the viewer needs napari and a Qt binding: pip install 'gpureg[viewer]' ({exc})") from None
+    # gpureg[viewer] installs PyQt5, with which napari warns at every window that only Qt6 detects the system theme
+    warnings.filterwarnings("ignore", message="System theme detection requires a Qt6 backend", category=UserWarning)
     return napari
 
 

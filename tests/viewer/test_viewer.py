@@ -343,7 +343,7 @@ def test_ome_zarr_export_opens_in_napari_with_its_scale(qt, result, tmp_path):
         v.close()
 
 
-def test_cli_view_of_a_maps_only_result(qt, tmp_path):
+def test_cli_view_of_a_maps_only_result(qt, tmp_path, capsys):
     """`gpureg xanes` output (maps, no stack): the maps show, with no spectrum dock (no spectra to read)."""
     from matplotlib.image import imread
 
@@ -359,3 +359,4 @@ def test_cli_view_of_a_maps_only_result(qt, tmp_path):
         main(["view", str(path), "--screenshot", str(png)])
     assert exc.value.code in (0, None)
     assert imread(png).shape[:2] == (900, 1500)
+    assert "warning" not in capsys.readouterr().err  # no napari noise about Qt6 theme detection either
