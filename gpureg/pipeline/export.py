@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import OutputError
 from ..io.files import InputError
 from ..io.results import ResultFile
 
@@ -48,7 +49,10 @@ def export_zarr(result, out, *, overwrite: bool = False, chunk: int = 64) -> Pat
         raise InputError("OME-Zarr export needs the zarr package: pip install 'gpureg[zarr]'") from None
     out = Path(out)
     if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass overwrite=True to replace it")
+        raise OutputError(f"{out}: exists; pass overwrite=True to replace it")
+    if out.exists() and not _is_zarr(out):  # a mistyped name must never delete a folder of other data
+        raise OutputError(f"{out}: exists and is not a Zarr folder (no .zgroup, .zattrs or zarr.json); "
+                          "not replaced, even with overwrite=True")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: folder not found")
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -84,6 +88,11 @@ def export_zarr(result, out, *, overwrite: bool = False, chunk: int = 64) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _is_zarr(path: Path) -> bool:
+    """Whether ``path`` is a Zarr folder (group or array metadata at its top, Zarr format 2 or 3)."""
+    return path.is_dir() and any((path / name).is_file() for name in (".zgroup", ".zattrs", ".zarray", "zarr.json"))
 
 
 def _write_image(group, source, axes, voxel_um, unit, chunk, *, name, labels=False):

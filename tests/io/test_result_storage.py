@@ -151,6 +151,15 @@ def test_ome_zarr_export_has_levels_scale_and_maps(result, tmp_path):
     assert root["labels/particles/0"][...].max() >= 2
     with pytest.raises(ValueError, match="exists"):
         export_zarr(result, out)
+    assert export_zarr(result, out, overwrite=True) == out  # an OME-Zarr is replaced with overwrite
+    folder = tmp_path / "scans"  # anything else is not, even with overwrite: a mistyped name loses no data
+    folder.mkdir()
+    (folder / "scan.h5").write_bytes(b"data")
+    with pytest.raises(ValueError, match="is not a Zarr folder"):
+        export_zarr(result, folder, overwrite=True)
+    with pytest.raises(ValueError, match="is not a Zarr folder"):
+        export_zarr(result, folder / "scan.h5", overwrite=True)
+    assert (folder / "scan.h5").read_bytes() == b"data"
 
 
 def test_report_says_how_stacks_are_stored_and_that_writing_overlapped(series, tmp_path):
