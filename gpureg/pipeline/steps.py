@@ -12,6 +12,7 @@ from ..core import signals
 from ..core.backend import to_host
 from ..core.errors import OutputError
 from ..io.files import BadEnergyError, InputError, check_file_target, check_not_input
+from ..io.results import is_result
 
 __all__ = ["check_output", "energy_line", "handle_bad_energy", "Loader", "notify", "RunLog", "score_matrix", "stored_warm_start"]
 
@@ -138,7 +139,7 @@ def stored_warm_start(store, i, ref, pending=None):
 
 def check_output(output, overwrite, inputs=()):
     """Refuse an output that is a folder, is not an ``.h5`` name, is in a missing/unwritable folder, is one of
-    ``inputs`` (even with overwrite), or exists (without overwrite)."""
+    ``inputs`` (even with overwrite), or exists (without overwrite; with it, when it is not a gpureg result)."""
     output = Path(output)
     if output.is_dir():
         check_file_target(output)  # "is an existing folder": refused even with overwrite
@@ -148,6 +149,8 @@ def check_output(output, overwrite, inputs=()):
     check_not_input(output, *inputs)
     if output.exists() and not overwrite:
         raise OutputError(f"{output}: exists (a finished run); pass overwrite=True to replace it")
+    if output.exists() and not is_result(output):  # a scan or other data: a mistyped name must not destroy it
+        raise OutputError(f"{output}: exists and is not a gpureg result; not replaced, even with overwrite=True")
 
 
 class RunLog:

@@ -85,3 +85,15 @@ def test_a_result_given_as_input_is_named_as_such(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"gpureg: error: {result}: a result of gpureg (registration and maps), not projections" in r.stderr
     assert not (tmp_path / "again.h5").exists()
+
+
+def test_overwrite_replaces_a_result_but_never_a_scan(recon_input, tmp_path):
+    import shutil
+
+    scan = tmp_path / "other_scan.h5"  # e.g. the output name mistyped as another scan's
+    shutil.copy(recon_input, scan)
+    before = scan.read_bytes()
+    r = run_cli("run", recon_input, scan, "--device", "cpu", "--no-report", "--overwrite")
+    assert r.returncode == 2, r.stderr
+    assert f"gpureg: error: {scan}: exists and is not a gpureg result; not replaced" in r.stderr
+    assert scan.read_bytes() == before
