@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ..core.energies import check_energies
-from ..core.errors import InputError, ParameterError
+from ..core.errors import InputError, OutputError, ParameterError
 from ..core.segment import otsu_threshold, particle_labels
 from ..core.version import __version__
 from ..io.dataexchange import write_dataexchange
 from ..io.files import check_new_output
 from ..io.readers import open_input
-from ..io.results import stack_names, write_result_file
+from ..io.results import is_result, stack_names, write_result_file
 from ..recon.fbp import FILTERS, reconstruct_fbp
 from ..recon.flatfield import flatfield_correct
 from ..xanes.regions import roi_spectra
@@ -153,6 +153,8 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
     if not h5py.is_hdf5(src):
         raise InputError(f"{src}: not an HDF5 file")
     check_new_output(dst, inputs=(src,), overwrite=overwrite)  # also a hard link of the input
+    if dst.exists() and not is_result(dst):  # a scan or other data: a mistyped name must not destroy it
+        raise OutputError(f"{dst}: exists and is not a gpureg result; not replaced, even with overwrite=True")
     with h5py.File(src, "r") as h5:
         name, ename = stack_names(h5, src, dataset, energy_dataset)
         ds = h5[name]

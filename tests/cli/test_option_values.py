@@ -93,7 +93,8 @@ def test_overwrite_replaces_a_result_but_never_a_scan(recon_input, tmp_path):
     scan = tmp_path / "other_scan.h5"  # e.g. the output name mistyped as another scan's
     shutil.copy(recon_input, scan)
     before = scan.read_bytes()
-    r = run_cli("run", recon_input, scan, "--device", "cpu", "--no-report", "--overwrite")
-    assert r.returncode == 2, r.stderr
-    assert f"gpureg: error: {scan}: exists and is not a gpureg result; not replaced" in r.stderr
-    assert scan.read_bytes() == before
+    for command in (("run", recon_input, scan, "--device", "cpu", "--no-report"), ("xanes", recon_input, scan)):
+        r = run_cli(*command, "--overwrite")
+        assert r.returncode == 2, r.stderr
+        assert f"gpureg: error: {scan}: exists and is not a gpureg result; not replaced" in r.stderr
+        assert scan.read_bytes() == before
