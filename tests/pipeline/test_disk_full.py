@@ -154,3 +154,21 @@ def test_hdf5_write_failure_closes_cleanly_and_resumes(scan, clean, tmp_path):
         res = run(scan, out, report=False)
         assert res.resumed == done
         _assert_same(out, clean)
+
+
+def test_a_failed_close_never_leads_to_a_rename(scan, tmp_path, monkeypatch):
+    """Issue 23 item 7: the old close swallowed every error and the run renamed the file anyway."""
+    real = store_mod.ResultStore.close
+
+    def failing(self, **kw):
+        real(self, **kw)
+        if kw.get("release") is False:  # the close of finish(): as if the last flush had failed
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_mod.ResultStore, "close", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        run(scan, tmp_path / "out.h5", report=False)
+    assert not (tmp_path / "out.h5").exists() and (tmp_path / "out.h5.partial").exists()
+    with h5py.File(tmp_path / "out.h5.partial") as h5:
+        assert not h5.attrs["complete"]
+    assert not list(tmp_path.glob(".*reserve"))

@@ -291,20 +291,32 @@ class ResultStore(RunExtras):
 
         with self._lock, deferred():
             write_nexus_views(self.h5)
-            self.h5.attrs["complete"] = True
-            self.close()
-        try:
-            with h5py.File(self.path, "r") as h5:
-                ok = bool(h5.attrs.get("complete")) and bool(h5["registration/done"][...].all())
-                bad = [k for k, d in self._maps.items() if digest(h5[k][...]) != d]
-        except Exception as exc:  # noqa: BLE001
-            raise OSError(f"{self.path}: the finished file cannot be read back ({str(exc).splitlines()[0]})") from None
-        if not ok or bad:
-            raise OSError(f"{self.path}: the finished file does not read back as written "
-                          f"({'incomplete' if not ok else ', '.join(bad)}); run the same command again")
+            try:
+                self.close(release=False)  # the reserve stays until complete=True is on disk
+            except BaseException:
+                self._release()
+                raise
+            try:
+                with h5py.File(self.path, "r") as h5:
+                    ok = bool(h5["registration/done"][...].all())
+                    bad = [k for k, d in self._maps.items() if digest(h5[k][...]) != d]
+            except Exception as exc:  # noqa: BLE001
+                self._release()
+                raise OSError(f"{self.path}: the finished file cannot be read back "
+                              f"({str(exc).splitlines()[0]})") from None
+            if not ok or bad:
+                self._release()
+                raise OSError(f"{self.path}: the finished file does not read back as written "
+                              f"({'energies not done' if not ok else ', '.join(bad)}); run the same command again")
+            try:
+                with h5py.File(self.path, "r+") as h5:  # verified: now it says so
+                    h5.attrs["complete"] = True
+            finally:
+                self._release()
 
-    def close(self):
-        """Close the file; a failure raises (after giving back the reserve, so that HDF5 can finish its writes)."""
+    def close(self, *, release: bool = True):
+        """Close the file; a failure raises (after giving back the reserve, so that HDF5 can finish its writes).
+        ``release=False`` keeps the reserve after a successful close (:meth:`finish` writes once more)."""
         with self._lock:
             if not self.h5.id.valid:
                 return
@@ -314,14 +326,19 @@ class ResultStore(RunExtras):
                 self.h5.close()
             except Exception as exc:
                 self._release()
+                try:
+                    needed = self.bytes_needed()
+                except Exception:  # noqa: BLE001 - the file is in no state to say
+                    needed = 0.0
                 self._ds.clear()
                 _close_quietly(self.h5)
                 if is_no_space(exc):
-                    raise disk_full(self.path.parent, self.bytes_needed()) from None
+                    raise disk_full(self.path.parent, needed) from None
                 raise
             finally:
                 self._unwatch_unraisable()
-            self._release()
+            if release:
+                self._release()
 
     def abandon(self):
         """Close after a failure elsewhere, never raising (a close that fails is logged)."""
