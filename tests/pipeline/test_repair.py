@@ -14,7 +14,7 @@ import gpureg
 from gpureg.pipeline import run
 from gpureg.pipeline.report import suspect_energies
 from gpureg.recon.fbp import reconstruct_fbp
-from gpureg.recon.flatfield import normalize
+from gpureg.recon.flatfield import flatfield_correct
 from gpureg.recon.repair import repair_projections
 
 ENERGIES = [6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0]
@@ -33,7 +33,7 @@ def _rms(v, ref):
 def test_clean_projections_are_left_alone(scan32):
     with gpureg.open_input(scan32) as r:
         for i in range(r.n_energy):
-            p = normalize(r.projections(i), r.flat(i), r.dark(i))
+            p = flatfield_correct(r.projections(i), r.flat(i), r.dark(i))
             q, rep = repair_projections(p)
             assert rep.pixels == 0 and rep.projections == [] and np.array_equal(q, p)
 
@@ -42,7 +42,7 @@ def test_clean_projections_are_left_alone(scan32):
 def test_defects_are_repaired_and_the_reconstruction_recovers(scan32, defect):
     with gpureg.open_input(scan32) as r:
         raw, flat, dark, theta = r.projections(0), r.flat(0), r.dark(0), r.theta
-    ref = reconstruct_fbp(normalize(raw, flat, dark), theta, device="cpu")
+    ref = reconstruct_fbp(flatfield_correct(raw, flat, dark), theta, device="cpu")
     bad = raw.copy()
     if defect == "dead column":
         bad[40, :, 20] = 0                                   # the 32 zero-count pixels in one projection
@@ -50,7 +50,7 @@ def test_defects_are_repaired_and_the_reconstruction_recovers(scan32, defect):
         bad.reshape(-1)[np.random.default_rng(0).integers(0, bad.size, 50)] = 5 * raw.max()
     else:
         bad[60] *= 0.5                                       # a frame with half the beam
-    p = normalize(bad, flat, dark, warn=False)
+    p = flatfield_correct(bad, flat, dark, warn=False)
     q, rep = repair_projections(p)
     before = _rms(reconstruct_fbp(p, theta, device="cpu"), ref)
     after = _rms(reconstruct_fbp(q, theta, device="cpu"), ref)
