@@ -24,7 +24,7 @@ import threading
 
 __all__ = ["check", "deferred", "exit_now", "handled", "Interrupted", "received", "signal_name"]
 
-_STATE = {"signum": None, "count": 0, "defer": 0}
+_SIGNAL = {"signum": None, "count": 0, "defer": 0}
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -47,13 +47,13 @@ def signal_name(signum: int) -> str:
 
 def received() -> int | None:
     """The signal received in the active :func:`handled` block (``None`` when none, or outside one)."""
-    return _STATE["signum"]
+    return _SIGNAL["signum"]
 
 
 def check() -> None:
     """Raise :class:`Interrupted` when a signal was received (a safe point: between energies, before a rename)."""
-    if _STATE["signum"] is not None and _STATE["defer"] == 0 and threading.current_thread() is threading.main_thread():
-        raise Interrupted(_STATE["signum"])
+    if _SIGNAL["signum"] is not None and _SIGNAL["defer"] == 0 and threading.current_thread() is threading.main_thread():
+        raise Interrupted(_SIGNAL["signum"])
 
 
 @contextlib.contextmanager
@@ -61,12 +61,12 @@ def deferred():
     """A block that a signal does not cut in two (the signal is raised when it ends)."""
     main = threading.current_thread() is threading.main_thread()
     if main:
-        _STATE["defer"] += 1
+        _SIGNAL["defer"] += 1
     try:
         yield
     finally:
         if main:
-            _STATE["defer"] -= 1
+            _SIGNAL["defer"] -= 1
     if main:
         check()
 
@@ -90,7 +90,7 @@ def handled(*, then_exit: str | None = None):
         if not isinstance(unraisable.exc_value, Interrupted):
             hook(unraisable)
 
-    _STATE.update(signum=None, count=0, defer=0)
+    _SIGNAL.update(signum=None, count=0, defer=0)
     sys.unraisablehook = quiet
     for s in _SIGNALS:
         signal.signal(s, _handler)
@@ -101,7 +101,7 @@ def handled(*, then_exit: str | None = None):
             signal.signal(s, (h if h is not None else signal.SIG_DFL) if then_exit is None else _late(then_exit))
         if sys.unraisablehook is quiet:
             sys.unraisablehook = hook
-        _STATE.update(signum=None, count=0, defer=0)  # a later run in this process starts without it
+        _SIGNAL.update(signum=None, count=0, defer=0)  # a later run in this process starts without it
 
 
 def exit_now(code: int) -> None:
@@ -123,11 +123,11 @@ def _late(message):
 
 
 def _handler(signum, frame):
-    _STATE["count"] += 1
-    if _STATE["count"] >= 3:
+    _SIGNAL["count"] += 1
+    if _SIGNAL["count"] >= 3:
         os._exit(128 + signum)  # asked three times: no more cleaning up
-    if _STATE["signum"] is not None:
+    if _SIGNAL["signum"] is not None:
         return  # the first one is being handled (unwinding)
-    _STATE["signum"] = signum
-    if _STATE["defer"] == 0:
+    _SIGNAL["signum"] = signum
+    if _SIGNAL["defer"] == 0:
         raise Interrupted(signum)
