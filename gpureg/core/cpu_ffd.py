@@ -75,6 +75,23 @@ def residual_gradient(fixed, moving, field, matrix_level, scale: float, mask=Non
 
 
 @nb.njit(inline="always", cache=True)
+def _point(a, u, inv_scale, mask, use_mask, z, y, x, mz, my, mx):
+    """Where reference voxel (z, y, x) lies in the moving volume (affine + displacement) and whether it counts."""
+    # the affine part in float64 then float32, as the reference's precomputed base
+    bz = np.float32(a[0, 0] * z + a[0, 1] * y + a[0, 2] * x + a[0, 3])
+    by = np.float32(a[1, 0] * z + a[1, 1] * y + a[1, 2] * x + a[1, 3])
+    bx = np.float32(a[2, 0] * z + a[2, 1] * y + a[2, 2] * x + a[2, 3])
+    qz = u[0, z, y, x] * inv_scale + bz
+    qy = u[1, z, y, x] * inv_scale + by
+    qx = u[2, z, y, x] * inv_scale + bx
+    ok = (qz >= _F0 and qz <= np.float32(mz - 1) and qy >= _F0 and qy <= np.float32(my - 1)
+          and qx >= _F0 and qx <= np.float32(mx - 1))
+    if use_mask:
+        ok = ok and mask[z, y, x]
+    return ok, qz, qy, qx
+
+
+@nb.njit(inline="always", cache=True)
 def _corner(q, n):
     # sample_cpu's rule: lower corner clip(floor(q), 0, n - 2), fraction clip(q - corner, 0, 1)
     i = min(max(np.floor(q), _F0), np.float32(n - 2))
@@ -89,17 +106,7 @@ def _ffd_planes(fixed, moving, u, a, inv_scale, mask, use_mask, rg, sse, count, 
         s, c = 0.0, 0
         for y in range(ny):
             for x in range(nx):
-                # the affine part in float64 then float32, as the reference's precomputed base
-                bz = np.float32(a[0, 0] * z + a[0, 1] * y + a[0, 2] * x + a[0, 3])
-                by = np.float32(a[1, 0] * z + a[1, 1] * y + a[1, 2] * x + a[1, 3])
-                bx = np.float32(a[2, 0] * z + a[2, 1] * y + a[2, 2] * x + a[2, 3])
-                qz = u[0, z, y, x] * inv_scale + bz
-                qy = u[1, z, y, x] * inv_scale + by
-                qx = u[2, z, y, x] * inv_scale + bx
-                ok = (qz >= _F0 and qz <= np.float32(mz - 1) and qy >= _F0 and qy <= np.float32(my - 1)
-                      and qx >= _F0 and qx <= np.float32(mx - 1))
-                if use_mask:
-                    ok = ok and mask[z, y, x]
+                ok, qz, qy, qx = _point(a, u, inv_scale, mask, use_mask, z, y, x, mz, my, mx)
                 if not ok:
                     rg[0, z, y, x] = _F0
                     rg[1, z, y, x] = _F0
@@ -186,16 +193,7 @@ def _ffd_cubic_planes(fixed, coef, u, a, inv_scale, mask, use_mask, rg, sse, cou
         s, c = 0.0, 0
         for y in range(ny):
             for x in range(nx):
-                bz = np.float32(a[0, 0] * z + a[0, 1] * y + a[0, 2] * x + a[0, 3])
-                by = np.float32(a[1, 0] * z + a[1, 1] * y + a[1, 2] * x + a[1, 3])
-                bx = np.float32(a[2, 0] * z + a[2, 1] * y + a[2, 2] * x + a[2, 3])
-                qz = u[0, z, y, x] * inv_scale + bz
-                qy = u[1, z, y, x] * inv_scale + by
-                qx = u[2, z, y, x] * inv_scale + bx
-                ok = (qz >= _F0 and qz <= np.float32(mz - 1) and qy >= _F0 and qy <= np.float32(my - 1)
-                      and qx >= _F0 and qx <= np.float32(mx - 1))
-                if use_mask:
-                    ok = ok and mask[z, y, x]
+                ok, qz, qy, qx = _point(a, u, inv_scale, mask, use_mask, z, y, x, mz, my, mx)
                 if not ok:
                     rg[0, z, y, x] = _F0
                     rg[1, z, y, x] = _F0
