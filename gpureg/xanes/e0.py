@@ -79,6 +79,8 @@ def _high_deriv_argmax(xp, dmu, L):
     """Larch ``_finde0``'s choice of index from derivatives ``dmu`` (L, N) (float32): (N,) int."""
     nmin = max(3, int(L * 0.02))
     dmu = xp.where(xp.isfinite(dmu), dmu, xp.float32(-1.0))
+    if L - 2 * nmin < 1:  # a grid too short for Larch's interior window (a dozen energies): the largest slope
+        return xp.argmax(dmu[:L], axis=0)
     inner = dmu[nmin:L - nmin]
     lo = inner.min(axis=0)
     ptp = xp.maximum(inner.max(axis=0) - lo, xp.float32(1e-10))

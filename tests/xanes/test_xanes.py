@@ -96,6 +96,21 @@ def test_uniform_grid_ranges_come_from_the_spectrum_edge():
         xanes.edge_ranges(e)
 
 
+
+@pytest.mark.parametrize("n", [6, 10, 12, 16])
+def test_short_uniform_grids_find_the_edge(n):
+    """A dozen energies or fewer (a quick scan): E0 from the spectrum, inside the grid, near the edge.
+
+    Twelve uniform energies used to crash Larch's find_e0 window (an empty interior slice) and six put
+    E0 at the grid's middle, outside the fit ranges.
+    """
+    e = np.linspace(6500.0, 6600.0, n)
+    spec = xanes.synthetic_spectra(e, 6548.0)
+    rng = xanes.edge_ranges(e, spec)
+    step = e[1] - e[0]
+    assert e[1] <= rng["e0"] <= e[-2] and abs(rng["e0"] - 6548.0) <= step  # within one grid step of the edge
+
+
 # ----------------------------------------------------------------------------- accuracy
 
 def test_half_crossing_noise_free_within_0p3_ev(known):
