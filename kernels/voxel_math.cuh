@@ -29,9 +29,9 @@
 #include <string.h>
 #endif
 
-#if !defined(GPUREG_THREADS) || !defined(GPUREG_N_TERMS) || !defined(GPUREG_LM_STATUS)
-#error "compile with the -D options of gpureg.core.kernel_layout.define_flags() (the loader passes them to NVRTC)"
-#endif
+// The constants shared with Python (threads, sums and solver-state layout, LM damping), generated from
+// gpureg/core/kernel_layout.py; the loader also passes them as identical -D options.
+#include "kernel_layout.cuh"
 
 namespace gpureg {
 

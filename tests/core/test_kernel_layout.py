@@ -20,7 +20,8 @@ from cxx import KERNELS
 from gpureg.core import kernel_layout
 
 PACKAGE = Path(kernel_layout.__file__).resolve().parents[1]
-SOURCES = {p.name: p.read_text() for p in sorted(KERNELS.glob("*.cu*"))}
+# The hand-written sources; kernel_layout.cuh is generated from kernel_layout.py (checked below).
+SOURCES = {p.name: p.read_text() for p in sorted(KERNELS.glob("*.cu*")) if p.name != kernel_layout.HEADER}
 # Macros the kernels define for themselves (parameter lists, host/device qualifiers) and the
 # compile variant switches the loader sets.
 OWN = {m for text in SOURCES.values() for m in re.findall(r"#define\s+(GPUREG_\w+)", text)}
@@ -80,17 +81,19 @@ def test_each_kernel_constant_has_one_python_definition(name, home):
     assert _literal_definitions().get(name) == [home]
 
 
-def test_header_without_the_options_says_what_to_pass(tmp_path):
+def test_generated_header_equals_the_python_definitions_and_compiles_alone(tmp_path):
+    """kernels/kernel_layout.cuh is kernel_layout.header_text() (regenerate it when this fails); the kernels
+    compile with it alone (a plain nvcc/g++ call) and with the loader's identical -D options."""
+    assert (KERNELS / kernel_layout.HEADER).read_text() == kernel_layout.header_text()
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not on PATH")
     src = tmp_path / "t.cpp"
     src.write_text('#include "lm_step.cuh"\n')
-    out = subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-I", str(KERNELS), str(src)], capture_output=True,
-                         text=True)
-    assert out.returncode != 0 and "kernel_layout.define_flags" in out.stderr, out.stderr
     flags = kernel_layout.define_flags()
-    ok = subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-I", str(KERNELS), *flags, str(src)],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    for extra in ((), flags):
+        out = subprocess.run([gxx, "-std=c++17", "-fsyntax-only", "-Werror", "-I", str(KERNELS), *extra, str(src)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
     assert "-DGPUREG_LM_LAM_MIN=1e-07" in flags and "-DGPUREG_LM_SIZE=192" in flags
+    assert "#define GPUREG_LM_LAM_MIN 1e-07" in kernel_layout.header_text()
