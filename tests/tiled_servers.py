@@ -90,5 +90,13 @@ def catalog(folder, readable, log):
     (folder / "data").mkdir(parents=True, exist_ok=True)
     db = folder / "catalog.db"
     init = [] if db.exists() else ["--init"]
+    tables = folder / "tables.sqlite"
+    if not tables.exists():
+        # WAL journal (kept in the file): readers polling the run no longer lock out the RunEngine's appends,
+        # which otherwise got HTTP 500 "database is locked" and could abort the scan.
+        import sqlite3
+
+        with sqlite3.connect(tables) as con:
+            con.execute("PRAGMA journal_mode=WAL")
     return TiledServer(["catalog", str(db), *init, "--write", str(folder / "data"), "--write",
                         f"sqlite:///{folder / 'tables.sqlite'}", "--read", str(readable)], log)
