@@ -164,13 +164,7 @@ def translate_errors(fn, uri, key_source=None):
     except httpx.HTTPStatusError as exc:
         code = exc.response.status_code
         if code in (401, 403):
-            if key_source is None:
-                key_source = _api_key()[1]
-            if key_source is None:
-                raise InputError(f"{uri}: the Tiled server requires an API key (HTTP {code}) and none was given: set "
-                                 "TILED_API_KEY or pass --api-key-file FILE") from None
-            raise InputError(f"{uri}: the Tiled server refused the API key from {key_source} (HTTP {code}): give a "
-                             "key with read access (and write access for --publish)") from None
+            raise _credential_error(uri, key_source, code) from None
         if code == 404:
             raise InputError(f"{uri}: no such node on the Tiled server (HTTP 404)") from None
         if code >= 500:
@@ -179,13 +173,7 @@ def translate_errors(fn, uri, key_source=None):
     except RuntimeError as exc:
         if "api key" not in str(exc).lower():  # tiled's own message when a server refuses anonymous access
             raise
-        if key_source is None:
-            key_source = _api_key()[1]
-        if key_source is None:
-            raise InputError(f"{uri}: the Tiled server requires an API key and none was given: set TILED_API_KEY "
-                             "or pass --api-key-file FILE") from None
-        raise InputError(f"{uri}: the Tiled server refused the API key from {key_source} (HTTP 401): give a key "
-                         "with read access (and write access for --publish)") from None
+        raise _credential_error(uri, key_source, None) from None
     except (httpx.TransportError, ConnectionError) as exc:
         raise TiledUnavailable(f"Tiled server at {_host(uri)} unreachable ({type(exc).__name__})") from None
     except KeyError as exc:
@@ -357,3 +345,15 @@ def describe_node(node, uri) -> str:
         shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
         return f"a container of {len(keys)} entries ({shown})" if keys else "an empty container"
     return f"a {fam}"
+
+
+def _credential_error(uri, key_source, code):
+    """The one-line error for a refused request: no key given, or which key was refused (HTTP ``code``)."""
+    if key_source is None:
+        key_source = _api_key()[1]
+    if key_source is None:
+        http = f" (HTTP {code})" if code else ""
+        return InputError(f"{uri}: the Tiled server requires an API key{http} and none was given: set "
+                          "TILED_API_KEY or pass --api-key-file FILE")
+    return InputError(f"{uri}: the Tiled server refused the API key from {key_source} (HTTP {code or 401}): give a "
+                      "key with read access (and write access for --publish)")
