@@ -230,6 +230,11 @@ def watch_cmd(
     allow_limited_angles: bool = AllowLimitedOpt,
     keep_work: bool = flag(False, "--keep-work", help="Keep OUTPUT.watch/ (per-energy volumes) once the result is "
                                                       "complete (removed by default)."),
+    deformable: bool = flag(False, "--deformable", help="When the series ends, refine every energy's re-referenced "
+                                                        "affine with a cubic B-spline deformation."),
+    spacing: float = SpacingOpt,
+    regularization: float = RegularizationOpt,
+    allow_folding: bool = AllowFoldingOpt,
 ):
     """Process energies as their files appear, or as a Bluesky run in Tiled acquires them; ends on --expect, a DONE
     file (folder) or the run's stop document, --idle-timeout or Ctrl-C (the same command resumes). Folder: hidden
@@ -247,7 +252,8 @@ def watch_cmd(
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
                           no_keep=no_keep, align_projections=align_projections, compression=compression,
                           store_dtype=store_dtype, denoise_spectra=denoise_spectra,
-                          allow_limited_angles=allow_limited_angles)
+                          allow_limited_angles=allow_limited_angles, deformable=deformable, spacing=spacing,
+                          regularization=regularization, allow_folding=allow_folding)
     _announce_devices(options)
 
     def on_energy(ev):

@@ -4,7 +4,10 @@ Given the reference, energies are independent: each worker opens the input
 itself, reconstructs one energy, registers it to the (scattered) reference and
 resamples it; the client writes results into the resumable result file as
 they complete. Workers start from the centre-of-mass initialisation (no warm
-start from a neighbour, which would serialise the energies).
+start from a neighbour, which would serialise the energies). With
+``deformable`` each worker also refines its affine with the B-spline and
+resamples through it; the client checks folding and stores the coefficients
+(the series smoothing then runs on the client as in a local run).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def register_energies_dask(scheduler: str, store, input_path, reference, options
             except BadEnergyError as exc:
                 handle_bad_energy(store, int(np.argmin(np.abs(store.energies - exc.energy))), exc, options, progress)
                 continue
+            if options.deformable:  # a DeformableResult without its dense field
+                from .deform import check_folding
+
+                check_folding(store, i, res.min_jacobian, options)
+                store.write_bspline(i, res.coefficients, res.spacing, res.min_jacobian, res.mse_affine)
             store.write_energy(i, vol, aligned, res.matrix, res.mse_before, res.mse_after, timings)
             notify(progress, store, i, res.mse_before, res.mse_after, sum(timings.values()), timings)
     finally:
@@ -75,7 +83,9 @@ def register_one(path, i, fixed_prepared, prep, options, devices, settings=None)
 
     ``settings`` (:class:`gpureg.core.config.Settings`, the client's) is the
     ``gpureg.config`` the task runs under (default: the worker's own).
-    Returns ``(i, volume, aligned, RegistrationResult, timings)`` (host arrays).
+    Returns ``(i, volume, aligned, result, timings)`` (host arrays); ``result`` is a RegistrationResult, or with
+    ``options.deformable`` a :class:`~gpureg.register.DeformableResult` whose dense ``displacement`` is dropped
+    (None: the client stores the coefficients).
     """
     with config(settings):
         return _register_one(path, i, fixed_prepared, prep, options, devices)
@@ -94,6 +104,17 @@ def _register_one(path, i, fixed_prepared, prep, options, devices):
     fixed = to_device(fixed_prepared, devices.registration)
     moving = prepare_volume(vol, devices.registration, prep, name=f"energy index {i}")
     res = register_prepared(fixed, moving, model=options.model.value)
+    if options.deformable:
+        from ..register.deformable import register_deformable_prepared
+
+        res = register_deformable_prepared(fixed, moving, init=res.matrix, spacing=options.spacing,
+                                           regularization=options.regularization)
     t1 = time.perf_counter()
-    aligned = to_host(apply_affine(vol, res.matrix, device=devices.registration))
+    if options.deformable:
+        from ..register.deformable import apply_deformation
+
+        aligned = to_host(apply_deformation(vol, res, device=devices.registration))
+        res.displacement = None
+    else:
+        aligned = to_host(apply_affine(vol, res.matrix, device=devices.registration))
     return i, vol, aligned, res, {"load": t_load, "register": t1 - t0, "apply": time.perf_counter() - t1}

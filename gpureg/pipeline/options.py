@@ -118,7 +118,9 @@ class RunOptions:
     deformable : bool
         Refine every affine with a cubic B-spline deformation
         (:func:`gpureg.register.register_deformable`); the grey tomograms are
-        resampled through it.
+        resampled through it. With ``per_particle`` the B-spline refines the
+        per-particle alignment; with ``scheduler`` the workers register it;
+        with given matrices (``watch``) it refines them.
     spacing : float
         Control-point spacing (voxels) of the deformation.
     regularization : float
@@ -240,8 +242,6 @@ class RunOptions:
             raise ParameterError(f"regularization must be >= 0, got {self.regularization!r}")
         object.__setattr__(self, "spacing", float(self.spacing))
         object.__setattr__(self, "regularization", float(self.regularization))
-        if self.deformable and (self.per_particle or self.scheduler):
-            raise ParameterError("deformable=True runs on one machine: not with per_particle=True or scheduler=")
         object.__setattr__(self, "align_projections", bool(self.align_projections))
         if self.align_projections and self.scheduler:
             raise ParameterError("align_projections=True runs on one machine: not with scheduler=")

@@ -42,11 +42,15 @@ class PerParticle:
                                          particles=ParticleOptions(min_gain=self.min_gain))
         self.store.write_particles(i, self.result.stack(self.n_labels), *self.result.mse_arrays(self.n_labels))
 
+    def write_global(self, i, volume):
+        """Store energy ``i``'s global (affine-only) alignment, ``/aligned_global``, for the comparison."""
+        self.store.write_aligned_global(i, to_host(apply_affine(volume, self.result.matrices[0], device=self.device)))
+
     def apply(self, i, volume):
         """Piecewise-aligned grey volume of energy ``i`` (host); the global alignment is stored beside it."""
         from ..register.particles import apply_piecewise
 
-        self.store.write_aligned_global(i, to_host(apply_affine(volume, self.result.matrices[0], device=self.device)))
+        self.write_global(i, volume)
         return to_host(apply_piecewise(volume, self.result.matrices, self.result.regions, device=self.device))
 
 

@@ -151,7 +151,8 @@ def _mode_report(result_h5, outdir):
         h5 = rf.h5
         if "xanes_global/edge_energy" not in h5 or "xanes/edge_energy" not in h5:
             return [], {}, []
-        mode = "per-particle" if "registration/particle_mse" in h5 else "deformable"
+        mode = " + ".join(name for name, key in (("per-particle", "registration/particle_mse"),
+                                                 ("deformable", "registration/bspline_coefficients")) if key in h5)
         maps = {name: np.where(h5[f"{grp}/mask"][...].astype(bool), h5[f"{grp}/edge_energy"][...], np.nan)
                 for name, grp in (("affine", "xanes_global"), (mode, "xanes"))}
         labels = h5["xanes/labels"][...] if "xanes/labels" in h5 else None
@@ -312,7 +313,8 @@ def _deformable_report(result_h5, outdir):
         shape = rf.stack("aligned").shape[1:]
     energies = read_result(result_h5).energies
     i = int(np.argmax(np.abs(coeffs).reshape(len(coeffs), -1).max(axis=1)))
-    magnitude, jac = deformation_maps(coeffs[i], d["matrices"][i], shape, d["spacing"])
+    base = d["matrices"][i] if d["base"] == "affine" else np.eye(4)  # piecewise: the B-spline's own Jacobian
+    magnitude, jac = deformation_maps(coeffs[i], base, shape, d["spacing"])
     path = deformation_figure(magnitude, jac, Path(outdir) / "deformation.png",
                               title=f"Deformation at {energies[i]:g} eV (spacing {d['spacing']:g} vox)")
     summary = {"deformable": {"spacing": d["spacing"], "min_jacobian": d["min_jacobian"].tolist(),

@@ -109,8 +109,6 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
 
     options = _options(options, settings)
     output = Path(output)
-    if options.deformable and matrices is not None:
-        raise ParameterError("deformable registration registers every energy: not with given matrices")
     if options.per_particle and matrices is not None:
         raise ParameterError("per_particle registration runs on one machine and registers: not with scheduler or matrices")
     check_output(output, overwrite, inputs=(input,))
@@ -262,8 +260,8 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
         for i, done in enumerate(alignments or ()):  # aligned before this run (watch)
             if done is not None:
                 store.write_alignment(i, done, done.theta)
-        if options.series_window and matrices is None:
-            smooth_series_pass(store, options, devices, reference)
+        if options.series_window and (matrices is None or options.deformable):
+            smooth_series_pass(store, options, devices, reference, smooth_affine=matrices is None)
         _xanes(store, reference, options, devices)
         if options.per_particle or store.has_stack("aligned_global"):
             per_particle_xanes(store, options, devices)
@@ -315,7 +313,8 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
     # 0.122-0.150 eV with min_gain 1, 0.131-0.150 with 1.3).
     particles = PerParticle(store, reference, dev, min_gain=1.0 if options.series_window else 1.3) \
         if options.per_particle else None
-    deform = DeformableStep(store, options, dev) if options.deformable and matrices is None else None
+    # Given matrices (watch: its re-referenced fits) are the affine the B-spline refines
+    deform = DeformableStep(store, options, dev) if options.deformable else None
     pending = [i for i in registration_order(energies, ref) if not store.done[i]]
     timings = {}
 
@@ -346,9 +345,12 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
                 res = score_matrix(fixed, moving, matrices[i])
             if particles is not None:
                 particles.register(i, fixed, moving, res)
-            mse_after = res.mse_after if deform is None else deform.register(i, fixed, moving, res).mse_after
+            mse_after = res.mse_after if deform is None else deform.register(
+                i, fixed, moving, res, particles=None if particles is None else particles.result).mse_after
             t1 = time.perf_counter()
             if deform is not None:
+                if particles is not None:
+                    particles.write_global(i, vol)
                 aligned = deform.apply(vol)
             elif particles is None:
                 aligned = to_host(apply_affine(vol, res.matrix, device=dev))

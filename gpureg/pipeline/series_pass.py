@@ -7,8 +7,9 @@ its stored reconstruction with the smoothed transform: the affine (all
 runs), the piecewise per-particle alignment (``per_particle``: particle masks
 from the reference's labels, each region grown by 3 voxels as in
 :func:`gpureg.register_particles`, the global transform within 3 voxels of
-another particle) or the B-spline deformation
-(``deformable``). Per-particle and deformable runs also get the smoothed
+another particle), the B-spline deformation
+(``deformable``), or both (the B-spline on the piecewise alignment,
+:func:`gpureg.pipeline.deform.composed_displacement`). Per-particle and deformable runs also get the smoothed
 affine-only alignment (``/aligned_global``), so their maps can be compared
 with the affine map of the same run.
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..core.backend import to_host
 from ..core.transform import apply_affine
-from ..io.files import InputError
+from .deform import check_folding
 
 __all__ = ["smooth_series_pass"]
 
@@ -35,7 +36,7 @@ _log = logging.getLogger("gpureg")
 CONTACT_GUARD = 3
 
 
-def smooth_series_pass(store, options, devices, reference) -> None:
+def smooth_series_pass(store, options, devices, reference, *, smooth_affine: bool = True) -> None:
     """Smooth the transforms of ``store`` along the series and resample every used energy with them.
 
     Parameters
@@ -48,10 +49,13 @@ def smooth_series_pass(store, options, devices, reference) -> None:
         Resampling runs on ``devices.registration``.
     reference : gpureg.register.prepare.PreparedReference
         Its Otsu mask gives the centre the global affine keeps.
+    smooth_affine : bool
+        False: the affines stay as registered (given matrices, e.g. a watch's
+        re-referenced fits); only the B-spline coefficients are smoothed.
 
     Raises
     ------
-    InputError
+    gpureg.io.files.InputError
         A smoothed deformation folds and ``allow_folding`` is off.
     """
     from ..register.consistency import series_positions, smooth_affines
@@ -65,7 +69,8 @@ def smooth_series_pass(store, options, devices, reference) -> None:
     pin = int(np.flatnonzero(used == store.ref)[0]) if store.ref in used else None
     mask = np.asarray(to_host(reference.mask), dtype=bool)
     center = np.argwhere(mask).mean(axis=0) if mask.any() else (np.asarray(mask.shape) - 1) / 2.0
-    glob = smooth_affines(raw["matrix"][used], x, center, window=window, pin=pin)
+    glob = smooth_affines(raw["matrix"][used], x, center, window=window, pin=pin) if smooth_affine \
+        else raw["matrix"][used]
     particles = _particles(store, raw, used, glob, x, pin, window) if options.per_particle else None
     coeffs = None
     if options.deformable:
@@ -80,21 +85,19 @@ def smooth_series_pass(store, options, devices, reference) -> None:
         extra, aligned_global = {}, None
         if particles is not None or coeffs is not None:
             aligned_global = to_host(apply_affine(vol, glob[j], device=dev))
-        if particles is not None:
+        if coeffs is not None:
+            aligned, jac = _deform(vol, coeffs[0][j], glob[j], coeffs[1], dev,
+                                   None if particles is None else (particles[0][j], particles[1]))
+            check_folding(store, i, jac, options, "the series-smoothed deformation")
+            extra.update(coefficients=coeffs[0][j], min_jacobian=jac)
+        elif particles is not None:
             from ..register.particles import apply_piecewise
 
-            matrices, regions = particles
-            aligned = to_host(apply_piecewise(vol, matrices[j], regions, device=dev, guard=CONTACT_GUARD))
-            extra["particle_matrices"] = matrices[j]
-        elif coeffs is not None:
-            aligned, jac = _deform(vol, coeffs[0][j], glob[j], coeffs[1], dev)
-            if jac <= 0 and not options.allow_folding:
-                raise InputError(f"energy {store.energies[i]:g} eV: the series-smoothed deformation folds "
-                                 f"(smallest Jacobian determinant {jac:.3g} <= 0); use a larger spacing= or "
-                                 "regularization=, or pass allow_folding=True")
-            extra.update(coefficients=coeffs[0][j], min_jacobian=jac)
+            aligned = to_host(apply_piecewise(vol, particles[0][j], particles[1], device=dev, guard=CONTACT_GUARD))
         else:
             aligned = to_host(apply_affine(vol, glob[j], device=dev))
+        if particles is not None:
+            extra["particle_matrices"] = particles[0][j]
         store.write_smoothed(i, aligned, glob[j], aligned_global=aligned_global, **extra)
     store.mark_series(window)
     _log.info("gpureg: transforms smoothed along the series (%d energies each side) and every energy resampled",
@@ -115,12 +118,21 @@ def _particles(store, raw, used, glob, x, pin, window):
     return out, particle_regions(labels)
 
 
-def _deform(vol, coefficients, matrix, spacing, dev):
-    """``vol`` resampled through the deformation, and the smallest Jacobian determinant of its transform."""
+def _deform(vol, coefficients, matrix, spacing, dev, particles=None):
+    """``vol`` resampled once through the deformation, and the smallest Jacobian determinant of its transform.
+
+    ``particles``: ``(matrices, regions)``, the B-spline refines that piecewise alignment (its Jacobian:
+    the B-spline's own).
+    """
     from ..register import bspline
     from ..register.deformable import apply_deformation, deformation_field
+    from .deform import composed_displacement
 
-    disp = deformation_field(coefficients, matrix, vol.shape, spacing, device=dev)
+    if particles is None:
+        disp = deformation_field(coefficients, matrix, vol.shape, spacing, device=dev)
+    else:
+        disp = composed_displacement(coefficients, spacing, *particles, vol.shape, guard=CONTACT_GUARD)
+        matrix = np.eye(4)
     aligned = to_host(apply_deformation(vol, disp, device=dev))
     jac = float(bspline.jacobian_determinant(coefficients, matrix, vol.shape, spacing).min())
     return aligned, jac

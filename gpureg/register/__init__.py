@@ -6,7 +6,7 @@ from .deformable import (DeformableResult, apply_deformation, deformation_field,
                          register_deformable_prepared)
 from .particle_check import detect_relative_motion
 from .particles import (PARTICLE_MODELS, ParticleOptions, ParticleResult, apply_piecewise, particle_regions,
-                        register_particles)
+                        piecewise_map, register_particles)
 from .prepare import (
                       Prep,
                       center_of_mass,
@@ -24,7 +24,8 @@ __all__ = [
     "center_of_mass", "downsample2", "foreground_fraction", "level_to_fine", "Prep", "prepare_reference", "prepare_volume", "pyramid",
     "MODELS", "RegistrationResult", "register_affine", "register_prepared",
     "SeriesResult", "register_series",
-    "PARTICLE_MODELS", "ParticleOptions", "ParticleResult", "apply_piecewise", "particle_regions", "register_particles",
+    "PARTICLE_MODELS", "ParticleOptions", "ParticleResult", "apply_piecewise", "particle_regions", "piecewise_map",
+    "register_particles",
     "RelativeMotionWarning", "ResidualReport", "detect_relative_motion",
     "DeformableResult", "apply_deformation", "deformation_field", "register_deformable",
     "register_deformable_prepared",

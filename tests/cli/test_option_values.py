@@ -33,7 +33,6 @@ def recon_input(tmp_path_factory):
     (("--reference", "9999"), "reference energy 9999.0 eV is not one of the energies"),
     (("--align-projections", "--scheduler", "tcp://localhost:1"),
      "--align-projections runs on one machine: not with --scheduler"),
-    (("--deformable", "--per-particle"), "--deformable runs on one machine: not with --per-particle or --scheduler"),
     # as many components as energies: refused before the registration, not after it
     (("--denoise-spectra", "8"), "--denoise-spectra 8: more components than"),
 ])

@@ -254,8 +254,6 @@ def test_pipeline_deformable_stores_coefficients_and_reports(tmp_path):
     assert "edge_energy_mode_minus_affine.png" in summary["figures"]
     assert summary["mode_vs_affine"]["mode"] == "deformable" and "truth_error_ev" in summary["mode_vs_affine"]
     assert (res.report_dir / "deformation.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match="runs on one machine: not with per_particle"):
-        RunOptions(deformable=True, per_particle=True)
     with pytest.raises(ValueError, match="spacing must be at least 3"):
         RunOptions(deformable=True, spacing=2)
 

@@ -89,13 +89,15 @@ class RunExtras:
         self._put("aligned_global", i, volume)
 
     # --- deformable runs -------------------------------------------------------------------
-    def write_bspline(self, i, coefficients, spacing: float, min_jacobian: float, mse: float):
+    def write_bspline(self, i, coefficients, spacing: float, min_jacobian: float, mse: float, *, base: str = "affine"):
         """B-spline coefficients of energy ``i`` (``/registration/bspline_*``, created on first use).
 
         ``bspline_coefficients`` (n_energy, 3, cz, cy, cx) float32, fine voxels,
         attribute ``spacing`` (voxels); the reference's row is zero (identity).
         The dense field is not stored: rebuild it with
         :func:`gpureg.register.deformation_field` (coefficients, ``registration/matrix``).
+        ``base`` (attribute): ``"affine"``, or ``"piecewise"`` when the B-spline refines the per-particle
+        alignment (``q(p) = P(p + u(p))``, :func:`gpureg.pipeline.deform.composed_displacement`).
         """
         h5, c = self.h5, np.asarray(coefficients, dtype=np.float32)
         if "registration/bspline_coefficients" not in h5:
@@ -104,7 +106,12 @@ class RunExtras:
                               chunks=(1, *c.shape), fillvalue=0.0)
             h5["registration/bspline_coefficients"].attrs.update(
                 {"spacing": float(spacing), "convention": "q(p) = A p + t + u(p), u the cubic B-spline of these "
-                 "coefficients (fine voxels, (z, y, x)); control point j at (j - 1) * spacing"})
+                 "coefficients (fine voxels, (z, y, x)); control point j at (j - 1) * spacing", "base": str(base)})
+            if base == "piecewise":
+                h5["registration/bspline_coefficients"].attrs["convention"] = (
+                    "q(p) = P(p + u(p)), P the per-particle affine (registration/particle_matrix) of the region of "
+                    "p + u(p), u the cubic B-spline of these coefficients (fine voxels, (z, y, x)); control point "
+                    "j at (j - 1) * spacing")
             h5["registration/bspline_min_jacobian"] = np.ones(n)
             h5["registration/bspline_mse_affine"] = np.full(n, np.nan)
         self._put("registration/bspline_coefficients", i, c)

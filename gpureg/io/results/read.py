@@ -250,7 +250,10 @@ class ResultFile:
                 "spectral_denoise": json.loads(sd) if sd is not None else None}
 
     def deformation(self):
-        """``{"coefficients", "spacing", "matrices", "min_jacobian", "mse_affine"}`` of a deformable run, or None."""
+        """``{"coefficients", "spacing", "matrices", "min_jacobian", "mse_affine", "base"}`` of a deformable run, or None.
+
+        ``base``: ``"affine"``, or ``"piecewise"`` (the B-spline refines the per-particle alignment).
+        """
         h5 = self.h5
         if "registration/bspline_coefficients" not in h5:
             return None
@@ -258,7 +261,8 @@ class ResultFile:
         return {"coefficients": ds, "spacing": float(ds.attrs["spacing"]),
                 "matrices": h5["registration/matrix"][...],
                 "min_jacobian": h5["registration/bspline_min_jacobian"][...],
-                "mse_affine": h5["registration/bspline_mse_affine"][...]}
+                "mse_affine": h5["registration/bspline_mse_affine"][...],
+                "base": str(ds.attrs.get("base", "affine"))}
 
     def alignment(self):
         """Projection alignment of a run with ``--align-projections``, or ``None``.
