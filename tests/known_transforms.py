@@ -44,3 +44,29 @@ def assert_resampled_like_scipy(out, volume, matrix, out_shape, cval, atol, *, c
     if crosses_faces:
         assert 0 < (ref == cval).sum() < ref.size  # the case crosses the volume's faces
     np.testing.assert_allclose(np.asarray(out)[~near_face], ref[~near_face], rtol=0, atol=atol)
+
+
+def relative_motion_series(folder, energies, size=48):
+    """Reconstructed volumes (no FBP) in ``folder/recon.h5``: sample drift/tilt plus particle 2 turning and
+    shifting, both growing away from the reference (highest) energy; grey levels follow an absorption edge at
+    6550 eV. Returns ``(path, truths, labels)``, ``truths[i] = {1: M1, 2: M2}``."""
+    import gpureg
+    from gpureg.io import write_dataexchange
+    from gpureg.synth.phantom import PARTICLES
+
+    shape = (size,) * 3
+    c = tf.grid_center(shape)
+    c2 = c + np.asarray(PARTICLES[1]["center"]) * size / 2
+    truths, vols = [], []
+    for k, e in enumerate(energies):
+        a = (len(energies) - 1 - k) / (len(energies) - 1)
+        m = tf.rotation_matrix(2.0 * a, (0.2, 1, 0.4), c)
+        m[:3, 3] += np.array([1.5, -2.0, 1.0]) * a
+        rel = tf.rotation_matrix(4.0 * a, (1, 0, 0), c2)
+        rel[:3, 3] += np.array([2.5, 0.0, 0.0]) * a
+        truths.append({1: m, 2: m @ rel})
+        step = 0.3 + 0.7 / (1 + np.exp(-(e - 6550.0) / 2.0))
+        vols.append(gpureg.two_particle_phantom(shape, m, per_particle={2: m @ rel}) * step)
+    path = write_dataexchange(folder / "recon.h5", recon=vols, energy=energies)
+    _, labels = gpureg.two_particle_phantom(shape, return_labels=True)
+    return path, truths, labels

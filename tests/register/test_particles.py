@@ -16,6 +16,7 @@ from gpureg.core import transform as tf
 from gpureg.register import (ParticleOptions, ParticleResult, RelativeMotionWarning, apply_piecewise, detect_relative_motion,
                               particle_regions, register_particles)
 from gpureg.synth.phantom import PARTICLES
+from known_transforms import relative_motion_series
 
 SHAPE = (64, 64, 64)
 C = tf.grid_center(SHAPE)
@@ -231,24 +232,7 @@ PIPE_ENERGIES = np.array([6500.0, 6545.0, 6552.0, 6570.0, 6620.0])
 def series(tmp_path_factory):
     """Reconstructed volumes (no FBP): sample drift/tilt plus particle 2 turning and shifting, both growing
     away from the reference (highest) energy; grey levels follow an absorption edge at 6550 eV."""
-    from gpureg.io import write_dataexchange
-
-    shape = (PIPE_SIZE,) * 3
-    c = tf.grid_center(shape)
-    c2 = c + np.asarray(PARTICLES[1]["center"]) * PIPE_SIZE / 2
-    truths, vols = [], []
-    for k, e in enumerate(PIPE_ENERGIES):
-        a = (len(PIPE_ENERGIES) - 1 - k) / (len(PIPE_ENERGIES) - 1)
-        m = tf.rotation_matrix(2.0 * a, (0.2, 1, 0.4), c)
-        m[:3, 3] += np.array([1.5, -2.0, 1.0]) * a
-        rel = tf.rotation_matrix(4.0 * a, (1, 0, 0), c2)
-        rel[:3, 3] += np.array([2.5, 0.0, 0.0]) * a
-        truths.append({1: m, 2: m @ rel})
-        step = 0.3 + 0.7 / (1 + np.exp(-(e - 6550.0) / 2.0))
-        vols.append(gpureg.two_particle_phantom(shape, m, per_particle={2: m @ rel}) * step)
-    path = write_dataexchange(tmp_path_factory.mktemp("pp") / "recon.h5", recon=vols, energy=PIPE_ENERGIES)
-    _, labels = gpureg.two_particle_phantom(shape, return_labels=True)
-    return path, truths, labels
+    return relative_motion_series(tmp_path_factory.mktemp("pp"), PIPE_ENERGIES, PIPE_SIZE)
 
 
 def test_pipeline_per_particle(series, tmp_path):
