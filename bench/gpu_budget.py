@@ -135,9 +135,34 @@ def align(argv):
     return out
 
 
+def chemistry(argv):
+    import chemistry as bench_chemistry
+
+    from gpureg import xanes as gx
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cases", default="lcf,kmeans,chain")
+    args, _ = ap.parse_known_args(argv)
+    n = 64 if args.quick else args.size
+    energies = gx.scan_energies(fine_step=1.5)
+    per = _per_voxel("chemistry", lambda: bench_chemistry.make_stack(energies, 32), 32 ** 3)
+    out = [(f"mixture stack 60 x {n}^3", per * n ** 3, 1)]
+    if "lcf" in args.cases:  # the per-voxel scipy NNLS reference on 2000 voxels
+        out.append(("scipy NNLS reference, 2000 voxels", _per_voxel(
+            "nnls", lambda: bench_chemistry.reference_nnls(*_small_mixture(bench_chemistry, energies)), 2000) * 2000, 1))
+    return out
+
+
+def _small_mixture(bench_chemistry, energies):
+    stack, _, _, refs = bench_chemistry.make_stack(energies, 16)
+    return stack, energies, refs
+
+
 # benchmark script -> estimator of its input generation
 ESTIMATORS = {"register_gpu.py": register_gpu, "xanes.py": xanes, "pipeline.py": pipeline,
-              "deformable.py": deformable, "align.py": align}
+              "deformable.py": deformable, "align.py": align, "chemistry.py": chemistry}
 
 
 def read_table(path) -> list:

@@ -135,7 +135,8 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
 
 
 def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None, min_jump: float | None = None,
-                smooth: float = 1.0, mask=None, e0: float | None = None, noise=None, noise_components=None) -> dict:
+                smooth: float = 1.0, mask=None, e0: float | None = None, noise=None, noise_components=None,
+                noise_profile=None) -> dict:
     """Per-spectrum edge energy, edge jump and white-line energy.
 
     Parameters
@@ -171,7 +172,12 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         in ``mu``) over its slope there (``step x dnorm/dE``).
     noise_components : (n_energy, K) ndarray, optional
         When the spectra were denoised by projection onto these orthonormal
-        components, the noise left is that projection of the white noise.
+        components (of the noise-whitened spectra, see
+        :mod:`gpureg.xanes.denoise`), the noise left is that projection of the noise.
+    noise_profile : (n_energy,) ndarray, optional
+        Relative noise variance per energy: the noise of a voxel at energy
+        ``e`` is ``noise x sqrt(noise_profile[e])`` (default: the same at
+        every energy; see :mod:`gpureg.xanes.denoise`).
 
     Returns
     -------
@@ -214,7 +220,7 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         if tuple(sig.shape) != out_shape:
             raise ValueError(f"edge_energy: noise must have shape {out_shape} (spectra.shape[1:]), "
                              f"got {tuple(sig.shape)}")
-        sig = (sig.reshape(-1), None if noise_components is None else np.asarray(noise_components, np.float64))
+        sig = (sig.reshape(-1), _noise_operator(E.size, noise_components, noise_profile))
     if e0 is None:
         mean = to_host(mu.sum(axis=1)) / n_finite
         rng = edge_ranges(E, mean, pre=pre, post=post)
@@ -309,9 +315,23 @@ def _edge_core(xp, mu, E, rng, method, smooth, sig):
     return out
 
 
+def _noise_operator(n, U, profile):
+    """``P`` with ``|P^T w|`` the noise of the functional ``w`` of a spectrum per unit noise level: ``S U`` for
+    spectra denoised by projection onto ``U`` (noise-whitened coordinates), ``S`` without, ``S`` the diagonal of
+    noise standard deviations per energy (``sqrt(profile)``); None (identity) for white noise without projection."""
+    U = None if U is None else np.asarray(U, np.float64)
+    if profile is None:
+        return U
+    s = np.sqrt(np.clip(np.asarray(profile, np.float64).reshape(-1), 0, None))
+    if s.size != n:
+        raise ValueError(f"edge_energy: noise_profile must have {n} values (one per energy), got {s.size}")
+    return np.diag(s) if U is None else s[:, None] * U
+
+
 def _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, sigma, U):
     """1-sigma error of the crossing energy: ``sigma |P^T w| / (step slope)`` with ``w`` the functional
-    ``mu(Ec) - pre_edge(Ec) - step / 2`` of ``mu`` and ``P`` the noise projector (identity without ``U``)."""
+    ``mu(Ec) - pre_edge(Ec) - step / 2`` of ``mu`` and ``P`` the noise operator (:func:`_noise_operator`;
+    identity when None)."""
     c0, c1, st, mid, half = normalisation_functionals(E, rng["e0"], pre=rng["pre"], post=rng["post"])
     a0 = c0 + 0.5 * st
     P = np.eye(E.size) if U is None else U                     # (n, K)

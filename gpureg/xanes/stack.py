@@ -103,7 +103,8 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
                 sub = xp.where(ok[None, :], y, xp.float32(np.nan)).reshape(sub.shape)
             if sigma:
                 extra = {"noise": noise.reshape(sub.shape[1:]),
-                         "noise_components": basis.components if denoise is not None else None}
+                         "noise_components": basis.components if denoise is not None else None,
+                         "noise_profile": basis.noise_profile}
         try:
             res = edge_energy(sub, E, pre=rng["pre"], post=rng["post"], min_jump=0.0, mask=sub_mask, **kw, **extra)
         except ValueError as exc:
