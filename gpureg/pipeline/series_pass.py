@@ -58,7 +58,7 @@ def smooth_series_pass(store, options, devices, reference, *, smooth_affine: boo
     gpureg.io.files.InputError
         A smoothed deformation folds and ``allow_folding`` is off.
     """
-    from ..register.consistency import series_positions, smooth_affines
+    from ..register.consistency import residual_weights, series_positions, smooth_affines
 
     window, dev = int(options.series_window), devices.registration
     used = store.used()
@@ -69,15 +69,17 @@ def smooth_series_pass(store, options, devices, reference, *, smooth_affine: boo
     pin = int(np.flatnonzero(used == store.ref)[0]) if store.ref in used else None
     mask = np.asarray(to_host(reference.mask), dtype=bool)
     center = np.argwhere(mask).mean(axis=0) if mask.any() else (np.asarray(mask.shape) - 1) / 2.0
-    glob = smooth_affines(raw["matrix"][used], x, center, window=window, pin=pin) if smooth_affine \
-        else raw["matrix"][used]
+    # Energies whose registration residual stands out weigh less (issue 27; register/consistency.py)
+    affine_mse = raw.get("bspline_mse_affine", raw["mse_after"])[used]
+    glob = smooth_affines(raw["matrix"][used], x, center, window=window, pin=pin,
+                          weights=residual_weights(affine_mse)) if smooth_affine else raw["matrix"][used]
     particles = _particles(store, raw, used, glob, x, pin, window) if options.per_particle else None
     coeffs = None
     if options.deformable:
         from ..register.consistency import smooth_coefficients
 
-        coeffs = (smooth_coefficients(raw["bspline_coefficients"][used], x, window=2 * window, pin=pin),
-                  raw["bspline_spacing"])
+        coeffs = (smooth_coefficients(raw["bspline_coefficients"][used], x, window=2 * window, pin=pin,
+                                      weights=residual_weights(raw["mse_after"][used])), raw["bspline_spacing"])
     if particles is not None or coeffs is not None:
         store.ensure_aligned_global()
     for j, i in enumerate(used):
@@ -106,7 +108,7 @@ def smooth_series_pass(store, options, devices, reference, *, smooth_affine: boo
 
 def _particles(store, raw, used, glob, x, pin, window):
     """Per-particle matrices ``(n_used, n_labels + 1, 4, 4)`` (row 0 the smoothed global) and the regions."""
-    from ..register.consistency import smooth_corrections
+    from ..register.consistency import residual_weights, smooth_corrections
     from ..register.particles import particle_regions
 
     labels = store.particle_labels(lambda: None)
@@ -114,7 +116,8 @@ def _particles(store, raw, used, glob, x, pin, window):
     out = np.repeat(glob[:, None], fits.shape[1], axis=1)
     for k in range(1, fits.shape[1]):
         if (labels == k).any():
-            out[:, k] = smooth_corrections(raw["matrix"][used], fits[:, k], glob, x, window=2 * window, pin=pin)
+            out[:, k] = smooth_corrections(raw["matrix"][used], fits[:, k], glob, x, window=2 * window, pin=pin,
+                                           weights=residual_weights(raw["particle_mse"][used, k]))
     return out, particle_regions(labels)
 
 

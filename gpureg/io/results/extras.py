@@ -161,7 +161,8 @@ class RunExtras:
     # --- series smoothing (issue 27) --------------------------------------------------------
     def raw_fits(self) -> dict:
         """The per-energy fits before series smoothing, by name: ``matrix`` and, when the run has them,
-        ``particle_matrix`` and ``bspline_coefficients``.
+        ``particle_matrix`` and ``bspline_coefficients``; and their registration residuals, ``mse_after``
+        (the last stage's), ``particle_mse`` and ``bspline_mse_affine`` (the affine's in a deformable run).
 
         Copied once to ``registration/<name>_raw``; the smoothing pass then rewrites ``registration/<name>``
         (what was applied), so a pass interrupted half-way starts again from the same fits.
@@ -175,6 +176,9 @@ class RunExtras:
                     h5.copy(h5[f"registration/{name}"], f"registration/{name}_raw")
                     h5[f"registration/{name}_raw"].attrs["meaning"] = "per-energy fit before series smoothing"
                 out[name] = h5[f"registration/{name}_raw"][...]
+            for name in ("mse_after", "particle_mse", "bspline_mse_affine"):
+                if f"registration/{name}" in h5:
+                    out[name] = h5[f"registration/{name}"][...]
             if "bspline_coefficients" in out:
                 out["bspline_spacing"] = float(h5["registration/bspline_coefficients"].attrs["spacing"])
             self._sync()
