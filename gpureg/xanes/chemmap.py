@@ -25,6 +25,7 @@ from ..core.energies import check_energies
 from ..core.errors import InputError, ParameterError
 from .cluster import Components, assign_clusters, kmeans, order_clusters, pca_columns
 from .lcf import LinearCombination, normalisation_noise_map, prepare_references
+from .preedge import normalisation_functionals
 from .preedge import pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump
 from .denoise import SpectralBasis, parse_denoise, project
@@ -118,7 +119,8 @@ def chemistry_map(stack, energies, *, references=None, names=None, k: int | None
     if references is not None:
         rnames, A = prepare_references(references, E, use=use, names=names, e0=e0, column=column)
         solver = LinearCombination(A, E, offset=offset, sum_to_one=sum_to_one, nonneg=nonneg, fit_range=fit_range,
-                                   noise_map=normalisation_noise_map(E, e0, A), whiten=True)
+                                   noise_map=normalisation_noise_map(E, e0, A), whiten=True,
+                                   step_noise=(A.mean(axis=1), normalisation_functionals(E, e0)[2]))
         out.update(fractions=np.full((len(rnames), *shape), np.nan, np.float32),
                    fractions_stderr=np.full((len(rnames), *shape), np.nan, np.float32),
                    residual=np.full(shape, np.nan, np.float32), r_factor=np.full(shape, np.nan, np.float32),

@@ -198,9 +198,9 @@ def test_reference_columns_by_name(tmp_path):
 
 def test_fraction_standard_errors_against_repeated_noise():
     # One mixture, 2000 draws of 1 % noise: the standard errors (noise propagated through the normalisation and
-    # the generalised least squares) against the empirical spread of the fractions. Measured: se 0.0046, spread
-    # 0.0053 (se 15 % low: the step term of the noise model takes the references' mean spectrum); coverage of
-    # |error| <= se 0.61. Over varied mixtures and scales (_mixtures) coverage is lower, 0.41-0.53.
+    # the generalised least squares) against the empirical spread of the fractions. Measured: se 0.0052, spread
+    # 0.0053, coverage of |error| <= se 0.665 (before the step term took the voxel's own spectrum: se 0.0046,
+    # 15 % low, coverage 0.61).
     pair = ("fe2so4", "goethite")
     mu0, f = _mixtures(pair, 1, 0.0, 0)
     rng = np.random.default_rng(3)
@@ -208,7 +208,21 @@ def test_fraction_standard_errors_against_repeated_noise():
     res = fit_references(mu.astype(np.float32), TXM, {k: REFS[k] for k in pair}, min_step=0)
     spread = res.fractions.std(axis=1)
     se = res.fractions_stderr.mean(axis=1)
-    assert ((se > 0.7 * spread) & (se < 1.3 * spread)).all(), (se, spread)
+    # 2000 draws: the spread's own relative sd is 1.6 %; 10 % is > 6 of it
+    assert ((se > 0.9 * spread) & (se < 1.1 * spread)).all(), (se, spread)
     cover = float(np.mean(np.abs(res.fractions - f) <= res.fractions_stderr))
-    assert 0.5 <= cover <= 0.8, cover
+    assert 0.62 <= cover <= 0.74, cover                           # nominal 0.68; binomial sd 0.01
     assert res.fractions_stderr.shape == res.fractions.shape and (res.fractions_stderr >= 0).all()
+
+
+@pytest.mark.parametrize("pair", [("fe2so4", "goethite"), ("fe2so4", "foil"), ("foil", "goethite")])
+def test_fraction_standard_errors_over_varied_mixtures(pair):
+    # 2000 mixtures of all compositions and scales at 1 % noise: each voxel's standard error takes its own
+    # spectrum in the step term of the noise (the normalisation divides by a noisy step). Measured coverage
+    # 0.67, 0.66, 0.63, the same with sum_to_one (0.45, 0.54, 0.48 with the references' mean spectrum for every
+    # voxel).
+    mu, f = _mixtures(pair, 2000, 0.01, 0)
+    res = fit_references(mu, TXM, {k: REFS[k] for k in pair}, min_step=0)
+    cover = float(np.mean(np.abs(res.fractions - f) <= res.fractions_stderr))
+    # nominal 0.68; binomial sd 0.01 over 2 x 2000 (correlated) fractions; 1-2 % sit at a bound with se 0
+    assert 0.60 <= cover <= 0.74, cover
