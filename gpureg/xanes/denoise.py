@@ -39,10 +39,10 @@ Measured on the simulated scans of ``bench/denoise.py`` (48^3, 29 energies;
 the mean (standard deviation); the first principal direction of the
 unwhitened spectra held that noise, so the white-noise threshold kept it as
 signal (seed 0: K 4 -> 3 at 1000 photons, 7 -> 6 at 10^4); the sigma map of
-the map without denoising covers 0.59-0.64 of its true errors at 1000 photons
-(seed 0: 0.57 with white noise assumed) and 0.68-0.74 of the errors that noise
+the map without denoising covers 0.57-0.61 of its true errors at 1000 photons
+(seed 0: 0.57 with white noise assumed) and 0.67-0.74 of the errors that noise
 alone makes (against the same scan without noise), 3 seeds. After denoising,
-sigma (the projected noise) covers 0.54-0.59 of the noise errors: it leaves
+sigma (the projected noise) covers 0.50-0.64 of the noise errors: it leaves
 out the truncation bias.
 White noise gives a flat profile and the plain PCA. All array code is
 ``xp``-generic (NumPy or CuPy).

@@ -1,9 +1,9 @@
 """Issue 26 on a simulated experiment: ``--denoise-spectra auto`` against the truth, and the sigma map's coverage.
 
 Input: ``gpureg simulate`` (Mn K-edge, 29 energies, default motion, Poisson + read noise), 48^3, 181 angles,
-1000 photons per detector pixel: per-voxel noise 5.7 % of the edge jump, the noise-dominated case of
+1000 photons per detector pixel: per-voxel noise 6 % of the edge jump, the noise-dominated case of
 ``bench/denoise.py`` (which explains why this dose is realistic, on the generous side, for a TXM scan; at the
-default 10^4 photons the map is limited by spatial resolution, 0.27 eV RMS without any noise, not by noise).
+default 10^4 photons the map is limited by spatial resolution, 0.26 eV RMS without any noise, not by noise).
 The scan runs through the pipeline (CPU); the maps with and without denoising come from the stored aligned
 stack with :func:`gpureg.xanes.stack.edge_energy_map`, the pipeline's own XANES step.
 """
@@ -47,15 +47,15 @@ def test_denoise_lowers_edge_error_without_moving_particle_medians(maps, record_
     rms = {den: float(np.sqrt(np.mean(e ** 2))) for den, e in err.items()}
     record_property("rms_off_auto_ev", [rms[None], rms["auto"]])
     assert 2 <= maps["auto"]["k"] <= 6                             # measured 3
-    # issue 26: >= 30 % lower. Measured 0.874 -> 0.334 eV (-62 %); the same scan without noise maps at 0.265
+    # issue 26: >= 30 % lower. Measured 0.891 -> 0.354 eV (-60 %; seeds 1, 2 of bench/denoise.py: -48, -50 %);
+    # the same scan without noise maps at 0.263
     assert rms["auto"] <= 0.7 * rms[None], rms
     labels = maps["labels"][sel]
     for k in (1, 2):
         # issue 26: per-particle medians (of map - truth: the particles' bias) move <= 0.05 eV. Measured
-        # 0.112 -> 0.148 and 0.047 -> 0.059 eV (noise-free scan 0.129, 0.060); with ~2400 and ~1400 voxels of
-        # 0.3-0.9 eV error the medians' own standard error is ~0.01-0.02 eV. (Seed 1 of bench/denoise.py moves
-        # particle 1 by 0.10 eV: there the map without denoising is the one 0.12 eV off the noise-free scan's,
-        # the denoised map within 0.016.)
+        # +0.025 and +0.020 eV; with ~2400 and ~1400 voxels of 0.3-0.9 eV error the medians' own standard error
+        # is ~0.01-0.02 eV. (Seed 1 of bench/denoise.py moves particle 1 by 0.125 eV: the map without
+        # denoising 0.05 below the noise-free scan's median, the denoised one 0.07 above.)
         shift = np.median(err["auto"][labels == k]) - np.median(err[None][labels == k])
         assert abs(shift) <= 0.05, (k, shift)
 
@@ -63,14 +63,16 @@ def test_denoise_lowers_edge_error_without_moving_particle_medians(maps, record_
 def test_sigma_covers_the_true_error(maps, record_property):
     # Without denoising, the map's error is mostly noise at this dose, and the sigma map (per-voxel noise level
     # from the residual to the spectral basis, the stack's per-energy noise profile, propagated to the crossing)
-    # must cover it at the nominal 68 %. ~3700 voxels whose noise is correlated over ~2 voxels (FBP,
-    # resampling): about 500 independent ones, binomial sd 0.02; +-0.08 is 4 sd. Measured 0.636 (0.574 with
-    # white noise assumed per voxel, before the noise profile).
+    # must cover it: nominal 68 % of the noise errors (measured 0.67-0.69 against the noise-free scan, 3 seeds);
+    # the 0.26 eV that spatial resolution adds (not noise, so not in sigma) lowers the expected share of the
+    # total error to ~0.63 (sigma ~0.5 eV). ~3700 voxels whose noise is correlated over ~2 voxels (FBP,
+    # resampling): about 500 independent ones, binomial sd 0.02. Measured 0.607 (seeds 1, 2: 0.57, 0.59;
+    # 0.57 with white noise assumed per voxel, before the noise profile).
     sel = maps["sel"]
     d = np.abs(maps[None]["edge_energy"] - maps["truth"])[sel]
     cover = float(np.mean(d <= maps[None]["edge_energy_sigma"][sel]))
     record_property("coverage_off", cover)
-    assert 0.60 <= cover <= 0.76, cover
+    assert 0.55 <= cover <= 0.76, cover
     # with denoising the noise error shrinks below the 0.27 eV that spatial resolution leaves (not noise: sigma
-    # cannot see it), so only a lower share is covered: measured 0.36
+    # cannot see it), so only a lower share is covered: measured 0.35
     assert np.isfinite(maps["auto"]["edge_energy_sigma"][sel]).all()
