@@ -15,7 +15,10 @@ truth's particle voxels where both maps have a value (the same voxels for
 both), the same per particle, the median edge energy of each particle (truth,
 affine, mode), and at the contact between the particles (voxels within
 ``3 * size / 48`` voxels of both) the range of each map against the range of
-the truth over both particles. JSON under bench/results/.
+the truth over both particles (how many outside it: all, in the particles, by
+more than 1 eV), and the voxels each map masks as having no single edge
+(``edge_ambiguous``: at the contact, in the particles, in all). JSON under
+bench/results/.
 
     python bench/maps.py --modes per-particle --seeds 0 1 2
     python bench/maps.py --modes deformable --seeds 0 --windows 0 6
@@ -45,14 +48,23 @@ def map_errors(result, *, affine_result=None, size=48):
     """The comparison of one result file (module docstring); ``affine_result``: where the affine map is."""
     from scipy import ndimage
 
+    import hdf5plugin  # noqa: F401  (the result's compressed stacks)
+
+    flagged = {}
+
+    def read(h, group, name):
+        if f"{group}/edge_ambiguous" in h:
+            flagged[name] = h[f"{group}/edge_ambiguous"][...].astype(bool)
+        return np.where(h[f"{group}/mask"][...], h[f"{group}/edge_energy"][...], np.nan)
+
     with h5py.File(result, "r") as h:
         truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
-        mode = np.where(h["xanes/mask"][...], h["xanes/edge_energy"][...], np.nan)
+        mode = read(h, "xanes", "mode")
         if affine_result is None:
-            affine = np.where(h["xanes_global/mask"][...], h["xanes_global/edge_energy"][...], np.nan)
+            affine = read(h, "xanes_global", "affine")
     if affine_result is not None:
         with h5py.File(affine_result, "r") as h:
-            affine = np.where(h["xanes/mask"][...], h["xanes/edge_energy"][...], np.nan)
+            affine = read(h, "xanes", "affine")
     err = {"affine": np.abs(affine - truth), "mode": np.abs(mode - truth)}
     common = (labels > 0) & np.isfinite(err["affine"]) & np.isfinite(err["mode"])
     out = {"voxels": int(common.sum())}
@@ -73,9 +85,16 @@ def map_errors(result, *, affine_result=None, size=48):
     lo, hi = float(np.nanmin(truth)), float(np.nanmax(truth))
     out["contact"] = {"radius_vox": near, "truth_range_ev": [lo, hi]}
     for name, m in (("affine", affine), ("mode", mode)):
-        v = m[contact & np.isfinite(m)]
+        sel = contact & np.isfinite(m)
+        v, outside = m[sel], sel & ((m < lo) | (m > hi))
         out["contact"][name] = {"voxels": int(v.size), "range_ev": [float(v.min()), float(v.max())] if v.size else None,
-                                "outside_truth_range": int(((v < lo) | (v > hi)).sum())}
+                                "outside_truth_range": int(outside.sum()),
+                                "outside_in_particles": int((outside & (labels > 0)).sum()),
+                                "outside_by_more_than_1_ev": int((sel & ((m < lo - 1) | (m > hi + 1))).sum())}
+        if name in flagged:  # masked as having no single edge (more than one 0.5 crossing)
+            f = flagged[name]
+            out["contact"][name]["flagged_ambiguous"] = int((f & contact).sum())
+            out.setdefault("flagged_ambiguous", {})[name] = {"all": int(f.sum()), "in_particles": int((f & (labels > 0)).sum())}
     diff = mode - affine
     out["difference_mode_minus_affine_ev"] = {"median": float(np.nanmedian(diff[common])),
                                               "p95_abs": float(np.nanpercentile(np.abs(diff[common]), 95))}
@@ -120,7 +139,7 @@ def main(argv=None):
     p.add_argument("--name", default="maps")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     a = p.parse_args(argv)
-    rows = []
+    load0, rows = _load(), []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(a.folder or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -132,9 +151,19 @@ def main(argv=None):
                           f"{row['affine']['p95_ev']:.3f} eV, mode {row['mode']['median_ev']:.3f}/"
                           f"{row['mode']['p95_ev']:.3f} eV (median/p95), contact outside truth range: affine "
                           f"{row['contact']['affine']['outside_truth_range']}, mode "
-                          f"{row['contact']['mode']['outside_truth_range']}", flush=True)
+                          f"{row['contact']['mode']['outside_truth_range']} (in particles "
+                          f"{row['contact']['affine']['outside_in_particles']}, "
+                          f"{row['contact']['mode']['outside_in_particles']}); flagged ambiguous "
+                          f"{row.get('flagged_ambiguous')}", flush=True)
                     rows.append(row)
-    save(a.name, a.device, rows, extra={"threads": "default", "note": "edge-energy map error vs simulated truth"})
+    save(a.name, a.device, rows, extra={"threads": "default", "note": "edge-energy map error vs simulated truth",
+                                        "load_average_start_end": [load0, _load()]})
+
+
+def _load():
+    """1/5/15-minute load averages (the machine is shared), or None."""
+    path = Path("/proc/loadavg")
+    return [float(v) for v in path.read_text().split()[:3]] if path.exists() else None
 
 
 if __name__ == "__main__":

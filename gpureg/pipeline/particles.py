@@ -63,4 +63,5 @@ def per_particle_xanes(store, options, devices):
 
     maps = edge_energy_map(store.stack("aligned_global"), store.energies, device=devices.registration,
                            method=options.edge.value)
-    store.write_xanes({key: maps[key] for key in ("edge_energy", "mask")}, None, group="xanes_global")
+    store.write_xanes({key: maps[key] for key in ("edge_energy", "mask", "edge_ambiguous") if key in maps}, None,
+                      group="xanes_global")

@@ -67,6 +67,8 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         maps = rf.xanes(maps_only=True)
         storage, write = rf.storage(), rf.write_timing()
         repairs = rf.repairs()
+        ambiguous = int(np.count_nonzero(rf.h5["xanes/edge_ambiguous"][...])) if "xanes/edge_ambiguous" in rf.h5 \
+            else None
     xanes = {}
     if maps is not None and "labels" in maps:
         e0, labels, mask = maps["edge_energy"], maps["labels"], maps["mask"].astype(bool)
@@ -90,6 +92,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         "suspect_energies": suspect_energies(res.energies, res.mse_after, res.reference_index, res.excluded),
         "mse_ratio_median": median_mse_ratio(res.mse_before, res.mse_after),
         "storage": storage, "background_write_s": write,
+        "edge_ambiguous_voxels": ambiguous,  # masked: more than one 0.5 crossing (gpureg.xanes.edge_energy)
     }
     summary.update(pp_summary)
     summary.update(df_summary)
@@ -156,12 +159,14 @@ def _mode_report(result_h5, outdir):
         maps = {name: np.where(h5[f"{grp}/mask"][...].astype(bool), h5[f"{grp}/edge_energy"][...], np.nan)
                 for name, grp in (("affine", "xanes_global"), (mode, "xanes"))}
         labels = h5["xanes/labels"][...] if "xanes/labels" in h5 else None
+        flagged = {name: int(np.count_nonzero(h5[f"{grp}/edge_ambiguous"][...]))
+                   for name, grp in (("affine", "xanes_global"), (mode, "xanes")) if f"{grp}/edge_ambiguous" in h5}
         truth = h5["truth/edge_energy"][...] if "truth/edge_energy" in h5 else None
     both = np.isfinite(maps["affine"]) & np.isfinite(maps[mode])
     diff = np.where(both, maps[mode] - maps["affine"], np.nan)
     out = {"mode": mode, "difference_median_ev": float(np.median(diff[both])) if both.any() else float("nan"),
            "difference_abs_p95_ev": float(np.percentile(np.abs(diff[both]), 95)) if both.any() else float("nan"),
-           "particles": {}}
+           "particles": {}, "edge_ambiguous_voxels": flagged}
     for lab in ([] if labels is None else np.unique(labels[labels > 0])):
         sel = both & (labels == lab)
         if sel.any():
@@ -172,6 +177,9 @@ def _mode_report(result_h5, outdir):
              f"eV, 95th percentile of |difference| {out['difference_abs_p95_ev']:.3f} eV; per particle, median "
              "edge energy affine -> " + mode + ": " + ", ".join(
                  f"{k} {v['affine_median_ev']:.2f} -> {v[mode + '_median_ev']:.2f} eV" for k, v in out["particles"].items())]
+    if flagged:
+        lines.append("- voxels without a single edge (more than one 0.5 crossing: masked, /xanes*/edge_ambiguous): "
+                     + ", ".join(f"{k} {v}" for k, v in flagged.items()))
     if truth is not None and truth.shape == diff.shape:
         sel = both & np.isfinite(truth)
         if sel.any():

@@ -187,6 +187,13 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         (float32, eV, NaN where masked or no peak lies above the edge),
         ``mask`` (bool, True for valid voxels), ``edge_energy_sigma`` with
         ``noise``, and, for ``method="both"``, ``e0_derivative`` (float32, eV).
+        ``"half"``/``"both"`` also give ``edge_ambiguous`` (bool): a voxel that
+        would be valid but whose normalised spectrum rises through 0.5 more
+        than once within the edge window has no single edge energy (noise on
+        a small jump, or a mixture of misaligned spectra at a particle
+        contact); it is masked (NaN) and flagged here rather than given the
+        first crossing. On ``gpureg simulate --size 48`` these are 2-4 % of
+        the valid voxels, nearly all outside the particles.
 
     Raises
     ------
@@ -232,16 +239,23 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
     valid = finite & (jump > max(thr, 0.0)) & xp.isfinite(res["edge_energy"])
     if mask is not None:
         valid &= mask
+    ambiguous = None
+    if "ambiguous" in res:  # no single edge: flagged, not given the first of several crossings
+        ambiguous = valid & res["ambiguous"]
+        valid &= ~ambiguous
     nan = xp.float32(np.nan)
     out = {"edge_energy": xp.where(valid, res["edge_energy"], nan),
            "edge_jump": xp.where(finite, jump, nan),
            "white_line": xp.where(valid, res["white_line"], nan),
            "mask": valid}
+    if ambiguous is not None:
+        out["edge_ambiguous"] = ambiguous
     if sig is not None:
         out["edge_energy_sigma"] = xp.where(valid, res["sigma"], nan)
     if method == "both":
         out["e0_derivative"] = xp.where(valid, res["e0_derivative"], nan)
-    return {k: v.astype(xp.float32 if k != "mask" else bool, copy=False).reshape(out_shape) for k, v in out.items()}
+    return {k: v.astype(bool if k in ("mask", "edge_ambiguous") else xp.float32, copy=False).reshape(out_shape)
+            for k, v in out.items()}
 
 
 def normalize(spectra, energies, *, pre=None, post=None, e0=None):
@@ -292,8 +306,9 @@ def _edge_core(xp, mu, E, rng, method, smooth, sig):
     d = norm[w]
     out = {}
     if method in ("half", "both"):
-        e_half, slope, i, t = crossing(xp, norm, 0.5, E, i_lo, i_hi)
+        e_half, slope, i, t, count = crossing(xp, norm, 0.5, E, i_lo, i_hi)
         edge = e_half
+        out["ambiguous"] = count > 1
         if sig is not None:
             out["sigma"] = _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, *sig)
     if method in ("derivative", "both"):
@@ -350,14 +365,15 @@ def _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, sigma, U):
 
 def crossing(xp, y, level, E, i_lo, i_hi):
     """First rising crossing of ``level`` by ``y`` (n, N) between rows ``i_lo`` and ``i_hi``, read from the
-    monotone cubic (PCHIP) interpolant: (energy, slope dy/dE there, bracketing row i, fraction t); NaN if none."""
+    monotone cubic (PCHIP) interpolant: (energy, slope dy/dE there, bracketing row i, fraction t; NaN if none)
+    and the number of rising crossings in the window (int32)."""
     W = i_hi - i_lo + 1
-    j, found = _first_crossing(xp, y[i_lo:i_hi + 1], xp.float32(level))
+    j, found, count = _first_crossing(xp, y[i_lo:i_hi + 1], xp.float32(level))
     n, N = y.shape
     i = xp.where(found, j, 0).astype(xp.int32) + xp.int32(i_lo)
     if W < 2:
         nan = xp.full(N, np.nan, dtype=xp.float32)
-        return nan, nan, i, nan
+        return nan, nan, i, nan, count
     cols = xp.arange(N)
     Ex = xp.asarray(E.astype(np.float32))
     im, ip, ip2 = xp.maximum(i - 1, 0), i + 1, xp.minimum(i + 2, n - 1)
@@ -389,7 +405,7 @@ def crossing(xp, y, level, E, i_lo, i_hi):
     fp = (6 * t2 - 6 * t) * a0 + (3 * t2 - 4 * t + 1) * a1 + (-6 * t2 + 6 * t) * b0 + (3 * t2 - 2 * t) * b1
     nan = xp.float32(np.nan)
     e = xp.where(found, Ex[i] + t * h, nan)
-    return e, xp.where(found, fp / h, nan), i, xp.where(found, t, nan)
+    return e, xp.where(found, fp / h, nan), i, xp.where(found, t, nan), count
 
 
 def _pchip_slope(xp, d0, d1, h0, h1):
@@ -401,7 +417,8 @@ def _pchip_slope(xp, d0, d1, h0, h1):
 
 
 def _first_crossing(xp, d, level):
-    """Row ``j`` where ``d`` (W, N) first rises through ``level`` (between rows j and j + 1), and whether it does.
+    """Row ``j`` where ``d`` (W, N) first rises through ``level`` (between rows j and j + 1), whether it does,
+    and how many times it rises through it (int32).
 
     A loop over the W energies of the window with whole-row operations: rows
     are contiguous, so this is cache-friendly on the CPU and a handful of
@@ -414,16 +431,18 @@ def _first_crossing(xp, d, level):
     prev = d[0] >= level
     up = xp.empty_like(prev)
     hit = xp.empty_like(prev)
+    count = xp.zeros(N, dtype=xp.int32)
     for j in range(1, W):
         # In-place, branch-free row operations: masked copies (where/copyto) with scattered
         # masks are ~30x slower than arithmetic in NumPy.
         xp.greater_equal(d[j], level, out=up)
         xp.greater(up, prev, out=hit)           # up and not prev (bool order False < True)
+        count += hit
         xp.logical_and(hit, todo, out=hit)      # only the first crossing counts
         idx += hit.astype(xp.int32) * xp.int32(j - 1)
         xp.greater(todo, hit, out=todo)         # todo and not hit
         prev, up = up, prev
-    return idx, ~todo
+    return idx, ~todo, count
 
 
 def _peak(xp, v, Ew, Ew_host, *, interior, lower=None):

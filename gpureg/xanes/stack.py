@@ -113,9 +113,11 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
             res = None   # an all-NaN slab: leave it masked
         if out is None:
             keys = ("edge_energy", "edge_jump", "white_line", "mask")
+            keys += ("edge_ambiguous",) if kw.get("method", "half") != "derivative" else ()
             keys += ("e0_derivative",) if kw.get("method") == "both" else ()
             keys += ("edge_energy_sigma",) if extra else ()
-            out = {k: (np.zeros(shape, bool) if k == "mask" else np.full(shape, np.nan, np.float32)) for k in keys}
+            out = {k: (np.zeros(shape, bool) if k in ("mask", "edge_ambiguous") else np.full(shape, np.nan, np.float32))
+                   for k in keys}
         if res is not None:
             for k, v in res.items():
                 out[k][z0:z1] = to_host(v)
@@ -126,6 +128,8 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         raise InputError("edge_energy_map: no voxel has a finite spectrum at every energy (all NaN/inf)")
     thr = auto_min_jump(np, out["edge_jump"][finite]) if min_jump is None else float(min_jump)
     valid &= out["edge_jump"] > thr
+    if "edge_ambiguous" in out:
+        out["edge_ambiguous"] &= out["edge_jump"] > thr
     for k in ("edge_energy", "white_line", "e0_derivative", "edge_energy_sigma"):
         if k in out:
             out[k][~valid] = np.nan

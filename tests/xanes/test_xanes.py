@@ -372,3 +372,25 @@ def test_cli_xanes(aligned_h5, tmp_path, capsys):
         main(["xanes", str(tmp_path / "missing.h5"), str(out)])
     assert exc.value.code == 2
     assert "gpureg: error:" in capsys.readouterr().err
+
+
+def test_a_spectrum_with_no_single_edge_is_masked_and_flagged(known):
+    """Issue 27: a voxel whose normalised spectrum rises through 0.5 twice (noise on a small jump, or two
+    misaligned particles' spectra mixed at a contact) gets NaN and ``edge_ambiguous``, not its first crossing.
+
+    Fails before issue 27: the first crossing (here ~15 eV before the edge) was returned as the edge energy.
+    """
+    par, spectra, (half, _, _) = known
+    mu = spectra[:, :4].copy()
+    k = int(np.searchsorted(E, half[1] - 15.0))
+    # column 1: a spike above half the step early in the edge window, then back to the pre-edge (two rises)
+    mu[k, 1] += 0.8 * par["jump"][1]
+    res = xanes.edge_energy(mu, E, min_jump=0.0)
+    assert res["edge_ambiguous"].tolist() == [False, True, False, False]
+    assert np.isnan(res["edge_energy"][1]) and not res["mask"][1]
+    np.testing.assert_allclose(res["edge_energy"][[0, 2, 3]], half[[0, 2, 3]], atol=0.3)  # the others untouched
+    # the whole-volume map carries the flag too (restricted to voxels above the jump threshold)
+    vol = np.repeat(mu[:, :, None, None], 2, axis=2)
+    maps = xanes.edge_energy_map(vol, E, device="cpu", min_jump=0.0)
+    assert maps["edge_ambiguous"][:, 0, 0].tolist() == [False, True, False, False]
+    assert "edge_ambiguous" not in xanes.edge_energy(mu, E, method="derivative", min_jump=0.0)
