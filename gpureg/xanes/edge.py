@@ -187,13 +187,9 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         (float32, eV, NaN where masked or no peak lies above the edge),
         ``mask`` (bool, True for valid voxels), ``edge_energy_sigma`` with
         ``noise``, and, for ``method="both"``, ``e0_derivative`` (float32, eV).
-        ``"half"``/``"both"`` also give ``edge_ambiguous`` (bool): a voxel that
-        would be valid but whose normalised spectrum rises through 0.5 more
-        than once within the edge window has no single edge energy (noise on
-        a small jump, or a mixture of misaligned spectra at a particle
-        contact); it is masked (NaN) and flagged here rather than given the
-        first crossing. On ``gpureg simulate --size 48`` these are 2-4 % of
-        the valid voxels, nearly all outside the particles.
+        ``"half"``/``"both"``: ``edge_ambiguous`` (bool), voxels whose normalised
+        spectrum rises through 0.5 more than once in the edge window: no single
+        edge energy (noise on a small jump, mixed spectra at a contact); masked.
 
     Raises
     ------
@@ -239,10 +235,8 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
     valid = finite & (jump > max(thr, 0.0)) & xp.isfinite(res["edge_energy"])
     if mask is not None:
         valid &= mask
-    ambiguous = None
-    if "ambiguous" in res:  # no single edge: flagged, not given the first of several crossings
-        ambiguous = valid & res["ambiguous"]
-        valid &= ~ambiguous
+    ambiguous = valid & res["ambiguous"] if "ambiguous" in res else None  # no single edge: flagged and masked
+    valid = valid if ambiguous is None else valid & ~ambiguous
     nan = xp.float32(np.nan)
     out = {"edge_energy": xp.where(valid, res["edge_energy"], nan),
            "edge_jump": xp.where(finite, jump, nan),
@@ -254,8 +248,7 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         out["edge_energy_sigma"] = xp.where(valid, res["sigma"], nan)
     if method == "both":
         out["e0_derivative"] = xp.where(valid, res["e0_derivative"], nan)
-    return {k: v.astype(bool if k in ("mask", "edge_ambiguous") else xp.float32, copy=False).reshape(out_shape)
-            for k, v in out.items()}
+    return {k: v.astype(bool if v.dtype == bool else xp.float32, copy=False).reshape(out_shape) for k, v in out.items()}
 
 
 def normalize(spectra, energies, *, pre=None, post=None, e0=None):
