@@ -5,7 +5,9 @@ The detector is ``ophyd.sim.SynSignalWithRegistry`` (it writes each frame to a
 external arrays); the monochromator and rotation stage are ``ophyd.sim.SynAxis``
 (energy in keV). The frames are those of a :func:`gpureg.simulate` scan, so the
 result can be compared with the pipeline on the same data. Streams: ``dark``
-(once, first), then per energy ``flat`` and ``primary`` (the projections).
+(once, first), then per energy ``flat`` and ``primary`` (the projections). The start
+document records the plan as NSLS-II FXI's scan plans do: ``num_angles`` (projections
+per energy), ``num_bkg_images`` (open-beam frames per energy), ``num_dark_images``.
 """
 
 def scan_arrays(path, *, energies, n_angles, size, seed=7):
@@ -31,12 +33,15 @@ def devices(frames_dir):
     return mono, rot, cams, holder
 
 
-def tomo_plan(a, mono, rot, cams, holder, *, before_energy=None, md=None):
+def tomo_plan(a, mono, rot, cams, holder, *, before_energy=None, md=None, record_plan=True):
     """Darks, then for each energy: flats and one projection per angle. ``before_energy(k)`` runs (plain Python,
-    between documents) before energy ``k`` starts."""
+    between documents) before energy ``k`` starts. ``record_plan=False`` leaves the frame counts out of the start
+    document."""
     import bluesky.plan_stubs as bps
 
-    yield from bps.open_run(md={"plan_name": "gpureg_test_xanes_tomo", **(md or {})})
+    plan = {"num_angles": len(a["theta"]), "num_bkg_images": int(a["data_white"].shape[1]),
+            "num_dark_images": len(a["data_dark"])} if record_plan else {}
+    yield from bps.open_run(md={"plan_name": "gpureg_test_xanes_tomo", **plan, **(md or {})})
     for cam in cams.values():
         yield from bps.stage(cam)
     yield from bps.mv(mono, float(a["energy"][0]) / 1000.0)
@@ -59,10 +64,11 @@ def tomo_plan(a, mono, rot, cams, holder, *, before_energy=None, md=None):
     yield from bps.close_run()
 
 
-def run_scan(client, a, frames_dir, *, on_start=None, before_energy=None):
+def run_scan(client, a, frames_dir, *, on_start=None, before_energy=None, record_plan=True, after_write=None):
     """Run the scan with a RunEngine writing to ``client`` through TiledWriter; returns the run's uid.
 
-    ``on_start(uid)`` is called when the start document is out (e.g. to launch a watcher on the run).
+    ``on_start(uid)`` is called when the start document is out (e.g. to launch a watcher on the run);
+    ``after_write(name, doc)`` gets every document once TiledWriter has written it.
     """
     from bluesky import RunEngine
     from bluesky.callbacks.tiled_writer import TiledWriter
@@ -70,7 +76,9 @@ def run_scan(client, a, frames_dir, *, on_start=None, before_energy=None):
     mono, rot, cams, holder = devices(frames_dir)
     engine = RunEngine({}, call_returns_result=False)
     engine.subscribe(TiledWriter(client, batch_size=1))
+    if after_write is not None:  # subscribers are called in order: TiledWriter's write is done by then
+        engine.subscribe(after_write)
     if on_start is not None:
         engine.subscribe(lambda name, doc: on_start(doc["uid"]), "start")
-    (uid,) = engine(tomo_plan(a, mono, rot, cams, holder, before_energy=before_energy))
+    (uid,) = engine(tomo_plan(a, mono, rot, cams, holder, before_energy=before_energy, record_plan=record_plan))
     return uid

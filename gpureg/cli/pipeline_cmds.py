@@ -198,8 +198,14 @@ def watch_cmd(
                                                                               "new energy."),
     settle: float = typer.Option(2.0, "--settle", help="Seconds a file must stay unchanged before it is read."),
     poll: Optional[float] = typer.Option(None, "--poll", help="Seconds between folder scans (default 1); for a Tiled "
-                                                              "run the shortest interval between reads (default "
-                                                              "0.25), backing off to 2 s while nothing changes."),
+                                                              "run the interval between reads while frames come in "
+                                                              "(default 0.25), backing off to 2 s after 10 s "
+                                                              "without a new frame."),
+    angles: Optional[int] = typer.Option(None, "--angles", min=1,
+                                         help="Tiled run: projections per energy; an energy is processed as soon as "
+                                              "this many (and its open-beam frames) are in. Default: the run's start "
+                                              "document (angles_per_energy, num_angles or n_angles, also in "
+                                              "plan_args); without either, once the next energy starts."),
     device: Device = DeviceOpt,
     reference: str = typer.Option("highest", "--reference",
                                   help="Final reference energy: highest | lowest | energy in eV (while watching, "
@@ -247,6 +253,8 @@ def watch_cmd(
     live = is_uri(directory)
     if publish is not None and not live:
         raise typer.BadParameter("--publish is for a Tiled run (watch URI ...)", param_hint="--publish")
+    if angles is not None and not live:
+        raise typer.BadParameter("--angles is for a Tiled run (watch URI ...)", param_hint="--angles")
     options = run_options(device=device, reference=reference, raw=raw, denoise=denoise, smooth=smooth, ramp=ramp,
                           model=model,
                           center=center, fbp_filter=fbp_filter, edge=edge, no_report=no_report, keep=keep,
@@ -266,8 +274,8 @@ def watch_cmd(
                    f"(MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; {count})")
 
     def on_run_energy(ev):
-        typer.echo(f"{ev['source']}: registered {ev['after_last_frame_s']:.2f} s after its last frame (processing "
-                   f"{ev['processing_s']:.2f} s; MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; "
+        typer.echo(f"{ev['source']}: registered {ev['after_last_frame_s']:.2f} s after its last frame (found after "
+                   f"{ev['found_after_s']:.2f} s, processing {ev['processing_s']:.2f} s; MSE {ev['mse_before']:.4g} -> {ev['mse_after']:.4g}; "
                    f"{ev['count']} energies so far)")
 
     if live:
@@ -275,7 +283,7 @@ def watch_cmd(
 
         res = follow_run(directory, output, options, expect=expect, idle_timeout=idle_timeout, overwrite=overwrite,
                          on_energy=on_run_energy, poll=0.25 if poll is None else poll, publish=publish,
-                         outage_timeout=outage_timeout)
+                         outage_timeout=outage_timeout, angles=angles)
     else:
         res = watch_folder(Path(directory), output, options, pattern=pattern, expect=expect, idle_timeout=idle_timeout,
                            overwrite=overwrite, on_energy=on_energy, settle=settle, poll=1.0 if poll is None else poll,

@@ -30,7 +30,7 @@ from ..core.config import getenv
 from .files import InputError
 
 __all__ = ["TiledFile", "TiledUnavailable", "connect", "describe_node", "family", "is_bluesky_run", "normalize_uri",
-           "retrying", "set_outage_limit", "translate_errors", "use_api_key_file"]
+           "parts", "read_columns", "retrying", "set_outage_limit", "translate_errors", "use_api_key_file"]
 
 _log = logging.getLogger("gpureg")
 _BLOCK_BYTES = 64 << 20  # one request fetches at most this much of an array
@@ -235,6 +235,19 @@ def _plain(k):
     if isinstance(k, slice):
         return slice(*(None if v is None else int(v) for v in (k.start, k.stop, k.step)))
     return int(k) if isinstance(k, np.integer) else k
+
+
+def parts(node, uri) -> dict:
+    """A container's children (name -> client node) in one listing; of a composite node (a Bluesky stream) its
+    parts, tables and arrays, rather than the flattened columns its client shows."""
+    base = getattr(node, "base", node)
+    return retrying(lambda: translate_errors(lambda: dict(base.items()), uri), uri, _OUTAGE_S)
+
+
+def read_columns(node, uri, columns) -> dict:
+    """Columns of a Tiled table as NumPy arrays (name -> array), all rows, in one request."""
+    frame = retrying(lambda: translate_errors(lambda: node.read(columns=list(columns)), uri), uri, _OUTAGE_S)
+    return {c: np.asarray(frame[c].to_numpy()) for c in columns}
 
 
 class TiledGroup:

@@ -1,12 +1,15 @@
 """Following a Bluesky run in Tiled as it is written (``gpureg watch URI``), and publishing the result back.
 
 The run (as Bluesky's ``TiledWriter`` writes it; :mod:`gpureg.io.tiled_run`) is
-re-read every ``poll`` seconds, backing off to ``max_poll`` while nothing changes.
+re-read every ``poll`` seconds while frames are coming in (a new frame in the
+last ``ACTIVE_S`` seconds), backing off to ``max_poll`` while the run is idle.
 (Tiled's websocket subscription is not used: with Tiled 0.2.20 the server refuses
 it, HTTP 500, in every writable catalog set-up tried, and ``serve catalog --cache``
 fails to start.) Each energy is reconstructed and registered (as by folder watch:
-:func:`gpureg.pipeline.watch.register_arrival`) as soon as it is complete: a
-later energy has started, or the run's stop document is in. The watch ends on
+:func:`gpureg.pipeline.watch.register_arrival`) as soon as it is complete: its
+planned number of projections is in (``angles``, or the run's start document:
+:func:`gpureg.io.tiled_run.planned_counts`), else a later energy has started,
+or the run's stop document is in. The watch ends on
 the stop document, ``expect`` energies, ``idle_timeout`` seconds without a new
 frame, or Ctrl-C; what was done is kept in ``OUTPUT.watch/`` and the same
 command resumes it. A server that goes away is retried with backoff (one line
@@ -33,12 +36,13 @@ from .watch import WatchState, finish_watch, provisional_reference, register_arr
 __all__ = ["follow_run"]
 
 _log = logging.getLogger("gpureg")
+ACTIVE_S = 10.0  # a run with a new frame in the last ACTIVE_S seconds is polled every `poll` seconds
 
 
 def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | None = None,
                idle_timeout: float | None = None, poll: float = 0.25, max_poll: float = 2.0,
                outage_timeout: float = 600.0, overwrite: bool = False, publish: str | None = None, on_energy=None,
-               **settings):
+               angles: int | None = None, **settings):
     """Process the energies of a Bluesky run in Tiled as they are acquired; finish with a full result.
 
     Parameters
@@ -54,17 +58,22 @@ def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | 
     idle_timeout : float, optional
         Finish after this many seconds without a new frame.
     poll, max_poll : float
-        Seconds between reads of the run: ``poll`` after a change, doubling to ``max_poll`` while idle.
+        Seconds between reads of the run: ``poll`` while frames come in (one in the last ``ACTIVE_S`` = 10 s),
+        then doubling to ``max_poll`` while the run is idle.
     outage_timeout : float
         Seconds an unreachable server is retried before the watch stops (resumable).
     overwrite : bool
         Replace a finished ``output`` and forget an earlier watch's state.
     publish : str, optional
         Tiled container URI to publish the result into (:func:`gpureg.io.tiled_publish.publish_result`).
+    angles : int, optional
+        Projections per energy: an energy is processed as soon as this many are in (with its open-beam frames).
+        Default: from the run's start document (``angles_per_energy``, ``num_angles``, ``n_angles``); when
+        neither gives it, an energy is processed once the next one starts or the run stops.
     on_energy : callable, optional
         Called as ``on_energy(event)`` after each energy: folder watch's event plus
-        ``after_last_frame_s`` (the energy's last frame -> registered, by the run's time stamps)
-        and ``processing_s`` (read + reconstruct + register).
+        ``after_last_frame_s`` (the energy's last frame -> registered, by the run's time stamps),
+        ``found_after_s`` (its last frame -> found complete) and ``processing_s`` (read + reconstruct + register).
     **settings
         Shorthand for ``RunOptions(...)`` fields when ``options`` is not given.
 
@@ -79,7 +88,7 @@ def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | 
     with OutputLock(output, lock_path(output)):
         if overwrite and watch_dir(output).exists():
             shutil.rmtree(watch_dir(output))
-        reader = _open_run(uri, outage_timeout)
+        reader = _open_run(uri, outage_timeout, angles)
         state = WatchState(watch_dir(output))
         _claim(state, reader)
         devices = resolve_devices(options.device)
@@ -99,12 +108,22 @@ def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | 
     return result
 
 
-def _open_run(uri, outage_timeout):
+def _open_run(uri, outage_timeout, angles=None):
     node = connect(uri, retry_for=outage_timeout)
     if not is_bluesky_run(node):
         raise InputError(f"{uri}: holds {describe_node(node, uri)}, not a Bluesky run; watch follows a run written "
                          "by TiledWriter (use gpureg run for a finished scan in another layout)")
-    return retrying(lambda: BlueskyRun(node, uri), uri, outage_timeout)
+    reader = retrying(lambda: BlueskyRun(node, uri, angles=angles), uri, outage_timeout)
+    if reader.stopped:  # a finished run: every energy is complete anyway
+        return reader
+    if reader.planned_angles is None:
+        _log.warning("gpureg: watch: projections per energy not in the run's start document (angles_per_energy, "
+                     "num_angles, n_angles): an energy is processed once the next one starts; --angles N processes "
+                     "it as soon as its N projections are in")
+    else:
+        _log.warning("gpureg: watch: %d projections per energy (%s): an energy is processed as soon as they are in",
+                     reader.planned_angles, reader.plan_source)
+    return reader
 
 
 def _claim(state, reader):
@@ -127,9 +146,10 @@ def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_pol
     done = {round(v["energy"], 3) for v in state.entries.values()}
     told_bad, frames, last_new, wait = set(), -1, time.monotonic(), poll
     while True:
+        tick = time.monotonic()
         retrying(reader.refresh, str(reader.path), outage_timeout)
         if reader.n_frames != frames:
-            frames, last_new, wait = reader.n_frames, time.monotonic(), poll
+            frames, last_new = reader.n_frames, time.monotonic()
         for energy, reason in reader.bad.items():
             if energy not in told_bad:
                 _log.warning("gpureg: watch: %.2f eV left out: %s", energy, reason)
@@ -139,6 +159,7 @@ def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_pol
                 continue
             seen = time.monotonic()
             i = reader.index_of(energy)
+            found = time.time() - reader.last_frame_time(i)
             try:
                 vol, _ = loader(i)
             except BadEnergyError as exc:
@@ -151,6 +172,7 @@ def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_pol
             done.add(round(energy, 3))
             event["processing_s"] = time.monotonic() - seen
             event["after_last_frame_s"] = time.time() - reader.last_frame_time(i)
+            event["found_after_s"] = found
             if on_energy is not None:
                 on_energy(event)
             if expect is not None and len(state.entries) >= expect:
@@ -166,5 +188,5 @@ def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_pol
             _log.warning("gpureg: watch: no new frame for %g s; finishing with %d energies", idle_timeout,
                          len(state.entries))
             return
-        time.sleep(wait)
-        wait = min(2 * wait, max_poll)
+        wait = poll if time.monotonic() - last_new < ACTIVE_S else min(2 * wait, max_poll)  # back off when idle
+        time.sleep(max(0.0, tick + wait - time.monotonic()))

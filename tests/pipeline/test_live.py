@@ -2,7 +2,10 @@
 
 A ``RunEngine`` with ``ophyd.sim`` devices writes a small energy x angle scan
 through ``TiledWriter`` into ``tiled serve catalog`` while ``gpureg watch`` follows
-it in another process. Mid-run the watcher is killed and restarted (it resumes),
+it in another process. The run's start document records the projections per energy
+(``num_angles``), so each energy is processed as soon as its projections are in, before
+the next energy starts (checked while the RunEngine waits between energies). Mid-run the
+watcher is killed and restarted (it resumes),
 then the server is stopped for a few seconds and restarted (the watcher retries,
 one line per outage, and loses nothing). The live result must equal the same
 command run on the finished run; ``--publish`` writes the result back into Tiled.
@@ -64,9 +67,18 @@ def live(tmp_path_factory):
             [sys.executable, "-m", "gpureg", "watch", f"{server.uri}/{uid}", str(out), "--no-report", "--device",
              "cpu", "--poll", "0.2", *extra], env=env, stdout=log, stderr=subprocess.STDOUT))
 
-    state = {}
+    state = {"done_before_next": []}
+
+    def done_count():
+        index = out.with_name(out.name + ".watch") / "index.json"
+        return len(json.loads(index.read_text())) if index.exists() else 0
 
     def before_energy(k):
+        if k in (1, 2):  # energy k-1's projections are all in, energy k not started: the watcher must finish k-1
+            deadline = time.monotonic() + 240  # a hang guard, not a timing requirement
+            while time.monotonic() < deadline and done_count() < k:
+                time.sleep(0.2)
+            state["done_before_next"].append(done_count())
         if k == 3:  # two energies done: kill the watcher (no clean-up) and start it again
             index = out.with_name(out.name + ".watch") / "index.json"
             deadline = time.monotonic() + 240
@@ -98,6 +110,13 @@ def live(tmp_path_factory):
             if w.poll() is None:
                 w.kill()
         server.stop()
+
+
+def test_each_energy_is_processed_once_its_planned_projections_are_in(live):
+    """The RunEngine waited before energies 1 and 2: by then the watcher had registered energy 0, then 1 (the
+    old rule, 'the next energy has started', would have left them waiting forever here)."""
+    assert live["done_before_next"] == [1, 2], live["first_log"][-3000:]
+    assert f"{N_ANGLES} projections per energy (start['num_angles'])" in live["first_log"]
 
 
 def test_watcher_follows_resumes_and_rides_out_the_outage(live):
