@@ -111,7 +111,8 @@ class BlueskyRun(InputReader):
         self.guessed = ("pixel size not in the run: unknown",)
         self.energies = np.zeros(0)
         self.theta, self.shape = None, (0, 0, 0)
-        self.stopped = self.waiting = False
+        self.stopped = self.waiting = self._grew = self._side_wait = False
+        self._prim = self._flats = self._darks = self._listed = None
         self.bad = {}
         self._segments = []  # complete energies, ascending
         self._cols = {}  # stream -> energy/time/angle columns read so far
@@ -123,18 +124,23 @@ class BlueskyRun(InputReader):
     def refresh(self) -> list:
         """Re-read the run; returns the energies (eV) that became complete since the last call."""
         run = self._run
-        translate_errors(run.refresh, self.path)
-        self.stopped = "stop" in run.metadata
-        streams = TiledGroup(run, self.path)  # one listing: every stream's node and metadata
+        if not self._grew:  # the stop document is read before the frames (it comes after the last of them)
+            translate_errors(run.refresh, self.path)
+            self.stopped = "stop" in run.metadata
+        streams = self._listing()
         keys = streams.keys()
         if "primary" not in keys:
             return []
         prim = self._stream(streams, "primary", need_angle=True)
-        flats = next((self._stream(streams, k) for k in FLAT_STREAMS if k in keys), None)
-        darks = next((self._stream(streams, k) for k in DARK_STREAMS if k in keys), None)
-        self._flats, self._darks, self._prim = flats, darks, prim
+        self._grew = prim["time"].size != (0 if self._prim is None else self._prim["time"].size)
+        if self.planned_angles is None or self._grew or self._side_wait or self.stopped or self._prim is None:
+            # open-beam and dark frames matter once the projections moved on or an energy waits for them; read
+            # later, they are only older (never a wrong completion: at worst one more wait)
+            self._flats = next((self._stream(streams, k) for k in FLAT_STREAMS if k in keys), None)
+            self._darks = next((self._stream(streams, k) for k in DARK_STREAMS if k in keys), None)
+        flats, darks, self._prim = self._flats, self._darks, prim
         self.n_frames = sum(st["energy"].size for st in (prim, flats, darks) if st is not None)
-        self.waiting = False
+        self.waiting = self._side_wait = False
         e, t = prim["energy"], prim["time"]
         if not e.size:
             return []
@@ -157,7 +163,7 @@ class BlueskyRun(InputReader):
                    "first_frame": float(t[a]), "angle": prim["angle"][a:b]}
             reason = self._check(seg, flats, darks, by_plan)
             if reason == "wait":
-                self.waiting = True
+                self.waiting = self._side_wait = True
                 break
             if reason:
                 self.bad[round(energy, 3)] = reason
@@ -173,6 +179,16 @@ class BlueskyRun(InputReader):
             self.theta = first["angle"]
             self.shape = (first["rows"][1] - first["rows"][0], *prim["frame"])
         return new
+
+    def _listing(self):
+        """The run's streams (one request), kept once the projection, open-beam and dark streams are all there."""
+        if self._listed is not None:
+            return self._listed
+        streams = TiledGroup(self._run, self.path)
+        keys = set(streams.keys())
+        if "primary" in keys and keys & set(FLAT_STREAMS) and keys & set(DARK_STREAMS):
+            self._listed = streams
+        return streams
 
     def _check_plan(self, bounds):
         """Stop trusting the planned count once an energy has more projections than planned."""
