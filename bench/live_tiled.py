@@ -1,7 +1,7 @@
 """Following a live Bluesky run through Tiled (issue 28): latency per energy, a 10 s server outage, equality.
 
 A ``RunEngine`` with ``ophyd.sim`` devices writes an energy x angle scan through ``TiledWriter`` into a
-``tiled serve catalog`` (tests/tiled_servers.py, tests/bluesky_scan.py) while ``gpureg watch URI`` follows it
+Tiled catalog server (tests/tiled_servers.py, tests/bluesky_scan.py) while ``gpureg watch URI`` follows it
 in another process; before energy ``--outage-at`` the server is stopped for ``--outage`` seconds and started
 again on the same port. Per energy: ``after_last_frame_s`` (the energy's last frame, by the run's time stamp
 -> registered, as the watcher prints it), ``processing_s`` (read + reconstruct + register) and ``slack_s`` =
@@ -14,10 +14,12 @@ Per energy it also gives the last frame's and the registration's times (seconds 
 ``found_after_s`` (the last frame -> the watcher found the energy complete) and ``in_outage`` (its last frame ->
 registered interval overlaps the server outage; such energies are reported but not held to the bar). The run's
 start document records ``num_angles`` (an energy is processed once its projections are in); ``--no-plan``
-leaves it out (an energy is processed once the next one starts). The load average (``uptime``) before and
-after is saved: the machine may be shared.
+leaves it out (an energy is processed once the next one starts). The server streams updates (the watcher's
+subscription wakes it); ``--no-streaming`` serves the run without (the watcher only polls). The load average
+(``uptime``) before and after is saved: the machine may be shared.
 
-Usage: ``python bench/live_tiled.py [--energies 6] [--angles 31] [--size 24] [--outage 10] [--no-plan]``
+Usage: ``python bench/live_tiled.py [--energies 6] [--angles 31] [--size 24] [--outage 10] [--no-plan]
+[--no-streaming]``
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--outage", type=float, default=10.0)
     ap.add_argument("--outage-at", type=int, default=3)
     ap.add_argument("--no-plan", action="store_true", help="leave num_angles out of the start document")
+    ap.add_argument("--no-streaming", action="store_true", help="a server without a streaming cache (polling only)")
     args = ap.parse_args()
     from tiled.client import from_uri
 
@@ -81,7 +84,8 @@ def main():
     (work / "frames").mkdir()
     a = bluesky_scan.scan_arrays(work / "scan.h5", energies=energies, n_angles=args.angles, size=args.size)
     a["data_white"], a["data_dark"] = a["data_white"][:, :3], a["data_dark"][:2]
-    server = tiled_servers.catalog(work / "catalog", work / "frames", work / "tiled.log")
+    server = tiled_servers.catalog(work / "catalog", work / "frames", work / "tiled.log",
+                                   streaming=not args.no_streaming)
     env = {**os.environ, "TILED_API_KEY": tiled_servers.KEY, "PYTHONPATH": str(ROOT)}
     env.pop("TILED_RETRY_ATTEMPTS", None)
     out, procs, times = work / "live.h5", [], {}
@@ -157,6 +161,9 @@ def main():
     clean = [r for r in rows if not r["in_outage"]]
     extra = {"scan": f"{args.energies} energies x {args.angles} angles at {args.size}^2, 3 flats per energy, 2 darks",
              "completion": "next energy starts (no num_angles)" if args.no_plan else "planned projections (num_angles)",
+             "server_streams": not args.no_streaming,
+             "watcher_woken_by_streaming": any("the server streams the run's updates" in line
+                                               for line in log.splitlines()),
              "load_average_before": [round(v, 2) for v in load_before],
              "load_average_after": [round(v, 2) for v in os.getloadavg()],
              "bar": "after_last_frame_s - processing_s <= 2 s, energies outside the outage",
@@ -167,7 +174,8 @@ def main():
              "outage_lines": [line for line in log.splitlines() if "retrying (up to" in line or "back after" in line],
              "energies_in_result": len(rows), "live_vs_finished_run": live_vs_finished,
              "run_uri_vs_run_file": _compare(work / "file.h5", work / "uri.h5", args.size)}
-    save("live_tiled_" + ("next_energy" if args.no_plan else "planned"), "cpu", rows, extra=extra)
+    name = "live_tiled_" + ("next_energy" if args.no_plan else "planned") + ("_polling" if args.no_streaming else "")
+    save(name, "cpu", rows, extra=extra)
 
 
 if __name__ == "__main__":

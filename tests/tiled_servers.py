@@ -1,12 +1,16 @@
 """Real Tiled servers for the tests (and bench/live_tiled.py): started on a free 127.0.0.1 port, torn down after.
 
 ``directory(folder)`` is ``tiled serve directory`` over files; ``catalog(folder)``
-is ``tiled serve catalog`` on an SQLite catalog in ``folder`` (created on the first
-start, kept across :meth:`TiledServer.restart`, so a server stopped mid-run comes
-back with its data), writable, and allowed to read the external detector files
-Bluesky's ``TiledWriter`` registers.
+is a writable catalog on SQLite in ``folder`` (created on the first start, kept
+across :meth:`TiledServer.restart`, so a server stopped mid-run comes back with its
+data), allowed to read the external detector files Bluesky's ``TiledWriter``
+registers. By default it streams updates to subscribers (an in-memory streaming
+cache: ``tiled serve config`` with ``streaming_cache: {uri: memory}``, since
+``tiled serve catalog --cache memory`` fails in Tiled 0.2.20); ``streaming=False``
+serves it with ``tiled serve catalog``, which refuses subscriptions (HTTP 500).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -83,13 +87,12 @@ def directory(folder, log):
     return TiledServer(["directory", str(folder)], log, ready_text="Indexing complete")
 
 
-def catalog(folder, readable, log):
-    """``tiled serve catalog`` on ``folder/catalog.db`` (arrays written into ``folder/data``, tables into
-    ``folder/tables.sqlite``), reading ``readable``."""
+def catalog(folder, readable, log, streaming=True):
+    """A writable catalog on ``folder/catalog.db`` (arrays written into ``folder/data``, tables into
+    ``folder/tables.sqlite``), reading ``readable``; ``streaming``: with a streaming cache (see the module)."""
     folder = Path(folder)
     (folder / "data").mkdir(parents=True, exist_ok=True)
     db = folder / "catalog.db"
-    init = [] if db.exists() else ["--init"]
     tables = folder / "tables.sqlite"
     if not tables.exists():
         # WAL journal (kept in the file): readers polling the run no longer lock out the RunEngine's appends,
@@ -98,5 +101,14 @@ def catalog(folder, readable, log):
 
         with sqlite3.connect(tables) as con:
             con.execute("PRAGMA journal_mode=WAL")
+    if streaming:
+        config = folder / "tiled-config.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "trees": [{"path": "/", "tree": "catalog", "args": {
+                "uri": f"sqlite:///{db}", "writable_storage": [str(folder / "data"), f"sqlite:///{tables}"],
+                "readable_storage": [str(readable)], "init_if_not_exists": True}}],
+            "streaming_cache": {"uri": "memory"}}))
+        return TiledServer(["config", str(config)], log)
+    init = [] if db.exists() else ["--init"]
     return TiledServer(["catalog", str(db), *init, "--write", str(folder / "data"), "--write",
-                        f"sqlite:///{folder / 'tables.sqlite'}", "--read", str(readable)], log)
+                        f"sqlite:///{tables}", "--read", str(readable)], log)

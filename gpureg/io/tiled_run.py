@@ -96,6 +96,9 @@ class BlueskyRun(InputReader):
         completes when the next starts or the run stops).
     waiting : bool
         An energy has frames in but is not complete yet.
+    nodes : dict
+        Name -> Tiled client node of the run and of each stream's event table and detector images (what a
+        streaming subscription follows: :class:`gpureg.io.tiled_stream.Wakeup`).
     """
 
     layout = "Bluesky run (TiledWriter)"
@@ -113,6 +116,7 @@ class BlueskyRun(InputReader):
         self.theta, self.shape = None, (0, 0, 0)
         self.stopped = self.waiting = self._grew = self._side_wait = False
         self._prim = self._flats = self._darks = self._listed = None
+        self.nodes = {"run": node}  # what a streaming subscription may follow: the run, each stream's table/images
         self.bad = {}
         self._segments = []  # complete energies, ascending
         self._cols = {}  # stream -> energy/time/angle columns read so far
@@ -268,6 +272,7 @@ class BlueskyRun(InputReader):
                              f"{sorted(dk)}; expected a tomography scan")
         cols = self._cols.setdefault(name, {"energy": np.zeros(0), "time": np.zeros(0), "angle": np.zeros(0)})
         found = parts(group.node, where)
+        self.nodes.update({f"{name}/{k}": v for k, v in found.items() if k == image or family(v) == "table"})
         if image not in found:  # declared, not yet written
             return {**{k: v[:0] for k, v in cols.items()}, "image": None, "frame": tuple(dk[image]["shape"])}
         img = TiledDataset(found[image], f"{where}/{image}")

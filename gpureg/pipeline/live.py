@@ -3,9 +3,11 @@
 The run (as Bluesky's ``TiledWriter`` writes it; :mod:`gpureg.io.tiled_run`) is
 re-read every ``poll`` seconds while frames are coming in (a new frame in the
 last ``ACTIVE_S`` seconds), backing off to ``max_poll`` while the run is idle.
-(Tiled's websocket subscription is not used: with Tiled 0.2.20 the server refuses
-it, HTTP 500, in every writable catalog set-up tried, and ``serve catalog --cache``
-fails to start.) Each energy is reconstructed and registered (as by folder watch:
+Where the server streams (Tiled's websocket subscription; a server with a
+streaming cache), every appended event row and detector frame wakes the watcher
+at once (:class:`gpureg.io.tiled_stream.Wakeup`), and the polling slows to one
+read per ``STREAMING_POLL`` seconds, a safety net; a server that refuses the
+subscription is polled as above. Each energy is reconstructed and registered (as by folder watch:
 :func:`gpureg.pipeline.watch.register_arrival`) as soon as it is complete: its
 planned number of projections is in (``angles``, or the run's start document:
 :func:`gpureg.io.tiled_run.planned_counts`), else a later energy has started,
@@ -29,6 +31,7 @@ from ..io.lock import OutputLock
 from ..io.results import lock_path, watch_dir
 from ..io.tiled import connect, describe_node, is_bluesky_run, normalize_uri, retrying, set_outage_limit
 from ..io.tiled_run import BlueskyRun
+from ..io.tiled_stream import Wakeup
 from .options import RunOptions, resolve_devices
 from .steps import Loader, check_output
 from .watch import WatchState, finish_watch, provisional_reference, register_arrival, watch_options
@@ -37,6 +40,7 @@ __all__ = ["follow_run"]
 
 _log = logging.getLogger("gpureg")
 ACTIVE_S = 10.0  # a run with a new frame in the last ACTIVE_S seconds is polled every `poll` seconds
+STREAMING_POLL = 1.0  # while the server streams updates, a read at least this often anyway
 
 
 def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | None = None,
@@ -59,7 +63,8 @@ def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | 
         Finish after this many seconds without a new frame.
     poll, max_poll : float
         Seconds between reads of the run: ``poll`` while frames come in (one in the last ``ACTIVE_S`` = 10 s),
-        then doubling to ``max_poll`` while the run is idle.
+        then doubling to ``max_poll`` while the run is idle. While the server streams updates (each wakes the
+        watcher), at least ``STREAMING_POLL`` = 1 s.
     outage_timeout : float
         Seconds an unreachable server is retried before the watch stops (resumable).
     overwrite : bool
@@ -92,13 +97,16 @@ def follow_run(uri, output, options: RunOptions | None = None, *, expect: int | 
         state = WatchState(watch_dir(output))
         _claim(state, reader)
         devices = resolve_devices(options.device)
+        wake = Wakeup()
         try:
-            _follow(reader, state, options, devices, expect, idle_timeout, poll, max_poll, outage_timeout,
+            _follow(reader, state, options, devices, expect, idle_timeout, (poll, max_poll, wake), outage_timeout,
                     on_energy)
         except KeyboardInterrupt:
             _log.warning("gpureg: watch interrupted with %d energies done (kept in %s); run the same command again "
                          "to resume", len(state.entries), state.folder)
             raise
+        finally:
+            wake.close()
         result = finish_watch(uri, output, state, options, devices, overwrite)
     if publish:
         from ..io.tiled_publish import publish_result
@@ -139,15 +147,18 @@ def _claim(state, reader):
             Path(tmp).write_text(json.dumps({"run_uid": reader.uid, "source": str(reader.path)}))
 
 
-def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_poll, outage_timeout, on_energy):
+def _follow(reader, state, options, devices, expect, idle_timeout, polling, outage_timeout, on_energy):
+    poll, max_poll, wake = polling
     dev = devices.registration
     reference = provisional_reference(state, options, dev)
     loader = Loader.for_run(reader, options, devices)
     done = {round(v["energy"], 3) for v in state.entries.values()}
-    told_bad, frames, last_new, wait = set(), -1, time.monotonic(), poll
+    told_bad, told_live, frames, last_new, wait = set(), False, -1, time.monotonic(), poll
     while True:
         tick = time.monotonic()
         retrying(reader.refresh, str(reader.path), outage_timeout)
+        for key, node in reader.nodes.items():
+            wake.follow(key, node)
         if reader.n_frames != frames:
             frames, last_new = reader.n_frames, time.monotonic()
         for energy, reason in reader.bad.items():
@@ -189,4 +200,7 @@ def _follow(reader, state, options, devices, expect, idle_timeout, poll, max_pol
                          len(state.entries))
             return
         wait = poll if time.monotonic() - last_new < ACTIVE_S else min(2 * wait, max_poll)  # back off when idle
-        time.sleep(max(0.0, tick + wait - time.monotonic()))
+        if wake.live and not told_live:
+            _log.warning("gpureg: watch: the server streams the run's updates; each new frame wakes the watcher")
+            told_live = True
+        wake.wait(tick + (max(wait, STREAMING_POLL) if wake.live else wait) - time.monotonic())

@@ -146,3 +146,21 @@ def test_cli_info_with_key_file_never_shows_the_key(served, tmp_path, monkeypatc
     assert out.returncode == 0, out.stderr
     assert "NSLS-II FXI 18-ID" in out.stdout and "energies    7:" in out.stdout
     assert KEY not in out.stdout + out.stderr
+
+
+def test_a_server_without_streaming_refuses_the_subscription_and_releases_the_waiter(served):
+    """``tiled serve directory`` has no streaming cache: the websocket is refused (HTTP 500 in Tiled 0.2.20); the
+    wake-up says so and releases its waiter, and ``gpureg watch`` goes on polling."""
+    import stamina
+    from tiled.client import from_uri
+
+    from gpureg.io.tiled_stream import Wakeup
+
+    wake = Wakeup()
+    try:
+        with stamina.set_testing(True, attempts=1):  # the client's websocket retries, made immediate
+            wake.follow("root", from_uri(served["uri"], api_key=KEY))
+            assert wake.wait(60)  # a hang guard: the refusal releases it at once
+        assert wake.refused and not wake.live
+    finally:
+        wake.close()

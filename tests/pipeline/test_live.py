@@ -1,14 +1,15 @@
 """``gpureg watch URI``: following a real Bluesky run written to a real Tiled server (issue 28).
 
 A ``RunEngine`` with ``ophyd.sim`` devices writes a small energy x angle scan
-through ``TiledWriter`` into ``tiled serve catalog`` while ``gpureg watch`` follows
-it in another process. The run's start document records the projections per energy
-(``num_angles``), so each energy is processed as soon as its projections are in, before
-the next energy starts (checked while the RunEngine waits between energies). Mid-run the
-watcher is killed and restarted (it resumes),
-then the server is stopped for a few seconds and restarted (the watcher retries,
-one line per outage, and loses nothing). The live result must equal the same
-command run on the finished run; ``--publish`` writes the result back into Tiled.
+through ``TiledWriter`` into a Tiled catalog server (one that streams updates: the
+watcher's websocket subscription wakes it) while ``gpureg watch`` follows it in
+another process. The run's start document records the projections per energy
+(``num_angles``), so each energy is processed as soon as its projections are in,
+before the next energy starts (checked while the RunEngine waits between energies).
+Mid-run the watcher is killed and restarted (it resumes), then the server is
+stopped for a few seconds and restarted (the watcher retries, one line per outage,
+and loses nothing). The live result must equal the same command run on the
+finished run; ``--publish`` writes the result back into Tiled.
 Skipped without the ``live-test`` extra.
 """
 
@@ -117,6 +118,8 @@ def test_each_energy_is_processed_once_its_planned_projections_are_in(live):
     old rule, 'the next energy has started', would have left them waiting forever here)."""
     assert live["done_before_next"] == [1, 2], live["first_log"][-3000:]
     assert f"{N_ANGLES} projections per energy (start['num_angles'])" in live["first_log"]
+    # the test server streams (tiled_servers.catalog): the watcher was woken by its updates, not only polling
+    assert "the server streams the run's updates" in live["first_log"]
 
 
 def test_watcher_follows_resumes_and_rides_out_the_outage(live):
