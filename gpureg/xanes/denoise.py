@@ -9,12 +9,22 @@ by slab, so nothing larger than a slab is ever in memory; with a few dozen
 energies this is cheaper than a randomised SVD and has no sampling error of its
 own). Every voxel spectrum ``x`` is then replaced by ``m + U U^T (x - m)``.
 
-Number of components (``components="auto"``): the eigenvalues of the noise part
-of a covariance cluster at the noise variance; Gavish & Donoho's optimal hard
-threshold for unknown noise (IEEE Trans. Inf. Theory 60, 2014) keeps the
-singular values above ``omega(beta) x`` their median, ``beta = n_energy /
-n_voxels``: here eigenvalues above ``omega(beta)^2 x`` the median eigenvalue
-(about 2.04 x for ``beta -> 0``). An integer ``K`` keeps that many.
+Number of components (``components="auto"``): every component that stands
+out of the noise is kept. The eigenvalues of pure noise fill the
+Marchenko-Pastur bulk ``sigma^2 (1 +- sqrt(beta))^2``; ``sigma^2`` is the
+median eigenvalue and ``beta`` (nominally ``n_energy / n_voxels``; larger
+when the noise of neighbouring voxels is correlated, as after FBP and
+resampling) is read off the bulk's lower edge, the smallest eigenvalue
+(:func:`noise_edge`). Eigenvalues above the upper edge are signal. Gavish &
+Donoho's hard threshold (IEEE Trans. Inf. Theory 60, 2014; about ``2 x
+sigma^2``, used before) minimises the matrix's mean-square error and drops
+detectable components weaker than the noise; but a dropped real component
+biases the edge energies of the voxels that carry it, while a kept weak one
+adds only ``1 / n_energy`` of the noise. Measured with ``bench/denoise.py``
+(48^3, 1000 photons, seed 1): K 3 -> 6, edge RMS 0.387 -> 0.390 eV, and the
+denoised particle 1 median 0.07 -> 0.01 eV from the noise-free scan's (with
+the basis from all voxels, :func:`gpureg.xanes.stack.stack_basis`). An
+integer ``K`` keeps that many.
 
 Noise that is not white. The noise level is not the same at every energy:
 the reference energy is not resampled by the registration while every other
@@ -25,7 +35,7 @@ energy ``e`` is modelled as ``sigma_v^2 g_e``, with one **noise profile**
 ``g`` (mean 1) per stack, and the principal directions are those of the
 noise-whitened spectra ``(x - m) / sqrt(g)`` (the minimum-noise-fraction
 transform of hyperspectral imaging, Green et al., IEEE TGRS 26, 1988), where
-the Gavish-Donoho threshold, made for white noise, applies. ``g`` comes from
+the noise-bulk threshold, made for white noise, applies. ``g`` comes from
 the residual ``r = R (x - m)``, ``R = I - U U^T``: its mean square per energy
 over the sample is ``(R o R) g`` (non-negative least squares), alternated
 with the basis for 2 rounds. Every spectrum is then replaced by
@@ -58,7 +68,7 @@ from ..core.backend import to_host
 from ..core.errors import InputError, ParameterError
 from .spectra import spectra_matrix
 
-__all__ = ["DENOISE", "SpectralBasis", "denoise_spectra", "parse_denoise", "project", "spectral_basis"]
+__all__ = ["DENOISE", "SpectralBasis", "basis_from_moments", "denoise_spectra", "noise_edge", "parse_denoise", "project", "spectral_basis"]
 
 DENOISE = ("auto", "off")
 """Named choices of ``--denoise-spectra`` (or an integer number of components)."""
@@ -137,7 +147,7 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20, white
     sample : (n_energy, M) ndarray
         NumPy or CuPy spectra (finite), e.g. a sample of particle voxels.
     components : "auto" or int
-        Number of components kept, or chosen by the Gavish-Donoho threshold.
+        Number of components kept, or chosen above the noise bulk (module notes).
     max_components : int
         Upper bound for ``"auto"``.
     whiten : bool
@@ -152,22 +162,30 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20, white
     n, M = X.shape
     if M < 2:
         raise InputError(f"spectral_basis: need at least 2 voxel spectra, got {M}")
+    mean = X.astype(xp.float64).mean(axis=1)
+    Xc = X - mean.astype(xp.float32)[:, None]
+    G = np.asarray(to_host(Xc @ Xc.T), dtype=np.float64) / M
+    return basis_from_moments(np.asarray(to_host(mean), dtype=np.float64), G, M, components,
+                              max_components=max_components, whiten=whiten)
+
+
+def basis_from_moments(mean, cov, n_voxels: int, components="auto", *, max_components: int = 20,
+                       whiten: bool = True) -> SpectralBasis:
+    """:class:`SpectralBasis` from the mean (n,) and covariance (n, n) of ``n_voxels`` spectra (host arrays;
+    e.g. summed slab by slab over a whole stack). Parameters as :func:`spectral_basis`."""
+    G = np.asarray(cov, dtype=np.float64)
+    n = G.shape[0]
     if components != "auto":
         components = int(components)
         if not 1 <= components < n:
             raise ParameterError(f"spectral_basis: components must be 1..{n - 1} (n_energy - 1), got {components!r}")
-    mean = X.astype(xp.float64).mean(axis=1)
-    Xc = X - mean.astype(xp.float32)[:, None]
-    G = np.asarray(to_host(Xc @ Xc.T), dtype=np.float64) / M
     scale = np.ones(n)
     for rounds in range(3 if whiten else 1):
         w, V = np.linalg.eigh(0.5 * (G + G.T) / np.outer(scale, scale))
         order = np.argsort(w)[::-1]
         w, V = np.clip(w[order], 0, None), V[:, order]
         if components == "auto":
-            beta = min(n / M, 1.0)
-            omega = 0.56 * beta ** 3 - 0.95 * beta ** 2 + 1.82 * beta + 1.43
-            thr = omega ** 2 * float(np.median(w))
+            thr = noise_edge(w, n_voxels)
             k = int(np.clip((w > thr).sum(), 1, min(max_components, n - 1)))
         else:
             k, thr = components, float("nan")
@@ -179,8 +197,22 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20, white
             break
         scale = scale * np.sqrt(g)
         scale /= np.sqrt(np.mean(scale ** 2))
-    return SpectralBasis(mean=np.asarray(to_host(mean), dtype=np.float64), components=U, eigenvalues=w,
-                         threshold=thr, n_voxels=int(M), noise_profile=scale ** 2 if whiten else None)
+    return SpectralBasis(mean=np.asarray(mean, dtype=np.float64).reshape(-1), components=U, eigenvalues=w,
+                         threshold=thr, n_voxels=int(n_voxels), noise_profile=scale ** 2 if whiten else None)
+
+
+def noise_edge(w, n_voxels: int) -> float:
+    """Upper edge of the noise eigenvalues ``w`` (descending) of a covariance of ``n_voxels`` spectra: the
+    Marchenko-Pastur bulk edge ``sigma^2 (1 + sqrt(beta))^2``, with ``sigma^2`` the median eigenvalue and the
+    effective aspect ratio ``beta`` from the bulk's lower edge ``sigma^2 (1 - sqrt(beta))^2`` (the smallest
+    eigenvalue): noise correlated between neighbouring voxels (FBP, resampling) widens the bulk as fewer
+    independent voxels would; never below the nominal ``n_energy / n_voxels``."""
+    w = np.asarray(w, dtype=np.float64)
+    s2 = float(np.median(w))
+    if not s2 > 0:
+        return 0.0
+    rb = max(np.sqrt(min(w.size / n_voxels, 1.0)), 1.0 - np.sqrt(max(float(w[-1]), 0.0) / s2))
+    return s2 * (1.0 + min(rb, 1.0)) ** 2
 
 
 def _residual_profile(C, U, *, min_dof: int = 5):

@@ -16,7 +16,7 @@ from ..core.backend import resolve_device, to_device, to_host, xp_of
 from ..core.errors import InputError, ParameterError
 from .edge import edge_energy, edge_ranges
 from ..core.energies import check_energies
-from .denoise import parse_denoise, project, spectral_basis
+from .denoise import basis_from_moments, parse_denoise, project
 from .spectra import MIN_ENERGIES, auto_min_jump
 
 __all__ = ["edge_energy_map", "stack_basis", "stack_ranges"]
@@ -162,21 +162,38 @@ class Reordered:
         return self.ds[int(self.order[i])]
 
 
-def stack_basis(read, shape, E, components, *, planes: int = 16):
-    """:class:`~gpureg.xanes.denoise.SpectralBasis` of a stack from up to ``planes`` evenly spaced z-planes,
-    over the voxels with an edge (crude jump, last 3 minus first 3 energies, above 0.1 x its 99.5th percentile)."""
+def stack_basis(read, shape, E, components, *, planes: int = 16, slab: int = 16):
+    """:class:`~gpureg.xanes.denoise.SpectralBasis` of a whole stack: mean and covariance summed slab by slab
+    over every voxel with an edge (crude jump, last 3 minus first 3 energies, above 0.1 x its 99.5th
+    percentile, the percentile from up to ``planes`` evenly spaced z-planes). All voxels, not a sample: the
+    weak components' directions are estimated from noisy spectra, and on a third of a 48^3 scan the error
+    of the third one moved a particle's median edge energy by 0.04 eV (bench/denoise.py, seed 1)."""
+    k = min(3, max(1, E.size // 4))
+
+    def crude_jump(X):
+        return X[-k:].mean(axis=0) - X[:k].mean(axis=0)
+
     zs = sorted({round(z) for z in np.linspace(0, shape[0] - 1, min(shape[0], planes))})
     cols = []
     for z in zs:
         sub = np.asarray(to_host(read(z, z + 1)), dtype=np.float32).reshape(E.size, -1)
-        cols.append(sub[:, np.isfinite(sub).all(axis=0)])
-    X = np.concatenate(cols, axis=1)
-    k = min(3, max(1, E.size // 4))
-    jump = X[-k:].mean(axis=0) - X[:k].mean(axis=0)
-    sel = jump > auto_min_jump(np, jump)
-    if sel.sum() < 2 * E.size:
-        sel = np.ones(X.shape[1], bool)
-    return spectral_basis(X[:, sel], components, max_components=min(20, E.size - 1))
+        cols.append(crude_jump(sub[:, np.isfinite(sub).all(axis=0)]))
+    thr = auto_min_jump(np, np.concatenate(cols))
+    s1, s2, m = np.zeros(E.size), np.zeros((E.size, E.size)), 0
+    s1a, s2a, ma = np.zeros(E.size), np.zeros((E.size, E.size)), 0
+    for z0 in range(0, shape[0], slab):
+        X = np.asarray(to_host(read(z0, min(shape[0], z0 + slab))), dtype=np.float64).reshape(E.size, -1)
+        X = X[:, np.isfinite(X).all(axis=0)]
+        sel = crude_jump(X) > thr
+        s1, s2, m = s1 + X[:, sel].sum(axis=1), s2 + X[:, sel] @ X[:, sel].T, m + int(sel.sum())
+        s1a, s2a, ma = s1a + X.sum(axis=1), s2a + X @ X.T, ma + X.shape[1]
+    if m < 2 * E.size:
+        s1, s2, m = s1a, s2a, ma
+    if m < 2:
+        raise InputError(f"stack_basis: need at least 2 finite voxel spectra, got {m}")
+    mean = s1 / m
+    return basis_from_moments(mean, s2 / m - np.outer(mean, mean), m, components,
+                              max_components=min(20, E.size - 1))
 
 
 def stack_ranges(read, shape, E, pre=None, post=None, e0=None):
