@@ -48,12 +48,13 @@ Measured on the simulated scans of ``bench/denoise.py`` (48^3, 29 energies;
 ``bench/results/denoise-*.json``): the reference energy's noise is 1.6-1.8x
 the mean (standard deviation); the first principal direction of the
 unwhitened spectra held that noise, so the white-noise threshold kept it as
-signal (seed 0: K 4 -> 3 at 1000 photons, 7 -> 6 at 10^4); the sigma map of
-the map without denoising covers 0.57-0.61 of its true errors at 1000 photons
-(seed 0: 0.57 with white noise assumed) and 0.67-0.74 of the errors that noise
-alone makes (against the same scan without noise), 3 seeds. After denoising,
-sigma (the projected noise) covers 0.50-0.64 of the noise errors: it leaves
-out the truncation bias.
+signal. With the noise-bulk threshold and the basis of all voxels (3 seeds,
+1000 photons): K 6-7, edge RMS -45..-56 %; the sigma map without denoising
+covers 0.55-0.58 of its true errors and 0.64-0.66 of the errors that noise
+alone makes (against the same scan without noise). After denoising, sigma
+(the projected noise) covers 0.37-0.46 of the true errors and 0.55-0.61 of
+the noise errors: it leaves out spatial resolution (about 0.26 eV at 48^3:
+neighbouring spectra mixed) and the basis's own estimation error.
 White noise gives a flat profile and the plain PCA. All array code is
 ``xp``-generic (NumPy or CuPy).
 """
