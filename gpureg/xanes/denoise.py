@@ -9,22 +9,21 @@ by slab, so nothing larger than a slab is ever in memory; with a few dozen
 energies this is cheaper than a randomised SVD and has no sampling error of its
 own). Every voxel spectrum ``x`` is then replaced by ``m + U U^T (x - m)``.
 
-Number of components (``components="auto"``): every component that stands
-out of the noise is kept. The eigenvalues of pure noise fill the
-Marchenko-Pastur bulk ``sigma^2 (1 +- sqrt(beta))^2``; ``sigma^2`` is the
-median eigenvalue and ``beta`` (nominally ``n_energy / n_voxels``; larger
-when the noise of neighbouring voxels is correlated, as after FBP and
-resampling) is read off the bulk's lower edge, the smallest eigenvalue
-(:func:`noise_edge`). Eigenvalues above the upper edge are signal. Gavish &
-Donoho's hard threshold (IEEE Trans. Inf. Theory 60, 2014; about ``2 x
-sigma^2``, used before) minimises the matrix's mean-square error and drops
-detectable components weaker than the noise; but a dropped real component
-biases the edge energies of the voxels that carry it, while a kept weak one
-adds only ``1 / n_energy`` of the noise. Measured with ``bench/denoise.py``
-(48^3, 1000 photons, seed 1): K 3 -> 6, edge RMS 0.387 -> 0.390 eV, and the
-denoised particle 1 median 0.07 -> 0.01 eV from the noise-free scan's (with
-the basis from all voxels, :func:`gpureg.xanes.stack.stack_basis`). An
-integer ``K`` keeps that many.
+Number of components (``components="auto"``): the eigenvalues of the noise part
+of a covariance cluster at the noise variance; Gavish & Donoho's optimal hard
+threshold for unknown noise (IEEE Trans. Inf. Theory 60, 2014) keeps the
+singular values above ``omega(beta) x`` their median, ``beta = n_energy /
+n_voxels``: here eigenvalues above ``omega(beta)^2 x`` the median eigenvalue
+(about 2.04 x for ``beta -> 0``). An integer ``K`` keeps that many. Keeping
+every component above the Marchenko-Pastur noise bulk instead (1.2-1.5 x the
+median; K 6-7 instead of 3 at 1000 photons, ``bench/denoise.py``, 3 seeds)
+raised the edge RMS by up to 13 % and did not make the per-particle medians
+better: at most 0.067 instead of 0.092 eV from the map without denoising,
+but 0.089 instead of 0.064 eV from the noise-free scan's map. What did help
+is estimating the basis from all voxels with an edge, not a third of the
+planes (:func:`gpureg.xanes.stack.stack_basis`): seed 1's particle 1 moved
+0.125 -> 0.092 eV from the map without denoising (which is itself 0.053 eV
+below the noise-free scan's there), 0.073 -> 0.039 eV from the noise-free one.
 
 Noise that is not white. The noise level is not the same at every energy:
 the reference energy is not resampled by the registration while every other
@@ -35,7 +34,7 @@ energy ``e`` is modelled as ``sigma_v^2 g_e``, with one **noise profile**
 ``g`` (mean 1) per stack, and the principal directions are those of the
 noise-whitened spectra ``(x - m) / sqrt(g)`` (the minimum-noise-fraction
 transform of hyperspectral imaging, Green et al., IEEE TGRS 26, 1988), where
-the noise-bulk threshold, made for white noise, applies. ``g`` comes from
+the Gavish-Donoho threshold, made for white noise, applies. ``g`` comes from
 the residual ``r = R (x - m)``, ``R = I - U U^T``: its mean square per energy
 over the sample is ``(R o R) g`` (non-negative least squares), alternated
 with the basis for 2 rounds. Every spectrum is then replaced by
@@ -48,13 +47,13 @@ Measured on the simulated scans of ``bench/denoise.py`` (48^3, 29 energies;
 ``bench/results/denoise-*.json``): the reference energy's noise is 1.6-1.8x
 the mean (standard deviation); the first principal direction of the
 unwhitened spectra held that noise, so the white-noise threshold kept it as
-signal. With the noise-bulk threshold and the basis of all voxels (3 seeds,
-1000 photons): K 6-7, edge RMS -45..-56 %; the sigma map without denoising
-covers 0.55-0.58 of its true errors and 0.64-0.66 of the errors that noise
-alone makes (against the same scan without noise). After denoising, sigma
-(the projected noise) covers 0.37-0.46 of the true errors and 0.55-0.61 of
-the noise errors: it leaves out spatial resolution (about 0.26 eV at 48^3:
-neighbouring spectra mixed) and the basis's own estimation error.
+signal (seed 0: K 4 -> 3 at 1000 photons, 7 -> 6 at 10^4). With the basis
+of all voxels (3 seeds, 1000 photons): the sigma map of the map without
+denoising covers 0.59-0.61 of its true errors and 0.67-0.71 of the errors
+that noise alone makes (against the same scan without noise). After
+denoising, sigma (the projected noise) covers 0.31-0.40 of the true errors
+and 0.54-0.57 of the noise errors: it leaves out spatial resolution (about
+0.26 eV at 48^3: neighbouring spectra mixed) and the basis's own error.
 White noise gives a flat profile and the plain PCA. All array code is
 ``xp``-generic (NumPy or CuPy).
 """
@@ -69,7 +68,7 @@ from ..core.backend import to_host
 from ..core.errors import InputError, ParameterError
 from .spectra import spectra_matrix
 
-__all__ = ["DENOISE", "SpectralBasis", "basis_from_moments", "denoise_spectra", "noise_edge", "parse_denoise", "project", "spectral_basis"]
+__all__ = ["DENOISE", "SpectralBasis", "basis_from_moments", "denoise_spectra", "parse_denoise", "project", "spectral_basis"]
 
 DENOISE = ("auto", "off")
 """Named choices of ``--denoise-spectra`` (or an integer number of components)."""
@@ -148,7 +147,7 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20, white
     sample : (n_energy, M) ndarray
         NumPy or CuPy spectra (finite), e.g. a sample of particle voxels.
     components : "auto" or int
-        Number of components kept, or chosen above the noise bulk (module notes).
+        Number of components kept, or chosen by the Gavish-Donoho threshold.
     max_components : int
         Upper bound for ``"auto"``.
     whiten : bool
@@ -186,7 +185,9 @@ def basis_from_moments(mean, cov, n_voxels: int, components="auto", *, max_compo
         order = np.argsort(w)[::-1]
         w, V = np.clip(w[order], 0, None), V[:, order]
         if components == "auto":
-            thr = noise_edge(w, n_voxels)
+            beta = min(n / n_voxels, 1.0)
+            omega = 0.56 * beta ** 3 - 0.95 * beta ** 2 + 1.82 * beta + 1.43
+            thr = omega ** 2 * float(np.median(w))
             k = int(np.clip((w > thr).sum(), 1, min(max_components, n - 1)))
         else:
             k, thr = components, float("nan")
@@ -200,20 +201,6 @@ def basis_from_moments(mean, cov, n_voxels: int, components="auto", *, max_compo
         scale /= np.sqrt(np.mean(scale ** 2))
     return SpectralBasis(mean=np.asarray(mean, dtype=np.float64).reshape(-1), components=U, eigenvalues=w,
                          threshold=thr, n_voxels=int(n_voxels), noise_profile=scale ** 2 if whiten else None)
-
-
-def noise_edge(w, n_voxels: int) -> float:
-    """Upper edge of the noise eigenvalues ``w`` (descending) of a covariance of ``n_voxels`` spectra: the
-    Marchenko-Pastur bulk edge ``sigma^2 (1 + sqrt(beta))^2``, with ``sigma^2`` the median eigenvalue and the
-    effective aspect ratio ``beta`` from the bulk's lower edge ``sigma^2 (1 - sqrt(beta))^2`` (the smallest
-    eigenvalue): noise correlated between neighbouring voxels (FBP, resampling) widens the bulk as fewer
-    independent voxels would; never below the nominal ``n_energy / n_voxels``."""
-    w = np.asarray(w, dtype=np.float64)
-    s2 = float(np.median(w))
-    if not s2 > 0:
-        return 0.0
-    rb = max(np.sqrt(min(w.size / n_voxels, 1.0)), 1.0 - np.sqrt(max(float(w[-1]), 0.0) / s2))
-    return s2 * (1.0 + min(rb, 1.0)) ** 2
 
 
 def _residual_profile(C, U, *, min_dof: int = 5):

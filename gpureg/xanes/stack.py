@@ -166,8 +166,9 @@ def stack_basis(read, shape, E, components, *, planes: int = 16, slab: int = 16)
     """:class:`~gpureg.xanes.denoise.SpectralBasis` of a whole stack: mean and covariance summed slab by slab
     over every voxel with an edge (crude jump, last 3 minus first 3 energies, above 0.1 x its 99.5th
     percentile, the percentile from up to ``planes`` evenly spaced z-planes). All voxels, not a sample: the
-    weak components' directions are estimated from noisy spectra, and on a third of a 48^3 scan the error
-    of the third one moved a particle's median edge energy by 0.04 eV (bench/denoise.py, seed 1)."""
+    weak components' directions are estimated from noisy spectra, and from a third of a 48^3 scan the third
+    one was off by 10 degrees, which moved a particle's median edge energy by 0.03-0.07 eV (bench/denoise.py,
+    seed 1, 1000 photons)."""
     k = min(3, max(1, E.size // 4))
 
     def crude_jump(X):
