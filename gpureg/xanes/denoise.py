@@ -159,7 +159,7 @@ def spectral_basis(sample, components="auto", *, max_components: int = 20, white
     SpectralBasis
     """
     xp, X, _ = spectra_matrix(sample, np.arange(sample.shape[0]), "spectral_basis")
-    n, M = X.shape
+    M = X.shape[1]
     if M < 2:
         raise InputError(f"spectral_basis: need at least 2 voxel spectra, got {M}")
     mean = X.astype(xp.float64).mean(axis=1)
