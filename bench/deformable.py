@@ -47,20 +47,42 @@ from gpureg.core.backend import to_device, to_host
 from gpureg.register.deformable import register_deformable_prepared
 from gpureg.register.prepare import Prep, prepare_volume
 from gpureg.synth.deform import SmoothWarp
+from gpureg.synth.distort import salt_and_pepper
 from gpureg.synth.phantom import two_particle_phantom
+from warps import GaussianWarp
 
 
-def make_pair(size, seed=1):
-    """Fixed and moving phantoms, particle points and their true moving positions."""
+def make_pair(size, seed=1, *, amplitude=None, sigma=None, noise=0.0):
+    """Fixed and moving phantoms, particle points, their true moving positions and the best affine.
+
+    ``sigma=None``: the sinusoidal :class:`SmoothWarp` of at most ``amplitude`` voxels
+    (default 3 at 64^3, scaled with the size; the case of issue 27); else a
+    :class:`warps.GaussianWarp` of ``amplitude`` voxels and smoothness ``sigma``.
+    ``noise``: salt-and-pepper fraction of both volumes (different draws).
+    """
+    key = f"deformable-{size}-{seed}-{amplitude}-{sigma}-{noise}.npz"
+    cache = os.environ.get("GPUREG_BENCH_CACHE")
+    if cache and (Path(cache) / key).is_file():
+        d = np.load(Path(cache) / key)
+        return d["fixed"], d["moving"], d["points"], d["truth"], d["best"]
     shape = (size,) * 3
     c = tf.grid_center(shape)
     affine = tf.rotation_matrix(3.0, (1.0, 0.5, 0.2), c)
     affine[:3, 3] += np.array([1.0, -0.8, 0.6]) * size / 64
-    warp = SmoothWarp(shape, 3.0 * size / 64, matrix=affine, seed=seed)
+    if sigma is None:
+        warp = SmoothWarp(shape, (3.0 if amplitude is None else amplitude) * size / 64, matrix=affine, seed=seed)
+    else:
+        warp = GaussianWarp(shape, amplitude, sigma, matrix=affine, seed=seed)
     fixed, labels = two_particle_phantom(shape, seed=2, return_labels=True)
     moving = two_particle_phantom(shape, warp, seed=2)
+    if noise:
+        fixed, moving = salt_and_pepper(fixed, noise, seed=11), salt_and_pepper(moving, noise, seed=12)
     points = np.argwhere(labels > 0).astype(np.float64)
-    return fixed, moving, points, warp.moving_from_reference(points), warp.best_affine(points)
+    out = fixed, moving, points, warp.moving_from_reference(points), warp.best_affine(points)
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        np.savez(Path(cache) / key, **dict(zip(("fixed", "moving", "points", "truth", "best"), out)))
+    return out
 
 
 def mean_error(displacement, points, truth):
@@ -106,34 +128,80 @@ def run_elastix(f, m, spacing, samples):
     return ms, disp
 
 
+SWEEP = ([(64, a, s, 0.0) for a in (1, 3, 6) for s in (4, 8, 12)] + [(64, 3, 8, 0.05), (64, 3, 8, 0.10)]
+         + [(128, 3, 8, 0.0), (128, 6, 16, 0.0), (128, 3, 8, 0.05)])
+
+
+def parse_case(text):
+    """``SIZE:AMPLITUDE:SIGMA:NOISE`` (SIGMA ``-``: the sinusoidal warp of issue 27) -> tuple."""
+    size, amp, sig, noise = text.split(":")
+    return int(size), float(amp), (None if sig == "-" else float(sig)), float(noise)
+
+
+def run_ants(f, m):
+    """ANTs SyN (antspyx, its ``SyN`` transform: affine then SyN, mean squares as in the others)."""
+    import ants
+
+    fixed, moving = ants.from_numpy(f.astype(np.float32)), ants.from_numpy(m.astype(np.float32))
+    t0 = time.perf_counter()
+    reg = ants.registration(fixed, moving, type_of_transform="SyN", syn_metric="meansquares",
+                            aff_metric="meansquares")
+    ms = (time.perf_counter() - t0) * 1e3
+    # where each reference voxel lies in the moving volume: the moving grid's own coordinates pulled back
+    # through the forward transforms (exact for a linear function, no point-convention question)
+    coords = np.indices(f.shape, dtype=np.float32)
+    disp = np.stack([ants.apply_transforms(fixed, ants.from_numpy(coords[i]), reg["fwdtransforms"],
+                                           interpolator="linear").numpy() - coords[i] for i in range(3)])
+    return ms, disp
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--cases", nargs="+", default=None,
+                    help="SIZE:AMPLITUDE:SIGMA:NOISE (voxels, voxels, voxels or '-', fraction); default: the sweep")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="only the sweep's cases of these sizes (or, with --legacy, issue 27's case at these sizes)")
+    ap.add_argument("--legacy", action="store_true", help="issue 27's sinusoidal case (amplitude 3 at 64^3)")
     ap.add_argument("--spacing", type=float, default=8.0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-elastix", action="store_true")
-    ap.add_argument("--elastix-samples", type=int, nargs="+", default=[0, 20000],
+    ap.add_argument("--ants", action="store_true", help="also ANTs SyN (antspyx)")
+    ap.add_argument("--elastix-samples", type=int, nargs="+", default=[0],
                     help="elastix NumberOfSpatialSamples per run (0: its default, 2048); the first is the row's "
                          "reference, all are listed under reference_variants")
-    ap.add_argument("--interpolation", default="linear", choices=["linear", "cubic"],
-                    help="gpureg's sampling of the moving volume in the objective (cubic: CPU only)")
-    ap.add_argument("--regularization", type=float, default=2.0, help="gpureg's bending-energy weight")
+    ap.add_argument("--interpolation", default=None, choices=["linear", "cubic"],
+                    help="gpureg's sampling of the moving volume in the objective (default: gpureg's)")
+    ap.add_argument("--regularization", type=float, default=None, help="gpureg's bending-energy weight")
+    ap.add_argument("--binarize", action="store_true", help="prepare both volumes binarized (default grey)")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--name", default="deformable")
     args = ap.parse_args(argv)
-    results = []
-    for size in args.sizes:
-        fixed, moving, points, truth, best = make_pair(size)
-        grey = Prep(binarize=False)  # Gaussian sigma 1 only: the common input of both methods
-        f = prepare_volume(fixed, "cpu", grey)
-        m = prepare_volume(moving, "cpu", grey)
+    if args.cases:
+        cases = [parse_case(c) for c in args.cases]
+    elif args.legacy:
+        cases = [(n, 3.0, None, 0.0) for n in (args.sizes or [64, 128])]
+    else:
+        cases = [c for c in SWEEP if args.sizes is None or c[0] in args.sizes]
+    opts = {k: v for k, v in (("interpolation", args.interpolation), ("regularization", args.regularization))
+            if v is not None}
+    prep = Prep(binarize=args.binarize, denoise="impulse")  # the common input of every method
+    results, warm, load0 = [], False, os.getloadavg()[0]
+    for size, amplitude, sigma, noise in cases:
+        fixed, moving, points, truth, best = make_pair(size, amplitude=amplitude, sigma=sigma, noise=noise)
+        f = prepare_volume(fixed, "cpu", prep)
+        m = prepare_volume(moving, "cpu", prep)
         floor = float(np.linalg.norm(points @ best[:3, :3].T + best[:3, 3] - truth, axis=1).mean())
-        opts = {"interpolation": args.interpolation, "regularization": args.regularization}
-        run_gpureg(f, m, args.spacing, args.device, **opts)  # warm-up: kernel compilation (numba or NVRTC)
+        if not warm:  # warm-up: kernel compilation (numba or NVRTC), elastix's and ANTs's first loads
+            run_gpureg(f, m, args.spacing, args.device, **opts)
+            if not args.no_elastix:
+                run_elastix(f, m, args.spacing, args.elastix_samples[0])
+            warm = True
         runs = [run_gpureg(f, m, args.spacing, args.device, **opts) for _ in range(args.repeats)]
         ms = float(np.median([r[0] for r in runs]))
-        row = {"case": "grey two-particle, smooth deformation <= 3 vox (64^3, scaled) + affine", "size": size,
+        row = {"case": f"{size}^3 amplitude {amplitude:g} " + ("sinusoidal" if sigma is None else f"sigma {sigma:g}")
+                       + f" noise {noise:g}", "size": size, "amplitude": amplitude, "sigma": sigma, "noise": noise,
                "spacing": args.spacing, **opts, "registration_ms": round(ms, 1),
                "error_vox": round(mean_error(runs[-1][1], points, truth), 4),
                "min_jacobian": round(runs[-1][2], 4), "best_affine_error_vox": round(floor, 4),
@@ -145,17 +213,20 @@ def main(argv=None):
                 variants.append({"samples": samples or 2048, "reference_ms": round(float(np.median([r[0] for r in ref])), 1),
                                  "reference_error_vox": round(mean_error(ref[-1][1], points, truth), 4),
                                  "reference_min_jacobian": round(bspline_free_min_jacobian(ref[-1][1]), 4)})
-                print(size, variants[-1], flush=True)
             first = variants[0]
             row.update({"reference": "elastix (itk-elastix) affine + bspline, AdvancedMeanSquares, "
                                      f"NumberOfSpatialSamples {first['samples']}",
                         **{k: v for k, v in first.items() if k != "samples"},
-                        "ratio": round(first["reference_ms"] / ms, 2), "reference_variants": variants})
+                        "ratio": round(ms / first["reference_ms"], 3), "reference_variants": variants})
+        if args.ants:
+            a_ms, a_disp = run_ants(f, m)
+            row.update({"ants_ms": round(a_ms, 1), "ants_error_vox": round(mean_error(a_disp, points, truth), 4)})
         print(row, flush=True)
         results.append(row)
-    save("deformable", args.device, results, out_dir=args.out_dir,
-         extra={"threads": args.threads, "note": "same prepared arrays (Gaussian sigma 1) for both methods; "
-                "errors: mean distance to the exact truth over the particle voxels"})
+    save(args.name, args.device, results, out_dir=args.out_dir,
+         extra={"threads": args.threads, "load_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                "prep": repr(prep), "note": "same prepared arrays for every method; errors: mean distance to "
+                "the exact truth over the particle voxels; ratio = gpureg time / elastix time (same run)"})
 
 
 def bspline_free_min_jacobian(displacement):

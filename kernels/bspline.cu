@@ -4,7 +4,8 @@
 // launched by gpureg/core/cuda_ffd.py. One pass per objective evaluation:
 // each thread evaluates the cubic B-spline displacement of its voxels from
 // the 4x4x4 control points (coefficients read through the read-only cache),
-// resamples the moving volume trilinearly, and writes r g / scale per voxel
+// resamples the moving volume (trilinear, or with cubic != 0 cubic B-spline
+// from the moving volume's spline coefficients passed as moving), and writes r g / scale per voxel
 // (3 planes) for the separable scatter onto the control points (cuBLAS on the
 // host side), plus per-block sums of r^2 and of the valid count (no atomics).
 #include "voxel_math.cuh"
@@ -20,7 +21,7 @@ extern "C" __global__ void __launch_bounds__(kFfdThreads)
 ffd_residual_pass(const float* __restrict__ fixed, const float* __restrict__ moving, const float* __restrict__ mask,
                   int nz, int ny, int nx, const float* __restrict__ coeffs, int cz, int cy, int cx, float d00,
                   float d01, float d02, float d10, float d11, float d12, float d20, float d21, float d22, float t0,
-                  float t1, float t2, float c0, float c1, float c2, float scale, float inv_spacing,
+                  float t1, float t2, float c0, float c1, float c2, float scale, float inv_spacing, int cubic,
                   float* __restrict__ rg, double* __restrict__ partials) {
   const gpureg::Affine a = {{d00, d01, d02, d10, d11, d12, d20, d21, d22}, {t0, t1, t2}, {c0, c1, c2}};
   const long long n = (long long)nz * ny * nx;
@@ -33,7 +34,7 @@ ffd_residual_pass(const float* __restrict__ fixed, const float* __restrict__ mov
     const int z = (int)(row / ny);
     float r, g[3];
     const bool ok = gpureg::ffd_voxel(fixed, moving, nz, ny, nx, coeffs, cz, cy, cx, a, scale, inv_spacing, z, y, x,
-                                      r, g) && gpureg::inside(mask, (gpureg::index_t)i);
+                                      r, g, cubic != 0) && gpureg::inside(mask, (gpureg::index_t)i);
     const float s = ok ? r * inv_scale : 0.0f;
     rg[i] = s * g[0];
     rg[n + i] = s * g[1];

@@ -65,12 +65,75 @@ GPUREG_HD void ffd_displacement(const float* coeffs, int cz, int cy, int cx, flo
   }
 }
 
+// scipy's "mirror" extension of spline coefficients (c[-k] = c[k], c[n - 1 + k] = c[n - 1 - k]), n >= 2.
+GPUREG_HD int mirror_index(int i, int n) {
+  i = i < 0 ? -i : i;
+  i = i > n - 1 ? 2 * (n - 1) - i : i;
+  return i < 0 ? 0 : (i > n - 1 ? n - 1 : i);
+}
+
+// Cubic B-spline weights w and their derivatives d at fraction t in [0, 1].
+GPUREG_HD void cubic_weights(float t, float w[4], float d[4]) {
+  bspline_weights(t, w);
+  const float s = 1.0f - t, t2 = t * t;
+  d[0] = -0.5f * s * s;
+  d[1] = 1.5f * t2 - 2.0f * t;
+  d[2] = fmaf(-1.5f, t2, t + 0.5f);
+  d[3] = 0.5f * t2;
+}
+
+// Cubic B-spline value and gradient of a volume at q = b + u from its spline
+// coefficients coef (nz, ny, nx) (scipy.ndimage.spline_filter, order 3, mode
+// "mirror"; neighbours beyond the edge mirrored). Valid when 0 <= q_k <= n_k - 1,
+// the rule of the trilinear sample(); invalid samples give 0 and return false.
+// The CPU twin: gpureg.core.cpu_ffd.residual_gradient_cubic.
+GPUREG_HD bool sample_cubic(const float* coef, int nz, int ny, int nx, int bz, int by, int bx, float uz, float uy,
+                            float ux, float& value, float g[3]) {
+  int cz, cy, cx;
+  float tz, ty, tx;
+  const bool ok = cell_1d(bz, uz, nz, cz, tz) && cell_1d(by, uy, ny, cy, ty) && cell_1d(bx, ux, nx, cx, tx);
+  value = g[0] = g[1] = g[2] = 0.0f;
+  if (!ok) return false;
+  float wz[4], dz[4], wy[4], dy[4], wx[4], dx[4];
+  cubic_weights(tz, wz, dz);
+  cubic_weights(ty, wy, dy);
+  cubic_weights(tx, wx, dx);
+  int xs[4];
+  GPUREG_UNROLL
+  for (int i = 0; i < 4; ++i) xs[i] = mirror_index(cx - 1 + i, nx);
+  GPUREG_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    const index_t zk = mirror_index(cz - 1 + k, nz);
+    float pv = 0.0f, pgy = 0.0f, pgx = 0.0f;
+    GPUREG_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const float* row = coef + (zk * ny + mirror_index(cy - 1 + j, ny)) * (index_t)nx;
+      float rv = 0.0f, rgx = 0.0f;
+      GPUREG_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const float v = load(row + xs[i]);
+        rv = fmaf(wx[i], v, rv);
+        rgx = fmaf(dx[i], v, rgx);
+      }
+      pv = fmaf(wy[j], rv, pv);
+      pgy = fmaf(dy[j], rv, pgy);
+      pgx = fmaf(wy[j], rgx, pgx);
+    }
+    value = fmaf(wz[k], pv, value);
+    g[0] = fmaf(dz[k], pv, g[0]);
+    g[1] = fmaf(wz[k], pgy, g[1]);
+    g[2] = fmaf(wz[k], pgx, g[2]);
+  }
+  return true;
+}
+
 // One reference voxel (z, y, x) of the level volumes fixed/moving (nz, ny, nx):
-// residual r = M(q) - F(p) and g = grad M(q) (trilinear) at
-// q = p + D (p - c) + t + u / scale. Returns false (r = 0, g = 0) when q is outside.
+// residual r = M(q) - F(p) and g = grad M(q) at q = p + D (p - c) + t + u / scale: trilinear,
+// or with cubic, the cubic B-spline of the coefficients passed as moving (sample_cubic).
+// Returns false (r = 0, g = 0) when q is outside.
 GPUREG_HD bool ffd_voxel(const float* fixed, const float* moving, int nz, int ny, int nx, const float* coeffs, int cz,
                          int cy, int cx, const Affine& a, float scale, float inv_spacing, int z, int y, int x,
-                         float& r, float g[3]) {
+                         float& r, float g[3], bool cubic = false) {
   const float off = 0.5f * (scale - 1.0f);
   float u[3];
   ffd_displacement(coeffs, cz, cy, cx, inv_spacing, fmaf(scale, (float)z, off), fmaf(scale, (float)y, off),
@@ -81,7 +144,9 @@ GPUREG_HD bool ffd_voxel(const float* fixed, const float* moving, int nz, int ny
   GPUREG_UNROLL
   for (int k = 0; k < 3; ++k) v[k] = fmaf(u[k], inv_scale, fmaf(a.d[3 * k], ez, fmaf(a.d[3 * k + 1], ey, fmaf(a.d[3 * k + 2], ex, a.t[k]))));
   float value;
-  if (!sample<true>(moving, nz, ny, nx, z, y, x, v[0], v[1], v[2], value, g)) {
+  const bool ok = cubic ? sample_cubic(moving, nz, ny, nx, z, y, x, v[0], v[1], v[2], value, g)
+                        : sample<true>(moving, nz, ny, nx, z, y, x, v[0], v[1], v[2], value, g);
+  if (!ok) {
     r = 0.0f;
     return false;
   }

@@ -185,6 +185,53 @@ def _mirror(i, n):
     return min(max(i, 0), n - 1)
 
 
+@nb.njit(inline="always", cache=True)
+def _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
+    """Value and gradient of the cubic spline from a 4x4x4 block that lies inside the volume (no mirroring)."""
+    val = gz = gy = gx = 0.0
+    for k in range(4):
+        pv = pgy = pgx = 0.0
+        for j in range(4):
+            row = coef[iz + k, iy + j]
+            v0, v1 = np.float64(row[ix]), np.float64(row[ix + 1])
+            v2, v3 = np.float64(row[ix + 2]), np.float64(row[ix + 3])
+            rv = wx[0] * v0 + wx[1] * v1 + wx[2] * v2 + wx[3] * v3
+            rgx = dx[0] * v0 + dx[1] * v1 + dx[2] * v2 + dx[3] * v3
+            pv += wy[j] * rv
+            pgy += dy[j] * rv
+            pgx += wy[j] * rgx
+        val += wz[k] * pv
+        gz += dz[k] * pv
+        gy += wz[k] * pgy
+        gx += wz[k] * pgx
+    return val, gz, gy, gx
+
+
+@nb.njit(inline="always", cache=True)
+def _cubic_mirrored(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
+    """:func:`_cubic_inside` near the border: neighbours beyond the edge mirrored."""
+    mz, my, mx = coef.shape
+    val = gz = gy = gx = 0.0
+    for k in range(4):
+        zk = _mirror(iz + k, mz)
+        pv = pgy = pgx = 0.0
+        for j in range(4):
+            yj = _mirror(iy + j, my)
+            rv = rgx = 0.0
+            for i in range(4):
+                v = np.float64(coef[zk, yj, _mirror(ix + i, mx)])
+                rv += wx[i] * v
+                rgx += dx[i] * v
+            pv += wy[j] * rv
+            pgy += dy[j] * rv
+            pgx += wy[j] * rgx
+        val += wz[k] * pv
+        gz += dz[k] * pv
+        gy += wz[k] * pgy
+        gx += wz[k] * pgx
+    return val, gz, gy, gx
+
+
 @nb.njit(nogil=True, cache=True)
 def _ffd_cubic_planes(fixed, coef, u, a, inv_scale, mask, use_mask, rg, sse, count, z0, z1):
     ny, nx = fixed.shape[1], fixed.shape[2]
@@ -204,24 +251,10 @@ def _ffd_cubic_planes(fixed, coef, u, a, inv_scale, mask, use_mask, rg, sse, cou
                 wy, dy = _cubic_weights(np.float64(qy - fy))
                 wx, dx = _cubic_weights(np.float64(qx - fx))
                 iz, iy, ix = int(fz) - 1, int(fy) - 1, int(fx) - 1
-                val = gz = gy = gx = 0.0
-                for k in range(4):
-                    zk = _mirror(iz + k, mz)
-                    pv = pgy = pgx = 0.0
-                    for j in range(4):
-                        yj = _mirror(iy + j, my)
-                        rv = rgx = 0.0
-                        for i in range(4):
-                            v = np.float64(coef[zk, yj, _mirror(ix + i, mx)])
-                            rv += wx[i] * v
-                            rgx += dx[i] * v
-                        pv += wy[j] * rv
-                        pgy += dy[j] * rv
-                        pgx += wy[j] * rgx
-                    val += wz[k] * pv
-                    gz += dz[k] * pv
-                    gy += wz[k] * pgy
-                    gx += wz[k] * pgx
+                if iz >= 0 and iy >= 0 and ix >= 0 and iz + 3 < mz and iy + 3 < my and ix + 3 < mx:
+                    val, gz, gy, gx = _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx)
+                else:
+                    val, gz, gy, gx = _cubic_mirrored(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx)
                 r = val - np.float64(fixed[z, y, x])
                 kk = r * np.float64(inv_scale)
                 rg[0, z, y, x] = np.float32(gz * kk)

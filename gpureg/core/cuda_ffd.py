@@ -15,7 +15,8 @@ from .cuda_loader import THREADS, get_kernel, require_cupy, resident_blocks
 __all__ = ["residual_gradient"]
 
 
-def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacing: float, mask=None):
+def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacing: float, mask=None,
+                      cubic: bool = False):
     """One fused pass: ``r g / 2^l`` per voxel, ``sum r^2`` and the valid count.
 
     Parameters
@@ -32,6 +33,10 @@ def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacin
         Control-point spacing (fine voxels).
     mask : (Z, Y, X) cupy.ndarray, optional
         Reference voxels that count (> 0.5 or True).
+    cubic : bool
+        ``moving`` holds the moving volume's cubic B-spline coefficients
+        (``spline_filter(order=3, mode="mirror")``) and is sampled with cubic
+        B-splines (the CPU twin: :func:`gpureg.core.cpu_ffd.residual_gradient_cubic`).
 
     Returns
     -------
@@ -61,7 +66,7 @@ def residual_gradient(fixed, moving, coeffs, matrix_level, *, level: int, spacin
         kernel((blocks,), (THREADS,),
                (fixed, moving, pointer_or_null(m), np.int32(nz), np.int32(ny), np.int32(nx), c, np.int32(c.shape[1]),
                 np.int32(c.shape[2]), np.int32(c.shape[3]), *affine_args(matrix_level, center),
-                np.float32(2.0 ** level), np.float32(1.0 / spacing), rg, partials))
+                np.float32(2.0 ** level), np.float32(1.0 / spacing), np.int32(bool(cubic)), rg, partials))
         sums = cp.empty(2, dtype=cp.float64)
         get_kernel("bspline.cu", "reduce_partials", wide)((2,), (THREADS,), (partials, np.int32(blocks), sums))
         sse, count = sums.get()

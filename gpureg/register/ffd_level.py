@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import transform as tf
-from ..core.backend import array_device, cpu_engine, to_host, xp_of
+from ..core.backend import array_device, cpu_engine, ndimage_of, to_host, xp_of
 from . import bspline
 from .prepare import level_to_fine
 
@@ -68,7 +68,8 @@ class LevelObjective:
         Level mask of the reference voxels that count.
     interpolation : {"linear", "cubic"}
         How the moving volume is sampled: trilinear (every backend) or cubic
-        B-spline (:func:`gpureg.core.cpu_ffd.residual_gradient_cubic`, CPU only).
+        B-spline (the compiled CPU engine,
+        :func:`gpureg.core.cpu_ffd.residual_gradient_cubic`, and the GPU kernel).
     """
 
     def __init__(self, fixed, moving, matrix, *, level: int, spacing: float, control, variance: float,
@@ -78,13 +79,11 @@ class LevelObjective:
         self.interpolation = interpolation
         self._coef = None
         if interpolation == "cubic":
-            if self.device == "gpu" or cpu_engine() != "numba":
-                raise ValueError("interpolation='cubic' runs on the CPU's compiled engine only (the GPU kernel and "
-                                 "the NumPy reference are trilinear)")
-            from scipy import ndimage
-
-            self._coef = ndimage.spline_filter(np.asarray(moving, dtype=np.float32), order=3,
-                                               mode="mirror").astype(np.float32)
+            if self.device == "cpu" and cpu_engine() != "numba":
+                raise ValueError("interpolation='cubic' needs the compiled CPU engine or the GPU (the NumPy "
+                                 "reference is trilinear)")
+            # the moving volume's cubic B-spline coefficients, once per level (scipy or cupyx)
+            self._coef = ndimage_of(moving).spline_filter(moving, order=3, mode="mirror").astype(np.float32)
         elif interpolation != "linear":
             raise ValueError(f"interpolation must be 'linear' or 'cubic', got {interpolation!r}")
         self.level, self.spacing, self.control = int(level), float(spacing), tuple(int(c) for c in control)
@@ -145,8 +144,10 @@ class LevelObjective:
         if self.device == "gpu":
             from ..core import cuda_ffd
 
-            return cuda_ffd.residual_gradient(self.fixed, self.moving, coeffs, self.matrix_level,
-                                              level=self.level, spacing=self.spacing, mask=self.mask)
+            cubic = self._coef is not None
+            return cuda_ffd.residual_gradient(self.fixed, self._coef if cubic else self.moving, coeffs,
+                                              self.matrix_level, level=self.level, spacing=self.spacing,
+                                              mask=self.mask, cubic=cubic)
         if self._coef is not None:
             from ..core import cpu_ffd
 

@@ -51,7 +51,7 @@ void h_field(const float* coeffs, int cz, int cy, int cx, float inv_spacing, flo
 }
 
 void h_pass(const float* fixed, const float* moving, int nz, int ny, int nx, const float* coeffs, int cz, int cy,
-            int cx, const float* p, float scale, float inv_spacing, float* rg, double* sums) {
+            int cx, const float* p, float scale, float inv_spacing, float* rg, double* sums, int cubic) {
   Affine a;
   for (int i = 0; i < 9; ++i) a.d[i] = p[i];
   for (int i = 0; i < 3; ++i) { a.t[i] = p[9 + i]; a.c[i] = p[12 + i]; }
@@ -60,7 +60,8 @@ void h_pass(const float* fixed, const float* moving, int nz, int ny, int nx, con
   for (long long i = 0; i < n; ++i) {
     const int x = (int)(i % nx), y = (int)((i / nx) % ny), z = (int)(i / ((long long)nx * ny));
     float r, g[3];
-    const bool ok = ffd_voxel(fixed, moving, nz, ny, nx, coeffs, cz, cy, cx, a, scale, inv_spacing, z, y, x, r, g);
+    const bool ok = ffd_voxel(fixed, moving, nz, ny, nx, coeffs, cz, cy, cx, a, scale, inv_spacing, z, y, x, r, g,
+                              cubic != 0);
     const float s = ok ? r / scale : 0.0f;
     for (int d = 0; d < 3; ++d) rg[d * n + i] = s * g[d];
     if (ok) { sums[0] += (double)r * r; sums[1] += 1.0; }
@@ -79,7 +80,7 @@ def lib(tmp_path_factory):
     i, f = ctypes.c_int, ctypes.c_float
     h.h_weights.argtypes = [F32, i, F32]
     h.h_field.argtypes = [F32, i, i, i, f, f, i, i, i, F32]
-    h.h_pass.argtypes = [F32, F32, i, i, i, F32, i, i, i, F32, f, f, F32, F64]
+    h.h_pass.argtypes = [F32, F32, i, i, i, F32, i, i, i, F32, f, f, F32, F64, i]
     return h
 
 
@@ -122,8 +123,48 @@ def test_fused_voxel_pass_matches_level_objective(lib, level):
     sums = np.empty(2)
     args = np.array(cuda.affine_args(obj.matrix_level, tf.grid_center(fixed.shape)), np.float32)
     lib.h_pass(fixed, moving, *fixed.shape, coeffs, *control, args, np.float32(2.0 ** level),
-               np.float32(1.0 / spacing), rg, sums)
+               np.float32(1.0 / spacing), rg, sums, 0)
     assert 0.5 * fixed.size < count_ref < fixed.size  # some samples fall outside
+    assert abs(sums[1] - count_ref) <= 2
+    np.testing.assert_allclose(sums[0], sse_ref, rtol=1e-4)
+    np.testing.assert_allclose(rg, rg_ref, rtol=0, atol=1e-5 * np.abs(rg_ref).max())
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_fused_cubic_pass_matches_the_compiled_cpu_pass(lib, level):
+    """The GPU's cubic sampling (sample_cubic) against gpureg.core.cpu_ffd.residual_gradient_cubic.
+
+    Same tolerances as the trilinear pass: the CPU forms q from a float64
+    affine part and interpolates in float64, the kernel in float32 (fma), so
+    rg agrees to ~1e-6 of its largest value; 1e-5 leaves room for q landing
+    on the other side of a voxel face (the cubic interpolant is C2 there, so
+    a cell change moves the result by rounding only).
+    """
+    pytest.importorskip("numba")
+    from scipy import ndimage
+
+    from gpureg.core import cpu_ffd
+
+    fine = (32, 36, 40)
+    c0 = tf.grid_center(fine)
+    matrix = tf.rotation_matrix(4.0, (1.0, 0.4, -0.3), c0)
+    matrix[:3, 3] += (0.6, -1.3, 2.2)  # part of the grid samples outside the moving volume (mirrored edges used)
+    fixed = pyramid(two_particle_phantom(fine, seed=5), 8)[level]
+    moving = pyramid(two_particle_phantom(fine, matrix, seed=5), 8)[level]
+    spacing = 8.0
+    control = bspline.control_shape(fine, spacing)
+    coeffs = (np.random.default_rng(7).normal(size=(3, *control)) * 1.5).astype(np.float32)
+    obj = LevelObjective(fixed, moving, matrix, level=level, spacing=spacing, control=control, variance=1.0,
+                         regularization=0.0)
+    coef = ndimage.spline_filter(moving, order=3, mode="mirror").astype(np.float32)
+    rg_ref, sse_ref, count_ref = cpu_ffd.residual_gradient_cubic(fixed, coef, bspline.evaluate(coeffs, obj.weights),
+                                                                 obj.matrix_level, obj.scale)
+    rg = np.empty((3, *fixed.shape), np.float32)
+    sums = np.empty(2)
+    args = np.array(cuda.affine_args(obj.matrix_level, tf.grid_center(fixed.shape)), np.float32)
+    lib.h_pass(fixed, coef, *fixed.shape, coeffs, *control, args, np.float32(2.0 ** level),
+               np.float32(1.0 / spacing), rg, sums, 1)
+    assert 0.5 * fixed.size < count_ref < fixed.size
     assert abs(sums[1] - count_ref) <= 2
     np.testing.assert_allclose(sums[0], sse_ref, rtol=1e-4)
     np.testing.assert_allclose(rg, rg_ref, rtol=0, atol=1e-5 * np.abs(rg_ref).max())

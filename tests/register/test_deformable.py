@@ -175,6 +175,7 @@ def test_smooth_warp_inverse_and_truth_field():
     ({"spacing": 40}, (32, 32, 32), "larger than the volume"),
     ({"regularization": -0.1}, (32, 32, 32), "regularization must be >= 0"),
     ({}, (3, 32, 32), "too small for one control cell"),
+    ({"interpolation": "quintic"}, (32, 32, 32), "interpolation must be 'auto', 'linear' or 'cubic'"),
 ])
 def test_bad_input_is_one_line_error(kwargs, shape, match):
     vol = np.random.default_rng(0).random(shape).astype(np.float32)
@@ -332,3 +333,24 @@ def test_cubic_interpolation_is_refused_on_the_numpy_engine():
     with config(cpu_backend="numpy"), pytest.raises(ValueError, match="cubic"):
         LevelObjective(vol, vol, np.eye(4), level=0, spacing=4.0, control=bspline.control_shape(vol.shape, 4.0),
                        variance=1.0, regularization=0.0, interpolation="cubic")
+
+
+def test_auto_interpolation_is_cubic_where_it_runs_and_trilinear_on_the_numpy_engine():
+    vol = two_particle_phantom((24, 24, 24), seed=1)
+    shift = np.eye(4)
+    shift[:3, 3] = (0.4, -0.3, 0.2)
+    moved = two_particle_phantom((24, 24, 24), shift, seed=1)
+    kw = {"prep": GREY, "device": "cpu", "spacing": 8, "levels": 1, "max_iter": 3, "init": np.eye(4)}
+
+    def field(**extra):
+        return register_deformable(vol, moved, **kw, **extra).displacement
+
+    with config(cpu_backend="numpy"):
+        np.testing.assert_array_equal(field(), field(interpolation="linear"))
+        with pytest.raises(ValueError, match="cubic"):
+            field(interpolation="cubic")
+    pytest.importorskip("numba")
+    with config(cpu_backend="numba"):
+        auto = field()
+        np.testing.assert_array_equal(auto, field(interpolation="cubic"))
+        assert np.abs(auto - field(interpolation="linear")).max() > 1e-4  # the two samplings do differ
