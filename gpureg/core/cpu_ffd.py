@@ -31,6 +31,7 @@ from .cpu_kernels import corner_values, run_planes
 __all__ = ["residual_gradient"]
 
 _F0, _F1 = np.float32(0.0), np.float32(1.0)
+_SIXTH = np.float32(1.0 / 6.0)
 
 
 def residual_gradient(fixed, moving, field, matrix_level, scale: float, mask=None):
@@ -131,7 +132,7 @@ def _ffd_planes(fixed, moving, u, a, inv_scale, mask, use_mask, rg, sse, count, 
                 rg[0, z, y, x] = np.float32(g0 * k)
                 rg[1, z, y, x] = np.float32(g1 * k)
                 rg[2, z, y, x] = np.float32(g2 * k)
-                s += r * r
+                s += np.float64(r) * np.float64(r)
                 c += 1
         sse[z] = s
         count[z] = c
@@ -167,11 +168,13 @@ def residual_gradient_cubic(fixed, coefficients, field, matrix_level, scale: flo
 
 @nb.njit(inline="always", cache=True)
 def _cubic_weights(t):
-    s = 1.0 - t
+    # float32 like the GPU's cubic_weights (kernels/bspline_math.cuh)
+    s = _F1 - t
     t2 = t * t
-    w = ((s * s * s) / 6.0, (3.0 * t2 * t - 6.0 * t2 + 4.0) / 6.0, (-3.0 * t2 * t + 3.0 * t2 + 3.0 * t + 1.0) / 6.0,
-         t2 * t / 6.0)
-    d = (-0.5 * s * s, (3.0 * t2 - 4.0 * t) / 2.0, (-3.0 * t2 + 2.0 * t + 1.0) / 2.0, 0.5 * t2)
+    w = ((s * s * s) * _SIXTH, (np.float32(3.0) * t2 * t - np.float32(6.0) * t2 + np.float32(4.0)) * _SIXTH,
+         (np.float32(-3.0) * t2 * t + np.float32(3.0) * t2 + np.float32(3.0) * t + _F1) * _SIXTH, t2 * t * _SIXTH)
+    d = (np.float32(-0.5) * s * s, np.float32(1.5) * t2 - np.float32(2.0) * t,
+         np.float32(-1.5) * t2 + t + np.float32(0.5), np.float32(0.5) * t2)
     return w, d
 
 
@@ -187,14 +190,16 @@ def _mirror(i, n):
 
 @nb.njit(inline="always", cache=True)
 def _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
-    """Value and gradient of the cubic spline from a 4x4x4 block that lies inside the volume (no mirroring)."""
-    val = gz = gy = gx = 0.0
+    """Value and gradient of the cubic spline from a 4x4x4 block that lies inside the volume (no mirroring).
+
+    float32 sums of 64 terms, as the GPU's sample_cubic (kernels/bspline_math.cuh).
+    """
+    val = gz = gy = gx = _F0
     for k in range(4):
-        pv = pgy = pgx = 0.0
+        pv = pgy = pgx = _F0
         for j in range(4):
             row = coef[iz + k, iy + j]
-            v0, v1 = np.float64(row[ix]), np.float64(row[ix + 1])
-            v2, v3 = np.float64(row[ix + 2]), np.float64(row[ix + 3])
+            v0, v1, v2, v3 = row[ix], row[ix + 1], row[ix + 2], row[ix + 3]
             rv = wx[0] * v0 + wx[1] * v1 + wx[2] * v2 + wx[3] * v3
             rgx = dx[0] * v0 + dx[1] * v1 + dx[2] * v2 + dx[3] * v3
             pv += wy[j] * rv
@@ -211,15 +216,15 @@ def _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
 def _cubic_mirrored(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
     """:func:`_cubic_inside` near the border: neighbours beyond the edge mirrored."""
     mz, my, mx = coef.shape
-    val = gz = gy = gx = 0.0
+    val = gz = gy = gx = _F0
     for k in range(4):
         zk = _mirror(iz + k, mz)
-        pv = pgy = pgx = 0.0
+        pv = pgy = pgx = _F0
         for j in range(4):
             yj = _mirror(iy + j, my)
-            rv = rgx = 0.0
+            rv = rgx = _F0
             for i in range(4):
-                v = np.float64(coef[zk, yj, _mirror(ix + i, mx)])
+                v = coef[zk, yj, _mirror(ix + i, mx)]
                 rv += wx[i] * v
                 rgx += dx[i] * v
             pv += wy[j] * rv
@@ -247,20 +252,20 @@ def _ffd_cubic_planes(fixed, coef, u, a, inv_scale, mask, use_mask, rg, sse, cou
                     rg[2, z, y, x] = _F0
                     continue
                 fz, fy, fx = np.floor(qz), np.floor(qy), np.floor(qx)
-                wz, dz = _cubic_weights(np.float64(qz - fz))
-                wy, dy = _cubic_weights(np.float64(qy - fy))
-                wx, dx = _cubic_weights(np.float64(qx - fx))
+                wz, dz = _cubic_weights(qz - fz)
+                wy, dy = _cubic_weights(qy - fy)
+                wx, dx = _cubic_weights(qx - fx)
                 iz, iy, ix = int(fz) - 1, int(fy) - 1, int(fx) - 1
                 if iz >= 0 and iy >= 0 and ix >= 0 and iz + 3 < mz and iy + 3 < my and ix + 3 < mx:
                     val, gz, gy, gx = _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx)
                 else:
                     val, gz, gy, gx = _cubic_mirrored(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx)
-                r = val - np.float64(fixed[z, y, x])
-                kk = r * np.float64(inv_scale)
+                r = val - fixed[z, y, x]
+                kk = r * inv_scale
                 rg[0, z, y, x] = np.float32(gz * kk)
                 rg[1, z, y, x] = np.float32(gy * kk)
                 rg[2, z, y, x] = np.float32(gx * kk)
-                s += r * r
+                s += np.float64(r) * np.float64(r)
                 c += 1
         sse[z] = s
         count[z] = c

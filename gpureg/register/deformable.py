@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core import transform as tf
+from ..core.config import config
 from ..core.backend import (
     array_device,
     cpu_engine,
@@ -326,14 +327,31 @@ def deformation_mse(fixed, moving, displacement) -> float:
 
 
 def _minimize(objective, x0, max_iter, tol):
-    """L-BFGS-B on ``objective`` scaled to 1 at ``x0``: ``tol`` is then the relative decrease per iteration.
+    """L-BFGS on ``objective`` scaled to 1 at ``x0``: ``tol`` is then the relative decrease per iteration.
 
-    BLAS runs on one thread meanwhile: L-BFGS-B's vectors are a few thousand
-    long, and OpenBLAS's threads cost more than they bring (48^3, 2-core CPU
-    under load: 20 ms per L-BFGS-B step with its threads, 1 ms without; the
-    separable B-spline products are as fast on one thread at these sizes). The
-    residual pass keeps its own threads (:mod:`gpureg.core.cpu_kernels`).
+    On the GPU (``gpureg.config.solver == "device"``, the default) the
+    solver's state stays on the device (:func:`gpureg.register.lbfgs.minimize_lbfgs`);
+    else scipy's L-BFGS-B on the host. BLAS runs on one thread meanwhile:
+    L-BFGS-B's vectors are a few thousand long, and OpenBLAS's threads cost
+    more than they bring (48^3, 2-core CPU under load: 20 ms per L-BFGS-B step
+    with its threads, 1 ms without; the separable B-spline products are as
+    fast on one thread at these sizes). The residual pass keeps its own
+    threads (:mod:`gpureg.core.cpu_kernels`).
     """
+    if objective.device == "gpu" and config.solver == "device":
+        from .lbfgs import minimize_lbfgs
+
+        xd = to_device(x0, "gpu", np.float64)
+        v0 = max(float(objective.evaluate(xd, gradient=False, host=False)[0]), 1e-30)
+
+        def scaled_device(x):
+            v, g, _ = objective.evaluate(x, host=False)
+            return v / v0, g / v0
+
+        res = minimize_lbfgs(scaled_device, xd, max_iter=max_iter, tol=tol, memory=20)
+        res.x, res.fun = to_host(res.x), res.fun * v0
+        return res
+
     from scipy.optimize import minimize
 
     v0 = max(float(objective(x0)[0]), 1e-30)

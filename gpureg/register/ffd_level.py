@@ -116,11 +116,16 @@ class LevelObjective:
         value, grad, _ = self.evaluate(coeffs_flat)
         return value, grad
 
-    def evaluate(self, coeffs_flat, *, gradient: bool = True):
-        """``(E, dE/dC or None, mse)``: the objective, its gradient and the data term's plain MSE."""
-        c_host = np.asarray(coeffs_flat, dtype=np.float64).reshape(3, *self.control)
+    def evaluate(self, coeffs_flat, *, gradient: bool = True, host: bool = True):
+        """``(E, dE/dC or None, mse)``: the objective, its gradient and the data term's plain MSE.
+
+        ``host=False``: ``coeffs_flat`` may be on the volumes' device and the
+        gradient stays there (float64; :func:`gpureg.register.lbfgs.minimize_lbfgs`
+        keeps its state on the GPU); else the gradient is a host array.
+        """
         xp = xp_of(self.fixed)
-        c = xp.asarray(c_host, dtype=np.float32)
+        c64 = xp.asarray(coeffs_flat, dtype=xp.float64).reshape(3, *self.control)
+        c = c64.astype(xp.float32)
         rg, sse, count = self.residual_gradient(c)
         self.evaluations += 1
         if self.count0 is None:
@@ -128,16 +133,18 @@ class LevelObjective:
         if count == 0 or count < 0.5 * self.count0:
             # A trial step of the line search that pushes most of the grid out of the moving volume:
             # a large value makes it step back (the mean over the few samples left could look better).
-            return 1e6, (np.zeros(self.size) if gradient else None), float("inf")
+            zeros = (np if host else xp).zeros(self.size)
+            return 1e6, (zeros if gradient else None), float("inf")
         mse = sse / count
-        bend, bend_grad = bspline.bending_energy(c_host, self.spacing, gradient=gradient)
+        bend, bend_grad = bspline.bending_energy(c64, self.spacing, gradient=gradient)
         # sum r^2 / N0 with N0 the valid count of the level's first evaluation: with the valid set held
         # fixed, the gradient below is exact (a mean over the varying count would reward leaving the volume).
         value = sse / (self.count0 * self.variance) + self.regularization * bend
         if not gradient:
             return value, None, mse
-        data = to_host(bspline.adjoint(rg, self.weights)).astype(np.float64) * (2.0 / (self.count0 * self.variance))
-        return value, (data + self.regularization * bend_grad).ravel(), mse
+        data = bspline.adjoint(rg, self.weights).astype(xp.float64) * (2.0 / (self.count0 * self.variance))
+        grad = (data + self.regularization * bend_grad).ravel()
+        return value, (to_host(grad) if host else grad), mse
 
     def residual_gradient(self, coeffs):
         """``(rg, sse, count)``: ``r g / 2^l`` per voxel ``(3, Z, Y, X)`` (0 where invalid), ``sum r^2``, ``N``."""
