@@ -189,52 +189,42 @@ def _mirror(i, n):
 
 
 @nb.njit(inline="always", cache=True)
-def _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
-    """Value and gradient of the cubic spline from a 4x4x4 block that lies inside the volume (no mirroring).
-
-    float32 sums of 64 terms, as the GPU's sample_cubic (kernels/bspline_math.cuh).
-    """
-    val = gz = gy = gx = _F0
-    for k in range(4):
-        pv = pgy = pgx = _F0
-        for j in range(4):
-            row = coef[iz + k, iy + j]
-            v0, v1, v2, v3 = row[ix], row[ix + 1], row[ix + 2], row[ix + 3]
-            rv = wx[0] * v0 + wx[1] * v1 + wx[2] * v2 + wx[3] * v3
-            rgx = dx[0] * v0 + dx[1] * v1 + dx[2] * v2 + dx[3] * v3
-            pv += wy[j] * rv
-            pgy += dy[j] * rv
-            pgx += wy[j] * rgx
-        val += wz[k] * pv
-        gz += dz[k] * pv
-        gy += wz[k] * pgy
-        gx += wz[k] * pgx
-    return val, gz, gy, gx
+def _cubic_row(row, xs, wx, dx):
+    x0, x1, x2, x3 = xs
+    v0, v1, v2, v3 = row[x0], row[x1], row[x2], row[x3]
+    return wx[0] * v0 + wx[1] * v1 + wx[2] * v2 + wx[3] * v3, dx[0] * v0 + dx[1] * v1 + dx[2] * v2 + dx[3] * v3
 
 
 @nb.njit(inline="always", cache=True)
-def _cubic_mirrored(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx):
-    """:func:`_cubic_inside` near the border: neighbours beyond the edge mirrored."""
-    mz, my, mx = coef.shape
-    val = gz = gy = gx = _F0
-    for k in range(4):
-        zk = _mirror(iz + k, mz)
-        pv = pgy = pgx = _F0
-        for j in range(4):
-            yj = _mirror(iy + j, my)
-            rv = rgx = _F0
-            for i in range(4):
-                v = coef[zk, yj, _mirror(ix + i, mx)]
-                rv += wx[i] * v
-                rgx += dx[i] * v
-            pv += wy[j] * rv
-            pgy += dy[j] * rv
-            pgx += wy[j] * rgx
-        val += wz[k] * pv
-        gz += dz[k] * pv
-        gy += wz[k] * pgy
-        gx += wz[k] * pgx
-    return val, gz, gy, gx
+def _cubic_plane(plane, ys, xs, wy, dy, wx, dx):
+    r0, g0 = _cubic_row(plane[ys[0]], xs, wx, dx)
+    r1, g1 = _cubic_row(plane[ys[1]], xs, wx, dx)
+    r2, g2 = _cubic_row(plane[ys[2]], xs, wx, dx)
+    r3, g3 = _cubic_row(plane[ys[3]], xs, wx, dx)
+    return (wy[0] * r0 + wy[1] * r1 + wy[2] * r2 + wy[3] * r3, dy[0] * r0 + dy[1] * r1 + dy[2] * r2 + dy[3] * r3,
+            wy[0] * g0 + wy[1] * g1 + wy[2] * g2 + wy[3] * g3)
+
+
+@nb.njit(inline="always", cache=True)
+def _cubic_block(coef, zs, ys, xs, wz, dz, wy, dy, wx, dx):
+    """Value and gradient ``(v, dv/dz, dv/dy, dv/dx)`` of the cubic spline from the coefficients at ``zs x ys x xs``.
+
+    float32 sums of 64 terms, as the GPU's sample_cubic (kernels/bspline_math.cuh).
+    """
+    p0, y0, x0 = _cubic_plane(coef[zs[0]], ys, xs, wy, dy, wx, dx)
+    p1, y1, x1 = _cubic_plane(coef[zs[1]], ys, xs, wy, dy, wx, dx)
+    p2, y2, x2 = _cubic_plane(coef[zs[2]], ys, xs, wy, dy, wx, dx)
+    p3, y3, x3 = _cubic_plane(coef[zs[3]], ys, xs, wy, dy, wx, dx)
+    return (wz[0] * p0 + wz[1] * p1 + wz[2] * p2 + wz[3] * p3, dz[0] * p0 + dz[1] * p1 + dz[2] * p2 + dz[3] * p3,
+            wz[0] * y0 + wz[1] * y1 + wz[2] * y2 + wz[3] * y3, wz[0] * x0 + wz[1] * x1 + wz[2] * x2 + wz[3] * x3)
+
+
+@nb.njit(inline="always", cache=True)
+def _taps(i, n):
+    """The 4 coefficient indices from ``i``: plain inside the volume, mirrored beyond its edges."""
+    if i >= 0 and i + 3 < n:
+        return i, i + 1, i + 2, i + 3
+    return _mirror(i, n), _mirror(i + 1, n), _mirror(i + 2, n), _mirror(i + 3, n)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -255,11 +245,8 @@ def _ffd_cubic_planes(fixed, coef, u, a, inv_scale, mask, use_mask, rg, sse, cou
                 wz, dz = _cubic_weights(qz - fz)
                 wy, dy = _cubic_weights(qy - fy)
                 wx, dx = _cubic_weights(qx - fx)
-                iz, iy, ix = int(fz) - 1, int(fy) - 1, int(fx) - 1
-                if iz >= 0 and iy >= 0 and ix >= 0 and iz + 3 < mz and iy + 3 < my and ix + 3 < mx:
-                    val, gz, gy, gx = _cubic_inside(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx)
-                else:
-                    val, gz, gy, gx = _cubic_mirrored(coef, iz, iy, ix, wz, dz, wy, dy, wx, dx)
+                val, gz, gy, gx = _cubic_block(coef, _taps(int(fz) - 1, mz), _taps(int(fy) - 1, my),
+                                               _taps(int(fx) - 1, mx), wz, dz, wy, dy, wx, dx)
                 r = val - fixed[z, y, x]
                 kk = r * inv_scale
                 rg[0, z, y, x] = np.float32(gz * kk)

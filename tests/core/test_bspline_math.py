@@ -105,25 +105,35 @@ def test_displacement_matches_separable_numpy(lib, level, spacing):
     np.testing.assert_allclose(u, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("level", [0, 1])
-def test_fused_voxel_pass_matches_level_objective(lib, level):
+def _pass_case(level):
+    """Level volumes, control grid, coefficients and objective of the fused-pass tests."""
     fine = (32, 36, 40)
     c0 = tf.grid_center(fine)
     matrix = tf.rotation_matrix(4.0, (1.0, 0.4, -0.3), c0)
     matrix[:3, 3] += (0.6, -1.3, 2.2)  # part of the grid samples outside the moving volume
     fixed = pyramid(two_particle_phantom(fine, seed=5), 8)[level]
     moving = pyramid(two_particle_phantom(fine, matrix, seed=5), 8)[level]
-    spacing = 8.0
-    control = bspline.control_shape(fine, spacing)
+    control = bspline.control_shape(fine, 8.0)
     coeffs = (np.random.default_rng(7).normal(size=(3, *control)) * 1.5).astype(np.float32)
-    obj = LevelObjective(fixed, moving, matrix, level=level, spacing=spacing, control=control, variance=1.0,
+    obj = LevelObjective(fixed, moving, matrix, level=level, spacing=8.0, control=control, variance=1.0,
                          regularization=0.0)
-    rg_ref, sse_ref, count_ref = obj.residual_gradient(coeffs)
+    return fixed, moving, control, coeffs, obj
+
+
+def _host_pass(lib, fixed, moving, control, coeffs, obj, cubic):
     rg = np.empty((3, *fixed.shape), np.float32)
     sums = np.empty(2)
     args = np.array(cuda.affine_args(obj.matrix_level, tf.grid_center(fixed.shape)), np.float32)
-    lib.h_pass(fixed, moving, *fixed.shape, coeffs, *control, args, np.float32(2.0 ** level),
-               np.float32(1.0 / spacing), rg, sums, 0)
+    lib.h_pass(fixed, moving, *fixed.shape, coeffs, *control, args, np.float32(obj.scale), np.float32(1.0 / 8.0), rg,
+               sums, int(cubic))
+    return rg, sums
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_fused_voxel_pass_matches_level_objective(lib, level):
+    fixed, moving, control, coeffs, obj = _pass_case(level)
+    rg_ref, sse_ref, count_ref = obj.residual_gradient(coeffs)
+    rg, sums = _host_pass(lib, fixed, moving, control, coeffs, obj, cubic=False)
     assert 0.5 * fixed.size < count_ref < fixed.size  # some samples fall outside
     assert abs(sums[1] - count_ref) <= 2
     np.testing.assert_allclose(sums[0], sse_ref, rtol=1e-4)
@@ -134,36 +144,21 @@ def test_fused_voxel_pass_matches_level_objective(lib, level):
 def test_fused_cubic_pass_matches_the_compiled_cpu_pass(lib, level):
     """The GPU's cubic sampling (sample_cubic) against gpureg.core.cpu_ffd.residual_gradient_cubic.
 
-    Same tolerances as the trilinear pass: the CPU forms q from a float64
-    affine part and interpolates in float64, the kernel in float32 (fma), so
-    rg agrees to ~1e-6 of its largest value; 1e-5 leaves room for q landing
-    on the other side of a voxel face (the cubic interpolant is C2 there, so
-    a cell change moves the result by rounding only).
+    Same tolerances as the trilinear pass: both sum the 64 taps in float32
+    (in another order) and form q differently (the CPU from a float64 affine
+    part), so rg agrees to ~1e-6 of its largest value; q landing on the
+    other side of a voxel face only changes rounding (the interpolant is C2).
     """
     pytest.importorskip("numba")
     from scipy import ndimage
 
     from gpureg.core import cpu_ffd
 
-    fine = (32, 36, 40)
-    c0 = tf.grid_center(fine)
-    matrix = tf.rotation_matrix(4.0, (1.0, 0.4, -0.3), c0)
-    matrix[:3, 3] += (0.6, -1.3, 2.2)  # part of the grid samples outside the moving volume (mirrored edges used)
-    fixed = pyramid(two_particle_phantom(fine, seed=5), 8)[level]
-    moving = pyramid(two_particle_phantom(fine, matrix, seed=5), 8)[level]
-    spacing = 8.0
-    control = bspline.control_shape(fine, spacing)
-    coeffs = (np.random.default_rng(7).normal(size=(3, *control)) * 1.5).astype(np.float32)
-    obj = LevelObjective(fixed, moving, matrix, level=level, spacing=spacing, control=control, variance=1.0,
-                         regularization=0.0)
-    coef = ndimage.spline_filter(moving, order=3, mode="mirror").astype(np.float32)
+    fixed, moving, control, coeffs, obj = _pass_case(level)
+    coef = ndimage.spline_filter(moving, order=3, mode="mirror").astype(np.float32)  # mirrored edges are used
     rg_ref, sse_ref, count_ref = cpu_ffd.residual_gradient_cubic(fixed, coef, bspline.evaluate(coeffs, obj.weights),
                                                                  obj.matrix_level, obj.scale)
-    rg = np.empty((3, *fixed.shape), np.float32)
-    sums = np.empty(2)
-    args = np.array(cuda.affine_args(obj.matrix_level, tf.grid_center(fixed.shape)), np.float32)
-    lib.h_pass(fixed, coef, *fixed.shape, coeffs, *control, args, np.float32(2.0 ** level),
-               np.float32(1.0 / spacing), rg, sums, 1)
+    rg, sums = _host_pass(lib, fixed, coef, control, coeffs, obj, cubic=True)
     assert 0.5 * fixed.size < count_ref < fixed.size
     assert abs(sums[1] - count_ref) <= 2
     np.testing.assert_allclose(sums[0], sse_ref, rtol=1e-4)
