@@ -16,7 +16,34 @@ import numpy as np
 from ..core.backend import to_host
 from ..io.files import InputError
 
-__all__ = ["DeformableStep", "check_folding", "composed_displacement", "deformation_maps"]
+__all__ = ["DeformableStep", "check_folding", "composed_displacement", "deformation_maps", "register_bspline"]
+
+
+def register_bspline(fixed, moving, init, options):
+    """The run's B-spline registration of one energy (local runs and Dask workers alike).
+
+    15 L-BFGS iterations per control grid (the library's default is 25):
+    every energy is registered and the series smoothing averages the fits;
+    on a 48^3 pair (binarized, cubic sampling) 0.138 voxel in 0.25 s CPU
+    against 0.130 in 0.35 s with 25.
+
+    Parameters
+    ----------
+    fixed, moving : (Z, Y, X) ndarray
+        Prepared volumes (same device).
+    init : (4, 4) array_like
+        The affine the B-spline refines.
+    options : RunOptions
+        Its ``spacing`` and ``regularization``.
+
+    Returns
+    -------
+    DeformableResult
+    """
+    from ..register.deformable import register_deformable_prepared
+
+    return register_deformable_prepared(fixed, moving, init=init, spacing=options.spacing,
+                                        regularization=options.regularization, max_iter=15)
 
 
 def check_folding(store, i, min_jacobian, options, what="the deformation"):
@@ -44,16 +71,13 @@ class DeformableStep:
 
         ``particles`` (a :class:`~gpureg.register.ParticleResult`): refine its piecewise alignment instead.
         """
-        from ..register.deformable import register_deformable_prepared
-
         o = self.options
         init = affine.matrix
         if particles is not None:
             from ..register.particles import apply_piecewise
 
             moving, init = apply_piecewise(moving, particles.matrices, particles.regions, device=self.device), np.eye(4)
-        res = register_deformable_prepared(fixed, moving, init=init, spacing=o.spacing,
-                                           regularization=o.regularization)
+        res = register_bspline(fixed, moving, init, o)
         check_folding(self.store, i, res.min_jacobian, o)
         self.store.write_bspline(i, res.coefficients, res.spacing, res.min_jacobian, res.mse_affine,
                                  base="affine" if particles is None else "piecewise")

@@ -105,10 +105,9 @@ def _register_one(path, i, fixed_prepared, prep, options, devices):
     moving = prepare_volume(vol, devices.registration, prep, name=f"energy index {i}")
     res = register_prepared(fixed, moving, model=options.model.value)
     if options.deformable:
-        from ..register.deformable import register_deformable_prepared
+        from .deform import register_bspline
 
-        res = register_deformable_prepared(fixed, moving, init=res.matrix, spacing=options.spacing,
-                                           regularization=options.regularization)
+        res = register_bspline(fixed, moving, res.matrix, options)
     t1 = time.perf_counter()
     if options.deformable:
         from ..register.deformable import apply_deformation
