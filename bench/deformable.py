@@ -1,30 +1,37 @@
-"""Deformable registration benchmark: gpureg's B-spline FFD vs elastix's B-spline on the same pairs.
+"""Deformable registration benchmark: gpureg's B-spline FFD vs elastix's B-spline (and ANTs SyN) on the same pairs.
 
-The pair: the analytic two-particle phantom (grey, textured) and its copy
-moved by :class:`gpureg.synth.deform.SmoothWarp` (rotation 3 deg + shift about
-1.4 voxels at 64^3, plus a smooth deformation of at most 3 voxels at 64^3,
-scaled with the size), sampled exactly, so the true position of every
-reference voxel in the moving volume is known. Both methods get the same
-arrays, smoothed once with a Gaussian of sigma 1 (gpureg's preparation;
-``smooth=0`` inside gpureg so nothing is filtered twice), and the same
-final control-point spacing:
+The pairs: the analytic two-particle phantom (grey, textured) and its copy
+moved by a rotation of 3 deg + a shift of about 1.4 voxels (64^3, scaled with
+the size) plus a smooth warp, sampled exactly through the warp's inverse, so
+the true position of every reference voxel in the moving volume is known.
+The sweep (``SWEEP``): Gaussian-smoothed random warps (:class:`warps.GaussianWarp`)
+of amplitude 1, 3, 6 voxels and smoothness sigma 4, 8, 12 voxels at 64^3,
+salt-and-pepper noise 5 and 10 % (both volumes), issue 27's sinusoidal
+warp (:class:`gpureg.synth.deform.SmoothWarp`, ``sigma=None``), and three
+128^3 cases. Every method gets the same prepared arrays (``Prep(binarize=False,
+denoise="impulse")``: saturated voxels replaced, Gaussian sigma 1) and the same
+final control-point spacing S (8 voxels):
 
-- gpureg: ``register_deformable_prepared`` (its affine, then control grids
-  4S, 2S, S, L-BFGS-B on MSE + bending energy);
+- gpureg: ``register_deformable_prepared`` with its defaults (its affine,
+  then control grids 4S, 2S, S; L-BFGS on MSE + bending energy, cubic sampling);
 - elastix (itk-elastix): its default "affine" then "bspline" parameter maps
   with ``Metric = AdvancedMeanSquares`` and
   ``FinalGridSpacingInPhysicalUnits = S`` (everything else elastix's defaults:
-  4 resolutions, adaptive stochastic gradient descent, random sampling of
-  2048 points per iteration), and again with 20000 samples per iteration
-  (``--elastix-samples``; the defaults fold at 64^3 in this case).
+  4 resolutions, adaptive stochastic gradient descent, 2048 random samples per
+  iteration; ``--elastix-samples`` for more);
+- ANTs SyN (``--ants``, antspyx where it installs): ``type_of_transform="SyN"``
+  with mean squares, cases up to ``--ants-max-size``.
 
-Reported per size: wall time (ms, median over repeats), mean error (voxels)
-over the particle voxels of ``p + displacement`` against the truth, the error
-of the best least-squares affine (what no affine method can beat), the
-smallest Jacobian determinant, and ratio = elastix time / gpureg time.
+Reported per case: wall time (ms, median over repeats, after one warm-up run
+of each method), mean error (voxels) over the particle voxels of
+``p + displacement`` against the truth, the error of the best least-squares
+affine (what no affine method can beat), the smallest Jacobian determinant,
+and ratio = gpureg time / elastix time. Times of one run share the machine's
+load (``load_before_after`` in the JSON).
 
-    python bench/deformable.py                 # 64 and 128 on the CPU
-    python bench/deformable.py --device gpu --sizes 256 --no-elastix
+    python bench/deformable.py --ants          # the sweep on the CPU
+    python bench/deformable.py --cases 64:3:8:0.05 --interpolation linear
+    python bench/deformable.py --device gpu --legacy --sizes 128 --no-elastix
 """
 
 from __future__ import annotations
@@ -52,16 +59,17 @@ from gpureg.synth.phantom import two_particle_phantom
 from warps import GaussianWarp
 
 
-def make_pair(size, seed=1, *, amplitude=None, sigma=None, noise=0.0):
+def make_pair(size, seed=1, *, amplitude=None, sigma=None, noise=0.0, cache=True):
     """Fixed and moving phantoms, particle points, their true moving positions and the best affine.
 
     ``sigma=None``: the sinusoidal :class:`SmoothWarp` of at most ``amplitude`` voxels
     (default 3 at 64^3, scaled with the size; the case of issue 27); else a
     :class:`warps.GaussianWarp` of ``amplitude`` voxels and smoothness ``sigma``.
-    ``noise``: salt-and-pepper fraction of both volumes (different draws).
+    ``noise``: salt-and-pepper fraction of both volumes (different draws). With
+    ``$GPUREG_BENCH_CACHE`` set (and ``cache``) the pairs are kept there (``.npz``).
     """
     key = f"deformable-{size}-{seed}-{amplitude}-{sigma}-{noise}.npz"
-    cache = os.environ.get("GPUREG_BENCH_CACHE")
+    cache = os.environ.get("GPUREG_BENCH_CACHE") if cache else None
     if cache and (Path(cache) / key).is_file():
         d = np.load(Path(cache) / key)
         return d["fixed"], d["moving"], d["points"], d["truth"], d["best"]
@@ -128,8 +136,9 @@ def run_elastix(f, m, spacing, samples):
     return ms, disp
 
 
+# (size, amplitude, sigma, noise); sigma None: issue 27's sinusoidal case (amplitude 3 at 64^3)
 SWEEP = ([(64, a, s, 0.0) for a in (1, 3, 6) for s in (4, 8, 12)] + [(64, 3, 8, 0.05), (64, 3, 8, 0.10)]
-         + [(128, 3, 8, 0.0), (128, 6, 16, 0.0), (128, 3, 8, 0.05)])
+         + [(64, 3, None, 0.0), (128, 3, 8, 0.0), (128, 6, 16, 0.0), (128, 3, 8, 0.05)])
 
 
 def parse_case(text):
@@ -168,6 +177,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-elastix", action="store_true")
     ap.add_argument("--ants", action="store_true", help="also ANTs SyN (antspyx)")
+    ap.add_argument("--ants-max-size", type=int, default=64, help="ANTs only on cases up to this size")
     ap.add_argument("--elastix-samples", type=int, nargs="+", default=[0],
                     help="elastix NumberOfSpatialSamples per run (0: its default, 2048); the first is the row's "
                          "reference, all are listed under reference_variants")
@@ -218,7 +228,7 @@ def main(argv=None):
                                      f"NumberOfSpatialSamples {first['samples']}",
                         **{k: v for k, v in first.items() if k != "samples"},
                         "ratio": round(ms / first["reference_ms"], 3), "reference_variants": variants})
-        if args.ants:
+        if args.ants and size <= args.ants_max_size:
             a_ms, a_disp = run_ants(f, m)
             row.update({"ants_ms": round(a_ms, 1), "ants_error_vox": round(mean_error(a_disp, points, truth), 4)})
         print(row, flush=True)

@@ -115,10 +115,23 @@ def deformable(argv):
     import deformable as bench_deformable
 
     ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--cases", nargs="+", default=None)
+    ap.add_argument("--legacy", action="store_true")
     args, _ = ap.parse_known_args(argv)
-    per = _per_voxel("deformable", lambda: bench_deformable.make_pair(32), 32 ** 3)
-    return [(f"warped pair {n}^3", per * n ** 3, 1) for n in args.sizes]
+    if args.cases:
+        cases = [bench_deformable.parse_case(c) for c in args.cases]
+    elif args.legacy:
+        cases = [(n, 3.0, None, 0.0) for n in (args.sizes or [64, 128])]
+    else:
+        cases = [c for c in bench_deformable.SWEEP if args.sizes is None or c[0] in args.sizes]
+    out = []
+    for size, amplitude, sigma, noise in cases:
+        kind = "sinusoidal" if sigma is None else "gaussian"
+        per = _per_voxel(f"deformable-{kind}", lambda: bench_deformable.make_pair(
+            32, amplitude=amplitude, sigma=sigma, noise=noise, cache=False), 32 ** 3)
+        out.append((f"warped pair {size}^3 ({kind})", per * size ** 3, 1))
+    return out
 
 
 def align(argv):

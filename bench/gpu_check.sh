@@ -58,7 +58,7 @@ register_gpu 160  \$py bench/register_gpu.py --sizes 128 256 512 --repeats 5 --s
 recon         25  \$py bench/recon.py --device gpu --quick
 xanes         45  \$py bench/xanes.py --device gpu --size 128 256 512 --host-max 128 --repeats 3
 pipeline      30  \$py bench/pipeline.py --device gpu --size 64 --energies 6 --no-sitk
-deformable    40  \$py bench/deformable.py --device gpu --sizes 128 --no-elastix
+deformable    40  \$py bench/deformable.py --device gpu --legacy --sizes 128 --no-elastix
 align         30  \$py bench/align.py --device gpu --sizes 128 --parts speed
 chemistry     20  \$py bench/chemistry.py --device gpu --size 128 --cases chain
 "
