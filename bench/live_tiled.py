@@ -14,12 +14,13 @@ Per energy it also gives the last frame's and the registration's times (seconds 
 ``found_after_s`` (the last frame -> the watcher found the energy complete) and ``in_outage`` (its last frame ->
 registered interval overlaps the server outage; such energies are reported but not held to the bar). The run's
 start document records ``num_angles`` (an energy is processed once its projections are in); ``--no-plan``
-leaves it out (an energy is processed once the next one starts). The server streams updates (the watcher's
+leaves it out (an energy is processed once the next one starts, after the monochromator's move: ``--move``
+seconds, 3 by default). The server streams updates (the watcher's
 subscription wakes it); ``--no-streaming`` serves the run without (the watcher only polls). The load average
 (``uptime``) before and after is saved: the machine may be shared.
 
 Usage: ``python bench/live_tiled.py [--energies 6] [--angles 31] [--size 24] [--outage 10] [--no-plan]
-[--no-streaming]``
+[--no-streaming] [--move 3]``
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main():
     ap.add_argument("--size", type=int, default=24)
     ap.add_argument("--outage", type=float, default=10.0)
     ap.add_argument("--outage-at", type=int, default=3)
+    ap.add_argument("--move", type=float, default=3.0, help="seconds the monochromator takes between energies")
     ap.add_argument("--no-plan", action="store_true", help="leave num_angles out of the start document")
     ap.add_argument("--no-streaming", action="store_true", help="a server without a streaming cache (polling only)")
     args = ap.parse_args()
@@ -106,6 +108,8 @@ def main():
             written[round(doc["time"], 6)] = time.time()
 
     def before_energy(k):
+        if k > 0:  # the monochromator moving to the next energy: nothing written meanwhile
+            time.sleep(args.move)
         if k == args.outage_at:
             times["outage_from"] = time.time()
             server.stop()
@@ -161,7 +165,7 @@ def main():
     clean = [r for r in rows if not r["in_outage"]]
     extra = {"scan": f"{args.energies} energies x {args.angles} angles at {args.size}^2, 3 flats per energy, 2 darks",
              "completion": "next energy starts (no num_angles)" if args.no_plan else "planned projections (num_angles)",
-             "server_streams": not args.no_streaming,
+             "server_streams": not args.no_streaming, "monochromator_move_s": args.move,
              "watcher_woken_by_streaming": any("the server streams the run's updates" in line
                                                for line in log.splitlines()),
              "load_average_before": [round(v, 2) for v in load_before],
