@@ -16,7 +16,7 @@ both), the same per particle, the median edge energy of each particle (truth,
 affine, mode), and at the contact between the particles (voxels within
 ``3 * size / 48`` voxels of both) the range of each map against the range of
 the truth over both particles (how many outside it: all, in the particles, by
-more than 1 eV), and the voxels each map masks as having no single edge
+more than 1 eV, by more than twice the voxel's ``edge_energy_sigma``), and the voxels each map masks as having no single edge
 (``edge_ambiguous``: at the contact, in the particles, in all). JSON under
 bench/results/.
 
@@ -50,11 +50,13 @@ def map_errors(result, *, affine_result=None, size=48):
 
     import hdf5plugin  # noqa: F401  (the result's compressed stacks)
 
-    flagged = {}
+    flagged, sigma = {}, {}
 
     def read(h, group, name):
         if f"{group}/edge_ambiguous" in h:
             flagged[name] = h[f"{group}/edge_ambiguous"][...].astype(bool)
+        if f"{group}/edge_energy_sigma" in h:
+            sigma[name] = h[f"{group}/edge_energy_sigma"][...]
         return np.where(h[f"{group}/mask"][...], h[f"{group}/edge_energy"][...], np.nan)
 
     with h5py.File(result, "r") as h:
@@ -91,6 +93,9 @@ def map_errors(result, *, affine_result=None, size=48):
                                 "outside_truth_range": int(outside.sum()),
                                 "outside_in_particles": int((outside & (labels > 0)).sum()),
                                 "outside_by_more_than_1_ev": int((sel & ((m < lo - 1) | (m > hi + 1))).sum())}
+        if name in sigma:  # outside by more than twice the voxel's own 1-sigma error (edge_energy_sigma)
+            s2 = 2 * sigma[name]
+            out["contact"][name]["outside_by_more_than_2_sigma"] = int((sel & ((m < lo - s2) | (m > hi + s2))).sum())
         if name in flagged:  # masked as having no single edge (more than one 0.5 crossing)
             f = flagged[name]
             out["contact"][name]["flagged_ambiguous"] = int((f & contact).sum())

@@ -23,10 +23,11 @@ class PerParticle:
     the aligned stack holds the piecewise alignment.
     """
 
-    def __init__(self, store, reference, device, *, min_gain: float = 1.3):
+    def __init__(self, store, reference, device, *, min_gain: float = 1.3, min_voxels: int = 1000):
         from ..core.segment import particle_labels
 
         self.store, self.device, self.result, self.min_gain = store, device, None, float(min_gain)
+        self.min_voxels = int(min_voxels)
         self.labels = store.particle_labels(lambda: to_host(particle_labels(reference.mask)[0]))
         self.n_labels = int(self.labels.max())
 
@@ -39,7 +40,8 @@ class PerParticle:
             _log.warning("gpureg: per_particle=True: the reference has no particle of >= 64 voxels; global only")
         self.result = register_particles(fixed, moving, self.labels, prepared=True, global_result=global_result,
                                          device=self.device,
-                                         particles=ParticleOptions(min_gain=self.min_gain))
+                                         particles=ParticleOptions(min_gain=self.min_gain,
+                                                                    min_voxels=self.min_voxels))
         self.store.write_particles(i, self.result.stack(self.n_labels), *self.result.mse_arrays(self.n_labels))
 
     def write_global(self, i, volume):
@@ -54,14 +56,15 @@ class PerParticle:
         return to_host(apply_piecewise(volume, self.result.matrices, self.result.regions, device=self.device))
 
 
-def per_particle_xanes(store, options, devices):
+def per_particle_xanes(store, options, devices, mask=None):
     """Edge-energy maps of the global (affine-only) alignment too (``/xanes_global``), for the comparison figure.
 
-    Per-particle runs, and deformable runs with series smoothing (which store ``/aligned_global``).
+    Per-particle runs, and deformable runs with series smoothing (which store ``/aligned_global``). ``mask``:
+    the sample mask the run's own map uses (the reference's Otsu mask), so both maps cover the same voxels.
     """
     from ..xanes.stack import edge_energy_map
 
     maps = edge_energy_map(store.stack("aligned_global"), store.energies, device=devices.registration,
-                           method=options.edge.value)
-    store.write_xanes({key: maps[key] for key in ("edge_energy", "mask", "edge_ambiguous") if key in maps}, None,
-                      group="xanes_global")
+                           method=options.edge.value, mask=mask)
+    keys = ("edge_energy", "mask", "edge_ambiguous", "edge_energy_sigma")
+    store.write_xanes({key: maps[key] for key in keys if key in maps}, None, group="xanes_global")

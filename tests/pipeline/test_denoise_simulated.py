@@ -41,8 +41,12 @@ def maps(tmp_path_factory):
 def test_denoise_lowers_edge_error_without_moving_particle_medians(maps, record_property):
     sel, truth = maps["sel"], maps["truth"]
     assert sel.sum() > 3000
-    # the pipeline's map (--denoise-spectra off) is the map computed here without denoising
-    np.testing.assert_array_equal(maps["pipeline"][sel], maps[None]["edge_energy"][sel])
+    # the pipeline's map (--denoise-spectra off) is the map computed here without denoising, where there is
+    # sample: the pipeline masks its maps with the reference's Otsu mask (issue 27), which leaves out a few
+    # partial-volume voxels at the particles' surfaces (2-3 % of the truth's particle voxels in bench/maps.py)
+    inside = sel & np.isfinite(maps["pipeline"])
+    assert inside.sum() >= 0.95 * sel.sum(), (inside.sum(), sel.sum())
+    np.testing.assert_array_equal(maps["pipeline"][inside], maps[None]["edge_energy"][inside])
     err = {den: maps[den]["edge_energy"][sel] - truth[sel] for den in (None, "auto")}
     rms = {den: float(np.sqrt(np.mean(e ** 2))) for den, e in err.items()}
     record_property("rms_off_auto_ev", [rms[None], rms["auto"]])
