@@ -262,6 +262,13 @@ def test_pipeline_per_particle(series, tmp_path):
         regions = particle_regions(reg["particle_labels"][...], 3)
         np.testing.assert_allclose(h5["aligned"][0], apply_piecewise(h5["recon"][0], pm[0], regions, guard=3),
                                    atol=1e-5)
+        # Both maps only where there is sample: the reference's Otsu mask, the one registration uses (issue 27)
+        from gpureg.register.prepare import Prep, prepare_reference
+
+        sample = prepare_reference(h5["recon"][int(np.argmax(PIPE_ENERGIES))], "cpu", Prep()).mask
+        for group in ("xanes", "xanes_global"):
+            valid = h5[f"{group}/mask"][...]
+            assert valid.sum() > 1000 and not (valid & ~sample).any(), group
     glob = np.array([[gpureg.displacement_error(res.matrices[i], t[k], mask=labels == k)[0] for k in (1, 2)]
                      for i, t in enumerate(truths)])
     own = np.array([[gpureg.displacement_error(pm[i, k], t[k], mask=labels == k)[0] for k in (1, 2)]
