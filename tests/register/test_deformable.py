@@ -362,3 +362,19 @@ def test_auto_interpolation_is_cubic_where_it_runs_and_trilinear_on_the_numpy_en
         auto = field()
         np.testing.assert_array_equal(auto, field(interpolation="cubic"))
         assert np.abs(auto - field(interpolation="linear")).max() > 1e-4  # the two samplings do differ
+
+
+def test_folding_is_refused_unless_allowed():
+    """A deformation whose Jacobian determinant reaches 0 stops the run (one line naming the energy and the way out)."""
+    from types import SimpleNamespace
+
+    from gpureg.io.files import InputError
+    from gpureg.pipeline.deform import check_folding
+    from gpureg.pipeline.options import RunOptions
+
+    store = SimpleNamespace(energies=np.array([6540.0, 6555.0]))
+    with pytest.raises(InputError, match=r"energy 6555 eV: the deformation folds .*allow_folding=True") as err:
+        check_folding(store, 1, -0.2, RunOptions(deformable=True))
+    assert "\n" not in str(err.value)
+    check_folding(store, 1, -0.2, RunOptions(deformable=True, allow_folding=True))  # allowed: no error
+    check_folding(store, 1, 0.4, RunOptions(deformable=True))  # no folding: no error
