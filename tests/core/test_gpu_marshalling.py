@@ -27,7 +27,8 @@ def fake(monkeypatch):
 def test_check_launch_catches_marshalling_errors():
     # The checker itself: a None pointer, a Python int and a missing argument are refused.
     args = [np.zeros(1), np.zeros(1), np.uint64(0), *(np.int32(4),) * 3, np.zeros(1), *(np.int32(4),) * 3,
-            *(np.float32(0),) * 15, np.float32(1), np.float32(0.1), np.zeros(1), np.zeros(1)]
+            *(np.float32(0),) * 15, np.float32(1), np.float32(0.1), np.int32(0), np.zeros(1),
+            np.zeros(1)]
     fake_cupy.check_launch("bspline.cu", "ffd_residual_pass", tuple(args))
     for k, bad in ((2, None), (3, 4), (10, np.float64(0))):
         wrong = list(args)
