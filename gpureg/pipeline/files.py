@@ -15,13 +15,14 @@ import numpy as np
 
 from ..core.energies import check_energies
 from ..core.errors import InputError, OutputError, ParameterError
-from ..core.segment import otsu_threshold, particle_labels
+from ..core.segment import particle_labels
 from ..core.version import __version__
 from ..io.dataexchange import write_dataexchange
 from ..io.files import check_new_output
 from ..io.readers import open_input
 from ..io.results import is_result, stack_names, write_result_file
 from ..recon.fbp import FILTERS, reconstruct_fbp
+from ..register import Prep, prepare_reference
 from ..recon.flatfield import flatfield_correct
 from ..xanes.regions import roi_spectra
 from ..xanes.spectra import MIN_ENERGIES
@@ -101,6 +102,21 @@ def reconstruct_file(input_path, output_path, *, center=None, filter: str = "ram
 
 
 
+def sample_mask(reference) -> np.ndarray:
+    """Where there is sample: the Otsu mask of the reference volume, as ``gpureg run`` masks its maps.
+
+    The mask :func:`~gpureg.register.prepare.prepare_reference` computes with the default
+    :class:`~gpureg.register.Prep` (the same denoising, the same threshold); all False, with a warning, when the
+    volume has no foreground.
+    """
+    finite = np.where(np.isfinite(reference), reference, np.nanmin(reference) if np.isfinite(reference).any() else 0.0)
+    try:
+        return prepare_reference(finite, "cpu", Prep()).mask
+    except InputError as exc:
+        _log.warning("map_xanes_file: no sample mask (%s)", exc)
+        return np.zeros(reference.shape, bool)
+
+
 def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
                 method: str = "half", min_jump: float | None = None, min_voxels: int = 64, slab: int = 16,
                 device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False,
@@ -111,7 +127,8 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
     ``/exchange/energy`` (Data Exchange) slab by slab, and writes a new file
     atomically with ``/energy`` and the group ``/xanes``: ``edge_energy``,
     ``edge_jump``, ``white_line``, ``mask`` (Z, Y, X), ``labels`` (int32,
-    connected components of the Otsu mask of the highest-energy volume, at
+    connected components of the sample mask (:func:`sample_mask`: the Otsu mask of the highest-energy
+    volume, which also bounds the maps, as in ``gpureg run``), at
     least ``min_voxels``), and the per-particle spectra ``roi_label``,
     ``roi_count``, ``roi_mean``, ``roi_std``, ``roi_norm``, ``roi_edge_energy``.
     Attributes of ``/xanes`` record the method, fit ranges, threshold and source.
@@ -165,18 +182,12 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
             from ..xanes.lcf import prepare_references
 
             prepare_references(references, np.sort(E_in), column=column)
-        rng = {}
-        maps = edge_energy_map(ds, E_in, slab=slab, device=device, min_jump=min_jump, pre=pre, post=post,
-                               method=method, smooth=smooth, info=rng, denoise=denoise)
         order = np.argsort(E_in, kind="stable")
         E_sorted = E_in[order]
-        ref = np.asarray(ds[int(np.argmax(E_in))], dtype=np.float32)
-        ref_finite = np.where(np.isfinite(ref), ref, np.nanmin(ref) if np.isfinite(ref).any() else 0.0)
-        try:
-            ref_mask = ref_finite > otsu_threshold(ref_finite)
-        except ValueError as exc:
-            _log.warning("map_xanes_file: no particle labels (%s)", exc)
-            ref_mask = np.zeros(ref.shape, bool)
+        ref_mask = sample_mask(np.asarray(ds[int(np.argmax(E_in))], dtype=np.float32))
+        rng = {}
+        maps = edge_energy_map(ds, E_in, slab=slab, device=device, min_jump=min_jump, pre=pre, post=post,
+                               method=method, smooth=smooth, info=rng, denoise=denoise, mask=ref_mask)
         labels, n = particle_labels(ref_mask, min_voxels=min_voxels)
         roi = roi_spectra(Reordered(ds, order), E_sorted, labels, pre=rng["pre"], post=rng["post"]) if n else None
         chem = None

