@@ -22,8 +22,8 @@ from ..io.files import check_new_output
 from ..io.readers import open_input
 from ..io.results import is_result, stack_names, write_result_file
 from ..recon.fbp import FILTERS, reconstruct_fbp
-from ..register import Prep, prepare_reference
 from ..recon.flatfield import flatfield_correct
+from ..register import Prep, prepare_reference
 from ..xanes.regions import roi_spectra
 from ..xanes.spectra import MIN_ENERGIES
 from ..xanes.stack import Reordered, edge_energy_map
