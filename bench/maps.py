@@ -1,6 +1,7 @@
 """Do the registration modes improve the edge-energy maps? Each mode's map against the affine map and the truth.
 
-Cases (``gpureg simulate``, Mn K-edge, 29 energies, noise 1): ``per-particle``
+Cases (``gpureg simulate``, Mn K-edge, ``--energies`` default: 29 energies, 3 eV across the edge; ``fine``:
+34 energies, 1.5 eV across it; noise 1): ``per-particle``
 on ``--relative-motion`` scans, ``deformable`` on ``--deformation 3`` scans,
 one scan per seed. Each mode runs through the pipeline (``gpureg run
 --per-particle`` / ``--deformable``, ``--device``, CPU by default) with the series smoothing of
@@ -150,20 +151,25 @@ def truth_floor(result, errors):
     return out
 
 
-def run_case(mode, seed, size, window, folder, device="cpu", reuse=False):
+def run_case(mode, seed, size, window, folder, device="cpu", reuse=False, energies="default"):
     """Simulate (cached in ``folder``), run the mode (and the affine for window 0; ``reuse``: results already
     in ``folder`` are not run again), compare the maps."""
     from gpureg.pipeline import run
     from gpureg.synth.scan import simulate
 
+    from gpureg.synth import parse_energies
+
     sim_kw, mode_kw = MODES[mode]
-    raw = Path(folder) / f"{mode}-{seed}-{size}.h5"
+    grid = parse_energies(energies)
+    tag = "" if energies == "default" else f"-{energies}"
+    raw = Path(folder) / f"{mode}-{seed}-{size}{tag}.h5"
     if not raw.exists():
-        simulate(raw, size=size, seed=seed, **sim_kw)
-    row = {"registration_mode": mode, "seed": seed, "size": size, "series_window": window, "device": device}
+        simulate(raw, size=size, seed=seed, energies=grid, **sim_kw)
+    row = {"registration_mode": mode, "seed": seed, "size": size, "series_window": window, "device": device,
+           "energies": energies, "n_energies": int(grid.size), "fine_step_ev": float(np.diff(grid).min())}
     t0 = time.perf_counter()
-    out = Path(folder) / f"{mode}-{seed}-{size}-w{window}.h5"
-    affine = Path(folder) / f"affine-{mode}-{seed}-{size}.h5" if window == 0 else None
+    out = Path(folder) / f"{mode}-{seed}-{size}{tag}-w{window}.h5"
+    affine = Path(folder) / f"affine-{mode}-{seed}-{size}{tag}.h5" if window == 0 else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if not (reuse and out.exists()):
@@ -191,6 +197,8 @@ def main(argv=None):
     p.add_argument("--name", default="maps")
     p.add_argument("--reuse", action="store_true", help="Compare the results already in --folder (no new runs).")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--energies", default="default",
+                   help="Simulated grid: 'default' (29 energies, 3 eV across the edge) or 'fine' (34, 1.5 eV).")
     a = p.parse_args(argv)
     load0, rows = _load(), []
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +207,7 @@ def main(argv=None):
         for mode in a.modes:
             for seed in a.seeds:
                 for window in a.windows:
-                    row = run_case(mode, seed, a.size, window, folder, a.device, a.reuse)
+                    row = run_case(mode, seed, a.size, window, folder, a.device, a.reuse, a.energies)
                     print(f"{mode} seed {seed} window {window}: affine {row['affine']['median_ev']:.3f}/"
                           f"{row['affine']['p95_ev']:.3f} eV, mode {row['mode']['median_ev']:.3f}/"
                           f"{row['mode']['p95_ev']:.3f} eV (median/p95), contact outside truth range: affine "

@@ -192,7 +192,8 @@ def simulate(
     output: Path = typer.Argument(..., help="Data Exchange HDF5 to write (projections, flats, darks and /truth)."),
     size: int = typer.Option(48, "--size", help="Volume size (voxels per side)."),
     energies: str = typer.Option("default", "--energies",
-                                 help="'default' (Mn K-edge grid, 29 energies), a comma list or start:stop:step (eV)."),
+                                 help="'default' (Mn K-edge grid, 29 energies, 3 eV across the edge), 'fine' (34 energies, "
+                                      "1.5 eV across the edge), a comma list or start:stop:step (eV)."),
     angles: int = typer.Option(181, "--angles", help="Projection angles over -90..90 degrees."),
     noise: float = typer.Option(1.0, "--noise", help="Noise scale: 0 noise-free, 1 Poisson at --photons + read noise."),
     photons: float = typer.Option(1e4, "--photons", help="Flat-field counts per pixel."),
