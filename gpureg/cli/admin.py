@@ -192,7 +192,8 @@ def _format_result(d: dict) -> str:
                      + ("" if s["storage_error"] == "exact" else f" ({s['storage_error']})"))
     if d["dropped"]:
         lines.append("  dropped     " + ", ".join(d["dropped"]))
-    lines.append("  maps        " + (", ".join(d["maps"]) or "none"))
+    lines.append("  maps        " + (", ".join(d["maps"]) or "none")
+                 + (f" (skipped: {d['xanes_skipped']})" if d.get("xanes_skipped") else ""))
     return "\n".join(lines)
 
 

@@ -95,9 +95,9 @@ def split_references(values) -> tuple:
 
 
 # Library messages name parameters (``overwrite=True``, ``reference=``); the CLI names its flags instead.
-_FLAGS = ("align_projections", "allow_folding", "allow_limited_angles", "dataset", "deformable", "denoise_spectra",
-          "device", "energy_dataset", "keep", "overwrite", "per_particle", "reference", "regularization", "scheduler",
-          "skip_bad_energies", "spacing")
+_FLAGS = ("align_projections", "allow_folding", "allow_limited_angles", "clusters", "dataset", "deformable",
+          "denoise_spectra", "device", "energy_dataset", "keep", "overwrite", "per_particle", "reference", "references",
+          "regularization", "scheduler", "skip_bad_energies", "spacing")
 _PARAM_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b|\"[^\"]*\"|'[^']*'|[\w.]+)?")
 
 

@@ -95,16 +95,26 @@ def xanes(
     clusters: Optional[int] = ClustersOpt,
     denoise_spectra: str = DenoiseSpectraOpt,
     reference_column: Optional[str] = ReferenceColumnOpt,
+    pre: Optional[str] = typer.Option(None, "--pre", metavar="LO,HI",
+                                      help="Pre-edge fit range in eV (default: from the data, as Larch)."),
+    post: Optional[str] = typer.Option(None, "--post", metavar="LO,HI",
+                                       help="Post-edge fit range in eV; energies must lie between --pre and --post."),
 ):
     """Edge-energy, edge-jump and white-line maps, particle labels and particle spectra of an aligned stack;
     with --references / --clusters also reference fractions and k-means clusters."""
-    from ..xanes.denoise import parse_denoise
+    from ..core.errors import EnergyGridError
     from ..pipeline.files import map_xanes_file
+    from ..xanes.denoise import parse_denoise
 
-    s = map_xanes_file(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
-                    min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value, overwrite=overwrite,
-                    references=split_references(references) or None, clusters=clusters,
-                    denoise=parse_denoise(denoise_spectra), column=reference_column)
+    try:
+        s = map_xanes_file(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
+                           min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value,
+                           overwrite=overwrite, references=split_references(references) or None, clusters=clusters,
+                           denoise=parse_denoise(denoise_spectra), column=reference_column,
+                           pre=_energy_range(pre, "--pre"), post=_energy_range(post, "--post"))
+    except EnergyGridError as exc:  # the grid, not the data: say how to choose ranges that fit it
+        raise EnergyGridError(f"{str(exc).splitlines()[0]}; give --pre LO,HI and --post LO,HI (eV) with energies "
+                              "between them, or scan more energies across the edge") from None
     typer.echo(f"{s['valid']} of {s['voxels']} voxels mapped, {s['particles']} particles, median edge energy "
                f"{s['edge_energy_median']:.2f} eV (pre {s['pre']}, post {s['post']} eV); written to {output}")
     if "fraction_medians" in s:
@@ -277,3 +287,14 @@ def _step_progress(label, total):
             bar.update(task, total=n, completed=i + 1, status=f"{energy:.1f} eV")
 
         yield step
+
+
+def _energy_range(text, option):
+    """``LO,HI`` (eV) of ``--pre``/``--post`` as a pair of floats, or None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected LO,HI in eV (e.g. 6500,6530), got {text!r}", param_hint=option) from None
+    return lo, hi

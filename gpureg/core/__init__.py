@@ -7,7 +7,8 @@ Everything above builds on these; nothing here imports another gpureg layer.
 from .backend import (DEVICES, array_device, cupy_or_none, get_xp, gpu_available, gpu_name,
                       ndimage_of, resolve_device, to_device, to_host, xp_of)
 from .energies import check_energies
-from .errors import GpuregError, GPUUnavailableError, InputError, OutputError, ParameterError, ResourceError
+from .errors import (EnergyGridError, GpuregError, GPUUnavailableError, InputError, OutputError, ParameterError,
+                     ResourceError)
 from .metric import cell_support, mse_terms, trilinear_sample, voxel_jacobian
 from .prefetch import HostToDevicePrefetcher
 from .segment import DENOISE, binarize, denoise, otsu_threshold, particle_labels
@@ -21,7 +22,7 @@ __all__ = [
     "DEVICES", "GPUUnavailableError", "array_device", "cupy_or_none", "get_xp", "gpu_available", "gpu_name",
     "ndimage_of", "resolve_device", "to_device", "to_host", "xp_of",
     # errors, energies
-    "GpuregError", "InputError", "OutputError", "ParameterError", "ResourceError", "check_energies",
+    "EnergyGridError", "GpuregError", "InputError", "OutputError", "ParameterError", "ResourceError", "check_energies",
     # metric, solver
     "MetricTerms", "cell_support", "mse_terms", "trilinear_sample", "voxel_jacobian",
     "LMResult", "levenberg_marquardt",

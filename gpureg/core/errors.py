@@ -10,7 +10,7 @@ was raised before the family existed (``ValueError``, ``RuntimeError``), so
 
 from __future__ import annotations
 
-__all__ = ["DependencyError", "GpuregError", "GPUUnavailableError", "InputError", "OutputError", "ParameterError", "ResourceError"]
+__all__ = ["DependencyError", "EnergyGridError", "GpuregError", "GPUUnavailableError", "InputError", "OutputError", "ParameterError", "ResourceError"]
 
 
 class GpuregError(Exception):
@@ -23,6 +23,13 @@ class InputError(GpuregError, ValueError):
 
 class ParameterError(InputError):
     """A parameter value is out of its range or not one of its choices (message names the parameter)."""
+
+
+class EnergyGridError(InputError):
+    """The energies cannot give an edge map: too few of them, or none between the pre- and post-edge fit ranges.
+
+    A property of the scan's energy grid, not of the data: a run keeps its registration and skips the maps.
+    """
 
 
 class OutputError(InputError):

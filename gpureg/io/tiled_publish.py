@@ -3,13 +3,15 @@
 Into the container at ``URI`` a new container ``gpureg_<run uid[:8]>`` (``_2``,
 ``_3``... when taken) is written with
 
-- ``edge_energy`` ``(nz, ny, nx)`` float32, eV (the per-voxel edge-energy map);
+- ``edge_energy`` ``(nz, ny, nx)`` float32, eV (the per-voxel edge-energy map; absent when the energies
+  could not give maps, metadata ``xanes_skipped`` says why);
 - ``aligned`` ``(n_energy, nz, ny, nx)`` float32 (the grey tomograms on the reference grid), when kept;
 - ``registration``: a table, one row per energy: ``energy_ev``, ``mse_before``, ``mse_after``,
   and the 12 affine entries ``m00`` ... ``m23`` (``moving_from_reference``, voxels ``(z, y, x)``);
 
 and metadata linking it to the run: ``run_uid``, ``source`` (the run's URI),
-``energies_ev``, ``reference_ev``, ``excluded`` (energy -> reason), ``gpureg_version``, ``convention``.
+``energies_ev``, ``reference_ev``, ``excluded`` (energy -> reason), ``xanes_skipped`` (None, or why no maps),
+``gpureg_version``, ``convention``.
 """
 
 from __future__ import annotations
@@ -54,13 +56,15 @@ def publish_result(result, uri: str, *, run_uid: str = "", source: str = "") -> 
     md = {"run_uid": run_uid, "source": source, "energies_ev": energies.tolist(),
           "reference_ev": float(energies[summary.reference_index]), "gpureg_version": __version__,
           "convention": "moving_from_reference, voxel indices (z, y, x)", "result_file": str(result),
-          "excluded": {f"{e:g}": str(r) for e, r in (summary.excluded or {}).items()}}
+          "excluded": {f"{e:g}": str(r) for e, r in (summary.excluded or {}).items()},
+          "xanes_skipped": summary.xanes_skipped}
     out = translate_errors(lambda: node.create_container(key=key, metadata=md), uri)
     where = f"{uri.rstrip('/')}/{key}"
     with h5py.File(result, "r") as h5:
-        edge = np.asarray(h5["xanes/edge_energy"][()], dtype=np.float32)
-        translate_errors(lambda: out.write_array(edge, key="edge_energy",
-                                                 metadata={"units": "eV", "axes": "z:y:x", "run_uid": run_uid}), where)
+        if "xanes/edge_energy" in h5:  # absent when the energies could not give maps (summary.xanes_skipped)
+            edge = np.asarray(h5["xanes/edge_energy"][()], dtype=np.float32)
+            translate_errors(lambda: out.write_array(edge, key="edge_energy", metadata={
+                "units": "eV", "axes": "z:y:x", "run_uid": run_uid}), where)
         if "aligned" in h5:
             aligned = np.asarray(h5["aligned"][()], dtype=np.float32)
             translate_errors(lambda: out.write_array(aligned, key="aligned", metadata={

@@ -93,6 +93,7 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
         "mse_ratio_median": median_mse_ratio(res.mse_before, res.mse_after),
         "storage": storage, "background_write_s": write,
         "edge_ambiguous_voxels": ambiguous,  # masked: more than one 0.5 crossing (gpureg.xanes.edge_energy)
+        "xanes_skipped": res.xanes_skipped,  # why there are no edge maps (the energy grid), or None
     }
     summary.update(pp_summary)
     summary.update(df_summary)
@@ -117,6 +118,9 @@ def write_report(result_h5, outdir, *, name: str | None = None) -> list:
              *[f"- /{k} stored as {v.get('store_dtype', 'float32')} ({v.get('storage_error', 'exact')}), "
                f"compression {v.get('compression', 'gzip:1')}" for k, v in storage.items()],
              ""]
+    if res.xanes_skipped:
+        lines.append(f"- **no edge maps**: {res.xanes_skipped} (registration and aligned stack only; more energies "
+                     "across the edge give maps, see `gpureg xanes --pre/--post`)")
     for e, r in sorted(res.excluded.items()):
         lines.append(f"- **energy {e:g} eV left out** (--skip-bad-energies): {r}")
     for f, r in sorted(summary["skipped_inputs"].items()):

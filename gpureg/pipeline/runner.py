@@ -48,8 +48,9 @@ from ..register.affine import register_prepared
 from ..register.prepare import prepare_reference, prepare_volume
 from ..register.series import reference_index, registration_order
 from .deform import DeformableStep
+from .maps import map_run, no_maps_message
 from .options import KEEPABLE, Devices, RunOptions, resolve_devices
-from .particles import PerParticle, per_particle_xanes
+from .particles import PerParticle
 from .report import PipelineResult, write_report
 from .series_pass import smooth_series_pass
 from .steps import Loader, RunLog, check_output, handle_bad_energy, notify, score_matrix, stored_warm_start
@@ -142,7 +143,10 @@ def run(input, output, options: RunOptions | None = None, *, overwrite: bool = F
                 drop_datasets(work, dropped)
                 os.replace(work, os.path.realpath(output) if output.is_symlink() else output)
                 _log.info("gpureg: finished %s%s", output, f" (without {', '.join(dropped)})" if dropped else "")
-    summary = read_result(output)
+                summary = read_result(output)
+                if summary.xanes_skipped:
+                    _log.warning("%s", no_maps_message(output, summary.xanes_skipped, options,
+                                                       len(summary.energies) - len(summary.excluded)))
     result = PipelineResult(**vars(summary), output=output, resumed=resumed)
     if options.report:
         result.report_dir, result.figures = report, figures
@@ -197,8 +201,12 @@ def _check_input(reader, energies, options, output):
     from ..io.results.space import RESERVE_BYTES
     from ..xanes.spectra import MIN_ENERGIES
 
-    if energies.size < MIN_ENERGIES:
-        raise InputError(f"{reader.path}: has {energies.size} energies; XANES maps need at least {MIN_ENERGIES}")
+    if energies.size < 2:
+        raise InputError(f"{reader.path}: has {energies.size} energy; registration needs at least 2")
+    if energies.size < MIN_ENERGIES and (options.references or options.clusters):
+        # Refused before any work; without them the run registers and writes no maps (maps.map_run says why).
+        raise ParameterError(f"{reader.path}: has {energies.size} energies; reference fits and clusters "
+                             f"(references=, clusters=) need at least {MIN_ENERGIES}: leave them out to register only")
     if options.align_projections and reader.kind != "projections":
         raise InputError(f"{reader.path}: holds reconstructions; align_projections=True needs projections")
     if isinstance(options.denoise_spectra, int) and options.denoise_spectra >= energies.size:
@@ -262,9 +270,7 @@ def _compute(reader, work, energies, ref, options, devices, matrices, checksum, 
                 store.write_alignment(i, done, done.theta)
         if options.series_window and (matrices is None or options.deformable):
             smooth_series_pass(store, options, devices, reference, smooth_affine=matrices is None)
-        _xanes(store, reference, options, devices)
-        if options.per_particle or store.has_stack("aligned_global"):
-            per_particle_xanes(store, options, devices, mask=reference.mask)
+        map_run(store, reference, options, devices)  # or, when the energies cannot give maps, why not
         signals.check()
     except BaseException:
         store.abandon()
@@ -398,45 +404,3 @@ def _reading_ahead():
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-
-
-def xanes_attrs(info) -> dict:
-    """``/xanes`` attributes of an edge map's ``info``: common E0, fit ranges, spectral basis (JSON)."""
-    import json
-
-    out = {"e0_common_ev": float(info["e0"]), "pre_ev": list(info["pre"]), "post_ev": list(info["post"]),
-           "e0_rule": info["rule"]}
-    if info.get("basis") is not None:
-        b = info["basis"].to_dict()
-        b["applied"] = info.get("denoise") is not None
-        out["spectral_denoise"] = json.dumps(b)
-    return out
-
-
-def _xanes(store, reference, options, devices):
-    from ..core.segment import particle_labels
-    from ..xanes.spectra import MIN_ENERGIES
-    from ..xanes.stack import edge_energy_map
-
-    used = store.used()
-    if used.size < MIN_ENERGIES:
-        left = ", ".join(f"{e:g}" for e in store.energies[store.excluded])
-        raise InputError(f"only {used.size} usable energies after leaving out {left} eV; XANES maps need at least "
-                         f"{MIN_ENERGIES}")
-    info = {}
-    # Maps only where there is sample: the reference's Otsu mask (the one registration uses), as the maps of
-    # /xanes_global, so every mode's map covers the same voxels (README, "Edge-energy maps").
-    maps = edge_energy_map(store.volumes("aligned", used), store.energies[used], device=devices.registration,
-                           method=options.edge.value, denoise=options.denoise_spectra, info=info,
-                           mask=reference.mask)
-    labels, _ = particle_labels(reference.mask)
-    chem = None
-    if options.references or options.clusters:
-        from ..xanes.chemmap import chemistry_map
-
-        stack = store.stack("aligned") if used.size == store.energies.size else store.volumes("aligned", used)
-        chem = chemistry_map(stack, store.energies[used], references=options.references or None,
-                             k=options.clusters, mask=maps["mask"], device=devices.registration, e0=info["e0"],
-                             denoise=info["basis"] if options.denoise_spectra is not None else None,
-                             column=options.reference_column)
-    store.write_xanes(maps, to_host(labels), chemistry=chem, attrs=xanes_attrs(info))

@@ -49,7 +49,7 @@ from ..core.energies import check_energies
 from ..core.errors import InputError, ParameterError
 from .e0 import find_e0_index
 from .preedge import fit_ranges, normalisation_functionals, pre_edge
-from .spectra import MIN_ENERGIES, auto_min_jump, fine_region, snap_range, spectra_matrix
+from .spectra import MIN_ENERGIES, auto_min_jump, edge_window, fine_region, spectra_matrix
 
 __all__ = ["edge_energy", "edge_ranges", "METHODS", "normalize"]
 
@@ -86,6 +86,11 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
     dict
         ``pre`` and ``post``: ``(lo, hi)`` in eV (inclusive; each holds at
         least 2 energies); ``e0``: the common E0 (eV); ``rule``: how E0 was chosen.
+
+    Raises
+    ------
+    EnergyGridError
+        (an ``InputError``) The grid cannot place the edge (:func:`~gpureg.xanes.spectra.edge_window`).
     """
     E = check_energies(energies, increasing=True, min_count=MIN_ENERGIES)
     rule = "given"
@@ -113,7 +118,8 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
     e0 = float(e0)
     if not E[1] <= e0 <= E[-2]:
         raise InputError(f"edge_ranges: e0={e0:g} eV must lie inside the grid {E[1]:g}..{E[-2]:g} eV")
-    if pre is None or post is None:
+    given = pre is not None and post is not None
+    if not given:
         r = fit_ranges(E, e0, fit="spline")
         auto_pre = (max(E[0], e0 + r["pre1"]), e0 + r["pre2"])
         auto_post = (e0 + r["norm1"], min(E[-1], e0 + r["norm2"]))
@@ -123,14 +129,7 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
             auto_post = (E[min(E.size - 2, int(np.searchsorted(E, e0)) + 2)], E[-1])
         pre = auto_pre if pre is None else pre
         post = auto_post if post is None else post
-    pre = snap_range(E, pre, "pre")
-    post = snap_range(E, post, "post")
-    if pre[1] >= post[0]:
-        raise ParameterError(f"edge_ranges: pre-edge range {pre} must end below the post-edge range {post}")
-    i_lo, i_hi = int(np.searchsorted(E, pre[1])), int(np.searchsorted(E, post[0]))
-    if i_hi - i_lo < 2:
-        raise InputError(f"edge_ranges: no energy lies between the pre-edge range {pre} and the post-edge range "
-                         f"{post}; the edge cannot be located")
+    pre, post = edge_window(E, pre, post, given=given)
     return {"pre": pre, "post": post, "e0": e0, "rule": rule}
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.backend import to_host, xp_of
-from ..core.errors import InputError, ParameterError
+from ..core.errors import EnergyGridError, InputError, ParameterError
 
-__all__ = ["MIN_ENERGIES", "auto_min_jump", "fine_region", "snap_range", "spectra_matrix"]
+__all__ = ["MIN_ENERGIES", "auto_min_jump", "edge_window", "fine_region", "snap_range", "spectra_matrix"]
 
 MIN_ENERGIES = 5
 """Fewest energies a spectrum needs: pre-edge, edge and post-edge."""
@@ -58,6 +58,23 @@ def snap_range(E, r, name):
         raise InputError(f"edge_ranges: {name}-edge range {(lo, hi)} eV holds {sel.size} energies; a fit needs "
                          f"at least 2 (grid {E[0]:g}..{E[-1]:g} eV)")
     return (lo, hi)
+
+
+def edge_window(E, pre, post, *, given: bool = False):
+    """The ``(pre, post)`` fit ranges (eV, each snapped by :func:`snap_range`), checked to leave the edge between.
+
+    :class:`~gpureg.core.EnergyGridError` when no energy lies between them, or when they overlap and were
+    chosen automatically (``given=False``): the grid cannot place the edge. Overlapping ranges that were both
+    given are a :class:`~gpureg.core.ParameterError`.
+    """
+    pre, post = snap_range(E, pre, "pre"), snap_range(E, post, "post")
+    if pre[1] >= post[0]:
+        raise (ParameterError if given else EnergyGridError)(
+            f"edge_ranges: pre-edge range {pre} must end below the post-edge range {post}")
+    if int(np.searchsorted(E, post[0])) - int(np.searchsorted(E, pre[1])) < 2:
+        raise EnergyGridError(f"edge_ranges: no energy lies between the pre-edge range {pre} and the post-edge "
+                              f"range {post}; the edge cannot be located")
+    return pre, post
 
 
 def spectra_matrix(spectra, E, caller):

@@ -312,6 +312,22 @@ def test_bad_inputs_have_clear_errors(energies, spectra, match):
         xanes.edge_energy(spectra, energies)
 
 
+def test_a_grid_that_cannot_place_the_edge_is_an_energy_grid_error():
+    """20 eV steps, 5 energies (a quick check scan): Larch's automatic ranges leave one energy between them, too
+    few to place the edge; a grid problem (``EnergyGridError``, a run skips its maps), not a bad parameter. Ranges
+    given that leave one energy between them place it; given ranges that overlap stay a ``ParameterError``."""
+    from gpureg.core import EnergyGridError, ParameterError
+
+    grid = np.arange(6500.0, 6581.0, 20.0)
+    spec = 0.3 + 0.7 / (1 + np.exp(-(grid - 6550.0) / 2.0))
+    with pytest.raises(EnergyGridError, match="no energy lies between"):
+        xanes.edge_ranges(grid, spec)
+    assert xanes.edge_ranges(grid, spec, pre=(6500, 6520), post=(6560, 6580))["pre"] == (6500.0, 6520.0)
+    with pytest.raises(ParameterError, match="must end below") as err:
+        xanes.edge_ranges(grid, spec, pre=(6500, 6560), post=(6540, 6580))
+    assert not isinstance(err.value, EnergyGridError)
+
+
 def test_bad_options_have_clear_errors(known):
     _, spec, _ = known
     with pytest.raises(ValueError, match="method must be one of"):

@@ -18,6 +18,10 @@ One HDF5 file per run::
     deformable runs: /registration/bspline_coefficients (n_energy, 3, cz, cy, cx; attr spacing),
                      bspline_min_jacobian, bspline_mse_affine (MSE of the affine alone; mse_after: deformed)
 
+When the energies cannot give an edge map (fewer than 5 usable, or none between the pre- and post-edge fit
+ranges: :class:`~gpureg.core.EnergyGridError`), a run's result has no ``/xanes`` (nor ``/xanes_global``) group
+and the root attribute ``xanes_skipped`` holds the one-line reason (:meth:`ResultFile.xanes_skipped`); everything
+else is written as usual.
 Attributes also hold ``voxel_size_nm`` (when the input says), and
 ``/registration/excluded`` (n_energy,) flags energies left out by
 ``--skip-bad-energies`` (reasons in its ``reasons`` attribute, JSON).
@@ -53,7 +57,7 @@ from .compression import (
 )
 from .read import ResultFile, ResultSummary, describe_result, is_result, read_result, stack_names
 from .space import DiskFullError, disk_full, is_no_space
-from .store import GREY_STACKS, STAGES, ResultStore
+from .store import GREY_STACKS, STAGES, XANES_SKIPPED, ResultStore
 from .write import STACKS, drop_datasets, write_chemistry, write_result_file, write_xanes
 
 register_filters()  # every gpureg process that touches results reads the hdf5plugin codecs, h5py included
@@ -62,7 +66,7 @@ __all__ = ["COMPRESSIONS", "dataset_filter", "DEFAULT_COMPRESSION", "describe_fi
            "DiskFullError", "drop_datasets", "GREY_STACKS", "is_no_space", "is_result", "parse_compression",
            "lock_path", "log_path", "partial_path", "read_result", "report_dir_for", "ResultFile",
            "ResultStore", "ResultSummary", "stack_names", "STACKS", "STAGES", "watch_dir", "write_chemistry",
-           "write_result_file", "write_xanes"]
+           "write_result_file", "write_xanes", "XANES_SKIPPED"]
 
 
 def partial_path(output) -> Path:

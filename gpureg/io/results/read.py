@@ -10,7 +10,7 @@ import numpy as np
 
 from ..files import InputError
 from .compression import describe_filter, register_filters
-from .store import GREY_STACKS
+from .store import GREY_STACKS, XANES_SKIPPED
 
 __all__ = ["describe_result", "is_result", "read_result", "ResultFile", "ResultSummary", "stack_names"]
 
@@ -27,6 +27,7 @@ class ResultSummary:
     timings: dict = field(default_factory=dict)  # stage -> (n_energy,) seconds
     attrs: dict = field(default_factory=dict)    # file attributes, ``parameters`` decoded from JSON
     excluded: dict = field(default_factory=dict)  # energy (eV) -> reason, energies left out
+    xanes_skipped: str | None = None  # why the result has no edge maps (root attribute ``xanes_skipped``), or None
 
 
 
@@ -39,7 +40,7 @@ def read_result(path) -> ResultSummary:
                              matrices=h5["registration/matrix"][...], mse_before=h5["registration/mse_before"][...],
                              mse_after=h5["registration/mse_after"][...],
                              timings={k: h5[f"timings/{k}"][...] for k in h5.get("timings", {})}, attrs=r.attrs(),
-                             excluded=r.excluded())
+                             excluded=r.excluded(), xanes_skipped=r.xanes_skipped())
 
 
 class ResultFile:
@@ -128,6 +129,12 @@ class ResultFile:
     def has_registration(self) -> bool:
         """True for a pipeline result (``/registration/matrix``), False for ``gpureg xanes`` or Data Exchange files."""
         return "registration/matrix" in self.h5
+
+    def xanes_skipped(self) -> str | None:
+        """Why a run wrote no edge maps (``/xanes``): the one-line reason (the energy grid cannot give them), or
+        ``None`` when it did not skip them."""
+        v = self.h5.attrs.get(XANES_SKIPPED)
+        return None if v is None else (v.decode() if isinstance(v, bytes) else str(v))
 
     def maps(self, group: str = "xanes"):
         """Lazy 3D datasets of ``/xanes``: ``edge_energy`` and, when present, ``edge_energy_sigma``, ``mask``,
@@ -354,4 +361,5 @@ def describe_result(path) -> dict:
                 "energies_ev": [] if e is None else [float(x) for x in e],
                 "voxel_size_nm": r.voxel_size_nm(), "stacks": stacks,
                 "maps": sorted(k for k in h5.get("xanes", {}) if h5["xanes"][k].ndim == 3),
+                "xanes_skipped": r.xanes_skipped(),
                 "dropped": json.loads(attrs.get("dropped", "[]"))}

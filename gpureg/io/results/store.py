@@ -22,13 +22,14 @@ from .nexus import annotate_stack, check_storable, stack_dtype, write_nexus_view
 from .space import Reserve, digest, disk_full, is_no_space
 from .write import write_xanes
 
-__all__ = ["GREY_STACKS", "ResultStore", "STAGES"]
+__all__ = ["GREY_STACKS", "ResultStore", "STAGES", "XANES_SKIPPED"]
 
 _log = logging.getLogger("gpureg")
 
 STAGES = ("load", "register", "apply", "write")
 GREY_STACKS = ("recon", "aligned")  # the per-energy grey stacks of a result (what --keep chooses among)
 XANES_MAPS = ("edge_energy", "edge_jump", "white_line", "mask")
+XANES_SKIPPED = "xanes_skipped"  # root attribute: why the result has no /xanes maps (the energy grid cannot give them)
 
 
 class ResultStore(RunExtras):
@@ -279,8 +280,21 @@ class ResultStore(RunExtras):
         with self._lock:
             self._check_space(8 * 4.0 * float(np.prod(self.h5["aligned"].shape[1:])))
             g = write_xanes(self.h5, maps, labels, group=group, chemistry=chemistry, attrs=attrs)
+            if group == "xanes" and XANES_SKIPPED in self.h5.attrs:  # a resumed run that now maps
+                del self.h5.attrs[XANES_SKIPPED]
             self._sync()
             self._maps.update({f"{group}/{k}": digest(g[k][...]) for k in g if isinstance(g[k], h5py.Dataset)})
+
+    def skip_xanes(self, reason: str):
+        """No edge maps: record ``reason`` (one line) as the root attribute ``xanes_skipped``, and remove any
+        ``/xanes`` or ``/xanes_global`` group an earlier attempt left."""
+        with self._lock:
+            for group in ("xanes", "xanes_global"):
+                if group in self.h5:
+                    del self.h5[group]
+                    self._maps = {k: d for k, d in self._maps.items() if not k.startswith(f"{group}/")}
+            self.h5.attrs[XANES_SKIPPED] = str(reason).splitlines()[0] if str(reason) else "unknown"
+            self._sync()
 
     def finish(self):
         """Mark the file complete, close it, and check it: reopened, every energy done, the maps as written.
