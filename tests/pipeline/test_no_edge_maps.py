@@ -9,7 +9,7 @@ import pytest
 from cli_run import run_cli
 
 import gpureg
-from gpureg.core import InputError, ParameterError
+from gpureg.core import InputError
 from gpureg.io import write_dataexchange
 from gpureg.pipeline import run
 from gpureg.pipeline.watch import watch_folder
@@ -101,11 +101,9 @@ def test_viewer_loads_a_result_without_maps(cli_result):
     assert spectrum["mu"].shape == (5,) and np.isnan(spectrum["edge_energy"])
 
 
-def test_too_few_energies_register_only_and_chemistry_is_refused_first(tmp_path):
+def test_too_few_energies_register_only(tmp_path):
+    """(With --references/--clusters they are refused before any work: tests/pipeline/test_trust.py.)"""
     src = write_dataexchange(tmp_path / "three.h5", recon=_volumes(COARSE[::2]), energy=COARSE[::2])
-    with pytest.raises(ParameterError, match="has 3 energies; reference fits and clusters"):
-        run(src, tmp_path / "chem.h5", clusters=2, report=False)
-    assert not list(tmp_path.glob("chem*"))  # refused before anything was written
     res = run(src, tmp_path / "out.h5", report=False)
     assert res.xanes_skipped == "3 energies; edge maps need at least 5" and res.mse_after.size == 3
 

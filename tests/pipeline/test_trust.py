@@ -200,15 +200,17 @@ def test_existing_folder_as_output_refused_before_work(scan, tmp_path):
     assert not any(folder.iterdir())
 
 
-def test_fewer_than_five_energies_refused_before_anything_is_created(tmp_path):
+def test_fewer_than_five_energies_with_chemistry_refused_before_anything_is_created(tmp_path):
+    """Fewer than 5 energies give no edge maps: a plain run registers them (tests/pipeline/test_no_edge_maps.py);
+    asked for reference fits or clusters, which cannot run either, it is refused before any work."""
     src = tmp_path / "in"
     src.mkdir()
     vols = [gpureg.two_particle_phantom((16, 16, 16)) * (1 + 0.1 * k) for k in range(4)]
     path = write_dataexchange(src / "four.h5", recon=vols, energy=[6500.0, 6540.0, 6550.0, 6600.0])
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(ValueError, match="four.h5: has 4 energies; XANES maps need at least 5"):
-        run(path, out / "r.h5")
+    with pytest.raises(ValueError, match="four.h5: has 4 energies; reference fits and clusters"):
+        run(path, out / "r.h5", clusters=2)
     assert list(out.iterdir()) == []
 
 
