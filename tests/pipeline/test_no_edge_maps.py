@@ -106,6 +106,11 @@ def test_too_few_energies_register_only(tmp_path):
     src = write_dataexchange(tmp_path / "three.h5", recon=_volumes(COARSE[::2]), energy=COARSE[::2])
     res = run(src, tmp_path / "out.h5", report=False)
     assert res.xanes_skipped == "3 energies; edge maps need at least 5" and res.mse_after.size == 3
+    vols = _volumes(COARSE)
+    vols[1][:] = np.nan  # 6520 eV reconstructs to NaN: left out, 4 usable energies remain
+    src = write_dataexchange(tmp_path / "bad.h5", recon=vols, energy=COARSE)
+    res = run(src, tmp_path / "skip.h5", report=False, skip_bad_energies=True)
+    assert res.xanes_skipped == "only 4 usable energies (leaving out 6520 eV); edge maps need at least 5"
 
 
 def test_rerun_after_the_old_failure_resumes_and_finishes(coarse, tmp_path, monkeypatch):
@@ -135,3 +140,38 @@ def test_watch_finishes_the_series_without_maps(tmp_path):
     assert res.energies.size == 5 and "no energy lies between" in res.xanes_skipped
     with h5py.File(tmp_path / "live.h5") as h5:
         assert h5.attrs["complete"] and "xanes" not in h5 and "aligned" in h5
+
+
+
+def test_published_without_maps_says_why(cli_result, monkeypatch):
+    """``gpureg watch URI --publish``: the aligned stack and registration go to Tiled, no edge_energy, the reason
+    in the metadata. The Tiled container is a recording stand-in (a real server: tests/pipeline/test_live.py)."""
+    pytest.importorskip("pandas")
+    pytest.importorskip("httpx")
+    import gpureg.io.tiled_publish as tp
+
+    class Node:
+        structure_family = "container"
+
+        def __init__(self, metadata=None):
+            self.metadata, self.items = metadata, {}
+
+        def __iter__(self):
+            return iter(self.items)
+
+        def create_container(self, key, metadata):
+            self.items[key] = Node(metadata)
+            return self.items[key]
+
+        def write_array(self, array, key, metadata):
+            self.items[key] = array
+
+        write_dataframe = write_array
+
+    root = Node()
+    monkeypatch.setattr(tp, "connect", lambda uri: root)
+    out, _ = cli_result
+    assert tp.publish_result(out, "http://tiled/api/v1/metadata/x", run_uid="0123456789ab").endswith("gpureg_01234567")
+    node = root.items["gpureg_01234567"]
+    assert sorted(node.items) == ["aligned", "registration"]
+    assert "no energy lies between" in node.metadata["xanes_skipped"]
