@@ -116,7 +116,7 @@ def test_too_few_energies_register_only(tmp_path):
 def test_rerun_after_the_old_failure_resumes_and_finishes(coarse, tmp_path, monkeypatch):
     """The bug's state: every energy registered, the maps failed, the .partial kept. A rerun resumes it. Other
     errors of the maps stage (here a stand-in for NaN input) still stop the run."""
-    import gpureg.pipeline.runner as runner
+    from gpureg.pipeline import runner
 
     def fails(*args, **kwargs):
         raise InputError("edge_energy_map: no voxel has a finite spectrum at every energy (all NaN/inf)")
