@@ -19,6 +19,8 @@ final control-point spacing S (8 voxels):
   ``FinalGridSpacingInPhysicalUnits = S`` (everything else elastix's defaults:
   4 resolutions, adaptive stochastic gradient descent, 2048 random samples per
   iteration; ``--elastix-samples`` for more);
+- elastix on the unprepared volumes too (``--elastix-raw``; a variant of the row, ``input``
+  "unprepared volumes"): elastix's own input, since the prepared arrays are not what it is tuned for;
 - ANTs SyN (``--ants``, antspyx where it installs): ``type_of_transform="SyN"``
   with mean squares, cases up to ``--ants-max-size``.
 
@@ -187,6 +189,8 @@ def main(argv=None):
                          "reference, all are listed under reference_variants")
     ap.add_argument("--elastix-bending", type=float, nargs="*", default=[],
                     help="also elastix with its bending-energy penalty at these weights (reference_variants)")
+    ap.add_argument("--elastix-raw", action="store_true",
+                    help="also elastix on the unprepared volumes (its own input; issue 27's caveat)")
     ap.add_argument("--interpolation", default=None, choices=["linear", "cubic"],
                     help="gpureg's sampling of the moving volume in the objective (default: gpureg's)")
     ap.add_argument("--regularization", type=float, default=None, help="gpureg's bending-energy weight")
@@ -231,10 +235,18 @@ def main(argv=None):
                                  "reference_ms": round(float(np.median([r[0] for r in ref])), 1),
                                  "reference_error_vox": round(mean_error(ref[-1][1], points, truth), 4),
                                  "reference_min_jacobian": round(bspline_free_min_jacobian(ref[-1][1]), 4)})
+            if args.elastix_raw:
+                raw_f, raw_m = (np.asarray(v, np.float32) for v in (fixed, moving))
+                ref = [run_elastix(raw_f, raw_m, args.spacing, args.elastix_samples[0]) for _ in range(args.repeats)]
+                variants.append({"samples": args.elastix_samples[0] or 2048, "bending_weight": 0.0,
+                                 "input": "unprepared volumes",
+                                 "reference_ms": round(float(np.median([r[0] for r in ref])), 1),
+                                 "reference_error_vox": round(mean_error(ref[-1][1], points, truth), 4),
+                                 "reference_min_jacobian": round(bspline_free_min_jacobian(ref[-1][1]), 4)})
             first = variants[0]
             row.update({"reference": "elastix (itk-elastix) affine + bspline, AdvancedMeanSquares, "
                                      f"NumberOfSpatialSamples {first['samples']}",
-                        **{k: v for k, v in first.items() if k not in ("samples", "bending_weight")},
+                        **{k: v for k, v in first.items() if k not in ("samples", "bending_weight", "input")},
                         "ratio": round(ms / first["reference_ms"], 3), "reference_variants": variants})
         if args.ants and size <= args.ants_max_size:
             a_ms, a_disp = run_ants(f, m)
