@@ -48,12 +48,12 @@ Measured on the simulated scans of ``bench/denoise.py`` (48^3, 29 energies;
 the mean (standard deviation); the first principal direction of the
 unwhitened spectra held that noise, so the white-noise threshold kept it as
 signal (seed 0: K 4 -> 3 at 1000 photons, 7 -> 6 at 10^4). With the basis
-of all voxels (3 seeds, 1000 photons): the sigma map of the map without
-denoising covers 0.59-0.61 of its true errors and 0.67-0.71 of the errors
-that noise alone makes (against the same scan without noise). After
-denoising, sigma (the projected noise) covers 0.31-0.40 of the true errors
-and 0.54-0.57 of the noise errors: it leaves out spatial resolution (about
-0.26 eV at 48^3: neighbouring spectra mixed) and the basis's own error.
+of all voxels (3 seeds, 1000 photons) this noise term alone covers 0.59-0.61
+of the true errors of the map without denoising and 0.67-0.71 of the errors
+that noise alone makes (against the same scan without noise); after denoising
+0.31-0.40 of the true errors: it leaves out spatial resolution (about 0.26 eV
+at 48^3: neighbouring spectra mixed), interpolation between energies and the
+truncation's own error, which :mod:`gpureg.xanes.uncertainty` adds to the sigma map.
 White noise gives a flat profile and the plain PCA. All array code is
 ``xp``-generic (NumPy or CuPy).
 """

@@ -48,8 +48,10 @@ from ..core.backend import to_host
 from ..core.energies import check_energies
 from ..core.errors import InputError, ParameterError
 from .e0 import find_e0_index
-from .preedge import fit_ranges, normalisation_functionals, pre_edge
+from .crossing import crossing
+from .preedge import fit_ranges, pre_edge
 from .spectra import MIN_ENERGIES, auto_min_jump, edge_window, fine_region, spectra_matrix
+from .uncertainty import crossing_sigma, linear_crossing, model_terms, noise_operator
 
 __all__ = ["edge_energy", "edge_ranges", "METHODS", "normalize"]
 
@@ -135,7 +137,7 @@ def edge_ranges(energies, spectrum=None, *, pre=None, post=None, e0=None) -> dic
 
 def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None, min_jump: float | None = None,
                 smooth: float = 1.0, mask=None, e0: float | None = None, noise=None, noise_components=None,
-                noise_profile=None) -> dict:
+                noise_profile=None, signal=None, model: bool = True) -> dict:
     """Per-spectrum edge energy, edge jump and white-line energy.
 
     Parameters
@@ -166,9 +168,11 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         Standard deviation of the (white) noise of every voxel's ``mu``
         (e.g. from :func:`gpureg.xanes.denoise.denoise_spectra`); with it the
         result holds ``edge_energy_sigma``, the 1-sigma error of the 0.5
-        crossing: the noise of ``mu - pre_edge - step / 2`` at the crossing
-        (the interpolated samples, the pre-edge line and the step, all linear
-        in ``mu``) over its slope there (``step x dnorm/dE``).
+        crossing (:mod:`gpureg.xanes.uncertainty`): the noise of
+        ``mu - pre_edge - step / 2`` at the crossing (the interpolated samples,
+        the pre-edge line and the step, all linear in ``mu``) over its slope
+        there (``step x dnorm/dE``), with the interpolation error between
+        energies added in quadrature (``model``).
     noise_components : (n_energy, K) ndarray, optional
         When the spectra were denoised by projection onto these orthonormal
         components (of the noise-whitened spectra, see
@@ -177,6 +181,15 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         Relative noise variance per energy: the noise of a voxel at energy
         ``e`` is ``noise x sqrt(noise_profile[e])`` (default: the same at
         every energy; see :mod:`gpureg.xanes.denoise`).
+    signal : (n_energy, ...) ndarray, optional
+        Noise-reduced estimate of ``spectra`` (e.g. their projection onto the
+        stack's spectral basis) from which the interpolation error is read
+        (default: ``spectra``).
+    model : bool
+        Add the interpolation error (:mod:`gpureg.xanes.uncertainty`) to the
+        noise in ``edge_energy_sigma``; False: noise only. (Spatial resolution
+        needs the voxels' neighbours: :func:`gpureg.xanes.stack.edge_energy_map`
+        adds it.)
 
     Returns
     -------
@@ -222,7 +235,13 @@ def edge_energy(spectra, energies, *, method: str = "half", pre=None, post=None,
         if tuple(sig.shape) != out_shape:
             raise ValueError(f"edge_energy: noise must have shape {out_shape} (spectra.shape[1:]), "
                              f"got {tuple(sig.shape)}")
-        sig = (sig.reshape(-1), _noise_operator(E.size, noise_components, noise_profile))
+        sig = (sig.reshape(-1), noise_operator(E.size, noise_components, noise_profile))
+        if model:
+            y = mu if signal is None else spectra_matrix(signal, E, "edge_energy")[1]
+            if y.shape != mu.shape:
+                raise ValueError(f"edge_energy: signal must have the shape of spectra {tuple(spectra.shape)}, "
+                                 f"got {tuple(signal.shape)}")
+            sig += (None if signal is None else xp.nan_to_num(y),)
     if e0 is None:
         mean = to_host(mu.sum(axis=1)) / n_finite
         rng = edge_ranges(E, mean, pre=pre, post=post)
@@ -302,7 +321,11 @@ def _edge_core(xp, mu, E, rng, method, smooth, sig):
         edge = e_half
         out["ambiguous"] = count > 1
         if sig is not None:
-            out["sigma"] = _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, *sig)
+            out["sigma"] = crossing_sigma(xp, E, rng, e_half, slope, i, t, step, *sig[:2])
+            if len(sig) > 2:   # interpolation error; from these spectra's own crossing when no signal is given
+                g = (xp.nan_to_num(xp.abs(e_half - linear_crossing(xp, norm, i, E))) if sig[2] is None
+                     else model_terms(xp, sig[2], None, E, rng)["grid"])
+                out["sigma"] = xp.sqrt(out["sigma"] ** 2 + g * g)
     if method in ("derivative", "both"):
         K = _derivative_operator(E, smooth)[w]             # (W, n): smoothed d/dE
         der = xp.asarray(K.astype(np.float32)) @ mu
@@ -320,121 +343,6 @@ def _edge_core(xp, mu, E, rng, method, smooth, sig):
     out["edge_energy"] = edge
     out["edge_jump"] = step
     return out
-
-
-def _noise_operator(n, U, profile):
-    """``P`` with ``|P^T w|`` the noise of the functional ``w`` of a spectrum per unit noise level: ``S U`` for
-    spectra denoised by projection onto ``U`` (noise-whitened coordinates), ``S`` without, ``S`` the diagonal of
-    noise standard deviations per energy (``sqrt(profile)``); None (identity) for white noise without projection."""
-    U = None if U is None else np.asarray(U, np.float64)
-    if profile is None:
-        return U
-    s = np.sqrt(np.clip(np.asarray(profile, np.float64).reshape(-1), 0, None))
-    if s.size != n:
-        raise ValueError(f"edge_energy: noise_profile must have {n} values (one per energy), got {s.size}")
-    return np.diag(s) if U is None else s[:, None] * U
-
-
-def _crossing_sigma(xp, E, rng, e_half, slope, i, t, step, sigma, U):
-    """1-sigma error of the crossing energy: ``sigma |P^T w| / (step slope)`` with ``w`` the functional
-    ``mu(Ec) - pre_edge(Ec) - step / 2`` of ``mu`` and ``P`` the noise operator (:func:`_noise_operator`;
-    identity when None)."""
-    c0, c1, st, mid, half = normalisation_functionals(E, rng["e0"], pre=rng["pre"], post=rng["post"])
-    a0 = c0 + 0.5 * st
-    P = np.eye(E.size) if U is None else U                     # (n, K)
-    f32 = xp.float32
-    PT = xp.asarray(P.astype(np.float32))                       # rows: energies
-    pa0 = xp.asarray((P.T @ a0).astype(np.float32))[:, None]
-    pc1 = xp.asarray((P.T @ c1).astype(np.float32))[:, None]
-    ok = xp.isfinite(e_half)
-    tt = xp.where(ok, t, f32(0))
-    tau = (xp.where(ok, e_half, f32(mid)) - f32(mid)) / f32(half)
-    ii = xp.where(ok, i, 0)
-    pw = (1 - tt)[None, :] * PT[ii].T + tt[None, :] * PT[xp.minimum(ii + 1, E.size - 1)].T - pa0 - tau[None, :] * pc1
-    g = xp.sqrt((pw * pw).sum(axis=0))
-    return xp.where(ok, sigma * g / xp.maximum(step * slope, f32(1e-12)), f32(np.nan))
-
-
-def crossing(xp, y, level, E, i_lo, i_hi):
-    """First rising crossing of ``level`` by ``y`` (n, N) between rows ``i_lo`` and ``i_hi``, read from the
-    monotone cubic (PCHIP) interpolant: (energy, slope dy/dE there, bracketing row i, fraction t; NaN if none)
-    and the number of rising crossings in the window (int32)."""
-    W = i_hi - i_lo + 1
-    j, found, count = _first_crossing(xp, y[i_lo:i_hi + 1], xp.float32(level))
-    n, N = y.shape
-    i = xp.where(found, j, 0).astype(xp.int32) + xp.int32(i_lo)
-    if W < 2:
-        nan = xp.full(N, np.nan, dtype=xp.float32)
-        return nan, nan, i, nan, count
-    cols = xp.arange(N)
-    Ex = xp.asarray(E.astype(np.float32))
-    im, ip, ip2 = xp.maximum(i - 1, 0), i + 1, xp.minimum(i + 2, n - 1)
-    y0, y1 = y[i, cols], y[ip, cols]
-    h = Ex[ip] - Ex[i]
-    dl = (y0 - y[im, cols]) / xp.where(im < i, Ex[i] - Ex[im], xp.float32(1))
-    dc = (y1 - y0) / h
-    dr = (y[ip2, cols] - y1) / xp.where(ip2 > ip, Ex[ip2] - Ex[ip], xp.float32(1))
-    hl = xp.where(im < i, Ex[i] - Ex[im], h)
-    hr = xp.where(ip2 > ip, Ex[ip2] - Ex[ip], h)
-    m0 = _pchip_slope(xp, xp.where(im < i, dl, dc), dc, hl, h)
-    m1 = _pchip_slope(xp, dc, xp.where(ip2 > ip, dr, dc), h, hr)
-    # Hermite cubic on t in [0, 1]: H(t) = h00 y0 + h10 h m0 + h01 y1 + h11 h m1 (monotone: one root).
-    a0, a1 = y0 - xp.float32(level), h * m0
-    b0, b1 = y1 - xp.float32(level), h * m1
-    lo = xp.zeros(N, dtype=xp.float32)
-    hi = xp.ones(N, dtype=xp.float32)
-    t = xp.clip(-a0 / xp.where(b0 - a0 != 0, b0 - a0, xp.float32(1)), 0, 1)
-    for _ in range(8):                       # safeguarded Newton: quadratic convergence, stays in the bracket
-        t2, t3 = t * t, t * t * t
-        f = (2 * t3 - 3 * t2 + 1) * a0 + (t3 - 2 * t2 + t) * a1 + (-2 * t3 + 3 * t2) * b0 + (t3 - t2) * b1
-        fp = (6 * t2 - 6 * t) * a0 + (3 * t2 - 4 * t + 1) * a1 + (-6 * t2 + 6 * t) * b0 + (3 * t2 - 2 * t) * b1
-        neg = f < 0
-        lo = xp.where(neg, t, lo)
-        hi = xp.where(neg, hi, t)
-        tn = t - f / xp.where(fp > 0, fp, xp.float32(1))
-        t = xp.where((fp > 0) & (tn > lo) & (tn < hi), tn, 0.5 * (lo + hi))
-    t2 = t * t
-    fp = (6 * t2 - 6 * t) * a0 + (3 * t2 - 4 * t + 1) * a1 + (-6 * t2 + 6 * t) * b0 + (3 * t2 - 2 * t) * b1
-    nan = xp.float32(np.nan)
-    e = xp.where(found, Ex[i] + t * h, nan)
-    return e, xp.where(found, fp / h, nan), i, xp.where(found, t, nan), count
-
-
-def _pchip_slope(xp, d0, d1, h0, h1):
-    """Fritsch-Carlson slope at a node from the secants on each side (weighted harmonic mean; 0 at an extremum)."""
-    w1, w2 = 2 * h1 + h0, h1 + 2 * h0
-    same = (d0 * d1) > 0
-    den = xp.where(same, w1 / xp.where(same, d0, 1) + w2 / xp.where(same, d1, 1), xp.float32(1))
-    return xp.where(same, (w1 + w2) / den, xp.float32(0))
-
-
-def _first_crossing(xp, d, level):
-    """Row ``j`` where ``d`` (W, N) first rises through ``level`` (between rows j and j + 1), whether it does,
-    and how many times it rises through it (int32).
-
-    A loop over the W energies of the window with whole-row operations: rows
-    are contiguous, so this is cache-friendly on the CPU and a handful of
-    small kernels per energy on the GPU (an ``argmax`` over axis 0 is a
-    strided reduction, several times slower on the CPU).
-    """
-    W, N = d.shape
-    idx = xp.zeros(N, dtype=xp.int32)
-    todo = xp.ones(N, dtype=bool)
-    prev = d[0] >= level
-    up = xp.empty_like(prev)
-    hit = xp.empty_like(prev)
-    count = xp.zeros(N, dtype=xp.int32)
-    for j in range(1, W):
-        # In-place, branch-free row operations: masked copies (where/copyto) with scattered
-        # masks are ~30x slower than arithmetic in NumPy.
-        xp.greater_equal(d[j], level, out=up)
-        xp.greater(up, prev, out=hit)           # up and not prev (bool order False < True)
-        count += hit
-        xp.logical_and(hit, todo, out=hit)      # only the first crossing counts
-        idx += hit.astype(xp.int32) * xp.int32(j - 1)
-        xp.greater(todo, hit, out=todo)         # todo and not hit
-        prev, up = up, prev
-    return idx, ~todo, count
 
 
 def _peak(xp, v, Ew, Ew_host, *, interior, lower=None):

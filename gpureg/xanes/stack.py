@@ -4,6 +4,9 @@ The stack (an array, an HDF5 dataset or a list of volumes, energies in any
 order) is read a slab of z-planes at a time and analysed by
 :func:`gpureg.xanes.edge_energy` on the chosen device; the fit ranges and
 the jump threshold are chosen once for the whole volume, so slabs agree.
+With ``sigma``, slabs are read with a halo of ``4 psf`` planes for the
+resolution term of the uncertainty (:mod:`gpureg.xanes.uncertainty`), whose
+map-space parts are finished on the whole volume.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .edge import edge_energy, edge_ranges
 from ..core.energies import check_energies
 from .denoise import basis_from_moments, parse_denoise, project
 from .spectra import MIN_ENERGIES, auto_min_jump
+from .uncertainty import PSF_VOXELS, half_crossing, local_mean, model_terms
 
 __all__ = ["edge_energy_map", "stack_basis", "stack_ranges"]
 
@@ -26,7 +30,7 @@ _log = logging.getLogger("gpureg")
 
 def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", mask=None,
                     min_jump: float | None = None, pre=None, post=None, info: dict | None = None,
-                    denoise=None, sigma: bool = True, **kw) -> dict:
+                    denoise=None, sigma: bool = True, psf: float = PSF_VOXELS, model: bool = True, **kw) -> dict:
     """Edge-energy maps of a whole energy stack, processed in z-slabs (bounded memory).
 
     Parameters
@@ -59,8 +63,18 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         Spectral denoising before the maps (:mod:`gpureg.xanes.denoise`):
         components chosen from the data, a given number, or none.
     sigma : bool
-        Also map ``edge_energy_sigma`` (noise from the residual of the
-        spectral basis, propagated to the crossing).
+        Also map ``edge_energy_sigma``: the noise (from the residual of the
+        spectral basis) propagated to the crossing, and the model error
+        (:mod:`gpureg.xanes.uncertainty`) added in quadrature.
+    psf : float
+        Gaussian standard deviation (voxels) of the spatial mixing whose
+        effect on the crossing is the model error's resolution term (default
+        :data:`~gpureg.xanes.uncertainty.PSF_VOXELS`, measured on simulated
+        scans); 0 leaves that term out. Set it to the imaging's resolution
+        in voxels for other data.
+    model : bool
+        Add the model error (interpolation and resolution) to the noise in
+        ``edge_energy_sigma``; False maps the noise alone.
     **kw
         ``method``, ``smooth``, ``e0``: passed to :func:`edge_energy`.
 
@@ -88,23 +102,50 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     basis = None
     if denoise is not None or (sigma and kw.get("method", "half") != "derivative"):
         basis = stack_basis(read, shape, E, "auto" if denoise is None else denoise)
+    if not psf >= 0:
+        raise ParameterError(f"edge_energy_map: psf must be >= 0 voxels, got {psf!r}")
+    halo = int(4.0 * psf + 0.5) if (sigma and model and basis is not None) else 0   # scipy's Gaussian radius
     out = None
+    raw_edge = np.full((2, *shape), np.nan, np.float32) if denoise is not None else None
+    model_maps = {k: np.zeros(shape, np.float32) for k in ("grid", "mixing")}
     for z0 in range(0, shape[0], int(slab)):
         z1 = min(shape[0], z0 + int(slab))
-        sub = to_device(read(z0, z1), dev, dtype=np.float32)
+        h0, h1 = max(0, z0 - halo), min(shape[0], z1 + halo)
+        sub = to_device(read(h0, h1), dev, dtype=np.float32)
         sub_mask = None if mask is None else to_device(np.asarray(to_host(mask[z0:z1]), dtype=bool), dev)
-        extra = {}
+        extra, mix = {}, None
         if basis is not None:
             xp = xp_of(sub)
             mu = sub.reshape(E.size, -1)
             ok = xp.isfinite(mu).all(axis=0)
-            y, noise = project(xp, xp.where(ok[None, :], mu, xp.float32(0)), basis, denoise=denoise is not None)
+            y, noise = project(xp, xp.where(ok[None, :], mu, xp.float32(0)), basis)
+            y = xp.where(ok[None, :], y, xp.float32(np.nan)).reshape(sub.shape)
             if denoise is not None:
-                sub = xp.where(ok[None, :], y, xp.float32(np.nan)).reshape(sub.shape)
+                if sigma and model and psf > 0:   # the raw crossing and its noise, for the denoising's own error
+                    raw = edge_energy(xp.nan_to_num(sub[:, z0 - h0:z1 - h0]), E, pre=rng["pre"], post=rng["post"],
+                                      min_jump=0.0, e0=rng["e0"], noise=noise.reshape(sub.shape[1:])[z0 - h0:z1 - h0],
+                                      noise_profile=basis.noise_profile, model=False)
+                    raw_edge[0][z0:z1] = to_host(raw["edge_energy"])
+                    raw_edge[1][z0:z1] = to_host(raw["edge_energy_sigma"])
+                    del raw
+                sub = y
             if sigma:
-                extra = {"noise": noise.reshape(sub.shape[1:]),
+                extra = {"noise": noise.reshape(sub.shape[1:])[z0 - h0:z1 - h0],
                          "noise_components": basis.components if denoise is not None else None,
-                         "noise_profile": basis.noise_profile}
+                         "noise_profile": basis.noise_profile, "model": False}
+                if model:   # model error: read from the signal (the projection), on the voxels of this slab
+                    inner = (slice(None), slice(z0 - h0, z1 - h0))
+                    mix = local_mean(y, psf)[inner] if psf > 0 else None
+                    if denoise is not None:   # the map's spectra are the signal: the map brings the grid term
+                        extra["model"] = True
+                    else:
+                        terms = model_terms(xp, xp.nan_to_num(y[inner].reshape(E.size, -1)),
+                                            None if mix is None else xp.nan_to_num(mix.reshape(E.size, -1)), E, rng)
+                        for k, v in terms.items():
+                            model_maps[k][z0:z1] = to_host(v).reshape(z1 - z0, *shape[1:])
+                        mix = None
+            del y
+        sub = sub[:, z0 - h0:z1 - h0]
         try:
             res = edge_energy(sub, E, pre=rng["pre"], post=rng["post"], min_jump=0.0, mask=sub_mask, **kw, **extra)
         except ValueError as exc:
@@ -121,7 +162,13 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
         if res is not None:
             for k, v in res.items():
                 out[k][z0:z1] = to_host(v)
+            if mix is not None:    # denoised: the crossing's change under one more mixing, from the map's crossing
+                e_mix = half_crossing(xp, xp.nan_to_num(mix.reshape(E.size, -1)), E, rng).reshape(mix.shape[1:])
+                model_maps["mixing"][z0:z1] = to_host(xp.nan_to_num(res["edge_energy"] - e_mix))
         del sub, res
+    if "edge_energy_sigma" in out and model:
+        out["edge_energy_sigma"] = _with_model_error(out["edge_energy_sigma"], out["edge_energy"], model_maps,
+                                                     raw_edge, psf)
     valid = out["mask"]
     finite = np.isfinite(out["edge_jump"])
     if not finite.any():
@@ -139,6 +186,28 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     _log.info("edge_energy_map: %d of %d voxels valid (min_jump %.4g, ranges pre %s post %s, %s)",
               int(valid.sum()), valid.size, thr, rng["pre"], rng["post"], rng["rule"])
     return out
+
+
+def _with_model_error(noise, edge, terms, raw_edge, psf):
+    """``sqrt(noise^2 + grid^2 + resolution^2 + denoising^2)`` (:mod:`gpureg.xanes.uncertainty`), host maps.
+
+    Resolution: the crossing's change under one more mixing with the PSF, ``m = (K - 1) K e`` to first order
+    (K the PSF's convolution, e the voxels' true edge energies), while the error is ``(K - 1) e``:
+    ``K^-1 = sum (1 - K)^n``, two terms, gives ``(2 - K) m``. Denoising (when ``raw_edge`` is given): the change
+    it made to the crossing (``raw_edge[0]``), averaged over the PSF neighbourhood, less the noise of that
+    average (the change's noise is ``raw_edge[1]^2 - noise^2``, the part of the raw noise outside the basis;
+    averaged as if independent from voxel to voxel; ``noise`` of a denoised map also holds its grid term, so
+    slightly less is subtracted; the weights' sum of squares is 0.069 at 0.7 voxel)."""
+    total = noise ** 2 + terms["grid"] ** 2
+    if psf > 0:
+        m = terms["mixing"]
+        total += (2 * m - np.nan_to_num(local_mean(np.where(np.isfinite(edge), m, np.nan), psf))) ** 2
+        if raw_edge is not None:
+            d = local_mean(raw_edge[0] - edge, psf)
+            var = local_mean(np.where(np.isfinite(edge), raw_edge[1] ** 2 - noise ** 2, np.nan), psf)
+            w = np.exp(-0.5 * (np.arange(-int(4 * psf + 0.5), int(4 * psf + 0.5) + 1) / psf) ** 2)
+            total += np.nan_to_num(np.maximum(d * d - float((w * w).sum() / w.sum() ** 2) ** 3 * var, 0))
+    return np.sqrt(total).astype(np.float32)
 
 
 def volume_getter(stack, n_e):

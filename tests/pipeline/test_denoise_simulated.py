@@ -67,19 +67,23 @@ def test_denoise_lowers_edge_error_without_moving_particle_medians(maps, record_
 
 
 def test_sigma_covers_the_true_error(maps, record_property):
-    # Without denoising, the map's error is mostly noise at this dose, and the sigma map (per-voxel noise level
-    # from the residual to the spectral basis, the stack's per-energy noise profile, propagated to the crossing)
-    # must cover it: nominal 68 % of the noise errors (measured 0.67-0.71 against the noise-free scan, 3 seeds);
-    # the 0.26 eV that spatial resolution adds (not noise, so not in sigma) lowers the expected share of the
-    # total error to ~0.63 (sigma ~0.5 eV). ~3700 voxels whose noise is correlated over ~2 voxels (FBP,
-    # resampling): about 500 independent ones, binomial sd 0.02. Measured 0.614 (seeds 1, 2: 0.59, 0.59;
-    # 0.57 with white noise assumed per voxel, before the noise profile).
+    # issue 26: the sigma map covers the true error at its nominal rate, 68 % within 1 sigma (95 % within 2).
+    # sigma = noise (per-voxel level from the residual to the spectral basis, the stack's noise profile,
+    # propagated to the crossing) + model error in quadrature (gpureg.xanes.uncertainty: interpolation between
+    # energies, the PSF's mixing of neighbouring spectra, and with denoising the change it made, all from the
+    # data). ~3700 voxels whose errors are correlated over ~2 voxels (FBP, resampling): about 500 independent
+    # ones, binomial sd 0.02. Measured here: 0.680 (2 sigma 0.946) without denoising, 0.663 (0.950) with it;
+    # over 24 maps (seeds 0-2 x 1000 and 10^4 photons x default and fine grids x off/auto, the pipeline's
+    # stacks as bench/denoise.py makes them) 0.62-0.77, 2 sigma 0.91-0.98. The noise term alone covered 0.614
+    # and 0.351 here (the model error it leaves out: the same scan without noise maps at 0.26 eV RMS)
     sel = maps["sel"]
-    d = np.abs(maps[None]["edge_energy"] - maps["truth"])[sel]
-    cover = float(np.mean(d <= maps[None]["edge_energy_sigma"][sel]))
-    record_property("coverage_off", cover)
-    assert 0.55 <= cover <= 0.76, cover
-    # with denoising the noise error shrinks below the 0.27 eV that spatial resolution leaves (not noise: sigma
-    # cannot see it), so only a lower share is covered: measured 0.35 (issue 26's coverage must-hold is not met
-    # for the denoised map; bench/denoise.py: 0.31-0.40 of the true errors, 0.54-0.57 of the noise errors)
-    assert np.isfinite(maps["auto"]["edge_energy_sigma"][sel]).all()
+    for den, lo, hi in ((None, 0.62, 0.74), ("auto", 0.60, 0.76)):
+        d = np.abs(maps[den]["edge_energy"] - maps["truth"])[sel]
+        s = maps[den]["edge_energy_sigma"][sel]
+        cover, cover2 = float(np.mean(d <= s)), float(np.mean(d <= 2 * s))
+        record_property(f"coverage_{den or 'off'}", [cover, cover2])
+        assert lo <= cover <= hi, (den, cover)
+        assert 0.90 <= cover2 <= 0.99, (den, cover2)
+        # not uselessly large: for normal errors median |error| = 0.674 sigma; measured median sigma 0.567 and
+        # 0.316 eV against median |error| 0.386 and 0.219 (1.47x, 1.44x)
+        assert np.median(s) <= 2.0 * np.median(d), (den, np.median(s), np.median(d))
