@@ -74,7 +74,21 @@ def _maps(d, e0=None):
         m["sigma_noise"] = edge_energy_map(d["aligned"], d["energy"], device="cpu", denoise=den, e0=e0,
                                            model=False)["edge_energy_sigma"]
         out[den] = m
+    # the plain projection on the components (no residual restored), for its particle medians and RMS
+    out["projection"] = edge_energy_map(d["aligned"], d["energy"], device="cpu", denoise="auto", e0=out[None]["e0"],
+                                        sigma=False, residual_smoothing=0.0)
     return out
+
+
+def _noise_matched_shift(den, off, clean, rng):
+    """Median of ``den`` (errors, per voxel) with Gaussian noise added back to the spread of ``off`` (both against
+    the noise-free scan's errors ``clean``, robust sd), minus the median of ``off``: the part of the median's move
+    that is not the narrower noise (a median of a skewed error distribution depends on the noise width)."""
+    def rsd(x):
+        return 1.4826 * float(np.median(np.abs(x - np.median(x))))
+    extra = np.sqrt(max(rsd(off - clean) ** 2 - rsd(den - clean) ** 2, 0.0))
+    return float(np.mean([np.median(den + extra * rng.standard_normal(den.size)) for _ in range(100)])
+                 - np.median(off))
 
 
 def _score(maps, clean, d):
@@ -82,7 +96,8 @@ def _score(maps, clean, d):
     rows = {}
     for region, sel in (("particles", labels > 0), ("interior (eroded 2 voxels)",
                                                     ndi.binary_erosion(labels > 0, iterations=2))):
-        both = sel & np.isfinite(te) & np.isfinite(maps[None]["edge_energy"]) & np.isfinite(maps["auto"]["edge_energy"])
+        both = (sel & np.isfinite(te) & np.isfinite(maps[None]["edge_energy"]) & np.isfinite(maps["auto"]["edge_energy"])
+                & np.isfinite(maps["projection"]["edge_energy"]))
         row = {"voxels": int(both.sum())}
         for den, key in ((None, "off"), ("auto", "auto")):
             e, s, sn = maps[den]["edge_energy"], maps[den]["edge_energy_sigma"], maps[den]["sigma_noise"]
@@ -100,16 +115,26 @@ def _score(maps, clean, d):
                         "noise_only_coverage_1sigma": round(float(np.mean(np.abs(e - c)[ok] <= sn[ok])), 3),
                         "noise_free_scan_rms_ev": round(float(np.sqrt(np.mean((c - te)[ok] ** 2))), 4)}
         row["rms_reduction"] = round(1 - row["auto"]["rms_ev"] / row["off"]["rms_ev"], 3)
-        # per-particle bias (median of map - truth) with denoising against the map without it, and both against
-        # the noise-free scan's (the raw map's median is itself moved by noise: the first 0.5 crossing of a noisy
-        # spectrum is not symmetric about the true one)
-        bias = {key: [float(np.median((m - te)[both & (labels == k)])) for k in (1, 2)]
+        rms_projection = float(np.sqrt(np.mean((maps["projection"]["edge_energy"] - te)[both] ** 2)))
+        row["projection_rms_ev"] = round(rms_projection, 4)
+        row["projection_rms_reduction"] = round(1 - rms_projection / row["off"]["rms_ev"], 3)
+        # per-particle bias (median of map - truth) with denoising against the map without it (issue 26's move),
+        # and each against the noise-free scan's map
+        errs = {key: {k: (m - te)[both & (labels == k)] for k in (1, 2)}
                 for key, m in (("off", maps[None]["edge_energy"]), ("auto", maps["auto"]["edge_energy"]),
+                               ("projection", maps["projection"]["edge_energy"]),
                                ("clean", np.where(np.isfinite(clean[None]["edge_energy"]), clean[None]["edge_energy"],
                                                   maps[None]["edge_energy"])))}
+        bias = {key: [float(np.median(v[k])) for k in (1, 2)] for key, v in errs.items()}
         row["particle_bias_shift_ev"] = [round(a - b, 4) for a, b in zip(bias["auto"], bias["off"])]
+        row["projection_particle_bias_shift_ev"] = [round(a - b, 4) for a, b in zip(bias["projection"], bias["off"])]
         row["particle_bias_vs_noise_free_ev"] = {key: [round(a - b, 4) for a, b in zip(bias[key], bias["clean"])]
-                                                 for key in ("off", "auto")}
+                                                 for key in ("off", "auto", "projection")}
+        # the move once the noise that denoising removed is added back (see _noise_matched_shift)
+        rng = np.random.default_rng(0)
+        row["particle_bias_shift_noise_matched_ev"] = {
+            key: [round(_noise_matched_shift(errs[key][k], errs["off"][k], errs["clean"][k], rng), 4) for k in (1, 2)]
+            for key in ("auto", "projection")}
         row["particle_median_shift_ev"] = [round(float(np.median(maps["auto"]["edge_energy"][both & (labels == k)])
                                                        - np.median(maps[None]["edge_energy"][both & (labels == k)])), 4)
                                            for k in (1, 2)]

@@ -208,7 +208,8 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
              "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
              "range_rule": rng["rule"]}
     if rng["basis"] is not None:
-        attrs["spectral_denoise"] = json.dumps({**rng["basis"].to_dict(), "applied": rng["denoise"] is not None})
+        attrs["spectral_denoise"] = json.dumps({**rng["basis"].to_dict(), "applied": rng["denoise"] is not None,
+                                                "residual_smoothing_voxels": float(rng.get("residual_smoothing", 0.0))})
     if chem is not None and "fractions" in chem:
         summary["fraction_medians"] = {nm: float(np.nanmedian(chem["fractions"][j]))
                                        for j, nm in enumerate(chem["reference_names"])}

@@ -88,6 +88,7 @@ def xanes_attrs(info) -> dict:
     if info.get("basis") is not None:
         b = info["basis"].to_dict()
         b["applied"] = info.get("denoise") is not None
+        b["residual_smoothing_voxels"] = float(info.get("residual_smoothing", 0.0))
         out["spectral_denoise"] = json.dumps(b)
     return out
 

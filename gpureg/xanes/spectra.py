@@ -12,7 +12,7 @@ import numpy as np
 from ..core.backend import to_host, xp_of
 from ..core.errors import EnergyGridError, InputError, ParameterError
 
-__all__ = ["MIN_ENERGIES", "auto_min_jump", "edge_window", "fine_region", "snap_range", "spectra_matrix"]
+__all__ = ["MIN_ENERGIES", "auto_min_jump", "crude_jump", "edge_window", "fine_region", "snap_range", "spectra_matrix"]
 
 MIN_ENERGIES = 5
 """Fewest energies a spectrum needs: pre-edge, edge and post-edge."""
@@ -23,6 +23,13 @@ MIN_ENERGIES = 5
 # min_jump= to set an absolute threshold instead.
 _MIN_JUMP_FRACTION = 0.1
 _PERCENTILE_SAMPLE = 1 << 20
+
+
+def crude_jump(X):
+    """Crude edge jump of spectra ``X`` (n_energy, ...), NumPy or CuPy: the mean of the last 3 energies minus
+    the mean of the first 3 (1 each below 8 energies, 2 below 12)."""
+    k = min(3, max(1, X.shape[0] // 4))
+    return X[-k:].mean(axis=0) - X[:k].mean(axis=0)
 
 
 def fine_region(E):

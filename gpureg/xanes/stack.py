@@ -19,18 +19,22 @@ from ..core.backend import resolve_device, to_device, to_host, xp_of
 from ..core.errors import InputError, ParameterError
 from .edge import edge_energy, edge_ranges
 from ..core.energies import check_energies
-from .denoise import basis_from_moments, parse_denoise, project
-from .spectra import MIN_ENERGIES, auto_min_jump
+from .denoise import basis_from_moments, parse_denoise, project, residual_noise_factor, restore_residual
+from .spectra import MIN_ENERGIES, auto_min_jump, crude_jump
 from .uncertainty import PSF_VOXELS, half_crossing, local_mean, model_terms
 
-__all__ = ["edge_energy_map", "stack_basis", "stack_ranges"]
+__all__ = ["RESIDUAL_SMOOTHING", "edge_energy_map", "stack_basis", "stack_ranges"]
+
+RESIDUAL_SMOOTHING = 1.5
+"""Default Gaussian sigma (voxels) of :func:`edge_energy_map`'s residual restoration (see :mod:`gpureg.xanes.denoise`)."""
 
 _log = logging.getLogger("gpureg")
 
 
 def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", mask=None,
                     min_jump: float | None = None, pre=None, post=None, info: dict | None = None,
-                    denoise=None, sigma: bool = True, psf: float = PSF_VOXELS, model: bool = True, **kw) -> dict:
+                    denoise=None, sigma: bool = True, psf: float = PSF_VOXELS, model: bool = True,
+                    residual_smoothing: float = RESIDUAL_SMOOTHING, **kw) -> dict:
     """Edge-energy maps of a whole energy stack, processed in z-slabs (bounded memory).
 
     Parameters
@@ -75,6 +79,12 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     model : bool
         Add the model error (interpolation and resolution) to the noise in
         ``edge_energy_sigma``; False maps the noise alone.
+    residual_smoothing : float
+        With ``denoise``: Gaussian sigma (voxels) of the neighbourhood from
+        which the spatially coherent part of the residual to the components is
+        restored (:func:`gpureg.xanes.denoise.restore_residual`); 0: the
+        plain projection. Slabs are read with that many planes more on
+        each side (4 sigma), so the result does not depend on ``slab``.
     **kw
         ``method``, ``smooth``, ``e0``: passed to :func:`edge_energy`.
 
@@ -99,12 +109,25 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     rng = stack_ranges(read, shape, E, pre, post, kw.get("e0"))
     kw["e0"] = rng["e0"]
     denoise = parse_denoise(denoise)
-    basis = None
+    if not residual_smoothing >= 0:
+        raise ParameterError(f"edge_energy_map: residual_smoothing must be >= 0 voxels, got {residual_smoothing!r}")
+    basis, thr_crude = None, None
     if denoise is not None or (sigma and kw.get("method", "half") != "derivative"):
-        basis = stack_basis(read, shape, E, "auto" if denoise is None else denoise)
+        thr_crude = crude_jump_threshold(read, shape, E)
+        basis = stack_basis(read, shape, E, "auto" if denoise is None else denoise, threshold=thr_crude)
     if not psf >= 0:
         raise ParameterError(f"edge_energy_map: psf must be >= 0 voxels, got {psf!r}")
-    halo = int(4.0 * psf + 0.5) if (sigma and model and basis is not None) else 0   # scipy's Gaussian radius
+    restore = denoise is not None and residual_smoothing > 0
+    # planes read beyond the slab on each side (scipy's Gaussian radius): the restoration's neighbourhood, and
+    # the model error's PSF around the restored spectra
+    halo = int(4.0 * psf + 0.5) if (sigma and model and basis is not None) else 0
+    halo += int(4.0 * float(residual_smoothing) + 0.5) if restore else 0
+    components = None
+    if denoise is not None:
+        components = basis.components
+        if restore:   # the restored residual's noise: a fraction of the residual's (interior, independent voxels)
+            q = np.linalg.svd(np.eye(E.size) - components @ components.T)[0][:, :E.size - basis.k]
+            components = np.hstack([components, residual_noise_factor(residual_smoothing) * q])
     out = None
     raw_edge = np.full((2, *shape), np.nan, np.float32) if denoise is not None else None
     model_maps = {k: np.zeros(shape, np.float32) for k in ("grid", "mixing")}
@@ -118,7 +141,12 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
             xp = xp_of(sub)
             mu = sub.reshape(E.size, -1)
             ok = xp.isfinite(mu).all(axis=0)
-            y, noise = project(xp, xp.where(ok[None, :], mu, xp.float32(0)), basis)
+            mu = xp.where(ok[None, :], mu, xp.float32(0))
+            if restore:
+                weight = ok & (crude_jump(mu) > thr_crude)
+                y, noise = restore_residual(xp, mu, basis, sub.shape[1:], residual_smoothing, weight=weight)
+            else:
+                y, noise = project(xp, mu, basis)
             y = xp.where(ok[None, :], y, xp.float32(np.nan)).reshape(sub.shape)
             if denoise is not None:
                 if sigma and model and psf > 0:   # the raw crossing and its noise, for the denoising's own error
@@ -131,7 +159,7 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
                 sub = y
             if sigma:
                 extra = {"noise": noise.reshape(sub.shape[1:])[z0 - h0:z1 - h0],
-                         "noise_components": basis.components if denoise is not None else None,
+                         "noise_components": components,
                          "noise_profile": basis.noise_profile, "model": False}
                 if model:   # model error: read from the signal (the projection), on the voxels of this slab
                     inner = (slice(None), slice(z0 - h0, z1 - h0))
@@ -182,7 +210,8 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
             out[k][~valid] = np.nan
     if info is not None:
         info.update(pre=rng["pre"], post=rng["post"], e0=float(kw["e0"]), rule=rng["rule"], min_jump=float(thr),
-                    device=dev, basis=basis, denoise=denoise)
+                    device=dev, basis=basis, denoise=denoise,
+                    residual_smoothing=float(residual_smoothing) if restore else 0.0)
     _log.info("edge_energy_map: %d of %d voxels valid (min_jump %.4g, ranges pre %s post %s, %s)",
               int(valid.sum()), valid.size, thr, rng["pre"], rng["post"], rng["rule"])
     return out
@@ -231,24 +260,24 @@ class Reordered:
         return self.ds[int(self.order[i])]
 
 
-def stack_basis(read, shape, E, components, *, planes: int = 16, slab: int = 16):
+def crude_jump_threshold(read, shape, E, *, planes: int = 16) -> float:
+    """``0.1 x`` the 99.5th percentile of the :func:`crude_jump` of up to ``planes`` evenly spaced z-planes."""
+    zs = sorted({round(z) for z in np.linspace(0, shape[0] - 1, min(shape[0], planes))})
+    cols = []
+    for z in zs:
+        sub = np.asarray(to_host(read(z, z + 1)), dtype=np.float32).reshape(E.size, -1)
+        cols.append(crude_jump(sub[:, np.isfinite(sub).all(axis=0)]))
+    return float(auto_min_jump(np, np.concatenate(cols)))
+
+
+def stack_basis(read, shape, E, components, *, planes: int = 16, slab: int = 16, threshold: float | None = None):
     """:class:`~gpureg.xanes.denoise.SpectralBasis` of a whole stack: mean and covariance summed slab by slab
     over every voxel with an edge (crude jump, last 3 minus first 3 energies, above 0.1 x its 99.5th
     percentile, the percentile from up to ``planes`` evenly spaced z-planes). All voxels, not a sample: the
     weak components' directions are estimated from noisy spectra, and from a third of a 48^3 scan the third
     one was off by 10 degrees, which moved a particle's median edge energy by 0.03-0.07 eV (bench/denoise.py,
     seed 1, 1000 photons)."""
-    k = min(3, max(1, E.size // 4))
-
-    def crude_jump(X):
-        return X[-k:].mean(axis=0) - X[:k].mean(axis=0)
-
-    zs = sorted({round(z) for z in np.linspace(0, shape[0] - 1, min(shape[0], planes))})
-    cols = []
-    for z in zs:
-        sub = np.asarray(to_host(read(z, z + 1)), dtype=np.float32).reshape(E.size, -1)
-        cols.append(crude_jump(sub[:, np.isfinite(sub).all(axis=0)]))
-    thr = auto_min_jump(np, np.concatenate(cols))
+    thr = crude_jump_threshold(read, shape, E, planes=planes) if threshold is None else float(threshold)
     s1, s2, m = np.zeros(E.size), np.zeros((E.size, E.size)), 0
     s1a, s2a, ma = np.zeros(E.size), np.zeros((E.size, E.size)), 0
     for z0 in range(0, shape[0], slab):
