@@ -162,9 +162,10 @@ def test_residual_restoration_does_not_depend_on_the_slabs(gradient_stack):
     b = xanes.edge_energy_map(noisy, E, device="cpu", denoise="auto", slab=20)
     # slabs of 3 planes read 6 more on each side, so every voxel sees the same neighbourhood as in one slab
     # (without them: up to 0.2 eV at the slab faces, see the test above); what is left is float32 rounding of
-    # matrix products of other sizes (the plain projection differs as much: a few voxels by <= 0.01 eV)
+    # matrix products of other sizes (the plain projection differs as much: a few voxels by <= 0.01 eV), which
+    # the sigma map's model error (local means of crossing changes, gpureg.xanes.uncertainty) spreads: <= 0.014 eV
     np.testing.assert_allclose(a["edge_energy"], b["edge_energy"], atol=0.01)
-    np.testing.assert_allclose(a["edge_energy_sigma"], b["edge_energy_sigma"], rtol=5e-3)
+    np.testing.assert_allclose(a["edge_energy_sigma"], b["edge_energy_sigma"], atol=0.02)
     with pytest.raises(ValueError, match="residual_smoothing must be >= 0"):
         xanes.edge_energy_map(noisy, E, device="cpu", denoise="auto", residual_smoothing=-1)
 
