@@ -10,6 +10,7 @@ through an X server).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -168,6 +169,28 @@ def test_layers_of_a_large_result_read_less_than_one_energy(tmp_path, count_read
 _XVFB = []  # the server this module started, if any (kept referenced while it runs)
 
 
+def _stop_xvfb(proc):
+    """At exit: Qt's X connection first (deleting the application closes it), then the server, waited for.
+
+    Run by ``atexit`` before the interpreter's own teardown, where Qt would otherwise close its connection
+    after the server had gone (Qt's X I/O error handler then exits with status 1). Without PyQt5's ``sip``
+    the application cannot be deleted here: the server is left to the parent-death signal.
+    """
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is not None:
+        try:
+            from PyQt5 import sip
+        except ImportError:
+            return
+        app.closeAllWindows()
+        app.processEvents()
+        sip.delete(app)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
 def _die_with_parent():
     import ctypes
     import signal
@@ -183,12 +206,13 @@ def qt(tmp_path_factory):
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     if not os.environ.get("DISPLAY") and shutil.which("Xvfb"):
         read, write = os.pipe()
-        # Never stopped by the test: Qt keeps its X connection until the interpreter exits, and a server that
-        # goes away first makes Qt's X I/O error handler exit the process with status 1 after the tests passed.
-        # Xvfb gets SIGTERM when this process ends (Linux parent-death signal) instead.
+        # Stopped at exit, after Qt's X connection is closed (_stop_xvfb): Qt keeps it until the interpreter
+        # exits, and a server that goes away first makes Qt's X I/O error handler exit the process with status 1
+        # after the tests passed. Should this process die first, Xvfb gets SIGTERM (Linux parent-death signal).
         _XVFB.append(subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
                                 pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent))
+        atexit.register(_stop_xvfb, _XVFB[-1])
         os.close(write)
         with os.fdopen(read) as f:
             os.environ["DISPLAY"] = ":" + f.readline().strip()
