@@ -216,14 +216,23 @@ def test_fewer_than_five_energies_with_chemistry_refused_before_anything_is_crea
 
 # --- 8, 9. file modes, the run log -------------------------------------------------------
 
-def test_outputs_readable_by_group_and_others_under_umask_022(scan, tmp_path):
+@pytest.fixture(scope="module")
+def kept_recon_run(scan, tmp_path_factory):
+    """One finished run (``keep=("recon",)``) and a simulated scan, both written under umask 022: shared by the
+    file-mode and the storage/report tests below (one pipeline run instead of two)."""
+    folder = tmp_path_factory.mktemp("kept")
     old = os.umask(0o022)
     try:
-        sim = gpureg.simulate(tmp_path / "sim.h5", size=16, n_angles=8, energies=ENERGIES[:5])
-        res = run(scan, tmp_path / "out.h5")
+        sim = gpureg.simulate(folder / "sim.h5", size=16, n_angles=8, energies=ENERGIES[:5])
+        res = run(scan, folder / "out.h5", keep=("recon",))
     finally:
         os.umask(old)
-    files = [sim, res.output, tmp_path / "out.log", *res.report_dir.iterdir()]
+    return sim, res
+
+
+def test_outputs_readable_by_group_and_others_under_umask_022(kept_recon_run):
+    sim, res = kept_recon_run
+    files = [sim, res.output, res.output.with_name("out.log"), *res.report_dir.iterdir()]
     assert len(files) > 6
     for f in files:
         assert f.stat().st_mode & 0o044 == 0o044, (f, oct(f.stat().st_mode))
@@ -278,9 +287,9 @@ def test_bench_writes_results_to_out(tmp_path, monkeypatch):
 
 # --- units, storage, figures ----------------------------------------------------------------
 
-def test_voxel_size_compression_keep_and_report_statistic(scan, tmp_path):
-    res = run(scan, tmp_path / "out.h5", keep=("recon",))
-    with h5py.File(tmp_path / "out.h5") as h5:
+def test_voxel_size_compression_keep_and_report_statistic(kept_recon_run):
+    _, res = kept_recon_run
+    with h5py.File(res.output) as h5:
         assert h5.attrs["voxel_size_nm"] == pytest.approx(3200.0 / 24)   # simulate's voxel size, kept
         assert "aligned" not in h5 and json.loads(h5.attrs["dropped"]) == ["aligned"]
         assert h5["recon"].attrs["compression"] == "blosc2-zstd:1" and h5["recon"].chunks[0] == 1
