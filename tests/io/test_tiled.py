@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiled_se
 import tiled_servers
 from tiled_servers import KEY
 
-SIZE, N_ANGLES = 24, 31
+SIZE, N_ANGLES = 16, 21
 ENERGIES = np.array([6500.0, 6540.0, 6548.0, 6552.0, 6556.0, 6570.0, 6600.0])
 
 
@@ -107,7 +107,8 @@ def test_short_uri_form_and_sub_node(served):
 
 
 def test_not_a_tomography_container_says_what_it_holds(served):
-    with pytest.raises(InputError, match=r"scan/exchange/data: holds an array of shape \(7, 31, 24, 24\).*expected a "
+    shape = rf"\(7, {N_ANGLES}, {SIZE}, {SIZE}\)"
+    with pytest.raises(InputError, match=rf"scan/exchange/data: holds an array of shape {shape}.*expected a "
                                          r"tomography container"):
         open_input(f"{served['uri']}/scan/exchange/data")
     with pytest.raises(InputError, match=r"scan/exchange: holds a container of .* entries \(.*data.*\); expected"):
