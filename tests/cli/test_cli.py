@@ -30,7 +30,9 @@ def pair(tmp_path_factory):
     shape = (40, 40, 40)
     m = tf.rotation_matrix(4, (1, 0, 1), tf.grid_center(shape))
     m[:3, 3] += [2.0, -1.0, 1.5]
-    np.save(d / "fixed.npy", gpureg.two_particle_phantom(shape))
+    fixed, labels = gpureg.two_particle_phantom(shape, return_labels=True)
+    np.save(d / "fixed.npy", fixed)
+    np.save(d / "labels.npy", labels)
     with h5py.File(d / "moving.h5", "w") as h5:
         h5["exchange/recon"] = gpureg.two_particle_phantom(shape, m)
     return d, m
@@ -44,7 +46,7 @@ def test_register_writes_matrix(pair):
     assert r.returncode == 0, r.stderr
     doc = json.loads((d / "m.json").read_text())
     assert doc["binarize"] is False
-    _, labels = gpureg.two_particle_phantom((40, 40, 40), return_labels=True)
+    labels = np.load(d / "labels.npy")
     assert gpureg.displacement_error(np.array(doc["matrix"]), truth, mask=labels > 0)[0] < 0.1
     assert doc["mse_after"] < doc["mse_before"]
     assert np.load(d / "aligned.npy").shape == (40, 40, 40)
