@@ -115,6 +115,7 @@ def live(tmp_path_factory):
         for w in watchers:
             if w.poll() is None:
                 w.kill()
+                w.wait()
         server.stop()
 
 

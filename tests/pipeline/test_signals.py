@@ -48,6 +48,7 @@ def _signalled_run(scan, out, sig, after_line, delay):
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
     return proc.returncode, "".join(lines) + err
 
 

@@ -145,6 +145,7 @@ def test_second_run_on_same_output_is_refused_two_processes(scan, tmp_path):
     finally:
         if first.poll() is None:
             first.kill()
+            first.wait()
     with h5py.File(out) as h5:
         assert h5.attrs["complete"]
     assert not (tmp_path / "out.h5.lock").exists()
