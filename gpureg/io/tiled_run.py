@@ -23,6 +23,14 @@ event row (time, energy, angle) are in. An energy is **complete** when
   planned count, dark frames at its energy are complete the same way, or dark
   frames were taken before its projections.
 
+"Came after" is judged only from streams read no later than the stream it
+completes: a re-read lists the streams one after another (each read retried
+across a server outage), so the open-beam frames may be newer than the
+projections read before them, and a next energy's frame there does not say the
+older read had all of this energy's projections. When such newer frames say the
+projection stream moved on, it is read again first (so an energy without a
+planned count still completes as the next one's open-beam frames come in).
+
 :meth:`BlueskyRun.refresh` re-reads the run (a handful of requests: the run,
 its streams, each stream's parts, and only the event tables that grew) and
 returns what became complete; images are read lazily, one energy's rows at a
@@ -120,6 +128,7 @@ class BlueskyRun(InputReader):
         self.bad = {}
         self._segments = []  # complete energies, ascending
         self._cols = {}  # stream -> energy/time/angle columns read so far
+        self._reads = itertools.count()  # each stream read is numbered: which of two reads is the newer
         self.acquired = []  # complete energies (eV), in acquisition order
         self.n_frames = 0  # frames seen so far, all streams
         self.refresh()
@@ -135,13 +144,17 @@ class BlueskyRun(InputReader):
         keys = streams.keys()
         if "primary" not in keys:
             return []
-        prim = self._stream(streams, "primary", need_angle=True)
-        self._grew = prim["time"].size != (0 if self._prim is None else self._prim["time"].size)
+        before = 0 if self._prim is None else self._prim["time"].size
+        prim = self._read(streams, "primary")
+        self._grew = prim["time"].size != before
         if self.planned_angles is None or self._grew or self._side_wait or self.stopped or self._prim is None:
             # open-beam and dark frames matter once the projections moved on or an energy waits for them; read
             # later, they are only older (never a wrong completion: at worst one more wait)
-            self._flats = next((self._stream(streams, k) for k in FLAT_STREAMS if k in keys), None)
-            self._darks = next((self._stream(streams, k) for k in DARK_STREAMS if k in keys), None)
+            self._flats = next((self._read(streams, k) for k in FLAT_STREAMS if k in keys), None)
+            self._darks = next((self._read(streams, k) for k in DARK_STREAMS if k in keys), None)
+            if self._overtaken(prim):  # the projections read before them may miss some: read them again
+                prim = self._read(streams, "primary")
+                self._grew = prim["time"].size != before
         flats, darks, self._prim = self._flats, self._darks, prim
         self.n_frames = sum(st["energy"].size for st in (prim, flats, darks) if st is not None)
         self.waiting = self._side_wait = False
@@ -184,6 +197,22 @@ class BlueskyRun(InputReader):
             self.shape = (first["rows"][1] - first["rows"][0], *prim["frame"])
         return new
 
+    def _read(self, streams, name):
+        """:meth:`_stream`, numbered (``"read"``): a stream read later holds every frame written before it."""
+        st = self._stream(streams, name, need_angle=name == "primary")
+        st["read"] = next(self._reads)
+        return st
+
+    def _overtaken(self, prim):
+        """Frames of a stream read after the projections ``prim`` are at another energy than, and later than,
+        its last projection: the scan may have added projections after ``prim`` was read."""
+        e, t = prim["energy"], prim["time"]
+        if not e.size:
+            return False
+        return any(st is not None and st["read"] > prim["read"]
+                   and np.any((st["time"] > t[-1]) & (np.abs(st["energy"] - e[-1]) > self.tol))
+                   for st in (self._flats, self._darks))
+
     def _listing(self):
         """The run's streams (one request), kept once the projection, open-beam and dark streams are all there."""
         if self._listed is not None:
@@ -205,14 +234,18 @@ class BlueskyRun(InputReader):
                          longest, self.planned_angles, self.plan_source)
             self.planned_angles = None
 
-    def _frames(self):
-        """``(stream, energy, time)`` columns of every stream read so far."""
+    def _frames(self, upto):
+        """``(stream, energy, time)`` columns of every stream read so far, read no later than read number ``upto``
+        (a newer read may hold frames that came after what the older one missed)."""
         return [(name, st["energy"], st["time"]) for name, st in
-                (("primary", self._prim), ("flat", self._flats), ("dark", self._darks)) if st is not None]
+                (("primary", self._prim), ("flat", self._flats), ("dark", self._darks))
+                if st is not None and st["read"] <= upto]
 
     def _moved_on(self, energy, after):
-        """A frame at another energy (any stream) came after time ``after``."""
-        return any(np.any((t > after) & (np.abs(e - energy) > self.tol)) for _, e, t in self._frames())
+        """A projection's ``energy`` is done: a frame at another energy (a stream read no later than the
+        projections) came after time ``after``."""
+        return any(np.any((t > after) & (np.abs(e - energy) > self.tol))
+                   for _, e, t in self._frames(self._prim["read"]))
 
     def _settled(self, stream, energy, planned=None):
         """``stream``'s frames at ``energy`` are all in: the planned number, or a frame of another kind or energy
@@ -227,7 +260,7 @@ class BlueskyRun(InputReader):
             return True
         last = st["time"][at].max()
         return any(np.any((t > last) & ((name != stream) | (np.abs(e - energy) > self.tol)))
-                   for name, e, t in self._frames())
+                   for name, e, t in self._frames(st["read"]))
 
     def _check(self, seg, flats, darks, by_plan):
         """None (usable), ``"wait"`` (not yet: open-beam or dark frames still to come) or why it is bad."""
