@@ -12,7 +12,9 @@ reads; no Tiled server, no timing.
 import numpy as np
 import pytest
 
-from gpureg.io.tiled_run import BlueskyRun
+pytest.importorskip("httpx")  # the Tiled client's HTTP layer: a run's reads translate its errors (live-test extra)
+
+from gpureg.io.tiled_run import BlueskyRun  # noqa: E402
 
 ENERGIES = [6500.0, 6540.0, 6552.0, 6570.0, 6600.0]
 N_ANGLES, N_FLAT, N_DARK = 8, 2, 2
