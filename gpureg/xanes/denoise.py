@@ -276,16 +276,21 @@ def project(xp, mu, basis: SpectralBasis, *, denoise: bool = True):
 
     The level ``sigma`` is the noise standard deviation at an energy of relative variance 1 (see the module
     notes): the noise at energy ``e`` is ``sigma sqrt(basis.noise_profile[e])``."""
+    fit, r, m, s = _whitened_fit(xp, mu, basis)
+    sigma = xp.sqrt((r * r).sum(axis=0) / xp.float32(max(mu.shape[0] - basis.k, 1)))
+    if not denoise:
+        return mu, sigma
+    return fit * s + m, sigma
+
+
+def _whitened_fit(xp, mu, basis):
+    """The components' fit to the whitened spectra, the residual, the mean (n, 1) and the scale (n, 1)."""
     U = xp.asarray(basis.components.astype(np.float32))
     m = xp.asarray(basis.mean.astype(np.float32))[:, None]
     s = xp.asarray(basis.scale.astype(np.float32))[:, None]
     xc = (mu - m) / s
     fit = U @ (U.T @ xc)
-    r = xc - fit
-    sigma = xp.sqrt((r * r).sum(axis=0) / xp.float32(max(mu.shape[0] - basis.k, 1)))
-    if not denoise:
-        return mu, sigma
-    return fit * s + m, sigma
+    return fit, xc - fit, m, s
 
 
 def restore_residual(xp, mu, basis: SpectralBasis, shape, sigma: float, *, weight=None):
@@ -318,12 +323,7 @@ def restore_residual(xp, mu, basis: SpectralBasis, shape, sigma: float, *, weigh
     """
     from ..core.segment import gaussian
 
-    U = xp.asarray(basis.components.astype(np.float32))
-    m = xp.asarray(basis.mean.astype(np.float32))[:, None]
-    s = xp.asarray(basis.scale.astype(np.float32))[:, None]
-    xc = (mu - m) / s
-    fit = U @ (U.T @ xc)
-    r = xc - fit
+    fit, r, m, s = _whitened_fit(xp, mu, basis)
     n = mu.shape[0]
     noise = xp.sqrt((r * r).sum(axis=0) / xp.float32(max(n - basis.k, 1)))
     y = fit * s + m
