@@ -276,21 +276,23 @@ def project(xp, mu, basis: SpectralBasis, *, denoise: bool = True):
 
     The level ``sigma`` is the noise standard deviation at an energy of relative variance 1 (see the module
     notes): the noise at energy ``e`` is ``sigma sqrt(basis.noise_profile[e])``."""
-    fit, r, m, s = _whitened_fit(xp, mu, basis)
-    sigma = xp.sqrt((r * r).sum(axis=0) / xp.float32(max(mu.shape[0] - basis.k, 1)))
+    fit, _, sigma, m, s = _whitened_fit(xp, mu, basis)
     if not denoise:
         return mu, sigma
     return fit * s + m, sigma
 
 
 def _whitened_fit(xp, mu, basis):
-    """The components' fit to the whitened spectra, the residual, the mean (n, 1) and the scale (n, 1)."""
+    """The components' fit to the whitened spectra, the residual, the noise level per voxel (the residual's RMS
+    over its ``n - K`` degrees of freedom), the mean (n, 1) and the scale (n, 1)."""
     U = xp.asarray(basis.components.astype(np.float32))
     m = xp.asarray(basis.mean.astype(np.float32))[:, None]
     s = xp.asarray(basis.scale.astype(np.float32))[:, None]
     xc = (mu - m) / s
     fit = U @ (U.T @ xc)
-    return fit, xc - fit, m, s
+    r = xc - fit
+    noise = xp.sqrt((r * r).sum(axis=0) / xp.float32(max(mu.shape[0] - basis.k, 1)))
+    return fit, r, noise, m, s
 
 
 def restore_residual(xp, mu, basis: SpectralBasis, shape, sigma: float, *, weight=None):
@@ -323,9 +325,8 @@ def restore_residual(xp, mu, basis: SpectralBasis, shape, sigma: float, *, weigh
     """
     from ..core.segment import gaussian
 
-    fit, r, m, s = _whitened_fit(xp, mu, basis)
+    fit, r, noise, m, s = _whitened_fit(xp, mu, basis)
     n = mu.shape[0]
-    noise = xp.sqrt((r * r).sum(axis=0) / xp.float32(max(n - basis.k, 1)))
     y = fit * s + m
     a = xp.maximum(crude_jump(y), xp.float32(0))
     w = a if weight is None else a * xp.asarray(weight, dtype=xp.float32)
@@ -338,8 +339,9 @@ def restore_residual(xp, mu, basis: SpectralBasis, shape, sigma: float, *, weigh
 
 
 def residual_noise_factor(sigma: float) -> float:
-    """Standard deviation of the noise :func:`restore_residual` adds back, over the residual's: ``sqrt(sum k^2)``
-    of the normalised 3D Gaussian kernel, for spatially independent noise of equal weight (an interior voxel)."""
+    """Standard deviation of a normalised 3D Gaussian average (sigma ``sigma`` voxels) of spatially independent
+    noise of equal weight (an interior voxel), over the noise's own: ``sqrt(sum k^2)`` of the kernel. E.g. the
+    noise :func:`restore_residual` adds back, over the residual's."""
     radius = int(4.0 * float(sigma) + 0.5)              # scipy.ndimage.gaussian_filter's kernel (truncate 4)
     k1 = np.exp(-0.5 * (np.arange(-radius, radius + 1) / float(sigma)) ** 2)
     k1 /= k1.sum()

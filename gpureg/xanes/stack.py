@@ -234,8 +234,7 @@ def _with_model_error(noise, edge, terms, raw_edge, psf):
         if raw_edge is not None:
             d = local_mean(raw_edge[0] - edge, psf)
             var = local_mean(np.where(np.isfinite(edge), raw_edge[1] ** 2 - noise ** 2, np.nan), psf)
-            w = np.exp(-0.5 * (np.arange(-int(4 * psf + 0.5), int(4 * psf + 0.5) + 1) / psf) ** 2)
-            total += np.nan_to_num(np.maximum(d * d - float((w * w).sum() / w.sum() ** 2) ** 3 * var, 0))
+            total += np.nan_to_num(np.maximum(d * d - residual_noise_factor(psf) ** 2 * var, 0))
     return np.sqrt(total).astype(np.float32)
 
 
@@ -278,21 +277,27 @@ def stack_basis(read, shape, E, components, *, planes: int = 16, slab: int = 16,
     one was off by 10 degrees, which moved a particle's median edge energy by 0.03-0.07 eV (bench/denoise.py,
     seed 1, 1000 photons)."""
     thr = crude_jump_threshold(read, shape, E, planes=planes) if threshold is None else float(threshold)
-    s1, s2, m = np.zeros(E.size), np.zeros((E.size, E.size)), 0
-    s1a, s2a, ma = np.zeros(E.size), np.zeros((E.size, E.size)), 0
-    for z0 in range(0, shape[0], slab):
-        X = np.asarray(to_host(read(z0, min(shape[0], z0 + slab))), dtype=np.float64).reshape(E.size, -1)
-        X = X[:, np.isfinite(X).all(axis=0)]
-        sel = crude_jump(X) > thr
-        s1, s2, m = s1 + X[:, sel].sum(axis=1), s2 + X[:, sel] @ X[:, sel].T, m + int(sel.sum())
-        s1a, s2a, ma = s1a + X.sum(axis=1), s2a + X @ X.T, ma + X.shape[1]
-    if m < 2 * E.size:
-        s1, s2, m = s1a, s2a, ma
+    s1, s2, m = _moments(read, shape, E, slab, thr)
+    if m < 2 * E.size:   # too few voxels with an edge: every finite spectrum (a second pass, rarely needed)
+        s1, s2, m = _moments(read, shape, E, slab, None)
     if m < 2:
         raise InputError(f"stack_basis: need at least 2 finite voxel spectra, got {m}")
     mean = s1 / m
     return basis_from_moments(mean, s2 / m - np.outer(mean, mean), m, components,
                               max_components=min(20, E.size - 1))
+
+
+def _moments(read, shape, E, slab, threshold):
+    """Sum, sum of outer products and count of the finite voxel spectra whose crude jump exceeds ``threshold``
+    (all of them for None), read slab by slab (float64)."""
+    s1, s2, m = np.zeros(E.size), np.zeros((E.size, E.size)), 0
+    for z0 in range(0, shape[0], slab):
+        X = np.asarray(to_host(read(z0, min(shape[0], z0 + slab))), dtype=np.float64).reshape(E.size, -1)
+        X = X[:, np.isfinite(X).all(axis=0)]
+        if threshold is not None:
+            X = X[:, crude_jump(X) > threshold]
+        s1, s2, m = s1 + X.sum(axis=1), s2 + X @ X.T, m + X.shape[1]
+    return s1, s2, m
 
 
 def stack_ranges(read, shape, E, pre=None, post=None, e0=None):
