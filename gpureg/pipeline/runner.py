@@ -316,9 +316,10 @@ def _register_all(store, loader, reference, options, devices, matrices, progress
     fixed, prep = reference.volume, reference.prep
     # With series smoothing every energy's own particle fit is kept (min_gain 1): the robust smoothing along
     # the series, not a per-energy threshold, rejects the bad ones (issue 27: 48^3, 3 seeds, map median
-    # 0.122-0.150 eV with min_gain 1, 0.131-0.150 with 1.3), and particles down to 512 voxels (a sphere of radius 5) take their own rigid motion: the smoothing
-    # averages the noise of a small particle's fit over the window (issue 27, 48^3: a 777-voxel particle below
-    # the former 1000, seed 1, transform error 0.36 -> 0.07 voxel; seed 2 map median 0.175 -> 0.172 eV).
+    # 0.122-0.150 eV with min_gain 1, 0.131-0.150 with 1.3), and particles down to 512 voxels (a sphere of
+    # radius 5) take their own rigid motion: the smoothing averages the noise of a small particle's fit over the
+    # window (issue 27, 48^3: a 777-voxel particle below the former 1000, seed 1, transform error 0.36 -> 0.07
+    # voxel; seed 2 map median 0.175 -> 0.172 eV).
     smoothed = bool(options.series_window)
     particles = PerParticle(store, reference, dev, min_gain=1.0 if smoothed else 1.3,
                             min_voxels=512 if smoothed else 1000) if options.per_particle else None
