@@ -22,6 +22,7 @@ from typing import Optional
 import typer
 
 from ..pipeline.options import Device, EdgeMethod, FBPFilter, Model
+from ..xanes.uncertainty import PSF_VOXELS
 
 __all__ = ["app", "ApiKeyFileOpt", "CenterOpt", "DenoiseOpt", "DeviceOpt", "EdgeOpt", "FilterOpt", "flag", "friendly", "main",
            "ModelOpt", "RawOpt", "ReferenceOpt", "SmoothOpt", "use_api_key_file"]
@@ -76,6 +77,12 @@ DenoiseSpectraOpt = typer.Option("off", "--denoise-spectra", metavar="auto|K|off
                                       "components.")
 
 
+PsfOpt = typer.Option(PSF_VOXELS, "--psf", min=0.0, metavar="VOXELS",
+                      help="Spatial resolution of the aligned stack (Gaussian sigma, voxels) for the resolution term "
+                           f"of the edge-energy uncertainty map; {PSF_VOXELS} is measured on gpureg simulate, 0 leaves it "
+                           "out.")
+
+
 ApiKeyFileOpt = typer.Option(None, "--api-key-file", metavar="FILE",
                              help="For a Tiled URI: file holding the API key (default: $TILED_API_KEY); the key is "
                                   "never printed or logged.")
@@ -96,7 +103,8 @@ def split_references(values) -> tuple:
 
 # Library messages name parameters (``overwrite=True``, ``reference=``); the CLI names its flags instead.
 _FLAGS = ("align_projections", "allow_folding", "allow_limited_angles", "clusters", "dataset", "deformable",
-          "denoise_spectra", "device", "energy_dataset", "keep", "overwrite", "per_particle", "reference", "references",
+          "denoise_spectra", "device", "energy_dataset", "keep", "overwrite", "per_particle", "psf", "reference",
+          "references",
           "regularization", "scheduler", "skip_bad_energies", "spacing")
 _PARAM_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b|\"[^\"]*\"|'[^']*'|[\w.]+)?")
 

@@ -10,6 +10,7 @@ import typer
 
 from ..io.results import DEFAULT_COMPRESSION
 from ..pipeline.options import Denoise, Device, EdgeMethod, FBPFilter, Model, RunOptions, parse_keep
+from ..xanes.uncertainty import PSF_VOXELS
 from .app import (
     ApiKeyFileOpt,
     CenterOpt,
@@ -20,6 +21,7 @@ from .app import (
     EdgeOpt,
     FilterOpt,
     ModelOpt,
+    PsfOpt,
     RampOpt,
     RawOpt,
     ReferenceColumnOpt,
@@ -79,7 +81,7 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                 allow_folding: bool = False, align_projections: bool = False,
                 compression: str = DEFAULT_COMPRESSION, store_dtype: str = "float32", denoise_spectra: str = "off",
                 reference_column: Optional[str] = None, series_window: int = 6,
-                allow_limited_angles: bool = False) -> RunOptions:
+                allow_limited_angles: bool = False, psf: float = PSF_VOXELS) -> RunOptions:
     """The :class:`RunOptions` of the shared command-line options (the only place they are mapped)."""
     kept = tuple(k for k in parse_keep(keep) if k not in parse_keep(no_keep))
     prep = cli_prep(raw=raw, denoise=denoise, smooth=smooth, ramp=ramp)
@@ -89,7 +91,7 @@ def run_options(*, device: Device, reference: str, raw: bool, denoise: Optional[
                       spacing=spacing, regularization=regularization, allow_folding=allow_folding,
                       align_projections=align_projections, compression=compression, store_dtype=store_dtype,
                       denoise_spectra=denoise_spectra, reference_column=reference_column, series_window=series_window,
-                      allow_limited_angles=allow_limited_angles)
+                      allow_limited_angles=allow_limited_angles, psf=psf)
 
 
 @app.command("run")
@@ -129,6 +131,7 @@ def run_cmd(
     reference_column: Optional[str] = ReferenceColumnOpt,
     series_window: int = SeriesWindowOpt,
     allow_limited_angles: bool = AllowLimitedOpt,
+    psf: float = PsfOpt,
 ):
     """Projections -> FBP -> binarize -> register -> align -> edge-energy maps -> report (resumable)."""
     from ..pipeline.runner import run
@@ -143,7 +146,7 @@ def run_cmd(
                           allow_folding=allow_folding, align_projections=align_projections,
                           compression=compression, store_dtype=store_dtype, denoise_spectra=denoise_spectra,
                           reference_column=reference_column, series_window=series_window,
-                          allow_limited_angles=allow_limited_angles)
+                          allow_limited_angles=allow_limited_angles, psf=psf)
     devices = _announce_devices(options)
     with _energy_progress("run") as on_energy:
         res = run(input, output, options, overwrite=overwrite, progress=on_energy, devices=devices)
@@ -226,6 +229,7 @@ def watch_cmd(
     compression: str = CompressionOpt,
     store_dtype: str = StoreDtypeOpt,
     denoise_spectra: str = DenoiseSpectraOpt,
+    psf: float = PsfOpt,
     publish: Optional[str] = typer.Option(None, "--publish", metavar="URI",
                                           help="Tiled container to publish the result into (edge-energy map, aligned "
                                                "stack, registration table; metadata links the run's uid)."),
@@ -261,7 +265,7 @@ def watch_cmd(
                           no_keep=no_keep, align_projections=align_projections, compression=compression,
                           store_dtype=store_dtype, denoise_spectra=denoise_spectra,
                           allow_limited_angles=allow_limited_angles, deformable=deformable, spacing=spacing,
-                          regularization=regularization, allow_folding=allow_folding)
+                          regularization=regularization, allow_folding=allow_folding, psf=psf)
     _announce_devices(options)
 
     def on_energy(ev):

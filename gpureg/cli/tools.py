@@ -21,6 +21,7 @@ from .app import (
     EdgeOpt,
     FilterOpt,
     ModelOpt,
+    PsfOpt,
     RampOpt,
     RawOpt,
     ReferenceColumnOpt,
@@ -95,6 +96,7 @@ def xanes(
     clusters: Optional[int] = ClustersOpt,
     denoise_spectra: str = DenoiseSpectraOpt,
     reference_column: Optional[str] = ReferenceColumnOpt,
+    psf: float = PsfOpt,
     pre: Optional[str] = typer.Option(None, "--pre", metavar="LO,HI",
                                       help="Pre-edge fit range in eV (default: from the data, as Larch)."),
     post: Optional[str] = typer.Option(None, "--post", metavar="LO,HI",
@@ -110,7 +112,7 @@ def xanes(
         s = map_xanes_file(aligned, output, dataset=dataset, energy_dataset=energy_dataset, method=edge.value,
                            min_jump=min_jump, min_voxels=min_voxels, slab=slab, device=device.value,
                            overwrite=overwrite, references=split_references(references) or None, clusters=clusters,
-                           denoise=parse_denoise(denoise_spectra), column=reference_column,
+                           denoise=parse_denoise(denoise_spectra), column=reference_column, psf=psf,
                            pre=_energy_range(pre, "--pre"), post=_energy_range(post, "--post"))
     except EnergyGridError as exc:  # the grid, not the data: say how to choose ranges that fit it
         raise EnergyGridError(f"{str(exc).splitlines()[0]}; give --pre LO,HI and --post LO,HI (eV) with energies "

@@ -27,6 +27,7 @@ from ..register import Prep, prepare_reference
 from ..xanes.regions import roi_spectra
 from ..xanes.spectra import MIN_ENERGIES
 from ..xanes.stack import Reordered, edge_energy_map
+from ..xanes.uncertainty import PSF_VOXELS
 
 _log = logging.getLogger("gpureg")
 
@@ -120,7 +121,8 @@ def sample_mask(reference) -> np.ndarray:
 def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy_dataset: str | None = None,
                 method: str = "half", min_jump: float | None = None, min_voxels: int = 64, slab: int = 16,
                 device: str = "auto", smooth: float = 1.0, pre=None, post=None, overwrite: bool = False,
-                references=None, clusters: int | None = None, denoise=None, column: str | None = None) -> dict:
+                references=None, clusters: int | None = None, denoise=None, column: str | None = None,
+                psf: float = PSF_VOXELS) -> dict:
     """Edge-energy maps, particle labels and particle spectra of an aligned stack, written to HDF5.
 
     Reads ``/aligned`` + ``/energy`` (pipeline output) or ``/exchange/recon`` +
@@ -140,8 +142,8 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
         replaced with ``overwrite=True``).
     dataset, energy_dataset : str, optional
         Override the stack / energy dataset names.
-    method, min_jump, smooth, pre, post, slab, device
-        See :func:`edge_energy_map`.
+    method, min_jump, smooth, pre, post, slab, device, psf
+        See :func:`edge_energy_map` (``psf``: recorded as the attribute ``psf_voxels``).
     min_voxels : int
         Smallest particle kept in ``labels``.
 
@@ -187,7 +189,7 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
         ref_mask = sample_mask(np.asarray(ds[int(np.argmax(E_in))], dtype=np.float32))
         rng = {}
         maps = edge_energy_map(ds, E_in, slab=slab, device=device, min_jump=min_jump, pre=pre, post=post,
-                               method=method, smooth=smooth, info=rng, denoise=denoise, mask=ref_mask)
+                               method=method, smooth=smooth, info=rng, denoise=denoise, mask=ref_mask, psf=psf)
         labels, n = particle_labels(ref_mask, min_voxels=min_voxels)
         roi = roi_spectra(Reordered(ds, order), E_sorted, labels, pre=rng["pre"], post=rng["post"]) if n else None
         chem = None
@@ -206,7 +208,7 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
              "source_dataset": name, "gpureg_version": __version__, "min_voxels": int(min_voxels),
              "device": rng["device"], "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
              "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
-             "range_rule": rng["rule"]}
+             "range_rule": rng["rule"], "psf_voxels": rng["psf"]}
     if rng["basis"] is not None:
         attrs["spectral_denoise"] = json.dumps({**rng["basis"].to_dict(), "applied": rng["denoise"] is not None,
                                                 "residual_smoothing_voxels": float(rng.get("residual_smoothing", 0.0))})

@@ -85,6 +85,8 @@ def xanes_attrs(info) -> dict:
     """``/xanes`` attributes of an edge map's ``info``: common E0, fit ranges, spectral basis (JSON)."""
     out = {"e0_common_ev": float(info["e0"]), "pre_ev": list(info["pre"]), "post_ev": list(info["post"]),
            "e0_rule": info["rule"]}
+    if "psf" in info:
+        out["psf_voxels"] = float(info["psf"])
     if info.get("basis") is not None:
         b = info["basis"].to_dict()
         b["applied"] = info.get("denoise") is not None
@@ -104,7 +106,7 @@ def _xanes(store, reference, options, devices, used):
     # /xanes_global, so every mode's map covers the same voxels (README, "Edge-energy maps").
     maps = edge_energy_map(store.volumes("aligned", used), store.energies[used], device=devices.registration,
                            method=options.edge.value, denoise=options.denoise_spectra, info=info,
-                           mask=reference.mask)
+                           mask=reference.mask, psf=options.psf)
     labels, _ = particle_labels(reference.mask)
     chem = None
     if options.references or options.clusters:

@@ -29,6 +29,7 @@ from ..recon.fbp import FILTERS
 from ..register.affine import MODELS
 from ..register.prepare import PREP_KEYWORDS, Prep
 from ..xanes.edge import METHODS as EDGE_METHODS
+from ..xanes.uncertainty import PSF_VOXELS
 
 __all__ = ["Denoise", "Device", "Devices", "EdgeMethod", "FBPFilter", "KEEPABLE", "Model", "parse_center", "parse_keep",
            "resolve_devices", "RunOptions"]
@@ -140,6 +141,11 @@ class RunOptions:
     denoise_spectra : "auto", int or None
         Spectral denoising before the XANES maps and fits (:mod:`gpureg.xanes.denoise`);
         recorded in ``/xanes`` attributes (``spectral_denoise``).
+    psf : float
+        Gaussian standard deviation (voxels) of the spatial resolution of the aligned
+        stack (FBP and resampling), for the resolution term of ``/xanes/edge_energy_sigma``
+        (:data:`gpureg.xanes.uncertainty.PSF_VOXELS`, 0.7, measured on ``gpureg simulate``;
+        0: no resolution term). Recorded in the ``/xanes`` attribute ``psf_voxels``.
     reference_column : str, optional
         ``mu`` column of the reference files (:func:`gpureg.xanes.references.read_columns`).
     skip_bad_energies : bool
@@ -188,6 +194,7 @@ class RunOptions:
     references: tuple = ()
     clusters: int | None = None
     denoise_spectra: str | int | None = None
+    psf: float = PSF_VOXELS
     reference_column: str | None = None
     skip_bad_energies: bool = False
     keep: tuple = KEEPABLE
@@ -222,6 +229,9 @@ class RunOptions:
         from ..xanes.denoise import parse_denoise
 
         object.__setattr__(self, "denoise_spectra", parse_denoise(self.denoise_spectra))
+        if isinstance(self.psf, bool) or not (math.isfinite(float(self.psf)) and float(self.psf) >= 0):
+            raise ParameterError(f"psf must be a finite width >= 0 voxels, got {self.psf!r}")
+        object.__setattr__(self, "psf", float(self.psf))
         if self.reference_column is not None:
             object.__setattr__(self, "reference_column", str(self.reference_column))
         object.__setattr__(self, "allow_limited_angles", bool(self.allow_limited_angles))
@@ -292,7 +302,7 @@ class RunOptions:
             out.pop("store_dtype")
         out["references"] = list(out["references"])
         for key, default in (("references", []), ("clusters", None), ("align_projections", False),
-                             ("denoise_spectra", None), ("reference_column", None)):
+                             ("denoise_spectra", None), ("reference_column", None), ("psf", PSF_VOXELS)):
             # absent when unused: results unchanged
             if out[key] == default:
                 out.pop(key)

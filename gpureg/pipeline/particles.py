@@ -65,6 +65,6 @@ def per_particle_xanes(store, options, devices, mask=None):
     from ..xanes.stack import edge_energy_map
 
     maps = edge_energy_map(store.stack("aligned_global"), store.energies, device=devices.registration,
-                           method=options.edge.value, mask=mask)
+                           method=options.edge.value, mask=mask, psf=options.psf)
     keys = ("edge_energy", "mask", "edge_ambiguous", "edge_energy_sigma")
     store.write_xanes({key: maps[key] for key in keys if key in maps}, None, group="xanes_global")

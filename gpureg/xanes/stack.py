@@ -211,7 +211,7 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     if info is not None:
         info.update(pre=rng["pre"], post=rng["post"], e0=float(kw["e0"]), rule=rng["rule"], min_jump=float(thr),
                     device=dev, basis=basis, denoise=denoise,
-                    residual_smoothing=float(residual_smoothing) if restore else 0.0)
+                    residual_smoothing=float(residual_smoothing) if restore else 0.0, psf=float(psf))
     _log.info("edge_energy_map: %d of %d voxels valid (min_jump %.4g, ranges pre %s post %s, %s)",
               int(valid.sum()), valid.size, thr, rng["pre"], rng["post"], rng["rule"])
     return out

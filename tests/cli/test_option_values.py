@@ -97,3 +97,28 @@ def test_overwrite_replaces_a_result_but_never_a_scan(recon_input, tmp_path):
         assert r.returncode == 2, r.stderr
         assert f"gpureg: error: {scan}: exists and is not a gpureg result; not replaced" in r.stderr
         assert scan.read_bytes() == before
+
+
+def test_psf_reaches_the_uncertainty_map_and_is_recorded(recon_input, tmp_path):
+    # --psf: the resolution term of edge_energy_sigma (gpureg.xanes.uncertainty); 0 leaves it out, so the sigma
+    # map can only shrink (the terms add in quadrature), and the run records what it used (issue 26).
+    import h5py
+
+    sig = {}
+    for psf in ("0.7", "0"):
+        out = tmp_path / f"psf{psf}.h5"
+        r = run_cli("run", recon_input, out, "--device", "cpu", "--no-report", "--psf", psf)
+        assert r.returncode == 0, r.stderr
+        with h5py.File(out) as h5:
+            assert h5["xanes"].attrs["psf_voxels"] == float(psf)
+            sig[psf] = h5["xanes/edge_energy_sigma"][...]
+            params = h5.attrs["parameters"]
+        assert ('"psf"' in params) == (psf == "0"), params  # absent at the default: earlier results resume
+    ok = np.isfinite(sig["0.7"]) & np.isfinite(sig["0"])
+    assert ok.sum() > 100
+    assert np.all(sig["0"][ok] <= sig["0.7"][ok] + 1e-6)
+    assert np.any(sig["0"][ok] < sig["0.7"][ok] - 1e-5)  # uniform particles here: a small resolution term
+    r = run_cli("xanes", recon_input, tmp_path / "x.h5", "--psf", "0")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "x.h5") as h5:
+        assert h5["xanes"].attrs["psf_voxels"] == 0.0

@@ -95,6 +95,8 @@ def test_run_options_round_trip_json_and_pickle():
     ({"center": "middle"}, "center must be"),
     ({"reference": "middle"}, "reference must be"),
     ({"per_particle": True, "scheduler": "tcp://h:1"}, "not with scheduler or matrices"),
+    ({"psf": -0.5}, "psf must be a finite width >= 0 voxels"),
+    ({"psf": float("nan")}, "psf must be a finite width >= 0 voxels"),
 ])
 def test_run_options_refuse_bad_values(kw, message):
     with pytest.raises(ValueError, match=message):
