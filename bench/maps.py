@@ -18,11 +18,14 @@ affine, mode), and at the contact between the particles (voxels within
 ``3 * size / 48`` voxels of both) the range of each map against the range of
 the truth over both particles (how many outside it: all, in the particles, by
 more than 1 eV, by more than twice the voxel's ``edge_energy_sigma``), and the voxels each map masks as having no single edge
-(``edge_ambiguous``: at the contact, in the particles, in all). JSON under
-bench/results/.
+(``edge_ambiguous``: at the contact, in the particles, in all). Per-particle rows also give each method's
+transform error against the truth (``transform_errors``: translation and linear part, at the edge energies and
+elsewhere, and how much the error changes from one edge energy to the next), and with ``--diagnose`` the maps
+with every transform moved halfway to the truth (``toward_truth``). JSON under bench/results/.
 
     python bench/maps.py --modes per-particle --seeds 0 1 2
     python bench/maps.py --modes deformable --seeds 0 --windows 0 6
+    python bench/maps.py --modes per-particle --seeds 0 1 2 3 4 --energies fine --diagnose
 """
 
 from __future__ import annotations
@@ -151,7 +154,80 @@ def truth_floor(result, errors):
     return out
 
 
-def run_case(mode, seed, size, window, folder, device="cpu", reuse=False, energies="default"):
+def transform_errors(result, window_ev=10.0):
+    """Per-particle runs: how far the mode's and the affine's (smoothed) transforms are from the truth's.
+
+    Per particle and method, over the particle's voxels: the mean displacement error, split into its centroid's
+    (translation) and the rest (the linear part: rotation, scale, shear), averaged over the **edge energies**
+    (within ``window_ev`` of the truth's range of edge energies) and over the others; and the **inconsistency**
+    at the edge energies, the RMS over voxels and edge energies of the error's deviation from its own mean over
+    those energies. An error that is the same at every edge energy only moves the map (it costs at borders); one
+    that changes from energy to energy distorts each voxel's spectrum where its edge energy is read
+    (gpureg/register/consistency.py).
+    """
+    with h5py.File(result, "r") as h:
+        if "truth/particle_matrices" not in h or "registration/particle_matrix" not in h:
+            return None
+        E, labels, truth = h["energy"][...], h["truth/labels"][...], h["truth/edge_energy"][...]
+        true, found, glob = (h["truth/particle_matrices"][...], h["registration/particle_matrix"][...],
+                             h["registration/matrix"][...])
+    lo, hi = float(np.nanmin(truth)) - window_ev, float(np.nanmax(truth)) + window_ev
+    edge = (E >= lo) & (E <= hi)
+    out = {"edge_energies_ev": [lo, hi], "n_edge_energies": int(edge.sum())}
+    for k in range(1, true.shape[1] + 1):
+        pts = np.c_[np.argwhere(labels == k).astype(np.float64), np.ones(int((labels == k).sum()))]
+        row = {}
+        for name, mats in (("mode", found[:, k]), ("affine", glob)):
+            d = np.einsum("vj,eij->evi", pts, (mats - true[:, k - 1])[:, :3, :])   # (energy, voxel, 3)
+            trans = np.linalg.norm(d.mean(axis=1), axis=1)
+            linear = np.sqrt(((d - d.mean(axis=1, keepdims=True)) ** 2).sum(axis=2).mean(axis=1))
+            de = d[edge]
+            row[name] = {"translation_edge_vox": round(float(trans[edge].mean()), 4),
+                         "linear_edge_vox": round(float(linear[edge].mean()), 4),
+                         "translation_other_vox": round(float(trans[~edge].mean()), 4),
+                         "linear_other_vox": round(float(linear[~edge].mean()), 4),
+                         "inconsistency_edge_vox": round(float(np.sqrt(((de - de.mean(axis=0)) ** 2).sum(axis=2)
+                                                                       .mean())), 4)}
+        out[str(k)] = row
+    return out
+
+
+def toward_truth(result, errors, alpha=0.5):
+    """Per-particle runs: the map error (median / p95, eV) with each method's transforms moved ``alpha`` of the way
+    to the truth's (``(1 - alpha) M + alpha T``, each particle from its own), for the mode and the affine: whether
+    the map improves as the transforms approach the truth (bench-side only)."""
+    import hdf5plugin  # noqa: F401
+
+    from gpureg.core.transform import apply_affine
+    from gpureg.xanes.stack import edge_energy_map
+
+    with h5py.File(result, "r") as h:
+        if "truth/particle_matrices" not in h or "registration/particle_matrix" not in h:
+            return None
+        rec, E = h["recon"][...], h["energy"][...]
+        truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
+        sample = h["xanes/mask"][...] | (h["xanes/edge_ambiguous"][...] if "xanes/edge_ambiguous" in h else False)
+        true, found, glob = (h["truth/particle_matrices"][...], h["registration/particle_matrix"][...],
+                             h["registration/matrix"][...])
+    out = {"alpha": alpha}
+    maps = {}
+    for name in ("mode", "affine"):
+        m = np.full(truth.shape, np.nan, np.float32)
+        for k in range(1, true.shape[1] + 1):
+            mats = (1 - alpha) * (found[:, k] if name == "mode" else glob) + alpha * true[:, k - 1]
+            st = np.stack([apply_affine(rec[i], mats[i], device="cpu") for i in range(E.size)])
+            mk = edge_energy_map(st, E, device="cpu", mask=sample, sigma=False)
+            sel = labels == k
+            m[sel] = np.where(mk["mask"], mk["edge_energy"], np.nan)[sel]
+        maps[name] = m
+    ok = errors["common"] & np.isfinite(maps["mode"]) & np.isfinite(maps["affine"])
+    for name, m in maps.items():
+        e = np.abs(m - truth)[ok]
+        out[name] = {"median_ev": round(float(np.median(e)), 4), "p95_ev": round(float(np.percentile(e, 95)), 4)}
+    return out
+
+
+def run_case(mode, seed, size, window, folder, device="cpu", reuse=False, energies="default", diagnose=False):
     """Simulate (cached in ``folder``), run the mode (and the affine for window 0; ``reuse``: results already
     in ``folder`` are not run again), compare the maps."""
     from gpureg.pipeline import run
@@ -182,6 +258,10 @@ def run_case(mode, seed, size, window, folder, device="cpu", reuse=False, energi
     arrays = {}
     row.update(map_errors(out, affine_result=affine, size=size, arrays=arrays))
     row["truth_floor"] = truth_floor(out, arrays)
+    if mode == "per-particle":
+        row["transform_errors"] = transform_errors(out)
+        if diagnose:
+            row["toward_truth"] = toward_truth(out, arrays)
     row["mode_better"] = bool(row["mode"]["median_ev"] < row["affine"]["median_ev"]
                               and row["mode"]["p95_ev"] < row["affine"]["p95_ev"])
     return row
@@ -197,6 +277,8 @@ def main(argv=None):
     p.add_argument("--name", default="maps")
     p.add_argument("--reuse", action="store_true", help="Compare the results already in --folder (no new runs).")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--diagnose", action="store_true",
+                   help="Per-particle: also the maps with every transform halfway to the truth's (toward_truth).")
     p.add_argument("--energies", default="default",
                    help="Simulated grid: 'default' (29 energies, 3 eV across the edge) or 'fine' (34, 1.5 eV).")
     a = p.parse_args(argv)
@@ -207,7 +289,7 @@ def main(argv=None):
         for mode in a.modes:
             for seed in a.seeds:
                 for window in a.windows:
-                    row = run_case(mode, seed, a.size, window, folder, a.device, a.reuse, a.energies)
+                    row = run_case(mode, seed, a.size, window, folder, a.device, a.reuse, a.energies, a.diagnose)
                     print(f"{mode} seed {seed} window {window}: affine {row['affine']['median_ev']:.3f}/"
                           f"{row['affine']['p95_ev']:.3f} eV, mode {row['mode']['median_ev']:.3f}/"
                           f"{row['mode']['p95_ev']:.3f} eV (median/p95), contact outside truth range: affine "
