@@ -229,9 +229,13 @@ class RunOptions:
         from ..xanes.denoise import parse_denoise
 
         object.__setattr__(self, "denoise_spectra", parse_denoise(self.denoise_spectra))
-        if isinstance(self.psf, bool) or not (math.isfinite(float(self.psf)) and float(self.psf) >= 0):
+        try:
+            psf = None if isinstance(self.psf, bool) else float(self.psf)
+        except (TypeError, ValueError):
+            psf = None
+        if psf is None or not (math.isfinite(psf) and psf >= 0):
             raise ParameterError(f"psf must be a finite width >= 0 voxels, got {self.psf!r}")
-        object.__setattr__(self, "psf", float(self.psf))
+        object.__setattr__(self, "psf", psf)
         if self.reference_column is not None:
             object.__setattr__(self, "reference_column", str(self.reference_column))
         object.__setattr__(self, "allow_limited_angles", bool(self.allow_limited_angles))

@@ -97,6 +97,7 @@ def test_run_options_round_trip_json_and_pickle():
     ({"per_particle": True, "scheduler": "tcp://h:1"}, "not with scheduler or matrices"),
     ({"psf": -0.5}, "psf must be a finite width >= 0 voxels"),
     ({"psf": float("nan")}, "psf must be a finite width >= 0 voxels"),
+    ({"psf": "wide"}, "psf must be a finite width >= 0 voxels"),
 ])
 def test_run_options_refuse_bad_values(kw, message):
     with pytest.raises(ValueError, match=message):
