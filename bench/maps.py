@@ -123,29 +123,21 @@ def truth_floor(result, errors):
     import hdf5plugin  # noqa: F401
     from scipy import ndimage
 
-    from gpureg.core.transform import apply_affine
-    from gpureg.xanes.stack import edge_energy_map
-
     with h5py.File(result, "r") as h:
         rec, E = h["recon"][...], h["energy"][...]
         truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
-        # the result's sample mask: its valid voxels and those masked only as ambiguous
-        sample = h["xanes/mask"][...] | (h["xanes/edge_ambiguous"][...] if "xanes/edge_ambiguous" in h else False)
+        sample = _sample(h)
         pm = h["truth/particle_matrices"][...] if "truth/particle_matrices" in h else None
         disp = h.get("truth/displacement")
         if pm is not None:
-            stacks = [(labels == k + 1, np.stack([apply_affine(rec[i], pm[i, k], device="cpu")
-                                                  for i in range(E.size)])) for k in range(pm.shape[1])]
+            regions = _per_particle(rec, labels, pm)
         elif disp is not None:
             grid = np.indices(truth.shape, dtype=np.float32)
-            stacks = [(labels > 0, np.stack([ndimage.map_coordinates(rec[i], grid + disp[i], order=1)
-                                             for i in range(E.size)]))]
+            regions = [(labels > 0, np.stack([ndimage.map_coordinates(rec[i], grid + disp[i], order=1)
+                                              for i in range(E.size)]))]
         else:
             return None
-    floor = np.full(truth.shape, np.nan, np.float32)
-    for sel, st in stacks:
-        m = edge_energy_map(st, E, device="cpu", mask=sample)
-        floor[sel] = np.where(m["mask"], m["edge_energy"], np.nan)[sel]
+    floor = _map_regions(regions, E, sample)
     e = np.abs(floor - truth)
     ok = errors["common"] & np.isfinite(e)
     out = {"voxels": int(ok.sum())}
@@ -198,32 +190,47 @@ def toward_truth(result, errors, alpha=0.5):
     the map improves as the transforms approach the truth (bench-side only)."""
     import hdf5plugin  # noqa: F401
 
-    from gpureg.core.transform import apply_affine
-    from gpureg.xanes.stack import edge_energy_map
-
     with h5py.File(result, "r") as h:
         if "truth/particle_matrices" not in h or "registration/particle_matrix" not in h:
             return None
         rec, E = h["recon"][...], h["energy"][...]
         truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
-        sample = h["xanes/mask"][...] | (h["xanes/edge_ambiguous"][...] if "xanes/edge_ambiguous" in h else False)
+        sample = _sample(h)
         true, found, glob = (h["truth/particle_matrices"][...], h["registration/particle_matrix"][...],
                              h["registration/matrix"][...])
     out = {"alpha": alpha}
-    maps = {}
-    for name in ("mode", "affine"):
-        m = np.full(truth.shape, np.nan, np.float32)
-        for k in range(1, true.shape[1] + 1):
-            mats = (1 - alpha) * (found[:, k] if name == "mode" else glob) + alpha * true[:, k - 1]
-            st = np.stack([apply_affine(rec[i], mats[i], device="cpu") for i in range(E.size)])
-            mk = edge_energy_map(st, E, device="cpu", mask=sample, sigma=False)
-            sel = labels == k
-            m[sel] = np.where(mk["mask"], mk["edge_energy"], np.nan)[sel]
-        maps[name] = m
+    methods = {"mode": found[:, 1:], "affine": np.repeat(glob[:, None], true.shape[1], axis=1)}
+    maps = {name: _map_regions(_per_particle(rec, labels, (1 - alpha) * m + alpha * true), E, sample)
+            for name, m in methods.items()}
     ok = errors["common"] & np.isfinite(maps["mode"]) & np.isfinite(maps["affine"])
     for name, m in maps.items():
         e = np.abs(m - truth)[ok]
         out[name] = {"median_ev": round(float(np.median(e)), 4), "p95_ev": round(float(np.percentile(e, 95)), 4)}
+    return out
+
+
+def _sample(h):
+    """A result's sample mask: its valid voxels and those masked only as ambiguous."""
+    return h["xanes/mask"][...] | (h["xanes/edge_ambiguous"][...] if "xanes/edge_ambiguous" in h else False)
+
+
+def _per_particle(rec, labels, matrices):
+    """``[(voxels of particle k, the reconstructions resampled with its matrices (n, K, 4, 4)[:, k - 1])]``."""
+    from gpureg.core.transform import apply_affine
+
+    return [(labels == k + 1, np.stack([apply_affine(rec[i], matrices[i, k], device="cpu")
+                                        for i in range(rec.shape[0])])) for k in range(matrices.shape[1])]
+
+
+def _map_regions(regions, E, sample):
+    """One edge-energy map from ``regions`` ``[(voxels, stack)]``: each region's voxels from its own stack's map
+    (mapped as the pipeline maps, in the result's sample mask; NaN elsewhere)."""
+    from gpureg.xanes.stack import edge_energy_map
+
+    out = np.full(sample.shape, np.nan, np.float32)
+    for sel, st in regions:
+        m = edge_energy_map(st, E, device="cpu", mask=sample, sigma=False)
+        out[sel] = np.where(m["mask"], m["edge_energy"], np.nan)[sel]
     return out
 
 
