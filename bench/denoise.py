@@ -98,35 +98,33 @@ def _noise_matched_shift(den, off, clean, rng):
                  - np.median(off))
 
 
-def _noise_bias(d, d0, e0, realisations=2, seed=0):
+def _noise_bias(d, d0, maps, realisations=2, seed=0):
     """How far noise alone moves each particle's median edge energy, with and without denoising.
 
     The noise-free scan's reconstructions resampled with the noisy run's own transforms (the same alignment,
     so the difference of the two stacks is the noise alone) are the reference: per particle, the median of
-    (map - truth) of the noisy stack minus that of this noise-free stack, for the map without denoising and the
-    denoised one; then the same with white Gaussian noise of the measured per-energy level added to the
-    noise-free stack (``realisations`` draws, mean), which shows whether a move is this noise's or any noise's.
+    (map - truth) of the noisy stack (``maps``, :func:`_maps` of ``d``) minus that of this noise-free stack,
+    for the map without denoising and the denoised one; then the same with white Gaussian noise of the
+    measured per-energy level added to the noise-free stack (``realisations`` draws, mean), which shows whether
+    a move is this noise's or any noise's.
     """
     from gpureg.core.transform import apply_affine
 
-    te, labels = d["truth/edge_energy"], d["truth/labels"]
+    te, labels, e0 = d["truth/edge_energy"], d["truth/labels"], maps[None]["e0"]
     mats = d["registration/matrix"]
     same = np.stack([apply_affine(d0["recon"][i], mats[i], device="cpu") for i in range(mats.shape[0])])
     check = float(np.nanmax(np.abs(apply_affine(d["recon"][0], mats[0], device="cpu") - d["aligned"][0])))
-    noise = d["aligned"] - same
-    sd = np.array([np.nanstd(v[labels > 0]) for v in noise])
+    sd = np.array([np.nanstd(v[labels > 0]) for v in d["aligned"] - same])
 
-    def medians(stack):
-        out = {}
-        for key, den in (("off", None), ("auto", "auto")):
-            m = edge_energy_map(stack, d["energy"], device="cpu", denoise=den, e0=e0, sigma=False)["edge_energy"]
-            out[key] = m
-        return out
+    def edge_maps(stack, dens=(None, "auto")):
+        return {den: edge_energy_map(stack, d["energy"], device="cpu", denoise=den, e0=e0, sigma=False)["edge_energy"]
+                for den in dens}
 
-    ref = medians(same)["off"]
+    ref = edge_maps(same, (None,))[None]
     rng = np.random.default_rng(seed)
-    draws = [medians(d["aligned"])] + [medians((same + sd[:, None, None, None] * rng.standard_normal(same.shape))
-                                               .astype(np.float32)) for _ in range(int(realisations))]
+    draws = [{den: maps[den]["edge_energy"] for den in (None, "auto")}]
+    draws += [edge_maps((same + sd[:, None, None, None] * rng.standard_normal(same.shape)).astype(np.float32))
+              for _ in range(int(realisations))]
     sel = (labels > 0) & np.isfinite(te) & np.isfinite(ref)
     for dr in draws:
         for m in dr.values():
@@ -135,9 +133,12 @@ def _noise_bias(d, d0, e0, realisations=2, seed=0):
     def bias(m):
         return [float(np.median((m - te)[sel & (labels == k)]) - np.median((ref - te)[sel & (labels == k)]))
                 for k in (1, 2)]
-    real = {key: bias(m) for key, m in draws[0].items()}
-    white = {key: np.mean([bias(dr[key]) for dr in draws[1:]], axis=0).tolist() for key in ("off", "auto")}
-    r4 = lambda v: [round(float(x), 4) for x in v]
+
+    def r4(v):
+        return [round(float(x), 4) for x in v]
+
+    real = {key: bias(draws[0][den]) for key, den in (("off", None), ("auto", "auto"))}
+    white = {key: np.mean([bias(dr[den]) for dr in draws[1:]], axis=0) for key, den in (("off", None), ("auto", "auto"))}
     return {"same_alignment_check_max_abs": round(check, 6), "noise_sd_over_particles": r4([sd.mean()]),
             "real_noise": {key: r4(v) for key, v in real.items()},
             "white_noise": {key: r4(v) for key, v in white.items()},
@@ -224,7 +225,7 @@ def main(argv=None):
                        "noise_profile_sd": [round(float(v), 3) for v in maps["auto"]["scale"]],
                        **_score(maps, clean, d),
                        # per particle, median shift against the same stack without noise (same alignment)
-                       "particle_noise_bias_ev": _noise_bias(d, d0, maps[None]["e0"], seed=seed)}
+                       "particle_noise_bias_ev": _noise_bias(d, d0, maps, seed=seed)}
                 results.append(row)
                 print(row, flush=True)
     save("denoise" if args.energies is None else f"denoise_{args.energies}", "cpu", results, extra={"conditions": "2-core CPU; pipeline defaults (affine, --ramp 3)"})
