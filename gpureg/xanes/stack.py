@@ -111,12 +111,12 @@ def edge_energy_map(stack, energies, *, slab: int = 16, device: str = "auto", ma
     denoise = parse_denoise(denoise)
     if not residual_smoothing >= 0:
         raise ParameterError(f"edge_energy_map: residual_smoothing must be >= 0 voxels, got {residual_smoothing!r}")
+    if not psf >= 0:
+        raise ParameterError(f"edge_energy_map: psf must be >= 0 voxels, got {psf!r}")
     basis, thr_crude = None, None
     if denoise is not None or (sigma and kw.get("method", "half") != "derivative"):
         thr_crude = crude_jump_threshold(read, shape, E)
         basis = stack_basis(read, shape, E, "auto" if denoise is None else denoise, threshold=thr_crude)
-    if not psf >= 0:
-        raise ParameterError(f"edge_energy_map: psf must be >= 0 voxels, got {psf!r}")
     restore = denoise is not None and residual_smoothing > 0
     # planes read beyond the slab on each side (scipy's Gaussian radius): the restoration's neighbourhood, and
     # the model error's PSF around the restored spectra
