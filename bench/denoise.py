@@ -32,7 +32,7 @@ a real scan's per-voxel SNR equals this simulation's (181 angles) at ~230 photon
 of the jump per voxel) is therefore a generous dose for a TXM-XANES scan; the default 10^4 (2 %) is not
 noise-limited.
 
-    python bench/denoise.py --photons 10000 1000 --seeds 0 1 [--energies fine]
+    python bench/denoise.py --photons 10000 1000 --seeds 0 1 [--energies fine] [--name denoise_dose]
 """
 
 from __future__ import annotations
@@ -204,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--photons", type=float, nargs="+", default=[1e4, 1e3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--energies", default=None, help="energy grid (gpureg simulate --energies: e.g. fine)")
+    ap.add_argument("--name", default=None, help="JSON name (default: denoise, or denoise_<energies>)")
     args = ap.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,7 +229,8 @@ def main(argv=None):
                        "particle_noise_bias_ev": _noise_bias(d, d0, maps, seed=seed)}
                 results.append(row)
                 print(row, flush=True)
-    save("denoise" if args.energies is None else f"denoise_{args.energies}", "cpu", results, extra={"conditions": "2-core CPU; pipeline defaults (affine, --ramp 3)"})
+    name = args.name or ("denoise" if args.energies is None else f"denoise_{args.energies}")
+    save(name, "cpu", results, extra={"conditions": "2-core CPU; pipeline defaults (affine, --ramp 3)"})
 
 
 if __name__ == "__main__":
