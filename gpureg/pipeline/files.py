@@ -28,6 +28,7 @@ from ..xanes.regions import roi_spectra
 from ..xanes.spectra import MIN_ENERGIES
 from ..xanes.stack import Reordered, edge_energy_map
 from ..xanes.uncertainty import PSF_VOXELS
+from .maps import xanes_attrs
 
 _log = logging.getLogger("gpureg")
 
@@ -208,10 +209,9 @@ def map_xanes_file(aligned_path, out_path, *, dataset: str | None = None, energy
              "source_dataset": name, "gpureg_version": __version__, "min_voxels": int(min_voxels),
              "device": rng["device"], "min_jump": rng["min_jump"], "e0_start_ev": rng["e0"],
              "min_jump_rule": "auto" if min_jump is None else "given", "pre_ev": rng["pre"], "post_ev": rng["post"],
-             "range_rule": rng["rule"], "psf_voxels": rng["psf"]}
-    if rng["basis"] is not None:
-        attrs["spectral_denoise"] = json.dumps({**rng["basis"].to_dict(), "applied": rng["denoise"] is not None,
-                                                "residual_smoothing_voxels": float(rng.get("residual_smoothing", 0.0))})
+             "range_rule": rng["rule"]}
+    # the PSF and the spectral basis recorded as a run records them (its own E0 and range names stay)
+    attrs.update({k: v for k, v in xanes_attrs(rng).items() if k in ("psf_voxels", "spectral_denoise")})
     if chem is not None and "fractions" in chem:
         summary["fraction_medians"] = {nm: float(np.nanmedian(chem["fractions"][j]))
                                        for j, nm in enumerate(chem["reference_names"])}
