@@ -158,7 +158,7 @@ def residual_weights(residuals, *, scale: float = 1.5) -> np.ndarray:
     (mean -0.008 eV, at most +0.0015) and its 95th percentile in all 15 (mean -0.027 eV), and so is the run's
     affine map; with ``--deformation 3`` the B-spline map's median is lower in 14 (mean -0.008 eV, at most
     +0.0024) and its 95th percentile in 14 (mean -0.047 eV). Plain affine runs (seeds 0-4, default and fine
-    grids, smoothing recomputed from each run's own fits) stay within 0.002 eV either way. ``scale=1`` gained a
+    grids, smoothing recomputed from each run's own fits) moved by -0.004 to +0.002 eV. ``scale=1`` gained a
     little more on the same recomputed runs but gives half of a series weights under 0.5.
     """
     r = np.nan_to_num(np.asarray(residuals, dtype=np.float64).reshape(-1), nan=0.0, posinf=0.0)
