@@ -122,23 +122,11 @@ def truth_floor(result, errors):
     or the truth's displacement field (``--deformation``), mapped as the pipeline maps (reference sample mask
     of the result), and compared on the voxels where all three maps have a value.
     """
-    import hdf5plugin  # noqa: F401
-    from scipy import ndimage
-
-    with h5py.File(result, "r") as h:
-        rec, E = h["recon"][...], h["energy"][...]
-        truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
-        sample = _sample(h)
-        pm = h["truth/particle_matrices"][...] if "truth/particle_matrices" in h else None
-        disp = h.get("truth/displacement")
-        if pm is not None:
-            regions = _per_particle(rec, labels, pm)
-        elif disp is not None:
-            grid = np.indices(truth.shape, dtype=np.float32)
-            regions = [(labels > 0, np.stack([ndimage.map_coordinates(rec[i], grid + disp[i], order=1)
-                                              for i in range(E.size)]))]
-        else:
-            return None
+    t = _truth_inputs(result)
+    if t is None:
+        return None
+    rec, E, truth, labels, sample, pm, disp = t
+    regions = _truth_regions(rec, labels, pm, disp)
     floor = _map_regions(regions, E, sample)
     e = np.abs(floor - truth)
     ok = errors["common"] & np.isfinite(e)
@@ -217,34 +205,19 @@ def truth_jitter(result, errors, amplitude=0.02, draws=4, seed=0):
     the reference energy kept), ``draws`` times. Bench-side only. The spread of these medians is what transform
     errors far below the modes' own (0.04-0.08 voxel) do to the median; a mode-minus-affine difference inside it
     says nothing about which registration is better."""
-    import hdf5plugin  # noqa: F401
-    from scipy import ndimage
-
-    with h5py.File(result, "r") as h:
-        rec, E = h["recon"][...], h["energy"][...]
-        truth, labels = h["truth/edge_energy"][...], h["truth/labels"][...]
-        sample = _sample(h)
-        pm = h["truth/particle_matrices"][...] if "truth/particle_matrices" in h else None
-        disp = h["truth/displacement"][...] if "truth/displacement" in h else None
-    if pm is None and disp is None:
+    t = _truth_inputs(result)
+    if t is None:
         return None
+    rec, E, truth, labels, sample, pm, disp = t
     rng, ref = np.random.default_rng(seed), int(np.argmax(E))
     n_parts = 1 if pm is None else pm.shape[1]
     # a 3-vector of independent normals with sd s has mean length s * sqrt(8 / pi)
     scale = amplitude / np.sqrt(8.0 / np.pi)
-    grid = np.indices(truth.shape, dtype=np.float32)
     medians, p95s = [], []
     for _ in range(draws):
         d = rng.standard_normal((E.size, n_parts, 3)) * scale
         d[ref] = 0.0
-        if pm is not None:
-            m = pm.copy()
-            m[..., :3, 3] += d
-            regions = _per_particle(rec, labels, m)
-        else:
-            regions = [(labels > 0, np.stack([ndimage.map_coordinates(
-                rec[i], grid + disp[i] + d[i, 0].astype(np.float32)[:, None, None, None], order=1)
-                for i in range(E.size)]))]
+        regions = _truth_regions(rec, labels, pm, disp, shift=d)
         e = np.abs(_map_regions(regions, E, sample) - truth)
         ok = errors["common"] & np.isfinite(e)
         medians.append(float(np.median(e[ok])))
@@ -252,6 +225,41 @@ def truth_jitter(result, errors, amplitude=0.02, draws=4, seed=0):
     return {"amplitude_vox": amplitude, "draws": draws, "median_ev": [round(v, 4) for v in medians],
             "p95_ev": [round(v, 4) for v in p95s], "median_sd_ev": round(float(np.std(medians, ddof=1)), 4),
             "p95_sd_ev": round(float(np.std(p95s, ddof=1)), 4)}
+
+
+def _truth_inputs(result):
+    """``(recon, energy, truth edge energy, truth labels, sample mask, truth per-particle matrices or None,
+    truth displacement or None)`` of a simulated result, or None when it has neither kind of truth motion."""
+    import hdf5plugin  # noqa: F401
+
+    with h5py.File(result, "r") as h:
+        pm = h["truth/particle_matrices"][...] if "truth/particle_matrices" in h else None
+        disp = h["truth/displacement"][...] if "truth/displacement" in h else None
+        if pm is None and disp is None:
+            return None
+        return (h["recon"][...], h["energy"][...], h["truth/edge_energy"][...], h["truth/labels"][...], _sample(h),
+                pm, disp)
+
+
+def _truth_regions(rec, labels, pm, disp, shift=None):
+    """The reconstructions resampled with the true motion (:func:`_map_regions`'s regions): each particle with
+    its own matrices, or the particles through the displacement field; ``shift`` (n_energy, n_parts, 3): a
+    translation added to each energy's (and particle's) true motion."""
+    from scipy import ndimage
+
+    if pm is not None:
+        if shift is not None:
+            pm = pm.copy()
+            pm[..., :3, 3] += shift
+        return _per_particle(rec, labels, pm)
+    grid = np.indices(labels.shape, dtype=np.float32)
+    vols = []
+    for i in range(rec.shape[0]):
+        at = grid + disp[i]
+        if shift is not None:
+            at = at + shift[i, 0].astype(np.float32)[:, None, None, None]
+        vols.append(ndimage.map_coordinates(rec[i], at, order=1))
+    return [(labels > 0, np.stack(vols))]
 
 
 def _sample(h):
